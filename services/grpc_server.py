@@ -1,0 +1,130 @@
+"""gRPC server bootstrap shared by the gateway and the scorer.
+
+``create_server(...) -> (server, port)`` builds a ``grpc.aio`` server with the error interceptor,
+the standard health service and reflection; ``serve_until_signal`` runs it and drains in-flight RPCs
+with a grace period on SIGTERM/SIGINT.  Health starts NOT_SERVING for the named services until the
+caller marks them SERVING (the scorer does so only once a model is loaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.errors import AioErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+#: The overall-server health entry (empty service name), as gRPC health checking defines it.
+OVERALL = ""
+
+# Messages up to 32 MiB: best-of-N and bulk scoring carry many long texts.
+DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass
+class ServerHandle:
+    """A built server plus the health servicer used to flip serving status."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...] = field(default_factory=tuple)
+    initially_serving: bool = False
+
+    async def set_serving(self, serving: bool, services: Iterable[str] | None = None) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in (*(services if services is not None else self.service_names), OVERALL):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+def create_server(
+    adders: Sequence[Callable[[grpc.aio.Server], None]],
+    service_names: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
+    serving: bool = False,
+) -> ServerHandle:
+    """Build (not start) an aio server.
+
+    ``adders`` are callables that register servicers (``lambda s: add_FooServicer_to_server(x, s)``);
+    ``service_names`` are the full proto service names, used for health and reflection.  ``port=0``
+    picks a free port; the bound port is returned in the handle.
+    """
+    server = grpc.aio.server(interceptors=(AioErrorInterceptor(), *interceptors), options=list(options))
+    for add in adders:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind gRPC port {host}:{port}; choose a free port")
+    return ServerHandle(
+        server=server,
+        port=bound,
+        health=health_servicer,
+        service_names=tuple(service_names),
+        initially_serving=serving,
+    )
+
+
+async def start(handle: ServerHandle) -> None:
+    """Start serving and publish the initial health status."""
+    await handle.server.start()
+    await handle.set_serving(handle.initially_serving)
+    log.info("gRPC server listening on port %d (%s)", handle.port, ", ".join(handle.service_names))
+
+
+async def serve_until_signal(
+    handle: ServerHandle,
+    *,
+    grace_s: float = 10.0,
+    on_shutdown: Callable[[], object] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, drain in-flight RPCs for ``grace_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    await stop.wait()
+    log.info("shutting down: draining in-flight RPCs for up to %.1fs", grace_s)
+    await handle.set_serving(False)
+    if on_shutdown is not None:
+        result = on_shutdown()
+        if asyncio.iscoroutine(result):
+            await result
+    await handle.server.stop(grace_s)
+    log.info("server stopped")
+
+
+def channel(address: str, *, aio: bool = True) -> grpc.Channel | grpc.aio.Channel:
+    """A client channel with the same message limits as the servers."""
+    opts = [(k, v) for k, v in DEFAULT_OPTIONS if k.startswith("grpc.max_")]
+    return grpc.aio.insecure_channel(address, options=opts) if aio else grpc.insecure_channel(address, options=opts)

@@ -1,0 +1,267 @@
+"""Domain types for the events the services exchange through Kafka.
+
+Generated protobuf classes stay at the edges; inside a service, code works with these frozen
+dataclasses.  ``to_proto()`` / ``from_proto()`` convert, and ``to_kafka()`` / ``from_kafka()`` give the
+wire form (proto3 JSON, see :mod:`services.kafka`).  Enums are plain lower-case strings here
+("user", "train", "choice") so they read well in code, logs and JSON files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from prefstream.events.v1 import events_pb2
+from prefstream.events.v1.events_pb2 import ChatMessage as ChatMessageProto
+from prefstream.events.v1.events_pb2 import ModelUpdate as ModelUpdateProto
+from prefstream.events.v1.events_pb2 import PreferenceRecord as PreferenceRecordProto
+from services.errors import InvalidArgument
+from services.kafka import decode_event, encode_event
+
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+SPLITS: tuple[str, ...] = ("train", "test")
+FEEDBACK_KINDS: tuple[str, ...] = ("choice", "regeneration", "edit", "ranking", "scores", "thumbs", "import")
+MODEL_KINDS: tuple[str, ...] = ("reward", "policy")
+MODEL_ACTIONS: tuple[str, ...] = ("published", "rejected", "pinned", "unpinned", "rolled_back")
+
+
+def _enum_to_str(enum_type: object, value: int, prefix: str, default: str) -> str:
+    name = enum_type.Name(value)  # type: ignore[attr-defined]
+    short = name[len(prefix):].lower()
+    return default if short == "unspecified" else short
+
+
+def _str_to_enum(enum_type: object, value: str, prefix: str, field_name: str, allowed: Sequence[str]) -> int:
+    v = (value or "").strip().lower()
+    if v not in allowed:
+        raise InvalidArgument(field_name, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+    return enum_type.Value(prefix + v.upper())  # type: ignore[attr-defined]
+
+
+def role_from_proto(value: int) -> str:
+    return _enum_to_str(events_pb2.Role, value, "ROLE_", "")
+
+
+def role_to_proto(value: str, field_name: str = "role") -> int:
+    return _str_to_enum(events_pb2.Role, value, "ROLE_", field_name, ROLES)
+
+
+def split_from_proto(value: int) -> str:
+    return _enum_to_str(events_pb2.Split, value, "SPLIT_", "train")
+
+
+def split_to_proto(value: str, field_name: str = "split") -> int:
+    return _str_to_enum(events_pb2.Split, value, "SPLIT_", field_name, SPLITS)
+
+
+def kind_from_proto(value: int) -> str:
+    return _enum_to_str(events_pb2.FeedbackKind, value, "FEEDBACK_KIND_", "")
+
+
+def kind_to_proto(value: str, field_name: str = "source_kind") -> int:
+    return _str_to_enum(events_pb2.FeedbackKind, value, "FEEDBACK_KIND_", field_name, FEEDBACK_KINDS)
+
+
+def ts_to_float(ts: Timestamp) -> float:
+    """Epoch seconds of a Timestamp (0.0 when unset)."""
+    return ts.seconds + ts.nanos / 1e9
+
+
+def float_to_ts(t: float) -> Timestamp:
+    ts = Timestamp()
+    if t:
+        ts.seconds = int(t)
+        ts.nanos = int(round((t - int(t)) * 1e9)) % 1_000_000_000
+    return ts
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    def to_proto(self) -> ChatMessageProto:
+        return ChatMessageProto(role=role_to_proto(self.role), content=self.content)
+
+    @classmethod
+    def from_proto(cls, msg: ChatMessageProto) -> "ChatMessage":
+        return cls(role=role_from_proto(msg.role), content=msg.content)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def messages_from_dicts(items: Iterable[dict], field_name: str = "messages") -> list[ChatMessage]:
+    """Parse OpenAI-style ``[{"role": ..., "content": ...}]``, naming the bad index on error."""
+    out = []
+    for i, item in enumerate(items):
+        where = f"{field_name}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidArgument(where, "must be an object with role and content")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise InvalidArgument(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidArgument(f"{where}.content", "must be a string")
+        out.append(ChatMessage(role=role, content=content))
+    return out
+
+
+def prompt_hash(project: str, prompt: Sequence[ChatMessage]) -> str:
+    """A stable id for (project, prompt): thumbs on the same prompt are joined by it."""
+    h = hashlib.sha256(project.encode())
+    for m in prompt:
+        h.update(b"\x00" + m.role.encode() + b"\x01" + m.content.encode())
+    return h.hexdigest()[:32]
+
+
+def make_record_id(source_event_ids: Sequence[str], ranked_responses: Sequence[str]) -> str:
+    """Deterministic record id: reprocessing the same events yields the same ids (dedup downstream)."""
+    h = hashlib.sha256()
+    for e in source_event_ids:
+        h.update(e.encode() + b"\x00")
+    h.update(b"\x02")
+    for r in ranked_responses:
+        h.update(hashlib.sha256(r.encode()).digest())
+    return "pr_" + h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A pair (K = 2) or K-way ranking of responses to one prompt, best first, with provenance."""
+
+    record_id: str
+    prompt: tuple[ChatMessage, ...]
+    ranked_responses: tuple[str, ...]
+    source_kind: str = "import"
+    project: str = "default"
+    source_event_ids: tuple[str, ...] = ()
+    completion_id: str = ""
+    split: str = "train"
+    response_attributes: tuple[dict[str, float], ...] = ()
+    margin: float = 0.0
+    created_at: float = 0.0
+    source_acked_at: float = 0.0
+
+    @property
+    def k(self) -> int:
+        return len(self.ranked_responses)
+
+    @property
+    def chosen(self) -> str:
+        return self.ranked_responses[0]
+
+    @property
+    def rejected(self) -> str:
+        """The worst response (for K = 2, the rejected one)."""
+        return self.ranked_responses[-1]
+
+    @property
+    def is_eval(self) -> bool:
+        return self.split == "test"
+
+    def to_proto(self) -> PreferenceRecordProto:
+        return PreferenceRecordProto(
+            record_id=self.record_id,
+            project=self.project,
+            prompt=[m.to_proto() for m in self.prompt],
+            ranked_responses=list(self.ranked_responses),
+            source_kind=kind_to_proto(self.source_kind),
+            source_event_ids=list(self.source_event_ids),
+            completion_id=self.completion_id,
+            split=split_to_proto(self.split),
+            response_attributes=[events_pb2.AttributeScores(values=a) for a in self.response_attributes],
+            margin=self.margin,
+            created_at=float_to_ts(self.created_at),
+            source_acked_at=float_to_ts(self.source_acked_at),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: PreferenceRecordProto) -> "PreferenceRecord":
+        if len(msg.ranked_responses) < 2:
+            raise InvalidArgument("ranked_responses", f"needs at least 2 responses, got {len(msg.ranked_responses)}")
+        return cls(
+            record_id=msg.record_id,
+            project=msg.project or "default",
+            prompt=tuple(ChatMessage.from_proto(m) for m in msg.prompt),
+            ranked_responses=tuple(msg.ranked_responses),
+            source_kind=kind_from_proto(msg.source_kind) or "import",
+            source_event_ids=tuple(msg.source_event_ids),
+            completion_id=msg.completion_id,
+            split=split_from_proto(msg.split),
+            response_attributes=tuple(dict(a.values) for a in msg.response_attributes),
+            margin=msg.margin,
+            created_at=ts_to_float(msg.created_at),
+            source_acked_at=ts_to_float(msg.source_acked_at),
+        )
+
+    def to_kafka(self) -> bytes:
+        return encode_event(self.to_proto())
+
+    @classmethod
+    def from_kafka(cls, data: bytes) -> "PreferenceRecord":
+        return cls.from_proto(decode_event(data, PreferenceRecordProto, what="preference_record"))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (better, worse) pair implied by the ranking: K(K-1)/2 of them."""
+        r = self.ranked_responses
+        return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A registry change announced on the model-updates topic."""
+
+    model_name: str
+    version: str
+    action: str
+    kind: str = "reward"
+    uri: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    records_seen: int = 0
+    reason: str = ""
+    at: float = field(default_factory=time.time)
+
+    def to_proto(self) -> ModelUpdateProto:
+        return ModelUpdateProto(
+            model_name=self.model_name,
+            version=self.version,
+            kind=_str_to_enum(events_pb2.ModelKind, self.kind, "MODEL_KIND_", "kind", MODEL_KINDS),
+            action=_str_to_enum(events_pb2.ModelAction, self.action, "MODEL_ACTION_", "action", MODEL_ACTIONS),
+            uri=self.uri,
+            metrics=self.metrics,
+            records_seen=self.records_seen,
+            reason=self.reason,
+            at=float_to_ts(self.at),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: ModelUpdateProto) -> "ModelUpdate":
+        return cls(
+            model_name=msg.model_name,
+            version=msg.version,
+            action=_enum_to_str(events_pb2.ModelAction, msg.action, "MODEL_ACTION_", ""),
+            kind=_enum_to_str(events_pb2.ModelKind, msg.kind, "MODEL_KIND_", "reward"),
+            uri=msg.uri,
+            metrics=dict(msg.metrics),
+            records_seen=msg.records_seen,
+            reason=msg.reason,
+            at=ts_to_float(msg.at),
+        )
+
+    def to_kafka(self) -> bytes:
+        return encode_event(self.to_proto())
+
+    @classmethod
+    def from_kafka(cls, data: bytes) -> "ModelUpdate":
+        return cls.from_proto(decode_event(data, ModelUpdateProto, what="model_update"))
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON for logs and metadata files."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
