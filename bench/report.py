@@ -1,0 +1,103 @@
+"""The markdown table comparing each benchmark result with its target and baseline.
+
+``make bench`` ends with this table; the README shows the latest one.  Targets are the issues'
+acceptance numbers; each row says which baseline the ratio is taken against (measured in the same
+run, because these machines are shared and noisy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Target:
+    benchmark: str
+    metric: str
+    description: str
+    baseline: str
+    check: Callable[[dict[str, Any]], bool | None]
+    show: Callable[[dict[str, Any]], str]
+
+
+def _get(r: dict[str, Any], key: str) -> Any:
+    return r.get(key)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _ge(key: str, bound: float) -> Callable[[dict[str, Any]], bool | None]:
+    return lambda r: None if _get(r, key) is None else _get(r, key) >= bound
+
+
+def _le(key: str, bound: float) -> Callable[[dict[str, Any]], bool | None]:
+    return lambda r: None if _get(r, key) is None else _get(r, key) <= bound
+
+
+def _gpu(r: dict[str, Any]) -> bool:
+    return bool((r.get("machine") or {}).get("gpu"))
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("ingest", "ratio_stream_vs_raw", "gateway streaming >= 50% of raw producer", "raw kafka-python producer, acks=all",
+           _ge("ratio_stream_vs_raw", 0.5), lambda r: _fmt(r.get("ratio_stream_vs_raw"))),
+    Target("ingest", "lost_events", "zero acknowledged events lost", "every acked id consumed back",
+           _le("lost_events", 0), lambda r: _fmt(r.get("lost_events"))),
+    Target("train-reward", "accuracy_streaming", "streaming within 1 point of offline", "offline, same data/model/epochs",
+           lambda r: None if r.get("accuracy_streaming") is None or r.get("accuracy_offline") is None
+           else r["accuracy_streaming"] >= r["accuracy_offline"] - 0.01,
+           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}"),
+    Target("train-reward", "accuracy_offline", "offline >= TRL RewardTrainer", "TRL RewardTrainer, same base/settings",
+           lambda r: None if r.get("accuracy_offline") is None or r.get("accuracy_trl") is None
+           else r["accuracy_offline"] >= r["accuracy_trl"],
+           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}"),
+    Target("train-reward", "kwise_speedup", "K-wise loss >= 2.5x expanded pairs (K=4)", "same rankings as independent pairs",
+           _ge("kwise_speedup", 2.5), lambda r: _fmt(r.get("kwise_speedup"))),
+    Target("scorer", "ratio_vs_pipeline", "CPU >= 1.5x pipeline; GPU >= 10x", "transformers pipeline, batch_size=1",
+           lambda r: None if r.get("ratio_vs_pipeline") is None else r["ratio_vs_pipeline"] >= (10 if _gpu(r) else 1.5),
+           lambda r: _fmt(r.get("ratio_vs_pipeline"))),
+    Target("scorer", "fraction_of_matmul_bound", "CPU >= 80% of the matmul bound", "measured GEMM FLOP/s of this machine",
+           lambda r: None if _gpu(r) or r.get("fraction_of_matmul_bound") is None else r["fraction_of_matmul_bound"] >= 0.8,
+           lambda r: _fmt(r.get("fraction_of_matmul_bound"))),
+    Target("scorer", "failed_requests_during_swaps", "zero failed requests during hot swaps", "-",
+           _le("failed_requests_during_swaps", 0), lambda r: f"{_fmt(r.get('failed_requests_during_swaps'))} over {_fmt(r.get('swaps'))} swaps"),
+    Target("freshness", "freshness_p50_s", "p50 feedback-to-serving < 30 s (MiniLM, 2 cores)", "Monolith: minute-level sync",
+           lambda r: None if r.get("freshness_p50_s") is None else r["freshness_p50_s"] < 30,
+           lambda r: f"p50 {_fmt(r.get('freshness_p50_s'))} s, p99 {_fmt(r.get('freshness_p99_s'))} s"),
+    Target("freshness", "failed_requests", "no failed scorer request", "-",
+           _le("failed_requests", 0), lambda r: _fmt(r.get("failed_requests"))),
+)
+
+
+def render_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| benchmark | target | baseline | measured | met |",
+        "|---|---|---|---|---|",
+    ]
+    for t in TARGETS:
+        r = results.get(t.benchmark)
+        if r is None:
+            lines.append(f"| {t.benchmark} | {t.description} | {t.baseline} | not run | - |")
+            continue
+        ok = t.check(r)
+        mark = "n/a" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {t.benchmark} ({r.get('mode', '?')}) | {t.description} | {t.baseline} | {t.show(r)} | {mark} |")
+    machines = {r.get("machine", {}).get("cpu_model") for r in results.values() if r}
+    lines.append("")
+    lines.append(f"Machine: {', '.join(sorted(m for m in machines if m)) or 'unknown'}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: dict[str, dict[str, Any]], path: Path) -> str:
+    table = render_table(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    return table
