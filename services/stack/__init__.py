@@ -1,0 +1,34 @@
+"""The local stack prefstream develops, tests and demos on: real Kafka 4.1.1, Redis and a Ray head.
+
+Other packages import from here only::
+
+    from services.stack import Stack, StackConfig, load_endpoints, run_kafka_tool, topics
+
+``prefstream stack up|down|status|kafka-tool`` is the command-line face (``services.stack.cli``);
+docs/stack.md describes ports, files and logs.
+"""
+
+from services.stack import topics
+from services.stack.config import StackConfig, load_stack_config
+from services.stack.kafka import KAFKA_TOOLS, run_kafka_tool
+from services.stack.manager import ComponentStatus, Endpoints, Stack, load_endpoints
+from services.stack.procs import StackError, free_port
+from services.stack.topics import TOPIC_NAMES, TOPICS, TopicSpec, ensure_topics
+
+__all__ = [
+    "KAFKA_TOOLS",
+    "ComponentStatus",
+    "Endpoints",
+    "Stack",
+    "StackConfig",
+    "StackError",
+    "TOPICS",
+    "TOPIC_NAMES",
+    "TopicSpec",
+    "ensure_topics",
+    "free_port",
+    "load_endpoints",
+    "load_stack_config",
+    "run_kafka_tool",
+    "topics",
+]

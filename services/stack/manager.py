@@ -1,0 +1,352 @@
+"""``Stack``: bring the local Kafka, Redis and Ray up, report on them, and take them down again.
+
+This is the one place that knows the lifecycle rules the CLI, the integration fixtures and the demo
+rely on: ``up`` is idempotent (a healthy component is left alone, a stale pidfile is dropped) and
+returns only when every component passed a real health check; ``down`` stops exactly the processes
+``up`` recorded and verifies none is left; ``stack.json`` in the run dir publishes the addresses so
+other processes find the stack through :func:`load_endpoints` without being told any port.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from services.stack import kafka as kafka_mod
+from services.stack import ray as ray_mod
+from services.stack import redis as redis_mod
+from services.stack.config import COMPONENTS, StackConfig, load_stack_config
+from services.stack.procs import (
+    PidRecord,
+    StackError,
+    pids_with_cmdline,
+    port_open,
+    read_pidfile,
+    record_alive,
+    spawn,
+    stop_record,
+    tail,
+    write_pidfile,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How to reach a running stack; a field is None when that component is not part of it."""
+
+    kafka_bootstrap: str | None
+    redis_url: str | None
+    ray_address: str | None
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One component as ``status`` reports it."""
+
+    name: str
+    address: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    log: str
+
+
+def load_endpoints(run_dir: str | os.PathLike | None = None) -> Endpoints:
+    """Endpoints of the stack whose run dir is ``run_dir`` (default: PREFSTREAM_STACK_RUN_DIR or .run/stack).
+
+    Reads ``stack.json`` written by ``up``; raises StackError saying to run ``prefstream stack up``
+    when there is none.
+    """
+    if run_dir is None:
+        run_dir = os.environ.get("PREFSTREAM_STACK_RUN_DIR", ".run/stack")
+    path = Path(run_dir).expanduser().resolve() / "stack.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StackError(f"no stack state at {path}; start the stack with `prefstream stack up --run-dir {run_dir}`") from None
+    except json.JSONDecodeError as e:
+        raise StackError(f"stack state {path} is corrupt ({e}); run `prefstream stack down` then `up`") from None
+    ep = data.get("endpoints")
+    if not isinstance(ep, dict):
+        raise StackError(f"stack state {path} has no endpoints; run `prefstream stack up` again")
+    return Endpoints(
+        kafka_bootstrap=ep.get("kafka_bootstrap"),
+        redis_url=ep.get("redis_url"),
+        ray_address=ep.get("ray_address"),
+    )
+
+
+@dataclass(frozen=True)
+class _Component:
+    """What the manager needs to know to start, check and stop one component."""
+
+    name: str
+    pidfile: Path
+    log: Path
+    address: str
+    port: int
+    stdout: Path
+
+
+class Stack:
+    """The local stack described by ``cfg``: ``up()``, ``down()``, ``status()``, ``endpoints``."""
+
+    def __init__(self, cfg: StackConfig | None = None) -> None:
+        self.cfg = cfg or load_stack_config()
+        self.run_dir = self.cfg.run_path
+
+    # ---------------------------------------------------------------------------------- public
+
+    @property
+    def endpoints(self) -> Endpoints:
+        c = self.cfg
+        return Endpoints(
+            kafka_bootstrap=c.kafka_bootstrap if "kafka" in c.components else None,
+            redis_url=c.redis_url if "redis" in c.components else None,
+            ray_address=c.ray_address if "ray" in c.components else None,
+        )
+
+    def up(self) -> Endpoints:
+        """Start every configured component that is not already running and healthy; wait for health."""
+        t0 = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            starters: dict[str, Callable[[], None]] = {
+                "kafka": self._up_kafka, "redis": self._up_redis, "ray": self._up_ray,
+            }
+            wanted = [c for c in COMPONENTS if c in self.cfg.components]
+            errors: dict[str, BaseException] = {}
+            # Kafka's JVM and Ray's head each take seconds; start them side by side.
+            with ThreadPoolExecutor(max_workers=len(wanted) or 1, thread_name_prefix="stack-up") as pool:
+                futures = {name: pool.submit(starters[name]) for name in wanted}
+                for name, fut in futures.items():
+                    try:
+                        fut.result()
+                    except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+                        errors[name] = e
+            self._write_state()
+        if errors:
+            first = next(iter(errors.values()))
+            msg = "\n\n".join(str(e) for e in errors.values())
+            raise StackError(f"stack up failed for {', '.join(errors)}:\n{msg}") from first
+        log.info("stack up in %.1fs: %s", time.monotonic() - t0, self.endpoints)
+        return self.endpoints
+
+    def down(self) -> list[str]:
+        """Stop every component ``up`` recorded in the run dir; return the names that were running."""
+        stopped: list[str] = []
+        if not self.run_dir.exists():
+            return stopped
+        with self._locked():
+            state = self._read_state()
+            for name in reversed(COMPONENTS):
+                comp = self._component(name)
+                rec = read_pidfile(comp.pidfile)
+                if rec is None:
+                    continue
+                if record_alive(rec):
+                    stopped.append(name)
+                extra = None
+                if name == "ray":
+                    temp_dir = state.get("ray_temp_dir") or str(self.cfg.ray_temp_dir)
+                    extra = lambda td=temp_dir: pids_with_cmdline(td)  # noqa: E731
+                stop_record(rec, name=name, timeout_s=self.cfg.stop_timeout_s, extra=extra)
+                comp.pidfile.unlink(missing_ok=True)
+            self.cfg.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[ComponentStatus]:
+        """Every component with a pidfile or in the config: address, pid, log and a live health check."""
+        out = []
+        for name in COMPONENTS:
+            comp = self._component(name)
+            rec = read_pidfile(comp.pidfile)
+            if rec is None and name not in self.cfg.components:
+                continue
+            running = rec is not None and record_alive(rec)
+            healthy = running and self._healthy(name)
+            out.append(ComponentStatus(name, comp.address, rec.pid if running and rec else None, running, healthy, str(comp.log)))
+        return out
+
+    def stop_component(self, name: str) -> None:
+        """Stop one component (tests use it to prove Redis data survives a restart)."""
+        comp = self._component(name)
+        rec = read_pidfile(comp.pidfile)
+        if rec is not None:
+            stop_record(rec, name=name, timeout_s=self.cfg.stop_timeout_s)
+            comp.pidfile.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------------- starting
+
+    def _up_kafka(self) -> None:
+        comp = self._component("kafka")
+        if not self._running(comp, self._kafka_healthy):
+            argv, lay = kafka_mod.prepare_broker(self.cfg)
+            self._ports_free(comp, self.cfg.kafka_controller_port)
+            self._launch(comp, argv, None, self._kafka_healthy, lambda: kafka_mod.log_tail(lay))
+            try:
+                kafka_mod.produce_consume_check(self.cfg.kafka_bootstrap, timeout_s=self.cfg.start_timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported with the broker's log
+                raise StackError(f"kafka: broker is up but a produce/consume round trip failed: {e}\n{kafka_mod.log_tail(lay)}") from e
+        if self.cfg.create_topics:
+            from services.stack.topics import ensure_topics
+
+            ensure_topics(self.cfg.kafka_bootstrap, timeout_s=self.cfg.start_timeout_s)
+
+    def _up_redis(self) -> None:
+        comp = self._component("redis")
+        healthy = lambda: redis_mod.ping(self.cfg.redis_url)  # noqa: E731
+        if self._running(comp, healthy):
+            return
+        argv, lay = redis_mod.redis_argv(self.cfg)
+        self._launch(comp, argv, None, healthy, lambda: f"--- {lay.stdout_log}\n{tail(lay.stdout_log, 10)}\n--- {lay.log}\n{tail(lay.log)}")
+
+    def _up_ray(self) -> None:
+        comp = self._component("ray")
+        argv, lay, env = ray_mod.ray_argv(self.cfg)
+        healthy = lambda: ray_mod.ready(self.cfg, lay)  # noqa: E731
+        if self._running(comp, healthy):
+            return
+        self._ports_free(comp, self.cfg.ray_client_port, self.cfg.ray_dashboard_agent_port, self.cfg.ray_dashboard_port)
+        self._launch(comp, argv, env, healthy, lambda: f"--- {lay.stdout_log}\n{tail(lay.stdout_log)}\n(Ray's own logs: {lay.ray_logs})")
+
+    def _running(self, comp: _Component, healthy: Callable[[], bool]) -> bool:
+        """True when ``comp`` is already running and becomes healthy; drops a stale pidfile."""
+        rec = read_pidfile(comp.pidfile)
+        if rec is None:
+            return False
+        if not record_alive(rec):
+            log.info("%s: removing stale pidfile %s (pid %s is gone)", comp.name, comp.pidfile, rec.pid)
+            comp.pidfile.unlink(missing_ok=True)
+            return False
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while time.monotonic() < deadline:
+            if healthy():
+                log.info("%s: already running (pid %s) and healthy; leaving it", comp.name, rec.pid)
+                return True
+            if not record_alive(rec):
+                comp.pidfile.unlink(missing_ok=True)
+                return False
+            time.sleep(0.5)
+        raise StackError(
+            f"{comp.name}: running as pid {rec.pid} but not healthy after {self.cfg.start_timeout_s:.0f}s; "
+            f"run `prefstream stack down` and `up` again (log: {comp.log})"
+        )
+
+    def _ports_free(self, comp: _Component, *extra_ports: int) -> None:
+        for port in (comp.port, *extra_ports):
+            if port_open(port):
+                raise StackError(
+                    f"{comp.name}: port {port} on 127.0.0.1 is already in use by another process; "
+                    f"stop it or choose another port (see `prefstream stack up --help`)"
+                )
+
+    def _launch(
+        self,
+        comp: _Component,
+        argv: list[str],
+        env: dict[str, str] | None,
+        healthy: Callable[[], bool],
+        log_tail: Callable[[], str],
+    ) -> PidRecord:
+        self._ports_free(comp)
+        log.info("%s: starting on %s (log %s)", comp.name, comp.address, comp.log)
+        proc = spawn(argv, log_path=comp.stdout, cwd=comp.pidfile.parent, env=env)
+        rec = write_pidfile(comp.pidfile, proc.pid)
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                comp.pidfile.unlink(missing_ok=True)
+                raise StackError(f"{comp.name}: exited with code {code} while starting; last log lines:\n{log_tail()}")
+            if healthy():
+                log.info("%s: healthy (pid %s)", comp.name, proc.pid)
+                return rec
+            if time.monotonic() > deadline:
+                stop_record(rec, name=comp.name, timeout_s=5.0)
+                comp.pidfile.unlink(missing_ok=True)
+                raise StackError(
+                    f"{comp.name}: not healthy after {self.cfg.start_timeout_s:.0f}s (raise start_timeout_s if "
+                    f"the machine is slow); last log lines:\n{log_tail()}"
+                )
+            time.sleep(0.25)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _component(self, name: str) -> _Component:
+        c = self.cfg
+        d = c.component_dir(name)
+        if name == "kafka":
+            lay = kafka_mod.KafkaLayout(d)
+            return _Component(name, lay.pidfile, lay.server_log, c.kafka_bootstrap, c.kafka_port, lay.stdout_log)
+        if name == "redis":
+            rl = redis_mod.RedisLayout(d)
+            return _Component(name, rl.pidfile, rl.log, c.redis_url, c.redis_port, rl.stdout_log)
+        if name == "ray":
+            yl = ray_mod.RayLayout(d, c.ray_temp_dir)
+            return _Component(name, yl.pidfile, yl.stdout_log, c.ray_address, c.ray_port, yl.stdout_log)
+        raise ValueError(f"unknown component {name!r}")
+
+    def _kafka_healthy(self) -> bool:
+        return port_open(self.cfg.kafka_port) and kafka_mod.probe(self.cfg.kafka_bootstrap)
+
+    def _healthy(self, name: str) -> bool:
+        if name == "kafka":
+            return self._kafka_healthy()
+        if name == "redis":
+            return redis_mod.ping(self.cfg.redis_url)
+        return port_open(self.cfg.ray_port)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise up/down on one run dir across processes."""
+        with open(self.run_dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _read_state(self) -> dict:
+        try:
+            return json.loads(self.cfg.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write_state(self) -> None:
+        components = {}
+        for name in COMPONENTS:
+            comp = self._component(name)
+            rec = read_pidfile(comp.pidfile)
+            if rec is not None and record_alive(rec):
+                components[name] = {"pid": rec.pid, "start_time": rec.start_time, "address": comp.address, "log": str(comp.log)}
+        ep = self.endpoints
+        state = {
+            "version": STATE_VERSION,
+            "run_dir": str(self.run_dir),
+            "written_at": time.time(),
+            "endpoints": {
+                "kafka_bootstrap": ep.kafka_bootstrap if "kafka" in components else None,
+                "redis_url": ep.redis_url if "redis" in components else None,
+                "ray_address": ep.ray_address if "ray" in components else None,
+            },
+            "components": components,
+            "ray_temp_dir": str(self.cfg.ray_temp_dir),
+            "ray_client_address": f"ray://127.0.0.1:{self.cfg.ray_client_port}" if "ray" in components else None,
+        }
+        tmp = self.cfg.state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.cfg.state_file)
+
+
+def status_as_dicts(statuses: list[ComponentStatus]) -> list[dict]:
+    return [asdict(s) for s in statuses]

@@ -1,0 +1,123 @@
+"""The Kafka topics prefstream uses: names, partition counts and configs, defined once.
+
+The gateway, trainer, scorer and benchmarks import the names from here instead of spelling string
+literals, and ``prefstream stack up`` creates exactly these topics (auto-creation is disabled on the
+broker, so a typo in a topic name fails loudly instead of creating a stray topic).
+
+Partitioning: feedback and preferences are keyed by prompt/conversation id and consumed by a group
+of trainer workers, so they get several partitions; model-updates must be totally ordered (every
+scorer applies versions in order), so it has exactly one; the dead-letter topic is low volume.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+_DAY_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One Kafka topic: its name, partition count, replication factor and topic-level configs."""
+
+    name: str
+    partitions: int
+    configs: Mapping[str, str] = field(default_factory=dict)
+    replication_factor: int = 1
+    doc: str = ""
+
+
+COMPLETIONS = TopicSpec(
+    name="prefstream.completions",
+    partitions=4,
+    configs={"retention.ms": str(7 * _DAY_MS), "cleanup.policy": "delete", "compression.type": "producer"},
+    doc="every LLM completion the gateway served (prompt, response, model), keyed by completion id",
+)
+FEEDBACK = TopicSpec(
+    name="prefstream.feedback",
+    partitions=4,
+    configs={"retention.ms": str(30 * _DAY_MS), "cleanup.policy": "delete"},
+    doc="raw user feedback (thumbs, ratings, edits) on a completion, keyed by completion id",
+)
+PREFERENCES = TopicSpec(
+    name="prefstream.preferences",
+    partitions=4,
+    configs={"retention.ms": str(30 * _DAY_MS), "cleanup.policy": "delete"},
+    doc="(prompt, chosen, rejected) pairs the trainer learns from, keyed by prompt id",
+)
+DEAD_LETTER = TopicSpec(
+    name="prefstream.dead-letter",
+    partitions=1,
+    configs={"retention.ms": str(14 * _DAY_MS), "cleanup.policy": "delete"},
+    doc="events any consumer could not parse or process, with the error, for inspection and replay",
+)
+MODEL_UPDATES = TopicSpec(
+    name="prefstream.model-updates",
+    partitions=1,
+    configs={"retention.ms": str(7 * _DAY_MS), "cleanup.policy": "delete", "min.insync.replicas": "1"},
+    doc="announcements of new reward-model versions; one partition so every scorer sees them in order",
+)
+
+TOPICS: tuple[TopicSpec, ...] = (COMPLETIONS, FEEDBACK, PREFERENCES, DEAD_LETTER, MODEL_UPDATES)
+TOPIC_NAMES: tuple[str, ...] = tuple(t.name for t in TOPICS)
+
+
+def topic(name: str) -> TopicSpec:
+    """The spec of the project topic ``name``; KeyError names the known topics."""
+    for t in TOPICS:
+        if t.name == name:
+            return t
+    raise KeyError(f"unknown topic {name!r}; known topics: {', '.join(TOPIC_NAMES)}")
+
+
+def ensure_topics(
+    bootstrap: str,
+    specs: Iterable[TopicSpec] = TOPICS,
+    *,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics in ``specs`` that do not exist yet; return the names created.
+
+    Idempotent: existing topics are left as they are (their configs are not altered).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+    specs = list(specs)
+    timeout_ms = int(timeout_s * 1000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="prefstream-stack-topics",
+        request_timeout_ms=timeout_ms,
+    )
+    created: list[str] = []
+    try:
+        existing = set(admin.list_topics())
+        missing = {
+            s.name: {
+                "num_partitions": s.partitions,
+                "replication_factor": s.replication_factor,
+                "configs": dict(s.configs),
+            }
+            for s in specs
+            if s.name not in existing
+        }
+        if missing:
+            result = admin.create_topics(missing, timeout_ms=timeout_ms, raise_errors=False)
+            for t in result["topics"]:
+                err = for_code(t["error_code"])
+                if t["error_code"] == 0:
+                    created.append(t["name"])
+                elif err is not TopicAlreadyExistsError:  # another `up` raced us: fine
+                    raise KafkaError(f"creating topic {t['name']} failed: {err.__name__} {t.get('error_message') or ''}")
+        # Creation is acknowledged before every partition has a leader; producers want leaders.
+        admin.wait_for_topics([s.name for s in specs], timeout_ms=timeout_ms)
+    finally:
+        admin.close()
+    if created:
+        log.info("created Kafka topics %s", ", ".join(created))
+    return created
