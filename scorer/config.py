@@ -1,0 +1,157 @@
+"""The scorer's one configuration object.
+
+Every knob of the scorer process (where it listens, which models it serves and from where, how the
+dynamic batcher forms batches, how often it looks for new checkpoints) lives in :class:`ScorerConfig`,
+built by :func:`services.config.load_config` with section ``scorer``: defaults < ``--config`` file <
+``PREFSTREAM_SCORER_*`` env < CLI flags.  ``validate()`` fails at start-up naming the field to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from services.config import load_config, require
+
+#: Registry name under which the scorer serves its reward model when nothing else is configured.
+DEFAULT_REWARD_MODEL = "reward"
+#: Registry name of the default policy (best-of-N sampling).
+DEFAULT_POLICY_MODEL = "policy"
+#: Version string reported while serving the configured base model (no published version yet).
+BASE_VERSION = "base"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """How one scorer process serves reward scoring and best-of-N."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "interface the gRPC server binds"})
+    port: int = field(default=50052, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 disables the exporter"})
+    run_dir: Path | None = field(
+        default=None,
+        metadata={"help": "stack run dir whose stack.json gives Redis/Kafka endpoints (prefstream stack up)"},
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata={"help": "model registry Redis URL; unset: from run_dir's stack.json, else serve base models only"},
+    )
+    kafka_bootstrap: str | None = field(
+        default=None,
+        metadata={"help": "Kafka bootstrap for the model-updates topic (optional: the registry poll suffices)"},
+    )
+    reward_models: tuple[str, ...] = field(
+        default=(DEFAULT_REWARD_MODEL,),
+        metadata={"help": "reward model names served from start-up; the first is the default for requests without a model"},
+    )
+    reward_base_path: str | None = field(
+        default=None,
+        metadata={"help": "HF model dir served as version 'base' before any version is published; default embedded MiniLM-L6"},
+    )
+    policy_models: tuple[str, ...] = field(
+        default=(DEFAULT_POLICY_MODEL,),
+        metadata={"help": "policy model names for best-of-N sampling; the first is the default (empty disables sampling)"},
+    )
+    policy_base_path: str | None = field(
+        default=None,
+        metadata={"help": "HF causal LM dir (or .gguf file) served as policy version 'base'; default embedded SmolLM2-135M-Instruct"},
+    )
+    policy_preload: bool = field(
+        default=False,
+        metadata={"help": "load the policy at start-up instead of on the first best-of-N request that samples"},
+    )
+    discover_models: bool = field(
+        default=True,
+        metadata={"help": "also serve reward models that appear in the registry under other names"},
+    )
+    max_models: int = field(default=8, metadata={"help": "most reward models held at once (each is a full copy in memory)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (bf16/fp16 on GPU, fp32 on CPU)"})
+    torch_threads: int = field(default=0, metadata={"help": "intra-op threads for CPU inference; 0 = one per core"})
+    max_length: int = field(default=512, metadata={"help": "tokens per (prompt, response) sequence; the prompt is cut from the left"})
+    max_batch_tokens: int = field(
+        default=16384, metadata={"help": "padded tokens per batch (batch size x longest sequence)"}
+    )
+    max_batch_size: int = field(default=64, metadata={"help": "sequences per batch"})
+    max_wait_ms: float = field(
+        default=4.0, metadata={"help": "longest a queued sequence waits for companions before its batch runs"}
+    )
+    bucket_width: int = field(
+        default=32, metadata={"help": "length-bucket granularity in tokens: a batch mixes lengths within few buckets"}
+    )
+    max_queue: int = field(
+        default=4096, metadata={"help": "sequences queued per model before new requests get RESOURCE_EXHAUSTED"}
+    )
+    max_responses: int = field(default=64, metadata={"help": "responses per Score request / candidates per BestOfN"})
+    max_text_chars: int = field(default=32768, metadata={"help": "characters per message or response"})
+    max_n: int = field(default=16, metadata={"help": "largest n for best-of-N sampling"})
+    max_new_tokens: int = field(default=256, metadata={"help": "largest max_tokens a best-of-N request may ask for"})
+    default_new_tokens: int = field(default=64, metadata={"help": "max_tokens when a best-of-N request gives none"})
+    stream_window: int = field(default=256, metadata={"help": "ScoreStream requests in flight per stream (backpressure)"})
+    poll_interval_s: float = field(default=1.0, metadata={"help": "seconds between registry generation polls"})
+    discover_interval_s: float = field(default=10.0, metadata={"help": "seconds between registry model listings"})
+    warmup: bool = field(default=True, metadata={"help": "run a forward pass on a new checkpoint before swapping it in"})
+    drain_timeout_s: float = field(
+        default=60.0, metadata={"help": "longest a replaced model is kept for in-flight batches before it is freed"}
+    )
+    swap_wait_s: float = field(default=60.0, metadata={"help": "how long an admin pin/rollback waits for its swap"})
+    grace_s: float = field(default=10.0, metadata={"help": "SIGTERM drain period for in-flight RPCs"})
+
+    def validate(self) -> None:
+        require(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port; use 0-65535")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
+        require(len(self.reward_models) >= 1, "reward_models", "name at least one reward model, e.g. 'reward'")
+        for name in (*self.reward_models, *self.policy_models):
+            require(_valid_name(name), "reward_models/policy_models", f"{name!r} is not a model name (letters, digits, . _ -)")
+        require(not set(self.reward_models) & set(self.policy_models), "policy_models",
+                "a name cannot be both a reward model and a policy")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                f"{self.device!r}: use cpu, cuda, cuda:N or auto")
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                f"{self.dtype!r}: use auto, float32, bfloat16 or float16")
+        require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = one per core)")
+        require(16 <= self.max_length <= 8192, "max_length", "must be within 16..8192 tokens")
+        require(self.max_batch_tokens >= self.max_length, "max_batch_tokens",
+                f"must be >= max_length ({self.max_length}) so the longest sequence fits a batch")
+        require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        require(0 <= self.max_wait_ms <= 1000, "max_wait_ms", "must be within 0..1000 ms")
+        require(self.bucket_width >= 1, "bucket_width", "must be >= 1 token")
+        require(self.max_queue >= self.max_batch_size, "max_queue", "must be >= max_batch_size")
+        require(self.max_responses >= 1, "max_responses", "must be >= 1")
+        require(self.max_text_chars >= 1, "max_text_chars", "must be >= 1")
+        require(self.max_n >= 1, "max_n", "must be >= 1")
+        require(1 <= self.default_new_tokens <= self.max_new_tokens, "default_new_tokens",
+                f"must be within 1..max_new_tokens ({self.max_new_tokens})")
+        require(self.stream_window >= 1, "stream_window", "must be >= 1")
+        require(self.poll_interval_s > 0, "poll_interval_s", "must be > 0 seconds")
+        require(self.discover_interval_s > 0, "discover_interval_s", "must be > 0 seconds")
+        require(self.max_models >= len(self.reward_models), "max_models",
+                f"must be >= the number of reward_models ({len(self.reward_models)})")
+        require(self.drain_timeout_s > 0, "drain_timeout_s", "must be > 0 seconds")
+        require(self.grace_s >= 0, "grace_s", "must be >= 0 seconds")
+
+    @property
+    def default_reward_model(self) -> str:
+        return self.reward_models[0]
+
+    @property
+    def default_policy_model(self) -> str | None:
+        return self.policy_models[0] if self.policy_models else None
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and len(name) <= 128 and all(c.isalnum() or c in "._-" for c in name)
+
+
+def load_scorer_config(
+    file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ScorerConfig:
+    """ScorerConfig from defaults < file < PREFSTREAM_SCORER_* env < overrides (None values ignored)."""
+    return load_config(ScorerConfig, section="scorer", file=file, env=env, overrides=overrides)
+
+
+__all__ = ["BASE_VERSION", "DEFAULT_POLICY_MODEL", "DEFAULT_REWARD_MODEL", "ScorerConfig", "load_scorer_config"]
