@@ -56,12 +56,12 @@ KAFKA_TOOLS: dict[str, KafkaTool] = {
         KafkaTool("kafka-consumer-perf-test", "org.apache.kafka.tools.ConsumerPerformance"),
         KafkaTool("kafka-consumer-groups", "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"),
         KafkaTool("kafka-get-offsets", "org.apache.kafka.tools.GetOffsetShell"),
-        KafkaTool("kafka-configs", "org.apache.kafka.tools.ConfigCommand"),
+        KafkaTool("kafka-configs", "kafka.admin.ConfigCommand"),
         KafkaTool("kafka-delete-records", "org.apache.kafka.tools.DeleteRecordsCommand"),
         KafkaTool("kafka-log-dirs", "org.apache.kafka.tools.LogDirsCommand"),
         KafkaTool("kafka-metadata-quorum", "org.apache.kafka.tools.MetadataQuorumCommand"),
         KafkaTool("kafka-cluster", "org.apache.kafka.tools.ClusterTool", False),
-        KafkaTool("kafka-dump-log", "org.apache.kafka.tools.DumpLogSegments", False),
+        KafkaTool("kafka-dump-log", "kafka.tools.DumpLogSegments", False),
         KafkaTool("kafka-storage", "kafka.tools.StorageTool", False),
     )
 }
@@ -347,7 +347,10 @@ def produce_consume_check(bootstrap: str, timeout_s: float = 30.0) -> None:
 
     ensure_topics(bootstrap, [TopicSpec(_HEALTH_TOPIC, 1, {"retention.ms": "3600000"})], timeout_s=timeout_s)
     token = uuid.uuid4().hex.encode()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout_s * 1000))
+    request_ms = int(min(timeout_s, 30.0) * 1000)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", request_timeout_ms=request_ms, delivery_timeout_ms=request_ms + 5000
+    )
     try:
         meta = producer.send(_HEALTH_TOPIC, value=token).get(timeout=timeout_s)
     finally:

@@ -168,16 +168,22 @@ class Stack:
         return stopped
 
     def status(self) -> list[ComponentStatus]:
-        """Every component with a pidfile or in the config: address, pid, log and a live health check."""
+        """Every component with a pidfile or in the config: address, pid, log and a live health check.
+
+        Addresses come from stack.json when the stack is up, so ``status --run-dir X`` is right
+        without repeating the ports ``up`` was given.
+        """
+        recorded = self._read_state().get("components", {})
         out = []
         for name in COMPONENTS:
             comp = self._component(name)
             rec = read_pidfile(comp.pidfile)
             if rec is None and name not in self.cfg.components:
                 continue
+            address = str(recorded.get(name, {}).get("address") or comp.address)
             running = rec is not None and record_alive(rec)
-            healthy = running and self._healthy(name)
-            out.append(ComponentStatus(name, comp.address, rec.pid if running and rec else None, running, healthy, str(comp.log)))
+            healthy = running and self._healthy(name, address)
+            out.append(ComponentStatus(name, address, rec.pid if running and rec else None, running, healthy, str(comp.log)))
         return out
 
     def stop_component(self, name: str) -> None:
@@ -300,14 +306,17 @@ class Stack:
         raise ValueError(f"unknown component {name!r}")
 
     def _kafka_healthy(self) -> bool:
-        return port_open(self.cfg.kafka_port) and kafka_mod.probe(self.cfg.kafka_bootstrap)
+        return self._healthy("kafka", self.cfg.kafka_bootstrap)
 
-    def _healthy(self, name: str) -> bool:
+    @staticmethod
+    def _healthy(name: str, address: str) -> bool:
+        """Health of the component listening at ``address`` (as written in stack.json)."""
         if name == "kafka":
-            return self._kafka_healthy()
+            port = int(address.rsplit(":", 1)[1])
+            return port_open(port) and kafka_mod.probe(address)
         if name == "redis":
-            return redis_mod.ping(self.cfg.redis_url)
-        return port_open(self.cfg.ray_port)
+            return redis_mod.ping(address)
+        return port_open(int(address.rsplit(":", 1)[1]))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
