@@ -70,7 +70,11 @@ class ScorerConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (bf16/fp16 on GPU, fp32 on CPU)"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads for CPU inference; 0 = one per core"})
-    max_length: int = field(default=512, metadata={"help": "tokens per (prompt, response) sequence; the prompt is cut from the left"})
+    max_length: int = field(
+        default=0,
+        metadata={"help": "tokens per (prompt, response) sequence (prompt cut from the left); 0 = each checkpoint's own, "
+                          "as trained"},
+    )
     max_batch_tokens: int = field(
         default=16384, metadata={"help": "padded tokens per batch (batch size x longest sequence)"}
     )
@@ -112,8 +116,9 @@ class ScorerConfig:
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 f"{self.dtype!r}: use auto, float32, bfloat16 or float16")
         require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = one per core)")
-        require(16 <= self.max_length <= 8192, "max_length", "must be within 16..8192 tokens")
-        require(self.max_batch_tokens >= self.max_length, "max_batch_tokens",
+        require(self.max_length == 0 or 16 <= self.max_length <= 8192, "max_length",
+                "must be 0 (the checkpoint's own) or within 16..8192 tokens")
+        require(self.max_batch_tokens >= max(self.max_length, 16), "max_batch_tokens",
                 f"must be >= max_length ({self.max_length}) so the longest sequence fits a batch")
         require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         require(0 <= self.max_wait_ms <= 1000, "max_wait_ms", "must be within 0..1000 ms")

@@ -1,0 +1,130 @@
+"""``prefstream.admin.v1.ModelAdminService``: list, pin, unpin and roll back models, served by the scorer.
+
+Why it lives in the scorer: an operator's pin or rollback must change what is *served*, and report
+it.  Each call changes the registry (the source of truth every scorer follows), then asks this
+scorer's :class:`~scorer.swap.ModelManager` to sync now and waits for it (up to ``swap_wait_s``), so
+the returned ``ModelStatus.serving_version`` shows the effect.  The swap itself takes the same
+verified, zero-downtime path as a trainer publish; other scorers pick the change up on their next
+registry poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from prefstream.admin.v1 import admin_pb2_grpc
+from prefstream.admin.v1.admin_pb2 import ListModelsRequest as ListModelsRequestProto
+from prefstream.admin.v1.admin_pb2 import ListModelsResponse as ListModelsResponseProto
+from prefstream.admin.v1.admin_pb2 import ListVersionsRequest as ListVersionsRequestProto
+from prefstream.admin.v1.admin_pb2 import ListVersionsResponse as ListVersionsResponseProto
+from prefstream.admin.v1.admin_pb2 import ModelStatus as ModelStatusProto
+from prefstream.admin.v1.admin_pb2 import PinVersionRequest as PinVersionRequestProto
+from prefstream.admin.v1.admin_pb2 import RollbackRequest as RollbackRequestProto
+from prefstream.admin.v1.admin_pb2 import UnpinRequest as UnpinRequestProto
+from prefstream.events.v1 import events_pb2
+from scorer.engine import POLICY, REWARD, Engine
+from scorer.swap import ModelManager
+from services.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_KIND_TO_PROTO = {REWARD: events_pb2.MODEL_KIND_REWARD, POLICY: events_pb2.MODEL_KIND_POLICY}
+
+
+def _name(value: str, field: str = "name") -> str:
+    if not value:
+        raise InvalidArgument(field, "is empty; give the model name (see ListModels)")
+    if len(value) > 128 or not all(c.isalnum() or c in "._-" for c in value):
+        raise InvalidArgument(field, f"{value[:40]!r} is not a model name (letters, digits, . _ -)")
+    return value
+
+
+class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
+    """Registry-backed admin calls whose effect is applied through the scorer's swap path."""
+
+    def __init__(self, engine: Engine, manager: ModelManager, registry: Any | None, *, swap_wait_s: float) -> None:
+        self.engine = engine
+        self.manager = manager
+        self.registry = registry
+        self.swap_wait_s = swap_wait_s
+
+    def _need_registry(self) -> Any:
+        if self.registry is None:
+            raise FailedPrecondition("this scorer runs without a model registry (no redis_url); "
+                                     "start it with --redis-url or --run-dir to pin, unpin or roll back")
+        return self.registry
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def _serving(self, name: str) -> str:
+        slot = self.engine.serving(name)
+        return slot.version if slot is not None else ""
+
+    def _status_proto(self, status: Any) -> ModelStatusProto:
+        msg = status.to_proto()
+        msg.serving_version = self._serving(msg.name)
+        return msg
+
+    async def _apply(self, name: str) -> None:
+        """Sync this scorer now; a slow load keeps going in the background after swap_wait_s."""
+        task = asyncio.ensure_future(self.manager.sync(name))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.swap_wait_s)
+        except TimeoutError:
+            log.info("swap of %s still loading after %.0fs; ModelStatus reports the old version", name, self.swap_wait_s)
+
+    async def ListModels(self, request: ListModelsRequestProto, context: grpc.aio.ServicerContext) -> ListModelsResponseProto:
+        out: dict[str, ModelStatusProto] = {}
+        if self.registry is not None:
+            for st in await self._call(self.registry.list_models):
+                msg = self._status_proto(st)
+                out[msg.name] = msg
+        for slot in self.engine.served():
+            if slot.name not in out:
+                out[slot.name] = ModelStatusProto(
+                    name=slot.name, kind=_KIND_TO_PROTO[slot.kind], serving_version=slot.version,
+                    target_version=slot.version,
+                )
+        return ListModelsResponseProto(models=[out[k] for k in sorted(out)])
+
+    async def ListVersions(self, request: ListVersionsRequestProto, context: grpc.aio.ServicerContext) -> ListVersionsResponseProto:
+        name = _name(request.name)
+        registry = self._need_registry()
+        versions = await self._call(registry.versions, name, request.include_rejected)
+        return ListVersionsResponseProto(versions=[v.to_proto() for v in versions])
+
+    async def PinVersion(self, request: PinVersionRequestProto, context: grpc.aio.ServicerContext) -> ModelStatusProto:
+        name = _name(request.name)
+        if not request.version:
+            raise InvalidArgument("version", "is empty; give the version to pin (see ListVersions)")
+        registry = self._need_registry()
+        await self._call(registry.pin, name, request.version)
+        log.info("pinned %s to %s", name, request.version)
+        await self._apply(name)
+        return self._status_proto(await self._call(registry.status, name))
+
+    async def Unpin(self, request: UnpinRequestProto, context: grpc.aio.ServicerContext) -> ModelStatusProto:
+        name = _name(request.name)
+        registry = self._need_registry()
+        await self._call(registry.unpin, name)
+        log.info("unpinned %s", name)
+        await self._apply(name)
+        return self._status_proto(await self._call(registry.status, name))
+
+    async def Rollback(self, request: RollbackRequestProto, context: grpc.aio.ServicerContext) -> ModelStatusProto:
+        name = _name(request.name)
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason", f"is {len(request.reason)} characters; the limit is 1000")
+        registry = self._need_registry()
+        await self._call(registry.rollback, name, request.reason or "rolled back by an operator")
+        log.info("rolled back %s", name)
+        await self._apply(name)
+        return self._status_proto(await self._call(registry.status, name))
+
+
+__all__ = ["ModelAdminServicer"]

@@ -1,0 +1,207 @@
+"""A small typed asyncio client for the scorer (scoring, best-of-N, model admin, readiness).
+
+Why it exists: the gateway's OpenAI-compatible routes, the demo and the benchmark all call the
+scorer; they should pass Python values and get dataclasses back, with gRPC failures turned into the
+same domain errors (:mod:`services.errors`) the rest of the code raises, so an HTTP edge maps a
+scorer's NOT_FOUND to 404 without knowing gRPC.
+
+    async with ScorerClient("127.0.0.1:50052") as scorer:
+        await scorer.wait_ready()
+        result = await scorer.score([{"role": "user", "content": "Hi"}], ["Hello!", "Go away."])
+        result.rewards, result.model.version
+        best = await scorer.best_of_n(prompt, n=4, criteria=[Criterion("reward", 1.0)])
+        best.best.text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
+from prefstream.events.v1 import events_pb2
+from prefstream.scorer.v1 import scorer_pb2_grpc
+from scorer.bestofn import Criterion
+from scorer.domain import BestOfNQuery, BestOfNResult, SamplingParams, ScoreQuery, ScoreResult
+from services.errors import DeadlineExceeded, PrefstreamError, Unavailable, from_grpc_error
+from services.grpc_server import channel as make_channel
+from services.schemas import ChatMessage
+
+_KINDS = {events_pb2.MODEL_KIND_REWARD: "reward", events_pb2.MODEL_KIND_POLICY: "policy"}
+_STATES = {
+    admin_pb2.VERSION_STATE_PUBLISHED: "published",
+    admin_pb2.VERSION_STATE_REJECTED: "rejected",
+    admin_pb2.VERSION_STATE_ROLLED_BACK: "rolled_back",
+}
+
+PromptLike = Sequence[ChatMessage | Mapping[str, str]]
+
+
+def to_messages(prompt: PromptLike, field: str = "prompt") -> tuple[ChatMessage, ...]:
+    """ChatMessages from ChatMessage objects or OpenAI-style ``{"role", "content"}`` dicts."""
+    from services.schemas import messages_from_dicts
+
+    if all(isinstance(m, ChatMessage) for m in prompt):
+        return tuple(prompt)  # type: ignore[arg-type]
+    return tuple(m if isinstance(m, ChatMessage) else messages_from_dicts([m], field)[0] for m in prompt)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as the scorer's admin service reports it."""
+
+    name: str
+    kind: str
+    latest_version: str
+    pinned_version: str
+    target_version: str
+    serving_version: str
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.ModelStatus) -> "ModelInfo":
+        return cls(
+            name=msg.name, kind=_KINDS.get(msg.kind, ""), latest_version=msg.latest_version,
+            pinned_version=msg.pinned_version, target_version=msg.target_version,
+            serving_version=msg.serving_version,
+        )
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    uri: str
+    kind: str
+    state: str
+    metrics: dict[str, float]
+    reason: str
+    records_seen: int
+    base_model: str
+    created_at: float
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.ModelVersion) -> "VersionInfo":
+        return cls(
+            version=msg.version, uri=msg.uri, kind=_KINDS.get(msg.kind, ""), state=_STATES.get(msg.state, ""),
+            metrics=dict(msg.metrics), reason=msg.reason, records_seen=msg.records_seen,
+            base_model=msg.base_model, created_at=msg.created_at.seconds + msg.created_at.nanos / 1e9,
+        )
+
+
+class ScorerClient:
+    """Async client; one HTTP/2 channel, safe to share across tasks."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel: grpc.aio.Channel = make_channel(address, aio=True)  # type: ignore[assignment]
+        self._scorer = scorer_pb2_grpc.ScorerServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.ModelAdminServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> "ScorerClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc_error(e) from None
+
+    # ------------------------------------------------------------------------------ scoring
+
+    async def score(self, prompt: PromptLike, responses: Sequence[str], *, model: str = "",
+                    request_id: str = "") -> ScoreResult:
+        """Reward (and attributes) for each response; ``model`` empty = the scorer's default."""
+        query = ScoreQuery(prompt=to_messages(prompt), responses=tuple(responses), model=model, request_id=request_id)
+        return ScoreResult.from_proto(await self._call(self._scorer.Score, query.to_proto()))
+
+    async def best_of_n(
+        self,
+        prompt: PromptLike,
+        *,
+        candidates: Sequence[str] = (),
+        n: int = 0,
+        criteria: Iterable[Criterion] = (),
+        sampling: SamplingParams | None = None,
+        policy_model: str = "",
+        request_id: str = "",
+    ) -> BestOfNResult:
+        """Rank ``candidates``, or sample ``n`` from the policy and rank them, best first."""
+        query = BestOfNQuery(
+            prompt=to_messages(prompt), candidates=tuple(candidates), n=n, sampling=sampling or SamplingParams(),
+            criteria=tuple(criteria), policy_model=policy_model, request_id=request_id,
+        )
+        return BestOfNResult.from_proto(await self._call(self._scorer.BestOfN, query.to_proto()))
+
+    async def score_stream(self, queries: AsyncIterable[ScoreQuery] | Iterable[ScoreQuery]) -> AsyncIterator[ScoreResult]:
+        """Stream many queries; results come back in the order sent."""
+
+        async def requests() -> AsyncIterator[Any]:
+            if hasattr(queries, "__aiter__"):
+                async for q in queries:  # type: ignore[union-attr]
+                    yield q.to_proto()
+            else:
+                for q in queries:  # type: ignore[union-attr]
+                    yield q.to_proto()
+
+        call = self._scorer.ScoreStream(requests())
+        try:
+            async for msg in call:
+                yield ScoreResult.from_proto(msg)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc_error(e) from None
+
+    # ------------------------------------------------------------------------------ admin
+
+    async def list_models(self) -> list[ModelInfo]:
+        resp = await self._call(self._admin.ListModels, admin_pb2.ListModelsRequest())
+        return [ModelInfo.from_proto(m) for m in resp.models]
+
+    async def list_versions(self, name: str, *, include_rejected: bool = False) -> list[VersionInfo]:
+        resp = await self._call(self._admin.ListVersions,
+                                admin_pb2.ListVersionsRequest(name=name, include_rejected=include_rejected))
+        return [VersionInfo.from_proto(v) for v in resp.versions]
+
+    async def pin(self, name: str, version: str) -> ModelInfo:
+        return ModelInfo.from_proto(await self._call(self._admin.PinVersion,
+                                                     admin_pb2.PinVersionRequest(name=name, version=version)))
+
+    async def unpin(self, name: str) -> ModelInfo:
+        return ModelInfo.from_proto(await self._call(self._admin.Unpin, admin_pb2.UnpinRequest(name=name)))
+
+    async def rollback(self, name: str, reason: str = "") -> ModelInfo:
+        return ModelInfo.from_proto(await self._call(self._admin.Rollback,
+                                                     admin_pb2.RollbackRequest(name=name, reason=reason)))
+
+    # ------------------------------------------------------------------------------ health
+
+    async def serving(self, service: str = "") -> bool:
+        """True when the scorer's gRPC health reports SERVING (a model is loaded)."""
+        try:
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def wait_ready(self, timeout_s: float = 120.0, service: str = "") -> None:
+        """Wait until SERVING; raise DeadlineExceeded after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await self.serving(service):
+                return
+            await asyncio.sleep(0.2)
+        raise DeadlineExceeded(f"scorer at {self.address} not SERVING after {timeout_s:.0f}s")
+
+
+__all__ = ["ModelInfo", "PrefstreamError", "ScorerClient", "Unavailable", "VersionInfo", "to_messages"]

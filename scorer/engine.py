@@ -1,0 +1,283 @@
+"""Model slots and the atomic swap: which loaded model answers each request, and when it may be freed.
+
+Why it exists: checkpoints change while requests are in flight.  Each served model name points at one
+:class:`ModelSlot` (a loaded model, its version, its own dynamic batcher).  A request takes a
+reference to the live slot when it starts and keeps it until its last batch is done, so the version
+that tokenized a request is the version that scores it and the version it reports.  Installing a new
+slot replaces one dict entry on the event loop (atomic for every later request); the old slot is
+retired: it finishes what it holds, its batcher drains, then its weights are freed.  Nothing fails
+during a swap and no request mixes two versions.
+
+The engine also runs requests: Score (tokenize off the loop, batch, forward in the model thread) and
+best-of-N (optionally sample candidates from a policy slot, score them with every criterion, combine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from scorer.batcher import BatchLimits, DynamicBatcher
+from scorer.bestofn import Criterion, combine, rank
+from scorer.config import ScorerConfig
+from scorer.domain import (
+    BestOfNQuery,
+    BestOfNResult,
+    ModelRef,
+    RankedCandidate,
+    ResponseScore,
+    SamplingParams,
+    ScoreQuery,
+    ScoreResult,
+)
+from scorer.metrics import ScorerMetrics
+from services.errors import FailedPrecondition, NotFound, Unavailable
+from services.schemas import ChatMessage
+
+log = logging.getLogger(__name__)
+
+REWARD = "reward"
+POLICY = "policy"
+
+
+class RewardRunner(Protocol):
+    """A loaded reward model, as the engine uses it (see scorer/runners.py)."""
+
+    attribute_names: tuple[str, ...]
+
+    def encode(self, prompt: Sequence[ChatMessage], responses: Sequence[str]) -> list[Any]:
+        """Tokenize (prompt, response) pairs; each result has ``len()`` = its token count."""
+
+    def run_batch(self, encodings: list[Any]) -> list[tuple[float, dict[str, float]]]:
+        """(reward, attributes) per encoding; called only from the model thread."""
+
+    def close(self) -> None: ...
+
+
+class PolicyRunner(Protocol):
+    def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """One loaded version of one model name, with the requests currently holding it."""
+
+    name: str
+    kind: str
+    version: str
+    uri: str
+    runner: Any
+    batcher: DynamicBatcher | None = None
+    loaded_at: float = field(default_factory=time.time)
+    refs: int = 0
+    retired: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.version)
+
+
+class Engine:
+    """Serves requests from the live slots; :meth:`install` swaps a model in atomically."""
+
+    def __init__(
+        self,
+        cfg: ScorerConfig,
+        metrics: ScorerMetrics,
+        *,
+        infer_executor: concurrent.futures.Executor,
+        tokenize_executor: concurrent.futures.Executor,
+        generate_executor: concurrent.futures.Executor,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._infer = infer_executor
+        self._tokenize = tokenize_executor
+        self._generate = generate_executor
+        self._live: dict[str, ModelSlot] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._listeners: list[Callable[[ModelSlot], None]] = []
+        #: Called to load a model on first use (the policy, by default); set by the model manager.
+        self.demand_loader: Callable[[str, str], Awaitable[None]] | None = None
+        self.limits = BatchLimits(
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+            max_wait_ms=cfg.max_wait_ms,
+            bucket_width=cfg.bucket_width,
+            max_queue=cfg.max_queue,
+        )
+
+    # ------------------------------------------------------------------------------ slots & swap
+
+    def serving(self, name: str) -> ModelSlot | None:
+        return self._live.get(name)
+
+    def served(self, kind: str | None = None) -> list[ModelSlot]:
+        return [s for s in self._live.values() if kind is None or s.kind == kind]
+
+    def on_install(self, listener: Callable[[ModelSlot], None]) -> None:
+        """``listener(slot)`` runs on the event loop after every install (health, logs)."""
+        self._listeners.append(listener)
+
+    def new_slot(self, name: str, kind: str, version: str, uri: str, runner: Any) -> ModelSlot:
+        """Wrap a loaded runner (reward models get their own batcher). Call on the event loop."""
+        batcher = None
+        if kind == REWARD:
+            batcher = DynamicBatcher(
+                runner.run_batch,
+                executor=self._infer,
+                limits=self.limits,
+                observer=self.metrics.batch_observer(name),
+                name=f"{name}@{version}",
+            )
+        return ModelSlot(name=name, kind=kind, version=version, uri=uri, runner=runner, batcher=batcher)
+
+    def install(self, slot: ModelSlot) -> ModelSlot | None:
+        """Make ``slot`` the live one for its name; retire (drain, then free) the previous one.
+
+        Runs on the event loop, so the dict assignment is atomic with respect to every handler:
+        requests that started before keep their reference to the old slot, later ones get the new.
+        """
+        old = self._live.get(slot.name)
+        self._live[slot.name] = slot
+        self.metrics.set_serving(slot.name, slot.kind, slot.version)
+        log.info("serving %s %s version %s (%s)", slot.kind, slot.name, slot.version, slot.uri or "base")
+        for listener in self._listeners:
+            listener(slot)
+        if old is not None and old is not slot:
+            task = asyncio.get_running_loop().create_task(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return old
+
+    async def discard(self, slot: ModelSlot) -> None:
+        """Free a slot that was loaded but never installed (e.g. failed warm-up)."""
+        await self._retire(slot)
+
+    async def _retire(self, slot: ModelSlot) -> None:
+        slot.retired = True
+        if slot.refs > 0:
+            try:
+                await asyncio.wait_for(slot._idle.wait(), timeout=self.cfg.drain_timeout_s)
+            except TimeoutError:
+                log.warning("%s@%s still had %d requests after %.0fs; freeing anyway",
+                            slot.name, slot.version, slot.refs, self.cfg.drain_timeout_s)
+        if slot.batcher is not None:
+            await slot.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(self._infer, slot.runner.close)
+        log.info("freed %s %s version %s", slot.kind, slot.name, slot.version)
+
+    def _acquire(self, name: str, kind: str) -> ModelSlot:
+        slot = self._live.get(name)
+        if slot is None or slot.kind != kind:
+            raise self._missing(name, kind)
+        slot.refs += 1
+        slot._idle.clear()
+        return slot
+
+    def _release(self, slot: ModelSlot) -> None:
+        slot.refs -= 1
+        if slot.refs == 0:
+            slot._idle.set()
+
+    def _missing(self, name: str, kind: str) -> Exception:
+        names = sorted(s.name for s in self._live.values() if s.kind == kind)
+        if kind == REWARD and name in self.cfg.reward_models:
+            return Unavailable(f"reward model {name!r} is still loading; retry shortly")
+        if kind == POLICY and name in self.cfg.policy_models:
+            return Unavailable(f"policy {name!r} is still loading; retry shortly")
+        return NotFound(f"{kind} model {name!r} is not served here; served {kind} models: {', '.join(names) or 'none'}")
+
+    async def close(self) -> None:
+        """Retire every slot (drain in-flight work, free weights)."""
+        slots = list(self._live.values())
+        self._live.clear()
+        await asyncio.gather(*(self._retire(s) for s in slots), return_exceptions=True)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------ requests
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        """Rewards (and attributes) for each response, from one version of the requested model."""
+        name = query.model or self.cfg.default_reward_model
+        slot = self._acquire(name, REWARD)
+        try:
+            loop = asyncio.get_running_loop()
+            encodings = await loop.run_in_executor(self._tokenize, slot.runner.encode, query.prompt, query.responses)
+            outputs = await slot.batcher.submit([(e, max(1, len(e))) for e in encodings])
+        finally:
+            self._release(slot)
+        scores = tuple(ResponseScore(i, float(r), dict(attrs)) for i, (r, attrs) in enumerate(outputs))
+        return ScoreResult(scores=scores, model=slot.ref, request_id=query.request_id)
+
+    async def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams,
+                       policy: str = "") -> tuple[list[str], ModelRef]:
+        """Sample ``n`` completions from the policy (loaded on first use) in the generation thread."""
+        name = policy or self.cfg.default_policy_model
+        if not name:
+            raise FailedPrecondition("this scorer has no policy model (policy_models is empty); pass candidates instead")
+        if name not in self._live and name in self.cfg.policy_models and self.demand_loader is not None:
+            await self.demand_loader(name, POLICY)
+        slot = self._acquire(name, POLICY)
+        t0 = time.perf_counter()
+        try:
+            params = SamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens or self.cfg.default_new_tokens,
+                seed=params.seed,
+            )
+            loop = asyncio.get_running_loop()
+            texts = await loop.run_in_executor(self._generate, slot.runner.generate, list(prompt), n, params)
+        finally:
+            self._release(slot)
+            self.metrics.generation_seconds.labels(name).observe(time.perf_counter() - t0)
+        return list(texts), slot.ref
+
+    async def best_of_n(self, query: BestOfNQuery) -> BestOfNResult:
+        """Rank the given (or sampled) candidates by the weighted sum of standardized rewards."""
+        criteria = list(query.criteria) or [Criterion(self.cfg.default_reward_model, 1.0)]
+        for c in criteria:  # fail fast, before spending seconds on sampling
+            slot = self._live.get(c.model)
+            if slot is None or slot.kind != REWARD:
+                raise self._missing(c.model, REWARD)
+        policy_ref = None
+        if query.samples:
+            texts, policy_ref = await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
+        else:
+            texts = list(query.candidates)
+        results = await asyncio.gather(
+            *(self.score(ScoreQuery(prompt=query.prompt, responses=tuple(texts), model=c.model)) for c in criteria)
+        )
+        rewards = {c.model: r.rewards for c, r in zip(criteria, results)}
+        combined = combine(rewards, criteria)
+        ranked = []
+        for i in rank(combined):
+            if len(criteria) == 1:
+                attributes = dict(results[0].scores[i].attributes)
+            else:
+                attributes = {f"{c.model}.{k}": v for c, r in zip(criteria, results) for k, v in r.scores[i].attributes.items()}
+            ranked.append(RankedCandidate(
+                index=i,
+                text=texts[i],
+                score=combined[i],
+                per_criterion={c.model: rewards[c.model][i] for c in criteria},
+                attributes=attributes,
+            ))
+        return BestOfNResult(
+            ranked=tuple(ranked),
+            reward_models=tuple(r.model for r in results),
+            policy=policy_ref,
+            request_id=query.request_id,
+        )
+
+
+__all__ = ["Engine", "ModelSlot", "POLICY", "PolicyRunner", "REWARD", "RewardRunner"]

@@ -1,0 +1,250 @@
+"""Loading checkpoints into runnable form: verify, load, warm up; then tokenize and forward in batches.
+
+Why it exists: the engine deals in "runners" (tokenize a request; score a batch of already-tokenized
+rows from many requests; generate) so that it never touches torch.  This module adapts the shared
+:class:`services.reward_model.RewardModel` and :class:`services.policy_model.PolicyModel` to that:
+
+* tokenization happens per request, off the event loop, with the model's own ``encode`` (the same
+  truncation and formatting as training and offline scoring); rows are kept unpadded;
+* a batch of rows from different requests is right-padded to its longest row and run under
+  ``torch.inference_mode`` on the model thread; logit 0 is the reward, logits 1.. the attributes;
+* :func:`load_reward` verifies the manifest checksums of published checkpoints before loading, and
+  the warm-up refuses weights that produce non-finite scores.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from scorer.domain import SamplingParams
+from services.schemas import ChatMessage
+
+log = logging.getLogger(__name__)
+
+#: Seed for the head of a bare backbone served as "base", so every scorer process serves the same
+#: (untrained) model and scores are reproducible across restarts.
+BASE_HEAD_SEED = 0
+
+
+class CheckpointRefused(Exception):
+    """A checkpoint that must not be served; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointRefused("no_cuda", f"device {device!r} requested but CUDA is not available; use device=cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs); bf16 on GPUs that have it, else fp16."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def configure_torch_threads(threads: int) -> int:
+    """Intra-op threads for CPU inference: one per core by default; inter-op 1 (one batch at a time)."""
+    if threads:
+        n = threads
+    elif hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    else:
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return torch.get_num_threads()
+
+
+def uri_to_path(uri: str) -> str:
+    """A local path from a checkpoint URI (``file:///...`` or a plain path); raise CheckpointRefused."""
+    from services.checkpoints import path_from_uri
+    from services.errors import InvalidArgument
+
+    try:
+        return str(path_from_uri(uri))
+    except InvalidArgument as e:
+        raise CheckpointRefused("unsupported_uri", str(e)) from e
+
+
+def verify_checkpoint(path: str) -> None:
+    """Re-hash every file against the manifest (published checkpoints only); raise CheckpointRefused."""
+    from services.checkpoints import CorruptCheckpointError, verify_dir
+
+    try:
+        verify_dir(path)
+    except CorruptCheckpointError as e:
+        raise CheckpointRefused("corrupt", str(e)) from e
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tokenized (prompt, response) pair, unpadded: (T,) ids and optional (T,) type ids."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class RewardRunner:
+    """A loaded RewardModel: ``encode`` per request, ``run_batch`` over rows of many requests."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.attribute_names: tuple[str, ...] = tuple(model.spec.attributes)
+        self.pad_id: int = int(model.tokenizer.pad_token_id)
+        self.max_length: int = int(model.spec.max_length)
+
+    def encode(self, prompt: Sequence[ChatMessage], responses: Sequence[str]) -> list[Row]:
+        batch = self.model.encode([list(prompt)] * len(responses), list(responses))
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        types = batch.get("token_type_ids")
+        rows = []
+        for i in range(ids.shape[0]):
+            n = int(mask[i].sum())
+            rows.append(Row(ids[i, :n].clone(), types[i, :n].clone() if types is not None else None))
+        return rows
+
+    def collate(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        types = torch.zeros((len(rows), width), dtype=torch.long) if rows[0].token_type_ids is not None else None
+        for i, r in enumerate(rows):
+            n = len(r)
+            ids[i, :n] = r.input_ids
+            mask[i, :n] = 1
+            if types is not None:
+                types[i, :n] = r.token_type_ids
+        out = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            out["token_type_ids"] = types
+        return out
+
+    def run_batch(self, rows: list[Row]) -> list[tuple[float, dict[str, float]]]:
+        batch = self.collate(rows)
+        with torch.inference_mode():
+            out = self.model(batch)
+            rewards = out.rewards.float().cpu().tolist()  # (B,)
+            attrs = out.attributes.float().cpu().tolist() if out.attributes is not None else None  # (B, A)
+        return [
+            (rewards[i], dict(zip(self.attribute_names, attrs[i])) if attrs is not None else {})
+            for i in range(len(rows))
+        ]
+
+    def warmup(self) -> None:
+        """One forward on a short and one on a max-length row; refuse weights giving non-finite scores."""
+        from services.schemas import ChatMessage as CM
+
+        prompt = [CM("user", "How do I boil an egg?")]
+        rows = self.encode(prompt, ["Put it in boiling water for nine minutes.", "word " * (self.max_length * 2)])
+        for reward, attrs in self.run_batch(rows):
+            if not math.isfinite(reward) or not all(math.isfinite(v) for v in attrs.values()):
+                raise CheckpointRefused("nonfinite", "warm-up produced non-finite scores; the weights are broken")
+
+    def close(self) -> None:
+        device = self.model.device
+        del self.model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: bool,
+                max_length: int | None = None) -> RewardRunner:
+    """Verify (published checkpoints), load and warm up a reward model.  Blocking: run off the loop."""
+    from services.reward_model import RewardModel
+
+    dev = resolve_device(device)
+    if verify:
+        verify_checkpoint(path)
+    if not Path(path).exists():
+        raise CheckpointRefused("missing", f"model path {path} does not exist")
+    try:
+        # A bare backbone gets a fresh head: seed it so "base" is the same model in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BASE_HEAD_SEED)
+            model = RewardModel.from_pretrained(path, device=dev, dtype=resolve_dtype(dtype, dev), max_length=max_length)
+    except Exception as e:  # noqa: BLE001 - any load failure refuses the checkpoint; the cause is logged
+        log.warning("loading reward model %s failed", path, exc_info=True)
+        raise CheckpointRefused("load_failed", f"could not load reward model from {path}: {type(e).__name__}: {e}") from e
+    model.eval()
+    runner = RewardRunner(model)
+    if warmup:
+        runner.warmup()
+    return runner
+
+
+class PolicyRunner:
+    """A loaded causal-LM policy: ``generate`` n completions for one prompt (generation thread)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]:
+        with torch.inference_mode():
+            return list(self.model.generate(
+                list(prompt),
+                n=n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                seed=params.seed,
+            ))
+
+    def warmup(self) -> None:
+        out = self.generate([ChatMessage("user", "Hi")], 1, SamplingParams(temperature=0.0, max_tokens=2))
+        if len(out) != 1:
+            raise CheckpointRefused("warmup_failed", f"policy warm-up returned {len(out)} completions for n=1")
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_policy(path: str | None, *, device: str, dtype: str, verify: bool, warmup: bool) -> PolicyRunner:
+    """Verify (published checkpoints), load and warm up a policy; ``path`` None = the embedded SmolLM2."""
+    from services.policy_model import PolicyModel
+
+    dev = resolve_device(device)
+    if verify and path is not None:
+        verify_checkpoint(path)
+    try:
+        model = PolicyModel.from_pretrained(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    except Exception as e:  # noqa: BLE001
+        log.warning("loading policy %s failed", path, exc_info=True)
+        raise CheckpointRefused("load_failed", f"could not load policy from {path or 'the embedded SmolLM2'}: "
+                                f"{type(e).__name__}: {e}") from e
+    runner = PolicyRunner(model)
+    if warmup:
+        runner.warmup()
+    return runner
+
+
+__all__ = [
+    "CheckpointRefused", "PolicyRunner", "RewardRunner", "Row", "configure_torch_threads", "load_policy",
+    "load_reward", "resolve_device", "resolve_dtype", "uri_to_path", "verify_checkpoint",
+]

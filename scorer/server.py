@@ -1,0 +1,253 @@
+"""The scorer's gRPC servicer and process assembly.
+
+:class:`ScorerServicer` is the edge of ``prefstream.scorer.v1.ScorerService``: it converts messages to
+domain queries (validating every field), awaits the engine and converts results back; nothing here
+blocks the event loop.  :class:`Scorer` wires the pieces of one process (metrics, executors, engine,
+model manager, registry, gRPC server with health and reflection) and :func:`serve` runs it until
+SIGTERM.  Health is NOT_SERVING until the default reward model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator, Iterator
+
+import grpc
+
+from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
+from prefstream.scorer.v1 import scorer_pb2, scorer_pb2_grpc
+from prefstream.scorer.v1.scorer_pb2 import BestOfNRequest as BestOfNRequestProto
+from prefstream.scorer.v1.scorer_pb2 import BestOfNResponse as BestOfNResponseProto
+from prefstream.scorer.v1.scorer_pb2 import ScoreRequest as ScoreRequestProto
+from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
+from scorer.admin import ModelAdminServicer
+from scorer.config import ScorerConfig
+from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
+from scorer.engine import Engine, ModelSlot
+from scorer.metrics import ScorerMetrics
+from scorer.runners import configure_torch_threads
+from scorer.swap import ModelManager
+from services.errors import PrefstreamError
+from services.grpc_server import ServerHandle, create_server, serve_until_signal, start
+
+log = logging.getLogger(__name__)
+
+SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+
+
+class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
+    """Score, BestOfN and ScoreStream over the engine."""
+
+    def __init__(self, engine: Engine, metrics: ScorerMetrics, limits: RequestLimits, stream_window: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.limits = limits
+        self.stream_window = stream_window
+
+    @contextlib.contextmanager
+    def _observe(self, method: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except PrefstreamError as e:
+            code = e.grpc_code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
+            self.metrics.requests_total.labels(method, code).inc()
+
+    async def Score(self, request: ScoreRequestProto, context: grpc.aio.ServicerContext) -> ScoreResponseProto:
+        with self._observe("Score"):
+            query = ScoreQuery.from_proto(request, self.limits)
+            return (await self.engine.score(query)).to_proto()
+
+    async def BestOfN(self, request: BestOfNRequestProto, context: grpc.aio.ServicerContext) -> BestOfNResponseProto:
+        with self._observe("BestOfN"):
+            query = BestOfNQuery.from_proto(request, self.limits)
+            return (await self.engine.best_of_n(query)).to_proto()
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[ScoreRequestProto], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ScoreResponseProto]:
+        """Requests are scored concurrently (up to ``stream_window`` in flight) and answered in order.
+
+        An invalid request ends the stream with INVALID_ARGUMENT after the answers before it.
+        """
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(self.stream_window)
+        order: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
+
+        async def score_one(query: ScoreQuery) -> ScoreResponseProto:
+            with self._observe("ScoreStream"):
+                return (await self.engine.score(query)).to_proto()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    try:
+                        query = ScoreQuery.from_proto(request, self.limits)
+                    except PrefstreamError as e:
+                        failed = loop.create_future()
+                        failed.set_exception(e)
+                        order.put_nowait(failed)
+                        return
+                    order.put_nowait(loop.create_task(score_one(query)))
+            finally:
+                order.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while True:
+                fut = await order.get()
+                if fut is None:
+                    break
+                result = await fut
+                window.release()
+                yield result
+            await reader
+        finally:
+            reader.cancel()
+            while not order.empty():
+                fut = order.get_nowait()
+                if fut is not None:
+                    fut.cancel()
+
+
+class Scorer:
+    """One scorer process: build with ``Scorer(cfg)``, ``await start()``, ``await stop()``."""
+
+    def __init__(self, cfg: ScorerConfig, *, registry: Any | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = ScorerMetrics()
+        self._registry = registry
+        # One model thread: intra-op parallelism already uses every core, and one batch at a time
+        # keeps latency predictable.  Tokenization, generation, loading and registry reads each get
+        # their own thread so none of them waits behind another.
+        self._executors = {
+            "infer": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-infer"),
+            "tokenize": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-tokenize"),
+            "generate": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-generate"),
+            "load": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-load"),
+            "registry": concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scorer-registry"),
+        }
+        self.engine: Engine | None = None
+        self.manager: ModelManager | None = None
+        self.handle: ServerHandle | None = None
+
+    @property
+    def port(self) -> int:
+        if self.handle is None:
+            raise RuntimeError("the scorer has not been started")
+        return self.handle.port
+
+    @property
+    def address(self) -> str:
+        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def _make_registry(self) -> Any | None:
+        if self._registry is not None:
+            return self._registry
+        url = self.cfg.redis_url
+        if url is None and self.cfg.run_dir is not None:
+            from services.stack import load_endpoints
+
+            url = load_endpoints(self.cfg.run_dir).redis_url
+        if url is None:
+            log.warning("no redis_url: serving base models only (no registry, no hot swaps)")
+            return None
+        from services.redis_client import connect
+        from services.registry import ModelRegistry
+
+        self._registry = ModelRegistry(connect(url))
+        return self._registry
+
+    async def start(self) -> None:
+        """Listen (health NOT_SERVING), load the models, then report SERVING."""
+        cfg = self.cfg
+        threads = configure_torch_threads(cfg.torch_threads)
+        log.info("torch intra-op threads: %d", threads)
+        ex = self._executors
+        self.engine = Engine(
+            cfg, self.metrics,
+            infer_executor=ex["infer"], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
+        )
+        registry = self._make_registry()
+        self.manager = ModelManager(
+            cfg, self.engine, self.metrics, registry, load_executor=ex["load"], registry_executor=ex["registry"],
+        )
+        limits = RequestLimits(
+            max_responses=cfg.max_responses, max_text_chars=cfg.max_text_chars,
+            max_n=cfg.max_n, max_new_tokens=cfg.max_new_tokens,
+        )
+        servicer = ScorerServicer(self.engine, self.metrics, limits, cfg.stream_window)
+        admin = ModelAdminServicer(self.engine, self.manager, registry, swap_wait_s=cfg.swap_wait_s)
+        self.handle = create_server(
+            [
+                lambda s: scorer_pb2_grpc.add_ScorerServiceServicer_to_server(servicer, s),
+                lambda s: admin_pb2_grpc.add_ModelAdminServiceServicer_to_server(admin, s),
+            ],
+            [SCORER_SERVICE, ADMIN_SERVICE],
+            host=cfg.host,
+            port=cfg.port,
+        )
+        self.engine.on_install(self._on_install)
+        await start(self.handle)
+        self.metrics.serve(cfg.metrics_port, cfg.host)
+        await self.manager.start()
+
+    def _on_install(self, slot: ModelSlot) -> None:
+        if slot.name == self.cfg.default_reward_model and self.handle is not None:
+            asyncio.get_running_loop().create_task(self.handle.set_serving(True))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Report NOT_SERVING, drain RPCs, stop watching, free models, stop threads."""
+        if self.handle is not None:
+            await self.handle.stop(self.cfg.grace_s if grace_s is None else grace_s)
+        if self.manager is not None:
+            await self.manager.stop()
+        if self.engine is not None:
+            await self.engine.close()
+        for ex in self._executors.values():
+            ex.shutdown(wait=False, cancel_futures=True)
+
+    async def serve_forever(self) -> None:
+        """Start, then run until SIGTERM/SIGINT and shut down gracefully."""
+        await self.start()
+        assert self.handle is not None
+        await serve_until_signal(self.handle, grace_s=self.cfg.grace_s, on_shutdown=self._shutdown_models)
+
+    async def _shutdown_models(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+
+
+def serve(cfg: ScorerConfig) -> int:
+    """Run a scorer process until SIGTERM (``prefstream scorer serve`` / ``python -m scorer``)."""
+    scorer = Scorer(cfg)
+
+    async def main() -> None:
+        try:
+            await scorer.serve_forever()
+        finally:
+            if scorer.engine is not None:
+                await scorer.engine.close()
+
+    asyncio.run(main())
+    return 0
+
+
+__all__ = ["ADMIN_SERVICE", "SCORER_SERVICE", "Scorer", "ScorerServicer", "serve"]
