@@ -1,0 +1,333 @@
+"""The durable write path shared by gRPC and HTTP: authorize, dedup, write to Kafka, answer after the ack.
+
+Both transports turn requests into validated domain events (:mod:`gateway.validation`) and hand a
+batch of them to :meth:`Ingestor.write`, which answers each event individually:
+
+1. the caller's key must belong to the event's project (PERMISSION_DENIED otherwise);
+2. feedback naming a completion this gateway logged is checked against it (index in range);
+3. client-chosen event ids are claimed in Redis (:mod:`gateway.dedup`); ids seen before answer
+   "duplicate" with the original completion id and ack time, and nothing is written;
+4. the batch is handed to the Kafka producer in one executor call (kafka-python's ``send`` may block
+   on metadata, so it never runs on the event loop) and awaited through its futures;
+5. only then is each event answered OK; a record Kafka did not acknowledge within
+   ``kafka_ack_timeout_s`` is answered UNAVAILABLE and its dedup claim released so a retry writes it.
+
+The wire value is the proto3 JSON of the event (:func:`services.kafka.encode_event`).  ``acked_at``
+in that value is the moment the gateway handed the event to Kafka (the record's own timestamp); the
+response's ``acked_at`` is when Kafka acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import redis
+import redis.asyncio as aioredis
+from kafka import KafkaProducer
+
+from gateway import metrics
+from gateway.auth import Principal
+from gateway.config import GatewayConfig
+from gateway.dedup import Claim, Deduper, dedup_key
+from gateway.events import Completion, Event, Feedback
+from gateway.validation import check_feedback_indices
+from services.errors import InvalidArgument, PrefstreamError, Unavailable
+from services.kafka import encode_event, make_producer
+from services.schemas import prompt_hash
+from services.stack import topics
+
+log = logging.getLogger(__name__)
+
+_SHAPE_KEY = "prefstream:completion_shape:{}"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An event Kafka has (now, or from an earlier attempt when ``duplicate``)."""
+
+    event_id: str
+    completion_id: str = ""
+    duplicate: bool = False
+    acked_at: float = 0.0
+
+
+Outcome = Accepted | PrefstreamError
+
+
+@dataclass
+class Item:
+    """One event on its way through :meth:`Ingestor.write`."""
+
+    event: Event | PrefstreamError
+    #: True when the client chose the event id (so a retry may repeat it and it must be claimed).
+    client_id: bool = True
+    received: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def new_event_id() -> str:
+    """The id the gateway gives an event that came without one (no dedup needed: it is fresh)."""
+    return "gw-" + uuid.uuid4().hex
+
+
+def kafka_key(event: Event) -> bytes:
+    """Partition key: completions and their feedback share the completion id; inline feedback its prompt."""
+    if isinstance(event, Completion):
+        return event.completion_id.encode()
+    if event.completion_id:
+        return event.completion_id.encode()
+    if event.inline is None:  # validation guarantees a target; this is a programming error
+        raise ValueError(f"feedback {event.event_id} has no target")
+    return prompt_hash(event.project, event.inline.prompt).encode()
+
+
+def topic_of(event: Event) -> str:
+    return topics.COMPLETIONS.name if isinstance(event, Completion) else topics.FEEDBACK.name
+
+
+class KafkaWriter:
+    """Owns the producer; connects lazily, sends a batch per executor call, bridges acks to asyncio.
+
+    The producer is created off the event loop and re-created after a failed connect (at most once a
+    second), so a gateway started while Kafka is down answers UNAVAILABLE and recovers by itself.
+    """
+
+    def __init__(self, bootstrap: str, *, ack_timeout_s: float, linger_ms: int = 2, compression: str = "none") -> None:
+        self.bootstrap = bootstrap
+        self.ack_timeout_s = ack_timeout_s
+        timeout_ms = int(ack_timeout_s * 1000)
+        self._overrides: dict[str, Any] = {
+            "linger_ms": linger_ms,
+            "compression_type": None if compression == "none" else compression,
+            # The producer gives up on a record when the caller does, so a record answered
+            # UNAVAILABLE is not silently delivered much later by a background retry.
+            "delivery_timeout_ms": timeout_ms,
+            "request_timeout_ms": max(1000, timeout_ms - linger_ms - 1),
+            "max_block_ms": timeout_ms,
+            "bootstrap_timeout_ms": timeout_ms,
+        }
+        self._producer: KafkaProducer | None = None
+        self._connect_failed_at = 0.0
+        self._connect_error = ""
+        # One thread: sends keep their submission order and never contend with each other.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-send")
+
+    def _ensure(self) -> KafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        if time.monotonic() - self._connect_failed_at < 1.0:
+            raise Unavailable(f"Kafka at {self.bootstrap} is unreachable ({self._connect_error}); retry shortly")
+        try:
+            self._producer = make_producer(self.bootstrap, **self._overrides)
+        except Unavailable as e:
+            self._connect_failed_at = time.monotonic()
+            self._connect_error = str(e.__cause__.__class__.__name__ if e.__cause__ else e)
+            raise
+        except Exception as e:  # noqa: BLE001 - any connect failure means "Kafka is not there"
+            self._connect_failed_at = time.monotonic()
+            self._connect_error = type(e).__name__
+            raise Unavailable(f"Kafka at {self.bootstrap} is unreachable: {type(e).__name__}") from e
+        log.info("connected to Kafka at %s", self.bootstrap)
+        return self._producer
+
+    async def connect(self) -> bool:
+        """Try to connect now (start-up); False when Kafka is not reachable yet."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._ensure)
+            return True
+        except Unavailable as e:
+            log.warning("Kafka not reachable at start-up: %s; events will be answered UNAVAILABLE until it is", e)
+            return False
+
+    async def write(self, records: Sequence[tuple[str, bytes, bytes]]) -> list[float | PrefstreamError]:
+        """Send (topic, key, value) records; per record the ack time (epoch s) or Unavailable."""
+        if not records:
+            return []
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        results: list[float | PrefstreamError | None] = [None] * len(records)
+        remaining = [len(records)]
+        lock = threading.Lock()
+
+        def settle(i: int, value: float | PrefstreamError) -> None:
+            with lock:
+                if results[i] is not None:
+                    return
+                results[i] = value
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        def send_all() -> None:
+            producer = self._ensure()
+            for i, (topic, key, value) in enumerate(records):
+                try:
+                    fut = producer.send(topic, value=value, key=key)
+                except Exception as e:  # noqa: BLE001 - enqueue failures (metadata, buffer) per record
+                    settle(i, Unavailable(f"Kafka did not accept the write: {type(e).__name__}"))
+                    continue
+                fut.add_callback(lambda _meta, i=i: settle(i, time.time()))
+                fut.add_errback(lambda exc, i=i: settle(i, Unavailable(f"Kafka did not acknowledge the write: {type(exc).__name__}")))
+
+        try:
+            await loop.run_in_executor(self._executor, send_all)
+            await asyncio.wait_for(asyncio.shield(done), self.ack_timeout_s + 1.0)
+        except Unavailable as e:
+            for i in range(len(records)):
+                settle(i, e)
+        except asyncio.TimeoutError:
+            for i in range(len(records)):
+                settle(i, Unavailable(f"Kafka did not acknowledge the write within {self.ack_timeout_s:.0f}s"))
+        metrics.KAFKA_BATCH.observe(len(records))
+        return [r if r is not None else Unavailable("Kafka write was not attempted") for r in results]
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, lambda: producer.close(timeout=timeout_s))
+        self._executor.shutdown(wait=False)
+
+
+class Ingestor:
+    """Authorize, dedup, write and answer a batch of events (see the module docstring)."""
+
+    def __init__(self, cfg: GatewayConfig, writer: KafkaWriter, client: aioredis.Redis) -> None:
+        self.cfg = cfg
+        self.writer = writer
+        self._redis = client
+        self.dedup = Deduper(client, pending_ttl_s=cfg.dedup_pending_ttl_s, done_ttl_s=cfg.dedup_ttl_s)
+        self._shape_ms = int(cfg.completion_ttl_s * 1000)
+
+    async def write(self, items: Sequence[Item], principal: Principal) -> list[Outcome]:
+        """One outcome per item, in order; never OK for an event Kafka has not acknowledged."""
+        out: list[Outcome | None] = [None] * len(items)
+        live: list[int] = []
+        for i, it in enumerate(items):
+            ev = it.event
+            if isinstance(ev, PrefstreamError):
+                out[i] = ev
+                continue
+            try:
+                principal.authorize(ev.project, "completion.project" if isinstance(ev, Completion) else "feedback.project")
+            except PrefstreamError as e:
+                out[i] = e
+                continue
+            live.append(i)
+        try:
+            await self._check_targets(items, live, out)
+            live = [i for i in live if out[i] is None]
+            await self._write_live(items, live, out)
+        except PrefstreamError as e:  # Redis or Kafka down for the whole batch
+            for i in live:
+                if out[i] is None:
+                    out[i] = e
+        return [o if o is not None else Unavailable("event was not written") for o in out]
+
+    async def _check_targets(self, items: Sequence[Item], live: list[int], out: list[Outcome | None]) -> None:
+        """Feedback naming a completion this gateway logged: the indices must exist in it."""
+        refs = [i for i in live if isinstance(items[i].event, Feedback) and items[i].event.completion_id]  # type: ignore[union-attr]
+        if not refs:
+            return
+        try:
+            shapes = await self._redis.mget([_SHAPE_KEY.format(items[i].event.completion_id) for i in refs])  # type: ignore[union-attr]
+        except (redis.RedisError, OSError) as e:
+            raise Unavailable(f"Redis is unreachable: {type(e).__name__}") from e
+        for i, shape in zip(refs, shapes):
+            if shape is None:
+                continue  # not logged here (or expired): the processor checks it when it arrives
+            fb: Feedback = items[i].event  # type: ignore[assignment]
+            project, _, n = shape.decode().partition("\x00")
+            try:
+                if project != fb.project:
+                    raise InvalidArgument("feedback.completion_id", f"completion {fb.completion_id} belongs to another project")
+                check_feedback_indices(fb, int(n))
+            except PrefstreamError as e:
+                out[i] = e
+
+    async def _write_live(self, items: Sequence[Item], live: list[int], out: list[Outcome | None]) -> None:
+        to_claim = [i for i in live if items[i].client_id]
+        claims = await self.dedup.claim([dedup_key(items[i].event.project, items[i].event.event_id) for i in to_claim])  # type: ignore[union-attr]
+        claim_of: dict[int, Claim] = dict(zip(to_claim, claims))
+        waiting: list[int] = []
+        writing: list[int] = []
+        for i in live:
+            c = claim_of.get(i)
+            if c is None or c.owned:
+                writing.append(i)
+            elif c.done is not None:
+                out[i] = _duplicate(items[i].event, c.done)  # type: ignore[arg-type]
+            else:
+                waiting.append(i)
+        await self._send(items, writing, claim_of, out)
+        for i in waiting:  # another attempt (often an earlier copy in this same batch) holds the id
+            await self._retry_claimed(items[i], claim_of[i], out, i)
+
+    async def _retry_claimed(self, item: Item, claim: Claim, out: list[Outcome | None], i: int) -> None:
+        c = await self.dedup.wait(claim, timeout_s=self.cfg.kafka_ack_timeout_s + 1.0)
+        if c.done is not None:
+            out[i] = _duplicate(item.event, c.done)  # type: ignore[arg-type]
+            return
+        sub: list[Outcome | None] = [None]
+        await self._send([item], [0], {0: c}, sub)
+        out[i] = sub[0]
+
+    async def _send(self, items: Sequence[Item], idx: list[int], claim_of: dict[int, Claim], out: list[Any]) -> None:
+        if not idx:
+            return
+        handed = time.time()
+        events: list[Event] = [dataclasses.replace(items[i].event, acked_at=handed) for i in idx]  # type: ignore[type-var]
+        records = [(topic_of(ev), kafka_key(ev), encode_event(ev.to_proto())) for ev in events]
+        try:
+            acks = await self.writer.write(records)
+        except BaseException:
+            await self._release_quietly([claim_of[i] for i in idx if i in claim_of])
+            raise
+        ok_claims, ok_results, failed_claims = [], [], []
+        shapes: list[tuple[str, str]] = []
+        now = time.monotonic()
+        for i, ev, ack in zip(idx, events, acks):
+            c = claim_of.get(i)
+            if isinstance(ack, PrefstreamError):
+                out[i] = ack
+                metrics.KAFKA_FAILURES.inc()
+                if c is not None:
+                    failed_claims.append(c)
+                continue
+            completion_id = ev.completion_id if isinstance(ev, (Completion, Feedback)) else ""
+            out[i] = Accepted(event_id=ev.event_id, completion_id=completion_id, acked_at=ack)
+            metrics.ACK_SECONDS.labels("completion" if isinstance(ev, Completion) else "feedback").observe(now - items[i].received)
+            if c is not None:
+                ok_claims.append(c)
+                ok_results.append({"c": completion_id, "a": ack})
+            if isinstance(ev, Completion):
+                shapes.append((_SHAPE_KEY.format(ev.completion_id), f"{ev.project}\x00{len(ev.candidates)}"))
+        await self._release_quietly(failed_claims)
+        try:
+            await self.dedup.confirm(ok_claims, ok_results)
+            if shapes:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, value in shapes:
+                        pipe.set(key, value, px=self._shape_ms)
+                    await pipe.execute()
+        except (PrefstreamError, redis.RedisError, OSError) as e:
+            # Kafka has these events: they are answered OK.  Without the confirm a retry after the
+            # pending marker expires writes them again (deterministic record ids absorb it).
+            log.warning("Kafka acknowledged %d event(s) but Redis bookkeeping failed: %s", len(ok_claims), e)
+
+    async def _release_quietly(self, claims: list[Claim]) -> None:
+        try:
+            await self.dedup.release(claims)
+        except PrefstreamError as e:  # the pending markers expire by themselves
+            log.warning("could not release %d dedup claim(s): %s", len(claims), e)
+
+
+def _duplicate(event: Event, done: dict[str, Any]) -> Accepted:
+    return Accepted(event_id=event.event_id, completion_id=str(done.get("c", "")), duplicate=True, acked_at=float(done.get("a", 0.0)))

@@ -1,0 +1,137 @@
+"""The gRPC face of the gateway: ``prefstream.gateway.v1.GatewayService``.
+
+Unary calls authenticate, validate and write one event; domain errors propagate to the shared error
+interceptor, which turns them into status codes.  ``StreamEvents`` is the bulk path: a reader task
+pulls requests as fast as the client sends them, a batcher hands whatever has arrived to
+:meth:`~gateway.ingest.Ingestor.write` as one batch (one Redis round trip, one producer call), several
+batches are in flight at once, and responses go back strictly in request order, each with its own
+status -- an invalid event is answered with INVALID_ARGUMENT and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from gateway import edge, metrics
+from gateway.auth import Authenticator, Principal
+from gateway.ingest import Accepted, Ingestor, Item
+from gateway.validation import Limits
+from prefstream.gateway.v1 import gateway_pb2_grpc
+from prefstream.gateway.v1.gateway_pb2 import LogCompletionRequest as LogCompletionRequestProto
+from prefstream.gateway.v1.gateway_pb2 import LogCompletionResponse as LogCompletionResponseProto
+from prefstream.gateway.v1.gateway_pb2 import LogFeedbackRequest as LogFeedbackRequestProto
+from prefstream.gateway.v1.gateway_pb2 import LogFeedbackResponse as LogFeedbackResponseProto
+from prefstream.gateway.v1.gateway_pb2 import StreamEventsRequest as StreamEventsRequestProto
+from prefstream.gateway.v1.gateway_pb2 import StreamEventsResponse as StreamEventsResponseProto
+from services.errors import PrefstreamError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "prefstream.gateway.v1.GatewayService"
+
+#: Most events one stream batch carries (bounded so one batch's latency stays small).
+STREAM_MAX_BATCH = 512
+#: Batches of one stream in flight at once (pipelining Redis/Kafka round trips).
+STREAM_MAX_INFLIGHT = 8
+#: Requests read ahead of processing before the reader waits (backpressure to the client).
+STREAM_READ_AHEAD = 4096
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, ingestor: Ingestor, auth: Authenticator, limits: Limits) -> None:
+        self._ingestor = ingestor
+        self._auth = auth
+        self._limits = limits
+
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return await self._auth.authenticate(dict(context.invocation_metadata() or ()))
+
+    async def _one(self, kind: str, item: Item, principal: Principal) -> Accepted:
+        (outcome,) = await self._ingestor.write([item], principal)
+        edge.count(kind, "grpc", outcome)
+        if isinstance(outcome, PrefstreamError):
+            raise outcome
+        return outcome
+
+    async def LogCompletion(
+        self, request: LogCompletionRequestProto, context: grpc.aio.ServicerContext
+    ) -> LogCompletionResponseProto:
+        principal = await self._principal(context)
+        outcome = await self._one("completion", edge.completion_item(request.completion, self._limits), principal)
+        return edge.completion_response(outcome)
+
+    async def LogFeedback(
+        self, request: LogFeedbackRequestProto, context: grpc.aio.ServicerContext
+    ) -> LogFeedbackResponseProto:
+        principal = await self._principal(context)
+        outcome = await self._one("feedback", edge.feedback_item(request.feedback, self._limits), principal)
+        return edge.feedback_response(outcome)
+
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[StreamEventsRequestProto], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamEventsResponseProto]:
+        principal = await self._principal(context)
+        metrics.STREAMS.inc()
+        incoming: asyncio.Queue = asyncio.Queue(maxsize=STREAM_READ_AHEAD)
+        batches: asyncio.Queue = asyncio.Queue(maxsize=STREAM_MAX_INFLIGHT)
+        reader = asyncio.create_task(self._read(request_iterator, incoming))
+        batcher = asyncio.create_task(self._batch(incoming, batches, principal))
+        try:
+            while True:
+                entry = await batches.get()
+                if entry is None:
+                    break
+                seqs, kinds, task = entry
+                outcomes = await task
+                for seq, kind, outcome in zip(seqs, kinds, outcomes):
+                    edge.count(kind, "grpc", outcome)
+                    yield edge.stream_response(seq, outcome)
+            await reader  # surfaces a failed read (e.g. a malformed frame)
+        finally:
+            metrics.STREAMS.dec()
+            for t in (reader, batcher):
+                t.cancel()
+            while not batches.empty():
+                entry = batches.get_nowait()
+                if entry is not None:
+                    entry[2].cancel()
+
+    @staticmethod
+    async def _read(request_iterator: AsyncIterator[StreamEventsRequestProto], incoming: asyncio.Queue) -> None:
+        try:
+            async for req in request_iterator:
+                await incoming.put(req)
+        finally:
+            await incoming.put(None)
+
+    async def _batch(self, incoming: asyncio.Queue, batches: asyncio.Queue, principal: Principal) -> None:
+        """Group whatever requests have arrived into one write; keep order via the batches queue."""
+        done = False
+        while not done:
+            first = await incoming.get()
+            if first is None:
+                break
+            reqs = [first]
+            while len(reqs) < STREAM_MAX_BATCH and not incoming.empty():
+                nxt = incoming.get_nowait()
+                if nxt is None:
+                    done = True
+                    break
+                reqs.append(nxt)
+            seqs, kinds, items = [], [], []
+            for req in reqs:
+                kind, item = edge.stream_item(req, self._limits)
+                seqs.append(req.seq)
+                kinds.append(kind)
+                items.append(item)
+            task = asyncio.create_task(self._ingestor.write(items, principal))
+            await batches.put((seqs, kinds, task))
+        await batches.put(None)
+
+
+def add_to_server(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
