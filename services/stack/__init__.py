@@ -10,7 +10,7 @@ docs/stack.md describes ports, files and logs.
 
 from services.stack import topics
 from services.stack.config import StackConfig, load_stack_config
-from services.stack.kafka import KAFKA_TOOLS, run_kafka_tool
+from services.stack.kafka_tools import KAFKA_TOOLS, run_kafka_tool
 from services.stack.manager import ComponentStatus, Endpoints, Stack, load_endpoints
 from services.stack.procs import StackError, free_port
 from services.stack.topics import TOPIC_NAMES, TOPICS, TopicSpec, ensure_topics

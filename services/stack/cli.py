@@ -107,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka_tool(args: argparse.Namespace) -> int:
-    from services.stack.kafka import resolve_tool, run_kafka_tool
+    from services.stack.kafka_tools import resolve_tool, run_kafka_tool
     from services.stack.manager import load_endpoints
     from services.stack.procs import StackError
 

@@ -7,8 +7,7 @@ file written last says the cache is complete, so an interrupted download is redo
 
 This module renders the broker's ``server.properties`` and log4j2 config (pure functions, unit
 tested), formats KRaft storage, starts the JVM, and waits until the broker really takes a produce
-and serves it back to a consumer.  :func:`run_kafka_tool` runs Kafka's own CLI tools
-(kafka-topics, kafka-console-producer, kafka-producer-perf-test, ...) from the same jars.
+and serves it back to a consumer.  ``kafka_tools`` runs Kafka's own CLI tools from the same jars.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from services.stack.config import KAFKA_VERSION, LOG4J_VERSION, SCALA_VERSION, StackConfig
 from services.stack.procs import StackError, tail
@@ -33,49 +32,6 @@ log = logging.getLogger(__name__)
 
 _MARKER = ".complete"
 _HEALTH_TOPIC = "prefstream.stack-health"
-
-
-@dataclass(frozen=True)
-class KafkaTool:
-    """One of Kafka's shell tools: the name of its ``bin/*.sh`` script and the main class it runs."""
-
-    name: str
-    main_class: str
-    takes_bootstrap_server: bool = True
-
-
-# The classes bin/<name>.sh runs in the 4.1.1 distribution (checked against the jars by the
-# integration tests).  Names are given without ".sh"; the wrapper accepts either.
-KAFKA_TOOLS: dict[str, KafkaTool] = {
-    t.name: t
-    for t in (
-        KafkaTool("kafka-topics", "org.apache.kafka.tools.TopicCommand"),
-        KafkaTool("kafka-console-producer", "org.apache.kafka.tools.ConsoleProducer"),
-        KafkaTool("kafka-console-consumer", "org.apache.kafka.tools.consumer.ConsoleConsumer"),
-        KafkaTool("kafka-producer-perf-test", "org.apache.kafka.tools.ProducerPerformance", False),
-        KafkaTool("kafka-consumer-perf-test", "org.apache.kafka.tools.ConsumerPerformance"),
-        KafkaTool("kafka-consumer-groups", "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"),
-        KafkaTool("kafka-get-offsets", "org.apache.kafka.tools.GetOffsetShell"),
-        KafkaTool("kafka-configs", "kafka.admin.ConfigCommand"),
-        KafkaTool("kafka-delete-records", "org.apache.kafka.tools.DeleteRecordsCommand"),
-        KafkaTool("kafka-log-dirs", "org.apache.kafka.tools.LogDirsCommand"),
-        KafkaTool("kafka-metadata-quorum", "org.apache.kafka.tools.MetadataQuorumCommand"),
-        KafkaTool("kafka-cluster", "org.apache.kafka.tools.ClusterTool", False),
-        KafkaTool("kafka-dump-log", "kafka.tools.DumpLogSegments", False),
-        KafkaTool("kafka-storage", "kafka.tools.StorageTool", False),
-    )
-}
-
-
-def resolve_tool(name: str) -> KafkaTool:
-    """The tool for ``kafka-topics``, ``kafka-topics.sh`` or ``topics``; ValueError lists the known ones."""
-    key = name.removesuffix(".sh")
-    if not key.startswith("kafka-"):
-        key = "kafka-" + key
-    try:
-        return KAFKA_TOOLS[key]
-    except KeyError:
-        raise ValueError(f"unknown Kafka tool {name!r}; known tools: {', '.join(sorted(KAFKA_TOOLS))}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,45 +324,3 @@ def produce_consume_check(bootstrap: str, timeout_s: float = 30.0) -> None:
     finally:
         consumer.close()
     raise StackError(f"kafka: produced a record to {_HEALTH_TOPIC} at offset {meta.offset} but could not consume it back")
-
-
-# --------------------------------------------------------------------------------------------------
-# Tools
-
-
-def run_kafka_tool(
-    tool: str,
-    args: Sequence[str] = (),
-    *,
-    cfg: StackConfig | None = None,
-    capture_output: bool = True,
-    check: bool = False,
-    input: str | None = None,
-    stdin: int | None = subprocess.DEVNULL,
-    timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run one of Kafka's CLI tools (``kafka-topics``, ``kafka-producer-perf-test``, ...) from the cached jars.
-
-    ``args`` are passed as on the command line, e.g.
-    ``run_kafka_tool("kafka-topics", ["--bootstrap-server", b, "--list"])``.  Output is text; log4j
-    is quiet (warnings to stderr).  Jars are fetched on first use.  ``check=True`` raises
-    CalledProcessError on a non-zero exit.  ``stdin`` defaults to /dev/null so a tool that reads
-    input never hangs a benchmark; pass ``stdin=None`` to inherit the terminal (the CLI does).
-    """
-    from services.stack.config import load_stack_config
-
-    cfg = cfg or load_stack_config()
-    spec = resolve_tool(tool)
-    libs = ensure_kafka_jars(cfg)
-    argv = java_argv(libs, spec.main_class, list(args), heap=cfg.kafka_tool_heap, log4j=ensure_tools_log4j(cfg))
-    return subprocess.run(
-        argv,
-        capture_output=capture_output,
-        text=True,
-        input=input,
-        timeout=timeout,
-        check=check,
-        env=dict(env) if env is not None else None,
-        stdin=None if input is not None else stdin,
-    )

@@ -173,12 +173,15 @@ class Stack:
         Addresses come from stack.json when the stack is up, so ``status --run-dir X`` is right
         without repeating the ports ``up`` was given.
         """
-        recorded = self._read_state().get("components", {})
+        state = self._read_state()
+        recorded = state.get("components", {})
+        # What `up` started in this run dir, when it recorded that; else what the config asks for.
+        listed = set(recorded) if state else set(self.cfg.components)
         out = []
         for name in COMPONENTS:
             comp = self._component(name)
             rec = read_pidfile(comp.pidfile)
-            if rec is None and name not in self.cfg.components:
+            if rec is None and name not in listed:
                 continue
             address = str(recorded.get(name, {}).get("address") or comp.address)
             running = rec is not None and record_alive(rec)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.stack import TOPICS, Stack, StackError, load_endpoints, run_kafka_tool
-from services.stack.kafka import KAFKA_TOOLS
+from services.stack.kafka_tools import KAFKA_TOOLS
 from services.stack.procs import PidRecord, pid_alive, pids_in_session, pids_with_cmdline, read_pidfile
 from tests.integration.conftest import free_stack_config
 

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from services.stack.config import StackConfig
-from services.stack.kafka import (
-    KAFKA_TOOLS,
-    jars_ready,
-    new_cluster_id,
-    render_log4j2,
-    render_pom,
-    render_server_properties,
-    resolve_tool,
-)
+from services.stack.kafka import jars_ready, new_cluster_id, render_log4j2, render_pom, render_server_properties
+from services.stack.kafka_tools import KAFKA_TOOLS, resolve_tool
 
 
 def _props(text: str) -> dict[str, str]:
