@@ -1,0 +1,322 @@
+"""OpenAI-compatible HTTP routes in front of the scorer: reward scoring and best-of-N chat completions.
+
+Why it exists: applications already speak the OpenAI chat API.  With these routes an unchanged
+``openai`` client can
+
+* score a conversation with a **reward model**: ``POST /v1/chat/completions`` with ``model`` set to a
+  reward model; the last message (the assistant turn) is scored and ``choices[0].message.content``
+  holds ``attribute:score`` pairs separated by commas, as NVIDIA NIM reward models answer:
+  ``"reward:0.53"``, or for a model with attribute heads ``"helpfulness:1.2,correctness:0.8,..."``;
+* get **best-of-N** completions from a **policy**: ``model`` set to a policy, ``n`` candidates are
+  sampled and ranked by the reward models named in the ``op-criteria`` header (OpenPipe style: a JSON
+  list or comma-separated names, optional weights).  Choices come back best first; each carries
+  ``score`` (combined) and ``criteria_scores`` (raw reward per criterion), and the response carries
+  ``criteria_scores`` (per criterion, one value per choice, in choice order);
+* ``store: true`` logs the prompt, the ranked candidates and ``metadata`` through ``log_completion``
+  (the gateway's ingest path), so feedback can refer to the returned ``id`` (also in the
+  ``op-completion-id`` header); choice ``index`` i is candidate i of the logged completion.
+
+``GET /v1/models`` lists the served models.  Errors use OpenAI's JSON error shape with the HTTP status
+from :mod:`services.errors`.  The gateway mounts the routes with :func:`add_routes`; handlers only
+await the scorer over gRPC, so the gateway's event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from scorer.bestofn import parse_criteria
+from scorer.client import ModelInfo, ScorerClient
+from scorer.domain import SamplingParams
+from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
+from services.schemas import ChatMessage, messages_from_dicts
+
+log = logging.getLogger(__name__)
+
+CRITERIA_HEADER = "op-criteria"
+COMPLETION_ID_HEADER = "op-completion-id"
+#: aiohttp request key under which the gateway's auth middleware may store the caller's project.
+PROJECT_KEY = "prefstream.project"
+
+_MAX_N = 16
+_MAX_TOKENS = 4096
+_MAX_METADATA = 16
+_MAX_METADATA_CHARS = 512
+#: Request fields an OpenAI client may send that these routes cannot honour: refused, not ignored.
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction")
+
+LogCompletion = Callable[[Any], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` body."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    n: int
+    sampling: SamplingParams
+    store: bool
+    metadata: dict[str, str]
+
+
+def _number(body: Mapping[str, Any], key: str, lo: float, hi: float, *, integer: bool = False) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise InvalidArgument(key, f"must be {kind} within {lo:g}..{hi:g}, got {v!r}")
+    return v
+
+
+def _content(value: Any, where: str) -> str:
+    """OpenAI content: a string, or a list of text parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"{where}[{i}]", "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidArgument(where, "must be a string or a list of text parts")
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a chat completions body, naming the offending field."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model", "is required: a reward model (to score) or a policy (best-of-N); see GET /v1/models")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidArgument("messages", "is required: a non-empty list of {role, content}")
+    normalized = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"messages[{i}]", "must be an object with role and content")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        normalized.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+    messages = tuple(messages_from_dicts(normalized, "messages"))
+    for key in _UNSUPPORTED:
+        if body.get(key) not in (None, [], {}):
+            raise InvalidArgument(key, "is not supported by prefstream's chat completions; remove it")
+    if body.get("stream"):
+        raise InvalidArgument("stream", "streaming is not supported; omit it or set it to false")
+    if body.get("logprobs"):
+        raise InvalidArgument("logprobs", "log probabilities are not available; omit it or set it to false")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise InvalidArgument("response_format", "only {\"type\": \"text\"} is supported")
+    n = _number(body, "n", 1, _MAX_N, integer=True) or 1
+    max_tokens = _number(body, "max_completion_tokens", 1, _MAX_TOKENS, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, _MAX_TOKENS, integer=True)
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        raise InvalidArgument("top_p", "must be > 0")
+    seed = _number(body, "seed", 0, 2**63 - 1, integer=True)
+    store = body.get("store", False)
+    if not isinstance(store, bool):
+        raise InvalidArgument("store", f"must be true or false, got {store!r}")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict) or len(metadata) > _MAX_METADATA:
+        raise InvalidArgument("metadata", f"must be an object of at most {_MAX_METADATA} string pairs")
+    for k, v in metadata.items():
+        if not isinstance(v, str) or len(k) > _MAX_METADATA_CHARS or len(v) > _MAX_METADATA_CHARS:
+            raise InvalidArgument(f"metadata.{k}", f"values must be strings; keys and values at most {_MAX_METADATA_CHARS} characters")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        n=int(n),
+        sampling=SamplingParams(
+            temperature=None if temperature is None else float(temperature),
+            top_p=None if top_p is None else float(top_p),
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            seed=None if seed is None else int(seed),
+        ),
+        store=store,
+        metadata={str(k): v for k, v in metadata.items()},
+    )
+
+
+def format_scores(reward: float, attributes: Mapping[str, float]) -> str:
+    """NIM reward-model content: ``"reward:0.53"``, or the attributes when the model has them."""
+    pairs = attributes.items() if attributes else [("reward", reward)]
+    return ",".join(f"{k}:{round(float(v), 6)!r}" for k, v in pairs)
+
+
+def _error_response(exc: BaseException) -> web.Response:
+    status, body = error_body(exc)
+    return web.json_response(body, status=status)
+
+
+class OpenAICompat:
+    """The route handlers; ``add_routes`` mounts them."""
+
+    def __init__(self, scorer: ScorerClient, log_completion: LogCompletion | None = None, *,
+                 models_ttl_s: float = 5.0) -> None:
+        self.scorer = scorer
+        self.log_completion = log_completion
+        self.models_ttl_s = models_ttl_s
+        self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+
+    async def _catalog(self) -> dict[str, ModelInfo]:
+        at, models = self._models
+        if time.monotonic() - at > self.models_ttl_s or not models:
+            models = {m.name: m for m in await self.scorer.list_models()}
+            self._models = (time.monotonic(), models)
+        return models
+
+    async def _model(self, name: str) -> ModelInfo:
+        models = await self._catalog()
+        if name not in models:
+            self._models = (0.0, {})  # a model published a moment ago: look again next time
+            raise NotFound(f"model {name!r} does not exist; served models: {', '.join(sorted(models)) or 'none'} "
+                           "(GET /v1/models)")
+        return models[name]
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            models = await self._catalog()
+            data = [
+                {
+                    "id": m.name, "object": "model", "created": 0, "owned_by": "prefstream",
+                    "kind": m.kind, "version": m.serving_version or m.target_version,
+                }
+                for m in sorted(models.values(), key=lambda m: m.name)
+            ]
+            return web.json_response({"object": "list", "data": data})
+        except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping
+            return _error_response(e)
+
+    async def chat_completions(self, request: web.Request) -> web.Response:
+        try:
+            try:
+                body = await request.json()
+            except ValueError as e:
+                raise InvalidArgument("body", f"is not valid JSON ({e}); send a chat completions object") from None
+            req = parse_chat_request(body)
+            info = await self._model(req.model)
+            if info.kind == "policy":
+                return await self._best_of_n(request, req, info)
+            return await self._score(request, req)
+        except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping
+            if not isinstance(e, PrefstreamError):
+                log.exception("chat completion failed")
+            return _error_response(e)
+
+    async def _score(self, request: web.Request, req: ChatRequest) -> web.Response:
+        if req.messages[-1].role != "assistant":
+            raise InvalidArgument(f"messages[{len(req.messages) - 1}].role",
+                                  "must be 'assistant' for a reward model: the last message is the response it scores")
+        if req.n != 1:
+            raise InvalidArgument("n", "must be 1 for a reward model (it scores the one assistant message)")
+        if req.store:
+            raise InvalidArgument("store", "scoring requests are not stored; only policy completions can be")
+        result = await self.scorer.score(req.messages[:-1], [req.messages[-1].content], model=req.model)
+        s = result.scores[0]
+        content = format_scores(s.reward, s.attributes)
+        return web.json_response({
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": f"{result.model.name}@{result.model.version}",
+            "model_version": result.model.version,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+                "logprobs": None,
+                "scores": {"reward": s.reward, **s.attributes},
+            }],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        })
+
+    async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelInfo) -> web.Response:
+        header = request.headers.get(CRITERIA_HEADER)
+        criteria = parse_criteria(header, CRITERIA_HEADER) if header is not None else []
+        if req.store and self.log_completion is None:
+            raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        result = await self.scorer.best_of_n(
+            req.messages, n=req.n, criteria=criteria, sampling=req.sampling, policy_model=req.model,
+        )
+        choices = [
+            {
+                "index": rank,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": "stop",
+                "logprobs": None,
+                "score": c.score,
+                "criteria_scores": dict(c.per_criterion),
+                "attributes": dict(c.attributes),
+            }
+            for rank, c in enumerate(result.ranked)
+        ]
+        policy_version = result.policy.version if result.policy else ""
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        headers = {}
+        if req.store:
+            from gateway.events import Completion
+
+            completion = Completion(
+                event_id=str(uuid.uuid4()),
+                project=str(request.get(PROJECT_KEY) or "default"),
+                prompt=req.messages,
+                candidates=tuple(c.text for c in result.ranked),
+                model=req.model,
+                model_version=policy_version,
+                metadata={
+                    **req.metadata,
+                    "prefstream.criteria": ",".join(f"{m.name}@{m.version}" for m in result.reward_models),
+                },
+                created_at=time.time(),
+            )
+            completion_id = await self.log_completion(completion)  # type: ignore[misc]
+            headers[COMPLETION_ID_HEADER] = completion_id
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": req.model,
+                "system_fingerprint": f"{req.model}@{policy_version}",
+                "model_version": policy_version,
+                "choices": choices,
+                "criteria_scores": {m.name: [c.per_criterion.get(m.name) for c in result.ranked]
+                                    for m in result.reward_models},
+                "reward_models": [{"name": m.name, "version": m.version} for m in result.reward_models],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            },
+            headers=headers,
+        )
+
+
+def add_routes(app: web.Application, scorer: ScorerClient, log_completion: LogCompletion | None = None) -> OpenAICompat:
+    """Mount ``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app``.
+
+    ``log_completion(completion)`` receives a :class:`gateway.events.Completion` (project from the
+    request key ``PROJECT_KEY`` that the gateway's auth sets, else ``"default"``) and returns the
+    completion id once the completion is durable.
+    """
+    api = OpenAICompat(scorer, log_completion)
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_get("/v1/models", api.models)
+    return api
+
+
+__all__ = ["COMPLETION_ID_HEADER", "CRITERIA_HEADER", "ChatRequest", "OpenAICompat", "PROJECT_KEY", "add_routes",
+           "format_scores", "parse_chat_request"]

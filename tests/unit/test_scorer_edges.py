@@ -1,0 +1,81 @@
+"""Input validation at the scorer's edges: gRPC requests and OpenAI-compatible bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.openai_compat import format_scores, parse_chat_request
+from prefstream.events.v1 import events_pb2
+from prefstream.scorer.v1 import scorer_pb2
+from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
+from services.errors import InvalidArgument
+
+USER = events_pb2.ChatMessage(role=events_pb2.ROLE_USER, content="hi")
+
+
+def field_of(fn, *args):
+    with pytest.raises(InvalidArgument) as e:
+        fn(*args)
+    return e.value.field
+
+
+def test_score_request_validation_names_fields():
+    lim = RequestLimits(max_responses=2, max_text_chars=10)
+    assert field_of(ScoreQuery.from_proto, scorer_pb2.ScoreRequest(prompt=[USER]), lim) == "responses"
+    assert field_of(ScoreQuery.from_proto, scorer_pb2.ScoreRequest(responses=["a", "b", "c"]), lim) == "responses"
+    assert field_of(ScoreQuery.from_proto, scorer_pb2.ScoreRequest(responses=["a", "x" * 11]), lim) == "responses[1]"
+    no_role = events_pb2.ChatMessage(content="hi")
+    assert field_of(ScoreQuery.from_proto, scorer_pb2.ScoreRequest(prompt=[USER, no_role], responses=["a"]), lim) == "prompt[1].role"
+    assert field_of(ScoreQuery.from_proto, scorer_pb2.ScoreRequest(responses=["a"], model="no spaces"), lim) == "model"
+    q = ScoreQuery.from_proto(scorer_pb2.ScoreRequest(prompt=[USER], responses=["a"], model="reward", request_id="r1"), lim)
+    assert (q.prompt[0].role, q.responses, q.model, q.request_id) == ("user", ("a",), "reward", "r1")
+
+
+def test_best_of_n_request_validation():
+    lim = RequestLimits(max_n=4, max_new_tokens=32)
+    req = scorer_pb2.BestOfNRequest
+    assert field_of(BestOfNQuery.from_proto, req(prompt=[USER]), lim) == "n"
+    assert field_of(BestOfNQuery.from_proto, req(prompt=[USER], n=5), lim) == "n"
+    assert field_of(BestOfNQuery.from_proto, req(n=2), lim) == "prompt"
+    assert field_of(BestOfNQuery.from_proto, req(prompt=[USER], candidates=["a", "b"], n=3), lim) == "n"
+    bad_t = req(prompt=[USER], n=2, sampling=scorer_pb2.SamplingParams(temperature=9))
+    assert field_of(BestOfNQuery.from_proto, bad_t, lim) == "sampling.temperature"
+    bad_m = req(prompt=[USER], n=2, sampling=scorer_pb2.SamplingParams(max_tokens=33))
+    assert field_of(BestOfNQuery.from_proto, bad_m, lim) == "sampling.max_tokens"
+    dup = req(prompt=[USER], candidates=["a"], criteria=[scorer_pb2.Criterion(model="r"), scorer_pb2.Criterion(model="r")])
+    assert field_of(BestOfNQuery.from_proto, dup, lim) == "criteria[1].model"
+    # Bare criterion names (weights left at 0) mean equal weights; greedy (temperature 0) is kept.
+    ok = BestOfNQuery.from_proto(req(prompt=[USER], n=2, criteria=[scorer_pb2.Criterion(model="a")],
+                                     sampling=scorer_pb2.SamplingParams(temperature=0.0)), lim)
+    assert ok.criteria[0].weight == 1.0 and ok.sampling.temperature == 0.0 and ok.sampling.top_p is None
+
+
+def test_chat_request_parsing_and_errors():
+    base = {"model": "reward", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    r = parse_chat_request({**base, "n": 2, "temperature": 0.7, "max_completion_tokens": 20, "seed": 3,
+                            "store": True, "metadata": {"app": "x"}})
+    assert (r.n, r.sampling.temperature, r.sampling.max_tokens, r.sampling.seed, r.store) == (2, 0.7, 20, 3, True)
+    parts = parse_chat_request({**base, "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                                        {"type": "text", "text": "b"}]}]})
+    assert parts.messages[0].role == "system" and parts.messages[0].content == "ab"
+    cases = [
+        ({"messages": base["messages"]}, "model"),
+        ({**base, "messages": []}, "messages"),
+        ({**base, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({**base, "n": 0}, "n"),
+        ({**base, "n": True}, "n"),
+        ({**base, "temperature": "hot"}, "temperature"),
+        ({**base, "top_p": 0}, "top_p"),
+        ({**base, "stream": True}, "stream"),
+        ({**base, "tools": [{"type": "function"}]}, "tools"),
+        ({**base, "store": "yes"}, "store"),
+        ({**base, "metadata": {"a": 1}}, "metadata.a"),
+        ({**base, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ]
+    for body, field in cases:
+        assert field_of(parse_chat_request, body) == field, body
+
+
+def test_nim_style_content():
+    assert format_scores(0.53, {}) == "reward:0.53"
+    assert format_scores(0.1, {"helpfulness": 1.2, "correctness": -0.25}) == "helpfulness:1.2,correctness:-0.25"

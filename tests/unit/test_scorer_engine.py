@@ -1,0 +1,229 @@
+"""Engine and model manager with fake runners: versions, atomic swaps, draining, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from scorer.bestofn import Criterion
+from scorer.config import load_scorer_config
+from scorer.domain import BestOfNQuery, SamplingParams, ScoreQuery
+from scorer.engine import POLICY, REWARD, Engine
+from scorer.metrics import ScorerMetrics
+from scorer.runners import CheckpointRefused
+from scorer.swap import ModelManager
+from services.errors import NotFound, Unavailable
+from services.schemas import ChatMessage
+
+PROMPT = (ChatMessage("user", "hi"),)
+
+
+class FakeReward:
+    """reward = offset + len(response); a delay makes batches overlap with swaps."""
+
+    def __init__(self, offset: float, delay_s: float = 0.0, attributes: tuple[str, ...] = ()) -> None:
+        self.offset = offset
+        self.delay_s = delay_s
+        self.attribute_names = attributes
+        self.closed = threading.Event()
+        self.batches = 0
+
+    def encode(self, prompt, responses):
+        return [r for r in responses]
+
+    def run_batch(self, rows):
+        assert not self.closed.is_set(), "ran a batch on a freed model"
+        self.batches += 1
+        time.sleep(self.delay_s)
+        return [(self.offset + len(r), {a: float(i) for i, a in enumerate(self.attribute_names)}) for r in rows]
+
+    def close(self):
+        self.closed.set()
+
+
+class FakePolicy:
+    def generate(self, prompt, n, params):
+        return [f"sample {i} " + "x" * i for i in range(n)]
+
+    def close(self):
+        pass
+
+
+def make_engine(**overrides):
+    cfg = load_scorer_config(overrides={"max_wait_ms": 2, "drain_timeout_s": 10, **overrides}, env={})
+    ex = concurrent.futures.ThreadPoolExecutor(2)
+    return Engine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex), cfg
+
+
+def test_score_reports_the_version_that_scored():
+    async def main():
+        engine, _ = make_engine()
+        engine.install(engine.new_slot("reward", REWARD, "v1", "file:///x", FakeReward(100.0)))
+        res = await engine.score(ScoreQuery(PROMPT, ("a", "bbb")))
+        await engine.close()
+        return res
+
+    res = asyncio.run(main())
+    assert res.rewards == [101.0, 103.0]
+    assert (res.model.name, res.model.version) == ("reward", "v1")
+
+
+def test_swap_under_load_fails_nothing_and_frees_the_old_model_after_draining():
+    async def main():
+        engine, _ = make_engine()
+        old = FakeReward(100.0, delay_s=0.01)
+        new = FakeReward(200.0, delay_s=0.01)
+        engine.install(engine.new_slot("reward", REWARD, "v1", "", old))
+        results = []
+
+        async def client(i):
+            for _ in range(15):
+                r = await engine.score(ScoreQuery(PROMPT, ("x" * (i + 1),)))
+                results.append((time.monotonic(), r.model.version, r.rewards[0], i))
+
+        tasks = [asyncio.ensure_future(client(i)) for i in range(8)]
+        await asyncio.sleep(0.1)
+        swapped_at = time.monotonic()
+        engine.install(engine.new_slot("reward", REWARD, "v2", "", new))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.05)
+        freed = old.closed.is_set()
+        await engine.close()
+        return results, swapped_at, freed
+
+    results, swapped_at, freed = asyncio.run(main())
+    assert len(results) == 8 * 15  # zero failed requests
+    for _, version, reward, i in results:  # every answer is consistent with the version it names
+        assert reward == (100.0 if version == "v1" else 200.0) + i + 1
+    assert {"v1", "v2"} == {v for _, v, _, _ in results}
+    # After the swap every answer that started later came from v2: the last ones are all v2.
+    assert all(v == "v2" for t, v, _, _ in sorted(results)[-16:])
+    assert freed  # the old model was freed once its in-flight batches finished
+
+
+def test_unknown_and_loading_models_are_distinguished():
+    async def main():
+        engine, _ = make_engine()
+        with pytest.raises(Unavailable, match="still loading"):
+            await engine.score(ScoreQuery(PROMPT, ("a",)))
+        engine.install(engine.new_slot("reward", REWARD, "base", "", FakeReward(0.0)))
+        with pytest.raises(NotFound, match="served reward models: reward"):
+            await engine.score(ScoreQuery(PROMPT, ("a",), model="other"))
+        await engine.close()
+
+    asyncio.run(main())
+
+
+def test_best_of_n_ranks_candidates_by_combined_criteria():
+    async def main():
+        engine, _ = make_engine()
+        engine.install(engine.new_slot("reward", REWARD, "v1", "", FakeReward(0.0)))
+        # "short" prefers short responses: reward = 10 - len via negative weight on length model.
+        engine.install(engine.new_slot("length", REWARD, "v7", "", FakeReward(5.0)))
+        q = BestOfNQuery(prompt=PROMPT, candidates=("aaaa", "a", "aa"),
+                         criteria=(Criterion("reward", 1.0), Criterion("length", -2.0)))
+        res = await engine.best_of_n(q)
+        await engine.close()
+        return res
+
+    res = asyncio.run(main())
+    # Both models are affine in length, so z-scores are identical: combined = (1 - 2) * z(len).
+    assert [c.index for c in res.ranked] == [1, 2, 0]
+    assert res.ranked[0].per_criterion == {"reward": 1.0, "length": 6.0}
+    assert [(m.name, m.version) for m in res.reward_models] == [("reward", "v1"), ("length", "v7")]
+    assert res.policy is None
+
+
+def test_best_of_n_samples_from_the_policy():
+    async def main():
+        engine, _ = make_engine()
+        engine.install(engine.new_slot("reward", REWARD, "v1", "", FakeReward(0.0)))
+        engine.install(engine.new_slot("policy", POLICY, "base", "", FakePolicy()))
+        res = await engine.best_of_n(BestOfNQuery(prompt=PROMPT, n=3, sampling=SamplingParams(seed=1)))
+        await engine.close()
+        return res
+
+    res = asyncio.run(main())
+    assert [c.index for c in res.ranked] == [2, 1, 0]  # longest sample has the highest fake reward
+    assert (res.policy.name, res.policy.version) == ("policy", "base")
+
+
+# ------------------------------------------------------------------------------------ manager
+
+
+@dataclass
+class MV:
+    version: str
+    uri: str
+    kind: str = "reward"
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.targets: dict[str, MV | None] = {}
+        self.gen: dict[str, int] = {}
+        self.rejected: list[tuple[str, str, str]] = []
+
+    def publish(self, name, version, uri):
+        self.targets[name] = MV(version, uri)
+        self.gen[name] = self.gen.get(name, 0) + 1
+
+    def target(self, name):
+        return self.targets.get(name)
+
+    def generation(self, name):
+        return self.gen.get(name, 0)
+
+    def list_models(self):
+        return []
+
+    def reject(self, name, version, reason):
+        self.rejected.append((name, version, reason))
+
+
+def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monkeypatch):
+    loads = []
+
+    def fake_load(self, target):
+        loads.append(target.version)
+        if "corrupt" in target.uri:
+            raise CheckpointRefused("corrupt", f"{target.uri}: weights.safetensors does not match its sha256")
+        return FakeReward({"base": 0.0, "v1": 100.0, "v3": 300.0}[target.version])
+
+    monkeypatch.setattr(ModelManager, "_load_runner", fake_load)
+
+    async def main():
+        engine, cfg = make_engine(policy_models=[], poll_interval_s=0.05)
+        reg = FakeRegistry()
+        ex = concurrent.futures.ThreadPoolExecutor(2)
+        mgr = ModelManager(cfg, engine, engine.metrics, reg, load_executor=ex, registry_executor=ex)
+        await mgr.start()
+        v0 = (await engine.score(ScoreQuery(PROMPT, ("a",)))).model.version
+        reg.publish("reward", "v1", "file:///ckpt/reward/v1")
+        await asyncio.sleep(0.3)
+        v1 = (await engine.score(ScoreQuery(PROMPT, ("a",)))).model.version
+        reg.publish("reward", "v2", "file:///ckpt/reward/v2-corrupt")
+        await asyncio.sleep(0.3)
+        after_corrupt = await engine.score(ScoreQuery(PROMPT, ("a",)))
+        reg.publish("reward", "v3", "file:///ckpt/reward/v3")
+        await asyncio.sleep(0.3)
+        v3 = (await engine.score(ScoreQuery(PROMPT, ("a",)))).model.version
+        metrics = engine.metrics.exposition().decode()
+        await mgr.stop()
+        await engine.close()
+        return v0, v1, after_corrupt, v3, reg, metrics
+
+    v0, v1, after_corrupt, v3, reg, metrics = asyncio.run(main())
+    assert (v0, v1, v3) == ("base", "v1", "v3")
+    assert after_corrupt.model.version == "v1" and after_corrupt.rewards == [101.0]  # still serving v1
+    assert loads.count("v2") == 1  # refused once, not retried on every poll
+    assert reg.rejected and reg.rejected[0][:2] == ("reward", "v2")
+    assert 'prefstream_scorer_swap_failures_total{model="reward",reason="corrupt"} 1.0' in metrics
+    assert 'prefstream_scorer_swaps_total{model="reward"} 2.0' in metrics
+    assert 'prefstream_scorer_serving_version_info{kind="reward",model="reward",version="v3"} 1.0' in metrics
+    assert 'version="v1"' not in metrics.split("prefstream_scorer_serving_version_info")[-1].split("#")[0]
