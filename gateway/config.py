@@ -44,7 +44,14 @@ class GatewayConfig:
     )
     kafka_linger_ms: int = field(default=2, metadata={"help": "producer linger: how long a record waits for companions in a batch"})
     kafka_compression: str = field(default="none", metadata={"help": "producer compression: none, gzip, snappy, lz4 or zstd"})
-    redis_timeout_s: float = field(default=3.0, metadata={"help": "per-command Redis timeout; a slower Redis is UNAVAILABLE"})
+    topic_prefix: str = field(
+        default="",
+        metadata={"help": "prefix of every topic name (e.g. 'staging.'); the names come from services/stack/topics.py"},
+    )
+    scorer_address: str | None = field(
+        default=None,
+        metadata={"help": "scorer gRPC host:port; when set, the OpenAI-compatible routes are mounted on the HTTP port"},
+    )
 
     # --- auth ------------------------------------------------------------------------------------
     auth_enabled: bool = field(default=True, metadata={"help": "require a project API key on every call (disable only for local dev)"})
@@ -110,7 +117,6 @@ class GatewayConfig:
             "kafka_compression",
             f"unknown codec {self.kafka_compression!r}; use none, gzip, snappy, lz4 or zstd",
         )
-        require(self.redis_timeout_s > 0, "redis_timeout_s", "must be > 0 seconds")
         require(
             self.dedup_pending_ttl_s > self.kafka_ack_timeout_s,
             "dedup_pending_ttl_s",
@@ -130,6 +136,10 @@ class GatewayConfig:
         require(not unknown, "attribute_weights", f"unknown attribute(s) {unknown}; known: {', '.join(self.score_attributes)}")
         for k, v in self.attribute_weights.items():
             require(isinstance(v, (int, float)) and not isinstance(v, bool), "attribute_weights", f"weight of {k} must be a number")
+
+    def topic(self, spec: Any) -> str:
+        """The name of the topic ``spec`` (a services.stack.topics.TopicSpec) under ``topic_prefix``."""
+        return self.topic_prefix + spec.name
 
     def endpoints(self) -> tuple[str, str]:
         """(kafka_bootstrap, redis_url): explicit settings first, else the stack's stack.json."""

@@ -88,8 +88,6 @@ def kafka_key(event: Event) -> bytes:
     return prompt_hash(event.project, event.inline.prompt).encode()
 
 
-def topic_of(event: Event) -> str:
-    return topics.COMPLETIONS.name if isinstance(event, Completion) else topics.FEEDBACK.name
 
 
 class KafkaWriter:
@@ -114,6 +112,7 @@ class KafkaWriter:
             "bootstrap_timeout_ms": timeout_ms,
         }
         self._producer: KafkaProducer | None = None
+        self._last_failure = 0.0
         self._connect_failed_at = 0.0
         self._connect_error = ""
         # One thread: sends keep their submission order and never contend with each other.
@@ -136,6 +135,10 @@ class KafkaWriter:
             raise Unavailable(f"Kafka at {self.bootstrap} is unreachable: {type(e).__name__}") from e
         log.info("connected to Kafka at %s", self.bootstrap)
         return self._producer
+
+    def is_connected(self) -> bool:
+        """Connected, and no write failed in the last 5 seconds (for health checks)."""
+        return self._producer is not None and time.monotonic() - self._last_failure > 5.0
 
     async def connect(self) -> bool:
         """Try to connect now (start-up); False when Kafka is not reachable yet."""
@@ -187,6 +190,8 @@ class KafkaWriter:
             for i in range(len(records)):
                 settle(i, Unavailable(f"Kafka did not acknowledge the write within {self.ack_timeout_s:.0f}s"))
         metrics.KAFKA_BATCH.observe(len(records))
+        if any(isinstance(r, PrefstreamError) or r is None for r in results):
+            self._last_failure = time.monotonic()
         return [r if r is not None else Unavailable("Kafka write was not attempted") for r in results]
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -205,6 +210,11 @@ class Ingestor:
         self._redis = client
         self.dedup = Deduper(client, pending_ttl_s=cfg.dedup_pending_ttl_s, done_ttl_s=cfg.dedup_ttl_s)
         self._shape_ms = int(cfg.completion_ttl_s * 1000)
+        self._completions_topic = cfg.topic(topics.COMPLETIONS)
+        self._feedback_topic = cfg.topic(topics.FEEDBACK)
+
+    def topic_of(self, event: Event) -> str:
+        return self._completions_topic if isinstance(event, Completion) else self._feedback_topic
 
     async def write(self, items: Sequence[Item], principal: Principal) -> list[Outcome]:
         """One outcome per item, in order; never OK for an event Kafka has not acknowledged."""
@@ -284,7 +294,7 @@ class Ingestor:
             return
         handed = time.time()
         events: list[Event] = [dataclasses.replace(items[i].event, acked_at=handed) for i in idx]  # type: ignore[type-var]
-        records = [(topic_of(ev), kafka_key(ev), encode_event(ev.to_proto())) for ev in events]
+        records = [(self.topic_of(ev), kafka_key(ev), encode_event(ev.to_proto())) for ev in events]
         try:
             acks = await self.writer.write(records)
         except BaseException:
