@@ -69,7 +69,14 @@ class ScorerConfig:
     max_models: int = field(default=8, metadata={"help": "most reward models held at once (each is a full copy in memory)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (bf16/fp16 on GPU, fp32 on CPU)"})
-    torch_threads: int = field(default=0, metadata={"help": "intra-op threads for CPU inference; 0 = one per core"})
+    infer_workers: int = field(
+        default=0,
+        metadata={"help": "batches run at once, each on its own thread; 0 = auto: one per core on CPU (single-threaded "
+                          "GEMMs overlap better than one batch split over cores), 1 on GPU"},
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "intra-op threads per inference worker on CPU; 0 = cores / infer_workers"}
+    )
     max_length: int = field(
         default=0,
         metadata={"help": "tokens per (prompt, response) sequence (prompt cut from the left); 0 = each checkpoint's own, "
@@ -81,6 +88,9 @@ class ScorerConfig:
     max_batch_size: int = field(default=64, metadata={"help": "sequences per batch"})
     max_wait_ms: float = field(
         default=4.0, metadata={"help": "longest a queued sequence waits for companions before its batch runs"}
+    )
+    max_pad_ratio: float = field(
+        default=1.5, metadata={"help": "a batch's longest sequence is at most this times its shortest (padding bound)"}
     )
     bucket_width: int = field(
         default=32, metadata={"help": "length-bucket granularity in tokens: a batch mixes lengths within few buckets"}
@@ -115,7 +125,9 @@ class ScorerConfig:
                 f"{self.device!r}: use cpu, cuda, cuda:N or auto")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 f"{self.dtype!r}: use auto, float32, bfloat16 or float16")
-        require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = one per core)")
+        require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = cores / infer_workers)")
+        require(self.infer_workers >= 0, "infer_workers", "must be >= 0 (0 = auto)")
+        require(self.max_pad_ratio >= 1.0, "max_pad_ratio", "must be >= 1 (1 = only equal-length buckets share a batch)")
         require(self.max_length == 0 or 16 <= self.max_length <= 8192, "max_length",
                 "must be 0 (the checkpoint's own) or within 16..8192 tokens")
         require(self.max_batch_tokens >= max(self.max_length, 16), "max_batch_tokens",

@@ -95,6 +95,7 @@ class Engine:
         infer_executor: concurrent.futures.Executor,
         tokenize_executor: concurrent.futures.Executor,
         generate_executor: concurrent.futures.Executor,
+        infer_workers: int = 1,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -112,6 +113,8 @@ class Engine:
             max_wait_ms=cfg.max_wait_ms,
             bucket_width=cfg.bucket_width,
             max_queue=cfg.max_queue,
+            max_pad_ratio=cfg.max_pad_ratio,
+            max_concurrent_batches=infer_workers,
         )
 
     # ------------------------------------------------------------------------------ slots & swap

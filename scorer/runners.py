@@ -59,15 +59,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "float32"
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def plan_workers(device: str, infer_workers: int, torch_threads: int) -> tuple[int, int]:
+    """(inference workers, intra-op threads each).
+
+    On CPU the default is one single-threaded worker per core: two independent single-threaded
+    forwards keep both cores busy through the non-GEMM ops and never wait at an OpenMP barrier when
+    the gRPC loop or the tokenizer briefly takes a core; measured ~10% more sequences/s than one
+    batch over two threads on the 2-core dev box.  On GPU one worker feeds the device.
+    """
+    dev = resolve_device(device) if device != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cores = cpu_cores()
+    workers = infer_workers or (1 if dev.type == "cuda" else cores)
+    threads = torch_threads or max(1, cores // workers)
+    return workers, threads
+
+
 def configure_torch_threads(threads: int) -> int:
-    """Intra-op threads for CPU inference: one per core by default; inter-op 1 (one batch at a time)."""
-    if threads:
-        n = threads
-    elif hasattr(os, "sched_getaffinity"):
-        n = len(os.sched_getaffinity(0))
-    else:
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    """Set torch's intra-op threads (0 = one per core); inter-op 1.  Returns the count in effect."""
+    torch.set_num_threads(max(1, threads or cpu_cores()))
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set once in this process

@@ -29,7 +29,7 @@ from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
 from scorer.engine import Engine, ModelSlot
 from scorer.metrics import ScorerMetrics
-from scorer.runners import configure_torch_threads
+from scorer.runners import configure_torch_threads, plan_workers
 from scorer.swap import ModelManager
 from services.errors import PrefstreamError
 from services.grpc_server import ServerHandle, create_server, serve_until_signal, start
@@ -133,11 +133,11 @@ class Scorer:
         self.cfg = cfg
         self.metrics = ScorerMetrics()
         self._registry = registry
-        # One model thread: intra-op parallelism already uses every core, and one batch at a time
-        # keeps latency predictable.  Tokenization, generation, loading and registry reads each get
-        # their own thread so none of them waits behind another.
+        # Model threads (see runners.plan_workers); tokenization, generation, loading and registry
+        # reads each get their own thread so none of them waits behind another.
+        self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
         self._executors = {
-            "infer": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-infer"),
+            "infer": concurrent.futures.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="scorer-infer"),
             "tokenize": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-tokenize"),
             "generate": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-generate"),
             "load": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-load"),
@@ -178,12 +178,13 @@ class Scorer:
     async def start(self) -> None:
         """Listen (health NOT_SERVING), load the models, then report SERVING."""
         cfg = self.cfg
-        threads = configure_torch_threads(cfg.torch_threads)
-        log.info("torch intra-op threads: %d", threads)
+        threads = configure_torch_threads(self.torch_threads)
+        log.info("%d inference worker(s) x %d torch thread(s)", self.infer_workers, threads)
         ex = self._executors
         self.engine = Engine(
             cfg, self.metrics,
             infer_executor=ex["infer"], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
+            infer_workers=self.infer_workers,
         )
         registry = self._make_registry()
         self.manager = ModelManager(

@@ -1,0 +1,423 @@
+"""``prefstream bench scorer``: gRPC scoring throughput and latency against two honest baselines.
+
+What it measures, all in one run on the same model and the same inputs (HH-RLHF helpful test prompts
+with their responses, one (prompt, response) per request, cycled):
+
+* the scorer (a real ``python -m scorer`` process) over gRPC at several client concurrency levels:
+  ``throughput_rps``, ``p50_ms``, ``p99_ms`` per level;
+* the usual way: ``transformers.pipeline("text-classification", batch_size=1)`` in-process
+  (``pipeline_rps``, and ``ratio_vs_pipeline`` = best scorer rps / pipeline rps);
+* the machine's ceiling: sustained fp32 GEMM FLOP/s measured with torch here, and the model's matmul
+  FLOPs per scored sequence computed from its linear layers and the actual token counts;
+  ``fraction_of_matmul_bound`` = achieved model FLOP/s / GEMM FLOP/s;
+* hot swaps under load: a scorer following a Redis registry while new checkpoints are published
+  every few seconds; ``failed_requests_during_swaps`` (target 0) and ``swaps``;
+* the same Score RPC driven by ghz (a Go load generator), when it can be built; otherwise the JSON
+  says why it was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+GHZ_VERSION = "v0.120.0"
+SCORE_METHOD = "prefstream.scorer.v1.ScorerService.Score"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated client concurrency levels (default quick 1,8,32; full 1,4,16,64)")
+    p.add_argument("--duration-s", type=float, default=None, help="seconds per level (default quick 12, full 30)")
+    p.add_argument("--model-path", default=None, help="reward model folder (default: the embedded MiniLM-L6)")
+    p.add_argument("--no-ghz", action="store_true", help="skip the ghz run")
+    p.add_argument("--no-swaps", action="store_true", help="skip the hot-swap-under-load run")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def load_inputs(limit: int | None = None) -> list[tuple[tuple[Any, ...], str]]:
+    """(prompt, response) pairs from hh_helpful_test_500: the chosen and the rejected response of each."""
+    from services.data import TEST_FILE, load_openpipe_jsonl, shared_data_dir
+
+    out = []
+    for rec in load_openpipe_jsonl(shared_data_dir() / TEST_FILE):
+        for resp in (rec.chosen, rec.rejected):
+            out.append((rec.prompt, resp))
+    return out[:limit] if limit else out
+
+
+def measure_gemm_flops(seconds: float = 3.0, n: int = 2048) -> float:
+    """Sustained fp32 GEMM FLOP/s on this machine with torch's threads (an n x n x n matmul loop)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    it, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        it += 1
+    return 2.0 * n ** 3 * it / (time.perf_counter() - t0)
+
+
+def model_flops_per_sequence(hf_model: Any, tokens: int) -> float:
+    """Matmul FLOPs of one forward over ``tokens`` tokens: 2 x tokens x (weights of every Linear)
+    plus attention's QK^T and AV products (4 x layers x tokens^2 x hidden).  Embedding lookups,
+    norms, activations and softmax are not matmuls and are not counted (they are the overhead)."""
+    import torch
+
+    linear = sum(m.weight.numel() for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = hf_model.config
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    return 2.0 * tokens * linear + 4.0 * layers * tokens * tokens * hidden
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100.0 * (len(s) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+async def drive(address: str, requests: Sequence[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients sending Score for ``duration_s``; latency and outcomes."""
+    import grpc
+
+    from prefstream.scorer.v1 import scorer_pb2_grpc
+    from services.grpc_server import channel
+
+    ch = channel(address, aio=True)
+    stub = scorer_pb2_grpc.ScorerServiceStub(ch)
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    versions: Counter[str] = Counter()
+    counter = itertools.count()
+    stop_at = time.monotonic() + duration_s
+
+    async def worker() -> None:
+        while time.monotonic() < stop_at:
+            req = requests[next(counter) % len(requests)]
+            t0 = time.perf_counter()
+            try:
+                resp = await stub.Score(req, timeout=60)
+            except grpc.aio.AioRpcError as e:
+                failures[e.code().name] += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            versions[resp.model.version] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    await ch.close()
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "failed_requests": sum(failures.values()),
+        "failures": dict(failures),
+        "throughput_rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(1000 * (_pct(latencies, 50) or 0), 2),
+        "p99_ms": round(1000 * (_pct(latencies, 99) or 0), 2),
+        "versions": dict(versions),
+    }
+
+
+def _score_requests(inputs: Sequence[tuple[Any, str]]) -> list[Any]:
+    from scorer.domain import ScoreQuery
+
+    return [ScoreQuery(prompt=tuple(p), responses=(r,)).to_proto() for p, r in inputs]
+
+
+def _start_scorer(log_dir: Path, name: str, env: dict[str, str]) -> tuple[Any, str]:
+    from services.supervise import ServiceProcess
+
+    port = _free_port()
+    full_env = {"PREFSTREAM_SCORER_PORT": str(port), "PREFSTREAM_SCORER_POLICY_MODELS": "", **env}
+    proc = ServiceProcess(name, "scorer", full_env, log_dir / f"{name}.log").start()
+    address = f"127.0.0.1:{port}"
+    proc.wait_grpc(address, timeout_s=180)
+    return proc, address
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def run_pipeline(runner: Any, inputs: Sequence[tuple[Any, str]], budget_s: float) -> dict[str, Any]:
+    """transformers pipeline, batch_size=1, same model object and (prompt, response) text pairs."""
+    from transformers import AutoTokenizer, pipeline
+
+    from services.reward_model import format_prompt
+
+    model = runner.model
+    tok = AutoTokenizer.from_pretrained(model.tokenizer.name_or_path)
+    tok.truncation_side = "left"  # keep the end of the prompt, as the scorer does
+    pipe = pipeline("text-classification", model=model.hf_model, tokenizer=tok, device=-1,
+                    function_to_apply="none", batch_size=1)
+    encoder = model.family == "encoder"
+
+    def example(p: Any, r: str) -> Any:
+        if encoder:
+            return {"text": format_prompt(p), "text_pair": r}
+        return format_prompt(p) + "\n\nAssistant: " + r
+
+    kw = {"truncation": "only_first" if encoder else True, "max_length": model.spec.max_length}
+    pipe(example(*inputs[0]), **kw)  # warm-up
+    scores, n, t0 = [], 0, time.perf_counter()
+    for p, r in itertools.cycle(inputs):
+        try:
+            out = pipe(example(p, r), **kw)
+        except Exception:  # noqa: BLE001 - the response alone exceeds max_length: cut both sides
+            out = pipe(example(p, r), **{**kw, "truncation": True})
+        if len(scores) < 20:
+            scores.append(out[0]["score"] if isinstance(out, list) else out["score"])
+        n += 1
+        if time.perf_counter() - t0 >= budget_s:
+            break
+    elapsed = time.perf_counter() - t0
+    return {"pipeline_rps": round(n / elapsed, 2), "pipeline_requests": n, "first_scores": scores}
+
+
+# ---------------------------------------------------------------------------------------------- ghz
+
+
+def find_or_build_ghz() -> tuple[str | None, str | None]:
+    """(path, None) or (None, why not).  Builds with ``go install`` into ~/.cache/prefstream/bin."""
+    cache_bin = Path(os.environ.get("PREFSTREAM_CACHE_DIR", Path.home() / ".cache" / "prefstream")).expanduser() / "bin"
+    for cand in (cache_bin / "ghz", shutil.which("ghz")):
+        if cand and Path(cand).exists():
+            return str(cand), None
+    go = shutil.which("go")
+    if go is None:
+        return None, "ghz is not installed and there is no Go toolchain to build it"
+    cache_bin.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOBIN": str(cache_bin), "GOPATH": str(cache_bin.parent / "go"), "GOFLAGS": "-modcacherw"}
+    try:
+        out = subprocess.run([go, "install", f"github.com/bojand/ghz/cmd/ghz@{GHZ_VERSION}"], env=env,
+                             capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return None, "building ghz timed out after 900s"
+    if out.returncode != 0 or not (cache_bin / "ghz").exists():
+        return None, f"go install ghz@{GHZ_VERSION} failed: {(out.stderr or out.stdout).strip()[-300:]}"
+    return str(cache_bin / "ghz"), None
+
+
+def run_ghz(ghz: str, address: str, inputs: Sequence[tuple[Any, str]], concurrency: int, duration_s: float) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    data = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in _score_requests(inputs)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(data, f)
+        data_path = f.name
+    try:
+        cmd = [ghz, "--insecure", "--call", SCORE_METHOD, "--data-file", data_path, "--concurrency", str(concurrency),
+               "--connections", "1", "--duration", f"{int(duration_s)}s", "--timeout", "60s", "--format", "json", address]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120)
+    finally:
+        os.unlink(data_path)
+    if out.returncode not in (0, 1) or not out.stdout.strip():
+        return {"skipped": f"ghz exited {out.returncode}: {out.stderr.strip()[-300:]}"}
+    rep = json.loads(out.stdout)
+    dist = {int(d["percentage"]): d["latency"] / 1e6 for d in rep.get("latencyDistribution") or []}
+    codes = rep.get("statusCodeDistribution") or {}
+    return {
+        "concurrency": concurrency,
+        "throughput_rps": round(rep.get("rps", 0.0), 2),
+        "p50_ms": round(dist.get(50, 0.0), 2),
+        "p99_ms": round(dist.get(99, 0.0), 2),
+        "requests": rep.get("count"),
+        "failed_requests": sum(v for k, v in codes.items() if k != "OK"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- swaps
+
+
+def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, duration_s: float,
+              every_s: float, concurrency: int) -> dict[str, Any]:
+    """Load a registry-following scorer while publishing a new checkpoint every ``every_s`` seconds."""
+    import torch
+
+    from services.checkpoints import CheckpointStore
+    from services.redis_client import connect
+    from services.registry import ModelRegistry
+
+    port = _free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                                   "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    store = CheckpointStore(str(log_dir / "checkpoints"))
+    scorer = None
+    try:
+        client = connect(url)
+        for _ in range(50):
+            try:
+                client.ping()
+                break
+            except Exception:  # noqa: BLE001 - waiting for redis-server to listen
+                time.sleep(0.1)
+        registry = ModelRegistry(client)
+        model = runner.model
+        head = model.hf_model.classifier if hasattr(model.hf_model, "classifier") else None
+
+        def publish(i: int) -> None:
+            # A new version: the same backbone with a shifted head bias, so answers tell versions apart.
+            if head is not None:
+                with torch.no_grad():
+                    head.bias.add_(1.0)
+            version = f"v{i:06d}"
+            ref = store.write("reward", version, lambda d: model.save(d), {"bench": True, "i": i})
+            registry.publish("reward", version, ref.uri, kind="reward")
+
+        publish(1)
+        scorer, address = _start_scorer(log_dir, "scorer-swaps", {
+            "PREFSTREAM_SCORER_REDIS_URL": url, "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.2",
+            "PREFSTREAM_SCORER_DISCOVER_MODELS": "false",
+        })
+        published = [1]
+        stop = threading.Event()
+
+        def publisher() -> None:
+            i = 1
+            while not stop.wait(every_s):
+                i += 1
+                publish(i)
+                published.append(i)
+
+        th = threading.Thread(target=publisher, daemon=True)
+        th.start()
+        res = asyncio.run(drive(address, _score_requests(inputs), concurrency, duration_s))
+        stop.set()
+        th.join()
+        swaps = len(res["versions"]) - 1
+        return {
+            "failed_requests_during_swaps": res["failed_requests"],
+            "swaps": swaps,
+            "published_during_load": len(published) - 1,
+            "swap_load": {k: res[k] for k in ("concurrency", "requests", "throughput_rps", "p50_ms", "p99_ms", "failures")},
+            "versions_answered": res["versions"],
+        }
+    finally:
+        if scorer is not None:
+            scorer.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from scorer.runners import configure_torch_threads, load_reward
+    from services.reward_model import default_reward_model_path
+
+    quick = bool(getattr(args, "quick", False))
+    levels = [int(x) for x in (args.concurrency or ("1,8,32" if quick else "1,4,16,64")).split(",")]
+    duration = args.duration_s or (12.0 if quick else 30.0)
+    path = args.model_path or default_reward_model_path()
+    threads = configure_torch_threads(0)
+    inputs = load_inputs()
+    result: dict[str, Any] = {"model": path, "torch_threads": threads, "inputs": len(inputs),
+                              "concurrency_levels": levels, "duration_s_per_level": duration}
+
+    runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
+    lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
+    flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]
+    mean_flops = statistics.fmean(flops)
+    gemm = measure_gemm_flops(seconds=3.0 if quick else 6.0)
+    result.update({
+        "mean_tokens": round(statistics.fmean(lengths), 1),
+        "max_length": runner.max_length,
+        "gemm_flops": round(gemm),
+        "model_flops_per_sequence": round(mean_flops),
+        "matmul_bound_rps": round(gemm / mean_flops, 2),
+    })
+    log.info("GEMM %.1f GFLOP/s; %.2f GFLOP per sequence (mean %.0f tokens): bound %.1f seq/s",
+             gemm / 1e9, mean_flops / 1e9, result["mean_tokens"], gemm / mean_flops)
+
+    pipe = run_pipeline(runner, inputs, budget_s=20.0 if quick else 45.0)
+    result["pipeline_rps"] = pipe["pipeline_rps"]
+
+    with tempfile.TemporaryDirectory(prefix="prefstream-bench-scorer-") as tmp:
+        log_dir = Path(tmp)
+        proc, address = _start_scorer(log_dir, "scorer", {})
+        try:
+            requests = _score_requests(inputs)
+            asyncio.run(drive(address, requests, max(levels), 5.0))  # warm-up, not reported
+            result["levels"] = []
+            for c in levels:
+                res = asyncio.run(drive(address, requests, c, duration))
+                log.info("concurrency %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d failed",
+                         c, res["throughput_rps"], res["p50_ms"], res["p99_ms"], res["failed_requests"])
+                result["levels"].append({k: v for k, v in res.items() if k != "versions"})
+            # Scores from the scorer equal the in-process model's: the same model served both ways.
+            first = asyncio.run(_first_scores(address, requests[:20]))
+            result["pipeline_max_abs_diff"] = round(max(abs(a - b) for a, b in zip(first, pipe["first_scores"])), 6)
+            if args.no_ghz:
+                result["ghz"] = {"skipped": "--no-ghz"}
+            else:
+                ghz, why = find_or_build_ghz()
+                result["ghz"] = run_ghz(ghz, address, inputs, max(levels), duration) if ghz else {"skipped": why}
+        finally:
+            proc.stop()
+        best = max(result["levels"], key=lambda r: r["throughput_rps"])
+        result.update({
+            "throughput_rps": best["throughput_rps"],
+            "p50_ms": best["p50_ms"],
+            "p99_ms": best["p99_ms"],
+            "best_concurrency": best["concurrency"],
+            "ratio_vs_pipeline": round(best["throughput_rps"] / pipe["pipeline_rps"], 2),
+            "achieved_model_flops": round(best["throughput_rps"] * mean_flops),
+            "fraction_of_matmul_bound": round(best["throughput_rps"] * mean_flops / gemm, 3),
+            "failed_requests": sum(r["failed_requests"] for r in result["levels"]),
+        })
+        if args.no_swaps:
+            result.update({"failed_requests_during_swaps": None, "swaps": 0, "swap_run": "skipped (--no-swaps)"})
+        else:
+            result.update(run_swaps(inputs, runner, log_dir, duration_s=20.0 if quick else 45.0,
+                                    every_s=4.0 if quick else 6.0, concurrency=16))
+    del torch
+    return result
+
+
+async def _first_scores(address: str, requests: Sequence[Any]) -> list[float]:
+    from prefstream.scorer.v1 import scorer_pb2_grpc
+    from services.grpc_server import channel
+
+    ch = channel(address, aio=True)
+    stub = scorer_pb2_grpc.ScorerServiceStub(ch)
+    out = [(await stub.Score(r, timeout=60)).scores[0].reward for r in requests]
+    await ch.close()
+    return out
+
+
+__all__ = ["add_arguments", "drive", "measure_gemm_flops", "model_flops_per_sequence", "run"]
