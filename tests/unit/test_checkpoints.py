@@ -1,0 +1,185 @@
+"""Checkpoint store: atomic writes, checksums, corruption detection, partial dirs, gc."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from services.checkpoints import (MANIFEST, METADATA, CheckpointExistsError, CheckpointStore, CorruptCheckpointError,
+                                  LocalCheckpointStore, open_checkpoint, sha256_file, version_sort_key)
+from services.errors import InvalidArgument, NotFound
+
+
+def _writer(files: dict[str, bytes]):
+    def write(d: Path) -> None:
+        for rel, data in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(data)
+    return write
+
+
+FILES = {"model.safetensors": b"\x00\x01weights" * 100, "config.json": b'{"a": 1}', "tok/vocab.txt": b"a\nb\n"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalCheckpointStore:
+    s = CheckpointStore(tmp_path / "ckpt")
+    assert isinstance(s, LocalCheckpointStore)
+    return s
+
+
+def test_write_produces_manifest_with_checksums_of_every_file(store: LocalCheckpointStore) -> None:
+    meta = {"step": 12, "records_seen": 3400, "offsets": {"prefstream.preferences": {"0": 17, "1": 9}}}
+    ref = store.write("rm", "v000001", _writer(FILES), meta)
+    assert ref.path == store.root / "rm" / "v000001" and ref.uri == ref.path.as_uri()
+    manifest = json.loads((ref.path / MANIFEST).read_text())
+    assert set(manifest["files"]) == {*FILES, METADATA}
+    for rel, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(ref.path / rel) and entry["size"] == (ref.path / rel).stat().st_size
+    assert store.verify(ref).version == "v000001"
+    assert store.read_metadata(ref) == meta
+    assert store.open(ref) == ref.path
+    # No temp files are left behind beside the checkpoint or inside it.
+    assert sorted(p.name for p in (store.root / "rm").iterdir()) == ["v000001"]
+    assert not [p for p in ref.path.iterdir() if p.name.startswith(".")]
+
+
+def test_file_url_and_plain_path_open_the_same_store(tmp_path: Path) -> None:
+    a = CheckpointStore(f"file://{tmp_path}/s")
+    ref = a.write("rm", "v000001", _writer(FILES), {})
+    b = CheckpointStore(str(tmp_path / "s"))
+    assert [r.version for r in b.list("rm")] == ["v000001"]
+    assert open_checkpoint(ref.uri) == ref.path
+
+
+def test_unknown_scheme_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported checkpoint store scheme 's3'"):
+        CheckpointStore("s3://bucket/prefix")
+    with pytest.raises(InvalidArgument, match="uri"):
+        open_checkpoint("gs://bucket/x")
+
+
+def test_flipped_byte_is_detected(store: LocalCheckpointStore) -> None:
+    ref = store.write("rm", "v000001", _writer(FILES), {})
+    p = ref.path / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match its sha256") as e:
+        store.verify(ref)
+    assert e.value.path == ref.path
+    with pytest.raises(CorruptCheckpointError):
+        store.open(ref)
+
+
+def test_deleted_extra_and_resized_files_are_detected(store: LocalCheckpointStore) -> None:
+    ref = store.write("rm", "v000001", _writer(FILES), {})
+    (ref.path / "tok" / "vocab.txt").unlink()
+    with pytest.raises(CorruptCheckpointError, match="missing file.*tok/vocab.txt"):
+        store.verify(ref)
+
+    ref2 = store.write("rm", "v000002", _writer(FILES), {})
+    (ref2.path / "stray.bin").write_bytes(b"x")
+    with pytest.raises(CorruptCheckpointError, match="not in the manifest: stray.bin"):
+        store.verify(ref2)
+
+    ref3 = store.write("rm", "v000003", _writer(FILES), {})
+    (ref3.path / "config.json").write_bytes(b'{"a": 12}')
+    with pytest.raises(CorruptCheckpointError, match="config.json has 9 bytes"):
+        store.verify(ref3)
+
+
+def test_missing_or_garbled_manifest_is_corrupt(store: LocalCheckpointStore) -> None:
+    ref = store.write("rm", "v000001", _writer(FILES), {})
+    (ref.path / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="unreadable"):
+        store.verify(ref)
+    (ref.path / MANIFEST).unlink()
+    with pytest.raises(CorruptCheckpointError, match="no manifest.json"):
+        store.verify(ref)
+    with pytest.raises(CorruptCheckpointError):
+        open_checkpoint(ref.uri)
+
+
+def test_partial_directories_are_ignored_by_list_and_latest(store: LocalCheckpointStore) -> None:
+    store.write("rm", "v000001", _writer(FILES), {})
+    # A crash after the rename but before the manifest, and a crash mid-write in a temp dir.
+    _writer(FILES)(store.root / "rm" / "v000003")
+    _writer(FILES)(store.root / "rm" / ".tmp-v000004-abc")
+    assert [r.version for r in store.list("rm")] == ["v000001"]
+    assert store.latest("rm").version == "v000001"
+    assert store.next_version("rm") == "v000004"  # never reuses a number a crashed write took
+    with pytest.raises(NotFound):
+        store.get("rm", "v000003")
+    # Rewriting the unfinished version replaces it.
+    ref = store.write("rm", "v000003", _writer({"x.bin": b"new"}), {"step": 3})
+    assert store.verify(ref).files.keys() == {"x.bin", METADATA}
+
+
+def test_latest_with_verify_skips_a_corrupt_newest(store: LocalCheckpointStore) -> None:
+    store.write("rm", "v000001", _writer(FILES), {})
+    bad = store.write("rm", "v000002", _writer(FILES), {})
+    (bad.path / "config.json").write_bytes(b'{"a": 2}')
+    assert store.latest("rm").version == "v000002"
+    assert store.latest("rm", verify=True).version == "v000001"
+    assert store.latest("other") is None
+
+
+def test_manifest_is_written_last_and_atomically(store: LocalCheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record the order of renames: the directory lands first, then the manifest replaces a temp file."""
+    events: list[tuple[str, str, str]] = []
+    real_rename, real_replace = os.rename, os.replace
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", Path(a).name, Path(b).name)), real_rename(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(a).name, Path(b).name)), real_replace(a, b))[1])
+    ref = store.write("rm", "v000001", _writer(FILES), {})
+    assert [e[0] for e in events] == ["rename", "replace"]
+    assert events[0][1].startswith(".tmp-v000001") and events[0][2] == "v000001"
+    assert events[1][1].startswith(".manifest.json.") and events[1][2] == MANIFEST
+    assert store.verify(ref)
+
+
+def test_failed_writer_leaves_nothing(store: LocalCheckpointStore) -> None:
+    def boom(d: Path) -> None:
+        (d / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.write("rm", "v000001", boom, {})
+    assert list((store.root / "rm").iterdir()) == []
+
+
+def test_bad_inputs_name_the_field(store: LocalCheckpointStore) -> None:
+    with pytest.raises(InvalidArgument, match="metadata"):
+        store.write("rm", "v000001", _writer(FILES), {"loss": float("nan")})
+    with pytest.raises(InvalidArgument, match="version"):
+        store.write("rm", "../escape", _writer(FILES), {})
+    with pytest.raises(InvalidArgument, match="name"):
+        store.write("a/b", "v1", _writer(FILES), {})
+    with pytest.raises(InvalidArgument, match="writer"):
+        store.write("rm", "v000001", _writer({MANIFEST: b"{}"}), {})
+    store.write("rm", "v000001", _writer(FILES), {})
+    with pytest.raises(CheckpointExistsError, match="already exists"):
+        store.write("rm", "v000001", _writer(FILES), {})
+
+
+def test_version_ordering_is_numeric_for_v_numbers() -> None:
+    assert sorted(["v10", "v9", "v000011", "zeta", "alpha"], key=version_sort_key) == ["v9", "v10", "v000011", "alpha", "zeta"]
+
+
+def test_gc_keeps_newest_and_protected_and_cleans_stale_partials(store: LocalCheckpointStore) -> None:
+    for i in range(1, 6):
+        store.write("rm", f"v{i:06d}", _writer({"w.bin": bytes([i])}), {"step": i})
+    stale = store.root / "rm" / ".tmp-v000009-dead"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    fresh = store.root / "rm" / ".tmp-v000010-live"
+    fresh.mkdir()
+    deleted = store.gc("rm", keep=2, protected={"v000002"})
+    assert deleted == ["v000001", "v000003"]
+    assert [r.version for r in store.list("rm")] == ["v000002", "v000004", "v000005"]
+    assert not stale.exists() and fresh.exists()
+    with pytest.raises(InvalidArgument, match="keep"):
+        store.gc("rm", keep=0)
