@@ -237,7 +237,9 @@ def run_ghz(ghz: str, address: str, inputs: Sequence[tuple[Any, str]], concurren
         json.dump(data, f)
         data_path = f.name
     try:
-        cmd = [ghz, "--insecure", "--call", SCORE_METHOD, "--data-file", data_path, "--concurrency", str(concurrency),
+        proto_root = Path(__file__).resolve().parent.parent / "proto"
+        cmd = [ghz, "--insecure", "--proto", str(proto_root / "prefstream/scorer/v1/scorer.proto"),
+               "--import-paths", str(proto_root), "--call", SCORE_METHOD, "--data-file", data_path, "--concurrency", str(concurrency),
                "--connections", "1", "--duration", f"{int(duration_s)}s", "--timeout", "60s", "--format", "json", address]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120)
     finally:
@@ -247,13 +249,21 @@ def run_ghz(ghz: str, address: str, inputs: Sequence[tuple[Any, str]], concurren
     rep = json.loads(out.stdout)
     dist = {int(d["percentage"]): d["latency"] / 1e6 for d in rep.get("latencyDistribution") or []}
     codes = rep.get("statusCodeDistribution") or {}
+    errors = rep.get("errorDistribution") or {}
+    cut = sum(v for k, v in errors.items() if "closed network connection" in k or "context canceled" in k)
     return {
         "concurrency": concurrency,
         "throughput_rps": round(rep.get("rps", 0.0), 2),
         "p50_ms": round(dist.get(50, 0.0), 2),
         "p99_ms": round(dist.get(99, 0.0), 2),
         "requests": rep.get("count"),
-        "failed_requests": sum(v for k, v in codes.items() if k != "OK"),
+        "status_codes": codes,
+        # When --duration ends, ghz closes its connection under the calls still in flight (one per
+        # concurrent worker): client-side "closed network connection" / "canceled" errors, not
+        # server failures.  They are counted apart.
+        "cut_at_end": cut,
+        "failed_requests": sum(v for k, v in codes.items() if k != "OK") - cut,
+        "errors": errors,
     }
 
 

@@ -1,0 +1,145 @@
+"""The OpenAI-compatible routes, driven by the real ``openai`` client against a real scorer over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import threading
+from typing import Any, Iterator
+
+import pytest
+from aiohttp import web
+
+from gateway.openai_compat import COMPLETION_ID_HEADER, add_routes
+from scorer.client import ScorerClient
+from scorer.config import load_scorer_config
+from scorer.server import Scorer
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [{"role": "user", "content": "How do I keep basil alive indoors?"}]
+ANSWER = "Give it a sunny windowsill, water when the top soil is dry, and pinch off flower buds."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Harness:
+    """A scorer and an aiohttp app with the routes mounted, on a background event loop."""
+
+    def __init__(self, policy: bool) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.logged: list[Any] = []
+        self.http_port = _free_port()
+        overrides = {"port": 0, "reward_models": ["reward"], "policy_models": ["policy"] if policy else [],
+                     "max_new_tokens": 32, "default_new_tokens": 12}
+        self.scorer = Scorer(load_scorer_config(overrides=overrides, env={}))
+        self.run(self._start())
+
+    def run(self, coro: Any, timeout: float = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _log(self, completion: Any) -> str:
+        self.logged.append(completion)
+        return f"cmp_test{len(self.logged)}"
+
+    async def _start(self) -> None:
+        await self.scorer.start()
+        self.client = ScorerClient(self.scorer.address)
+        app = web.Application()
+        add_routes(app, self.client, self._log)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.http_port).start()
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        await self.client.close()
+        await self.scorer.stop(grace_s=1)
+
+    def close(self) -> None:
+        self.run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[Harness]:
+    has_policy = importlib.util.find_spec("services.policy_model") is not None
+    h = Harness(policy=has_policy)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture(scope="module")
+def openai_client(harness: Harness):
+    import openai
+
+    return openai.OpenAI(base_url=harness.base_url, api_key="psk_test", max_retries=0, timeout=300)
+
+
+def test_reward_model_scoring_answers_like_nim(harness: Harness, openai_client: Any) -> None:
+    resp = openai_client.chat.completions.create(
+        model="reward", messages=[*PROMPT, {"role": "assistant", "content": ANSWER}],
+    )
+    content = resp.choices[0].message.content
+    assert content.startswith("reward:")
+    direct = harness.run(harness.client.score(PROMPT, [ANSWER]))
+    assert float(content.split(":", 1)[1]) == pytest.approx(direct.rewards[0], abs=1e-5)
+    assert resp.model == "reward"
+    assert resp.model_extra["model_version"] == "base"
+
+
+def test_models_lists_served_models(openai_client: Any) -> None:
+    ids = {m.id: m for m in openai_client.models.list().data}
+    assert "reward" in ids
+    assert ids["reward"].model_extra["kind"] == "reward"
+
+
+def test_errors_use_openai_shape_and_status(openai_client: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        openai_client.chat.completions.create(model="no-such-model", messages=PROMPT)
+    assert "no-such-model" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="reward", messages=PROMPT)  # no assistant turn to score
+    assert e.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="reward", messages=PROMPT, temperature=7)
+    assert e.value.body["param"] == "temperature"
+
+
+def test_best_of_n_from_the_policy_ranked_and_stored(harness: Harness, openai_client: Any) -> None:
+    if importlib.util.find_spec("services.policy_model") is None:
+        pytest.skip("services.policy_model is not in this checkout yet")
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model="policy", messages=PROMPT, n=3, temperature=0.9, max_tokens=12, seed=7, store=True,
+        metadata={"app": "test"}, extra_headers={"op-criteria": '["reward"]'},
+    )
+    resp = raw.parse()
+    assert len(resp.choices) == 3
+    scores = [c.model_extra["score"] for c in resp.choices]
+    assert scores == sorted(scores, reverse=True)  # best first
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert resp.model_extra["criteria_scores"]["reward"] == [c.model_extra["criteria_scores"]["reward"] for c in resp.choices]
+    # Stored: the logged candidates are the choices in the order shown, and the id refers to it.
+    assert resp.id == raw.headers[COMPLETION_ID_HEADER] == f"cmp_test{len(harness.logged)}"
+    logged = harness.logged[-1]
+    assert list(logged.candidates) == [c.message.content for c in resp.choices]
+    assert logged.metadata["app"] == "test" and logged.model == "policy"
+    # The rewards reported are what the reward model gives those texts.
+    direct = harness.run(harness.client.score(PROMPT, list(logged.candidates)))
+    assert direct.rewards == pytest.approx(resp.model_extra["criteria_scores"]["reward"], abs=1e-5)
