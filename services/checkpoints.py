@@ -122,7 +122,7 @@ def version_sort_key(version: str) -> tuple[int, int, str]:
     return (0, int(m.group(1)), version) if m else (1, 0, version)
 
 
-def _check_name(value: str, field_name: str) -> str:
+def validate_name(value: str, field_name: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value) or value in (".", ".."):
         raise InvalidArgument(field_name, f"{value!r} is not a valid {field_name}; use 1-128 characters of "
                               "letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -284,7 +284,7 @@ class LocalCheckpointStore(CheckpointStore):
         return f"LocalCheckpointStore({str(self.root)!r})"
 
     def ref(self, name: str, version: str) -> CheckpointRef:
-        path = self.root / _check_name(name, "name") / _check_name(version, "version")
+        path = self.root / validate_name(name, "name") / validate_name(version, "version")
         return CheckpointRef(name=name, version=version, uri=path.as_uri(), path=path)
 
     def _path(self, ref_or_path: CheckpointRef | str | os.PathLike) -> Path:
@@ -297,7 +297,7 @@ class LocalCheckpointStore(CheckpointStore):
 
     def next_version(self, name: str) -> str:
         """``v%06d`` one above the highest numbered version present (finished or not)."""
-        d = self.root / _check_name(name, "name")
+        d = self.root / validate_name(name, "name")
         highest = 0
         if d.is_dir():
             for child in d.iterdir():
@@ -367,7 +367,7 @@ class LocalCheckpointStore(CheckpointStore):
 
     def list(self, name: str) -> list[CheckpointRef]:
         """Finished checkpoints of ``name`` (manifest present and readable), oldest first."""
-        d = self.root / _check_name(name, "name")
+        d = self.root / validate_name(name, "name")
         if not d.is_dir():
             return []
         out = []
