@@ -277,7 +277,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
     from services.checkpoints import CheckpointStore
     from services.redis_client import connect
-    from services.registry import ModelRegistry
+    from services.registry import ModelRegistry, ModelVersion
 
     port = _free_port()
     redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
@@ -304,7 +304,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
                     head.bias.add_(1.0)
             version = f"v{i:06d}"
             ref = store.write("reward", version, lambda d: model.save(d), {"bench": True, "i": i})
-            registry.publish("reward", version, ref.uri, kind="reward")
+            registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind="reward"))
 
         publish(1)
         scorer, address = _start_scorer(log_dir, "scorer-swaps", {

@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from scorer.bestofn import parse_criteria
-from scorer.client import ModelInfo, ScorerClient
+from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
 from services.schemas import ChatMessage, messages_from_dicts
@@ -171,16 +171,16 @@ class OpenAICompat:
         self.scorer = scorer
         self.log_completion = log_completion
         self.models_ttl_s = models_ttl_s
-        self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+        self._models: tuple[float, dict[str, ModelStatus]] = (0.0, {})
 
-    async def _catalog(self) -> dict[str, ModelInfo]:
+    async def _catalog(self) -> dict[str, ModelStatus]:
         at, models = self._models
         if time.monotonic() - at > self.models_ttl_s or not models:
             models = {m.name: m for m in await self.scorer.list_models()}
             self._models = (time.monotonic(), models)
         return models
 
-    async def _model(self, name: str) -> ModelInfo:
+    async def _model(self, name: str) -> ModelStatus:
         models = await self._catalog()
         if name not in models:
             self._models = (0.0, {})  # a model published a moment ago: look again next time
@@ -246,7 +246,7 @@ class OpenAICompat:
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         })
 
-    async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelInfo) -> web.Response:
+    async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelStatus) -> web.Response:
         header = request.headers.get(CRITERIA_HEADER)
         criteria = parse_criteria(header, CRITERIA_HEADER) if header is not None else []
         if req.store and self.log_completion is None:

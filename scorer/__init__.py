@@ -4,10 +4,10 @@ Other packages import the client API from here; the server side is ``scorer.serv
 """
 
 from scorer.bestofn import Criterion
-from scorer.client import ModelInfo, ScorerClient, VersionInfo
+from scorer.client import ModelStatus, ModelVersion, ScorerClient
 from scorer.domain import BestOfNResult, ModelRef, RankedCandidate, ResponseScore, SamplingParams, ScoreQuery, ScoreResult
 
 __all__ = [
-    "BestOfNResult", "Criterion", "ModelInfo", "ModelRef", "RankedCandidate", "ResponseScore", "SamplingParams",
-    "ScoreQuery", "ScoreResult", "ScorerClient", "VersionInfo",
+    "BestOfNResult", "Criterion", "ModelRef", "ModelStatus", "ModelVersion", "RankedCandidate", "ResponseScore", "SamplingParams",
+    "ScoreQuery", "ScoreResult", "ScorerClient",
 ]

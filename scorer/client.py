@@ -17,27 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
-from prefstream.events.v1 import events_pb2
 from prefstream.scorer.v1 import scorer_pb2_grpc
 from scorer.bestofn import Criterion
 from scorer.domain import BestOfNQuery, BestOfNResult, SamplingParams, ScoreQuery, ScoreResult
 from services.errors import DeadlineExceeded, PrefstreamError, Unavailable, from_grpc_error
 from services.grpc_server import channel as make_channel
+from services.registry import ModelStatus, ModelVersion
 from services.schemas import ChatMessage
 
-_KINDS = {events_pb2.MODEL_KIND_REWARD: "reward", events_pb2.MODEL_KIND_POLICY: "policy"}
-_STATES = {
-    admin_pb2.VERSION_STATE_PUBLISHED: "published",
-    admin_pb2.VERSION_STATE_REJECTED: "rejected",
-    admin_pb2.VERSION_STATE_ROLLED_BACK: "rolled_back",
-}
 
 PromptLike = Sequence[ChatMessage | Mapping[str, str]]
 
@@ -49,47 +42,6 @@ def to_messages(prompt: PromptLike, field: str = "prompt") -> tuple[ChatMessage,
     if all(isinstance(m, ChatMessage) for m in prompt):
         return tuple(prompt)  # type: ignore[arg-type]
     return tuple(m if isinstance(m, ChatMessage) else messages_from_dicts([m], field)[0] for m in prompt)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A model as the scorer's admin service reports it."""
-
-    name: str
-    kind: str
-    latest_version: str
-    pinned_version: str
-    target_version: str
-    serving_version: str
-
-    @classmethod
-    def from_proto(cls, msg: admin_pb2.ModelStatus) -> "ModelInfo":
-        return cls(
-            name=msg.name, kind=_KINDS.get(msg.kind, ""), latest_version=msg.latest_version,
-            pinned_version=msg.pinned_version, target_version=msg.target_version,
-            serving_version=msg.serving_version,
-        )
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    version: str
-    uri: str
-    kind: str
-    state: str
-    metrics: dict[str, float]
-    reason: str
-    records_seen: int
-    base_model: str
-    created_at: float
-
-    @classmethod
-    def from_proto(cls, msg: admin_pb2.ModelVersion) -> "VersionInfo":
-        return cls(
-            version=msg.version, uri=msg.uri, kind=_KINDS.get(msg.kind, ""), state=_STATES.get(msg.state, ""),
-            metrics=dict(msg.metrics), reason=msg.reason, records_seen=msg.records_seen,
-            base_model=msg.base_model, created_at=msg.created_at.seconds + msg.created_at.nanos / 1e9,
-        )
 
 
 class ScorerClient:
@@ -164,25 +116,28 @@ class ScorerClient:
 
     # ------------------------------------------------------------------------------ admin
 
-    async def list_models(self) -> list[ModelInfo]:
+    async def list_models(self) -> list[ModelStatus]:
+        """Every model the scorer serves or the registry knows, with its serving version."""
         resp = await self._call(self._admin.ListModels, admin_pb2.ListModelsRequest())
-        return [ModelInfo.from_proto(m) for m in resp.models]
+        return [ModelStatus.from_proto(m) for m in resp.models]
 
-    async def list_versions(self, name: str, *, include_rejected: bool = False) -> list[VersionInfo]:
+    async def list_versions(self, name: str, *, include_rejected: bool = False) -> list[ModelVersion]:
         resp = await self._call(self._admin.ListVersions,
                                 admin_pb2.ListVersionsRequest(name=name, include_rejected=include_rejected))
-        return [VersionInfo.from_proto(v) for v in resp.versions]
+        return [ModelVersion.from_proto(v, name) for v in resp.versions]
 
-    async def pin(self, name: str, version: str) -> ModelInfo:
-        return ModelInfo.from_proto(await self._call(self._admin.PinVersion,
-                                                     admin_pb2.PinVersionRequest(name=name, version=version)))
+    async def pin(self, name: str, version: str) -> ModelStatus:
+        """Serve exactly ``version`` until unpinned; returns the status once this scorer swapped."""
+        return ModelStatus.from_proto(await self._call(self._admin.PinVersion,
+                                                       admin_pb2.PinVersionRequest(name=name, version=version)))
 
-    async def unpin(self, name: str) -> ModelInfo:
-        return ModelInfo.from_proto(await self._call(self._admin.Unpin, admin_pb2.UnpinRequest(name=name)))
+    async def unpin(self, name: str) -> ModelStatus:
+        return ModelStatus.from_proto(await self._call(self._admin.Unpin, admin_pb2.UnpinRequest(name=name)))
 
-    async def rollback(self, name: str, reason: str = "") -> ModelInfo:
-        return ModelInfo.from_proto(await self._call(self._admin.Rollback,
-                                                     admin_pb2.RollbackRequest(name=name, reason=reason)))
+    async def rollback(self, name: str, reason: str = "rolled back by an operator") -> ModelStatus:
+        """Mark the served version rolled back and pin the previous published one."""
+        return ModelStatus.from_proto(await self._call(self._admin.Rollback,
+                                                       admin_pb2.RollbackRequest(name=name, reason=reason)))
 
     # ------------------------------------------------------------------------------ health
 
@@ -204,4 +159,4 @@ class ScorerClient:
         raise DeadlineExceeded(f"scorer at {self.address} not SERVING after {timeout_s:.0f}s")
 
 
-__all__ = ["ModelInfo", "PrefstreamError", "ScorerClient", "Unavailable", "VersionInfo", "to_messages"]
+__all__ = ["ModelStatus", "ModelVersion", "PrefstreamError", "ScorerClient", "Unavailable", "to_messages"]

@@ -13,9 +13,11 @@ published), and if that differs from what is served:
 2. installs it with :meth:`scorer.engine.Engine.install`: one reference swap; in-flight requests
    finish on the old version, which is then freed.
 
-A refused checkpoint is counted (``prefstream_scorer_swap_failures_total{reason}``), logged, recorded
-so it is not retried on every poll, and, when it is corrupt (checksums), reported to the registry as
-rejected.  Pin, unpin and rollback (``scorer/admin.py``) only change the registry and then call
+A refused checkpoint is counted (``prefstream_scorer_swap_failures_total{reason}``), logged at ERROR
+and recorded so it is not retried on every poll.  The registry is deliberately left alone: a bad
+copy may be local to this scorer's volume, and the registry has no transition that un-publishes a
+version without pinning (which would freeze every scorer); an operator who sees the alert rolls back
+through ModelAdminService.  Pin, unpin and rollback (``scorer/admin.py``) only change the registry and then call
 :meth:`ModelManager.sync`, so they take effect through this same path.  With nothing published, the
 configured base model is served as version ``"base"``.
 """
@@ -214,12 +216,6 @@ class ModelManager:
         self.metrics.swap_failures.labels(target.name, reason).inc()
         log.error("refused %s version %s (%s); still serving %s: %s",
                   target.name, target.version, reason, previous or "nothing", message)
-        if reason == "corrupt" and self.registry is not None and hasattr(self.registry, "reject"):
-            try:
-                await self._registry(self.registry.reject, target.name, target.version,
-                                     f"scorer refused it: {message}"[:500])
-            except Exception as e:  # noqa: BLE001 - reporting is best effort
-                log.warning("could not mark %s@%s rejected in the registry: %s", target.name, target.version, e)
         return SyncOutcome(target.name, previous, refused=reason)
 
     # ------------------------------------------------------------------------------ watching

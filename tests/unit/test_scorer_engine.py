@@ -167,7 +167,6 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.targets: dict[str, MV | None] = {}
         self.gen: dict[str, int] = {}
-        self.rejected: list[tuple[str, str, str]] = []
 
     def publish(self, name, version, uri):
         self.targets[name] = MV(version, uri)
@@ -181,9 +180,6 @@ class FakeRegistry:
 
     def list_models(self):
         return []
-
-    def reject(self, name, version, reason):
-        self.rejected.append((name, version, reason))
 
 
 def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monkeypatch):
@@ -222,7 +218,6 @@ def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monke
     assert (v0, v1, v3) == ("base", "v1", "v3")
     assert after_corrupt.model.version == "v1" and after_corrupt.rewards == [101.0]  # still serving v1
     assert loads.count("v2") == 1  # refused once, not retried on every poll
-    assert reg.rejected and reg.rejected[0][:2] == ("reward", "v2")
     assert 'prefstream_scorer_swap_failures_total{model="reward",reason="corrupt"} 1.0' in metrics
     assert 'prefstream_scorer_swaps_total{model="reward"} 2.0' in metrics
     assert 'prefstream_scorer_serving_version_info{kind="reward",model="reward",version="v3"} 1.0' in metrics

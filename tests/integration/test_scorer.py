@@ -1,0 +1,261 @@
+"""The scorer against a real Redis registry and real checkpoints: offline-equal scores, health,
+hot swaps under concurrent load, corrupt checkpoints refused, pin / unpin / rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+torch = pytest.importorskip("torch")
+registry_mod = pytest.importorskip("services.registry", reason="services.registry is not in this checkout yet")
+
+from scorer.client import ScorerClient  # noqa: E402
+from scorer.config import load_scorer_config  # noqa: E402
+from scorer.server import Scorer  # noqa: E402
+from services.checkpoints import CheckpointStore  # noqa: E402
+from services.data import TEST_FILE, load_openpipe_jsonl, shared_data_dir  # noqa: E402
+from services.errors import NotFound  # noqa: E402
+from services.reward_model import RewardModel, default_reward_model_path  # noqa: E402
+
+MAX_LENGTH = 64  # short sequences keep the suite fast on 2 cores
+
+
+@pytest.fixture(scope="module")
+def base_model() -> RewardModel:
+    torch.manual_seed(0)
+    return RewardModel.from_pretrained(default_reward_model_path(), max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[tuple[Any, str]]:
+    recs = load_openpipe_jsonl(shared_data_dir() / TEST_FILE)[:6]
+    return [(r.prompt, resp) for r in recs for resp in (r.chosen, r.rejected)]
+
+
+class Published:
+    """Writes checkpoints (the base model with a given head bias) and publishes them."""
+
+    def __init__(self, model: RewardModel, store: CheckpointStore, registry: Any, name: str) -> None:
+        self.model, self.store, self.registry, self.name = model, store, registry, name
+
+    def write(self, version: str, bias: float):
+        with torch.no_grad():
+            self.model.hf_model.classifier.bias.fill_(bias)
+        return self.store.write(self.name, version, lambda d: self.model.save(d), {"bias": bias})
+
+    def publish(self, version: str, bias: float, *, corrupt: bool = False):
+        ref = self.write(version, bias)
+        if corrupt:  # flip one byte of the weights after the manifest was written
+            weights = Path(ref.path) / "model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
+        self.registry.publish(registry_mod.ModelVersion(name=self.name, version=version, uri=ref.uri, kind="reward"))
+        return ref
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_client: Any, base_model: RewardModel):
+    name = f"reward-{uuid.uuid4().hex[:8]}"
+    registry = registry_mod.ModelRegistry(redis_client)
+    pub = Published(base_model, CheckpointStore(str(tmp_path / "ckpt")), registry, name)
+    return pub
+
+
+def scorer_for(pub: Published, redis_url: str, **overrides: Any) -> Scorer:
+    cfg = load_scorer_config(overrides={
+        "port": 0, "reward_models": [pub.name], "policy_models": [], "redis_url": redis_url,
+        "poll_interval_s": 0.2, "discover_models": False, "max_wait_ms": 2, **overrides,
+    }, env={})
+    return Scorer(cfg)
+
+
+def test_health_flips_and_scores_equal_offline_scores(env: Published, redis_url: str, examples) -> None:
+    ref = env.publish("v000001", bias=0.25)
+    offline = RewardModel.from_pretrained(str(ref.path)).score([p for p, _ in examples], [r for _, r in examples])
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url)
+        starting = asyncio.ensure_future(scorer.start())
+        while scorer.handle is None or not scorer.handle.server:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        client = ScorerClient(f"127.0.0.1:{scorer.handle.port}")
+        early = await client.serving()  # listening, model still loading
+        await starting
+        await client.wait_ready(30)
+        # One request per example, concurrently, so they are batched together with padding.
+        results = await asyncio.gather(*(client.score(p, [r], model=env.name) for p, r in examples))
+        pair = await client.score(examples[0][0], [examples[0][1], examples[1][1]], model=env.name)
+        await scorer.stop(grace_s=1)
+        after = await client.serving()
+        await client.close()
+        assert early is False and after is False
+        assert all((r.model.name, r.model.version) == (env.name, "v000001") for r in results)
+        assert [r.rewards[0] for r in results] == pytest.approx([s.reward for s in offline], abs=1e-4)
+        assert pair.rewards == pytest.approx([offline[0].reward, offline[1].reward], abs=1e-4)
+
+    asyncio.run(main())
+
+
+async def _load(client: ScorerClient, name: str, examples, stop: asyncio.Event, out: list, failures: list) -> None:
+    i = 0
+    while not stop.is_set():
+        p, r = examples[i % len(examples)]
+        idx = i % len(examples)
+        i += 1
+        started = time.monotonic()
+        try:
+            res = await client.score(p, [r], model=name)
+            out.append((started, idx, res.model.version, res.rewards[0]))
+        except Exception as e:  # noqa: BLE001 - counted: the test asserts there are none
+            failures.append(repr(e))
+
+
+async def _wait_serving(client: ScorerClient, name: str, version: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        res = await client.score([{"role": "user", "content": "ping"}], ["pong"], model=name)
+        if res.model.version == version:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not serving {version} after {timeout_s}s")
+
+
+def test_swaps_under_concurrent_load_fail_nothing(env: Published, redis_url: str, examples) -> None:
+    env.publish("v000001", bias=0.0)
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url)
+        await scorer.start()
+        client = ScorerClient(scorer.address)
+        stop, out, failures = asyncio.Event(), [], []
+        workers = [asyncio.ensure_future(_load(client, env.name, examples, stop, out, failures)) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, env.publish, "v000002", 1.0)
+        await _wait_serving(client, env.name, "v000002")
+        await loop.run_in_executor(None, env.publish, "v000003", 2.0)
+        await _wait_serving(client, env.name, "v000003")
+        switched_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+        metrics = scorer.metrics.exposition().decode()
+        await client.close()
+        await scorer.stop(grace_s=1)
+
+        assert failures == []
+        versions = {v for _, _, v, _ in out}
+        assert versions == {"v000001", "v000002", "v000003"}
+        # Every request that started after the switch was answered by the new version.
+        late = [(round(t - switched_at, 3), v) for t, _, v, _ in out if t > switched_at and v != "v000003"]
+        assert late == []
+        # Each answer is wholly one version's: the head bias shifts every reward by exactly 1 per version.
+        base = {i: r for _, i, v, r in out if v == "v000001"}
+        for _, i, v, r in out:
+            if i in base:
+                assert r == pytest.approx(base[i] + int(v[-1]) - 1, abs=1e-3)
+        assert f'prefstream_scorer_swaps_total{{model="{env.name}"}} 2.0' in metrics
+
+    asyncio.run(main())
+
+
+def test_corrupt_checkpoint_is_refused_while_serving_continues(env: Published, redis_url: str, examples) -> None:
+    env.publish("v000001", bias=0.0)
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url)
+        await scorer.start()
+        client = ScorerClient(scorer.address)
+        stop, out, failures = asyncio.Event(), [], []
+        workers = [asyncio.ensure_future(_load(client, env.name, examples, stop, out, failures)) for _ in range(4)]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: env.publish("v000002", 5.0, corrupt=True))
+        deadline = time.monotonic() + 30
+        while 'reason="corrupt"' not in scorer.metrics.exposition().decode() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        still = await client.score(*examples[0][:1], [examples[0][1]], model=env.name)
+        # A good checkpoint after the bad one is taken as usual.
+        await loop.run_in_executor(None, env.publish, "v000003", 1.0)
+        await _wait_serving(client, env.name, "v000003")
+        stop.set()
+        await asyncio.gather(*workers)
+        metrics = scorer.metrics.exposition().decode()
+        await client.close()
+        await scorer.stop(grace_s=1)
+
+        assert failures == []
+        assert still.model.version == "v000001"
+        assert "v000002" not in {v for _, _, v, _ in out}
+        assert f'prefstream_scorer_swap_failures_total{{model="{env.name}",reason="corrupt"}} 1.0' in metrics
+
+    asyncio.run(main())
+
+
+def test_pin_unpin_and_rollback_take_effect_through_the_swap_path(env: Published, redis_url: str) -> None:
+    env.publish("v000001", bias=0.0)
+    env.publish("v000002", bias=1.0)
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url)
+        await scorer.start()
+        client = ScorerClient(scorer.address)
+        try:
+            assert (await client.score([], ["x"], model=env.name)).model.version == "v000002"
+            pinned = await client.pin(env.name, "v000001")
+            assert (pinned.pinned_version, pinned.serving_version) == ("v000001", "v000001")
+            assert (await client.score([], ["x"], model=env.name)).model.version == "v000001"
+            unpinned = await client.unpin(env.name)
+            assert unpinned.serving_version == "v000002"
+            rolled = await client.rollback(env.name, "bad eval")
+            assert rolled.serving_version == "v000001"
+            versions = {v.version: v for v in await client.list_versions(env.name, include_rejected=True)}
+            assert set(versions) >= {"v000001", "v000002"}
+            models = {m.name: m for m in await client.list_models()}
+            assert models[env.name].serving_version == "v000001"
+            with pytest.raises(NotFound):
+                await client.score([], ["x"], model="not-a-model")
+        finally:
+            await client.close()
+            await scorer.stop(grace_s=1)
+
+    asyncio.run(main())
+
+
+def test_model_updates_topic_triggers_the_swap(env: Published, redis_url: str, kafka_bootstrap: str) -> None:
+    """With Kafka configured, a publish is picked up from model-updates without waiting for a poll."""
+    env.publish("v000001", bias=0.0)
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url, kafka_bootstrap=kafka_bootstrap, poll_interval_s=30.0)
+        await scorer.start()
+        client = ScorerClient(scorer.address)
+        try:
+            await asyncio.sleep(2.0)  # the consumer seeks to the end of the topic
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, env.publish, "v000002", 1.0)
+            # What the trainer announces after publishing (the registry stays the source of truth).
+            from services.kafka import make_producer
+            from services.schemas import ModelUpdate
+            from services.stack.topics import MODEL_UPDATES
+
+            producer = make_producer(kafka_bootstrap)
+            update = ModelUpdate(model_name=env.name, version="v000002", action="published", kind="reward")
+            producer.send(MODEL_UPDATES.name, update.to_kafka()).get(timeout=10)
+            producer.close()
+            await _wait_serving(client, env.name, "v000002", timeout_s=20)  # well under the 30 s poll
+        finally:
+            await client.close()
+            await scorer.stop(grace_s=1)
+
+    asyncio.run(main())
+
