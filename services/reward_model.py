@@ -152,7 +152,8 @@ class RewardModelSpec:
 # Input formatting and truncation.
 
 
-def _role_content(m: Any) -> tuple[str, str]:
+def role_content(m: Any) -> tuple[str, str]:
+    """(role, content) of a ChatMessage, a {"role", "content"} dict or a (role, content) tuple."""
     if isinstance(m, Mapping):
         return str(m["role"]), str(m["content"])
     if isinstance(m, (tuple, list)) and len(m) == 2:
@@ -167,7 +168,7 @@ def format_prompt(messages: Sequence[Any]) -> str:
     """
     parts = []
     for m in messages:
-        role, content = _role_content(m)
+        role, content = role_content(m)
         parts.append(f"{_ROLE_NAMES.get(role, role.capitalize())}: {content.strip()}")
     return "\n\n".join(parts)
 
@@ -273,7 +274,7 @@ def _segments(tokenizer: Any, layout: _Layout, prompts: Sequence[Sequence[Any]],
     if layout.chat_template:
         p_texts, r_texts = [], []
         for msgs, resp in zip(prompts, responses):
-            conv = [dict(zip(("role", "content"), _role_content(m))) for m in msgs]
+            conv = [dict(zip(("role", "content"), role_content(m))) for m in msgs]
             p = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
             full = tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": resp}], tokenize=False)
             if not full.startswith(p):  # templates that rewrite earlier turns: fall back to the generation cue
