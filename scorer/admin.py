@@ -90,6 +90,9 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
                     name=slot.name, kind=_KIND_TO_PROTO[slot.kind], serving_version=slot.version,
                     target_version=slot.version,
                 )
+        for name, kind in self.manager.known().items():  # configured, loaded on first use
+            if name not in out:
+                out[name] = ModelStatusProto(name=name, kind=_KIND_TO_PROTO[kind])
         return ListModelsResponseProto(models=[out[k] for k in sorted(out)])
 
     async def ListVersions(self, request: ListVersionsRequestProto, context: grpc.aio.ServicerContext) -> ListVersionsResponseProto:

@@ -216,15 +216,11 @@ class PolicyRunner:
         self.model = model
 
     def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]:
+        # Unset parameters fall back to the policy's own defaults.
+        given = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+                 "seed": params.seed}
         with torch.inference_mode():
-            return list(self.model.generate(
-                list(prompt),
-                n=n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_tokens,
-                seed=params.seed,
-            ))
+            return list(self.model.generate(list(prompt), n=n, **{k: v for k, v in given.items() if v is not None}))
 
     def warmup(self) -> None:
         out = self.generate([ChatMessage("user", "Hi")], 1, SamplingParams(temperature=0.0, max_tokens=2))

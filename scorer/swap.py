@@ -137,6 +137,10 @@ class ModelManager:
         names += [s.name for s in self.engine.served(POLICY)]
         return list(dict.fromkeys(names))
 
+    def known(self) -> dict[str, str]:
+        """Every name this scorer serves or will load on demand, with its kind."""
+        return dict(self._kinds)
+
     def kind_of(self, name: str) -> str | None:
         return self._kinds.get(name)
 
