@@ -351,6 +351,18 @@ def encode_pairs(
     if family not in FAMILIES:
         raise InvalidArgument("family", f"unknown model family {family!r}; use one of {', '.join(FAMILIES)}")
     layout, rows, cuts = _plan(tokenizer, family, prompts, responses, max_length, use_chat_template)
+    batch = _collate(layout, rows, cuts)
+    if stats is not None:
+        stats.add(batch)
+    if batch.truncated:
+        log.debug("truncated %d of %d rows to max_length=%d (%d responses cut)", batch.truncated, len(rows),
+                  max_length, batch.response_truncated)
+    return batch
+
+
+def _collate(layout: _Layout, rows: Sequence[tuple[list[int], list[int] | None]],
+             cuts: Sequence[tuple[bool, bool]]) -> EncodedPairs:
+    """Right-pad planned rows to the longest one."""
     width = max((len(ids) for ids, _ in rows), default=0)
     input_ids = torch.full((len(rows), width), layout.pad_id, dtype=torch.long)  # (B, T)
     attention = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
@@ -367,11 +379,6 @@ def encode_pairs(
     batch.truncated = sum(p or r for p, r in cuts)
     batch.prompt_truncated = sum(p for p, _ in cuts)
     batch.response_truncated = sum(r for _, r in cuts)
-    if stats is not None:
-        stats.add(batch)
-    if batch.truncated:
-        log.debug("truncated %d of %d rows to max_length=%d (%d responses cut)", batch.truncated, len(rows),
-                  max_length, batch.response_truncated)
     return batch
 
 
@@ -571,9 +578,14 @@ class RewardModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            # Tokenize once, then cut length-sorted batches from the planned rows.
+            layout, rows, cuts = _plan(self.tokenizer, self.family, prompts, responses, self.spec.max_length,
+                                       self.spec.use_chat_template)
             with torch.inference_mode():
-                for idx in length_sorted_batches(self.lengths(prompts, responses), batch_size):
-                    res = self(self.encode([prompts[i] for i in idx], [responses[i] for i in idx]))
+                for idx in length_sorted_batches([len(ids) for ids, _ in rows], batch_size):
+                    batch = _collate(layout, [rows[i] for i in idx], [cuts[i] for i in idx])
+                    self.truncation.add(batch)
+                    res = self(batch)
                     rewards = res.rewards.float().cpu().tolist()
                     attrs = res.attributes.float().cpu().tolist() if res.attributes is not None else None
                     for j, i in enumerate(idx):
