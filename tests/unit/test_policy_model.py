@@ -72,6 +72,7 @@ def test_save_and_reload_gives_the_same_greedy_output(tmp_path: Path) -> None:
     assert reloaded.generate([("user", "hello w3")], temperature=0.0, max_tokens=5) == expected
 
 
+@pytest.mark.slow
 def test_real_smollm2_gguf_answers_with_its_chat_template() -> None:
     policy = PolicyModel.from_pretrained()
     assert policy.tokenizer.chat_template
