@@ -1,0 +1,211 @@
+"""The shared step (Engine), the continual loop over an in-memory source, checkpoints and the gate rule.
+
+Models are tiny BERTs built from a config with the embedded MiniLM tokenizer: a few hundred KB of
+weights, milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
+
+from services.checkpoints import CheckpointStore
+from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
+from services.schemas import ChatMessage, PreferenceRecord
+from trainer.checkpointing import LineageState, find_resume_point, load_model
+from trainer.config import TrainerConfig
+from trainer.engine import Engine, shard
+from trainer.evaluation import EvalSet, evaluate, fingerprint
+from trainer.gate import decide
+from trainer.loop import ContinualTrainer
+from trainer.replay import ReservoirBuffer
+from trainer.stream import ListSource
+
+GOOD = ["yes , here is a clear and helpful answer", "sure , this works well", "great question , the answer is simple"]
+BAD = ["no", "i do not know", "go away"]
+
+
+def tiny_model(tmp_path, attributes: tuple[str, ...] = ()) -> str:
+    """Save a 2-layer, 32-wide BERT reward model with the MiniLM tokenizer; returns its folder."""
+    tok = AutoTokenizer.from_pretrained(default_reward_model_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = RewardModel.from_config(cfg, tok, RewardModelSpec(base_model="tiny", max_length=64, attributes=attributes))
+    out = tmp_path / "tiny"
+    model.save(out)
+    return str(out)
+
+
+def make_records(n: int, k: int = 2, seed: int = 0, split: str = "train", start: int = 0) -> list[PreferenceRecord]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(start, start + n):
+        responses = [rng.choice(GOOD)] + [rng.choice(BAD) + " " * j for j in range(k - 1)]
+        out.append(PreferenceRecord(record_id=f"r{i}", prompt=(ChatMessage("user", f"question number {i}"),),
+                                    ranked_responses=tuple(responses), split=split, source_acked_at=1000.0 + i))
+    return out
+
+
+def config(tmp_path, base: str, **kw) -> TrainerConfig:
+    values = dict(base_model=base, max_length=64, lr=3e-3, warmup_steps=0, batch_size=4, replay_ratio=0.5,
+                  checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every_records=8, checkpoint_every_s=0,
+                  max_batch_wait_s=0, poll_timeout_s=0.01, publish=False, eval_max_records=16)
+    values.update(kw)
+    return TrainerConfig(**values)
+
+
+def test_tiny_model_trains_params_change_and_loss_falls(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path))
+    engine = Engine(RewardModel.from_pretrained(cfg.base_model), cfg)
+    before = [p.detach().clone() for p in engine.model.hf_model.parameters()]
+    records = make_records(8, k=3)
+    losses = [engine.train(records).loss for _ in range(25)]
+    assert losses[-1] < 0.5 * losses[0]
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, engine.model.hf_model.parameters()))
+    assert changed == len(before)
+    assert engine.step == 25
+
+
+def test_kwise_encodes_each_response_once_and_pairwise_expands(tmp_path) -> None:
+    base = tiny_model(tmp_path)
+    records = make_records(3, k=4)
+    kwise = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, loss="kwise"))
+    pairwise = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, loss="pairwise"))
+    assert kwise.prepare(records).num_sequences == 3 * 4
+    assert pairwise.prepare(records).num_sequences == 3 * 4 * 3  # 6 pairs of 2 per ranking
+    assert kwise.train(records).sequences == 12
+
+
+def test_attribute_heads_train_on_scores(tmp_path) -> None:
+    attrs = ("helpfulness", "verbosity")
+    base = tiny_model(tmp_path, attributes=attrs)
+    cfg = config(tmp_path, base, attributes=attrs)
+    engine = Engine(RewardModel.from_pretrained(base), cfg)
+    recs = [PreferenceRecord(record_id=f"s{i}", prompt=(ChatMessage("user", "q"),), ranked_responses=(GOOD[0], BAD[0]),
+                             response_attributes=({"helpfulness": 4.0, "verbosity": 2.0}, {"helpfulness": 0.0}))
+            for i in range(4)]
+    first = engine.train(recs)
+    for _ in range(20):
+        last = engine.train(recs)
+    assert first.attribute_loss > 0 and last.attribute_loss < 0.5 * first.attribute_loss
+
+
+def test_shard_scales_make_the_ddp_average_exact() -> None:
+    recs = make_records(5)
+    parts = [shard(recs, r, 2) for r in range(2)]
+    assert [len(p[0]) for p in parts] == [3, 2]
+    # DDP averages: (s0 * mean0 + s1 * mean1) / 2 must equal the mean over all 5 records
+    assert [p[1] for p in parts] == [pytest.approx(2 * 3 / 5), pytest.approx(2 * 2 / 5)]
+    lonely, scale = shard(recs[:1], 1, 2)
+    assert lonely == recs[:1] and scale == 0.0
+    with pytest.raises(ValueError):
+        shard([], 0, 2)
+
+
+def test_gate_rule() -> None:
+    from trainer.evaluation import EvalResult
+
+    cand = EvalResult(accuracy=0.60, pairs=100, records=100, mean_margin=0.1, fingerprint="f")
+    ok = decide(cand, "v000001", 0.61, tolerance=0.02, publish_without_eval=True)
+    assert ok.publish
+    bad = decide(cand, "v000001", 0.63, tolerance=0.02, publish_without_eval=True)
+    assert not bad.publish and "0.0300 below the served version v000001" in bad.reason
+    assert decide(cand, "", None, tolerance=0.0, publish_without_eval=False).publish  # first version
+    assert decide(None, "v1", 0.7, tolerance=0.0, publish_without_eval=True).publish
+    held = decide(None, "v1", 0.7, tolerance=0.0, publish_without_eval=False)
+    assert not held.publish and "no evaluation records" in held.reason
+    # ties on accuracy with zero tolerance pass
+    assert decide(cand, "v1", 0.60, tolerance=0.0, publish_without_eval=True).publish
+
+
+def test_evaluate_counts_all_pairs_and_ties_as_wrong(tmp_path) -> None:
+    model = RewardModel.from_pretrained(tiny_model(tmp_path))
+    same = PreferenceRecord(record_id="t", prompt=(ChatMessage("user", "q"),), ranked_responses=("same", "same", "same"))
+    result = evaluate(model, [same], batch_size=2)
+    assert result.pairs == 3 and result.accuracy == 0.0 and result.mean_margin == pytest.approx(0.0, abs=1e-6)
+    assert result.fingerprint == fingerprint([same])
+    assert evaluate(model, []).pairs == 0
+
+
+def test_eval_set_caps_and_fingerprints() -> None:
+    file_recs = make_records(10, split="test")
+    es = EvalSet(12, file_recs, seed=0)
+    fp0 = es.fingerprint
+    assert len(es) == 10
+    assert es.offer(make_records(1, split="test", start=50)[0]) and es.fingerprint != fp0
+    assert not es.offer(make_records(1, split="test", start=50)[0])  # duplicate id
+    es.offer(make_records(1, split="test", start=51)[0])
+    assert not es.offer(make_records(1, split="test", start=52)[0])  # full
+    assert len(EvalSet(4, file_recs).records) == 4
+
+
+def _loop(cfg, source, point=None):
+    point = point or find_resume_point(cfg, CheckpointStore(cfg.checkpoint_url))
+    engine = Engine(load_model(cfg, point), cfg, start_step=point.step)
+    replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=1)
+    replay.restore(point.replay_records, point.replay_seen)
+    es = EvalSet(cfg.eval_max_records)
+    es.restore_topic_records(point.eval_topic_records)
+    lineage = LineageState(step=point.step, records_seen=point.records_seen, parent=point.parent,
+                           previous_version=point.version, base_model=point.base_model)
+    return ContinualTrainer(cfg, engine, source, lineage=lineage, replay=replay, eval_set=es,
+                            store=CheckpointStore(cfg.checkpoint_url))
+
+
+def test_loop_checkpoints_every_record_once_and_resumes_at_the_offsets(tmp_path) -> None:
+    base = tiny_model(tmp_path)
+    stream = make_records(20)
+    tests = make_records(4, split="test", start=100)
+    stream = stream[:6] + tests[:2] + stream[6:14] + tests[2:] + stream[14:]  # 24 items, TEST ones interleaved
+    cfg = config(tmp_path, base, max_records=12)
+    first = _loop(cfg, ListSource(stream))
+    summary = first.run()
+    assert summary.records == 12 and summary.eval_records == 2
+    assert summary.replayed > 0  # replay mixes past records into later batches
+    store = CheckpointStore(cfg.checkpoint_url)
+    metas = [store.read_metadata(r) for r in store.list(cfg.model_name)]
+    assert [m["records_count"] for m in metas] == [10, 2]  # batches of 4, 2 (TEST records taken out), 4, 2
+    assert metas[-1]["offsets"] == {"0": 14}  # 12 train + 2 test records consumed
+    assert metas[-1]["eval_topic_records"] == 2 and metas[-1]["eval"]["pairs"] == 2
+
+    # restart: the resume point is our own last checkpoint; the source starts at its offsets
+    point = find_resume_point(dataclass_replace(cfg, max_records=20), store)
+    assert point.source == "checkpoint" and point.offsets == {0: 14} and point.records_seen == 12
+    assert len(point.eval_topic_records) == 2 and point.replay_records
+    cfg2 = dataclass_replace(cfg, max_records=20)
+    second = _loop(cfg2, ListSource(stream, start_offset=point.offsets[0]), point)
+    second.run()
+    metas = [store.read_metadata(r) for r in store.list(cfg.model_name)]
+    trained = [e["record_id"] for m in metas for e in m["records"]]
+    assert sorted(trained) == sorted(r.record_id for r in stream if r.split == "train")
+    assert len(trained) == len(set(trained)) == 20  # each TRAIN record in exactly one checkpoint
+    assert not set(trained) & {t.record_id for t in tests}  # TEST records are evaluated, never trained on
+    assert metas[-1]["step"] > metas[1]["step"] and metas[-1]["eval_topic_records"] == 4
+    assert metas[-1]["max_source_acked_at"] == max(e["source_acked_at"] for e in metas[-1]["records"])
+
+
+def test_checkpoint_loads_with_plain_transformers_and_pipeline(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=8)
+    _loop(cfg, ListSource(make_records(8))).run()
+    store = CheckpointStore(cfg.checkpoint_url)
+    path = store.open(store.latest(cfg.model_name))
+    hf = AutoModelForSequenceClassification.from_pretrained(path)
+    assert hf.config.num_labels == 1 and hf.config.id2label[0] == "reward"
+    tok = AutoTokenizer.from_pretrained(path)
+    pipe = pipeline("text-classification", model=hf, tokenizer=tok, function_to_apply="none")
+    out = pipe({"text": "User: question number 1", "text_pair": GOOD[0]})
+    ours = RewardModel.from_pretrained(path).score([[ChatMessage("user", "question number 1")]], [GOOD[0]])[0]
+    assert out["score"] == pytest.approx(ours.reward, abs=1e-4)
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["records_count"] == 8 and meta["loss"]["loss"] == "kwise"
+
+
+def dataclass_replace(cfg: TrainerConfig, **kw) -> TrainerConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)

@@ -1,0 +1,212 @@
+"""What a trainer checkpoint holds, how it is written, and where a (re)started trainer begins.
+
+A checkpoint is the HF model folder (``save_pretrained`` safetensors + tokenizer + reward spec) plus
+the trainer's state: the replay reservoir, the TEST records taken from the stream, optionally the
+AdamW moments, and ``metadata.json`` with the Kafka offsets its weights include.  The store writes the
+manifest last, so "durable" means "has a manifest": offsets are committed to Kafka only after that,
+and a restarted trainer seeks to the offsets of its latest durable checkpoint (never to the group's
+committed offsets, which can only lag behind it).
+
+Metadata keys (``FORMAT`` = 1), read by the demo, the scorer's admin views and tests:
+
+* ``step``, ``records_seen`` (new records trained on, cumulative), ``replayed_records``
+* ``offsets``: ``{partition: next offset}`` of ``trainer.topic``; everything before is in the weights
+* ``records``: ``[{record_id, source_acked_at, partition, offset}]`` trained since the previous
+  checkpoint (its ``records_count`` and ``max_source_acked_at`` alongside)
+* ``eval``: ``{accuracy, pairs, records, mean_margin, eval_fingerprint}`` or null
+* ``base_model``, ``spec``, ``loss``, ``parent`` (what this lineage warm-started from),
+  ``previous_version``, ``trainer`` (topic, group_id, world_size), ``created_at``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from services.checkpoints import CheckpointRef, CheckpointStore, CorruptCheckpointError, open_checkpoint
+from services.reward_model import RewardModel
+from services.schemas import PreferenceRecord
+from trainer.config import TrainerConfig
+from trainer.evaluation import EvalResult, EvalSet
+from trainer.replay import ReservoirBuffer, load_records, save_records
+from trainer.stream import StreamItem, validate_offsets
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where training starts: a model folder and, when resuming our own lineage, its state."""
+
+    source: str  # "checkpoint" (own lineage), "published" (registry target) or "base"
+    model_path: str
+    version: str = ""
+    uri: str = ""
+    step: int = 0
+    records_seen: int = 0
+    replayed_records: int = 0
+    records_count: int = 0
+    offsets: dict[int, int] = field(default_factory=dict)
+    replay_records: tuple[PreferenceRecord, ...] = ()
+    replay_seen: int = 0
+    eval_topic_records: tuple[PreferenceRecord, ...] = ()
+    optimizer_path: str = ""
+    parent: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""
+
+    def describe(self) -> str:
+        if self.source == "checkpoint":
+            return (f"resuming own checkpoint {self.version} (step {self.step}, {self.records_seen} records, "
+                    f"offsets {self.offsets})")
+        if self.source == "published":
+            return f"warm-starting from published version {self.version} ({self.uri})"
+        return f"starting from base model {self.model_path}"
+
+
+def _same_lineage(meta: dict[str, Any], cfg: TrainerConfig) -> bool:
+    trainer = meta.get("trainer") or {}
+    return meta.get("format") == FORMAT and trainer.get("topic") == cfg.topic and trainer.get("group_id") == cfg.group_id
+
+
+def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registry: Any = None) -> ResumePoint:
+    """Own latest durable checkpoint of this topic/group > the registry's served version > base model."""
+    if store is not None:
+        for ref in reversed(store.list(cfg.model_name)):
+            try:
+                store.verify(ref)
+                meta = store.read_metadata(ref)
+            except CorruptCheckpointError as e:
+                log.error("skipping checkpoint that fails verification: %s", e)
+                continue
+            if not _same_lineage(meta, cfg):
+                continue
+            path = ref.path
+            return ResumePoint(
+                source="checkpoint",
+                model_path=str(path),
+                version=ref.version,
+                uri=ref.uri,
+                step=int(meta.get("step", 0)),
+                records_seen=int(meta.get("records_seen", 0)),
+                replayed_records=int(meta.get("replayed_records", 0)),
+                records_count=int(meta.get("records_count", 0)),
+                offsets=validate_offsets(meta.get("offsets", {}), f"{ref.uri}: metadata.offsets"),
+                replay_records=tuple(load_records(path)),
+                replay_seen=int((meta.get("replay") or {}).get("seen", 0)),
+                eval_topic_records=tuple(EvalSet.load_topic_records(path)),
+                optimizer_path=str(path / OPTIMIZER_FILE) if (path / OPTIMIZER_FILE).exists() else "",
+                parent=dict(meta.get("parent") or {}),
+                base_model=str(meta.get("base_model", "")),
+            )
+    if registry is not None:
+        target = registry.target(cfg.model_name)  # None for a model never published
+        if target is not None:
+            path = open_checkpoint(target.uri)
+            return ResumePoint(
+                source="published", model_path=str(path), version=target.version, uri=target.uri,
+                parent={"source": "published", "version": target.version, "uri": target.uri},
+                base_model=target.base_model or str(path),
+            )
+    base = cfg.resolved_base_model()
+    return ResumePoint(source="base", model_path=base, parent={"source": "base", "path": base}, base_model=base)
+
+
+def load_model(cfg: TrainerConfig, point: ResumePoint) -> RewardModel:
+    """The reward model to train: the resume folder with this config's max_length and attributes."""
+    return RewardModel.from_pretrained(
+        point.model_path, max_length=cfg.max_length, attributes=cfg.attributes, dtype=cfg.dtype,
+    )
+
+
+@dataclass
+class LineageState:
+    """Counters carried from checkpoint to checkpoint."""
+
+    step: int = 0
+    records_seen: int = 0
+    replayed_records: int = 0
+    previous_version: str = ""
+    parent: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""
+
+
+def record_entries(items: Sequence[StreamItem]) -> list[dict[str, Any]]:
+    return [
+        {
+            "record_id": i.record.record_id,
+            "source_acked_at": i.record.source_acked_at,
+            "partition": i.partition,
+            "offset": i.offset,
+        }
+        for i in items
+    ]
+
+
+def build_metadata(
+    cfg: TrainerConfig,
+    *,
+    model: RewardModel,
+    lineage: LineageState,
+    offsets: dict[int, int],
+    trained: Sequence[StreamItem],
+    eval_result: EvalResult | None,
+    replay: ReservoirBuffer,
+    eval_set: EvalSet,
+    world_size: int,
+    train_summary: dict[str, float],
+) -> dict[str, Any]:
+    acked = [i.record.source_acked_at for i in trained if i.record.source_acked_at]
+    return {
+        "format": FORMAT,
+        "kind": "reward",
+        "model_name": cfg.model_name,
+        "base_model": lineage.base_model or model.spec.base_model,
+        "spec": model.spec.to_dict(),
+        "loss": cfg.loss_config(),
+        "parent": lineage.parent,
+        "previous_version": lineage.previous_version,
+        "step": lineage.step,
+        "records_seen": lineage.records_seen,
+        "replayed_records": lineage.replayed_records,
+        "offsets": {str(p): int(o) for p, o in sorted(offsets.items())},
+        "records": record_entries(trained),
+        "records_count": len(trained),
+        "max_source_acked_at": max(acked) if acked else 0.0,
+        "eval": eval_result.to_dict() if eval_result is not None else None,
+        "train": train_summary,
+        "replay": {"size": len(replay), "seen": replay.seen, "capacity": replay.capacity},
+        "eval_topic_records": len(eval_set.topic_records),
+        "trainer": {"topic": cfg.topic, "group_id": cfg.group_id, "world_size": world_size},
+        "created_at": time.time(),
+    }
+
+
+def write_checkpoint(
+    store: CheckpointStore,
+    cfg: TrainerConfig,
+    *,
+    model: RewardModel,
+    metadata: dict[str, Any],
+    replay: ReservoirBuffer,
+    eval_set: EvalSet,
+    optimizer_state: dict[str, Any] | None = None,
+) -> CheckpointRef:
+    """Write model + trainer state under the next version; returns once the manifest is durable."""
+
+    def writer(d: Path) -> None:
+        model.save(d)
+        save_records(replay, d)
+        eval_set.save(d)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, d / OPTIMIZER_FILE)
+
+    version = store.next_version(cfg.model_name)
+    return store.write(cfg.model_name, version, writer, metadata)

@@ -1,0 +1,207 @@
+"""The one training step every path shares: in-process, each Ray Train DDP worker, offline and bench.
+
+``Engine`` owns a reward model, its optimizer and LR schedule, and turns a list of PreferenceRecords
+into one optimiser step: collate (every response once, length buckets) -> one forward of the
+:class:`RankingScorer` module (the unit DDP wraps) -> regroup into ``(B, Kmax)`` -> loss -> backward
+-> clip -> step.  Under DDP each rank trains on its slice of the same micro-batch with its loss
+scaled so that DDP's gradient average equals the gradient of the whole micro-batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from services.reward_model import RewardModel
+from services.schemas import PreferenceRecord
+from trainer.batching import RankingBatch, collate, expand_rankings_to_pairs, regroup, unbucket
+from trainer.config import TrainerConfig
+from trainer.losses import attribute_regression_loss, kwise_ranking_loss
+from trainer.schedule import make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss part of TrainerConfig, as the step function needs it."""
+
+    loss: str = "kwise"
+    use_margin: bool = False
+    center_rewards_coefficient: float = 0.0
+    attribute_loss_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainerConfig) -> "LossSettings":
+        return cls(cfg.loss, cfg.use_margin, cfg.center_rewards_coefficient, cfg.attribute_loss_weight)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimiser step did (this rank's share under DDP)."""
+
+    step: int
+    loss: float
+    preference_loss: float
+    attribute_loss: float
+    pair_accuracy: float
+    lr: float
+    records: int
+    sequences: int
+    padded_tokens: int
+    seconds: float
+
+
+class RankingScorer(nn.Module):
+    """Runs the HF head over every length bucket in one ``forward`` and returns flat logits.
+
+    One module call per step is what DDP expects (it arms its gradient hooks once per forward), so the
+    bucket loop lives inside the module rather than around it.
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, bucket_inputs: list[dict[str, torch.Tensor]], buckets: list[torch.Tensor], n: int) -> torch.Tensor:
+        outs = [self.hf_model(**inp).logits for inp in bucket_inputs]  # each (n_b, 1 + A)
+        return unbucket(outs, buckets, n)  # (N, 1 + A)
+
+
+def ranking_loss(
+    logits: torch.Tensor, batch: RankingBatch, settings: LossSettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of a batch from its flat logits ``# (N, 1 + A)``, and its parts for logging."""
+    rewards, mask = regroup(logits[:, 0], batch.owner, batch.position, batch.num_rankings, batch.kmax)  # (B, Kmax)
+    margin = batch.margins if settings.use_margin else None
+    pref = kwise_ranking_loss(rewards, mask, margin, settings.center_rewards_coefficient)
+    total = pref
+    attr_value = 0.0
+    if logits.shape[1] > 1 and settings.attribute_loss_weight > 0:
+        attr = attribute_regression_loss(logits[:, 1:], batch.attr_target, batch.attr_mask)  # over (N, A)
+        total = total + settings.attribute_loss_weight * attr
+        attr_value = float(attr.detach())
+    with torch.no_grad():
+        i, j = torch.triu_indices(batch.kmax, batch.kmax, offset=1, device=rewards.device)
+        valid = mask[:, i] & mask[:, j]  # (B, P)
+        correct = (rewards[:, i] > rewards[:, j]) & valid
+        accuracy = float(correct.sum()) / max(int(valid.sum()), 1)
+    return total, {"preference_loss": float(pref.detach()), "attribute_loss": attr_value, "pair_accuracy": accuracy}
+
+
+def shard(records: Sequence[PreferenceRecord], rank: int, world_size: int) -> tuple[list[PreferenceRecord], float]:
+    """This rank's slice of a micro-batch and the loss scale that makes DDP's average exact.
+
+    DDP averages gradients over ranks: with scale ``world * n_rank / n_total`` that average is the
+    gradient of the mean loss over all ``n_total`` records.  A rank left without records trains on a
+    copy of the first one with scale 0, because every rank must take part in every all-reduce.
+    """
+    if not records:
+        raise ValueError("cannot shard an empty micro-batch")
+    mine = list(records[rank::world_size])
+    if not mine:
+        return [records[0]], 0.0
+    return mine, world_size * len(mine) / len(records)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from services.config import ConfigError
+
+        raise ConfigError("device: cuda was requested but torch sees no GPU; use device=cpu or auto")
+    return torch.device(name)
+
+
+class Engine:
+    """A reward model with its optimizer and schedule; ``train(records)`` is one optimiser step."""
+
+    def __init__(
+        self,
+        model: RewardModel,
+        cfg: TrainerConfig,
+        *,
+        start_step: int = 0,
+        device: torch.device | None = None,
+        wrap: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """``wrap(module) -> module`` wraps the scorer for distributed training (Ray's prepare_model)."""
+        self.cfg = cfg
+        self.model = model
+        self.settings = LossSettings.from_config(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.device = device or pick_device(cfg.device)
+        self.model.to(self.device)
+        self.scorer = RankingScorer(model.hf_model)
+        self.module: nn.Module = wrap(self.scorer) if wrap is not None else self.scorer
+        params = [p for p in model.hf_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, start_step)
+        self.step = start_step
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def prepare(self, records: Sequence[PreferenceRecord]) -> RankingBatch:
+        """The batch this engine trains on for ``records`` (pairwise mode expands rankings first)."""
+        rows = expand_rankings_to_pairs(records) if self.settings.loss == "pairwise" else list(records)
+        return collate(
+            rows,
+            self.model.encode,
+            attributes=self.model.spec.attributes,
+            max_tokens_per_forward=self.cfg.max_tokens_per_forward,
+        )
+
+    def train(self, records: Sequence[PreferenceRecord], *, sharded: bool = True) -> StepStats:
+        """One optimiser step on ``records`` (under DDP: on this rank's slice of them)."""
+        started = time.perf_counter()
+        scale = 1.0
+        if self.world_size > 1 and sharded:
+            records, scale = shard(records, self.rank, self.world_size)
+        batch = self.prepare(records).to(self.device)
+        self.module.train()
+        logits = self.module(batch.bucket_inputs(), batch.buckets, batch.num_sequences)  # (N, 1 + A)
+        loss, parts = ranking_loss(logits.float(), batch, self.settings)
+        if not math.isfinite(float(loss.detach())):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower lr or check the data")
+        (loss * scale).backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.hf_model.parameters(), self.cfg.max_grad_norm)
+        lr = self.lr
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepStats(
+            step=self.step,
+            loss=float(loss.detach()),
+            preference_loss=parts["preference_loss"],
+            attribute_loss=parts["attribute_loss"],
+            pair_accuracy=parts["pair_accuracy"],
+            lr=lr,
+            records=len(records) if scale else 0,
+            sequences=batch.num_sequences,
+            padded_tokens=batch.padded_tokens,
+            seconds=time.perf_counter() - started,
+        )
+
+    # Optimizer state travels with checkpoints only when configured (it doubles their size).
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:  # the schedule, not the saved lr, decides the lr
+            group["lr"] = self.cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)

@@ -1,0 +1,143 @@
+"""Pairwise accuracy of a reward model on held-out rankings, and the set it is measured on.
+
+The gate compares a fresh checkpoint with the served model on the same records, and the demo's
+freshness budget (feedback ack -> scorer answer from a model trained on it, p50 < 30 s on 2 cores)
+leaves a few seconds for that, so evaluation scores each distinct response once, in length-sorted
+batches, under ``inference_mode``, and the evaluation set is bounded and fingerprinted so the served
+model's accuracy can be cached instead of recomputed at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from services.reward_model import RewardModel
+from services.schemas import PreferenceRecord
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval_topic.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Pairwise accuracy (ties count as wrong) over every pair implied by the rankings."""
+
+    accuracy: float
+    pairs: int
+    records: int
+    mean_margin: float
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "accuracy": self.accuracy,
+            "pairs": self.pairs,
+            "records": self.records,
+            "mean_margin": self.mean_margin,
+            "eval_fingerprint": self.fingerprint,
+        }
+
+
+def fingerprint(records: Sequence[PreferenceRecord]) -> str:
+    """A short stable id of an evaluation set (record ids, order-independent)."""
+    h = hashlib.sha256()
+    for rid in sorted(r.record_id for r in records):
+        h.update(rid.encode() + b"\x00")
+    return h.hexdigest()[:16]
+
+
+def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size: int = 64) -> EvalResult:
+    """Score each response of ``records`` once and count, over all K(K-1)/2 pairs of each ranking,
+    how often the better response gets the strictly higher reward."""
+    if not records:
+        return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records))
+    prompts, responses, spans = [], [], []
+    for rec in records:
+        spans.append((len(responses), rec.k))
+        for resp in rec.ranked_responses:
+            prompts.append(rec.prompt)
+            responses.append(resp)
+    scores = [s.reward for s in model.score(prompts, responses, batch_size=batch_size)]
+    correct = pairs = 0
+    margin_sum = 0.0
+    for start, k in spans:
+        r = scores[start:start + k]
+        for i in range(k):
+            for j in range(i + 1, k):
+                margin = r[i] - r[j]
+                correct += margin > 0
+                margin_sum += margin
+                pairs += 1
+    return EvalResult(
+        accuracy=correct / pairs,
+        pairs=pairs,
+        records=len(records),
+        mean_margin=margin_sum / pairs,
+        fingerprint=fingerprint(records),
+    )
+
+
+class EvalSet:
+    """The gate's evaluation records: a seeded subsample of a file, topped up with TEST-split records
+    from the stream (first come, up to the cap), persisted with each checkpoint."""
+
+    def __init__(self, max_records: int, file_records: Sequence[PreferenceRecord] = (), seed: int = 0) -> None:
+        self.max_records = max_records
+        fixed = list(file_records)
+        if len(fixed) > max_records:
+            fixed = random.Random(seed).sample(fixed, max_records)
+        self._fixed = fixed
+        self._topic: list[PreferenceRecord] = []
+        self._ids = {r.record_id for r in fixed}
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._fixed) + len(self._topic)
+
+    @property
+    def records(self) -> list[PreferenceRecord]:
+        return self._fixed + self._topic
+
+    @property
+    def topic_records(self) -> list[PreferenceRecord]:
+        return list(self._topic)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.records)
+        return self._fingerprint
+
+    def offer(self, record: PreferenceRecord) -> bool:
+        """Add a TEST record from the stream if there is room; True when it was added."""
+        if len(self) >= self.max_records or record.record_id in self._ids:
+            return False
+        self._topic.append(record)
+        self._ids.add(record.record_id)
+        self._fingerprint = None
+        return True
+
+    def restore_topic_records(self, records: Sequence[PreferenceRecord]) -> None:
+        for rec in records:
+            self.offer(rec)
+
+    def save(self, directory: Path) -> int:
+        """Write the stream's TEST records (the file part is re-read from the file) into a checkpoint."""
+        with open(Path(directory) / EVAL_FILE, "wb") as f:
+            for rec in self._topic:
+                f.write(rec.to_kafka() + b"\n")
+        return len(self._topic)
+
+    @staticmethod
+    def load_topic_records(directory: Path) -> list[PreferenceRecord]:
+        path = Path(directory) / EVAL_FILE
+        if not path.exists():
+            return []
+        with open(path, "rb") as f:
+            return [PreferenceRecord.from_kafka(line) for line in f if line.strip()]

@@ -1,0 +1,268 @@
+"""The continual training loop: micro-batches from the stream, replay, checkpoints, gate, commit.
+
+One iteration: collect up to ``batch_size`` new records (or fewer once the first has waited
+``max_batch_wait_s``), send TEST-split records to the evaluation set, mix in ``replay_ratio`` past
+records from the reservoir, take one optimiser step, then add the new records to the reservoir.
+Every ``checkpoint_every_records`` records or ``checkpoint_every_s`` seconds: evaluate, write the
+checkpoint (manifest last), commit the offsets it includes, then let the gate publish or reject it.
+
+Exactly-once effect: a record's offset is committed only after a durable checkpoint includes it, and
+a restart seeks to the offsets of the latest durable checkpoint, so every record ends up in exactly
+one checkpoint's ``records`` list whatever the crash point.  Checkpoints happen only between steps,
+when every record handed out by the source has been trained on (or put in the evaluation set).
+
+The loop does not know whether the step runs in this process or on a group of DDP workers: it calls
+``step_fn(records)``; ``trainer.ray_train`` passes one that shards the batch over the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from services.checkpoints import CheckpointStore
+from services.errors import Unavailable
+from services.schemas import PreferenceRecord
+from trainer import metrics
+from trainer.checkpointing import LineageState, build_metadata, write_checkpoint
+from trainer.config import TrainerConfig
+from trainer.engine import Engine, StepStats
+from trainer.evaluation import EvalResult, EvalSet, evaluate
+from trainer.gate import Gate
+from trainer.replay import ReservoirBuffer, replay_count
+from trainer.stream import Source, StreamItem
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[Sequence[PreferenceRecord]], StepStats]
+
+
+@dataclass
+class RunSummary:
+    """What a run of the loop did (returned by :meth:`ContinualTrainer.run`)."""
+
+    steps: int = 0
+    records: int = 0
+    replayed: int = 0
+    eval_records: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stop_reason: str = ""
+
+
+class ContinualTrainer:
+    """Runs the loop over a Source; checkpoints need a store, publishing needs a gate."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        engine: Engine,
+        source: Source,
+        *,
+        lineage: LineageState,
+        replay: ReservoirBuffer,
+        eval_set: EvalSet,
+        store: CheckpointStore | None = None,
+        gate: Gate | None = None,
+        step_fn: StepFn | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_idle: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.source = source
+        self.lineage = lineage
+        self.replay = replay
+        self.eval_set = eval_set
+        self.store = store
+        self.gate = gate
+        self.step_fn: StepFn = step_fn or engine.train
+        self.should_stop = should_stop
+        self.on_idle = on_idle
+        self.clock = clock
+        self.summary = RunSummary()
+        self._pending: list[StreamItem] = []  # trained since the last checkpoint
+        self._checkpointed_positions = dict(source.positions())
+        self._last_checkpoint_at = clock()
+        self._loss_sum = 0.0
+        self._acc_sum = 0.0
+        self._steps_since = 0
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        started = self.clock()
+        idle_since = self.clock()
+        try:
+            while True:
+                if self.should_stop():
+                    self.summary.stop_reason = "stop requested"
+                    break
+                if self.cfg.max_records and self.lineage.records_seen >= self.cfg.max_records:
+                    self.summary.stop_reason = f"max_records={self.cfg.max_records} reached"
+                    break
+                if self.source.revoked():
+                    self.checkpoint(reason="partitions revoked")
+                train_items = self._collect()
+                if train_items:
+                    self.train(train_items)
+                    idle_since = self.clock()
+                else:
+                    self.on_idle()
+                if self._checkpoint_due():
+                    self.checkpoint(reason="interval")
+                if (self.cfg.idle_exit_s and not train_items
+                        and self.clock() - idle_since >= self.cfg.idle_exit_s):
+                    self.summary.stop_reason = f"idle for {self.cfg.idle_exit_s:g}s"
+                    break
+        finally:
+            if self._pending or self._has_unsaved_offsets():
+                self.checkpoint(reason="shutdown")
+            self.summary.seconds = self.clock() - started
+        log.info("trainer stopped (%s): %d steps, %d records, %d checkpoints", self.summary.stop_reason,
+                 self.summary.steps, self.summary.records, len(self.summary.checkpoints))
+        return self.summary
+
+    def _collect(self) -> list[StreamItem]:
+        """Up to batch_size TRAIN records; TEST records go to the evaluation set on the way."""
+        batch: list[StreamItem] = []
+        first_at: float | None = None
+        while len(batch) < self.cfg.batch_size:
+            budget = self.cfg.batch_size - len(batch)
+            if self.cfg.max_records:
+                budget = min(budget, self.cfg.max_records - self.lineage.records_seen - len(batch))
+                if budget <= 0:
+                    break
+            wait = self.cfg.poll_timeout_s
+            if first_at is not None:
+                wait = min(wait, max(self.cfg.max_batch_wait_s - (self.clock() - first_at), 0.0))
+            items = self.source.poll(budget, wait)
+            for item in items:
+                if item.record.is_eval:
+                    self.summary.eval_records += 1
+                    metrics.RECORDS.labels("eval").inc()
+                    if not self.eval_set.offer(item.record):
+                        log.debug("evaluation set full; TEST record %s not kept", item.record.record_id)
+                else:
+                    batch.append(item)
+            if batch and first_at is None:
+                first_at = self.clock()
+            if not items and (not batch or self.clock() - first_at >= self.cfg.max_batch_wait_s):
+                break
+            if batch and self.clock() - first_at >= self.cfg.max_batch_wait_s:
+                break
+            if self.should_stop():
+                break
+        return batch
+
+    def train(self, items: Sequence[StreamItem]) -> StepStats:
+        """One optimiser step on ``items`` plus replayed records; then the new ones join the reservoir."""
+        new = [i.record for i in items]
+        replayed = self.replay.sample(replay_count(len(new), self.cfg.replay_ratio))
+        stats = self.step_fn(new + replayed)
+        self.replay.extend(new)
+        self._pending.extend(items)
+        self.lineage.step += 1
+        self.lineage.records_seen += len(new)
+        self.lineage.replayed_records += len(replayed)
+        self.summary.steps += 1
+        self.summary.records += len(new)
+        self.summary.replayed += len(replayed)
+        self._loss_sum += stats.loss
+        self._acc_sum += stats.pair_accuracy
+        self._steps_since += 1
+        metrics.STEPS.inc()
+        metrics.STEP_SECONDS.observe(stats.seconds)
+        metrics.LOSS.set(stats.loss)
+        metrics.LEARNING_RATE.set(stats.lr)
+        metrics.RECORDS.labels("train").inc(len(new))
+        metrics.RECORDS.labels("replay").inc(len(replayed))
+        metrics.RECORDS_SEEN.set(self.lineage.records_seen)
+        log.debug("step %d: loss %.4f acc %.3f lr %.2e, %d new + %d replayed, %.2fs", self.lineage.step, stats.loss,
+                  stats.pair_accuracy, stats.lr, len(new), len(replayed), stats.seconds)
+        return stats
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _has_unsaved_offsets(self) -> bool:
+        return self.source.positions() != self._checkpointed_positions
+
+    def _checkpoint_due(self) -> bool:
+        if not self._pending:
+            return False
+        if self.cfg.checkpoint_every_records and len(self._pending) >= self.cfg.checkpoint_every_records:
+            return True
+        return bool(self.cfg.checkpoint_every_s) and self.clock() - self._last_checkpoint_at >= self.cfg.checkpoint_every_s
+
+    def evaluate(self) -> EvalResult | None:
+        if len(self.eval_set) == 0:
+            return None
+        started = time.perf_counter()
+        result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
+        metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
+        metrics.EVAL_ACCURACY.labels("candidate").set(result.accuracy)
+        return result
+
+    def checkpoint(self, reason: str) -> str | None:
+        """Evaluate, write (durable), commit offsets, then gate; returns the version (None without a store)."""
+        if self.store is None:
+            self._pending.clear()
+            self._checkpointed_positions = dict(self.source.positions())
+            self._last_checkpoint_at = self.clock()
+            return None
+        started = time.perf_counter()
+        positions = self.source.positions()
+        trained = list(self._pending)
+        result = self.evaluate()
+        summary = {
+            "loss_avg": self._loss_sum / self._steps_since if self._steps_since else 0.0,
+            "pair_accuracy_avg": self._acc_sum / self._steps_since if self._steps_since else 0.0,
+            "steps": float(self._steps_since),
+            "lr": self.engine.lr,
+        }
+        meta = build_metadata(
+            self.cfg, model=self.engine.model, lineage=self.lineage, offsets=positions, trained=trained,
+            eval_result=result, replay=self.replay, eval_set=self.eval_set,
+            world_size=self.engine.world_size, train_summary=summary,
+        )
+        ref = write_checkpoint(
+            self.store, self.cfg, model=self.engine.model, metadata=meta, replay=self.replay,
+            eval_set=self.eval_set,
+            optimizer_state=self.engine.optimizer_state() if self.cfg.save_optimizer_state else None,
+        )
+        # Durable: only now may Kafka forget these records.
+        self.source.commit(positions)
+        self._checkpointed_positions = dict(positions)
+        self._pending.clear()
+        self._loss_sum = self._acc_sum = 0.0
+        self._steps_since = 0
+        self._last_checkpoint_at = self.clock()
+        self.lineage.previous_version = ref.version
+        self.summary.checkpoints.append(ref.version)
+        now = time.time()
+        for item in trained:
+            if item.record.source_acked_at:
+                metrics.FRESHNESS_SECONDS.observe(max(now - item.record.source_acked_at, 0.0))
+        log.info("checkpoint %s (%s): step %d, %d records (+%d), accuracy %s, %.2fs", ref.version, reason,
+                 self.lineage.step, self.lineage.records_seen, len(trained),
+                 f"{result.accuracy:.4f}" if result else "n/a", time.perf_counter() - started)
+        if self.gate is not None and self.cfg.publish and trained:
+            try:
+                decision = self.gate.judge(
+                    ref, result, records_seen=self.lineage.records_seen, base_model=meta["base_model"],
+                    extra_metrics={"step": float(self.lineage.step), "records_seen": float(self.lineage.records_seen)},
+                )
+                (self.summary.published if decision.publish else self.summary.rejected).append(ref.version)
+            except Unavailable as e:
+                # The checkpoint is durable and its offsets committed; the next one gets gated instead.
+                log.error("could not gate %s: %s; training goes on", ref.version, e)
+                metrics.CHECKPOINTS.labels("held").inc()
+        else:
+            metrics.CHECKPOINTS.labels("held").inc()
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+        return ref.version

@@ -1,0 +1,128 @@
+"""Assembling a running trainer from its config: store, registry, resume point, engine, source, loop.
+
+Both execution paths call :func:`run_continual`: the in-process path (``num_workers=0``) directly, the
+Ray path on every DDP worker (rank 0 builds the Kafka source, store, gate and loop; the others only
+an Engine that follows rank 0's steps, see :mod:`trainer.ray_train`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from services.checkpoints import CheckpointRef, CheckpointStore
+from services.data import load_openpipe_jsonl
+from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
+from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_model
+from trainer.config import TrainerConfig
+from trainer.engine import Engine
+from trainer.evaluation import EvalSet, evaluate
+from trainer.gate import Gate, kafka_announcer
+from trainer.loop import ContinualTrainer, RunSummary, StepFn
+from trainer.replay import ReservoirBuffer
+from trainer.stream import KafkaSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """The external things rank 0 talks to; closed together."""
+
+    store: CheckpointStore
+    registry: Any = None  # services.registry.ModelRegistry
+    announce: Any = None
+
+    def close(self) -> None:
+        producer = getattr(self.announce, "producer", None)
+        if producer is not None:
+            producer.close(timeout=10)
+
+
+def connect_services(cfg: TrainerConfig) -> Services:
+    store = CheckpointStore(cfg.checkpoint_url)
+    registry = announce = None
+    if cfg.publish:
+        from services.redis_client import connect, ping
+        from services.registry import ModelRegistry
+
+        client = connect(cfg.redis_url)
+        ping(client)
+        announce = kafka_announcer(cfg.kafka_bootstrap, MODEL_UPDATES.name) if cfg.announce else None
+        registry = ModelRegistry(client, announce=announce)
+    return Services(store=store, registry=registry, announce=announce)
+
+
+def apply_runtime_settings(cfg: TrainerConfig) -> None:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+
+
+def build_eval_set(cfg: TrainerConfig, point: ResumePoint | None = None) -> EvalSet:
+    file_records = load_openpipe_jsonl(cfg.eval_data) if cfg.eval_data else []
+    eval_set = EvalSet(cfg.eval_max_records, file_records, seed=cfg.seed)
+    if point is not None:
+        eval_set.restore_topic_records(point.eval_topic_records)
+    return eval_set
+
+
+def build_engine(cfg: TrainerConfig, point: ResumePoint, **engine_kw: Any) -> Engine:
+    model = load_model(cfg, point)
+    engine = Engine(model, cfg, start_step=point.step, **engine_kw)
+    if point.optimizer_path and cfg.save_optimizer_state:
+        engine.load_optimizer_state(torch.load(point.optimizer_path, map_location=engine.device))
+    return engine
+
+
+def run_leader(
+    cfg: TrainerConfig,
+    services: Services,
+    point: ResumePoint,
+    engine: Engine,
+    *,
+    step_fn: StepFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_idle: Callable[[], None] = lambda: None,
+) -> RunSummary:
+    """Rank 0 (or the only process): consume, train, checkpoint, gate."""
+    replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=cfg.seed + point.step)
+    if point.replay_records:
+        replay.restore(point.replay_records, point.replay_seen)
+    eval_set = build_eval_set(cfg, point)
+    gate = Gate(cfg, services.registry, eval_set) if services.registry is not None else None
+    if gate is not None and point.source == "checkpoint" and point.records_count and not gate.recorded(point.version):
+        # The previous run died between making this checkpoint durable and gating it.
+        ref = CheckpointRef(cfg.model_name, point.version, point.uri, Path(point.model_path))
+        result = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
+        gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
+    producer = getattr(services.announce, "producer", None)
+    source = KafkaSource(cfg.kafka_bootstrap, cfg.topic, cfg.group_id, start_offsets=point.offsets,
+                         dead_letter_topic=DEAD_LETTER.name, producer=producer)
+    lineage = LineageState(step=point.step, records_seen=point.records_seen, replayed_records=point.replayed_records,
+                           previous_version=point.version if point.source == "checkpoint" else "",
+                           parent=point.parent, base_model=point.base_model)
+    log.info("trainer %s: %s", cfg.model_name, point.describe())
+    loop = ContinualTrainer(cfg, engine, source, lineage=lineage, replay=replay, eval_set=eval_set,
+                            store=services.store, gate=gate, step_fn=step_fn, should_stop=should_stop,
+                            on_idle=on_idle)
+    try:
+        return loop.run()
+    finally:
+        source.close()
+
+
+def run_in_process(cfg: TrainerConfig, should_stop: Callable[[], bool] = lambda: False) -> RunSummary:
+    """The whole trainer in this process (num_workers = 0): no Ray, same step and loop."""
+    apply_runtime_settings(cfg)
+    services = connect_services(cfg)
+    try:
+        point = find_resume_point(cfg, services.store, services.registry)
+        engine = build_engine(cfg, point)
+        return run_leader(cfg, services, point, engine, should_stop=should_stop)
+    finally:
+        services.close()
