@@ -252,3 +252,17 @@ def test_real_minilm_scores_with_a_fresh_attribute_head(tmp_path: Path) -> None:
     scores = model.score(prompts, ["Put it in boiling water for nine minutes.", "ok"], batch_size=2)
     assert len(scores) == 2 and all(torch.isfinite(torch.tensor(s.reward)) for s in scores)
     assert set(scores[0].attributes) == set(ATTRIBUTES)
+
+
+def test_decoder_and_t5_checkpoints_run_in_a_pipeline(tmp_path: Path) -> None:
+    llama = _tiny("llama", attributes=("helpfulness",))
+    d = llama.save(tmp_path / "llama")
+    pipe = pipeline("text-classification", model=str(d), function_to_apply="none", top_k=None)
+    # HF pools the last non-pad token; with pad == eos that is the last response token, so the plain
+    # rendered text scores exactly as prefstream's encoding does.
+    got = {r["label"]: r["score"] for r in pipe("User: hello\n\nAssistant: world")}
+    assert got["reward"] == pytest.approx(llama.score([[("user", "hello")]], ["world"])[0].reward, abs=1e-4)
+
+    d5 = _tiny("t5").save(tmp_path / "t5")
+    out = pipeline("text-classification", model=str(d5), function_to_apply="none", top_k=None)("User: hello")
+    assert [r["label"] for r in out] == ["reward"]
