@@ -42,6 +42,10 @@ class GatewayConfig:
         default=10.0,
         metadata={"help": "longest a caller waits for Kafka's acks=all before getting UNAVAILABLE (the producer gives up on the record at the same time)"},
     )
+    kafka_producer_process: bool = field(
+        default=True,
+        metadata={"help": "run the kafka-python producer in a child process (its CPU then runs beside gRPC's, not under one interpreter lock)"},
+    )
     kafka_linger_ms: int = field(default=2, metadata={"help": "producer linger: how long a record waits for companions in a batch"})
     kafka_compression: str = field(default="none", metadata={"help": "producer compression: none, gzip, snappy, lz4 or zstd"})
     topic_prefix: str = field(

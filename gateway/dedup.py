@@ -35,21 +35,45 @@ from services.errors import Unavailable
 
 _KEY = "prefstream:dedup:{}:{}"
 
-# Compare-and-set: confirm only the marker we own (a marker that expired and was re-claimed by a
-# retry belongs to that retry).
-_CONFIRM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
+# Every script works on a whole batch in one round trip (a per-key command costs more in redis-py
+# than the write itself).  Keys of one batch must live on one Redis node (no cluster slots here).
+
+# Claim each key with a pending marker unless it exists; answer "" (claimed) or the value found.
+_CLAIM = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('SET', k, ARGV[1] .. i, 'NX', 'PX', ARGV[2]) then
+    out[i] = ''
+  else
+    out[i] = redis.call('GET', k) or ''
+  end
 end
-return 0
+return out
 """
-# Compare-and-delete: release only our own marker.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+# Compare-and-set: turn our own pending markers into "done" (a marker that expired and was re-claimed
+# by a retry belongs to that retry); then plain SETs of extra keys (ARGV: n, done_ms, extra_ms,
+# token_1, value_1, ..., token_n, value_n, extra values...).
+_CONFIRM = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[2 + 2 * i] then
+    redis.call('SET', KEYS[i], ARGV[3 + 2 * i], 'PX', ARGV[2])
+  end
 end
-return 0
+for j = n + 1, #KEYS do
+  redis.call('SET', KEYS[j], ARGV[3 + 2 * n + (j - n)], 'PX', ARGV[3])
+end
+return n
+"""
+# Compare-and-delete: release only our own markers.
+_RELEASE = """
+local released = 0
+for i, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[i] then
+    released = released + redis.call('DEL', k)
+  end
+end
+return released
 """
 
 
@@ -74,12 +98,13 @@ class Claim:
 
 
 class Deduper:
-    """Batch claim/confirm/release of event ids in Redis (one pipeline round trip per batch)."""
+    """Batch claim/confirm/release of event ids in Redis: one script call per batch and step."""
 
     def __init__(self, client: aioredis.Redis, *, pending_ttl_s: float, done_ttl_s: float) -> None:
         self._redis = client
         self._pending_ms = int(pending_ttl_s * 1000)
         self._done_ms = int(done_ttl_s * 1000)
+        self._claim = client.register_script(_CLAIM)
         self._confirm = client.register_script(_CONFIRM)
         self._release = client.register_script(_RELEASE)
 
@@ -87,44 +112,59 @@ class Deduper:
         """Try to own each key; keys already done or in flight are reported as such."""
         if not keys:
             return []
-        claims = [Claim(key=k, token=b"p:" + secrets.token_hex(8).encode()) for k in keys]
+        prefix = "p:" + secrets.token_hex(8) + ":"
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for c in claims:
-                    pipe.set(c.key, c.token, nx=True, px=self._pending_ms)
-                    pipe.get(c.key)
-                results = await pipe.execute()
+            values = await self._claim(keys=list(keys), args=[prefix, self._pending_ms])
         except (redis.RedisError, OSError) as e:
             raise Unavailable(f"dedup store (Redis) is unreachable: {type(e).__name__}") from e
-        for i, c in enumerate(claims):
-            was_set, value = results[2 * i], results[2 * i + 1]
-            if was_set:
+        claims = []
+        for i, (k, value) in enumerate(zip(keys, values), start=1):
+            c = Claim(key=k, token=f"{prefix}{i}".encode())
+            if value == b"":
                 c.owned = True
-            elif value is not None and value.startswith(b"d:"):
+            elif value.startswith(b"d:"):
                 c.done = json.loads(value[2:])
+            claims.append(c)
         return claims
 
-    async def confirm(self, claims: Sequence[Claim], results: Sequence[dict[str, Any]]) -> None:
-        """Mark owned claims as written, remembering ``results`` for later duplicates."""
-        await self._run(self._confirm, [(c, [c.token, b"d:" + json.dumps(r, separators=(",", ":")).encode(), self._done_ms])
-                                        for c, r in zip(claims, results) if c.owned])
+    async def confirm(
+        self,
+        claims: Sequence[Claim],
+        results: Sequence[dict[str, Any]],
+        *,
+        also_set: Sequence[tuple[str, bytes | str]] = (),
+        also_set_ms: int = 0,
+    ) -> None:
+        """Mark owned claims as written, remembering ``results`` for later duplicates.
+
+        ``also_set`` are extra (key, value) pairs written in the same round trip with TTL ``also_set_ms``.
+        """
+        owned = [(c, r) for c, r in zip(claims, results) if c.owned]
+        if not owned and not also_set:
+            return
+        keys = [c.key for c, _ in owned] + [k for k, _ in also_set]
+        args: list[Any] = [len(owned), self._done_ms, also_set_ms or self._done_ms]
+        for c, r in owned:
+            args += [c.token, b"d:" + json.dumps(r, separators=(",", ":")).encode()]
+        args += [v for _, v in also_set]
+        await self._call(self._confirm, keys, args)
+        for c, _ in owned:
+            c.owned = False
 
     async def release(self, claims: Sequence[Claim]) -> None:
         """Give owned claims back after a failed write so a retry can write the event."""
-        await self._run(self._release, [(c, [c.token]) for c in claims if c.owned])
-
-    async def _run(self, script: Any, calls: list[tuple[Claim, list[Any]]]) -> None:
-        if not calls:
+        owned = [c for c in claims if c.owned]
+        if not owned:
             return
+        await self._call(self._release, [c.key for c in owned], [c.token for c in owned])
+        for c in owned:
+            c.owned = False
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for c, args in calls:
-                    await script(keys=[c.key], args=args, client=pipe)
-                await pipe.execute()
+            await script(keys=keys, args=args)
         except (redis.RedisError, OSError) as e:
             raise Unavailable(f"dedup store (Redis) is unreachable: {type(e).__name__}") from e
-        for c, _ in calls:
-            c.owned = False
 
     async def wait(self, claim: Claim, timeout_s: float, poll_s: float = 0.02) -> Claim:
         """Wait for another attempt's pending marker on ``claim.key`` to be confirmed or released.

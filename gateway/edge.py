@@ -58,7 +58,7 @@ def outcome_label(outcome: Outcome) -> str:
 
 
 def count(kind: str, transport: str, outcome: Outcome) -> None:
-    metrics.EVENTS.labels(kind or "unknown", transport, outcome_label(outcome)).inc()
+    metrics.events_counter(kind or "unknown", transport, outcome_label(outcome)).inc()
 
 
 def event_status(outcome: Outcome | BaseException) -> EventStatusProto:

@@ -7,40 +7,37 @@ batch of them to :meth:`Ingestor.write`, which answers each event individually:
 2. feedback naming a completion this gateway logged is checked against it (index in range);
 3. client-chosen event ids are claimed in Redis (:mod:`gateway.dedup`); ids seen before answer
    "duplicate" with the original completion id and ack time, and nothing is written;
-4. the batch is handed to the Kafka producer in one executor call (kafka-python's ``send`` may block
-   on metadata, so it never runs on the event loop) and awaited through its futures;
+4. the batch is handed to the Kafka producer in one piece (:mod:`gateway.kafka_writer`; kafka-python
+   never runs on the event loop) and awaited;
 5. only then is each event answered OK; a record Kafka did not acknowledge within
    ``kafka_ack_timeout_s`` is answered UNAVAILABLE and its dedup claim released so a retry writes it.
 
-The wire value is the proto3 JSON of the event (:func:`services.kafka.encode_event`).  ``acked_at``
+The wire value is the proto3 JSON of the event (:mod:`gateway.wire`, identical to
+:func:`services.kafka.encode_event` of its message).  ``acked_at``
 in that value is the moment the gateway handed the event to Kafka (the record's own timestamp); the
 response's ``acked_at`` is when Kafka acknowledged it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import redis
 import redis.asyncio as aioredis
-from kafka import KafkaProducer
 
-from gateway import metrics
+from gateway import metrics, wire
 from gateway.auth import Principal
 from gateway.config import GatewayConfig
 from gateway.dedup import Claim, Deduper, dedup_key
 from gateway.events import Completion, Event, Feedback
+from gateway.kafka_writer import KafkaWriter
 from gateway.validation import check_feedback_indices
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
-from services.kafka import encode_event, make_producer
 from services.schemas import prompt_hash
 from services.stack import topics
 
@@ -88,117 +85,6 @@ def kafka_key(event: Event) -> bytes:
     return prompt_hash(event.project, event.inline.prompt).encode()
 
 
-
-
-class KafkaWriter:
-    """Owns the producer; connects lazily, sends a batch per executor call, bridges acks to asyncio.
-
-    The producer is created off the event loop and re-created after a failed connect (at most once a
-    second), so a gateway started while Kafka is down answers UNAVAILABLE and recovers by itself.
-    """
-
-    def __init__(self, bootstrap: str, *, ack_timeout_s: float, linger_ms: int = 2, compression: str = "none") -> None:
-        self.bootstrap = bootstrap
-        self.ack_timeout_s = ack_timeout_s
-        timeout_ms = int(ack_timeout_s * 1000)
-        self._overrides: dict[str, Any] = {
-            "linger_ms": linger_ms,
-            "compression_type": None if compression == "none" else compression,
-            # The producer gives up on a record when the caller does, so a record answered
-            # UNAVAILABLE is not silently delivered much later by a background retry.
-            "delivery_timeout_ms": timeout_ms,
-            "request_timeout_ms": max(1000, timeout_ms - linger_ms - 1),
-            "max_block_ms": timeout_ms,
-            "bootstrap_timeout_ms": timeout_ms,
-        }
-        self._producer: KafkaProducer | None = None
-        self._last_failure = 0.0
-        self._connect_failed_at = 0.0
-        self._connect_error = ""
-        # One thread: sends keep their submission order and never contend with each other.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-send")
-
-    def _ensure(self) -> KafkaProducer:
-        if self._producer is not None:
-            return self._producer
-        if time.monotonic() - self._connect_failed_at < 1.0:
-            raise Unavailable(f"Kafka at {self.bootstrap} is unreachable ({self._connect_error}); retry shortly")
-        try:
-            self._producer = make_producer(self.bootstrap, **self._overrides)
-        except Unavailable as e:
-            self._connect_failed_at = time.monotonic()
-            self._connect_error = str(e.__cause__.__class__.__name__ if e.__cause__ else e)
-            raise
-        except Exception as e:  # noqa: BLE001 - any connect failure means "Kafka is not there"
-            self._connect_failed_at = time.monotonic()
-            self._connect_error = type(e).__name__
-            raise Unavailable(f"Kafka at {self.bootstrap} is unreachable: {type(e).__name__}") from e
-        log.info("connected to Kafka at %s", self.bootstrap)
-        return self._producer
-
-    def is_connected(self) -> bool:
-        """Connected, and no write failed in the last 5 seconds (for health checks)."""
-        return self._producer is not None and time.monotonic() - self._last_failure > 5.0
-
-    async def connect(self) -> bool:
-        """Try to connect now (start-up); False when Kafka is not reachable yet."""
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._ensure)
-            return True
-        except Unavailable as e:
-            log.warning("Kafka not reachable at start-up: %s; events will be answered UNAVAILABLE until it is", e)
-            return False
-
-    async def write(self, records: Sequence[tuple[str, bytes, bytes]]) -> list[float | PrefstreamError]:
-        """Send (topic, key, value) records; per record the ack time (epoch s) or Unavailable."""
-        if not records:
-            return []
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        results: list[float | PrefstreamError | None] = [None] * len(records)
-        remaining = [len(records)]
-        lock = threading.Lock()
-
-        def settle(i: int, value: float | PrefstreamError) -> None:
-            with lock:
-                if results[i] is not None:
-                    return
-                results[i] = value
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-
-        def send_all() -> None:
-            producer = self._ensure()
-            for i, (topic, key, value) in enumerate(records):
-                try:
-                    fut = producer.send(topic, value=value, key=key)
-                except Exception as e:  # noqa: BLE001 - enqueue failures (metadata, buffer) per record
-                    settle(i, Unavailable(f"Kafka did not accept the write: {type(e).__name__}"))
-                    continue
-                fut.add_callback(lambda _meta, i=i: settle(i, time.time()))
-                fut.add_errback(lambda exc, i=i: settle(i, Unavailable(f"Kafka did not acknowledge the write: {type(exc).__name__}")))
-
-        try:
-            await loop.run_in_executor(self._executor, send_all)
-            await asyncio.wait_for(asyncio.shield(done), self.ack_timeout_s + 1.0)
-        except Unavailable as e:
-            for i in range(len(records)):
-                settle(i, e)
-        except asyncio.TimeoutError:
-            for i in range(len(records)):
-                settle(i, Unavailable(f"Kafka did not acknowledge the write within {self.ack_timeout_s:.0f}s"))
-        metrics.KAFKA_BATCH.observe(len(records))
-        if any(isinstance(r, PrefstreamError) or r is None for r in results):
-            self._last_failure = time.monotonic()
-        return [r if r is not None else Unavailable("Kafka write was not attempted") for r in results]
-
-    async def close(self, timeout_s: float = 5.0) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, lambda: producer.close(timeout=timeout_s))
-        self._executor.shutdown(wait=False)
 
 
 class Ingestor:
@@ -293,8 +179,8 @@ class Ingestor:
         if not idx:
             return
         handed = time.time()
-        events: list[Event] = [dataclasses.replace(items[i].event, acked_at=handed) for i in idx]  # type: ignore[type-var]
-        records = [(self.topic_of(ev), kafka_key(ev), encode_event(ev.to_proto())) for ev in events]
+        events: list[Event] = [items[i].event for i in idx]  # type: ignore[misc]
+        records = [(self.topic_of(ev), kafka_key(ev), wire.encode(ev, acked_at=handed)) for ev in events]
         try:
             acks = await self.writer.write(records)
         except BaseException:
@@ -313,7 +199,7 @@ class Ingestor:
                 continue
             completion_id = ev.completion_id if isinstance(ev, (Completion, Feedback)) else ""
             out[i] = Accepted(event_id=ev.event_id, completion_id=completion_id, acked_at=ack)
-            metrics.ACK_SECONDS.labels("completion" if isinstance(ev, Completion) else "feedback").observe(now - items[i].received)
+            metrics.ack_histogram("completion" if isinstance(ev, Completion) else "feedback").observe(now - items[i].received)
             if c is not None:
                 ok_claims.append(c)
                 ok_results.append({"c": completion_id, "a": ack})
@@ -321,13 +207,8 @@ class Ingestor:
                 shapes.append((_SHAPE_KEY.format(ev.completion_id), f"{ev.project}\x00{len(ev.candidates)}"))
         await self._release_quietly(failed_claims)
         try:
-            await self.dedup.confirm(ok_claims, ok_results)
-            if shapes:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, value in shapes:
-                        pipe.set(key, value, px=self._shape_ms)
-                    await pipe.execute()
-        except (PrefstreamError, redis.RedisError, OSError) as e:
+            await self.dedup.confirm(ok_claims, ok_results, also_set=shapes, also_set_ms=self._shape_ms)
+        except PrefstreamError as e:
             # Kafka has these events: they are answered OK.  Without the confirm a retry after the
             # pending marker expires writes them again (deterministic record ids absorb it).
             log.warning("Kafka acknowledged %d event(s) but Redis bookkeeping failed: %s", len(ok_claims), e)

@@ -6,6 +6,8 @@ Labels take values from small fixed sets: ``kind`` is completion/feedback, ``tra
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.metrics import LATENCY_BUCKETS_S, SIZE_BUCKETS
@@ -53,3 +55,14 @@ FRESHNESS_SECONDS = Histogram(
     "From the source feedback's acknowledgement to its preference record being written.",
     buckets=LATENCY_BUCKETS_S,
 )
+
+
+@lru_cache(maxsize=512)
+def events_counter(kind: str, transport: str, outcome: str) -> Counter:
+    """The EVENTS child for these labels (cached: labels() costs more than inc() on the hot path)."""
+    return EVENTS.labels(kind, transport, outcome)
+
+
+@lru_cache(maxsize=8)
+def ack_histogram(kind: str) -> Histogram:
+    return ACK_SECONDS.labels(kind)

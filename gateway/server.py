@@ -36,7 +36,7 @@ SERVICE_NAME = "prefstream.gateway.v1.GatewayService"
 #: Most events one stream batch carries (bounded so one batch's latency stays small).
 STREAM_MAX_BATCH = 512
 #: Batches of one stream in flight at once (pipelining Redis/Kafka round trips).
-STREAM_MAX_INFLIGHT = 8
+STREAM_MAX_INFLIGHT = 4
 #: Requests read ahead of processing before the reader waits (backpressure to the client).
 STREAM_READ_AHEAD = 4096
 
@@ -77,7 +77,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self._principal(context)
         metrics.STREAMS.inc()
         incoming: asyncio.Queue = asyncio.Queue(maxsize=STREAM_READ_AHEAD)
-        batches: asyncio.Queue = asyncio.Queue(maxsize=STREAM_MAX_INFLIGHT)
+        batches: asyncio.Queue = asyncio.Queue()  # bounded by the batcher's in-flight slots
         reader = asyncio.create_task(self._read(request_iterator, incoming))
         batcher = asyncio.create_task(self._batch(incoming, batches, principal))
         try:
@@ -109,12 +109,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await incoming.put(None)
 
     async def _batch(self, incoming: asyncio.Queue, batches: asyncio.Queue, principal: Principal) -> None:
-        """Group whatever requests have arrived into one write; keep order via the batches queue."""
+        """Group whatever requests have arrived into one write; keep order via the batches queue.
+
+        A batch is formed only when one of the ``STREAM_MAX_INFLIGHT`` slots is free, so under load
+        requests accumulate while earlier batches wait for Kafka and batches grow by themselves
+        (fewer round trips per event); a lone event still goes out at once.
+        """
+        slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         done = False
         while not done:
             first = await incoming.get()
             if first is None:
                 break
+            await slots.acquire()
             reqs = [first]
             while len(reqs) < STREAM_MAX_BATCH and not incoming.empty():
                 nxt = incoming.get_nowait()
@@ -129,6 +136,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 kinds.append(kind)
                 items.append(item)
             task = asyncio.create_task(self._ingestor.write(items, principal))
+            task.add_done_callback(lambda _t: slots.release())
             await batches.put((seqs, kinds, task))
         await batches.put(None)
 

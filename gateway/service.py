@@ -24,7 +24,8 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.http import HttpApi, build_app
-from gateway.ingest import Ingestor, KafkaWriter
+from gateway.ingest import Ingestor
+from gateway.kafka_writer import KafkaWriter
 from gateway.processor import ProcessorThread
 from gateway.server import SERVICE_NAME, GatewayServicer, add_to_server
 from gateway.validation import Limits
@@ -64,7 +65,11 @@ class Gateway:
             log.warning("API-key authentication is DISABLED (auth_enabled=false): any caller may write any project")
         self._redis = connect_async(redis_url)
         self._writer = KafkaWriter(
-            kafka, ack_timeout_s=cfg.kafka_ack_timeout_s, linger_ms=cfg.kafka_linger_ms, compression=cfg.kafka_compression
+            kafka,
+            ack_timeout_s=cfg.kafka_ack_timeout_s,
+            linger_ms=cfg.kafka_linger_ms,
+            compression=cfg.kafka_compression,
+            in_process=not cfg.kafka_producer_process,
         )
         await self._writer.connect()
         auth = Authenticator(self._redis, pepper=cfg.auth_pepper, enabled=cfg.auth_enabled, cache_s=cfg.auth_cache_s)

@@ -107,7 +107,7 @@ def parse_json(data: bytes | str, cls: type[Message], *, root: str = "") -> Mess
     try:
         return decode_event(data, cls, what=root or "body")
     except InvalidArgument as e:
-        m = _AT_PATH.search(e.message)
+        m = _AT_PATH.search(e.message) if " schema: " in e.message else None
         if m is None:
             raise
         path = m.group(1).rstrip(".").replace('"', "")

@@ -1,0 +1,41 @@
+"""API-key parsing, hashing and authorization rules (the Redis round trips are integration-tested)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.auth import ANONYMOUS, Principal, hash_secret, key_from_metadata, parse_key
+from services.errors import PermissionDenied, Unauthenticated
+
+
+def test_parse_key() -> None:
+    assert parse_key("psk_0a1b2c_se_cr-et") == ("0a1b2c", "se_cr-et")
+    for bad in ("", "psk_", "psk_xyz_secret", "sk_0a1b_secret", "psk_0a1b"):
+        with pytest.raises(Unauthenticated):
+            parse_key(bad)
+
+
+def test_key_from_metadata() -> None:
+    assert key_from_metadata({"authorization": "Bearer psk_1_x"}) == "psk_1_x"
+    assert key_from_metadata({"Authorization": "bearer  psk_1_x "}) == "psk_1_x"
+    assert key_from_metadata({"x-api-key": "psk_1_x"}) == "psk_1_x"
+    assert key_from_metadata({"X-API-Key": "psk_1_x"}) == "psk_1_x"
+    assert key_from_metadata({}) is None
+    with pytest.raises(Unauthenticated, match="Bearer"):
+        key_from_metadata({"authorization": "Basic abc"})
+
+
+def test_hash_depends_on_salt_and_pepper() -> None:
+    h = hash_secret("secret", b"salt", "pepper")
+    assert h == hash_secret("secret", b"salt", "pepper") and len(h) == 64
+    assert h != hash_secret("secret", b"salt2", "pepper")
+    assert h != hash_secret("secret", b"salt", "pepper2")
+    assert h != hash_secret("secret2", b"salt", "pepper")
+
+
+def test_principal_authorization() -> None:
+    Principal("a").authorize("a", "completion.project")
+    ANONYMOUS.authorize("anything", "completion.project")
+    with pytest.raises(PermissionDenied) as err:
+        Principal("a").authorize("b", "feedback.project")
+    assert err.value.field == "feedback.project" and "'b'" in err.value.message
