@@ -260,9 +260,9 @@ def test_decoder_and_t5_checkpoints_run_in_a_pipeline(tmp_path: Path) -> None:
     pipe = pipeline("text-classification", model=str(d), function_to_apply="none", top_k=None)
     # HF pools the last non-pad token; with pad == eos that is the last response token, so the plain
     # rendered text scores exactly as prefstream's encoding does.
-    got = {r["label"]: r["score"] for r in pipe("User: hello\n\nAssistant: world")}
+    got = {r["label"]: r["score"] for r in pipe(["User: hello\n\nAssistant: world"])[0]}
     assert got["reward"] == pytest.approx(llama.score([[("user", "hello")]], ["world"])[0].reward, abs=1e-4)
 
     d5 = _tiny("t5").save(tmp_path / "t5")
-    out = pipeline("text-classification", model=str(d5), function_to_apply="none", top_k=None)("User: hello")
+    out = pipeline("text-classification", model=str(d5), function_to_apply="none", top_k=None)(["User: hello"])[0]
     assert [r["label"] for r in out] == ["reward"]
