@@ -1,0 +1,254 @@
+"""The gateway against real Kafka and Redis: acks, dedup, per-field errors, auth codes, Kafka down."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Iterator
+
+import grpc
+import pytest
+import requests
+
+from gateway.auth import create_key, revoke_key
+from gateway.events import completion_id_for
+from gateway.testing import GatewayHarness, read_topic
+from prefstream.events.v1 import events_pb2 as ev
+from prefstream.gateway.v1 import gateway_pb2 as g
+from prefstream.gateway.v1 import gateway_pb2_grpc as gg
+from services.stack import free_port, topics
+
+pytestmark = pytest.mark.integration
+
+USER = ev.ChatMessage(role=ev.ROLE_USER, content="What is 2+2?")
+
+
+@pytest.fixture(scope="module")
+def gw(kafka_bootstrap: str, redis_url: str) -> Iterator[GatewayHarness]:
+    with GatewayHarness(kafka_bootstrap, redis_url, run_processor=False) as h:
+        yield h
+
+
+@pytest.fixture
+def project() -> str:
+    return f"proj-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def key(redis_client, project: str) -> str:
+    k, _ = create_key(redis_client, project, pepper="")
+    return k
+
+
+@pytest.fixture
+def stub(gw: GatewayHarness) -> Iterator[gg.GatewayServiceStub]:
+    with grpc.insecure_channel(gw.address) as ch:
+        yield gg.GatewayServiceStub(ch)
+
+
+def md(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def completion(project: str, event_id: str = "", **kw) -> ev.Completion:
+    return ev.Completion(event_id=event_id, project=project, prompt=[USER], candidates=["4", "5", "22"], **kw)
+
+
+def event_ids(gw: GatewayHarness, kafka_bootstrap: str, spec) -> list[str]:
+    return [json.loads(r.value)["event_id"] for r in read_topic(kafka_bootstrap, gw.topic(spec))]
+
+
+def test_completion_and_feedback_are_acked_after_kafka_has_them(gw, stub, key, project, kafka_bootstrap) -> None:
+    eid = f"c-{uuid.uuid4().hex}"
+    resp = stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, eid, model="m", model_version="v1")), metadata=md(key))
+    assert resp.event_id == eid and not resp.duplicate
+    assert resp.completion_id == completion_id_for(project, eid)
+    assert resp.acked_at.seconds > 0
+    fb = ev.Feedback(event_id=f"f-{uuid.uuid4().hex}", project=project, completion_id=resp.completion_id, choice=ev.Choice(chosen_index=0))
+    fresp = stub.LogFeedback(g.LogFeedbackRequest(feedback=fb), metadata=md(key))
+    assert fresp.event_id == fb.event_id and not fresp.duplicate
+    records = {json.loads(r.value)["event_id"]: json.loads(r.value) for r in read_topic(kafka_bootstrap, gw.topic(topics.COMPLETIONS))}
+    assert records[eid]["completion_id"] == resp.completion_id
+    assert records[eid]["prompt"] == [{"role": "ROLE_USER", "content": "What is 2+2?"}]
+    assert "acked_at" in records[eid]
+    assert fb.event_id in event_ids(gw, kafka_bootstrap, topics.FEEDBACK)
+    # No client id: the gateway assigns one.
+    anon = stub.LogCompletion(g.LogCompletionRequest(completion=completion(project)), metadata=md(key))
+    assert anon.event_id.startswith("gw-") and anon.completion_id == completion_id_for(project, anon.event_id)
+
+
+def test_duplicate_event_ids_are_written_once(gw, stub, key, project, kafka_bootstrap) -> None:
+    eid = f"dup-{uuid.uuid4().hex}"
+    first = stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, eid)), metadata=md(key))
+    again = stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, eid)), metadata=md(key))
+    assert not first.duplicate and again.duplicate
+    assert again.completion_id == first.completion_id and again.acked_at == first.acked_at
+    # The same id twice inside one stream (and once more already written), plus a fresh one.
+    sid = f"dup-{uuid.uuid4().hex}"
+    reqs = [g.StreamEventsRequest(seq=i, completion=completion(project, e)) for i, e in enumerate([sid, sid, eid, sid])]
+    out = list(stub.StreamEvents(iter(reqs), metadata=md(key)))
+    assert [r.seq for r in out] == [0, 1, 2, 3]
+    assert [r.status.code for r in out] == [0, 0, 0, 0]
+    assert [r.duplicate for r in out] == [False, True, True, True]
+    # Over HTTP as well.
+    body = {"completion": json.loads(json.dumps({"event_id": eid, "project": project,
+                                                  "prompt": [{"role": "ROLE_USER", "content": "x"}], "candidates": ["a"]}))}
+    r = requests.post(f"{gw.http_url}/v1/completions/log", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and r.json()["duplicate"] is True
+    ids = event_ids(gw, kafka_bootstrap, topics.COMPLETIONS)
+    assert ids.count(eid) == 1 and ids.count(sid) == 1
+
+
+def _bad_completions(project: str) -> list[tuple[str, ev.Completion, str, str]]:
+    ok = dict(project=project, prompt=[USER], candidates=["a", "b"])
+    return [
+        ("missing project", ev.Completion(prompt=[USER], candidates=["a"]), "completion.project", "is required"),
+        ("no prompt", ev.Completion(project=project, candidates=["a"]), "completion.prompt", "at least one message"),
+        ("unknown role", ev.Completion(**{**ok, "prompt": [ev.ChatMessage(role=7, content="x")]}), "completion.prompt[0].role", "unknown role 7"),
+        ("empty output", ev.Completion(**{**ok, "candidates": ["a", ""]}), "completion.candidates[1]", "empty"),
+        ("too many candidates", ev.Completion(**{**ok, "candidates": ["a"] * 17}), "completion.candidates", "limit is 16"),
+        ("too many messages", ev.Completion(**{**ok, "prompt": [USER] * 257}), "completion.prompt", "limit is 256"),
+        ("message too long", ev.Completion(**{**ok, "prompt": [ev.ChatMessage(role=2, content="x" * 100_001)]}),
+         "completion.prompt[0].content", "limit is 100000"),
+    ]
+
+
+def _bad_feedback(project: str, cid: str) -> list[tuple[str, ev.Feedback, str, str]]:
+    base = dict(project=project, completion_id=cid)
+    return [
+        ("no kind", ev.Feedback(**base), "feedback.kind", "is required"),
+        ("unknown candidate index", ev.Feedback(**base, choice=ev.Choice(chosen_index=3)), "feedback.choice.chosen_index", "out of range"),
+        ("ranking with duplicates", ev.Feedback(**base, ranking=ev.Ranking(ranked_indices=[0, 1, 0])),
+         "feedback.ranking.ranked_indices[2]", "appears twice"),
+        ("K < 2", ev.Feedback(**base, ranking=ev.Ranking(ranked_indices=[1])), "feedback.ranking.ranked_indices", "K >= 2"),
+        ("non-finite score", ev.Feedback(**base, scores=ev.Scores(scores=[ev.OutputScore(index=0, score=float("nan")),
+                                                                          ev.OutputScore(index=1, score=1.0)])),
+         "feedback.scores.scores[0].score", "finite"),
+        ("unknown attribute", ev.Feedback(**base, scores=ev.Scores(scores=[ev.OutputScore(index=0, attributes={"humor": 1.0}),
+                                                                           ev.OutputScore(index=1, score=1.0)])),
+         "feedback.scores.scores[0].attributes['humor']", "unknown attribute"),
+        ("no target", ev.Feedback(project=project, thumbs=ev.Thumbs(index=0, up=True)), "feedback.target", "is required"),
+    ]
+
+
+def test_malformed_inputs_get_their_precise_error_everywhere(gw, stub, key, project) -> None:
+    logged = stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, f"c-{uuid.uuid4().hex}")), metadata=md(key))
+    cases = [("completion", n, m, f, t) for n, m, f, t in _bad_completions(project)]
+    cases += [("feedback", n, m, f, t) for n, m, f, t in _bad_feedback(project, logged.completion_id)]
+    for kind, name, msg, field, text in cases:
+        # Unary gRPC: INVALID_ARGUMENT, details "field: message".
+        with pytest.raises(grpc.RpcError) as err:
+            if kind == "completion":
+                stub.LogCompletion(g.LogCompletionRequest(completion=msg), metadata=md(key))
+            else:
+                stub.LogFeedback(g.LogFeedbackRequest(feedback=msg), metadata=md(key))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert err.value.details().startswith(field + ": "), (name, err.value.details())
+        assert text in err.value.details(), name
+        # HTTP: 400 with the field as `param`.
+        from google.protobuf import json_format
+
+        body = {kind: json_format.MessageToDict(msg, preserving_proto_field_name=True)}
+        path = "/v1/completions/log" if kind == "completion" else "/v1/feedback"
+        r = requests.post(gw.http_url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        if name == "non-finite score":  # JSON carries NaN as the string "NaN": same rule, same field
+            assert r.status_code == 400
+        else:
+            assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"]["param"] == field, (name, r.text)
+    # One stream carrying every bad event between good ones: each answered, the stream goes on.
+    reqs, expected = [], []
+    for i, (kind, name, msg, field, _) in enumerate(cases):
+        reqs.append(g.StreamEventsRequest(seq=2 * i, completion=completion(project)))
+        expected.append((0, ""))
+        req = g.StreamEventsRequest(seq=2 * i + 1)
+        getattr(req, kind).CopyFrom(msg)
+        reqs.append(req)
+        expected.append((grpc.StatusCode.INVALID_ARGUMENT.value[0], field))
+    out = list(stub.StreamEvents(iter(reqs), metadata=md(key)))
+    assert [(r.status.code, r.status.field) for r in out] == expected
+    assert [r.seq for r in out] == list(range(len(reqs)))
+
+
+def test_http_batch_and_body_errors(gw, key, project) -> None:
+    h = {"Authorization": f"Bearer {key}"}
+    events = [
+        {"seq": 1, "completion": {"project": project, "prompt": [{"role": "ROLE_USER", "content": "q"}], "candidates": ["a", "b"]}},
+        {"seq": 2, "completion": {"project": project, "prompt": [{"role": "user", "content": "q"}], "candidates": ["a"]}},
+        {"seq": 3, "feedback": {"project": project, "inline": {"prompt": [{"role": "ROLE_USER", "content": "q"}],
+                                                                 "outputs": ["a", "b"]}, "ranking": {"ranked_indices": [1, 0]}}},
+        {"seq": 4},
+    ]
+    r = requests.post(f"{gw.http_url}/v1/events:batch", json={"events": events}, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["seq"] for x in results] == ["1", "2", "3", "4"] or [int(x["seq"]) for x in results] == [1, 2, 3, 4]
+    assert [x["status"].get("code", 0) for x in results] == [0, 3, 0, 3]
+    assert results[1]["status"]["field"] == "events[1].completion.prompt[0].role"
+    assert results[3]["status"]["field"] == "event"
+    r = requests.post(f"{gw.http_url}/v1/feedback", data=b"{not json", headers=h, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = requests.post(f"{gw.http_url}/v1/completions/log", json={"completion": {"promt": []}}, headers=h, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "completion"
+    assert requests.get(f"{gw.http_url}/healthz", timeout=10).json()["kafka"] is True
+    assert "prefstream_gateway_events_total" in requests.get(f"{gw.http_url}/metrics", timeout=10).text
+
+
+def test_auth_codes(gw, stub, redis_client, key, project) -> None:
+    c = g.LogCompletionRequest(completion=completion(project))
+    cases = [
+        ((), grpc.StatusCode.UNAUTHENTICATED, 401),
+        ((("authorization", "Bearer psk_00ff00ff00ff_nope"),), grpc.StatusCode.UNAUTHENTICATED, 401),
+        ((("authorization", "Token abc"),), grpc.StatusCode.UNAUTHENTICATED, 401),
+        ((("x-api-key", "garbage"),), grpc.StatusCode.UNAUTHENTICATED, 401),
+    ]
+    other_key, _ = create_key(redis_client, project + "-other", pepper="")
+    cases.append(((("authorization", f"Bearer {other_key}"),), grpc.StatusCode.PERMISSION_DENIED, 403))
+    for metadata, code, http_status in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LogCompletion(c, metadata=metadata)
+        assert err.value.code() == code, metadata
+        body = {"completion": {"project": project, "prompt": [{"role": "ROLE_USER", "content": "q"}], "candidates": ["a"]}}
+        r = requests.post(f"{gw.http_url}/v1/completions/log", json=body, headers=dict(metadata), timeout=30)
+        assert r.status_code == http_status, (metadata, r.text)
+    # x-api-key works as well as Bearer.
+    assert stub.LogCompletion(c, metadata=(("x-api-key", key),)).completion_id
+    # A stream with another project's key: each event PERMISSION_DENIED, the stream goes on.
+    out = list(stub.StreamEvents(iter([g.StreamEventsRequest(seq=1, completion=completion(project))]),
+                                 metadata=(("authorization", f"Bearer {other_key}"),)))
+    assert out[0].status.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and out[0].status.field == "completion.project"
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.StreamEvents(iter([g.StreamEventsRequest(seq=1, completion=completion(project))])))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Revoked keys stop working (the harness caches nothing).
+    revoke_key(redis_client, key)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LogCompletion(c, metadata=md(key))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
+
+
+def test_kafka_unreachable_is_unavailable_never_ok(redis_url: str, redis_client) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    project = f"proj-{uuid.uuid4().hex[:8]}"
+    key, _ = create_key(redis_client, project, pepper="")
+    h = GatewayHarness(closed, redis_url, create_topics=False, run_processor=False, kafka_ack_timeout_s=2.0, dedup_pending_ttl_s=5.0)
+    with h:
+        with grpc.insecure_channel(h.address) as ch:
+            stub = gg.GatewayServiceStub(ch)
+            eid = f"c-{uuid.uuid4().hex}"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, eid)), metadata=md(key), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The failed write left no "done" marker: a retry is attempted again (and fails again).
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, eid)), metadata=md(key), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            out = list(stub.StreamEvents(iter([g.StreamEventsRequest(seq=i, completion=completion(project)) for i in range(3)]),
+                                         metadata=md(key), timeout=60))
+            assert [r.status.code for r in out] == [grpc.StatusCode.UNAVAILABLE.value[0]] * 3
+            r = requests.post(f"{h.http_url}/v1/completions/log", json={"completion": {
+                "project": project, "prompt": [{"role": "ROLE_USER", "content": "q"}], "candidates": ["a"]}},
+                headers={"Authorization": f"Bearer {key}"}, timeout=60)
+            assert r.status_code == 503
+            assert requests.get(f"{h.http_url}/healthz", timeout=10).status_code == 503
+    assert redis_client.get(f"prefstream:dedup:{project}:{eid}") is None
