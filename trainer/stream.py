@@ -74,6 +74,7 @@ class KafkaSource:
         self._dead_letter_topic = dead_letter_topic
         self._producer = producer
         self.dead_letters = 0
+        self._closing = False
         self._consumer = make_consumer(bootstrap, group_id=group_id, max_poll_records=500)
 
         source = self
@@ -81,7 +82,7 @@ class KafkaSource:
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):  # noqa: D401 - kafka-python callback
                 lost = sorted(tp.partition for tp in revoked if tp.topic == topic)
-                if lost:
+                if lost and not source._closing:
                     log.warning("partitions %s of %s revoked; the trainer should be the group's only member", lost, topic)
                     source._revoked.set()
                 source._assigned -= set(lost)
@@ -164,6 +165,7 @@ class KafkaSource:
         return False
 
     def close(self) -> None:
+        self._closing = True
         self._consumer.close(autocommit=False)
 
 

@@ -1,0 +1,295 @@
+"""The trainer against real Kafka, Redis and Ray: DDP on 2 Ray workers, a real kill -9 and resume with
+every record trained exactly once, and the evaluation gate publishing and rejecting in the registry.
+
+Each test gets its own preference topic (created like the stack's), model name and checkpoint store,
+so other suites producing to ``prefstream.preferences`` on the shared stack cannot interfere.  Models
+are tiny BERTs built from a config with the embedded MiniLM tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.checkpoints import CheckpointStore
+from services.registry import ModelRegistry
+from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
+from services.schemas import ChatMessage, ModelUpdate, PreferenceRecord
+from services.stack.topics import MODEL_UPDATES, PREFERENCES, ensure_topics
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = ["yes , here is a clear and helpful answer", "sure , this works well", "great question , the answer is simple"]
+BAD = ["no", "i do not know", "go away"]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def tiny_model(folder: Path) -> str:
+    from transformers import AutoTokenizer, BertConfig
+
+    tok = AutoTokenizer.from_pretrained(default_reward_model_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    RewardModel.from_config(cfg, tok, RewardModelSpec(base_model="tiny", max_length=64)).save(folder)
+    return str(folder)
+
+
+def records(n: int, *, start: int = 0, split: str = "train", tag: str = "") -> list[PreferenceRecord]:
+    rng = random.Random(start)
+    return [
+        PreferenceRecord(record_id=f"{tag}r{i}", prompt=(ChatMessage("user", f"question number {i}"),),
+                         ranked_responses=(rng.choice(GOOD), rng.choice(BAD)), split=split,
+                         source_acked_at=time.time())
+        for i in range(start, start + n)
+    ]
+
+
+def new_topic(bootstrap: str) -> str:
+    name = f"{PREFERENCES.name}.test-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [dataclasses.replace(PREFERENCES, name=name)])
+    return name
+
+
+def produce(bootstrap: str, topic: str, recs: list[PreferenceRecord]) -> None:
+    from services.kafka import make_producer
+
+    producer = make_producer(bootstrap)
+    try:
+        futures = [producer.send(topic, key=r.record_id.encode(), value=r.to_kafka()) for r in recs]
+        for f in futures:
+            f.get(timeout=30)
+    finally:
+        producer.close()
+
+
+def trained_ids(store: CheckpointStore, name: str) -> list[str]:
+    return [e["record_id"] for ref in store.list(name) for e in store.read_metadata(ref)["records"]]
+
+
+def committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: c.committed(TopicPartition(topic, p)) or 0 for p in range(PREFERENCES.partitions)}
+    finally:
+        c.close()
+
+
+def announcements(bootstrap: str, model_name: str) -> list[ModelUpdate]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tp = TopicPartition(MODEL_UPDATES.name, 0)
+        c.assign([tp])
+        c.seek_to_beginning(tp)
+        end = c.end_offsets([tp])[tp]
+        out = []
+        while c.position(tp) < end:
+            for msgs in c.poll(timeout_ms=2000).values():
+                out += [ModelUpdate.from_kafka(m.value) for m in msgs]
+        return [u for u in out if u.model_name == model_name]
+    finally:
+        c.close()
+
+
+# --- Ray Train, DDP over 2 CPU workers -----------------------------------------------------------
+
+
+def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str, ray_address: str
+) -> None:
+    from trainer.config import TrainerConfig
+    from trainer.ray_train import run_on_ray
+
+    topic = new_topic(kafka_bootstrap)
+    train = records(24, tag="ray")
+    held_out = records(4, start=100, split="test", tag="ray")
+    produce(kafka_bootstrap, topic, train[:12] + held_out + train[12:])
+    name = f"ray-{uuid.uuid4().hex[:6]}"
+    cfg = TrainerConfig(
+        base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, lr=1e-3, warmup_steps=0,
+        batch_size=4, replay_ratio=0.5, topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka_bootstrap,
+        redis_url=redis_url, ray_address=ray_address, num_workers=2, checkpoint_url=str(tmp_path / "ckpt"),
+        checkpoint_every_records=12, checkpoint_every_s=0, max_batch_wait_s=0.2, max_records=24,
+        idle_exit_s=60, ray_storage_path=str(tmp_path / "ray"), ray_max_failures=0,
+    )
+    summary = run_on_ray(cfg)
+    assert summary["world_size"] == 2 and summary["records"] == 24, summary
+    store = CheckpointStore(cfg.checkpoint_url)
+    refs = store.list(name)
+    metas = [store.read_metadata(r) for r in refs]
+    assert all(m["trainer"]["world_size"] == 2 for m in metas)
+    ids = trained_ids(store, name)
+    assert sorted(ids) == sorted(r.record_id for r in train)  # each TRAIN record exactly once
+    assert metas[-1]["eval"]["pairs"] == 4 and metas[-1]["eval_topic_records"] == 4
+    assert sum(int(v) for v in metas[-1]["offsets"].values()) == 28
+    assert committed(kafka_bootstrap, topic, cfg.group_id) == {int(p): o for p, o in metas[-1]["offsets"].items()}
+    # weights moved away from the base model
+    base = RewardModel.from_pretrained(cfg.base_model).hf_model.state_dict()
+    final = RewardModel.from_pretrained(store.open(refs[-1])).hf_model.state_dict()
+    assert any(not torch.equal(base[k], final[k]) for k in base)
+    registry = ModelRegistry(__import__("redis").Redis.from_url(redis_url))
+    versions = registry.versions(name, include_rejected=True)
+    assert [v.version for v in versions] == [r.version for r in refs]
+    assert registry.target(name) is not None
+    assert {u.version for u in announcements(kafka_bootstrap, name)} == {r.version for r in refs}
+
+
+# --- kill -9 and resume ---------------------------------------------------------------------------
+
+
+def _start_trainer(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "trainer"], cwd=REPO, env=full, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    topic = new_topic(kafka_bootstrap)
+    first, second = records(40, tag="k"), records(20, start=40, tag="k")
+    produce(kafka_bootstrap, topic, first)
+    name = f"kill-{uuid.uuid4().hex[:6]}"
+    ckpt = tmp_path / "ckpt"
+    env = {
+        "PREFSTREAM_TRAINER_BASE_MODEL": tiny_model(tmp_path / "tiny"),
+        "PREFSTREAM_TRAINER_MODEL_NAME": name,
+        "PREFSTREAM_TRAINER_MAX_LENGTH": "64",
+        "PREFSTREAM_TRAINER_BATCH_SIZE": "4",
+        "PREFSTREAM_TRAINER_LR": "1e-3",
+        "PREFSTREAM_TRAINER_TOPIC": topic,
+        "PREFSTREAM_TRAINER_GROUP_ID": f"g-{name}",
+        "PREFSTREAM_TRAINER_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "PREFSTREAM_TRAINER_REDIS_URL": redis_url,
+        "PREFSTREAM_TRAINER_CHECKPOINT_URL": str(ckpt),
+        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": "8",
+        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_S": "0",
+        "PREFSTREAM_TRAINER_MAX_BATCH_WAIT_S": "0.1",
+        "PREFSTREAM_TRAINER_MAX_RECORDS": "60",
+        "PREFSTREAM_TRAINER_IDLE_EXIT_S": "120",
+        "PREFSTREAM_TRAINER_TORCH_THREADS": "1",
+    }
+    log_path = tmp_path / "trainer.log"
+    proc = _start_trainer(env, log_path)
+    store = CheckpointStore(ckpt)
+    deadline = time.monotonic() + 180
+    try:
+        while not store.list(name):
+            assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint in time:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # no handler, no final checkpoint, no commit
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    before = trained_ids(store, name)
+    assert 0 < len(before) < len(first), "the kill must land mid-stream"
+    committed_before = committed(kafka_bootstrap, topic, f"g-{name}")
+    assert sum(committed_before.values()) <= len(before)  # committed never runs ahead of durable checkpoints
+
+    produce(kafka_bootstrap, topic, second)
+    proc = _start_trainer(env, log_path)
+    try:
+        proc.wait(timeout=240)  # stops by itself at max_records=60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    ids = trained_ids(store, name)
+    assert len(ids) == len(set(ids)), "a record was trained on twice"
+    assert sorted(ids) == sorted(r.record_id for r in first + second), "a record was skipped"
+    metas = [store.read_metadata(r) for r in store.list(name)]
+    assert metas[-1]["records_seen"] == 60
+    assert "resuming own checkpoint" in log_path.read_text()
+    final_offsets = {int(p): o for p, o in metas[-1]["offsets"].items()}
+    assert committed(kafka_bootstrap, topic, f"g-{name}") == final_offsets
+    registry = ModelRegistry(__import__("redis").Redis.from_url(redis_url))
+    assert registry.target(name).version == store.list(name)[-1].version
+
+
+# --- the evaluation gate -------------------------------------------------------------------------
+
+
+def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_one(
+    tmp_path: Path, redis_client, kafka_bootstrap: str
+) -> None:
+    from trainer.checkpointing import LineageState, find_resume_point, load_model
+    from trainer.config import TrainerConfig
+    from trainer.engine import Engine
+    from trainer.evaluation import EvalSet, evaluate
+    from trainer.gate import Gate, kafka_announcer
+    from trainer.loop import ContinualTrainer
+    from trainer.replay import ReservoirBuffer
+    from trainer.stream import ListSource
+
+    name = f"gate-{uuid.uuid4().hex[:6]}"
+    cfg = TrainerConfig(base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, lr=3e-3,
+                        warmup_steps=0, batch_size=4, checkpoint_url=str(tmp_path / "ckpt"),
+                        checkpoint_every_records=16, checkpoint_every_s=0, max_batch_wait_s=0, poll_timeout_s=0.01,
+                        gate_tolerance=0.05, eval_max_records=8)
+    registry = ModelRegistry(redis_client, announce=kafka_announcer(kafka_bootstrap, MODEL_UPDATES.name))
+    store = CheckpointStore(cfg.checkpoint_url)
+    eval_set = EvalSet(8, records(8, start=500, split="test", tag="g"))
+
+    def run(max_records: int, lr: float, source_start: int) -> ContinualTrainer:
+        c = dataclasses.replace(cfg, max_records=max_records, lr=lr)
+        point = find_resume_point(c, store, registry)
+        engine = Engine(load_model(c, point), c, start_step=point.step)
+        loop = ContinualTrainer(
+            c, engine, ListSource(records(64, tag="g"), start_offset=source_start),
+            lineage=LineageState(step=point.step, records_seen=point.records_seen, base_model=point.base_model),
+            replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set))
+        loop.run()
+        return loop
+
+    good = run(16, 3e-3, 0)  # learns GOOD > BAD: first version, published
+    v1 = good.summary.published[0]
+    acc1 = store.read_metadata(store.get(name, v1))["eval"]["accuracy"]
+    assert acc1 >= 0.75 and registry.target(name).version == v1
+
+    # a poisoned update: records with the ranking reversed, at a huge learning rate
+    flipped = [dataclasses.replace(r, ranked_responses=r.ranked_responses[::-1]) for r in records(64, tag="g")]
+    c = dataclasses.replace(cfg, max_records=32, lr=5e-2)
+    point = find_resume_point(c, store, registry)
+    engine = Engine(load_model(c, point), c, start_step=point.step)
+    bad = ContinualTrainer(
+        c, engine, ListSource(flipped, start_offset=16),
+        lineage=LineageState(step=point.step, records_seen=point.records_seen, base_model=point.base_model),
+        replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set))
+    bad.run()
+    assert bad.summary.rejected, bad.summary
+    v2 = bad.summary.rejected[-1]
+    rejected = registry.get(name, v2)
+    assert rejected.state == "rejected"
+    assert f"below the served version {v1}" in rejected.reason and "gate_tolerance is 0.05" in rejected.reason
+    assert registry.target(name).version == v1  # the served model did not change
+    actions = {(u.version, u.action) for u in announcements(kafka_bootstrap, name)}
+    assert (v1, "published") in actions and (v2, "rejected") in actions
+
+    # the served accuracy is recomputed from the served checkpoint when the eval set changes
+    bigger = EvalSet(12, records(12, start=500, split="test", tag="g"))
+    gate = Gate(cfg, registry, bigger)
+    target, acc = gate.served()
+    expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records).accuracy
+    assert target.version == v1 and acc == pytest.approx(expected)

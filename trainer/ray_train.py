@@ -1,0 +1,239 @@
+"""The trainer on Ray Train: ``TorchTrainer`` + DDP over ``num_workers`` workers, CPU or GPU.
+
+How a continual Kafka stream feeds DDP workers while keeping offsets exact:
+
+* Rank 0 is the only Kafka consumer (a consumer-group member), the only checkpoint writer and the only
+  one that talks to the registry.  It runs exactly the in-process loop (:mod:`trainer.loop`); only its
+  ``step_fn`` differs: each micro-batch (new + replayed records) is broadcast to every rank with
+  ``torch.distributed.broadcast_object_list``, and every rank, rank 0 included, trains on its own
+  slice (``records[rank::world]``) through the same :class:`~trainer.engine.Engine`.  DDP all-reduces
+  the gradients, with per-rank loss scales that make the average equal to the whole micro-batch's
+  gradient (see :func:`trainer.engine.shard`).
+* Offsets therefore never leave rank 0: a checkpoint written there contains exactly the records of the
+  micro-batches broadcast before it, and the commit-after-durable rule is the in-process one.
+* The other ranks block in the broadcast; rank 0 sends a heartbeat while the stream is idle so the
+  collective never reaches the process-group timeout, and a ``stop`` (with the run summary) at the end.
+* A worker failure makes Ray Train restart the group (``ray_max_failures``); the new rank 0 resumes
+  from the latest durable checkpoint as a restarted process would.
+* The driver only launches the run; SIGTERM/SIGINT set a flag (a tiny named actor) that rank 0 polls,
+  so it stops between steps and writes a final checkpoint; the same actor carries rank 0's run
+  summary back to the driver.
+
+Every rank loads the resume folder rank 0 chose (a shared volume in a cluster, see k8s/trainer.yaml);
+DDP's initial broadcast makes the weights identical anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from services.schemas import PreferenceRecord
+from trainer.config import SECTION, TrainerConfig
+from trainer.engine import Engine, StepStats
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Seconds of stream idleness after which rank 0 pings the other ranks (far below the 30-min timeout).
+HEARTBEAT_S = 60.0
+STOP_POLL_S = 1.0
+
+
+class Commander:
+    """Rank 0's side of the protocol: broadcast a command, then do its own share."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._last = time.monotonic()
+
+    def _send(self, command: str, payload: Any) -> None:
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([(command, payload)], src=0)
+        self._last = time.monotonic()
+
+    def train(self, engine: Engine, records: Sequence[PreferenceRecord]) -> StepStats:
+        self._send("train", list(records))
+        return engine.train(records)
+
+    def heartbeat(self) -> None:
+        if time.monotonic() - self._last >= HEARTBEAT_S:
+            self._send("noop", None)
+
+    def stop(self, summary: dict[str, Any]) -> None:
+        self._send("stop", summary)
+
+    def abort(self, reason: str) -> None:
+        self._send("abort", reason)
+
+
+def follow(engine: Engine) -> dict[str, Any]:
+    """Ranks > 0: train on every broadcast micro-batch until rank 0 says stop."""
+    import torch.distributed as dist
+
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        command, payload = box[0]
+        if command == "train":
+            engine.train(payload)
+        elif command == "stop":
+            return payload
+        elif command == "abort":
+            raise RuntimeError(f"rank 0 failed: {payload}")
+
+
+def _broadcast(obj: Any, rank: int, world_size: int) -> Any:
+    if world_size <= 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: every rank builds an Engine; rank 0 also runs the loop."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from services.config import load_config
+    from trainer.runtime import apply_runtime_settings, build_engine, connect_services, run_leader
+    from trainer.checkpointing import find_resume_point
+
+    logging.basicConfig(level=config.get("log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    cfg = load_config(TrainerConfig, section=SECTION, env={}, overrides=config["trainer"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    apply_runtime_settings(cfg)
+
+    services = connect_services(cfg) if rank == 0 else None
+    point = find_resume_point(cfg, services.store, services.registry) if services is not None else None
+    slim = dataclasses.replace(point, replay_records=(), eval_topic_records=()) if point is not None else None
+    slim = _broadcast(slim, rank, world)
+    engine = build_engine(
+        cfg, point if rank == 0 else slim, device=ray.train.torch.get_device(),
+        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": False}),
+        rank=rank, world_size=world,
+    )
+    log.info("rank %d of %d on %s, training module %s", rank, world, engine.device, type(engine.module).__name__)
+    if rank != 0:
+        follow(engine)
+        return
+
+    commander = Commander(world)
+    control = ray.get_actor(config["control_actor"]) if config.get("control_actor") else None
+    last_check = [0.0, False]
+
+    def should_stop() -> bool:
+        if control is None:
+            return False
+        now = time.monotonic()
+        if now - last_check[0] >= STOP_POLL_S:
+            last_check[0] = now
+            last_check[1] = bool(ray.get(control.stop_requested.remote()))
+        return last_check[1]
+
+    try:
+        result = run_leader(cfg, services, point, engine, step_fn=lambda recs: commander.train(engine, recs),
+                            should_stop=should_stop, on_idle=commander.heartbeat)
+    except BaseException as e:
+        commander.abort(f"{type(e).__name__}")
+        raise
+    finally:
+        services.close()
+    summary = {
+        "steps": result.steps, "records": result.records, "replayed": result.replayed,
+        "eval_records": result.eval_records, "checkpoints": len(result.checkpoints),
+        "published": len(result.published), "rejected": len(result.rejected), "seconds": result.seconds,
+        "world_size": world, "last_version": result.checkpoints[-1] if result.checkpoints else "",
+        "stop_reason": result.stop_reason,
+    }
+    commander.stop(summary)
+    if control is not None:
+        ray.get(control.put_summary.remote(summary))
+
+
+def _run_control_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunControl:
+        """Driver <-> rank 0: the stop request (SIGTERM/SIGINT on the driver) and the run summary."""
+
+        def __init__(self) -> None:
+            self._stop = False
+            self._summary: dict[str, Any] = {}
+
+        def request_stop(self) -> None:
+            self._stop = True
+
+        def stop_requested(self) -> bool:
+            return self._stop
+
+        def put_summary(self, summary: dict[str, Any]) -> None:
+            self._summary = dict(summary)
+
+        def summary(self) -> dict[str, Any]:
+            return self._summary
+
+    return RunControl
+
+
+def runtime_env() -> dict[str, Any]:
+    """Workers import ``trainer`` and ``services`` from this checkout and never reach the HF hub."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                         "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]:
+    """Launch the continual trainer as a Ray Train run and wait for it; returns rank 0's summary."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=cfg.ray_address or None, runtime_env=runtime_env(), log_to_driver=True)
+    control_name = f"prefstream-trainer-control-{uuid.uuid4().hex[:8]}"
+    control = _run_control_class().options(name=control_name).remote()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: asking rank 0 to checkpoint and stop", signum)
+        control.request_stop.remote()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer = TorchTrainer(
+            worker_main,
+            train_loop_config={"trainer": cfg.to_dict(), "control_actor": control_name, "log_level": log_level},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=f"prefstream-trainer-{cfg.model_name}-{uuid.uuid4().hex[:6]}",
+                storage_path=str(Path(cfg.ray_storage_path).expanduser().resolve()),
+                failure_config=FailureConfig(max_failures=cfg.ray_max_failures),
+            ),
+        )
+        trainer.fit()
+        return dict(ray.get(control.summary.remote()))
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        ray.kill(control)
+        if started_ray:
+            ray.shutdown()
