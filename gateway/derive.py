@@ -256,8 +256,8 @@ def derive_thumbs(
 ) -> list[PreferenceRecord]:
     """Pairs that ``new`` completes with the prompt's earlier votes ``others``: each up > each down.
 
-    Only opposite votes on different texts pair up; a response voted both ways (by different users)
-    pairs with neither of its own votes.  The oldest counterparts pair first (ordered by ack time,
+    Only opposite votes on different texts pair up (a text voted up by one user and down by another
+    never forms a pair with itself), and a replayed vote never pairs with its own earlier copy.  The oldest counterparts pair first (ordered by ack time,
     then event id), at most ``max_pairs`` for one new vote, so a hot prompt cannot explode.  The
     record's ``source_acked_at`` is the new vote's: the record became derivable when it arrived.
     """

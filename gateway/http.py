@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import edge
 from gateway.auth import Authenticator, Principal
 from gateway.events import Completion
-from gateway.ingest import Ingestor
+from gateway.ingest import Ingestor, Item
 from gateway.validation import Limits, parse_json
 from prefstream.gateway.v1.gateway_pb2 import LogCompletionRequest as LogCompletionRequestProto
 from prefstream.gateway.v1.gateway_pb2 import LogFeedbackRequest as LogFeedbackRequestProto
@@ -104,9 +104,11 @@ class HttpApi:
             try:
                 req = parse_json(json.dumps(raw), StreamEventsRequestProto, root=f"events[{i}]")
             except InvalidArgument as e:
-                seqs.append(raw.get("seq", i) if isinstance(raw, dict) and isinstance(raw.get("seq"), int) else i)
+                # Echo the client's seq when it is readable, else the event's position.
+                seq = raw.get("seq") if isinstance(raw, dict) else None
+                seqs.append(seq if isinstance(seq, int) and seq >= 0 else i)
                 kinds.append("")
-                items.append(edge.Item(event=e))
+                items.append(Item(event=e))
                 continue
             kind, item = edge.stream_item(req, self._limits)
             seqs.append(req.seq)

@@ -43,7 +43,7 @@ from gateway.validation import Limits, check_feedback_against, completion_from_p
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
-from services.errors import InvalidArgument, PrefstreamError
+from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.kafka import encode_event, make_consumer, make_producer
 from services.redis_client import connect
 from services.schemas import PreferenceRecord, float_to_ts, prompt_hash
@@ -109,8 +109,14 @@ class Processor:
         if self._producer is None:
             self._producer = make_producer(self.bootstrap)
         if self._consumer is None:
-            self._consumer = make_consumer(self.bootstrap, group_id=self.cfg.processor_group)
-            self._consumer.subscribe([self.t_completions, self.t_feedback], listener=_AssignmentListener(self.assigned))
+            consumer = make_consumer(self.bootstrap, group_id=self.cfg.processor_group)
+            wanted = {self.t_completions, self.t_feedback, self.t_preferences, self.t_dead}
+            missing = sorted(wanted - set(consumer.topics()))
+            if missing:
+                consumer.close(autocommit=False)
+                raise Unavailable(f"Kafka topics {', '.join(missing)} do not exist; create them (`prefstream stack up` does)")
+            consumer.subscribe([self.t_completions, self.t_feedback], listener=_AssignmentListener(self.assigned))
+            self._consumer = consumer
 
     def run(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set; Kafka or Redis outages are retried with backoff."""

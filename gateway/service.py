@@ -51,6 +51,13 @@ class Gateway:
         self._scorer = None
 
     @property
+    def server(self) -> grpc_server.ServerHandle:
+        """The started gRPC server (health, drain); only valid after start()."""
+        if self._handle is None:
+            raise RuntimeError("the gateway is not started")
+        return self._handle
+
+    @property
     def grpc_address(self) -> str:
         return f"{self.cfg.host}:{self.grpc_port}"
 
@@ -131,10 +138,8 @@ async def serve(cfg: GatewayConfig) -> None:
     """Run a gateway until SIGTERM/SIGINT, then drain and stop."""
     gw = Gateway(cfg)
     await gw.start()
-    if gw._handle is None:  # start() always sets it; kept explicit for type checkers
-        raise RuntimeError("gateway did not start")
     try:
-        await grpc_server.serve_until_signal(gw._handle, grace_s=cfg.drain_grace_s)
+        # Returns after SIGTERM/SIGINT once in-flight RPCs drained; stop() then closes the rest.
+        await grpc_server.serve_until_signal(gw.server, grace_s=cfg.drain_grace_s)
     finally:
-        gw._handle = None  # serve_until_signal stopped the gRPC server
         await gw.stop()

@@ -252,3 +252,26 @@ def test_kafka_unreachable_is_unavailable_never_ok(redis_url: str, redis_client)
             assert r.status_code == 503
             assert requests.get(f"{h.http_url}/healthz", timeout=10).status_code == 503
     assert redis_client.get(f"prefstream:dedup:{project}:{eid}") is None
+
+
+def test_python_client(gw, key, project) -> None:
+    from gateway.client import GatewayClient
+    from services.errors import InvalidArgument, Unauthenticated
+
+    with GatewayClient(gw.address, api_key=key) as client:
+        cid = client.log_completion(project, "Name a colour", ["red", "blue", "green"], model="m", split="test")
+        assert cid.startswith("cmp_")
+        assert client.log_feedback(project, cid, choice=1)
+        assert client.log_feedback(project, cid, regeneration=([0], 2))
+        assert client.log_feedback(project, cid, edit=(0, "crimson"))
+        assert client.log_feedback(project, cid, ranking=[2, 0, 1])
+        assert client.log_feedback(project, cid, scores=[{"index": 0, "score": 1.0}, {"index": 1, "score": 2.0}])
+        assert client.log_feedback(project, cid, thumbs=(1, True))
+        assert client.log_feedback(project, inline=("Pick", ["a", "b"]), choice=0)
+        with pytest.raises(InvalidArgument) as err:
+            client.log_feedback(project, cid, choice=5)
+        assert err.value.field == "feedback.choice.chosen_index"
+        with pytest.raises(InvalidArgument):
+            client.log_feedback(project, cid, choice=0, thumbs=(0, True))
+    with GatewayClient(gw.address) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.log_completion(project, "x", ["y"])
