@@ -74,7 +74,7 @@ class HttpApi:
     async def log_completion(self, request: web.Request) -> web.Response:
         principal = await self._auth.authenticate(request.headers)
         req = parse_json(await request.read(), LogCompletionRequestProto)
-        (outcome,) = await self._ingestor.write([edge.completion_item(req.completion, self._limits)], principal)
+        outcome = await self._ingestor.write_one(edge.completion_item(req.completion, self._limits), principal)
         edge.count("completion", "http", outcome)
         if isinstance(outcome, PrefstreamError):
             raise outcome
@@ -83,7 +83,7 @@ class HttpApi:
     async def log_feedback(self, request: web.Request) -> web.Response:
         principal = await self._auth.authenticate(request.headers)
         req = parse_json(await request.read(), LogFeedbackRequestProto)
-        (outcome,) = await self._ingestor.write([edge.feedback_item(req.feedback, self._limits)], principal)
+        outcome = await self._ingestor.write_one(edge.feedback_item(req.feedback, self._limits), principal)
         edge.count("feedback", "http", outcome)
         if isinstance(outcome, PrefstreamError):
             raise outcome
@@ -138,7 +138,7 @@ class HttpApi:
 
         async def log_completion(completion: Completion) -> str:
             item = edge.completion_item(completion.to_proto(), self._limits)
-            (outcome,) = await self._ingestor.write([item], Principal(project=completion.project))
+            outcome = await self._ingestor.write_one(item, Principal(project=completion.project))
             edge.count("completion", "http", outcome)
             if isinstance(outcome, PrefstreamError):
                 raise outcome

@@ -20,6 +20,7 @@ response's ``acked_at`` is when Kafka acknowledged it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -44,6 +45,9 @@ from services.stack import topics
 log = logging.getLogger(__name__)
 
 _SHAPE_KEY = "prefstream:completion_shape:{}"
+#: Most single (unary) events written together, and such batches in flight at once.
+UNARY_MAX_BATCH = 256
+UNARY_MAX_INFLIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,52 @@ class Ingestor:
         self._shape_ms = int(cfg.completion_ttl_s * 1000)
         self._completions_topic = cfg.topic(topics.COMPLETIONS)
         self._feedback_topic = cfg.topic(topics.FEEDBACK)
+        # Unary calls are coalesced: concurrent LogCompletion/LogFeedback calls share a batch.
+        self._queue: list[tuple[Item, Principal, asyncio.Future]] = []
+        self._inflight = 0
+        self._kick_scheduled = False
+
+    async def write_one(self, item: Item, principal: Principal) -> Outcome:
+        """One event, batched with whatever other single events arrive in the same loop iteration.
+
+        Unary calls then cost one Redis script call and one Kafka hand-off per batch, not per call,
+        while a lone call still goes out on the next iteration of the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((item, principal, fut))
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return await fut
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._queue and self._inflight < UNARY_MAX_INFLIGHT:
+            batch, self._queue = self._queue[:UNARY_MAX_BATCH], self._queue[UNARY_MAX_BATCH:]
+            self._inflight += 1
+            task = asyncio.ensure_future(self._run_unary(batch))
+            task.add_done_callback(self._unary_done)
+
+    def _unary_done(self, _task: asyncio.Future) -> None:
+        self._inflight -= 1
+        self._kick()
+
+    async def _run_unary(self, batch: list[tuple[Item, Principal, asyncio.Future]]) -> None:
+        groups: dict[Principal, list[tuple[Item, asyncio.Future]]] = {}
+        for item, principal, fut in batch:
+            groups.setdefault(principal, []).append((item, fut))
+        for principal, entries in groups.items():
+            try:
+                outcomes = await self.write([item for item, _ in entries], principal)
+            except BaseException as e:  # noqa: BLE001 - handed to the callers, which map it
+                for _, fut in entries:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), outcome in zip(entries, outcomes):
+                if not fut.done():
+                    fut.set_result(outcome)
 
     def topic_of(self, event: Event) -> str:
         return self._completions_topic if isinstance(event, Completion) else self._feedback_topic

@@ -51,7 +51,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return await self._auth.authenticate(dict(context.invocation_metadata() or ()))
 
     async def _one(self, kind: str, item: Item, principal: Principal) -> Accepted:
-        (outcome,) = await self._ingestor.write([item], principal)
+        outcome = await self._ingestor.write_one(item, principal)
         edge.count(kind, "grpc", outcome)
         if isinstance(outcome, PrefstreamError):
             raise outcome
