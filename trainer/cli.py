@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 #: The TrainerConfig fields that matter to offline training.
 OFFLINE_FIELDS: tuple[str, ...] = (
     "base_model", "max_length", "attributes", "dtype", "loss", "use_margin", "center_rewards_coefficient",
-    "attribute_loss_weight", "lr", "weight_decay", "schedule", "warmup_steps", "max_grad_norm", "batch_size",
+    "attribute_loss_weight", "lr", "weight_decay", "schedule", "warmup_steps", "max_grad_norm", "disable_dropout",
+    "batch_size",
     "max_tokens_per_forward", "epochs", "seed", "device", "torch_threads", "eval_batch_size",
 )
 

@@ -57,6 +57,8 @@ class TrainerConfig:
         "LR schedule after warm-up: constant or inverse_sqrt (no schedule needs the total step count)"))
     warmup_steps: int = field(default=10, metadata=_help("linear LR warm-up steps"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
+    disable_dropout: bool = field(default=True, metadata=_help(
+        "turn dropout off while training (TRL's RewardConfig default: rewards of the pair stay comparable)"))
     batch_size: int = field(default=16, metadata=_help("new records per optimiser step (replay comes on top)"))
     max_tokens_per_forward: int = field(default=8192, metadata=_help(
         "padded tokens per forward bucket; bounds activation memory"))
@@ -101,7 +103,7 @@ class TrainerConfig:
 
     # --- registry ----------------------------------------------------------------------------
     redis_url: str = field(default="", metadata=_help("model registry Redis; empty = from the local stack"))
-    announce: bool = field(default=True, metadata=_help(f"announce published/rejected versions on the model-updates topic"))
+    announce: bool = field(default=True, metadata=_help("announce published/rejected versions on the model-updates topic"))
 
     # --- Ray ---------------------------------------------------------------------------------
     num_workers: int = field(default=0, metadata=_help(
@@ -193,6 +195,7 @@ class TrainerConfig:
             "batch_size": self.batch_size,
             "replay_ratio": self.replay_ratio,
             "max_length": self.max_length,
+            "disable_dropout": self.disable_dropout,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -110,6 +110,13 @@ def shard(records: Sequence[PreferenceRecord], rank: int, world_size: int) -> tu
     return mine, world_size * len(mine) / len(records)
 
 
+def disable_dropout(module: nn.Module) -> None:
+    """Set every dropout probability to 0 (as TRL's ``disable_dropout`` does for reward models)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +148,8 @@ class Engine:
         self.rank, self.world_size = rank, world_size
         self.device = device or pick_device(cfg.device)
         self.model.to(self.device)
+        if cfg.disable_dropout:
+            disable_dropout(model.hf_model)
         self.scorer = RankingScorer(model.hf_model)
         self.module: nn.Module = wrap(self.scorer) if wrap is not None else self.scorer
         params = [p for p in model.hf_model.parameters() if p.requires_grad]
