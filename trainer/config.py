@@ -86,6 +86,9 @@ class TrainerConfig:
         "checkpoint after this many new records (0 = only by time)"))
     checkpoint_every_s: float = field(default=60.0, metadata=_help(
         "checkpoint when this many seconds passed since the last one and records are pending (0 = only by count)"))
+    keep_checkpoints: int = field(default=50, metadata=_help(
+        "checkpoints kept in the store (newest first; the served, latest and pinned versions are never deleted); "
+        "0 keeps all"))
     save_optimizer_state: bool = field(default=False, metadata=_help(
         "store AdamW moments in each checkpoint (exact resume, 2x the model size per checkpoint)"))
 
@@ -150,6 +153,7 @@ class TrainerConfig:
                 "checkpoint intervals must be >= 0")
         require(self.checkpoint_every_records > 0 or self.checkpoint_every_s > 0, "checkpoint_every_s",
                 "set checkpoint_every_records or checkpoint_every_s > 0, or offsets would never be committed")
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 keeps every checkpoint)")
         require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(0 <= self.gate_tolerance <= 1, "gate_tolerance", "is an accuracy difference; use 0..1")

@@ -159,6 +159,16 @@ class Gate:
             log.warning("rejected %s/%s: %s", self.cfg.model_name, ref.version, decision.reason)
         return decision
 
+    def protected_versions(self) -> set[str]:
+        """Versions the registry points at (latest, pinned, target): never garbage-collected."""
+        from services.errors import NotFound
+
+        try:
+            st = self.registry.status(self.cfg.model_name)
+        except NotFound:
+            return set()
+        return {v for v in (st.latest_version, st.pinned_version, st.target_version) if v}
+
     def recorded(self, version: str) -> bool:
         """Whether the registry already has a verdict on ``version`` (resume after a crash)."""
         from services.errors import NotFound

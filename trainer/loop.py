@@ -265,4 +265,20 @@ class ContinualTrainer:
         else:
             metrics.CHECKPOINTS.labels("held").inc()
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+        self._collect_garbage(ref.version)
         return ref.version
+
+    def _collect_garbage(self, newest: str) -> None:
+        """Keep the newest ``keep_checkpoints`` plus whatever the registry may serve."""
+        if not self.cfg.keep_checkpoints or self.store is None:
+            return
+        protected = {newest}
+        if self.gate is not None:
+            try:
+                protected |= self.gate.protected_versions()
+            except Unavailable as e:
+                log.warning("skipping checkpoint clean-up, the registry is unreachable: %s", e)
+                return
+        removed = self.store.gc(self.cfg.model_name, self.cfg.keep_checkpoints, protected=protected)
+        if removed:
+            log.info("removed old checkpoints %s (keep_checkpoints=%d)", ", ".join(removed), self.cfg.keep_checkpoints)

@@ -209,3 +209,11 @@ def dataclass_replace(cfg: TrainerConfig, **kw) -> TrainerConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+def test_old_checkpoints_are_garbage_collected(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=24, checkpoint_every_records=4, keep_checkpoints=2)
+    summary = _loop(cfg, ListSource(make_records(24))).run()
+    assert len(summary.checkpoints) == 6
+    store = CheckpointStore(cfg.checkpoint_url)
+    assert [r.version for r in store.list(cfg.model_name)] == summary.checkpoints[-2:]
