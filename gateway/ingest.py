@@ -247,7 +247,7 @@ class Ingestor:
                 if c is not None:
                     failed_claims.append(c)
                 continue
-            completion_id = ev.completion_id if isinstance(ev, (Completion, Feedback)) else ""
+            completion_id = ev.completion_id if isinstance(ev, Completion) else ""  # responses carry it for completions
             out[i] = Accepted(event_id=ev.event_id, completion_id=completion_id, acked_at=ack)
             metrics.ack_histogram("completion" if isinstance(ev, Completion) else "feedback").observe(now - items[i].received)
             if c is not None:

@@ -46,7 +46,7 @@ PREFERENCES = Counter(
 )
 DEAD_LETTERS = Counter(
     "prefstream_processor_dead_letters_total",
-    "Records sent to the dead-letter topic, by stage (decode, validate, check, timeout).",
+    "Records sent to the dead-letter topic, by stage (decode, validate, check, timeout, internal).",
     ["stage"],
 )
 PARKED = Gauge("prefstream_processor_parked_feedback", "Feedback events waiting for their completion.")

@@ -131,6 +131,11 @@ class Processor:
                 self._rewind()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except Exception:  # noqa: BLE001 - keep the processor alive; the batch is retried
+                log.exception("processor: unexpected error; retrying in %.1fs", backoff)
+                self._rewind()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
         self.close()
 
     def close(self) -> None:
@@ -173,10 +178,17 @@ class Processor:
             for rec in tp_records:
                 n += 1
                 src = _Source(rec.topic, rec.partition, rec.offset, rec.value or b"", rec.timestamp)
-                if rec.topic == self.t_completions:
-                    self._on_completion(src, batch)
-                else:
-                    self._on_feedback(src, batch, parked_since=None)
+                try:
+                    if rec.topic == self.t_completions:
+                        self._on_completion(src, batch)
+                    else:
+                        self._on_feedback(src, batch, parked_since=None)
+                except (redis.RedisError, OSError, KafkaError):
+                    raise  # infrastructure: the whole batch is retried
+                except Exception:  # noqa: BLE001 - a poison record must not stop the processor for good
+                    log.exception("processor: unexpected error on %s[%d]@%d", src.topic, src.partition, src.offset)
+                    self._dead(batch, src, PrefstreamError("internal error while processing this record; see the processor log"),
+                               stage="internal", event_id=_peek_event_id(src.value))
         if time.monotonic() - self._last_sweep >= self.cfg.pending_retry_s:
             self._sweep_parked(batch)
             self._last_sweep = time.monotonic()

@@ -193,3 +193,45 @@ def test_direct_to_kafka_records_are_validated_like_gateway_input(gw, project, k
     assert "offset" in by_payload[bad[1][1]] or by_payload[bad[1][1]].get("offset", 0) >= 0
     records = preferences(gw, kafka_bootstrap, project, 1)
     assert summary(records) == [("FEEDBACK_KIND_CHOICE", ("cat", "rock"), "SPLIT_TRAIN")]
+
+
+def test_replaying_the_topics_creates_no_new_records(gw, client, project, kafka_bootstrap, redis_url) -> None:
+    """A processor that re-reads everything (a new group: the worst case of a crash before commit)
+    derives the same record ids and re-sends none of them."""
+    import dataclasses
+    import threading
+
+    from gateway.processor import Processor
+
+    stub, md = client
+    cid = log_completion(stub, md, project)
+    send_feedback(stub, md, project, completion_id=cid, ranking=ev.Ranking(ranked_indices=[1, 0]))
+    send_feedback(stub, md, project, completion_id=cid, thumbs=ev.Thumbs(index=0, up=True))
+    send_feedback(stub, md, project, completion_id=cid, thumbs=ev.Thumbs(index=2, up=False))
+    before = preferences(gw, kafka_bootstrap, project, 2)
+    assert sorted(r["source_kind"] for r in before) == ["FEEDBACK_KIND_RANKING", "FEEDBACK_KIND_THUMBS"]
+
+    replay = Processor(dataclasses.replace(gw.cfg, processor_group=gw.prefix + "replay"), kafka_bootstrap, redis_url)
+    stop = threading.Event()
+    t = threading.Thread(target=replay.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        assert replay.assigned.wait(60)
+        deadline = time.monotonic() + 60
+        # Wait until the replaying group has consumed both topics to their end.
+        from kafka import KafkaConsumer, TopicPartition
+
+        probe = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=gw.prefix + "replay", enable_auto_commit=False)
+        try:
+            tps = [TopicPartition(tp, p) for tp in (gw.topic(topics.COMPLETIONS), gw.topic(topics.FEEDBACK))
+                   for p in probe.partitions_for_topic(tp) or []]
+            end = probe.end_offsets(tps)
+            while time.monotonic() < deadline and any((probe.committed(tp) or 0) < end[tp] for tp in tps):
+                time.sleep(0.5)
+        finally:
+            probe.close()
+    finally:
+        stop.set()
+        t.join(30)
+    after = preferences(gw, kafka_bootstrap, project, 2, timeout_s=5)
+    assert sorted(r["record_id"] for r in after) == sorted(r["record_id"] for r in before)
