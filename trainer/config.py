@@ -84,7 +84,7 @@ class TrainerConfig:
         "checkpoint store (a folder or file:// URL) shared with the scorer"))
     checkpoint_every_records: int = field(default=512, metadata=_help(
         "checkpoint after this many new records (0 = only by time)"))
-    checkpoint_every_s: float = field(default=60.0, metadata=_help(
+    checkpoint_every_s: float = field(default=10.0, metadata=_help(
         "checkpoint when this many seconds passed since the last one and records are pending (0 = only by count)"))
     keep_checkpoints: int = field(default=50, metadata=_help(
         "checkpoints kept in the store (newest first; the served, latest and pinned versions are never deleted); "
@@ -95,7 +95,7 @@ class TrainerConfig:
     # --- evaluation gate ---------------------------------------------------------------------
     eval_data: str = field(default="", metadata=_help(
         "OpenPipe JSONL file of held-out pairs for the gate; TEST-split records from the topic are added"))
-    eval_max_records: int = field(default=200, metadata=_help(
+    eval_max_records: int = field(default=100, metadata=_help(
         "size cap of the evaluation set (a seeded subsample of eval_data, then topic TEST records)"))
     eval_batch_size: int = field(default=64, metadata=_help("sequences per evaluation forward pass"))
     gate_tolerance: float = field(default=0.02, metadata=_help(
