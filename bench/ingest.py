@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=None, help="events per producer (default 60000; --quick 6000)")
     parser.add_argument("--unary-events", type=int, default=None, help="events sent with unary calls (default 6000; --quick 1000)")
     parser.add_argument("--unary-concurrency", type=int, default=64, help="concurrent unary callers")
-    parser.add_argument("--window", type=int, default=1000, help="unacknowledged events allowed in the stream")
+    parser.add_argument("--window", type=int, default=4000, help="unacknowledged events allowed in the stream (a bulk client)")
     parser.add_argument("--light-window", type=int, default=8,
                         help="window of the light-load stream whose latency is reported as light_ack_*")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating gateway/raw rounds (default 3; --quick 1)")
     parser.add_argument("--run-dir", default=None, help="use the running stack of this run dir instead of starting one")
 
 
@@ -194,6 +195,17 @@ def _perf_test(bootstrap: str, topic: str, n: int, record_size: int) -> dict[str
     return {"eps": float(last[1]), "avg_ms": float(last[2]), "p50_ms": float(last[4] or 0), "p99_ms": float(last[6] or 0)}
 
 
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one producer: median rate, all latencies and acked ids, per-round rates kept."""
+    acked: Any = [a for r in runs for a in r["acked"]] if isinstance(runs[0]["acked"], list) else sum(r["acked"] for r in runs)
+    errors: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.get("errors", {}).items():
+            errors[k] = errors.get(k, 0) + v
+    return {"eps": statistics.median(r["eps"] for r in runs), "rounds_eps": [round(r["eps"], 1) for r in runs],
+            "latencies": [x for r in runs for x in r["latencies"]], "acked": acked, "errors": errors}
+
+
 def _count_back(bootstrap: str, topic: str, expected: set[str]) -> tuple[int, int]:
     """(lost, duplicated): acked ids missing from ``topic``, ids present more than once."""
     from kafka import KafkaConsumer, TopicPartition
@@ -256,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     n = args.events or (6000 if quick else 60000)
     n_unary = args.unary_events or (1000 if quick else 6000)
+    rounds = args.rounds or (1 if quick else 3)
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-{run_id}."
     workdir = Path(tempfile.mkdtemp(prefix="prefstream-bench-ingest-"))
@@ -285,14 +298,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Warm up (connections, topic metadata, JIT-free but cache-warm paths).
         asyncio.run(_stream(address, key, project, 500, args.window, f"{run_id}-warm"))
 
-        stream = asyncio.run(_stream(address, key, project, n, args.window, f"{run_id}-s"))
+        # Streaming and the raw producer alternate for --rounds rounds, so load that other work puts
+        # on the machine hits both alike; each rate is the median over its rounds.
+        streams, raws = [], []
+        for r in range(rounds):
+            streams.append(asyncio.run(_stream(address, key, project, n, args.window, f"{run_id}-s{r}")))
+            raws.append(_raw_kafka_python(bootstrap, raw_spec.name, n))
+        stream = _merge(streams)
+        raw = _merge(raws)
         light = asyncio.run(_stream(address, key, project, min(n, 3000), args.light_window, f"{run_id}-l"))
         unary = asyncio.run(_unary(address, key, project, n_unary, args.unary_concurrency, f"{run_id}-u"))
         gw.terminate()
         gw.wait(30)
         gw = None
 
-        raw = _raw_kafka_python(bootstrap, raw_spec.name, n)
         size = len(_completion(project, f"{run_id}-s-0").SerializeToString())
         wire_size = len(__import__("services.kafka", fromlist=["encode_event"]).encode_event(_completion(project, "x" * 20)))
         try:
@@ -308,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         unary_ms = [x * 1000 for x in unary["latencies"]]
         raw_ms = [x * 1000 for x in raw["latencies"]]
         result = {
-            "events": n,
+            "events": n,  # per producer and round
             "unary_events": n_unary,
             "record_bytes": wire_size,
             "request_bytes": size,
@@ -317,6 +336,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "raw_kafka_python_eps": round(raw["eps"], 1),
             "kafka_perf_test_eps": round(perf["eps"], 1),
             "ratio_stream_vs_raw": round(stream["eps"] / raw["eps"], 3) if raw["eps"] else None,
+            "rounds": rounds,
+            "gateway_stream_eps_rounds": stream["rounds_eps"],
+            "raw_kafka_python_eps_rounds": raw["rounds_eps"],
             "ratio_unary_vs_raw": round(unary["eps"] / raw["eps"], 3) if raw["eps"] else None,
             "ratio_raw_vs_perf_test": round(raw["eps"] / perf["eps"], 3) if perf["eps"] else None,
             "ack_p50_ms": round(_pct(lat_ms, 0.50), 2),

@@ -36,7 +36,7 @@ SERVICE_NAME = "prefstream.gateway.v1.GatewayService"
 #: Most events one stream batch carries (bounded so one batch's latency stays small).
 STREAM_MAX_BATCH = 512
 #: Batches of one stream in flight at once (pipelining Redis/Kafka round trips).
-STREAM_MAX_INFLIGHT = 8
+STREAM_MAX_INFLIGHT = 4
 #: Requests read ahead of processing before the reader waits (backpressure to the client).
 STREAM_READ_AHEAD = 4096
 
