@@ -76,7 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[StreamEventsResponseProto]:
         principal = await self._principal(context)
         metrics.STREAMS.inc()
-        incoming: asyncio.Queue = asyncio.Queue(maxsize=STREAM_READ_AHEAD)
+        incoming = _Inbox(STREAM_READ_AHEAD)
         batches: asyncio.Queue = asyncio.Queue()  # bounded by the batcher's in-flight slots
         reader = asyncio.create_task(self._read(request_iterator, incoming))
         batcher = asyncio.create_task(self._batch(incoming, batches, principal))
@@ -101,14 +101,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     entry[2].cancel()
 
     @staticmethod
-    async def _read(request_iterator: AsyncIterator[StreamEventsRequestProto], incoming: asyncio.Queue) -> None:
+    async def _read(request_iterator: AsyncIterator[StreamEventsRequestProto], incoming: "_Inbox") -> None:
         try:
             async for req in request_iterator:
                 await incoming.put(req)
         finally:
-            await incoming.put(None)
+            incoming.close()
 
-    async def _batch(self, incoming: asyncio.Queue, batches: asyncio.Queue, principal: Principal) -> None:
+    async def _batch(self, incoming: "_Inbox", batches: asyncio.Queue, principal: Principal) -> None:
         """Group whatever requests have arrived into one write; keep order via the batches queue.
 
         A batch is formed only when one of the ``STREAM_MAX_INFLIGHT`` slots is free, so under load
@@ -116,19 +116,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         (fewer round trips per event); a lone event still goes out at once.
         """
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
-        done = False
-        while not done:
-            first = await incoming.get()
-            if first is None:
-                break
+        while True:
             await slots.acquire()
-            reqs = [first]
-            while len(reqs) < STREAM_MAX_BATCH and not incoming.empty():
-                nxt = incoming.get_nowait()
-                if nxt is None:
-                    done = True
-                    break
-                reqs.append(nxt)
+            reqs = await incoming.take(STREAM_MAX_BATCH)
+            if reqs is None:
+                break
             seqs, kinds, items = [], [], []
             for req in reqs:
                 kind, item = edge.stream_item(req, self._limits)
@@ -139,6 +131,46 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             task.add_done_callback(lambda _t: slots.release())
             await batches.put((seqs, kinds, task))
         await batches.put(None)
+
+
+class _Inbox:
+    """Requests read ahead of processing: a list and two events, cheaper per request than a Queue.
+
+    ``put`` waits when ``limit`` requests are buffered (backpressure reaches the client through gRPC
+    flow control); ``take`` returns up to ``n`` buffered requests, waiting for at least one, or None
+    once the stream is closed and drained.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[StreamEventsRequestProto] = []
+        self._limit = limit
+        self._closed = False
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+
+    async def put(self, item: StreamEventsRequestProto) -> None:
+        self._items.append(item)
+        self._ready.set()
+        if len(self._items) >= self._limit:
+            self._space.clear()
+            await self._space.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def take(self, n: int) -> list[StreamEventsRequestProto] | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        out = self._items[:n]
+        del self._items[:n]
+        if len(self._items) < self._limit:
+            self._space.set()
+        return out
 
 
 def add_to_server(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
