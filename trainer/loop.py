@@ -98,32 +98,31 @@ class ContinualTrainer:
     def run(self) -> RunSummary:
         started = self.clock()
         idle_since = self.clock()
-        try:
-            while True:
-                if self.should_stop():
-                    self.summary.stop_reason = "stop requested"
-                    break
-                if self.cfg.max_records and self.lineage.records_seen >= self.cfg.max_records:
-                    self.summary.stop_reason = f"max_records={self.cfg.max_records} reached"
-                    break
-                if self.source.revoked():
-                    self.checkpoint(reason="partitions revoked")
-                train_items = self._collect()
-                if train_items:
-                    self.train(train_items)
-                    idle_since = self.clock()
-                else:
-                    self.on_idle()
-                if self._checkpoint_due():
-                    self.checkpoint(reason="interval")
-                if (self.cfg.idle_exit_s and not train_items
-                        and self.clock() - idle_since >= self.cfg.idle_exit_s):
-                    self.summary.stop_reason = f"idle for {self.cfg.idle_exit_s:g}s"
-                    break
-        finally:
-            if self._pending or self._has_unsaved_offsets():
-                self.checkpoint(reason="shutdown")
-            self.summary.seconds = self.clock() - started
+        while True:
+            if self.should_stop():
+                self.summary.stop_reason = "stop requested"
+                break
+            if self.cfg.max_records and self.lineage.records_seen >= self.cfg.max_records:
+                self.summary.stop_reason = f"max_records={self.cfg.max_records} reached"
+                break
+            if self.source.revoked() and (self._pending or self._has_unsaved_offsets()):
+                self.checkpoint(reason="partitions revoked")
+            train_items = self._collect()
+            if train_items:
+                self.train(train_items)
+                idle_since = self.clock()
+            else:
+                self.on_idle()
+            if self._checkpoint_due():
+                self.checkpoint(reason="interval")
+            if self.cfg.idle_exit_s and not train_items and self.clock() - idle_since >= self.cfg.idle_exit_s:
+                self.summary.stop_reason = f"idle for {self.cfg.idle_exit_s:g}s"
+                break
+        # Only a clean stop gets here: after an exception the polled-but-untrained records must be read
+        # again, which is exactly what resuming from the last durable checkpoint does.
+        if self._pending or self._has_unsaved_offsets():
+            self.checkpoint(reason="shutdown")
+        self.summary.seconds = self.clock() - started
         log.info("trainer stopped (%s): %d steps, %d records, %d checkpoints", self.summary.stop_reason,
                  self.summary.steps, self.summary.records, len(self.summary.checkpoints))
         return self.summary

@@ -217,3 +217,27 @@ def test_old_checkpoints_are_garbage_collected(tmp_path) -> None:
     assert len(summary.checkpoints) == 6
     store = CheckpointStore(cfg.checkpoint_url)
     assert [r.version for r in store.list(cfg.model_name)] == summary.checkpoints[-2:]
+
+
+def test_a_failed_step_checkpoints_nothing_and_the_resume_trains_its_records(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=16, checkpoint_every_records=4)
+    stream = make_records(16)
+    loop = _loop(cfg, ListSource(stream))
+    real, calls = loop.step_fn, []
+
+    def flaky(records):
+        calls.append(len(records))
+        if len(calls) == 3:
+            raise RuntimeError("worker lost")
+        return real(records)
+
+    loop.step_fn = flaky
+    with pytest.raises(RuntimeError, match="worker lost"):
+        loop.run()
+    store = CheckpointStore(cfg.checkpoint_url)
+    ids = [e["record_id"] for ref in store.list(cfg.model_name) for e in store.read_metadata(ref)["records"]]
+    assert ids == [r.record_id for r in stream[:8]]  # the 4 records of the failed step are not claimed
+    point = find_resume_point(cfg, store)
+    _loop(cfg, ListSource(stream, start_offset=point.offsets[0]), point).run()
+    ids = [e["record_id"] for ref in store.list(cfg.model_name) for e in store.read_metadata(ref)["records"]]
+    assert ids == [r.record_id for r in stream]
