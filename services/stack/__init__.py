@@ -9,7 +9,7 @@ docs/stack.md describes ports, files and logs.
 """
 
 from services.stack import topics
-from services.stack.config import StackConfig, load_stack_config
+from services.stack.config import StackConfig, free_stack_config, load_stack_config
 from services.stack.kafka_tools import KAFKA_TOOLS, run_kafka_tool
 from services.stack.manager import ComponentStatus, Endpoints, Stack, load_endpoints
 from services.stack.procs import StackError, free_port
@@ -27,6 +27,7 @@ __all__ = [
     "TopicSpec",
     "ensure_topics",
     "free_port",
+    "free_stack_config",
     "load_endpoints",
     "load_stack_config",
     "run_kafka_tool",

@@ -191,3 +191,27 @@ __all__ = [
     "load_stack_config",
     "replace",
 ]
+
+
+#: Every listener a stack opens; ``free_stack_config`` gives each a port that is free right now.
+PORT_FIELDS: tuple[str, ...] = (
+    "kafka_port", "kafka_controller_port", "redis_port", "ray_port",
+    "ray_client_port", "ray_dashboard_port", "ray_dashboard_agent_port",
+)
+
+
+def free_stack_config(run_dir: str | os.PathLike, **overrides: Any) -> StackConfig:
+    """A StackConfig for ``run_dir`` with every listener on a free port (tests, demo, benchmarks).
+
+    PREFSTREAM_STACK_* from the caller's shell is ignored, so a developer's own stack never collides.
+    """
+    from services.stack.procs import free_port
+
+    values: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "ray_object_store_mb": 512,
+        "start_timeout_s": 180.0,
+        **{name: free_port() for name in PORT_FIELDS},
+        **overrides,
+    }
+    return load_stack_config(overrides=values, env={k: v for k, v in os.environ.items() if k == "PREFSTREAM_CACHE_DIR"})

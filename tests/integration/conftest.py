@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from services.stack import Endpoints, Stack, StackConfig, free_port, load_endpoints, load_stack_config
+from services.stack import Endpoints, Stack, StackConfig, free_stack_config, load_endpoints
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -29,26 +29,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.integration)
-
-
-def free_stack_config(run_dir: Path, **overrides: object) -> StackConfig:
-    """A StackConfig for ``run_dir`` with every listener on a port that is free right now."""
-    ports = {
-        name: free_port()
-        for name in (
-            "kafka_port", "kafka_controller_port", "redis_port", "ray_port",
-            "ray_client_port", "ray_dashboard_port", "ray_dashboard_agent_port",
-        )
-    }
-    values: dict[str, object] = {
-        "run_dir": str(run_dir),
-        "ray_object_store_mb": 512,
-        "start_timeout_s": 180.0,
-        **ports,
-        **overrides,
-    }
-    # Ignore PREFSTREAM_STACK_* from the developer's shell: tests pick their own ports.
-    return load_stack_config(overrides=values, env={k: v for k, v in os.environ.items() if k == "PREFSTREAM_CACHE_DIR"})
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 from services.stack import TOPICS, Stack, StackError, load_endpoints, run_kafka_tool
 from services.stack.kafka_tools import KAFKA_TOOLS
 from services.stack.procs import PidRecord, pid_alive, pids_in_session, pids_with_cmdline, read_pidfile
-from tests.integration.conftest import free_stack_config
+from services.stack import free_stack_config
 
 pytestmark = pytest.mark.integration
 
