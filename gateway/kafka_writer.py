@@ -173,6 +173,7 @@ class KafkaWriter:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
+        self._closing = False
 
     # -- child process management (executor thread only) ------------------------------------
 
@@ -192,12 +193,24 @@ class KafkaWriter:
         return parent
 
     def _read_acks(self, conn: Connection) -> None:
+        answered = False
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
                 break
+            answered = True
             self._resolve(msg[1], msg[2])
+        if not answered and not self._closing:
+            # The child died before answering anything: it cannot start here (typically a program
+            # that starts the gateway from a script without an `if __name__ == "__main__":` guard,
+            # which "spawn" re-imports).  Keep serving with the producer on a thread instead.
+            code = self._proc.exitcode if self._proc is not None else None
+            log.error("the Kafka producer process could not start (exit code %s); running the producer in-process. "
+                      "Guard the script that starts the gateway with `if __name__ == \"__main__\":` to use the process",
+                      code)
+            self._sender = _Sender(self.bootstrap, self._settings)
+            self._in_process = True
         # The child is gone: everything still waiting on it fails.
         with self._lock:
             pending = list(self._pending)
@@ -280,6 +293,7 @@ class KafkaWriter:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
+        self._closing = True
 
         def shutdown() -> None:
             if self._sender is not None:
