@@ -302,8 +302,11 @@ class Processor:
         entries = self.redis.zrange(_PARKED_INDEX, 0, 999, withscores=True)
         metrics.PARKED.set(self.redis.zcard(_PARKED_INDEX))
         now = time.time()
+        handled = set(batch.unpark)
         for member, deadline in entries:
             completion_id, _, event_id = member.decode().partition("\x00")
+            if (completion_id, event_id) in handled:  # released by its completion earlier in this batch
+                continue
             raw = self.redis.hget(_PARKED.format(completion_id), event_id)
             if raw is None:  # released by another member of the group
                 self.redis.zrem(_PARKED_INDEX, member)
