@@ -35,6 +35,26 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return load_gateway_config(file=getattr(args, "config", None), overrides=overrides)
 
 
+def _friendly(name: str, fn: Any) -> Any:
+    """Run a handler, turning domain and connection errors into one line on stderr and exit status 2."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import redis
+
+        from services.errors import PrefstreamError
+
+        try:
+            return fn(args)
+        except PrefstreamError as e:
+            print(f"prefstream {name}: {e}", file=sys.stderr)
+            return 2
+        except (redis.RedisError, OSError) as e:
+            print(f"prefstream {name}: cannot reach Redis ({type(e).__name__}: {e}); is the stack up?", file=sys.stderr)
+            return 2
+
+    return handler
+
+
 def _quiet_clients() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
@@ -117,17 +137,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     from gateway.importer import import_file
     from services.errors import PrefstreamError
 
-    gateway = args.gateway
+    import grpc
+
     try:
         summary = asyncio.run(import_file(
-            args.file, gateway=gateway, project=args.project, api_key=args.api_key, fmt=args.format,
+            args.file, gateway=args.gateway, project=args.project, api_key=args.api_key, fmt=args.format,
             split=args.split, progress=not args.no_progress,
         ))
-    except PrefstreamError as e:
+    except (PrefstreamError, FileNotFoundError) as e:
         print(f"prefstream import: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"prefstream import: {e}", file=sys.stderr)
+    except grpc.RpcError as e:  # the call itself failed (bad key, gateway down): nothing more was imported
+        code = e.code().name if hasattr(e, "code") else "UNKNOWN"
+        details = e.details() if hasattr(e, "details") else str(e)
+        print(f"prefstream import: the gateway at {args.gateway} answered {code}: {details}; "
+              "events acknowledged before this were written, re-running the import resumes (duplicates are skipped)",
+              file=sys.stderr)
         return 2
     print(summary.describe())
     return 0 if summary.ok else 1
@@ -150,14 +175,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = ksub.add_parser("create", parents=[common], help="create a key for a project and print it (once)")
     p.add_argument("--project", required=True)
     p.add_argument("--label", default="", help="a note shown by `keys list` (e.g. which app uses it)")
-    p.set_defaults(handler=cmd_keys_create)
+    p.set_defaults(handler=_friendly("keys create", cmd_keys_create))
     p = ksub.add_parser("revoke", parents=[common], help="revoke a key by its id (or the key itself)")
     p.add_argument("key", help="key id as shown by `keys list`, or the full psk_... key")
-    p.set_defaults(handler=cmd_keys_revoke)
+    p.set_defaults(handler=_friendly("keys revoke", cmd_keys_revoke))
     p = ksub.add_parser("list", parents=[common], help="list keys (ids, never secrets)")
     p.add_argument("--project", default=None, help="only this project's keys")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_keys_list)
+    p.set_defaults(handler=_friendly("keys list", cmd_keys_list))
     keys.set_defaults(handler=lambda a: keys.print_help() or 2)
 
     p = subparsers.add_parser("import", help="stream a preference dataset through the gateway")
