@@ -4,7 +4,8 @@ All four producers write the same ~0.5 KB completion events with acks=all to fre
 same broker, in the same run:
 
 * **gateway, streaming**: one ``StreamEvents`` call with a window of unacknowledged events; the
-  gateway runs as its own process (``python -m gateway``) with auth and dedup on, as in production;
+  gateway runs as its own process (``python -m gateway``) with auth and dedup on, as in production,
+  and without its feedback processor (ingestion alone is measured);
 * **gateway, unary**: ``LogCompletion`` from concurrent callers;
 * **raw kafka-python**: the durable producer of :mod:`services.kafka` sending the same bytes;
 * **kafka-producer-perf-test**: Kafka's Java tool, same record size.
