@@ -22,7 +22,7 @@ from services.stack import topics
 
 pytestmark = pytest.mark.integration
 
-PENDING_TIMEOUT_S = 6.0
+PENDING_TIMEOUT_S = 10.0
 USER = ev.ChatMessage(role=ev.ROLE_USER, content="Suggest a name for a cat.")
 OUTS = ["Tom", "Felix", "Mittens", "Garfield"]
 
