@@ -31,6 +31,8 @@ class AppStats:
     # feedback event id -> ack time (epoch seconds, from the gateway)
     feedback_acks: dict[str, float] = field(default_factory=dict)
     completion_acks: dict[str, float] = field(default_factory=dict)
+    # completion event id -> the completion id the gateway assigned
+    completion_ids: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -93,6 +95,7 @@ class SimulatedApp:
                 )
                 self.stats.completions_acked += 0 if completion.event_id in self.stats.completion_acks else 1
                 self.stats.completion_acks[completion.event_id] = ts_to_float(resp.acked_at) or time.time()
+                self.stats.completion_ids[completion.event_id] = resp.completion_id
                 feedback = events_pb2.Feedback(
                     event_id=f"demo-{self.run_id}-f{index}",
                     project=self.project,

@@ -1,0 +1,307 @@
+"""The whole loop, end to end: feedback in, better served model out, measured.
+
+``run_demo(cfg)`` brings up the stack (or uses a running one), starts the three deployables as real
+processes (``python -m gateway|trainer|scorer``, configured by ``PREFSTREAM_*`` env exactly as in
+k8s/), creates a project API key, then streams preference pairs as a simulated production app while a
+steady best-of-N load runs against the scorer.  A progress line shows events acked, records trained,
+Kafka lag, versions published/rejected, the served model's held-out accuracy and freshness.  When
+every event is trained and the last version is served, it computes freshness and the event ledger,
+evaluates the base and final models on the held-out set, writes the report and stops what it
+started.  ``bench freshness`` and the end-to-end test run this same function with smaller settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.auth import create_key
+from gateway.config import load_gateway_config
+from prefstream.demo.app_sim import SimulatedApp
+from prefstream.demo.config import DemoConfig
+from prefstream.demo.freshness import compute, first_served_times, summarize
+from prefstream.demo.load import ScorerLoad
+from prefstream.demo.monitor import LoopMonitor, build_ledger
+from prefstream.demo.report import Timeline, write_report
+from services.checkpoints import CheckpointStore
+from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_data_dir
+from services.redis_client import connect
+from services.registry import ModelRegistry
+from services.stack import Stack, free_port, free_stack_config, load_endpoints
+from services.supervise import ServiceProcess
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "reward"
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+class Loop:
+    """The processes and clients of one demo run."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.stack: Stack | None = None
+        self.services: list[ServiceProcess] = []
+        self.t0 = time.time()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def start_stack(self) -> Path:
+        if self.cfg.stack_run_dir:
+            load_endpoints(self.cfg.stack_run_dir)  # fails clearly when nothing runs there
+            return Path(self.cfg.stack_run_dir).resolve()
+        stack_dir = self.run_dir / "stack"
+        self.stack = Stack(free_stack_config(stack_dir))
+        _out(f"starting the stack (Kafka KRaft, Redis, Ray) in {stack_dir} ...")
+        self.stack.up()
+        return stack_dir
+
+    def start_services(self, stack_dir: Path) -> tuple[str, str]:
+        logs = self.run_dir / "logs"
+        gw_port, gw_http, sc_port = free_port(), free_port(), free_port()
+        checkpoints = self.run_dir / "checkpoints"
+        common = {"PREFSTREAM_STACK_RUN_DIR": str(stack_dir)}
+        scorer = ServiceProcess("scorer", "scorer", {
+            **common,
+            "PREFSTREAM_SCORER_RUN_DIR": str(stack_dir),
+            "PREFSTREAM_SCORER_PORT": str(sc_port),
+            "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5",
+            "PREFSTREAM_SCORER_MAX_LENGTH": str(self.cfg.max_length),
+            "PREFSTREAM_SCORER_REWARD_MODELS": MODEL_NAME,
+        }, logs / "scorer.log")
+        gateway = ServiceProcess("gateway", "gateway", {
+            **common,
+            "PREFSTREAM_GATEWAY_RUN_DIR": str(stack_dir),
+            "PREFSTREAM_GATEWAY_GRPC_PORT": str(gw_port),
+            "PREFSTREAM_GATEWAY_HTTP_PORT": str(gw_http),
+            "PREFSTREAM_GATEWAY_SCORER_ADDRESS": f"127.0.0.1:{sc_port}",
+        }, logs / "gateway.log")
+        trainer = ServiceProcess("trainer", "trainer", {
+            **common,
+            "PREFSTREAM_TRAINER_STACK_RUN_DIR": str(stack_dir),
+            "PREFSTREAM_TRAINER_MODEL_NAME": MODEL_NAME,
+            "PREFSTREAM_TRAINER_CHECKPOINT_URL": str(checkpoints),
+            "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_S": str(self.cfg.checkpoint_every_s),
+            "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": str(self.cfg.checkpoint_every_records),
+            "PREFSTREAM_TRAINER_EVAL_DATA": self.eval_file,
+            "PREFSTREAM_TRAINER_EVAL_MAX_RECORDS": str(self.cfg.eval_max_records),
+            "PREFSTREAM_TRAINER_MAX_LENGTH": str(self.cfg.max_length),
+            "PREFSTREAM_TRAINER_NUM_WORKERS": str(self.cfg.trainer_workers),
+            "PREFSTREAM_TRAINER_KEEP_CHECKPOINTS": "1000",
+            "PREFSTREAM_TRAINER_RAY_STORAGE_PATH": str(self.run_dir / "ray_train"),
+            "PREFSTREAM_TRAINER_SEED": str(self.cfg.seed),
+            "PREFSTREAM_TRAINER_REPLAY_RATIO": str(self.cfg.replay_ratio),
+        }, logs / "trainer.log")
+        self.services = [scorer, gateway, trainer]
+        for s in self.services:
+            s.start()
+        _out(f"services starting; logs in {logs}")
+        gateway.wait_grpc(f"127.0.0.1:{gw_port}", self.cfg.startup_timeout_s)
+        scorer.wait_grpc(f"127.0.0.1:{sc_port}", self.cfg.startup_timeout_s)
+        self.checkpoints = checkpoints
+        self.http_port = gw_http
+        return f"127.0.0.1:{gw_port}", f"127.0.0.1:{sc_port}"
+
+    @property
+    def train_file(self) -> str:
+        return self.cfg.train_file or str(shared_data_dir() / TRAIN_FILE)
+
+    @property
+    def eval_file(self) -> str:
+        return self.cfg.eval_file or str(shared_data_dir() / TEST_FILE)
+
+    def check_services(self) -> None:
+        for s in self.services:
+            if not s.alive:
+                raise RuntimeError(f"{s.name} exited unexpectedly; log {s.log_path}:\n{s.log_tail()}")
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            s.stop()
+        if self.stack is not None and not self.cfg.keep_stack:
+            self.stack.down()
+
+
+def _progress(t: float, app: SimulatedApp, mon: LoopMonitor, load: ScorerLoad, lag: int | None,
+              states: dict[str, str], served: str, acc: float | None, fresh: dict[str, Any]) -> str:
+    pub = sum(1 for s in states.values() if s == "published")
+    rej = sum(1 for s in states.values() if s == "rejected")
+    lat = sorted(s[1] for s in load.stats.samples[-200:] if s[3])
+    p50 = f"{lat[len(lat) // 2] * 1000:.0f}ms" if lat else "-"
+    f50 = fresh.get("freshness_p50_s")
+    return (f"[{t:5.0f}s] acked {app.stats.events_acked:5d} ev | trained {mon.records_trained():5d} rec | "
+            f"lag {'-' if lag is None else lag:>4} | versions {pub} pub / {rej} rej | serving {served or '-'} "
+            f"acc {'-' if acc is None else f'{acc:.3f}'} | freshness p50 {'-' if f50 is None else f'{f50:.1f}s'} | "
+            f"best-of-N p50 {p50}, {load.stats.failed} failed")
+
+
+def _freshness(mon: LoopMonitor, load: ScorerLoad) -> tuple[list, list[str], dict[str, Any]]:
+    samples, unserved = compute(mon.acked_at(), mon.version_contents(), first_served_times(load.stats.served()))
+    return samples, unserved, summarize(samples)
+
+
+async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints: Any) -> dict[str, Any]:
+    cfg = loop.cfg
+    records = load_openpipe_jsonl(loop.train_file)[: cfg.events]
+    held_out = load_openpipe_jsonl(loop.eval_file)
+    redis_client = connect(endpoints.redis_url)
+    mon = LoopMonitor(ModelRegistry(redis_client), CheckpointStore(str(loop.checkpoints)), endpoints.kafka_bootstrap,
+                      model_name=MODEL_NAME)
+    app = SimulatedApp(gw_addr, records, api_key=api_key, project=cfg.project, rate=cfg.rate,
+                       concurrency=cfg.app_concurrency, seed=cfg.seed)
+    load = ScorerLoad(sc_addr, held_out, rate=cfg.load_rate, n=cfg.candidates, model=MODEL_NAME, seed=cfg.seed + 1)
+    timeline = Timeline()
+    t_start = time.time()
+    load_task = asyncio.create_task(load.run())
+    app_task = asyncio.create_task(app.run())
+    _out(f"streaming {len(records)} preference pairs at {cfg.rate}/s as live completions + user choices; "
+         f"best-of-N load at {cfg.load_rate}/s")
+
+    seen_versions: set[str] = set()
+    drain_deadline: float | None = None
+    fresh: dict[str, Any] = {}
+    while True:
+        await asyncio.sleep(cfg.progress_every_s)
+        loop.check_services()
+        now = time.time() - t_start
+        mon.poll_checkpoints()
+        states = mon.versions()
+        lag = mon.trainer_lag()
+        served_now = [(t, v) for t, v in load.stats.served()]
+        for t, v in served_now:
+            if v not in seen_versions:
+                seen_versions.add(v)
+                timeline.swaps.append((t - t_start, v))
+                acc = mon.accuracy_of(v) if v != "base" else None
+                if acc is not None:
+                    timeline.accuracy.append((t - t_start, app.stats.events_acked, acc, v))
+        served = max(seen_versions, key=lambda v: (v != "base", v), default="")
+        acc_now = mon.accuracy_of(served) if served and served != "base" else None
+        _, _, fresh = _freshness(mon, load)
+        _out(_progress(now, app, mon, load, lag, states, served, acc_now, fresh))
+        if not app_task.done():
+            continue
+        if drain_deadline is None:
+            drain_deadline = time.monotonic() + cfg.drain_timeout_s
+            _out("all events sent; waiting for the last ones to be trained, published and served ...")
+        published = sorted(v for v, s in states.items() if s == "published")
+        caught_up = lag == 0 and mon.records_trained() > 0 and (not published or served == published[-1])
+        _, unserved, _ = _freshness(mon, load)
+        if caught_up and not unserved:
+            break
+        if time.monotonic() > drain_deadline:
+            _out(f"drain timeout: {len(unserved)} trained records not yet served by a published version")
+            break
+    load.stop()
+    await load_task
+    app_stats = await app_task
+    mon.poll_checkpoints()
+    samples, unserved, fresh = _freshness(mon, load)
+    timeline.freshness = [(s.served_at - t_start, s.seconds, s.version) for s in samples]
+    timeline.latency = [(t - t_start, lat * 1000, v, ok) for t, lat, v, ok in load.stats.samples]
+    states = mon.versions()
+    trained_ids = {rid for c in mon.checkpoints.values() for rid in c.added}
+    ledger = build_ledger(endpoints.kafka_bootstrap, feedback_events=app_stats.feedback_acks,
+                          completion_events=app_stats.completion_ids, trained_record_ids=trained_ids)
+    mon.close()
+    lat_ms = sorted(s[1] * 1000 for s in load.stats.samples if s[3])
+    return {
+        "events": app_stats.events_acked,
+        "pairs": len(records),
+        "feedback_acked": app_stats.feedback_acked,
+        "completions_acked": app_stats.completions_acked,
+        "app_failed_calls": app_stats.failed,
+        "records_trained": mon.records_trained(),
+        "checkpoints": len(mon.checkpoints),
+        "versions_published": sum(1 for s in states.values() if s == "published"),
+        "versions_rejected": sum(1 for s in states.values() if s == "rejected"),
+        "final_version": max((v for v, s in states.items() if s == "published"), default="base"),
+        "served_versions": [v for _, v in timeline.swaps],
+        "scorer_requests": len(load.stats.samples),
+        "failed_requests": load.stats.failed,
+        "scorer_errors": load.stats.errors[:5],
+        "scorer_p50_ms": lat_ms[len(lat_ms) // 2] if lat_ms else None,
+        "scorer_p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms else None,
+        **fresh,
+        "unserved_records": len(unserved),
+        "ledger": ledger.to_dict(),
+        "ledger_complete": ledger.complete,
+        "_timeline": timeline,
+    }
+
+
+def final_accuracy(loop: Loop, version: str, n: int) -> dict[str, float | None]:
+    """Base vs final served model on the first ``n`` held-out pairs (the same pairs for both)."""
+    if n <= 0:
+        return {}
+    from services.reward_model import RewardModel
+    from trainer.evaluation import evaluate
+
+    held_out = load_openpipe_jsonl(loop.eval_file)[:n]
+    out: dict[str, float | None] = {"final_eval_pairs": len(held_out)}
+    base = RewardModel.from_pretrained(max_length=loop.cfg.max_length)
+    out["accuracy_base"] = evaluate(base, held_out).accuracy
+    del base
+    if version != "base":
+        store = CheckpointStore(str(loop.checkpoints))
+        path = store.open(store.get(MODEL_NAME, version))
+        final = RewardModel.from_pretrained(str(path), max_length=loop.cfg.max_length)
+        out["accuracy_final"] = evaluate(final, held_out).accuracy
+    return out
+
+
+def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
+    """Run the loop once; returns the summary (also written into the report folder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    loop = Loop(cfg)
+    started = time.time()
+    try:
+        stack_dir = loop.start_stack()
+        endpoints = load_endpoints(stack_dir)
+        gw_addr, sc_addr = loop.start_services(stack_dir)
+        gw_cfg = load_gateway_config(overrides={"run_dir": str(stack_dir)})
+        api_key, _ = create_key(connect(endpoints.redis_url), cfg.project, pepper=gw_cfg.auth_pepper, label="demo")
+        _out(f"gateway {gw_addr} (HTTP :{loop.http_port}), scorer {sc_addr}; project {cfg.project!r} API key created")
+        summary = asyncio.run(_drive(loop, gw_addr, sc_addr, api_key, endpoints))
+        loop.check_services()
+    finally:
+        loop.stop()
+    timeline: Timeline = summary.pop("_timeline")
+    summary.update(final_accuracy(loop, summary["final_version"], cfg.final_eval_records))
+    summary["wall_s"] = round(time.time() - started, 1)
+    if write_html:
+        report_dir = Path(cfg.report_dir or Path("reports") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+        summary["report"] = str(write_report(report_dir, timeline, summary))
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    def f(x: Any, fmt: str = "{:.3f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    _out("")
+    _out("=== prefstream demo: summary ===")
+    _out(f"events acked          {summary['events']} ({summary['feedback_acked']} feedback, {summary['completions_acked']} completions)")
+    _out(f"records trained       {summary['records_trained']} in {summary['checkpoints']} checkpoints")
+    _out(f"versions              {summary['versions_published']} published, {summary['versions_rejected']} rejected; final {summary['final_version']}")
+    _out(f"held-out accuracy     base {f(summary.get('accuracy_base'))} -> served {f(summary.get('accuracy_final'))} "
+         f"on {summary.get('final_eval_pairs', 0)} HH test pairs")
+    _out(f"freshness             p50 {f(summary.get('freshness_p50_s'), '{:.1f}')} s, p99 {f(summary.get('freshness_p99_s'), '{:.1f}')} s "
+         f"over {summary.get('freshness_samples', 0)} records")
+    _out(f"scorer                {summary['scorer_requests']} best-of-N requests, {summary['failed_requests']} failed, "
+         f"p50 {f(summary.get('scorer_p50_ms'), '{:.0f}')} ms, p99 {f(summary.get('scorer_p99_ms'), '{:.0f}')} ms")
+    _out(f"ledger                {summary['ledger']} -> {'every acked event accounted for' if summary['ledger_complete'] else 'INCOMPLETE'}")
+    _out(f"wall time             {summary['wall_s']} s")
+    if summary.get("report"):
+        _out(f"report                {summary['report']}")
+    sys.stdout.flush()

@@ -1,0 +1,36 @@
+"""``prefstream demo``: the whole loop on the embedded defaults (what ``make demo`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from services.config import describe
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from prefstream.demo.config import DemoConfig
+
+    p = subparsers.add_parser("demo", help="stream feedback, train continually, hot-swap, report (the main job)")
+    p.add_argument("--config", default=None, help="YAML/JSON file with demo settings")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    for name, typ, default, help_text in describe(DemoConfig):
+        flag = "--" + name.replace("_", "-")
+        if default is False:
+            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, default=None, help=f"{help_text} (default {default})")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prefstream.demo.config import DemoConfig, load_demo_config
+    from prefstream.demo.run import print_summary, run_demo
+
+    names = [n for n, *_ in describe(DemoConfig)]
+    cfg = load_demo_config(args.config, overrides={n: getattr(args, n) for n in names})
+    summary = run_demo(cfg)
+    print_summary(summary)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0 if summary["failed_requests"] == 0 and summary["ledger_complete"] else 1
