@@ -8,6 +8,7 @@ messages.  Generated messages go no further than this module and the two transpo
 from __future__ import annotations
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp as TimestampProto
 
 from gateway import metrics
 from gateway.ingest import Accepted, Item, Outcome, new_event_id
@@ -70,14 +71,31 @@ def event_status(outcome: Outcome | BaseException) -> EventStatusProto:
     return EventStatusProto(code=code.value[0], message=message, field=field)
 
 
+_OK = EventStatusProto(code=grpc.StatusCode.OK.value[0])
+
+
 def stream_response(seq: int, outcome: Outcome) -> StreamEventsResponseProto:
-    resp = StreamEventsResponseProto(seq=seq, status=event_status(outcome))
-    if isinstance(outcome, Accepted):
-        resp.event_id = outcome.event_id
-        resp.completion_id = outcome.completion_id
-        resp.duplicate = outcome.duplicate
-        resp.acked_at.CopyFrom(float_to_ts(outcome.acked_at))
-    return resp
+    if isinstance(outcome, Accepted):  # the hot path: built in one constructor call
+        seconds = int(outcome.acked_at)
+        return StreamEventsResponseProto(
+            seq=seq,
+            event_id=outcome.event_id,
+            completion_id=outcome.completion_id,
+            duplicate=outcome.duplicate,
+            status=_OK,
+            acked_at=TimestampProto(seconds=seconds, nanos=int((outcome.acked_at - seconds) * 1e9)),
+        )
+    return StreamEventsResponseProto(seq=seq, status=event_status(outcome))
+
+
+def count_all(kinds: list[str], transport: str, outcomes: list[Outcome]) -> None:
+    """:func:`count` for a whole batch (one increment per distinct label set)."""
+    tally: dict[tuple[str, str], int] = {}
+    for kind, outcome in zip(kinds, outcomes):
+        key = (kind or "unknown", outcome_label(outcome))
+        tally[key] = tally.get(key, 0) + 1
+    for (kind, label), n in tally.items():
+        metrics.events_counter(kind, transport, label).inc(n)
 
 
 def completion_response(outcome: Accepted) -> LogCompletionResponseProto:

@@ -228,7 +228,7 @@ class Ingestor:
     async def _send(self, items: Sequence[Item], idx: list[int], claim_of: dict[int, Claim], out: list[Any]) -> None:
         if not idx:
             return
-        handed = time.time()
+        handed = wire.timestamp_json(time.time())
         events: list[Event] = [items[i].event for i in idx]  # type: ignore[misc]
         records = [(self.topic_of(ev), kafka_key(ev), wire.encode(ev, acked_at=handed)) for ev in events]
         try:

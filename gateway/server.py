@@ -87,8 +87,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     break
                 seqs, kinds, task = entry
                 outcomes = await task
-                for seq, kind, outcome in zip(seqs, kinds, outcomes):
-                    edge.count(kind, "grpc", outcome)
+                edge.count_all(kinds, "grpc", outcomes)
+                for seq, outcome in zip(seqs, outcomes):
                     yield edge.stream_response(seq, outcome)
             await reader  # surfaces a failed read (e.g. a malformed frame)
         finally:

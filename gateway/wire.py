@@ -114,12 +114,18 @@ def feedback_dict(fb: Feedback) -> dict[str, Any]:
     return d
 
 
-def encode(event: Event, *, acked_at: float | None = None) -> bytes:
+def timestamp_json(t: float) -> str:
+    """A Timestamp's proto3 JSON form (RFC 3339, UTC), e.g. for :func:`encode`'s ``acked_at``."""
+    return _ts(t)
+
+
+def encode(event: Event, *, acked_at: float | str | None = None) -> bytes:
     """The proto3 JSON bytes of ``event``, as ``encode_event(event.to_proto())`` writes them.
 
-    ``acked_at`` replaces the event's own (the gateway stamps the hand-off time).
+    ``acked_at`` (epoch seconds, or already :func:`timestamp_json`) replaces the event's own: the
+    gateway stamps the hand-off time, the same for a whole batch.
     """
     d = completion_dict(event) if isinstance(event, Completion) else feedback_dict(event)
     if acked_at:
-        d["acked_at"] = _ts(acked_at)
+        d["acked_at"] = acked_at if isinstance(acked_at, str) else _ts(acked_at)
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
