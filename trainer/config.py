@@ -120,7 +120,8 @@ class TrainerConfig:
     # --- run control -------------------------------------------------------------------------
     stack_run_dir: str = field(default="", metadata=_help(
         "run dir of `prefstream stack up` to read endpoints from; empty = PREFSTREAM_STACK_RUN_DIR or .run/stack"))
-    max_records: int = field(default=0, metadata=_help("stop after training this many new records (0 = run for ever)"))
+    max_records: int = field(default=0, metadata=_help(
+        "stop once the lineage has trained this many new records, counted across restarts (0 = run for ever)"))
     idle_exit_s: float = field(default=0.0, metadata=_help(
         "stop after this many seconds without new records, checkpointing first (0 = never)"))
     metrics_port: int = field(default=0, metadata=_help("Prometheus /metrics port (0 disables)"))

@@ -101,6 +101,9 @@ class KafkaSource:
                                  "offset or the earliest", topic, tp.partition)
 
         self._consumer.subscribe([topic], listener=_Listener())
+        if not self._consumer.partitions_for_topic(topic):
+            log.warning("topic %s does not exist (yet); waiting for it. `prefstream stack up` creates the "
+                        "prefstream topics; a custom topic must be created before records can arrive", topic)
 
     @property
     def assigned(self) -> set[int]:

@@ -241,3 +241,19 @@ def test_a_failed_step_checkpoints_nothing_and_the_resume_trains_its_records(tmp
     _loop(cfg, ListSource(stream, start_offset=point.offsets[0]), point).run()
     ids = [e["record_id"] for ref in store.list(cfg.model_name) for e in store.read_metadata(ref)["records"]]
     assert ids == [r.record_id for r in stream]
+
+
+def test_streaming_without_replay_reproduces_offline_training_exactly(tmp_path) -> None:
+    from trainer.offline import batches, train_offline
+
+    base = tiny_model(tmp_path)
+    cfg = config(tmp_path, base, replay_ratio=0.0, publish=False, max_records=12)
+    records = make_records(12, k=3)
+    torch.manual_seed(0)
+    offline, _ = train_offline(cfg, records, engine=Engine(RewardModel.from_pretrained(base), cfg))
+    stream = [r for b in batches(records, cfg.batch_size, cfg.seed) for r in b]  # the offline order
+    loop = _loop(cfg, ListSource(stream))
+    loop.store = None  # no checkpoints: pure training path
+    loop.run()
+    for a, b in zip(offline.model.hf_model.parameters(), loop.engine.model.hf_model.parameters()):
+        assert torch.equal(a, b)
