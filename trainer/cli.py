@@ -29,6 +29,13 @@ OFFLINE_FIELDS: tuple[str, ...] = (
 )
 
 
+#: Where ``train reward --publish`` puts the model.
+PUBLISH_FIELDS: tuple[str, ...] = (
+    "model_name", "checkpoint_url", "redis_url", "kafka_bootstrap", "announce", "gate_tolerance",
+    "publish_without_eval", "eval_max_records", "stack_run_dir",
+)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str] | None = None) -> None:
     """One ``--field-name`` flag per TrainerConfig field (default None: lower layers stay in force)."""
     hints = typing.get_type_hints(TrainerConfig)
@@ -94,7 +101,7 @@ def train_reward(args: argparse.Namespace) -> int:
     from trainer.offline import save_offline, train_offline
     from trainer.evaluation import evaluate
 
-    cfg = load_from_args(args, OFFLINE_FIELDS)
+    cfg = load_from_args(args, OFFLINE_FIELDS + PUBLISH_FIELDS)
     records = load_openpipe_jsonl(args.data)
     log.info("training on %d records from %s (%s loss, %d epochs)", len(records), args.data, cfg.loss, cfg.epochs)
     engine, result = train_offline(cfg, records)
@@ -102,10 +109,17 @@ def train_reward(args: argparse.Namespace) -> int:
         eval_records = load_openpipe_jsonl(args.eval_data)
         result.eval = evaluate(engine.model, eval_records, batch_size=cfg.eval_batch_size)
     out = save_offline(engine, cfg, result, args.out, args.data)
+    if args.publish:
+        from trainer.offline import publish_offline
+
+        version, verdict = publish_offline(cfg.with_endpoints(), engine, result, data=args.data,
+                                           eval_records=eval_records if args.eval_data else ())
+        log.info("%s/%s %s", cfg.model_name, version, verdict)
     summary = {
         "out": str(out), "steps": result.steps, "records": result.records, "seconds": round(result.seconds, 1),
         "records_per_s": round(result.records_per_s, 2), "final_loss": result.losses[-1],
         **({"eval": result.eval.to_dict()} if result.eval else {}),
+        **({"published_version": version, "verdict": verdict} if args.publish else {}),
     }
     print(json.dumps(summary, indent=2) if args.json else
           f"saved {out}: {result.steps} steps, {result.records} records in {result.seconds:.1f}s "
@@ -149,7 +163,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reward.add_argument("--eval-data", default=None, help="OpenPipe JSONL to report pairwise accuracy on")
     reward.add_argument("--config", default=None, help="YAML/JSON file with trainer fields")
     reward.add_argument("--json", action="store_true", help="print a JSON summary")
-    add_config_flags(reward, OFFLINE_FIELDS)
+    reward.add_argument("--publish", action="store_true",
+                        help="also write the model into the checkpoint store and gate it into the registry (the "
+                        "continual trainer warm-starts from it); uses --checkpoint-url, --redis-url, --model-name")
+    add_config_flags(reward, OFFLINE_FIELDS + PUBLISH_FIELDS)
     reward.set_defaults(handler=_clean_errors(train_reward))
 
     ev = subparsers.add_parser("eval", help="offline evaluation")

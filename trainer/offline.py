@@ -105,3 +105,39 @@ def evaluate_file(model_dir: str, records: Sequence[PreferenceRecord], *, max_le
                   batch_size: int = 64) -> EvalResult:
     model = RewardModel.from_pretrained(model_dir, max_length=max_length)
     return evaluate(model, records, batch_size=batch_size)
+
+
+def publish_offline(cfg: TrainerConfig, engine: Engine, result: OfflineResult, *, data: str,
+                    eval_records: Sequence[PreferenceRecord] = ()) -> tuple[str, str]:
+    """Write the trained model into the checkpoint store and gate it into the registry.
+
+    The same gate as the continual trainer decides (against the served version, on ``eval_records``);
+    a published offline model is what a continual trainer without a checkpoint of its own warm-starts
+    from.  Returns (version, verdict reason).
+    """
+    from services.checkpoints import CheckpointStore
+    from trainer.checkpointing import FORMAT
+    from trainer.evaluation import EvalSet
+    from trainer.gate import Gate
+    from trainer.runtime import connect_services
+
+    services = connect_services(cfg)
+    try:
+        store: CheckpointStore = services.store
+        eval_set = EvalSet(cfg.eval_max_records, eval_records, seed=cfg.seed)
+        candidate = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
+        metadata = {
+            "format": FORMAT, "kind": "reward", "model_name": cfg.model_name,
+            "base_model": engine.model.spec.base_model, "spec": engine.model.spec.to_dict(),
+            "loss": cfg.loss_config(), "parent": {"source": "offline", "data": str(data)},
+            "step": result.steps, "records_seen": result.records, "records": [], "records_count": 0,
+            "offsets": {}, "eval": candidate.to_dict() if candidate else None,
+            "trainer": {"offline": True, "epochs": cfg.epochs}, "created_at": time.time(),
+        }
+        ref = store.write(cfg.model_name, store.next_version(cfg.model_name), engine.model.save, metadata)
+        gate = Gate(cfg, services.registry, eval_set)
+        decision = gate.judge(ref, candidate, records_seen=result.records, base_model=engine.model.spec.base_model,
+                              extra_metrics={"step": float(result.steps)})
+        return ref.version, ("published: " if decision.publish else "rejected: ") + decision.reason
+    finally:
+        services.close()

@@ -293,3 +293,45 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     target, acc = gate.served()
     expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records).accuracy
     assert target.version == v1 and acc == pytest.approx(expected)
+
+
+# --- offline publish, then a continual trainer warm-starts from it ----------------------------------
+
+
+def test_offline_publish_then_continual_training_warm_starts_from_it(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str, capsys
+) -> None:
+    from prefstream.cli import main
+    from trainer.config import TrainerConfig
+    from trainer.runtime import run_in_process
+
+    name = f"warm-{uuid.uuid4().hex[:6]}"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": f"question number {i}"},
+                     {"role": "assistant", "content": GOOD[i % 3]}],
+        "rejected_message": {"role": "assistant", "content": BAD[i % 3]}}) + "\n" for i in range(8)))
+    ckpt = tmp_path / "ckpt"
+    rc = main(["--log-level", "WARNING", "train", "reward", "--data", str(data), "--out", str(tmp_path / "out"),
+               "--base-model", tiny_model(tmp_path / "tiny"), "--max-length", "64", "--batch-size", "4",
+               "--lr", "1e-3", "--publish", "--model-name", name, "--checkpoint-url", str(ckpt),
+               "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap, "--eval-data", str(data), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["published_version"] == "v000001" and summary["verdict"].startswith("published: first version")
+    registry = ModelRegistry(__import__("redis").Redis.from_url(redis_url))
+    assert registry.target(name).version == "v000001"
+
+    topic = new_topic(kafka_bootstrap)
+    produce(kafka_bootstrap, topic, records(8, tag="w"))
+    cfg = TrainerConfig(model_name=name, max_length=64, batch_size=4, topic=topic, group_id=f"g-{name}",
+                        kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, checkpoint_url=str(ckpt),
+                        checkpoint_every_records=8, max_records=8, idle_exit_s=60, eval_data=str(data))
+    run_in_process(cfg)
+    store = CheckpointStore(ckpt)
+    meta = store.read_metadata(store.get(name, "v000002"))
+    assert meta["parent"] == {"source": "published", "version": "v000001", "uri": store.get(name, "v000001").uri}
+    assert meta["records_count"] == 8
+    # warm-started weights: before any update the continual model scored like the published one
+    assert registry.get(name, "v000002").metrics["served_accuracy"] == pytest.approx(
+        store.read_metadata(store.get(name, "v000001"))["eval"]["accuracy"])
