@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from services.stack import Endpoints, Stack, StackConfig, free_stack_config, load_endpoints
+from services.stack import Endpoints, Stack, StackConfig, free_stack_config, load_endpoints, load_stack_config
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
