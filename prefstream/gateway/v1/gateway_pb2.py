@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from prefstream.events.v1 import events_pb2 as prefstream_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#prefstream/gateway/v1/gateway.proto\x12\x15prefstream.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!prefstream/events/v1/events.proto\"L\n\x14LogCompletionRequest\x12\x34\n\ncompletion\x18\x01 \x01(\x0b\x32 .prefstream.events.v1.Completion\"\x81\x01\n\x15LogCompletionResponse\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12,\n\x08\x61\x63ked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x12LogFeedbackRequest\x12\x30\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x1e.prefstream.events.v1.Feedback\"h\n\x13LogFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12,\n\x08\x61\x63ked_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x01\n\x13StreamEventsRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x36\n\ncompletion\x18\x02 \x01(\x0b\x32 .prefstream.events.v1.CompletionH\x00\x12\x32\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x0b\x32\x1e.prefstream.events.v1.FeedbackH\x00\x42\x07\n\x05\x65vent\";\n\x0b\x45ventStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xc1\x01\n\x14StreamEventsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x15\n\rcompletion_id\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x32\n\x06status\x18\x05 \x01(\x0b\x32\".prefstream.gateway.v1.EventStatus\x12,\n\x08\x61\x63ked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xcf\x02\n\x0eGatewayService\x12j\n\rLogCompletion\x12+.prefstream.gateway.v1.LogCompletionRequest\x1a,.prefstream.gateway.v1.LogCompletionResponse\x12\x64\n\x0bLogFeedback\x12).prefstream.gateway.v1.LogFeedbackRequest\x1a*.prefstream.gateway.v1.LogFeedbackResponse\x12k\n\x0cStreamEvents\x12*.prefstream.gateway.v1.StreamEventsRequest\x1a+.prefstream.gateway.v1.StreamEventsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#prefstream/gateway/v1/gateway.proto\x12\x15prefstream.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!prefstream/events/v1/events.proto\"L\n\x14LogCompletionRequest\x12\x34\n\ncompletion\x18\x01 \x01(\x0b\x32 .prefstream.events.v1.Completion\"\x81\x01\n\x15LogCompletionResponse\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12,\n\x08\x61\x63ked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x12LogFeedbackRequest\x12\x30\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x1e.prefstream.events.v1.Feedback\"h\n\x13LogFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12,\n\x08\x61\x63ked_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\x13StreamEventsRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x36\n\ncompletion\x18\x02 \x01(\x0b\x32 .prefstream.events.v1.CompletionH\x00\x12\x32\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x0b\x32\x1e.prefstream.events.v1.FeedbackH\x00\x12\x32\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32!.prefstream.gateway.v1.EventBatchH\x00\x42\x07\n\x05\x65vent\"H\n\nEventBatch\x12:\n\x06\x65vents\x18\x01 \x03(\x0b\x32*.prefstream.gateway.v1.StreamEventsRequest\";\n\x0b\x45ventStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xfd\x01\n\x14StreamEventsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x15\n\rcompletion_id\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x32\n\x06status\x18\x05 \x01(\x0b\x32\".prefstream.gateway.v1.EventStatus\x12,\n\x08\x61\x63ked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32+.prefstream.gateway.v1.StreamEventsResponse2\xcf\x02\n\x0eGatewayService\x12j\n\rLogCompletion\x12+.prefstream.gateway.v1.LogCompletionRequest\x1a,.prefstream.gateway.v1.LogCompletionResponse\x12\x64\n\x0bLogFeedback\x12).prefstream.gateway.v1.LogFeedbackRequest\x1a*.prefstream.gateway.v1.LogFeedbackResponse\x12k\n\x0cStreamEvents\x12*.prefstream.gateway.v1.StreamEventsRequest\x1a+.prefstream.gateway.v1.StreamEventsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,11 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGFEEDBACKRESPONSE']._serialized_start=412
   _globals['_LOGFEEDBACKRESPONSE']._serialized_end=516
   _globals['_STREAMEVENTSREQUEST']._serialized_start=519
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=670
-  _globals['_EVENTSTATUS']._serialized_start=672
-  _globals['_EVENTSTATUS']._serialized_end=731
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=734
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=927
-  _globals['_GATEWAYSERVICE']._serialized_start=930
-  _globals['_GATEWAYSERVICE']._serialized_end=1265
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=722
+  _globals['_EVENTBATCH']._serialized_start=724
+  _globals['_EVENTBATCH']._serialized_end=796
+  _globals['_EVENTSTATUS']._serialized_start=798
+  _globals['_EVENTSTATUS']._serialized_end=857
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=860
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=1113
+  _globals['_GATEWAYSERVICE']._serialized_start=1116
+  _globals['_GATEWAYSERVICE']._serialized_end=1451
 # @@protoc_insertion_point(module_scope)

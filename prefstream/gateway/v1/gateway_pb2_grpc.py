@@ -70,7 +70,9 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamEvents(self, request_iterator, context):
-        """Bulk ingestion: each event is acknowledged individually, in order, once durable.
+        """Bulk ingestion: each event is acknowledged individually, in order, once durable.  A request
+        carries one event, or an EventBatch of many (bulk producers: one message per batch each way
+        instead of one per event); the two forms may be mixed in one stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
