@@ -68,7 +68,11 @@ class ScorerConfig:
     )
     max_models: int = field(default=8, metadata={"help": "most reward models held at once (each is a full copy in memory)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (bf16/fp16 on GPU, fp32 on CPU)"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "float32, bfloat16, float16 or auto: bf16 (else fp16) on GPU; bf16 on CPUs with native bf16 "
+                          "(AVX512-BF16, AMX-BF16, Arm BF16), else fp32. The reward head stays fp32 (scorer/precision.py)"},
+    )
     infer_workers: int = field(
         default=0,
         metadata={"help": "batches run at once, each on its own thread; 0 = auto: one per core on CPU (single-threaded "

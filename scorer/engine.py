@@ -48,6 +48,8 @@ class RewardRunner(Protocol):
     """A loaded reward model, as the engine uses it (see scorer/runners.py)."""
 
     attribute_names: tuple[str, ...]
+    #: the dtype the model runs in ("float32", "bfloat16", "float16"); rewards are fp32 regardless
+    dtype: str
 
     def encode(self, prompt: Sequence[ChatMessage], responses: Sequence[str]) -> list[Any]:
         """Tokenize (prompt, response) pairs; each result has ``len()`` = its token count."""
@@ -59,6 +61,8 @@ class RewardRunner(Protocol):
 
 
 class PolicyRunner(Protocol):
+    dtype: str
+
     def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]: ...
 
     def close(self) -> None: ...
@@ -78,6 +82,10 @@ class ModelSlot:
     refs: int = 0
     retired: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.runner.dtype)
 
     @property
     def ref(self) -> ModelRef:
@@ -150,8 +158,8 @@ class Engine:
         """
         old = self._live.get(slot.name)
         self._live[slot.name] = slot
-        self.metrics.set_serving(slot.name, slot.kind, slot.version)
-        log.info("serving %s %s version %s (%s)", slot.kind, slot.name, slot.version, slot.uri or "base")
+        self.metrics.set_serving(slot.name, slot.kind, slot.version, slot.dtype)
+        log.info("serving %s %s version %s (%s) in %s", slot.kind, slot.name, slot.version, slot.uri or "base", slot.dtype)
         for listener in self._listeners:
             listener(slot)
         if old is not None and old is not slot:

@@ -56,7 +56,8 @@ class ScorerMetrics:
             "prefstream_scorer_queue_depth_sequences", "sequences waiting for a batch", ["model"], registry=r,
         )
         self.serving_version = Gauge(
-            "prefstream_scorer_serving_version_info", "1 for the version being served", ["model", "kind", "version"],
+            "prefstream_scorer_serving_version_info", "1 for the version being served, with the dtype it runs in",
+            ["model", "kind", "version", "dtype"],
             registry=r,
         )
         self.swap_seconds = Histogram(
@@ -75,19 +76,19 @@ class ScorerMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self._lock = threading.Lock()
-        self._serving: dict[str, tuple[str, str]] = {}
+        self._serving: dict[str, tuple[str, str, str]] = {}
 
-    def set_serving(self, model: str, kind: str, version: str) -> None:
+    def set_serving(self, model: str, kind: str, version: str, dtype: str) -> None:
         """Replace the model's serving-version series (the old version's series is removed)."""
         with self._lock:
             old = self._serving.get(model)
-            if old is not None and old != (kind, version):
+            if old is not None and old != (kind, version, dtype):
                 try:
-                    self.serving_version.remove(model, old[0], old[1])
+                    self.serving_version.remove(model, *old)
                 except KeyError:
                     pass
-            self._serving[model] = (kind, version)
-            self.serving_version.labels(model, kind, version).set(1)
+            self._serving[model] = (kind, version, dtype)
+            self.serving_version.labels(model, kind, version, dtype).set(1)
 
     def batch_observer(self, model: str) -> "_BatchObserver":
         return _BatchObserver(self, model)

@@ -14,6 +14,7 @@ rows from many requests; generate) so that it never touches torch.  This module 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from scorer.domain import SamplingParams
+from scorer.precision import cast_for_serving, resolve_dtype
 from services.schemas import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -48,15 +50,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointRefused("no_cuda", f"device {device!r} requested but CUDA is not available; use device=cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs); bf16 on GPUs that have it, else fp16."""
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 def cpu_cores() -> int:
@@ -125,6 +118,8 @@ class RewardRunner:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        #: the dtype the backbone runs in (the head is fp32 either way, see scorer/precision.py)
+        self.dtype: str = str(model.spec.dtype)
         self.attribute_names: tuple[str, ...] = tuple(model.spec.attributes)
         self.pad_id: int = int(model.tokenizer.pad_token_id)
         self.max_length: int = int(model.spec.max_length)
@@ -190,6 +185,7 @@ def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: boo
     from services.reward_model import RewardModel
 
     dev = resolve_device(device)
+    serving = resolve_dtype(dtype, dev)
     if verify:
         verify_checkpoint(path)
     if not Path(path).exists():
@@ -198,7 +194,11 @@ def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: boo
         # A bare backbone gets a fresh head: seed it so "base" is the same model in every process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(BASE_HEAD_SEED)
-            model = RewardModel.from_pretrained(path, device=dev, dtype=resolve_dtype(dtype, dev), max_length=max_length)
+            # Loaded in fp32 (on the CPU) and cast here, so a half-precision model keeps an exact fp32 head.
+            model = RewardModel.from_pretrained(path, dtype="float32", max_length=max_length)
+        cast_for_serving(model.hf_model, serving)
+        model.spec = dataclasses.replace(model.spec, dtype=serving)
+        model.to(dev)
     except Exception as e:  # noqa: BLE001 - any load failure refuses the checkpoint; the cause is logged
         log.warning("loading reward model %s failed", path, exc_info=True)
         raise CheckpointRefused("load_failed", f"could not load reward model from {path}: {type(e).__name__}: {e}") from e
@@ -214,6 +214,7 @@ class PolicyRunner:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.dtype: str = str(model.spec.dtype)
 
     def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]:
         # Unset parameters fall back to the policy's own defaults.

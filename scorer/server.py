@@ -29,7 +29,8 @@ from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
 from scorer.engine import Engine, ModelSlot
 from scorer.metrics import ScorerMetrics
-from scorer.runners import configure_torch_threads, plan_workers
+from scorer.precision import cpu_bf16_support, resolve_dtype
+from scorer.runners import configure_torch_threads, plan_workers, resolve_device
 from scorer.swap import ModelManager
 from services.errors import PrefstreamError
 from services.grpc_server import ServerHandle, create_server, serve_until_signal, start
@@ -179,7 +180,10 @@ class Scorer:
         """Listen (health NOT_SERVING), load the models, then report SERVING."""
         cfg = self.cfg
         threads = configure_torch_threads(self.torch_threads)
-        log.info("%d inference worker(s) x %d torch thread(s)", self.infer_workers, threads)
+        device = resolve_device(cfg.device)
+        why = cpu_bf16_support()[1] if device.type == "cpu" else device.type
+        log.info("%d inference worker(s) x %d torch thread(s); dtype %s -> %s on %s (%s)", self.infer_workers, threads,
+                 cfg.dtype, resolve_dtype(cfg.dtype, device), device, why)
         ex = self._executors
         self.engine = Engine(
             cfg, self.metrics,

@@ -30,6 +30,7 @@ class FakeReward:
         self.offset = offset
         self.delay_s = delay_s
         self.attribute_names = attributes
+        self.dtype = "bfloat16"
         self.closed = threading.Event()
         self.batches = 0
 
@@ -47,6 +48,8 @@ class FakeReward:
 
 
 class FakePolicy:
+    dtype = "float32"
+
     def generate(self, prompt, n, params):
         return [f"sample {i} " + "x" * i for i in range(n)]
 
@@ -220,5 +223,5 @@ def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monke
     assert loads.count("v2") == 1  # refused once, not retried on every poll
     assert 'prefstream_scorer_swap_failures_total{model="reward",reason="corrupt"} 1.0' in metrics
     assert 'prefstream_scorer_swaps_total{model="reward"} 2.0' in metrics
-    assert 'prefstream_scorer_serving_version_info{kind="reward",model="reward",version="v3"} 1.0' in metrics
+    assert 'prefstream_scorer_serving_version_info{dtype="bfloat16",kind="reward",model="reward",version="v3"} 1.0' in metrics
     assert 'version="v1"' not in metrics.split("prefstream_scorer_serving_version_info")[-1].split("#")[0]
