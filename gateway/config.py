@@ -80,7 +80,7 @@ class GatewayConfig:
         default=DEFAULT_ATTRIBUTES,
         metadata={"help": "attribute names multi-attribute scores may use (HelpSteer's five by default)"},
     )
-    max_batch_events: int = field(default=1000, metadata={"help": "most events in one HTTP /v1/events:batch body"})
+    max_batch_events: int = field(default=1000, metadata={"help": "most events in one HTTP /v1/events:batch body or one StreamEvents EventBatch"})
 
     # --- dedup -----------------------------------------------------------------------------------
     dedup_pending_ttl_s: float = field(

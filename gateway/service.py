@@ -83,7 +83,7 @@ class Gateway:
         limits = Limits.from_config(cfg)
         ingestor = Ingestor(cfg, self._writer, self._redis)
 
-        servicer = GatewayServicer(ingestor, auth, limits)
+        servicer = GatewayServicer(ingestor, auth, limits, max_batch_events=cfg.max_batch_events)
         self._handle = grpc_server.create_server(
             [lambda s: add_to_server(servicer, s)], [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port, serving=True
         )
