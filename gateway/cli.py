@@ -135,22 +135,21 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from gateway.importer import import_file
-    from services.errors import PrefstreamError
-
-    import grpc
+    from services.errors import InvalidArgument, PrefstreamError
 
     try:
-        summary = asyncio.run(import_file(
+        summary = import_file(
             args.file, gateway=args.gateway, project=args.project, api_key=args.api_key, fmt=args.format,
-            split=args.split, progress=not args.no_progress,
-        ))
-    except (PrefstreamError, FileNotFoundError) as e:
+            split=args.split, batch_size=args.batch_size, progress=not args.no_progress,
+        )
+    except FileNotFoundError as e:
         print(f"prefstream import: {e}", file=sys.stderr)
         return 2
-    except grpc.RpcError as e:  # the call itself failed (bad key, gateway down): nothing more was imported
-        code = e.code().name if hasattr(e, "code") else "UNKNOWN"
-        details = e.details() if hasattr(e, "details") else str(e)
-        print(f"prefstream import: the gateway at {args.gateway} answered {code}: {details}; "
+    except InvalidArgument as e:
+        print(f"prefstream import: {e}", file=sys.stderr)
+        return 2
+    except PrefstreamError as e:  # the call itself failed (bad key, gateway down): nothing more was imported
+        print(f"prefstream import: the gateway at {args.gateway} answered {e.grpc_code.name}: {e}; "
               "events acknowledged before this were written, re-running the import resumes (duplicates are skipped)",
               file=sys.stderr)
         return 2
@@ -192,5 +191,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--project", default=os.environ.get("PREFSTREAM_PROJECT", "default"))
     p.add_argument("--gateway", default=os.environ.get("PREFSTREAM_GATEWAY", "127.0.0.1:50051"), help="gateway gRPC host:port")
     p.add_argument("--api-key", default=os.environ.get("PREFSTREAM_API_KEY"), help="project API key (default $PREFSTREAM_API_KEY)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="events per StreamEvents batch (at most the gateway's max_batch_events, 1000 by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_import)

@@ -1,6 +1,7 @@
 """``prefstream import``: stream a preference dataset through the gateway, like any other client.
 
-Importing through the gateway (``StreamEvents``) instead of writing Kafka directly means imported
+Importing through the gateway (``StreamEvents`` in batches of 256 events, via
+:meth:`gateway.client.GatewayClient.stream_events`) instead of writing Kafka directly means imported
 data gets the same validation, authentication, dedup and processing as live feedback.  Each example
 becomes a completion (the prompt and its outputs) and a feedback event about it: a **choice** of
 output 0 for a pair, a **ranking** for a ranked list.  Event ids hash the project and the content, so
@@ -20,25 +21,23 @@ Bad lines are reported with their line number and reason and skipped; the run en
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import re
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import grpc
-
+from gateway.client import DEFAULT_BATCH_EVENTS, DEFAULT_INFLIGHT_BATCHES, GatewayClient
 from gateway.derive import IMPORT_METADATA_KEY
 from gateway.events import completion_id_for
 from prefstream.events.v1 import events_pb2
-from prefstream.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.data import parse_openpipe
 from services.errors import InvalidArgument
-from services.grpc_server import channel
 from services.schemas import ChatMessage, messages_from_dicts
 
 log = logging.getLogger(__name__)
@@ -270,7 +269,7 @@ class ImportSummary:
         )
 
 
-async def import_file(
+def import_file(
     path: str | Path,
     *,
     gateway: str,
@@ -278,14 +277,17 @@ async def import_file(
     api_key: str | None = None,
     fmt: str | None = None,
     split: str | None = None,
-    window: int = 2000,
+    batch_size: int = DEFAULT_BATCH_EVENTS,
+    inflight_batches: int = DEFAULT_INFLIGHT_BATCHES,
     progress: bool = True,
     out: TextIO = sys.stderr,
 ) -> ImportSummary:
     """Stream ``path`` through the gateway at ``gateway`` (host:port); see the module docstring.
 
     ``split`` forces every example's split ("train"/"test"); None keeps the file's (default train).
-    At most ``window`` events are unacknowledged at a time.
+    Events go out in batches of ``batch_size`` (:meth:`GatewayClient.stream_events`), at most
+    ``inflight_batches`` of them unanswered.  A failure of the call itself (bad key, gateway gone)
+    raises the domain error; what was answered before it is written, and re-running resumes.
     """
     from tqdm import tqdm
 
@@ -295,22 +297,22 @@ async def import_file(
     if split is not None and split not in _SPLIT:
         raise InvalidArgument("split", f"unknown split {split!r}; use train or test")
     summary = ImportSummary()
-    origin: dict[int, tuple[int, str]] = {}  # seq -> (line, "completion"/"feedback")
-    slots = asyncio.Semaphore(window)
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    # (line, "completion"/"feedback") of each event sent; answers come back in the same order.
+    origin: deque[tuple[int, str]] = deque()
     total = sum(1 for _ in open(path, "rb"))
     bar = tqdm(total=total, unit="line", desc=f"import {path.name}", disable=not progress, file=out)
+    lock = threading.Lock()  # bad lines are reported from gRPC's request thread, rejections from this one
 
     def report(where: list[str], text: str) -> None:
-        where.append(text)
-        if len(where) <= 20:
-            bar.write(text, file=out)
-        elif len(where) == 21:
-            bar.write("... (further problems are counted in the summary)", file=out)
+        with lock:
+            where.append(text)
+            if len(where) <= 20:
+                bar.write(text, file=out)
+            elif len(where) == 21:
+                bar.write("... (further problems are counted in the summary)", file=out)
 
-    async def requests() -> Any:
+    def events() -> Iterator[Any]:
         nonlocal fmt
-        seq = 0
         for line, obj in read_items(path):
             summary.lines += 1
             bar.update(1)
@@ -326,33 +328,21 @@ async def import_file(
                 report(summary.bad_lines, f"line {line}: {e}")
                 continue
             summary.examples += 1
-            for kind, req in (("completion", gateway_pb2.StreamEventsRequest(seq=seq, completion=completion)),
-                              ("feedback", gateway_pb2.StreamEventsRequest(seq=seq + 1, feedback=feedback))):
-                await slots.acquire()
-                origin[req.seq] = (line, kind)
-                yield req
-            seq += 2
+            origin.append((line, "completion"))
+            yield completion
+            origin.append((line, "feedback"))
+            yield feedback
 
-    async with channel(gateway) as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        call = stub.StreamEvents(requests(), metadata=metadata)
-        try:
-            async for resp in call:
-                slots.release()
-                line, kind = origin.pop(resp.seq, (0, "event"))
-                if resp.status.code == grpc.StatusCode.OK.value[0]:
-                    summary.events_ok += 0 if resp.duplicate else 1
-                    summary.duplicates += 1 if resp.duplicate else 0
+    try:
+        with GatewayClient(gateway, api_key=api_key) as client:
+            for result in client.stream_events(events(), batch_size=batch_size, inflight_batches=inflight_batches):
+                line, kind = origin.popleft()
+                if result.error is None:
+                    summary.events_ok += 0 if result.duplicate else 1
+                    summary.duplicates += 1 if result.duplicate else 0
                 else:
-                    report(summary.rejected, f"line {line}: {kind}: {code_name(resp.status.code)}: {resp.status.message}")
-        finally:
-            bar.close()
+                    err = result.error
+                    report(summary.rejected, f"line {line}: {kind}: {err.grpc_code.name}: {err}")
+    finally:
+        bar.close()
     return summary
-
-
-def code_name(number: int) -> str:
-    """UNAVAILABLE for 14, etc. (the number itself when it is not a gRPC code)."""
-    for c in grpc.StatusCode:
-        if c.value[0] == number:
-            return c.name
-    return str(number)

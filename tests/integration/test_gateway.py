@@ -99,6 +99,66 @@ def test_duplicate_event_ids_are_written_once(gw, stub, key, project, kafka_boot
     assert ids.count(eid) == 1 and ids.count(sid) == 1
 
 
+def test_batch_answers_each_event_and_writes_the_good_ones_exactly_once(gw, stub, key, project, kafka_bootstrap) -> None:
+    earlier = f"b-{uuid.uuid4().hex}"
+    stub.LogCompletion(g.LogCompletionRequest(completion=completion(project, earlier)), metadata=md(key))
+    c1, c2 = f"b-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+    fb = f"bf-{uuid.uuid4().hex}"
+    events = [
+        g.StreamEventsRequest(seq=10, completion=completion(project, c1)),
+        g.StreamEventsRequest(seq=11, completion=ev.Completion(event_id=f"bad-{uuid.uuid4().hex}", project=project,
+                                                               candidates=["x"])),  # no prompt
+        g.StreamEventsRequest(seq=12, completion=completion(project, c2)),
+        g.StreamEventsRequest(seq=13, completion=completion(project, c1)),  # the same id again in the batch
+        # About the completion logged before the batch (3 candidates): index 7 is out of range; the
+        # corrected event with the same id is then written.
+        g.StreamEventsRequest(seq=14, feedback=ev.Feedback(event_id=fb, project=project, completion_id=completion_id_for(project, earlier),
+                                                           choice=ev.Choice(chosen_index=7))),
+        g.StreamEventsRequest(seq=15, feedback=ev.Feedback(event_id=fb, project=project, completion_id=completion_id_for(project, earlier),
+                                                           choice=ev.Choice(chosen_index=2))),
+        g.StreamEventsRequest(seq=16, completion=completion(project, earlier)),  # written before this batch
+    ]
+    reqs = [g.StreamEventsRequest(seq=0, completion=completion(project)),  # single events and batches mix
+            g.StreamEventsRequest(seq=1, batch=g.EventBatch(events=events)),
+            g.StreamEventsRequest(seq=2, batch=g.EventBatch()),
+            g.StreamEventsRequest(seq=3, batch=g.EventBatch(events=events))]  # the whole batch retried
+    out = list(stub.StreamEvents(iter(reqs), metadata=md(key)))
+    assert [r.seq for r in out] == [0, 1, 2, 3]
+    assert out[0].status.code == 0 and not out[0].batch
+    first, refused, retried = out[1], out[2], out[3]
+    assert first.status.code == 0 and [r.seq for r in first.batch] == [10, 11, 12, 13, 14, 15, 16]
+    inv = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [(r.status.code, r.status.field) for r in first.batch] == [
+        (0, ""), (inv, "completion.prompt"), (0, ""), (0, ""), (inv, "feedback.choice.chosen_index"), (0, ""), (0, "")]
+    assert [r.duplicate for r in first.batch] == [False, False, False, True, False, False, True]
+    assert first.batch[0].completion_id == first.batch[3].completion_id == completion_id_for(project, c1)
+    assert first.batch[3].acked_at == first.batch[0].acked_at  # the duplicate answers the original write
+    assert refused.status.code == inv and refused.status.field == "batch.events" and not refused.batch
+    assert [r.status.code for r in retried.batch] == [r.status.code for r in first.batch]
+    assert [r.duplicate for i, r in enumerate(retried.batch) if r.status.code == 0] == [True] * 5
+    completions = event_ids(gw, kafka_bootstrap, topics.COMPLETIONS)
+    assert [completions.count(e) for e in (c1, c2, earlier)] == [1, 1, 1]
+    assert not [e for e in completions if e.startswith("bad-")]
+    assert event_ids(gw, kafka_bootstrap, topics.FEEDBACK).count(fb) == 1
+
+
+def test_client_stream_events_in_batches(gw, key, project, kafka_bootstrap) -> None:
+    from gateway.client import GatewayClient
+
+    ids = [f"cs-{uuid.uuid4().hex[:8]}-{i}" for i in range(700)]
+    events = [completion(project, e) for e in ids]
+    events[350] = ev.Completion(event_id=ids[350], project=project, prompt=[USER], candidates=["a", ""])
+    with GatewayClient(gw.address, api_key=key) as client:
+        results = list(client.stream_events(iter(events), batch_size=128, inflight_batches=2))
+        assert [r.event_id for i, r in enumerate(results) if i != 350] == [e for i, e in enumerate(ids) if i != 350]
+        assert results[350].error is not None and results[350].error.field == "completion.candidates[1]"
+        assert sum(r.ok and not r.duplicate for r in results) == 699
+        again = list(client.stream_events(events[:10], batch_size=4))
+        assert all(r.duplicate for r in again)
+    written = event_ids(gw, kafka_bootstrap, topics.COMPLETIONS)
+    assert sum(written.count(e) for e in ids) == 699 and ids[350] not in written
+
+
 def _bad_completions(project: str) -> list[tuple[str, ev.Completion, str, str]]:
     ok = dict(project=project, prompt=[USER], candidates=["a", "b"])
     return [

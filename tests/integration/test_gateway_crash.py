@@ -1,4 +1,4 @@
-"""A gateway killed with SIGKILL mid-stream loses no acknowledged event; retries after a restart land."""
+"""A gateway killed with SIGKILL mid-stream loses no acknowledged event; batched retries after a restart land."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def stream(port: int, key: str, project: str, ids: list[str], acked: set[str], s
             pass  # the gateway died under us: what was acked before is what counts
 
 
+def stream_batched(port: int, key: str, project: str, ids: list[str], acked: set[str]) -> None:
+    """Like :func:`stream`, in batches through the Python client (the bulk path)."""
+    from gateway.client import GatewayClient
+
+    events = (ev.Completion(event_id=eid, project=project, prompt=[ev.ChatMessage(role=ev.ROLE_USER, content=f"q {eid}")],
+                            candidates=["a", "b"]) for eid in ids)
+    with GatewayClient(f"127.0.0.1:{port}", api_key=key) as client:
+        for eid, result in zip(ids, client.stream_events(events, batch_size=256)):
+            assert result.event_id == eid
+            if result.ok:
+                acked.add(eid)
+
+
 def test_sigkill_mid_stream_loses_no_acked_event(kafka_bootstrap: str, redis_url: str, redis_client, tmp_path: Path) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}."
     create_prefixed_topics(kafka_bootstrap, prefix)
@@ -87,14 +100,15 @@ def test_sigkill_mid_stream_loses_no_acked_event(kafka_bootstrap: str, redis_url
     in_kafka = [json.loads(r.value)["event_id"] for r in read_topic(kafka_bootstrap, prefix + topics.COMPLETIONS.name)]
     assert not snapshot - set(in_kafka)
 
-    # Restart and retry everything not acknowledged (as a client would); in-flight ids whose pending
-    # marker has not expired yet answer UNAVAILABLE at first, so retry until all are acknowledged.
+    # Restart and retry everything not acknowledged (as a bulk client would: batches of 256); in-flight
+    # ids whose pending marker has not expired yet answer UNAVAILABLE at first, so retry until all are
+    # acknowledged.
     proc, port = start_gateway(kafka_bootstrap, redis_url, prefix, log)
     try:
         acked_after: set[str] = set()
         deadline = time.monotonic() + 120
         while len(snapshot | acked_after) < TOTAL and time.monotonic() < deadline:
-            stream(port, key, project, [i for i in ids if i not in snapshot and i not in acked_after], acked_after)
+            stream_batched(port, key, project, [i for i in ids if i not in snapshot and i not in acked_after], acked_after)
             if len(snapshot | acked_after) < TOTAL:
                 time.sleep(1.0)
         assert snapshot | acked_after == set(ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -34,7 +33,7 @@ def test_hh_train_file_imports_cleanly_into_2000_records(gw, redis_client, kafka
     project = f"hh-{uuid.uuid4().hex[:6]}"
     key, _ = create_key(redis_client, project, pepper="")
     path = shared_data_dir() / "hh_helpful_train_2k.jsonl"
-    summary = asyncio.run(import_file(path, gateway=gw.address, project=project, api_key=key, progress=False))
+    summary = import_file(path, gateway=gw.address, project=project, api_key=key, progress=False)
     assert summary.ok, summary.describe()
     assert (summary.lines, summary.examples, summary.events_ok, summary.duplicates) == (2000, 2000, 4000, 0)
 
@@ -50,7 +49,7 @@ def test_hh_train_file_imports_cleanly_into_2000_records(gw, redis_client, kafka
     assert match and match[0]["ranked_responses"][1] == first["rejected_message"]["content"]
 
     # Importing again writes nothing new: every event is a duplicate, no new record appears.
-    again = asyncio.run(import_file(path, gateway=gw.address, project=project, api_key=key, progress=False))
+    again = import_file(path, gateway=gw.address, project=project, api_key=key, progress=False)
     assert (again.events_ok, again.duplicates) == (0, 4000)
     records = wait_for_records(kafka_bootstrap, gw.topic(topics.PREFERENCES), lambda v: v.get("project") == project,
                                count=2000, timeout_s=30, settle_s=3.0)
