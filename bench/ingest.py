@@ -3,14 +3,19 @@
 All four producers write the same ~0.5 KB completion events with acks=all to fresh topics of the
 same broker, in the same run:
 
-* **gateway, streaming**: one ``StreamEvents`` call with a window of unacknowledged events; the
-  gateway runs as its own process (``python -m gateway``) with auth and dedup on, as in production,
-  and without its feedback processor (ingestion alone is measured);
+* **gateway, streaming** (``gateway_stream_eps``): one ``StreamEvents`` call carrying
+  ``EventBatch`` requests of ``--batch-size`` events (what bulk producers and ``prefstream import``
+  send), with a window of unacknowledged events; the gateway runs as its own process
+  (``python -m gateway``) with auth and dedup on, as in production, and without its feedback
+  processor (ingestion alone is measured);
+* **gateway, streaming one event per message** (``gateway_stream_single_eps``): the same stream
+  without batches (what a client that sends events one by one gets);
 * **gateway, unary**: ``LogCompletion`` from concurrent callers;
 * **raw kafka-python**: the durable producer of :mod:`services.kafka` sending the same bytes;
 * **kafka-producer-perf-test**: Kafka's Java tool, same record size.
 
-Ack latency is measured per event, from the moment the client handed it to gRPC to its response:
+Ack latency is measured per event, from the moment the client handed it (or its batch) to gRPC to
+its response:
 ``ack_p50_ms``/``ack_p99_ms`` under saturation (``--window`` events outstanding, so latency is about
 window / rate), ``light_ack_*`` with only ``--light-window`` outstanding.
 Afterwards every gateway topic is consumed back: ``lost_events`` counts acknowledged event ids that
@@ -50,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unary-events", type=int, default=None, help="events sent with unary calls (default 6000; --quick 1000)")
     parser.add_argument("--unary-concurrency", type=int, default=64, help="concurrent unary callers")
     parser.add_argument("--window", type=int, default=4000, help="unacknowledged events allowed in the stream (a bulk client)")
+    parser.add_argument("--batch-size", type=int, default=256, help="events per EventBatch in the batched stream")
     parser.add_argument("--light-window", type=int, default=8,
                         help="window of the light-load stream whose latency is reported as light_ack_*")
     parser.add_argument("--rounds", type=int, default=None, help="alternating gateway/raw rounds (default 3; --quick 1)")
@@ -84,25 +90,41 @@ def _pct(values: list[float], q: float) -> float:
 # gateway clients
 
 
-async def _stream(address: str, key: str, project: str, n: int, window: int, tag: str) -> dict[str, Any]:
+async def _stream(address: str, key: str, project: str, n: int, window: int, tag: str, batch: int = 0) -> dict[str, Any]:
+    """One StreamEvents call of ``n`` completions: one per message, or ``batch`` per EventBatch."""
     import grpc
 
     from prefstream.gateway.v1 import gateway_pb2 as g
 
     # Requests are serialized before the clock starts, and sent as bytes, so the client's own
     # protobuf work does not compete with the gateway for the machine's two cores.
-    reqs = [g.StreamEventsRequest(seq=i, completion=_completion(project, f"{tag}-{i}")).SerializeToString() for i in range(n)]
-    sent_at = [0.0] * n
+    singles = [g.StreamEventsRequest(seq=i, completion=_completion(project, f"{tag}-{i}")) for i in range(n)]
+    if batch:
+        groups = [list(range(i, min(n, i + batch))) for i in range(0, n, batch)]
+        reqs = [g.StreamEventsRequest(seq=k, batch=g.EventBatch(events=[singles[i] for i in grp])).SerializeToString()
+                for k, grp in enumerate(groups)]
+    else:
+        groups = [[i] for i in range(n)]
+        reqs = [r.SerializeToString() for r in singles]
+    del singles
+    sent_at = [0.0] * len(reqs)
     lat: list[float] = []
     acked: list[str] = []
     errors: dict[str, int] = {}
-    slots = asyncio.Semaphore(window)
+    slots = asyncio.Semaphore(max(1, window // max(1, batch)))  # the window counts events either way
 
     async def gen():
-        for i, r in enumerate(reqs):
+        for k, r in enumerate(reqs):
             await slots.acquire()
-            sent_at[i] = time.perf_counter()
+            sent_at[k] = time.perf_counter()
             yield r
+
+    def note(resp: Any, latency: float) -> None:
+        if resp.status.code == 0:
+            lat.append(latency)
+            acked.append(resp.event_id)
+        else:
+            errors[resp.status.message[:80]] = errors.get(resp.status.message[:80], 0) + 1
 
     async with grpc.aio.insecure_channel(address) as ch:
         call = ch.stream_stream("/prefstream.gateway.v1.GatewayService/StreamEvents",
@@ -112,11 +134,14 @@ async def _stream(address: str, key: str, project: str, n: int, window: int, tag
             now = time.perf_counter()
             slots.release()
             resp = g.StreamEventsResponse.FromString(raw)
-            if resp.status.code == 0:
-                lat.append(now - sent_at[resp.seq])
-                acked.append(resp.event_id)
+            latency = now - sent_at[resp.seq]
+            if not batch:
+                note(resp, latency)
+            elif resp.status.code != 0 or len(resp.batch) != len(groups[resp.seq]):
+                errors[f"batch refused: {resp.status.message[:60]}"] = errors.get(f"batch refused: {resp.status.message[:60]}", 0) + 1
             else:
-                errors[resp.status.message[:80]] = errors.get(resp.status.message[:80], 0) + 1
+                for inner in resp.batch:
+                    note(inner, latency)
         elapsed = time.perf_counter() - t0
     return {"eps": len(acked) / elapsed, "latencies": lat, "acked": acked, "errors": errors, "elapsed_s": elapsed}
 
@@ -298,15 +323,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         address = f"127.0.0.1:{port}"
         # Warm up (connections, topic metadata, JIT-free but cache-warm paths).
         asyncio.run(_stream(address, key, project, 500, args.window, f"{run_id}-warm"))
+        asyncio.run(_stream(address, key, project, 2 * args.batch_size, args.window, f"{run_id}-warmb", batch=args.batch_size))
 
-        # Streaming and the raw producer alternate for --rounds rounds, so load that other work puts
-        # on the machine hits both alike; each rate is the median over its rounds.
-        streams, raws = [], []
+        # Batched streaming, the raw producer and single-event streaming alternate for --rounds
+        # rounds, so load that other work puts on the machine hits all alike; each rate is the median
+        # over its rounds.
+        streams, raws, singles = [], [], []
         for r in range(rounds):
-            streams.append(asyncio.run(_stream(address, key, project, n, args.window, f"{run_id}-s{r}")))
+            streams.append(asyncio.run(_stream(address, key, project, n, args.window, f"{run_id}-b{r}", batch=args.batch_size)))
             raws.append(_raw_kafka_python(bootstrap, raw_spec.name, n))
+            singles.append(asyncio.run(_stream(address, key, project, n, args.window, f"{run_id}-s{r}")))
         stream = _merge(streams)
         raw = _merge(raws)
+        single = _merge(singles)
         light = asyncio.run(_stream(address, key, project, min(n, 3000), args.light_window, f"{run_id}-l"))
         unary = asyncio.run(_unary(address, key, project, n_unary, args.unary_concurrency, f"{run_id}-u"))
         gw.terminate()
@@ -321,10 +350,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.error("kafka-producer-perf-test could not run: %s", e)
             perf = {"eps": 0.0, "error": str(e)[:500]}
 
-        acked = set(stream["acked"]) | set(unary["acked"]) | set(light["acked"])
+        acked = set(stream["acked"]) | set(single["acked"]) | set(unary["acked"]) | set(light["acked"])
         light_ms = [x * 1000 for x in light["latencies"]]
         lost, dups = _count_back(bootstrap, prefix + topics.COMPLETIONS.name, acked)
         lat_ms = [x * 1000 for x in stream["latencies"]]
+        single_ms = [x * 1000 for x in single["latencies"]]
         unary_ms = [x * 1000 for x in unary["latencies"]]
         raw_ms = [x * 1000 for x in raw["latencies"]]
         result = {
@@ -333,18 +363,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "record_bytes": wire_size,
             "request_bytes": size,
             "gateway_stream_eps": round(stream["eps"], 1),
+            "gateway_stream_single_eps": round(single["eps"], 1),
             "gateway_unary_eps": round(unary["eps"], 1),
             "raw_kafka_python_eps": round(raw["eps"], 1),
             "kafka_perf_test_eps": round(perf["eps"], 1),
             "ratio_stream_vs_raw": round(stream["eps"] / raw["eps"], 3) if raw["eps"] else None,
             "rounds": rounds,
             "gateway_stream_eps_rounds": stream["rounds_eps"],
+            "gateway_stream_single_eps_rounds": single["rounds_eps"],
+            "ratio_stream_single_vs_raw": round(single["eps"] / raw["eps"], 3) if raw["eps"] else None,
+            "stream_batch_size": args.batch_size,
             "raw_kafka_python_eps_rounds": raw["rounds_eps"],
             "ratio_unary_vs_raw": round(unary["eps"] / raw["eps"], 3) if raw["eps"] else None,
             "ratio_raw_vs_perf_test": round(raw["eps"] / perf["eps"], 3) if perf["eps"] else None,
             "ack_p50_ms": round(_pct(lat_ms, 0.50), 2),
             "ack_p99_ms": round(_pct(lat_ms, 0.99), 2),
             "ack_mean_ms": round(statistics.fmean(lat_ms), 2) if lat_ms else None,
+            "single_ack_p50_ms": round(_pct(single_ms, 0.50), 2),
+            "single_ack_p99_ms": round(_pct(single_ms, 0.99), 2),
             "light_stream_eps": round(light["eps"], 1),
             "light_ack_p50_ms": round(_pct(light_ms, 0.50), 2),
             "light_ack_p99_ms": round(_pct(light_ms, 0.99), 2),
@@ -359,7 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "acked_events": len(acked),
             "lost_events": lost,
             "duplicate_records": dups,
-            "rejected_events": {"stream": stream["errors"], "unary": unary["errors"], "light": light["errors"]},
+            "rejected_events": {"stream": stream["errors"], "stream_single": single["errors"], "unary": unary["errors"],
+                                "light": light["errors"]},
             "load_avg_at_start": load_at_start,
             "target_ratio_stream_vs_raw": 0.5,
             "meets_target": bool(raw["eps"] and stream["eps"] / raw["eps"] >= 0.5 and lost == 0),
