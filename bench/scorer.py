@@ -5,11 +5,19 @@ with their responses, one (prompt, response) per request, cycled):
 
 * the scorer (a real ``python -m scorer`` process) over gRPC at several client concurrency levels:
   ``throughput_rps``, ``p50_ms``, ``p99_ms`` per level;
-* the usual way: ``transformers.pipeline("text-classification", batch_size=1)`` in-process
-  (``pipeline_rps``, and ``ratio_vs_pipeline`` = best scorer rps / pipeline rps);
-* the machine's ceiling: sustained fp32 GEMM FLOP/s measured with torch here, and the model's matmul
-  FLOPs per scored sequence computed from its linear layers and the actual token counts;
-  ``fraction_of_matmul_bound`` = achieved model FLOP/s / GEMM FLOP/s;
+* the scorer's serving dtype (``serving_dtype``, read from its own metrics: ``dtype: auto`` is bf16 on
+  CPUs with native bf16, see scorer/precision.py);
+* the usual way: ``transformers.pipeline("text-classification", batch_size=1)`` in-process in fp32
+  (``pipeline_rps``, and ``ratio_vs_pipeline`` = best scorer rps / pipeline rps), and the same pipeline
+  on the bf16 model (``pipeline_bf16_rps``, ``ratio_vs_pipeline_bf16``) so a bf16 scorer is also
+  compared with bf16 done the simple way;
+* the machine's ceiling: sustained GEMM FLOP/s measured with torch here in fp32 and bf16, and the
+  model's matmul FLOPs per scored sequence computed from its linear layers and the actual token counts;
+  ``fraction_of_matmul_bound`` = achieved model FLOP/s / GEMM FLOP/s **in the serving dtype** (a bf16
+  scorer against the fp32 ceiling would look 3x better than it is);
+* accuracy of bf16 against fp32 on the same HH test pairs: ``bf16_vs_fp32_max_abs_diff`` / ``_mean_abs_diff``
+  and ``bf16_vs_fp32_rank_agreement`` (share of (chosen, rejected) pairs ordered the same way), with
+  the fp32 scores' spread and the largest fp32 gap among flipped pairs for scale;
 * hot swaps under load: a scorer following a Redis registry while new checkpoints are published
   every few seconds; ``failed_requests_during_swaps`` (target 0) and ``swaps``;
 * the same Score RPC driven by ghz (a Go load generator), when it can be built; otherwise the JSON
@@ -64,11 +72,13 @@ def load_inputs(limit: int | None = None) -> list[tuple[tuple[Any, ...], str]]:
     return out[:limit] if limit else out
 
 
-def measure_gemm_flops(seconds: float = 3.0, n: int = 2048) -> float:
-    """Sustained fp32 GEMM FLOP/s on this machine with torch's threads (an n x n x n matmul loop)."""
+def measure_gemm_flops(seconds: float = 3.0, n: int = 2048, dtype: str = "float32") -> float:
+    """Sustained GEMM FLOP/s in ``dtype`` on this machine with torch's threads (an n x n x n matmul loop)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    from scorer.precision import TORCH_DTYPES
+
+    a, b = torch.randn(n, n).to(TORCH_DTYPES[dtype]), torch.randn(n, n).to(TORCH_DTYPES[dtype])
     for _ in range(3):
         a @ b
     it, t0 = 0, time.perf_counter()
@@ -165,6 +175,38 @@ def _start_scorer(log_dir: Path, name: str, env: dict[str, str]) -> tuple[Any, s
     address = f"127.0.0.1:{port}"
     proc.wait_grpc(address, timeout_s=180)
     return proc, address
+
+
+def served_dtype(metrics_port: int, model: str = "reward") -> str | None:
+    """The dtype a scorer process reports for ``model`` in ``prefstream_scorer_serving_version_info``."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("prefstream_scorer_serving_version_info{") and f'model="{model}"' in line:
+            m = re.search(r'dtype="([^"]+)"', line)
+            if m:
+                return m.group(1)
+    return None
+
+
+def measure_bf16_agreement(reference: Any, bf16: Any, pairs: int) -> dict[str, Any]:
+    """Score the first ``pairs`` HH test pairs with the fp32 and the bf16 runner's model (offline,
+    length-sorted batches of 16): ``bf16_vs_fp32_*`` keys (see scorer.precision.Agreement)."""
+    from scorer.precision import agreement
+    from services.data import TEST_FILE, load_openpipe_jsonl, shared_data_dir
+
+    recs = load_openpipe_jsonl(shared_data_dir() / TEST_FILE)[:pairs]
+    prompts = [r.prompt for r in recs for _ in (0, 1)]
+    responses = [x for r in recs for x in (r.chosen, r.rejected)]
+
+    def scored(runner: Any) -> list[tuple[float, float]]:
+        s = [x.reward for x in runner.model.score(prompts, responses, batch_size=16)]
+        return list(zip(s[0::2], s[1::2]))
+
+    return agreement(scored(reference), scored(bf16)).to_dict("bf16_vs_fp32_")
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -345,8 +387,6 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     from scorer.runners import configure_torch_threads, load_reward
     from services.reward_model import default_reward_model_path
 
@@ -356,34 +396,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = args.model_path or default_reward_model_path()
     threads = configure_torch_threads(0)
     inputs = load_inputs()
+    # Shared boxes: the 1-minute load average at start and end says how much of the machine we had.
+    load_start = round(os.getloadavg()[0], 2)
     result: dict[str, Any] = {"model": path, "torch_threads": threads, "inputs": len(inputs),
                               "concurrency_levels": levels, "duration_s_per_level": duration}
 
+    # The fp32 model (the usual pipeline, the reference scores, the swap run's checkpoints) and the
+    # same weights as the scorer serves them in bf16 (backbone bf16, head fp32: scorer/precision.py).
     runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
+    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True)
     lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
     flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]
     mean_flops = statistics.fmean(flops)
-    # This box is shared: the GEMM ceiling and the pipeline are measured before AND after the scorer
+    gemm_s = 3.0 if quick else 5.0
+    # This box is shared: the GEMM ceilings and the pipelines are measured before AND after the scorer
     # runs, and the higher of each is used, so the reported ratios are conservative.
-    gemm_before = measure_gemm_flops(seconds=3.0 if quick else 5.0)
-    gemm = gemm_before
+    gemm_before = {d: measure_gemm_flops(seconds=gemm_s, dtype=d) for d in ("float32", "bfloat16")}
     result.update({
         "mean_tokens": round(statistics.fmean(lengths), 1),
         "max_length": runner.max_length,
-        "gemm_flops": round(gemm),
         "model_flops_per_sequence": round(mean_flops),
-        "matmul_bound_rps": round(gemm / mean_flops, 2),
     })
-    log.info("GEMM %.1f GFLOP/s; %.2f GFLOP per sequence (mean %.0f tokens): bound %.1f seq/s",
-             gemm / 1e9, mean_flops / 1e9, result["mean_tokens"], gemm / mean_flops)
+    log.info("GEMM fp32 %.1f / bf16 %.1f GFLOP/s; %.2f GFLOP per sequence (mean %.0f tokens)",
+             gemm_before["float32"] / 1e9, gemm_before["bfloat16"] / 1e9, mean_flops / 1e9, result["mean_tokens"])
 
-    pipe_budget = 12.0 if quick else 25.0
-    pipe = run_pipeline(runner, inputs, budget_s=pipe_budget)
+    pipe_budget = 10.0 if quick else 25.0
+    pipes = {"float32": [run_pipeline(runner, inputs, budget_s=pipe_budget)],
+             "bfloat16": [run_pipeline(runner_bf16, inputs, budget_s=pipe_budget)]}
 
     with tempfile.TemporaryDirectory(prefix="prefstream-bench-scorer-") as tmp:
         log_dir = Path(tmp)
-        proc, address = _start_scorer(log_dir, "scorer", {})
+        metrics_port = _free_port()
+        proc, address = _start_scorer(log_dir, "scorer", {"PREFSTREAM_SCORER_METRICS_PORT": str(metrics_port)})
         try:
+            serving = served_dtype(metrics_port)
+            if serving not in ("float32", "bfloat16"):
+                raise RuntimeError(f"the scorer reports serving dtype {serving!r}; this bench compares float32 and "
+                                   "bfloat16 on CPU (set PREFSTREAM_SCORER_DTYPE)")
+            log.info("the scorer serves in %s", serving)
             requests = _score_requests(inputs)
             asyncio.run(drive(address, requests, max(levels), 5.0))  # warm-up, not reported
             result["levels"] = []
@@ -392,9 +442,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("concurrency %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d failed",
                          c, res["throughput_rps"], res["p50_ms"], res["p99_ms"], res["failed_requests"])
                 result["levels"].append({k: v for k, v in res.items() if k != "versions"})
-            # Scores from the scorer equal the in-process model's: the same model served both ways.
+            # The scorer's scores equal the in-process model's in the same dtype (one row per batch both ways).
             first = asyncio.run(_first_scores(address, requests[:20]))
-            result["pipeline_max_abs_diff"] = round(max(abs(a - b) for a, b in zip(first, pipe["first_scores"])), 6)
+            result["pipeline_max_abs_diff"] = round(
+                max(abs(a - b) for a, b in zip(first, pipes[serving][0]["first_scores"])), 6)
             if args.no_ghz:
                 result["ghz"] = {"skipped": "--no-ghz"}
             else:
@@ -402,32 +453,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["ghz"] = run_ghz(ghz, address, inputs, max(levels), duration) if ghz else {"skipped": why}
         finally:
             proc.stop()
-        pipe_after = run_pipeline(runner, inputs, budget_s=pipe_budget)
-        gemm_after = measure_gemm_flops(seconds=3.0 if quick else 5.0)
-        gemm = max(gemm_before, gemm_after)
-        pipeline_rps = max(pipe["pipeline_rps"], pipe_after["pipeline_rps"])
+        for dtype, model_runner in (("float32", runner), ("bfloat16", runner_bf16)):
+            pipes[dtype].append(run_pipeline(model_runner, inputs, budget_s=pipe_budget))
+        gemm_after = {d: measure_gemm_flops(seconds=gemm_s, dtype=d) for d in ("float32", "bfloat16")}
+        gemm = {d: max(gemm_before[d], gemm_after[d]) for d in gemm_before}
+        pipeline_rps = {d: max(p["pipeline_rps"] for p in runs) for d, runs in pipes.items()}
         best = max(result["levels"], key=lambda r: r["throughput_rps"])
         result.update({
-            "gemm_flops_before_after": [round(gemm_before), round(gemm_after)],
-            "gemm_flops": round(gemm),
-            "matmul_bound_rps": round(gemm / mean_flops, 2),
-            "pipeline_rps_before_after": [pipe["pipeline_rps"], pipe_after["pipeline_rps"]],
-            "pipeline_rps": pipeline_rps,
+            "serving_dtype": serving,
+            "gemm_dtype": serving,
+            "gemm_flops": round(gemm[serving]),
+            "gemm_flops_fp32": round(gemm["float32"]),
+            "gemm_flops_bf16": round(gemm["bfloat16"]),
+            "gemm_flops_before_after": {d: [round(gemm_before[d]), round(gemm_after[d])] for d in gemm},
+            "matmul_bound_rps": round(gemm[serving] / mean_flops, 2),
+            "pipeline_rps_before_after": [p["pipeline_rps"] for p in pipes["float32"]],
+            "pipeline_rps": pipeline_rps["float32"],
+            "pipeline_bf16_rps_before_after": [p["pipeline_rps"] for p in pipes["bfloat16"]],
+            "pipeline_bf16_rps": pipeline_rps["bfloat16"],
             "throughput_rps": best["throughput_rps"],
             "p50_ms": best["p50_ms"],
             "p99_ms": best["p99_ms"],
             "best_concurrency": best["concurrency"],
-            "ratio_vs_pipeline": round(best["throughput_rps"] / pipeline_rps, 2),
+            "ratio_vs_pipeline": round(best["throughput_rps"] / pipeline_rps["float32"], 2),
+            "ratio_vs_pipeline_bf16": round(best["throughput_rps"] / pipeline_rps["bfloat16"], 2),
             "achieved_model_flops": round(best["throughput_rps"] * mean_flops),
-            "fraction_of_matmul_bound": round(best["throughput_rps"] * mean_flops / gemm, 3),
+            "fraction_of_matmul_bound": round(best["throughput_rps"] * mean_flops / gemm[serving], 3),
             "failed_requests": sum(r["failed_requests"] for r in result["levels"]),
         })
+        # Accuracy is not timed: measured after the load runs so it cannot slow them.
+        result.update(measure_bf16_agreement(runner, runner_bf16, pairs=100 if quick else 500))
+        log.info("bf16 vs fp32 on %d HH pairs: max |diff| %.2g, rank agreement %.3f",
+                 result["bf16_vs_fp32_pairs"], result["bf16_vs_fp32_max_abs_diff"], result["bf16_vs_fp32_rank_agreement"])
+        runner_bf16.close()
         if args.no_swaps:
             result.update({"failed_requests_during_swaps": None, "swaps": 0, "swap_run": "skipped (--no-swaps)"})
         else:
             result.update(run_swaps(inputs, runner, log_dir, duration_s=20.0 if quick else 45.0,
                                     every_s=4.0 if quick else 6.0, concurrency=16))
-    del torch
+    result["load_avg_1m_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     return result
 
 
@@ -442,4 +506,5 @@ async def _first_scores(address: str, requests: Sequence[Any]) -> list[float]:
     return out
 
 
-__all__ = ["add_arguments", "drive", "measure_gemm_flops", "model_flops_per_sequence", "run"]
+__all__ = ["add_arguments", "drive", "measure_bf16_agreement", "measure_gemm_flops", "model_flops_per_sequence", "run",
+           "served_dtype"]
