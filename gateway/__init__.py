@@ -16,6 +16,7 @@ _EXPORTS = {
     "GatewayConfig": "gateway.config",
     "load_gateway_config": "gateway.config",
     "GatewayClient": "gateway.client",
+    "EventResult": "gateway.client",
     "create_key": "gateway.auth",
     "revoke_key": "gateway.auth",
     "list_keys": "gateway.auth",
