@@ -24,6 +24,19 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _payload(topic: str, i: int) -> bytes:
+    """A unique value; on model-updates a schema-valid ModelUpdate, because every consumer of that
+    topic in this session (scorers, trainer tests) decodes what it reads."""
+    from services.schemas import ModelUpdate
+    from services.stack.topics import MODEL_UPDATES
+
+    tag = f"{topic}-{i}-{uuid.uuid4().hex}"
+    if topic == MODEL_UPDATES.name:
+        return ModelUpdate(model_name=f"stack-roundtrip-{tag[-8:]}", version=f"v{i:06d}", action="rejected",
+                           reason=tag).to_kafka()
+    return tag.encode()
+
+
 def test_every_topic_round_trips_with_acks_all(kafka_bootstrap: str) -> None:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -35,7 +48,7 @@ def test_every_topic_round_trips_with_acks_all(kafka_bootstrap: str) -> None:
             assert parts == set(range(spec.partitions)), f"{spec.name}: partitions {parts}"
             tps = [TopicPartition(spec.name, p) for p in sorted(parts)]
             start = consumer.end_offsets(tps)
-            sent = {f"{spec.name}-{i}-{uuid.uuid4().hex}".encode() for i in range(20)}
+            sent = {_payload(spec.name, i) for i in range(20)}
             for i, value in enumerate(sorted(sent)):
                 producer.send(spec.name, key=str(i).encode(), value=value).get(timeout=30)
             producer.flush()
