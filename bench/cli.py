@@ -84,10 +84,25 @@ def _run_all(args: argparse.Namespace) -> int:
             log.exception("benchmark %s failed", name)
             failed.append(name)
     table = write_table(results, RESULTS_DIR / f"summary{'-quick' if args.quick else ''}.md")
+    if not args.quick:
+        from bench.report import update_readme
+
+        update_readme(RESULTS_DIR.parent.parent / "README.md", table)
     print(table)
     if failed:
         print(f"failed benchmarks: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from bench.report import load_results, update_readme, write_table
+
+    results = load_results(RESULTS_DIR, tuple(BENCHMARKS), quick=args.quick)
+    table = write_table(results, RESULTS_DIR / f"summary{'-quick' if args.quick else ''}.md")
+    if args.readme and not args.quick:
+        update_readme(RESULTS_DIR.parent.parent / "README.md", table)
+    print(table)
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,3 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("all", help="every benchmark, then a markdown table vs targets")
     _common(p)
     p.set_defaults(handler=_run_all)
+    p = sub.add_parser("table", help="the markdown table from the committed results (and the README's copy)")
+    p.add_argument("--quick", action="store_true", help="use the -quick results")
+    p.add_argument("--no-readme", dest="readme", action="store_false", help="do not update README.md")
+    p.set_defaults(handler=_table)

@@ -101,3 +101,30 @@ def write_table(results: dict[str, dict[str, Any]], path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     return table
+
+
+README_START = "<!-- bench-table -->"
+README_END = "<!-- /bench-table -->"
+
+
+def load_results(results_dir: Path, names: tuple[str, ...], quick: bool = False) -> dict[str, dict[str, Any]]:
+    """The latest committed result of each benchmark (``<name>.json``, or ``<name>-quick.json``)."""
+    import json
+
+    out = {}
+    for name in names:
+        path = results_dir / f"{name}{'-quick' if quick else ''}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the table between the README's bench markers; False when the markers are missing."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
+    return True
