@@ -63,16 +63,13 @@ def decide(
                     f"{served_accuracy:.4f} (tolerance {tolerance})", served_version, served_accuracy)
 
 
-def kafka_announcer(bootstrap: str, topic: str) -> Callable[[Any], None]:
+def kafka_announcer(producer: Any, topic: str) -> Callable[[Any], None]:
     """A registry ``announce`` hook that writes each ModelUpdate to ``topic`` and waits for the ack."""
-    from services.kafka import make_producer, send_sync
-
-    producer = make_producer(bootstrap)
+    from services.kafka import send_sync
 
     def announce(update: Any) -> None:
         send_sync(producer, topic, update.to_kafka(), key=update.model_name.encode())
 
-    announce.producer = producer  # type: ignore[attr-defined]
     return announce
 
 

@@ -1,6 +1,6 @@
 """Assembling a running trainer from its config: store, registry, resume point, engine, source, loop.
 
-Both execution paths call :func:`run_continual`: the in-process path (``num_workers=0``) directly, the
+Both execution paths call :func:`run_leader`: the in-process path (``num_workers=0``) directly, the
 Ray path on every DDP worker (rank 0 builds the Kafka source, store, gate and loop; the others only
 an Engine that follows rank 0's steps, see :mod:`trainer.ray_train`).
 """
@@ -35,26 +35,29 @@ class Services:
 
     store: CheckpointStore
     registry: Any = None  # services.registry.ModelRegistry
-    announce: Any = None
+    producer: Any = None  # announcements and dead letters
 
     def close(self) -> None:
-        producer = getattr(self.announce, "producer", None)
-        if producer is not None:
-            producer.close(timeout=10)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
 
 
 def connect_services(cfg: TrainerConfig) -> Services:
+    """Checkpoint store; with ``publish``, the registry; with a Kafka address, a durable producer."""
+    from services.kafka import make_producer
+
     store = CheckpointStore(cfg.checkpoint_url)
-    registry = announce = None
+    producer = make_producer(cfg.kafka_bootstrap) if cfg.kafka_bootstrap else None
+    registry = None
     if cfg.publish:
         from services.redis_client import connect, ping
         from services.registry import ModelRegistry
 
         client = connect(cfg.redis_url)
         ping(client)
-        announce = kafka_announcer(cfg.kafka_bootstrap, MODEL_UPDATES.name) if cfg.announce else None
+        announce = kafka_announcer(producer, MODEL_UPDATES.name) if cfg.announce and producer is not None else None
         registry = ModelRegistry(client, announce=announce)
-    return Services(store=store, registry=registry, announce=announce)
+    return Services(store=store, registry=registry, producer=producer)
 
 
 def apply_runtime_settings(cfg: TrainerConfig) -> None:
@@ -100,9 +103,8 @@ def run_leader(
         ref = CheckpointRef(cfg.model_name, point.version, point.uri, Path(point.model_path))
         result = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
         gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
-    producer = getattr(services.announce, "producer", None)
     source = KafkaSource(cfg.kafka_bootstrap, cfg.topic, cfg.group_id, start_offsets=point.offsets,
-                         dead_letter_topic=DEAD_LETTER.name, producer=producer)
+                         dead_letter_topic=DEAD_LETTER.name, producer=services.producer)
     lineage = LineageState(step=point.step, records_seen=point.records_seen, replayed_records=point.replayed_records,
                            previous_version=point.version if point.source == "checkpoint" else "",
                            parent=point.parent, base_model=point.base_model)

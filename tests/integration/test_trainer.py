@@ -109,6 +109,28 @@ def announcements(bootstrap: str, model_name: str) -> list[ModelUpdate]:
         c.close()
 
 
+def dead_letters(bootstrap: str, source_topic: str) -> list:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
+    from services.kafka import decode_event
+    from services.stack.topics import DEAD_LETTER
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(DEAD_LETTER.name, p) for p in range(DEAD_LETTER.partitions)]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        ends = c.end_offsets(tps)
+        out = []
+        while any(c.position(tp) < ends[tp] for tp in tps):
+            for msgs in c.poll(timeout_ms=2000).values():
+                out += [decode_event(m.value, DeadLetterProto) for m in msgs]
+        return [d for d in out if d.source_topic == source_topic]
+    finally:
+        c.close()
+
+
 # --- Ray Train, DDP over 2 CPU workers -----------------------------------------------------------
 
 
@@ -248,7 +270,10 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
                         warmup_steps=0, batch_size=4, checkpoint_url=str(tmp_path / "ckpt"),
                         checkpoint_every_records=16, checkpoint_every_s=0, max_batch_wait_s=0, poll_timeout_s=0.01,
                         gate_tolerance=0.05, eval_max_records=8)
-    registry = ModelRegistry(redis_client, announce=kafka_announcer(kafka_bootstrap, MODEL_UPDATES.name))
+    from services.kafka import make_producer
+
+    producer = make_producer(kafka_bootstrap)
+    registry = ModelRegistry(redis_client, announce=kafka_announcer(producer, MODEL_UPDATES.name))
     store = CheckpointStore(cfg.checkpoint_url)
     eval_set = EvalSet(8, records(8, start=500, split="test", tag="g"))
 
@@ -293,6 +318,7 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     target, acc = gate.served()
     expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records).accuracy
     assert target.version == v1 and acc == pytest.approx(expected)
+    producer.close()
 
 
 # --- offline publish, then a continual trainer warm-starts from it ----------------------------------
@@ -323,7 +349,13 @@ def test_offline_publish_then_continual_training_warm_starts_from_it(
     assert registry.target(name).version == "v000001"
 
     topic = new_topic(kafka_bootstrap)
-    produce(kafka_bootstrap, topic, records(8, tag="w"))
+    produce(kafka_bootstrap, topic, records(4, tag="w"))
+    from services.kafka import make_producer
+
+    raw = make_producer(kafka_bootstrap)
+    raw.send(topic, key=b"junk", value=b'{"record_id": "x", "ranked_responses": ["only one"]}').get(timeout=30)
+    raw.close()
+    produce(kafka_bootstrap, topic, records(4, start=4, tag="w"))
     cfg = TrainerConfig(model_name=name, max_length=64, batch_size=4, topic=topic, group_id=f"g-{name}",
                         kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, checkpoint_url=str(ckpt),
                         checkpoint_every_records=8, max_records=8, idle_exit_s=60, eval_data=str(data))
@@ -331,7 +363,9 @@ def test_offline_publish_then_continual_training_warm_starts_from_it(
     store = CheckpointStore(ckpt)
     meta = store.read_metadata(store.get(name, "v000002"))
     assert meta["parent"] == {"source": "published", "version": "v000001", "uri": store.get(name, "v000001").uri}
-    assert meta["records_count"] == 8
+    assert meta["records_count"] == 8 and sum(meta["offsets"].values()) == 9  # the bad record is skipped
+    letters = dead_letters(kafka_bootstrap, topic)
+    assert len(letters) == 1 and letters[0].field == "ranked_responses" and "at least 2" in letters[0].reason
     # warm-started weights: before any update the continual model scored like the published one
     assert registry.get(name, "v000002").metrics["served_accuracy"] == pytest.approx(
         store.read_metadata(store.get(name, "v000001"))["eval"]["accuracy"])
