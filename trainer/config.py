@@ -40,6 +40,10 @@ class TrainerConfig:
         "complexity,verbosity; empty = reward head only"))
     max_length: int = field(default=256, metadata=_help("tokens per (prompt, response); the prompt is cut from the left"))
     dtype: str = field(default="float32", metadata=_help("parameter dtype: float32, bfloat16 or float16"))
+    autocast: str = field(default="none", metadata=_help(
+        "mixed precision for the forward pass with fp32 master weights: none, bf16, or auto (bf16 where the "
+        "hardware multiplies bf16 natively: CUDA with bf16, CPUs with AVX512-BF16/AMX; ~1.5x faster steps "
+        "on the 2-core Zen 4 dev box)"))
 
     # --- loss --------------------------------------------------------------------------------
     loss: str = field(default="kwise", metadata=_help(
@@ -132,6 +136,7 @@ class TrainerConfig:
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         require(self.device in DEVICES, "device", f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16")
+        require(self.autocast in ("none", "bf16", "auto"), "autocast", f"{self.autocast!r}: use none, bf16 or auto")
         require(self.max_length >= 16, "max_length", f"must be at least 16 tokens, got {self.max_length}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from services.precision import bf16_native
 from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
 from trainer.batching import RankingBatch, collate, expand_rankings_to_pairs, regroup, unbucket
@@ -147,6 +148,10 @@ class Engine:
         self.settings = LossSettings.from_config(cfg)
         self.rank, self.world_size = rank, world_size
         self.device = device or pick_device(cfg.device)
+        # bf16 autocast only where bf16 is native: elsewhere it is emulated and slower than fp32.
+        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_native(self.device))
+        if self.autocast:
+            log.info("training with bf16 autocast on %s (fp32 master weights)", self.device)
         self.model.to(self.device)
         if cfg.disable_dropout:
             disable_dropout(model.hf_model)
@@ -179,7 +184,8 @@ class Engine:
             records, scale = shard(records, self.rank, self.world_size)
         batch = self.prepare(records).to(self.device)
         self.module.train()
-        logits = self.module(batch.bucket_inputs(), batch.buckets, batch.num_sequences)  # (N, 1 + A)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.module(batch.bucket_inputs(), batch.buckets, batch.num_sequences)  # (N, 1 + A)
         loss, parts = ranking_loss(logits.float(), batch, self.settings)
         if not math.isfinite(float(loss.detach())):
             self.optimizer.zero_grad(set_to_none=True)

@@ -101,6 +101,7 @@ class Loop:
             "PREFSTREAM_TRAINER_RAY_STORAGE_PATH": str(self.run_dir / "ray_train"),
             "PREFSTREAM_TRAINER_SEED": str(self.cfg.seed),
             "PREFSTREAM_TRAINER_REPLAY_RATIO": str(self.cfg.replay_ratio),
+            "PREFSTREAM_TRAINER_AUTOCAST": "auto",
         }, logs / "trainer.log")
         self.services = [scorer, gateway, trainer]
         for s in self.services:

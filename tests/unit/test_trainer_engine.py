@@ -257,3 +257,20 @@ def test_streaming_without_replay_reproduces_offline_training_exactly(tmp_path) 
     loop.run()
     for a, b in zip(offline.model.hf_model.parameters(), loop.engine.model.hf_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path), autocast="bf16")
+    engine = Engine(RewardModel.from_pretrained(cfg.base_model), cfg)
+    assert engine.autocast
+    records = make_records(8, k=3)
+    losses = [engine.train(records).loss for _ in range(25)]
+    assert all(p.dtype == torch.float32 for p in engine.model.hf_model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_autocast_setting_is_validated(tmp_path) -> None:
+    from services.config import ConfigError
+
+    with pytest.raises(ConfigError, match="autocast"):
+        config(tmp_path, "x", autocast="fp8").validate()
