@@ -25,7 +25,7 @@ class DemoConfig:
     train_file: str = field(default="", metadata={"help": "preference pairs streamed as live feedback; default the shipped HH train set"})
     eval_file: str = field(default="", metadata={"help": "held-out pairs for accuracy; default the shipped HH test set"})
     events: int = field(default=2000, metadata={"help": "preference pairs to stream (each is a completion + a choice)"})
-    rate: float = field(default=4.0, metadata={"help": "pairs per second the simulated app sends"})
+    rate: float = field(default=3.0, metadata={"help": "pairs per second the simulated app sends"})
     app_concurrency: int = field(default=8, metadata={"help": "app calls in flight"})
     load_rate: float = field(default=1.0, metadata={"help": "best-of-N requests per second against the scorer"})
     candidates: int = field(default=4, metadata={"help": "candidates per best-of-N request"})
