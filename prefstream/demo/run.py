@@ -195,10 +195,16 @@ async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints
         if drain_deadline is None:
             drain_deadline = time.monotonic() + cfg.drain_timeout_s
             _out("all events sent; waiting for the last ones to be trained, published and served ...")
+        # Done when every record is in a durable checkpoint (lag 0) and the newest published version is
+        # served. Records whose only checkpoints were rejected by the gate stay "unserved": they reach
+        # serving with the next published version, which needs more feedback, so waiting cannot help.
         published = sorted(v for v, s in states.items() if s == "published")
         caught_up = lag == 0 and mon.records_trained() > 0 and (not published or served == published[-1])
         _, unserved, _ = _freshness(mon, load)
-        if caught_up and not unserved:
+        if caught_up:
+            if unserved:
+                _out(f"{len(unserved)} trained records are only in versions the gate rejected; "
+                     "they will be served with the next published version")
             break
         if time.monotonic() > drain_deadline:
             _out(f"drain timeout: {len(unserved)} trained records not yet served by a published version")
