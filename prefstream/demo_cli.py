@@ -23,8 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    import signal
+
     from prefstream.demo.config import DemoConfig, load_demo_config
+
+    # SIGTERM unwinds like Ctrl-C, so the demo stops the services and the stack it started.
+    signal.signal(signal.SIGTERM, _interrupt)
     from prefstream.demo.run import print_summary, run_demo
 
     names = [n for n, *_ in describe(DemoConfig)]
