@@ -25,12 +25,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _payload(topic: str, i: int) -> bytes:
-    """A unique value; on model-updates a schema-valid ModelUpdate, because every consumer of that
-    topic in this session (scorers, trainer tests) decodes what it reads."""
+    """A unique value; on model-updates and dead-letter a schema-valid event, because the session's other
+    consumers of those topics (scorers, trainer and gateway tests) decode what they read."""
+    from prefstream.events.v1.events_pb2 import DeadLetter
+    from services.kafka import encode_event
     from services.schemas import ModelUpdate
-    from services.stack.topics import MODEL_UPDATES
+    from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
 
     tag = f"{topic}-{i}-{uuid.uuid4().hex}"
+    if topic == DEAD_LETTER.name:
+        return encode_event(DeadLetter(source_topic="stack-roundtrip", reason=tag, payload=tag))
     if topic == MODEL_UPDATES.name:
         return ModelUpdate(model_name=f"stack-roundtrip-{tag[-8:]}", version=f"v{i:06d}", action="rejected",
                            reason=tag).to_kafka()
