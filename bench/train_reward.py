@@ -47,7 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kwise-rankings", type=int, default=8, help="K=4 rankings per step in the K-wise measurement")
     p.add_argument("--kwise-steps", type=int, default=None, help="timed steps per K-wise arm (quick 3, full 9)")
     p.add_argument("--skip-trl", action="store_true", help="leave out the TRL RewardTrainer arm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds; every accuracy arm runs once per seed and the means are compared "
+                        "(quick 0, full 0,1,2): one seed's accuracy on 500 pairs is +-2 points of noise")
+    p.add_argument("--autocast", choices=("none", "bf16", "auto"), default="auto",
+                   help="mixed precision of every arm (TRL's bf16 flag follows it); auto = bf16 where native")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,7 +71,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "kwise_k": 4,
         "kwise_rankings": args.kwise_rankings,
         "kwise_steps": args.kwise_steps or (3 if quick else 9),
-        "seed": args.seed,
+        "seeds": [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",") if x.strip()],
+        "seed": 0,
+        "autocast": args.autocast,
     }
 
 
@@ -77,10 +83,20 @@ def _config(s: dict[str, Any], **kw: Any):
     values = dict(base_model=s["base_model"], max_length=s["max_length"], epochs=s["epochs"],
                   batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
                   max_grad_norm=s["max_grad_norm"], disable_dropout=s["disable_dropout"], seed=s["seed"],
+                  autocast=s["autocast"],
                   replay_ratio=s["replay_ratio"], publish=False, max_batch_wait_s=0.0, poll_timeout_s=0.01,
                   checkpoint_every_records=0, checkpoint_every_s=3600.0, eval_batch_size=64)
     values.update(kw)
     return TrainerConfig(**values)
+
+
+def _bf16(cfg) -> bool:
+    """Whether ``cfg.autocast`` trains in bf16 here (the Engine's own rule, so TRL follows it)."""
+    import torch
+
+    from services.precision import bf16_native
+
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_native(torch.device("cpu")))
 
 
 def _fresh_engine(cfg):
@@ -180,7 +196,7 @@ def run_trl(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
             output_dir=out, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
             num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant_with_warmup",
             max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay, seed=cfg.seed, data_seed=cfg.seed,
-            disable_dropout=cfg.disable_dropout, gradient_checkpointing=False, bf16=False, fp16=False,
+            disable_dropout=cfg.disable_dropout, gradient_checkpointing=False, bf16=_bf16(cfg), fp16=False,
             max_length=None, report_to="none", save_strategy="no", logging_steps=50, use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False,
         )
@@ -254,6 +270,25 @@ def _timed(name: str, fn, *args: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Mean and standard error of the per-seed differences ``a - b`` (same seed = same init and order)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"mean": _mean(diffs), "se": se, "per_seed": diffs}
+
+
+def _arm_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One arm over seeds: mean accuracy and throughput, the spread, and every run."""
+    acc = [r["accuracy"] for r in runs]
+    return {"accuracy": _mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "accuracy_per_seed": acc, "records_per_s": _mean([r["records_per_s"] for r in runs]),
+            "seconds": sum(r["seconds"] for r in runs), "runs": list(runs)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.machine import describe
     from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_data_dir
@@ -272,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s["train_records"], s["test_records"] = len(train), len(test)
     cfg = _config(s)
     s["base_model"] = cfg.resolved_base_model()
+    s["bf16"] = _bf16(cfg)
     started = time.perf_counter()
 
     import torch
@@ -279,15 +315,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     base_acc = evaluate(load_base(cfg), test, cfg.eval_batch_size).accuracy
     log.info("untrained base: accuracy %.4f", base_acc)
-    offline = _timed("offline", run_offline, cfg, train, test)
-    streaming = _timed("streaming", run_streaming, cfg, train, test)
-    trl = None if args.skip_trl else _timed("trl", run_trl, cfg, train, test)
+    arms: dict[str, list[dict[str, Any]]] = {"offline": [], "streaming": [], "trl": []}
+    for seed in s["seeds"]:
+        seeded = dataclasses.replace(cfg, seed=seed)
+        arms["offline"].append(dict(_timed(f"offline seed {seed}", run_offline, seeded, train, test), seed=seed))
+        arms["streaming"].append(dict(_timed(f"streaming seed {seed}", run_streaming, seeded, train, test), seed=seed))
+        if not args.skip_trl:
+            arms["trl"].append(dict(_timed(f"trl seed {seed}", run_trl, seeded, train, test), seed=seed))
     kw = _timed("kwise", run_kwise, s, train)
+    streaming, offline = _arm_summary(arms["streaming"]), _arm_summary(arms["offline"])
+    trl = _arm_summary(arms["trl"]) if arms["trl"] else None
     result: dict[str, Any] = {
         "accuracy_streaming": streaming["accuracy"],
         "accuracy_offline": offline["accuracy"],
         "accuracy_trl": trl["accuracy"] if trl else None,
         "accuracy_base_untrained": base_acc,
+        "streaming_minus_offline": _paired(streaming["accuracy_per_seed"], offline["accuracy_per_seed"]),
+        "offline_minus_trl": _paired(offline["accuracy_per_seed"], trl["accuracy_per_seed"]) if trl else None,
+        "seeds": s["seeds"],
         "records_per_s": streaming["records_per_s"],
         "records_per_s_offline": offline["records_per_s"],
         "records_per_s_trl": trl["records_per_s"] if trl else None,
@@ -301,13 +346,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench_seconds": time.perf_counter() - started,
         "machine": describe(),
         "notes": [
+            "accuracy_* are means over the seeds (each seed: its own head initialisation, data order and replay "
+            "sample, shared by the arms); the *_minus_* entries are paired per-seed differences with their "
+            "standard error",
             "records_per_s counts new records; the streaming arm also trains on replay_ratio replayed records "
             "per new record, so it does more work per new record than the offline and TRL arms",
             "accuracy on N test pairs has a standard error of about sqrt(p(1-p)/N) (2.2 points at N=500)",
             "the arms run one after the other on a possibly shared machine: compare records/s together with "
             "each arm's load_avg_1m; the K-wise arms alternate step by step, so their ratio is load-robust",
-            "TRL gets the same left-truncated token ids; it does not use token_type_ids (its collator passes "
-            "input_ids and attention_mask only) and is evaluated the same way",
+            "TRL gets the same left-truncated token ids and the same bf16 setting; it does not use token_type_ids "
+            "(its collator passes input_ids and attention_mask only) and is evaluated the same way",
         ],
     }
     return result
