@@ -42,6 +42,12 @@ def _le(key: str, bound: float) -> Callable[[dict[str, Any]], bool | None]:
     return lambda r: None if _get(r, key) is None else _get(r, key) <= bound
 
 
+def _seeds(r: dict[str, Any]) -> str:
+    """" (mean of N seeds)" for results that average accuracy over seeds."""
+    seeds = r.get("seeds") or []
+    return f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
+
+
 def _gpu(r: dict[str, Any]) -> bool:
     return bool((r.get("machine") or {}).get("gpu"))
 
@@ -54,11 +60,11 @@ TARGETS: tuple[Target, ...] = (
     Target("train-reward", "accuracy_streaming", "streaming within 1 point of offline", "offline, same data/model/epochs",
            lambda r: None if r.get("accuracy_streaming") is None or r.get("accuracy_offline") is None
            else r["accuracy_streaming"] >= r["accuracy_offline"] - 0.01,
-           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}"),
+           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}{_seeds(r)}"),
     Target("train-reward", "accuracy_offline", "offline >= TRL RewardTrainer", "TRL RewardTrainer, same base/settings",
            lambda r: None if r.get("accuracy_offline") is None or r.get("accuracy_trl") is None
            else r["accuracy_offline"] >= r["accuracy_trl"],
-           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}"),
+           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}{_seeds(r)}"),
     Target("train-reward", "kwise_speedup", "K-wise loss >= 2.5x expanded pairs (K=4)", "same rankings as independent pairs",
            _ge("kwise_speedup", 2.5), lambda r: _fmt(r.get("kwise_speedup"))),
     Target("scorer", "ratio_vs_pipeline", "CPU >= 1.5x pipeline; GPU >= 10x", "transformers pipeline, batch_size=1",
