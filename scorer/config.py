@@ -73,6 +73,11 @@ class ScorerConfig:
         metadata={"help": "float32, bfloat16, float16 or auto: bf16 (else fp16) on GPU; bf16 on CPUs with native bf16 "
                           "(AVX512-BF16, AMX-BF16, Arm BF16), else fp32. The reward head stays fp32 (scorer/precision.py)"},
     )
+    cpu_fast_path: bool = field(
+        default=True,
+        metadata={"help": "serve bf16 BERT encoders on CPU with fused oneDNN GEMMs and cache-sized attention "
+                          "(scorer/fastpath.py); other models, dtypes and GPUs keep the stock forward either way"},
+    )
     infer_workers: int = field(
         default=0,
         metadata={"help": "batches run at once, each on its own thread; 0 = auto: one per core on CPU (single-threaded "

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from scorer.domain import SamplingParams
+from scorer.fastpath import apply_cpu_fast_path
 from scorer.precision import cast_for_serving, resolve_dtype
 from services.schemas import ChatMessage
 
@@ -123,6 +124,8 @@ class RewardRunner:
         self.attribute_names: tuple[str, ...] = tuple(model.spec.attributes)
         self.pad_id: int = int(model.tokenizer.pad_token_id)
         self.max_length: int = int(model.spec.max_length)
+        #: whether the forward runs scorer/fastpath.py's CPU bf16 path (set by :func:`load_reward`)
+        self.cpu_fast_path: bool = False
 
     def encode(self, prompt: Sequence[ChatMessage], responses: Sequence[str]) -> list[Row]:
         batch = self.model.encode([list(prompt)] * len(responses), list(responses))
@@ -180,8 +183,12 @@ class RewardRunner:
 
 
 def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: bool,
-                max_length: int | None = None) -> RewardRunner:
-    """Verify (published checkpoints), load and warm up a reward model.  Blocking: run off the loop."""
+                max_length: int | None = None, cpu_fast_path: bool = True) -> RewardRunner:
+    """Verify (published checkpoints), load and warm up a reward model.  Blocking: run off the loop.
+
+    ``cpu_fast_path``: serve a bf16 BERT encoder on CPU with scorer/fastpath.py's forward (other
+    models, dtypes and devices keep the stock one either way).
+    """
     from services.reward_model import RewardModel
 
     dev = resolve_device(device)
@@ -204,6 +211,7 @@ def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: boo
         raise CheckpointRefused("load_failed", f"could not load reward model from {path}: {type(e).__name__}: {e}") from e
     model.eval()
     runner = RewardRunner(model)
+    runner.cpu_fast_path = cpu_fast_path and apply_cpu_fast_path(model.hf_model)
     if warmup:
         runner.warmup()
     return runner

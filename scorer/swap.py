@@ -213,7 +213,7 @@ class ModelManager:
 
             path = cfg.reward_base_path or default_reward_model_path()
         return load_reward(path, device=cfg.device, dtype=cfg.dtype, verify=bool(target.uri), warmup=cfg.warmup,
-                           max_length=cfg.max_length or None)
+                           max_length=cfg.max_length or None, cpu_fast_path=cfg.cpu_fast_path)
 
     async def _refuse(self, target: Target, previous: str | None, reason: str, message: str) -> SyncOutcome:
         self._refused[(target.name, target.version)] = reason
