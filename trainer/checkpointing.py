@@ -33,7 +33,7 @@ from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalResult, EvalSet
-from trainer.replay import ReservoirBuffer, load_records, save_records
+from trainer.replay import ReservoirBuffer, load_records, load_replay_counts, save_records
 from trainer.stream import StreamItem, validate_offsets
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class ResumePoint:
     offsets: dict[int, int] = field(default_factory=dict)
     replay_records: tuple[PreferenceRecord, ...] = ()
     replay_seen: int = 0
+    replay_counts: tuple[int, ...] = ()
     eval_topic_records: tuple[PreferenceRecord, ...] = ()
     optimizer_path: str = ""
     parent: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +101,7 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
                 records_count=int(meta.get("records_count", 0)),
                 offsets=validate_offsets(meta.get("offsets", {}), f"{ref.uri}: metadata.offsets"),
                 replay_records=tuple(load_records(path)),
+                replay_counts=tuple(load_replay_counts(path)),
                 replay_seen=int((meta.get("replay") or {}).get("seen", 0)),
                 eval_topic_records=tuple(EvalSet.load_topic_records(path)),
                 optimizer_path=str(path / OPTIMIZER_FILE) if (path / OPTIMIZER_FILE).exists() else "",

@@ -95,7 +95,7 @@ def run_leader(
     """Rank 0 (or the only process): consume, train, checkpoint, gate."""
     replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=cfg.seed + point.step)
     if point.replay_records:
-        replay.restore(point.replay_records, point.replay_seen)
+        replay.restore(point.replay_records, point.replay_seen, point.replay_counts)
     eval_set = build_eval_set(cfg, point)
     gate = Gate(cfg, services.registry, eval_set) if services.registry is not None else None
     if gate is not None and point.source == "checkpoint" and point.records_count and not gate.recorded(point.version):

@@ -11,7 +11,7 @@ import torch
 from services.schemas import ChatMessage, PreferenceRecord
 from trainer.batching import (attribute_targets, collate, expand_rankings_to_pairs, flatten, plan_buckets, regroup,
                               unbucket)
-from trainer.replay import ReservoirBuffer, load_records, replay_count, save_records
+from trainer.replay import ReservoirBuffer, load_records, load_replay_counts, replay_count, save_records
 from trainer.schedule import lr_multiplier, make_scheduler
 
 
@@ -122,17 +122,51 @@ def test_reservoir_sample_and_restore() -> None:
         ReservoirBuffer(-1)
 
 
+def test_replay_is_least_replayed_first() -> None:
+    """A growing stream: every stored item's replay count stays within one of any other's, so the
+    first items are not replayed many more times than later ones (uniform draws do that)."""
+    buf: ReservoirBuffer[int] = ReservoirBuffer(capacity=2000, seed=3)  # keeps all 1600
+    for step in range(100):
+        replayed = buf.sample(8)
+        assert len(set(replayed)) == len(replayed)
+        buf.extend(range(step * 16, step * 16 + 16))
+        counts = buf.replay_counts()
+        assert max(counts) - min(counts) <= 1
+    counts = buf.replay_counts()
+    assert sum(counts) == 99 * 8  # every draw after the first step was counted once
+    first, last = counts[:100], counts[-100:]
+    assert max(first) <= 1 and sum(first) >= sum(last)  # early items at most once more than late ones
+
+
+def test_replay_counts_reset_on_replacement_and_restore() -> None:
+    buf: ReservoirBuffer[int] = ReservoirBuffer(capacity=3, seed=0)
+    buf.extend([1, 2, 3])
+    a, b = buf.sample(2), buf.sample(2)
+    assert set(a) | set(b) == {1, 2, 3} and len(set(a) & set(b)) == 1  # the third item before any repeat
+    counts = dict(zip(buf.items(), buf.replay_counts()))
+    assert sorted(counts.values()) == [1, 1, 2]
+    for i in range(4, 200):  # replacements start from a count of 0
+        buf.add(i)
+    for item, count in zip(buf.items(), buf.replay_counts()):
+        assert count == (counts[item] if item in counts else 0)
+    buf.restore([7, 8, 9], seen=40, replays=[2, 5])
+    assert buf.replay_counts() == [2, 5, 0]
+    assert buf.sample(1) == [9]
+
+
 def test_replay_count_and_persistence(tmp_path) -> None:
     assert replay_count(16, 0.5) == 8 and replay_count(16, 0.0) == 0 and replay_count(3, 1.0) == 3
     with pytest.raises(ValueError):
         replay_count(4, -0.1)
     buf: ReservoirBuffer[PreferenceRecord] = ReservoirBuffer(capacity=4)
     buf.extend([rec(f"r{i}", "good", "bad", margin=i) for i in range(6)])
+    buf.sample(3)
     state = save_records(buf, tmp_path)
     assert state == {"size": 4, "seen": 6}
     back = load_records(tmp_path)
     assert [r.record_id for r in back] == [r.record_id for r in buf.items()]
-    assert load_records(tmp_path / "missing") == []
+    assert load_replay_counts(tmp_path) == buf.replay_counts() and sum(buf.replay_counts()) == 3
+    assert load_records(tmp_path / "missing") == [] and load_replay_counts(tmp_path / "missing") == []
 
 
 def test_lr_schedules() -> None:

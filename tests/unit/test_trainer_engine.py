@@ -148,7 +148,7 @@ def _loop(cfg, source, point=None):
     point = point or find_resume_point(cfg, CheckpointStore(cfg.checkpoint_url))
     engine = Engine(load_model(cfg, point), cfg, start_step=point.step)
     replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=1)
-    replay.restore(point.replay_records, point.replay_seen)
+    replay.restore(point.replay_records, point.replay_seen, point.replay_counts)
     es = EvalSet(cfg.eval_max_records)
     es.restore_topic_records(point.eval_topic_records)
     lineage = LineageState(step=point.step, records_seen=point.records_seen, parent=point.parent,
