@@ -180,28 +180,31 @@ def _runs_fast(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 class FastBertSelfAttention(bert.BertSelfAttention):
-    """Fused QKV GEMM and per-sequence attention over real keys (module docstring)."""
+    """Fused QKV GEMM, then attention a few sequences at a time with padding keys at -inf (module docstring)."""
 
     _prefstream_fast: bool
     _prefstream_qkv: _PackedLinear
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        batch, length, _ = hidden_states.shape
         padding = None
         if (_runs_fast(self, hidden_states) and past_key_values is None
                 and kwargs.get("encoder_hidden_states") is None):
-            padding = _key_padding(attention_mask, batch, length)
+            padding = _key_padding(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
         if padding is None:
             return super().forward(hidden_states, attention_mask, past_key_values=past_key_values, **kwargs)
         keys, counts = padding
+        batch, length, _ = hidden_states.shape
         heads, dim = self.num_attention_heads, self.attention_head_size
         weight, bias = self._prefstream_qkv.get()
         qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "none", [], "")  # (B, T, 3*H*D)
         qkv = qkv.view(batch, length, 3, heads, dim)  # (B, T, 3, H, D)
         out = hidden_states.new_empty(batch, length, heads, dim)  # (B, T, H, D)
-        # As many sequences at a time as keep their bf16 scores within ~L2 (measured best at 2 MB).
-        step = max(1, _SCORES_BYTES // (heads * length * length * 2))
+        # Single-threaded (the scorer's default: one thread per worker), as many sequences at a time as
+        # keep their bf16 scores within ~L2 (best at 2 MB).  Multi-threaded, the whole batch at once: each
+        # op ends at an OpenMP barrier, and on a shared box a preempted thread stalls every barrier
+        # (chunked was ~4x slower than this at 2 threads and load 4).
+        step = max(1, _SCORES_BYTES // (heads * length * length * 2)) if torch.get_num_threads() == 1 else batch
         for b0 in range(0, batch, step):
             b1 = min(batch, b0 + step)
             n = (b1 - b0) * heads
@@ -363,7 +366,7 @@ def apply_cpu_fast_path(hf_model: nn.Module) -> bool:
         revert_cpu_fast_path(hf_model)
         return False
     (log.info if not _logged_once else log.debug)(
-        "CPU bf16 fast path on for %s: %d modules (fused QKV, GELU and residual GEMMs, per-sequence attention); "
+        "CPU bf16 fast path on for %s: %d modules (fused QKV, GELU and residual GEMMs, L2-sized attention); "
         "self-check max |diff| %.3g", type(hf_model).__name__, converted, diff)
     _logged_once = True
     return True
