@@ -405,6 +405,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from scorer.config import load_scorer_config
     from scorer.runners import configure_torch_threads, load_reward
     from services.reward_model import default_reward_model_path
 
@@ -422,7 +423,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The fp32 model (the usual pipeline, the reference scores, the swap run's checkpoints) and the
     # same weights as the scorer serves them in bf16 (backbone bf16, head fp32: scorer/precision.py).
     runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
-    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True)
+    # With the scorer's own cpu_fast_path setting (config/env), so in-process bf16 runs what it serves.
+    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True,
+                              cpu_fast_path=load_scorer_config().cpu_fast_path)
+    result["cpu_fast_path"] = runner_bf16.cpu_fast_path  # scorer/fastpath.py applied to the bf16 model
     lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
     flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]
     mean_flops = statistics.fmean(flops)
