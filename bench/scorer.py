@@ -9,7 +9,7 @@ with their responses, one (prompt, response) per request, cycled):
   CPUs with native bf16, see scorer/precision.py);
 * the usual way: ``transformers.pipeline("text-classification", batch_size=1)`` in-process in fp32,
   with one thread per core and with one thread, the faster counting (``pipeline_rps``, and ``ratio_vs_pipeline`` = best scorer rps / pipeline rps), and the same pipeline
-  on the bf16 model (``pipeline_bf16_rps``, ``ratio_vs_pipeline_bf16``) so a bf16 scorer is also
+  on the stock bf16 model, without scorer/fastpath.py (``pipeline_bf16_rps``, ``ratio_vs_pipeline_bf16``) so a bf16 scorer is also
   compared with bf16 done the simple way;
 * the machine's ceiling: sustained GEMM FLOP/s measured with torch here in fp32 and bf16, and the
   model's matmul FLOPs per scored sequence computed from its linear layers and the actual token counts;
@@ -427,6 +427,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True,
                               cpu_fast_path=load_scorer_config().cpu_fast_path)
     result["cpu_fast_path"] = runner_bf16.cpu_fast_path  # scorer/fastpath.py applied to the bf16 model
+    # The bf16 pipeline baseline is the usual transformers model, never our fast path.
+    pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True, cpu_fast_path=False)
+                 if runner_bf16.cpu_fast_path else runner_bf16)
     lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
     flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]
     mean_flops = statistics.fmean(flops)
@@ -444,7 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     pipe_budget = 12.0 if quick else 30.0  # per pipeline run, split over two thread counts
     pipes = {"float32": [best_pipeline(runner, inputs, pipe_budget, threads)],
-             "bfloat16": [best_pipeline(runner_bf16, inputs, pipe_budget, threads)]}
+             "bfloat16": [best_pipeline(pipe_bf16, inputs, pipe_budget, threads)]}
 
     with tempfile.TemporaryDirectory(prefix="prefstream-bench-scorer-") as tmp:
         log_dir = Path(tmp)
@@ -475,7 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["ghz"] = run_ghz(ghz, address, inputs, max(levels), duration) if ghz else {"skipped": why}
         finally:
             proc.stop()
-        for dtype, model_runner in (("float32", runner), ("bfloat16", runner_bf16)):
+        for dtype, model_runner in (("float32", runner), ("bfloat16", pipe_bf16)):
             pipes[dtype].append(best_pipeline(model_runner, inputs, pipe_budget, threads))
         gemm_after = {d: measure_gemm_flops(seconds=gemm_s, dtype=d) for d in ("float32", "bfloat16")}
         gemm = {d: max(gemm_before[d], gemm_after[d]) for d in gemm_before}
@@ -510,6 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("bf16 vs fp32 on %d HH pairs: max |diff| %.2g, rank agreement %.3f",
                  result["bf16_vs_fp32_pairs"], result["bf16_vs_fp32_max_abs_diff"], result["bf16_vs_fp32_rank_agreement"])
         runner_bf16.close()
+        if pipe_bf16 is not runner_bf16:
+            pipe_bf16.close()
         if args.no_swaps:
             result.update({"failed_requests_during_swaps": None, "swaps": 0, "swap_run": "skipped (--no-swaps)"})
         else:
