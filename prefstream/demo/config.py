@@ -18,6 +18,10 @@ from services.config import load_config, require
 @dataclass(frozen=True)
 class DemoConfig:
     run_dir: Path = field(default=Path(".run/demo"), metadata={"help": "stack, checkpoints and service logs"})
+    fresh: bool = field(default=True, metadata={"help": (
+        "start from an empty run_dir: stop a stack left running there and delete a previous demo's topics, "
+        "checkpoints and registry, so the figures describe this run only; false resumes them (the trainer "
+        "then first works off whatever that run left unconsumed)")})
     report_dir: Path | None = field(default=None, metadata={"help": "report folder; default reports/demo-<time>"})
     stack_run_dir: Path | None = field(
         default=None, metadata={"help": "use this running stack instead of starting one (its run dir)"}

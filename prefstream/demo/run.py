@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,11 @@ class Loop:
             load_endpoints(self.cfg.stack_run_dir)  # fails clearly when nothing runs there
             return Path(self.cfg.stack_run_dir).resolve()
         stack_dir = self.run_dir / "stack"
+        if self.cfg.fresh and self.run_dir.exists():
+            stopped = Stack(free_stack_config(stack_dir)).down()  # pidfiles name what to stop, not ports
+            _out(f"fresh run: removing the previous demo in {self.run_dir}"
+                 + (f" (stopped its {', '.join(stopped)})" if stopped else ""))
+            shutil.rmtree(self.run_dir)
         self.stack = Stack(free_stack_config(stack_dir))
         _out(f"starting the stack (Kafka KRaft, Redis, Ray) in {stack_dir} ...")
         self.stack.up()
