@@ -118,6 +118,27 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
+def eager_attention_for_cpu_bf16(hf_model: nn.Module) -> bool:
+    """Train with eager (matmul + softmax) attention instead of sdpa under CPU bf16 autocast.
+
+    PyTorch's CPU flash-attention backward is slow in bf16 at small head sizes: on the 2-core Zen 4
+    dev box it took ~35% of a MiniLM-L6 training step (16 pairs, 128 tokens), and the same step with
+    eager attention ran in 0.62 s instead of 0.87 s.  Eager attention is the same math; autocast runs
+    its matmuls in bf16 and its softmax in fp32.  Only the in-memory module changes: saved
+    checkpoints carry no attention setting, so they load with the reader's default (sdpa).
+    """
+    current = getattr(hf_model.config, "_attn_implementation", None)
+    if current != "sdpa" or not hasattr(hf_model, "set_attn_implementation"):
+        return False
+    try:
+        hf_model.set_attn_implementation("eager")
+    except (ValueError, NotImplementedError) as e:  # a model without an eager path keeps sdpa
+        log.info("keeping sdpa attention for bf16 training: %s", e)
+        return False
+    log.info("CPU bf16 training: eager attention instead of sdpa (faster backward on CPU)")
+    return True
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +173,8 @@ class Engine:
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_native(self.device))
         if self.autocast:
             log.info("training with bf16 autocast on %s (fp32 master weights)", self.device)
+            if self.device.type == "cpu":
+                eager_attention_for_cpu_bf16(model.hf_model)
         self.model.to(self.device)
         if cfg.disable_dropout:
             disable_dropout(model.hf_model)

@@ -269,6 +269,23 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path) -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_cpu_bf16_training_uses_eager_attention_and_checkpoints_stay_default(tmp_path) -> None:
+    """Eager attention is the same math as sdpa (same scores before training), and a saved model loads
+    with the reader's default attention."""
+    base = tiny_model(tmp_path)
+    stock = RewardModel.from_pretrained(base)
+    assert stock.hf_model.config._attn_implementation == "sdpa"
+    assert Engine(RewardModel.from_pretrained(base), config(tmp_path, base)).model.hf_model.config._attn_implementation == "sdpa"
+    engine = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, autocast="bf16"))
+    assert engine.model.hf_model.config._attn_implementation == "eager"
+    batch = stock.encode([[ChatMessage("user", "hi there")]] * 2, ["a short answer", "a much longer answer than that"])
+    with torch.inference_mode():
+        assert torch.allclose(engine.model(batch).rewards, stock(batch).rewards, atol=1e-5)
+    engine.train(make_records(4))
+    engine.model.save(tmp_path / "saved")
+    assert RewardModel.from_pretrained(str(tmp_path / "saved")).hf_model.config._attn_implementation == "sdpa"
+
+
 def test_autocast_setting_is_validated(tmp_path) -> None:
     from services.config import ConfigError
 
