@@ -211,8 +211,16 @@ def java_argv(libs: Path, main_class: str, args: Sequence[str], *, heap: str, lo
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID in Kafka's url-safe base64 form (22 characters)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id: a random UUID in Kafka's url-safe base64 form (22 characters).
+
+    Never one that starts with "-": kafka-storage's argument parser would read it as an option and fail
+    with "argument --cluster-id/-t: expected one argument" (1 id in 64; Kafka's own Uuid.randomUuid
+    redraws for the same reason).
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 # --------------------------------------------------------------------------------------------------
