@@ -239,34 +239,30 @@ class FastBertIntermediate(bert.BertIntermediate):
         return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "gelu", [], self._prefstream_gelu)
 
 
-def _dense_add_norm(module: Any, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    weight, bias = module._prefstream_dense.get()
-    summed = torch.ops.mkldnn._linear_pointwise.binary(hidden_states, input_tensor, weight, bias, "add")  # (B, T, H)
-    return module.LayerNorm(summed)
+class _DenseAddNorm:
+    """LayerNorm(dense(x) + residual) with the add as the GEMM's post-op; mixed into BertSelfOutput and
+    BertOutput, whose stock forwards are the same computation."""
 
-
-class FastBertSelfOutput(bert.BertSelfOutput):
-    """LayerNorm(dense(x) + residual) with the add as the GEMM's post-op."""
-
-    _prefstream_fast: bool
     _prefstream_dense: _PackedLinear
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         if not _runs_fast(self, hidden_states) or input_tensor.shape[:-1] != hidden_states.shape[:-1]:
-            return super().forward(hidden_states, input_tensor)
-        return _dense_add_norm(self, hidden_states, input_tensor)
+            return super().forward(hidden_states, input_tensor)  # type: ignore[misc]
+        weight, bias = self._prefstream_dense.get()
+        summed = torch.ops.mkldnn._linear_pointwise.binary(hidden_states, input_tensor, weight, bias, "add")  # (B, T, H)
+        return self.LayerNorm(summed)  # type: ignore[attr-defined]
 
 
-class FastBertOutput(bert.BertOutput):
-    """LayerNorm(dense(x) + residual) with the add as the GEMM's post-op."""
+class FastBertSelfOutput(_DenseAddNorm, bert.BertSelfOutput):
+    """The attention block's output projection + residual + LayerNorm."""
 
     _prefstream_fast: bool
-    _prefstream_dense: _PackedLinear
 
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        if not _runs_fast(self, hidden_states) or input_tensor.shape[:-1] != hidden_states.shape[:-1]:
-            return super().forward(hidden_states, input_tensor)
-        return _dense_add_norm(self, hidden_states, input_tensor)
+
+class FastBertOutput(_DenseAddNorm, bert.BertOutput):
+    """The feed-forward block's output projection + residual + LayerNorm."""
+
+    _prefstream_fast: bool
 
 
 _FAST: dict[type[nn.Module], type[nn.Module]] = {
