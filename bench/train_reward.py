@@ -94,9 +94,9 @@ def _bf16(cfg) -> bool:
     """Whether ``cfg.autocast`` trains in bf16 here (the Engine's own rule, so TRL follows it)."""
     import torch
 
-    from services.precision import bf16_native
+    from trainer.engine import uses_bf16_autocast
 
-    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_native(torch.device("cpu")))
+    return uses_bf16_autocast(cfg.autocast, torch.device("cpu"))
 
 
 def _fresh_engine(cfg):

@@ -118,6 +118,11 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
+def uses_bf16_autocast(autocast: str, device: torch.device) -> bool:
+    """The ``autocast`` setting resolved on ``device``: bf16 when asked, or on ``auto`` where bf16 is native."""
+    return autocast == "bf16" or (autocast == "auto" and bf16_native(device))
+
+
 def eager_attention_for_cpu_bf16(hf_model: nn.Module) -> bool:
     """Train with eager (matmul + softmax) attention instead of sdpa under CPU bf16 autocast.
 
@@ -170,7 +175,7 @@ class Engine:
         self.rank, self.world_size = rank, world_size
         self.device = device or pick_device(cfg.device)
         # bf16 autocast only where bf16 is native: elsewhere it is emulated and slower than fp32.
-        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and bf16_native(self.device))
+        self.autocast = uses_bf16_autocast(cfg.autocast, self.device)
         if self.autocast:
             log.info("training with bf16 autocast on %s (fp32 master weights)", self.device)
             if self.device.type == "cpu":
