@@ -17,6 +17,7 @@ which took the same run to 0.624.  The reservoir itself, i.e. *which* past is ke
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 from pathlib import Path
@@ -81,7 +82,8 @@ class ReservoirBuffer(Generic[T]):
         if n <= 0 or not self._items:
             return []
         tie = [self._rng.random() for _ in self._items]
-        chosen = sorted(range(len(self._items)), key=lambda i: (self._replays[i], tie[i]))[:n]
+        # nsmallest: O(capacity log n) per step, not a sort of the whole reservoir
+        chosen = heapq.nsmallest(n, range(len(self._items)), key=lambda i: (self._replays[i], tie[i]))
         for i in chosen:
             self._replays[i] += 1
         return [self._items[i] for i in chosen]
