@@ -5,6 +5,11 @@ freshness budget (feedback ack -> scorer answer from a model trained on it, p50 
 leaves a few seconds for that, so evaluation scores each distinct response once, in length-sorted
 batches, under ``inference_mode``, and the evaluation set is bounded and fingerprinted so the served
 model's accuracy can be cached instead of recomputed at every checkpoint.
+
+Besides the accuracy, evaluation keeps each pair's outcome in a canonical order (records by
+``record_id``, then the pairs (i, j), i < j, of each ranking), so two models evaluated on the same set
+(same fingerprint) line up pair by pair and the gate can use the paired difference, whose noise is
+far smaller than that of two independent accuracies.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
@@ -33,6 +38,9 @@ class EvalResult:
     records: int
     mean_margin: float
     fingerprint: str
+    # One '1' (right) or '0' (wrong) per pair, in the canonical order of :func:`canonical_order`;
+    # "" when unknown (a result read from metadata written before outcomes were recorded).
+    outcomes: str = ""
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {
@@ -41,7 +49,29 @@ class EvalResult:
             "records": self.records,
             "mean_margin": self.mean_margin,
             "eval_fingerprint": self.fingerprint,
+            "outcomes": self.outcomes,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalResult:
+        """Read back :meth:`to_dict` (checkpoint metadata); outcomes that do not fit ``pairs`` are dropped."""
+        accuracy, pairs = d.get("accuracy"), d.get("pairs")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+            raise ValueError(f"eval accuracy must be a number, got {accuracy!r}")
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0:
+            raise ValueError(f"eval pairs must be a count, got {pairs!r}")
+        outcomes = d.get("outcomes")
+        if not (isinstance(outcomes, str) and len(outcomes) == pairs and set(outcomes) <= {"0", "1"}):
+            outcomes = ""
+        records, margin, fp = d.get("records"), d.get("mean_margin"), d.get("eval_fingerprint")
+        return cls(
+            accuracy=float(accuracy),
+            pairs=pairs,
+            records=records if isinstance(records, int) and not isinstance(records, bool) else 0,
+            mean_margin=float(margin) if isinstance(margin, (int, float)) and not isinstance(margin, bool) else 0.0,
+            fingerprint=fp if isinstance(fp, str) else "",
+            outcomes=outcomes,
+        )
 
 
 def fingerprint(records: Sequence[PreferenceRecord]) -> str:
@@ -52,34 +82,43 @@ def fingerprint(records: Sequence[PreferenceRecord]) -> str:
     return h.hexdigest()[:16]
 
 
+def canonical_order(records: Sequence[PreferenceRecord]) -> list[PreferenceRecord]:
+    """The order outcomes are reported in: by record_id (then responses, for duplicate ids)."""
+    return sorted(records, key=lambda r: (r.record_id, r.ranked_responses))
+
+
 def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size: int = 64) -> EvalResult:
     """Score each response of ``records`` once and count, over all K(K-1)/2 pairs of each ranking,
-    how often the better response gets the strictly higher reward."""
+    how often the better response gets the strictly higher reward.
+
+    ``outcomes`` lists the pairs in :func:`canonical_order`, then (i, j) with i < j within a ranking,
+    whatever the order of ``records``."""
     if not records:
         return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records))
     prompts, responses, spans = [], [], []
-    for rec in records:
+    for rec in canonical_order(records):
         spans.append((len(responses), rec.k))
         for resp in rec.ranked_responses:
             prompts.append(rec.prompt)
             responses.append(resp)
     scores = [s.reward for s in model.score(prompts, responses, batch_size=batch_size)]
-    correct = pairs = 0
+    outcomes: list[str] = []
     margin_sum = 0.0
     for start, k in spans:
         r = scores[start:start + k]
         for i in range(k):
             for j in range(i + 1, k):
                 margin = r[i] - r[j]
-                correct += margin > 0
+                outcomes.append("1" if margin > 0 else "0")
                 margin_sum += margin
-                pairs += 1
+    pairs = len(outcomes)
     return EvalResult(
-        accuracy=correct / pairs,
+        accuracy=outcomes.count("1") / pairs,
         pairs=pairs,
         records=len(records),
         mean_margin=margin_sum / pairs,
         fingerprint=fingerprint(records),
+        outcomes="".join(outcomes),
     )
 
 
