@@ -105,6 +105,10 @@ class TrainerConfig:
     eval_batch_size: int = field(default=64, metadata=_help("sequences per evaluation forward pass"))
     gate_tolerance: float = field(default=0.02, metadata=_help(
         "reject a checkpoint whose pairwise accuracy is more than this below the served model's"))
+    gate_confidence: float = field(default=0.9, metadata=_help(
+        "how sure the gate must be (one-sided, paired over the same evaluation pairs) that a checkpoint is "
+        "more than gate_tolerance below the served model before rejecting it; 0.5 compares the accuracies "
+        "as they are, higher values forgive more evaluation noise"))
     publish_without_eval: bool = field(default=True, metadata=_help(
         "publish checkpoints while there are no evaluation records (else hold them as rejected)"))
     publish: bool = field(default=True, metadata=_help("gate and publish checkpoints to the registry"))
@@ -164,6 +168,9 @@ class TrainerConfig:
         require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(0 <= self.gate_tolerance <= 1, "gate_tolerance", "is an accuracy difference; use 0..1")
+        require(0.5 <= self.gate_confidence < 1, "gate_confidence",
+                f"is a confidence level, got {self.gate_confidence}; use 0.5 <= gate_confidence < 1 "
+                "(0.5 = plain accuracy comparison, 0.9 = the default)")
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = in-process, no Ray)")
         require(not (self.use_gpu and self.num_workers == 0), "use_gpu",
                 "applies to Ray workers; set num_workers >= 1, or use device=cuda for in-process training")
