@@ -1,20 +1,27 @@
 """The evaluation gate: publish a checkpoint, or reject it with the reason, in the model registry.
 
 A candidate is compared with the model the registry currently serves, on the same evaluation set.
-The served model's accuracy is cached per (version, evaluation-set fingerprint): it is taken from the
-served checkpoint's own metadata when that was measured on the same set (the usual case, since the
-served model is normally this trainer's previous publication) and only otherwise recomputed by
-loading the served checkpoint.  Publishing and rejecting go through
-:class:`services.registry.ModelRegistry`, whose ``announce`` hook puts a ModelUpdate on the
-model-updates topic.
+Evaluation sets are small (64 pairs in the demo, where one pair is 1.6 points), so comparing the two
+accuracies directly rejects good checkpoints on noise.  Both models answer the same pairs, so the gate
+uses the paired difference (McNemar): it rejects only when it is ``gate_confidence`` sure that the
+candidate is more than ``gate_tolerance`` worse (see :func:`decide`).
+
+The served model's evaluation (accuracy and per-pair outcomes) is cached per (version,
+evaluation-set fingerprint): it is taken from the served checkpoint's own metadata when that was
+measured on the same set (the usual case, since the served model is normally this trainer's previous
+publication) and only otherwise recomputed by loading the served checkpoint.  Publishing and
+rejecting go through :class:`services.registry.ModelRegistry`, whose ``announce`` hook puts a
+ModelUpdate on the model-updates topic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Callable
 
 from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, path_from_uri
@@ -35,6 +42,37 @@ class Decision:
     served_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class PairedDrop:
+    """The candidate's accuracy drop against the served model on the same n pairs, with its noise.
+
+    b = pairs only the served model gets right, c = pairs only the candidate gets right.  The drop
+    d = (b - c) / n is the difference of the two accuracies; its standard error, from the variance
+    of the per-pair difference (McNemar), is SE = sqrt(b + c - (b - c)^2 / n) / n.
+    """
+
+    n: int
+    b: int
+    c: int
+
+    @classmethod
+    def of(cls, served_outcomes: str, candidate_outcomes: str) -> PairedDrop:
+        if len(served_outcomes) != len(candidate_outcomes):
+            raise ValueError(f"{len(served_outcomes)} served outcomes for {len(candidate_outcomes)} candidate pairs")
+        b = sum(s == "1" and c == "0" for s, c in zip(served_outcomes, candidate_outcomes))
+        c = sum(s == "0" and c == "1" for s, c in zip(served_outcomes, candidate_outcomes))
+        return cls(n=len(candidate_outcomes), b=b, c=c)
+
+    @property
+    def drop(self) -> float:
+        return (self.b - self.c) / self.n
+
+    @property
+    def se(self) -> float:
+        # max(): b + c >= (b - c)^2 / n holds exactly, rounding could dip below 0 by an ulp
+        return math.sqrt(max(self.b + self.c - (self.b - self.c) ** 2 / self.n, 0.0)) / self.n
+
+
 def decide(
     candidate: EvalResult | None,
     served_version: str,
@@ -42,8 +80,17 @@ def decide(
     *,
     tolerance: float,
     publish_without_eval: bool,
+    served_outcomes: str = "",
+    confidence: float = 0.9,
 ) -> Decision:
-    """The gate rule: reject when the candidate is more than ``tolerance`` below the served model."""
+    """The gate rule: reject when the candidate is, with ``confidence``, more than ``tolerance`` below
+    the served model: d - z * SE > tolerance, z = the standard normal quantile of ``confidence``.
+
+    ``served_outcomes`` are the served model's per-pair outcomes on the candidate's evaluation set (same
+    canonical order).  Without them (or when they do not line up with the candidate's) the rule falls
+    back to the unpaired comparison ``served_accuracy - candidate.accuracy > tolerance``; so does
+    ``confidence`` 0.5 (z = 0) with them.
+    """
     if candidate is None or candidate.pairs == 0:
         if publish_without_eval:
             return Decision(True, "no evaluation records yet; published without a gate", served_version, served_accuracy)
@@ -51,16 +98,37 @@ def decide(
                         served_version, served_accuracy)
     if not served_version or served_accuracy is None:
         return Decision(True, f"first version (pairwise accuracy {candidate.accuracy:.4f})", served_version, None)
-    drop = served_accuracy - candidate.accuracy
-    if drop > tolerance + 1e-12:
+    n = candidate.pairs
+    accuracies = (f"pairwise accuracy {candidate.accuracy:.4f} vs served {served_version} {served_accuracy:.4f} "
+                  f"on {n} pairs")
+    if not (served_outcomes and len(served_outcomes) == len(candidate.outcomes) == n):
+        drop = served_accuracy - candidate.accuracy
+        missing = ("no per-pair outcomes of the served version" if not served_outcomes
+                   else "the served and candidate per-pair outcomes do not line up")
+        unpaired = f"unpaired comparison: {missing}, gate_confidence not applied"
+        if drop > tolerance + 1e-12:
+            return Decision(
+                False,
+                f"pairwise accuracy {candidate.accuracy:.4f} is {drop:.4f} below the served version {served_version} "
+                f"({served_accuracy:.4f}) on {n} pairs ({unpaired}); gate_tolerance is {tolerance}",
+                served_version, served_accuracy,
+            )
+        return Decision(True, f"{accuracies}: drop {drop:.4f} ({unpaired}); gate_tolerance is {tolerance}",
+                        served_version, served_accuracy)
+    paired = PairedDrop.of(served_outcomes, candidate.outcomes)
+    z = NormalDist().inv_cdf(confidence)
+    bound = paired.drop - z * paired.se
+    noise = (f"SE {paired.se:.4f} (paired: {paired.b} pairs only the served version gets right, {paired.c} only "
+             f"the candidate), lower bound {bound:.4f} at gate_confidence {confidence} (z={z:.2f}); "
+             f"gate_tolerance is {tolerance}")
+    if bound > tolerance + 1e-12:
         return Decision(
             False,
-            f"pairwise accuracy {candidate.accuracy:.4f} is {drop:.4f} below the served version {served_version} "
-            f"({served_accuracy:.4f}) on {candidate.pairs} pairs; gate_tolerance is {tolerance}",
+            f"pairwise accuracy {candidate.accuracy:.4f} is {paired.drop:.4f} below the served version "
+            f"{served_version} ({served_accuracy:.4f}) on {n} pairs: {noise}",
             served_version, served_accuracy,
         )
-    return Decision(True, f"pairwise accuracy {candidate.accuracy:.4f} vs served {served_version} "
-                    f"{served_accuracy:.4f} (tolerance {tolerance})", served_version, served_accuracy)
+    return Decision(True, f"{accuracies}: drop {paired.drop:.4f}, {noise}", served_version, served_accuracy)
 
 
 def kafka_announcer(producer: Any, topic: str) -> Callable[[Any], None]:
@@ -80,13 +148,16 @@ class Gate:
         self.cfg = cfg
         self.registry = registry
         self.eval_set = eval_set
-        self._served_cache: dict[tuple[str, str], float] = {}
+        self._served_cache: dict[tuple[str, str], EvalResult] = {}
 
     def remember(self, version: str, result: EvalResult) -> None:
-        self._served_cache[(version, result.fingerprint)] = result.accuracy
+        self._served_cache[(version, result.fingerprint)] = result
 
-    def served(self) -> tuple[ModelVersion | None, float | None]:
-        """The registry's target and its accuracy on the current evaluation set (cached)."""
+    def served(self) -> tuple[ModelVersion | None, EvalResult | None]:
+        """The registry's target and its evaluation on the current evaluation set (cached).
+
+        The evaluation's ``outcomes`` are "" when its metadata predates them and the served checkpoint
+        cannot be loaded; the gate then falls back to comparing accuracies."""
         target = self.registry.target(self.cfg.model_name)  # None for a model never published
         if target is None or len(self.eval_set) == 0:
             return target, None
@@ -94,25 +165,29 @@ class Gate:
         key = (target.version, fp)
         if key in self._served_cache:
             return target, self._served_cache[key]
-        acc = self._accuracy_from_metadata(target.uri, fp)
-        if acc is None:
-            acc = self._evaluate_served(target)
-        if acc is not None:
-            self._served_cache[key] = acc
-            metrics.EVAL_ACCURACY.labels("served").set(acc)
-        return target, acc
+        result = self._served_from_metadata(target.uri, fp)
+        if result is None or not result.outcomes:
+            result = self._evaluate_served(target) or result
+        if result is not None:
+            self._served_cache[key] = result
+            metrics.EVAL_ACCURACY.labels("served").set(result.accuracy)
+        return target, result
 
-    def _accuracy_from_metadata(self, uri: str, fp: str) -> float | None:
+    def _served_from_metadata(self, uri: str, fp: str) -> EvalResult | None:
         try:
             meta = json.loads((path_from_uri(uri) / "metadata.json").read_text())
         except (OSError, ValueError):
             return None
         ev = meta.get("eval") if isinstance(meta, dict) else None
-        if isinstance(ev, dict) and ev.get("eval_fingerprint") == fp and isinstance(ev.get("accuracy"), (int, float)):
-            return float(ev["accuracy"])
-        return None
+        if not isinstance(ev, dict) or ev.get("eval_fingerprint") != fp:
+            return None
+        try:
+            return EvalResult.from_dict(ev)
+        except ValueError as e:
+            log.warning("ignoring the eval metadata of %s: %s", uri, e)
+            return None
 
-    def _evaluate_served(self, target: ModelVersion) -> float | None:
+    def _evaluate_served(self, target: ModelVersion) -> EvalResult | None:
         started = time.perf_counter()
         try:
             path = open_checkpoint(target.uri)
@@ -124,15 +199,18 @@ class Gate:
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         log.info("served version %s: pairwise accuracy %.4f on %d pairs (%.1fs)", target.version, result.accuracy,
                  result.pairs, time.perf_counter() - started)
-        return result.accuracy
+        return result
 
     def judge(self, ref: CheckpointRef, result: EvalResult | None, *, records_seen: int, base_model: str,
               extra_metrics: dict[str, float] | None = None) -> Decision:
         """Decide on a durable checkpoint and record the verdict (published or rejected) in the registry."""
-        target, served_acc = self.served()
+        target, served = self.served()
+        served_acc = served.accuracy if served is not None else None
         decision = decide(
             result, target.version if target else "", served_acc,
-            tolerance=self.cfg.gate_tolerance, publish_without_eval=self.cfg.publish_without_eval,
+            served_outcomes=served.outcomes if served is not None else "",
+            tolerance=self.cfg.gate_tolerance, confidence=self.cfg.gate_confidence,
+            publish_without_eval=self.cfg.publish_without_eval,
         )
         numbers: dict[str, float] = dict(extra_metrics or {})
         if result is not None and result.pairs:
