@@ -13,7 +13,9 @@ Metadata keys (``FORMAT`` = 1), read by the demo, the scorer's admin views and t
 * ``offsets``: ``{partition: next offset}`` of ``trainer.topic``; everything before is in the weights
 * ``records``: ``[{record_id, source_acked_at, partition, offset}]`` trained since the previous
   checkpoint (its ``records_count`` and ``max_source_acked_at`` alongside)
-* ``eval``: ``{accuracy, pairs, records, mean_margin, eval_fingerprint}`` or null
+* ``eval``: ``{accuracy, pairs, records, mean_margin, eval_fingerprint, outcomes}`` or null;
+  ``outcomes`` is one '1'/'0' per pair in evaluation's canonical order (the gate pairs a later
+  candidate's outcomes with these); checkpoints written before it have no ``outcomes``
 * ``base_model``, ``spec``, ``loss``, ``parent`` (what this lineage warm-started from),
   ``previous_version``, ``trainer`` (topic, group_id, world_size), ``created_at``
 """
