@@ -308,6 +308,9 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     rejected = registry.get(name, v2)
     assert rejected.state == "rejected"
     assert f"below the served version {v1}" in rejected.reason and "gate_tolerance is 0.05" in rejected.reason
+    # paired against v1's per-pair outcomes, read from v1's own metadata
+    assert "gate_confidence 0.9" in rejected.reason and "unpaired" not in rejected.reason
+    assert len(store.read_metadata(store.get(name, v1))["eval"]["outcomes"]) == 8
     assert registry.target(name).version == v1  # the served model did not change
     actions = {(u.version, u.action) for u in announcements(kafka_bootstrap, name)}
     assert (v1, "published") in actions and (v2, "rejected") in actions
@@ -315,9 +318,10 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     # the served accuracy is recomputed from the served checkpoint when the eval set changes
     bigger = EvalSet(12, records(12, start=500, split="test", tag="g"))
     gate = Gate(cfg, registry, bigger)
-    target, acc = gate.served()
-    expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records).accuracy
-    assert target.version == v1 and acc == pytest.approx(expected)
+    target, served = gate.served()
+    expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records)
+    assert target.version == v1 and served.accuracy == pytest.approx(expected.accuracy)
+    assert served.pairs == 12 and served.outcomes == expected.outcomes
     producer.close()
 
 
