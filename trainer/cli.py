@@ -32,7 +32,7 @@ OFFLINE_FIELDS: tuple[str, ...] = (
 #: Where ``train reward --publish`` puts the model.
 PUBLISH_FIELDS: tuple[str, ...] = (
     "model_name", "checkpoint_url", "redis_url", "kafka_bootstrap", "announce", "gate_tolerance",
-    "publish_without_eval", "eval_max_records", "stack_run_dir",
+    "gate_confidence", "publish_without_eval", "eval_max_records", "stack_run_dir",
 )
 
 
@@ -118,7 +118,7 @@ def train_reward(args: argparse.Namespace) -> int:
     summary = {
         "out": str(out), "steps": result.steps, "records": result.records, "seconds": round(result.seconds, 1),
         "records_per_s": round(result.records_per_s, 2), "final_loss": result.losses[-1],
-        **({"eval": result.eval.to_dict()} if result.eval else {}),
+        **({"eval": result.eval.to_dict(outcomes=False)} if result.eval else {}),
         **({"published_version": version, "verdict": verdict} if args.publish else {}),
     }
     print(json.dumps(summary, indent=2) if args.json else
@@ -140,7 +140,7 @@ def eval_reward(args: argparse.Namespace) -> int:
         records = records[: args.max_records]
     result = evaluate_file(args.model, records, max_length=args.max_length, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, **result.to_dict(), "n": result.pairs}, indent=2))
+        print(json.dumps({"model": args.model, "data": args.data, **result.to_dict(outcomes=False), "n": result.pairs}, indent=2))
     else:
         print(f"accuracy {result.accuracy:.4f}  n {result.pairs} pairs ({result.records} records)  "
               f"mean margin {result.mean_margin:.4f}")

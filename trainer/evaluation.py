@@ -42,15 +42,18 @@ class EvalResult:
     # "" when unknown (a result read from metadata written before outcomes were recorded).
     outcomes: str = ""
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {
+    def to_dict(self, *, outcomes: bool = True) -> dict[str, float | int | str]:
+        """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them); reports drop them."""
+        d: dict[str, float | int | str] = {
             "accuracy": self.accuracy,
             "pairs": self.pairs,
             "records": self.records,
             "mean_margin": self.mean_margin,
             "eval_fingerprint": self.fingerprint,
-            "outcomes": self.outcomes,
         }
+        if outcomes:
+            d["outcomes"] = self.outcomes
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalResult:

@@ -96,7 +96,7 @@ def save_offline(engine: Engine, cfg: TrainerConfig, result: OfflineResult, out:
         "records": result.records,
         "seconds": result.seconds,
         "final_loss": result.losses[-1] if result.losses else None,
-        "eval": result.eval.to_dict() if result.eval else None,
+        "eval": result.eval.to_dict(outcomes=False) if result.eval else None,
     }, indent=2, sort_keys=True))
     return out
 
