@@ -2,7 +2,7 @@
 
 A checkpoint is the HF model folder (``save_pretrained`` safetensors + tokenizer + reward spec) plus
 the trainer's state: the replay reservoir, the TEST records taken from the stream, optionally the
-AdamW moments, and ``metadata.json`` with the Kafka offsets its weights include.  The store writes the
+AdamW moments and the live weights (the model folder holds the weight average, see trainer/averaging.py), and ``metadata.json`` with the Kafka offsets its weights include.  The store writes the
 manifest last, so "durable" means "has a manifest": offsets are committed to Kafka only after that,
 and a restarted trainer seeks to the offsets of its latest durable checkpoint (never to the group's
 committed offsets, which can only lag behind it).
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from services.checkpoints import CheckpointRef, CheckpointStore, CorruptCheckpointError, open_checkpoint
 from services.reward_model import RewardModel
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 OPTIMIZER_FILE = "optimizer.pt"
+#: the live (training) weights when the model folder holds their average; with ``save_optimizer_state``
+LIVE_WEIGHTS_FILE = "live_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ResumePoint:
     replay_counts: tuple[int, ...] = ()
     eval_topic_records: tuple[PreferenceRecord, ...] = ()
     optimizer_path: str = ""
+    live_weights_path: str = ""
     parent: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""
 
@@ -107,6 +111,7 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
                 replay_seen=int((meta.get("replay") or {}).get("seen", 0)),
                 eval_topic_records=tuple(EvalSet.load_topic_records(path)),
                 optimizer_path=str(path / OPTIMIZER_FILE) if (path / OPTIMIZER_FILE).exists() else "",
+                live_weights_path=str(path / LIVE_WEIGHTS_FILE) if (path / LIVE_WEIGHTS_FILE).exists() else "",
                 parent=dict(meta.get("parent") or {}),
                 base_model=str(meta.get("base_model", "")),
             )
@@ -121,6 +126,11 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
             )
     base = cfg.resolved_base_model()
     return ResumePoint(source="base", model_path=base, parent={"source": "base", "path": base}, base_model=base)
+
+
+def load_live_weights(point: ResumePoint) -> dict[str, torch.Tensor] | None:
+    """The live weights a resumed checkpoint saved beside its averaged model folder, if any."""
+    return load_file(point.live_weights_path) if point.live_weights_path else None
 
 
 def load_model(cfg: TrainerConfig, point: ResumePoint) -> RewardModel:
@@ -202,8 +212,11 @@ def write_checkpoint(
     replay: ReservoirBuffer,
     eval_set: EvalSet,
     optimizer_state: dict[str, Any] | None = None,
+    live_weights: dict[str, torch.Tensor] | None = None,
 ) -> CheckpointRef:
-    """Write model + trainer state under the next version; returns once the manifest is durable."""
+    """Write model + trainer state under the next version; returns once the manifest is durable.
+
+    ``model`` must hold the weights to serve (the average); ``live_weights`` are the training ones."""
 
     def writer(d: Path) -> None:
         model.save(d)
@@ -211,6 +224,8 @@ def write_checkpoint(
         eval_set.save(d)
         if optimizer_state is not None:
             torch.save(optimizer_state, d / OPTIMIZER_FILE)
+        if live_weights is not None:
+            save_file(live_weights, str(d / LIVE_WEIGHTS_FILE))
 
     version = store.next_version(cfg.model_name)
     return store.write(cfg.model_name, version, writer, metadata)

@@ -105,16 +105,17 @@ def train_reward(args: argparse.Namespace) -> int:
     records = load_openpipe_jsonl(args.data)
     log.info("training on %d records from %s (%s loss, %d epochs)", len(records), args.data, cfg.loss, cfg.epochs)
     engine, result = train_offline(cfg, records)
-    if args.eval_data:
-        eval_records = load_openpipe_jsonl(args.eval_data)
-        result.eval = evaluate(engine.model, eval_records, batch_size=cfg.eval_batch_size)
-    out = save_offline(engine, cfg, result, args.out, args.data)
-    if args.publish:
-        from trainer.offline import publish_offline
+    eval_records = load_openpipe_jsonl(args.eval_data) if args.eval_data else []
+    with engine.serving_weights():  # the weight average (ema_decay) is the trained model
+        if eval_records:
+            result.eval = evaluate(engine.model, eval_records, batch_size=cfg.eval_batch_size)
+        out = save_offline(engine, cfg, result, args.out, args.data)
+        if args.publish:
+            from trainer.offline import publish_offline
 
-        version, verdict = publish_offline(cfg.with_endpoints(), engine, result, data=args.data,
-                                           eval_records=eval_records if args.eval_data else ())
-        log.info("%s/%s %s", cfg.model_name, version, verdict)
+            version, verdict = publish_offline(cfg.with_endpoints(), engine, result, data=args.data,
+                                               eval_records=eval_records)
+            log.info("%s/%s %s", cfg.model_name, version, verdict)
     summary = {
         "out": str(out), "steps": result.steps, "records": result.records, "seconds": round(result.seconds, 1),
         "records_per_s": round(result.records_per_s, 2), "final_loss": result.losses[-1],

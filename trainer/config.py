@@ -62,6 +62,9 @@ class TrainerConfig:
         "LR schedule after warm-up: constant or inverse_sqrt (no schedule needs the total step count)"))
     warmup_steps: int = field(default=10, metadata=_help("linear LR warm-up steps"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
+    ema_decay: float = field(default=0.99, metadata=_help(
+        "weights are averaged (EMA, warm-up min(decay, (1+t)/(10+t))); evaluation, the gate, checkpoints and "
+        "the scorer use the average, training goes on from the live weights; 0 disables"))
     disable_dropout: bool = field(default=True, metadata=_help(
         "turn dropout off while training (TRL's RewardConfig default: rewards of the pair stay comparable)"))
     batch_size: int = field(default=16, metadata=_help("new records per optimiser step (replay comes on top)"))
@@ -95,7 +98,8 @@ class TrainerConfig:
         "checkpoints kept in the store (newest first; the served, latest and pinned versions are never deleted); "
         "0 keeps all"))
     save_optimizer_state: bool = field(default=False, metadata=_help(
-        "store AdamW moments in each checkpoint (exact resume, 2x the model size per checkpoint)"))
+        "store AdamW moments (and, with ema_decay, the live weights) in each checkpoint for an exact resume "
+        "(3x the model size per checkpoint); without it a resumed trainer goes on from the averaged weights"))
 
     # --- evaluation gate ---------------------------------------------------------------------
     eval_data: str = field(default="", metadata=_help(
@@ -146,6 +150,7 @@ class TrainerConfig:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay} (0 disables averaging)")
         require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.max_tokens_per_forward >= self.max_length, "max_tokens_per_forward",
@@ -210,6 +215,7 @@ class TrainerConfig:
             "lr": self.lr,
             "schedule": self.schedule,
             "warmup_steps": self.warmup_steps,
+            "ema_decay": self.ema_decay,
             "batch_size": self.batch_size,
             "replay_ratio": self.replay_ratio,
             "max_length": self.max_length,

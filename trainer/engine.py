@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from torch import nn
 from services.precision import bf16_native
 from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
+from trainer.averaging import WeightAverage
 from trainer.batching import RankingBatch, collate, expand_rankings_to_pairs, regroup, unbucket
 from trainer.config import TrainerConfig
 from trainer.losses import attribute_regression_loss, kwise_ranking_loss
@@ -189,6 +191,23 @@ class Engine:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, start_step)
         self.step = start_step
+        #: the weight average that is evaluated, saved and served (None: the live weights are)
+        self.average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
+
+    def serving_weights(self) -> AbstractContextManager[None]:
+        """``with engine.serving_weights():`` the model holds what gets evaluated, saved and served."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
+
+    def live_state(self) -> dict[str, torch.Tensor] | None:
+        """The live weights when they differ from the served ones (saved for an exact resume)."""
+        return self.average.live_state() if self.average is not None else None
+
+    def load_live_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Go on training from saved live weights; the model's current weights stay the average."""
+        if self.average is None:
+            log.info("ema_decay is 0: training goes on from the checkpoint's averaged weights")
+            return
+        self.average.load_live_state(state)
 
     @property
     def lr(self) -> float:
@@ -225,6 +244,8 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.step)
         self.step += 1
         return StepStats(
             step=self.step,

@@ -202,7 +202,8 @@ class ContinualTrainer:
         if len(self.eval_set) == 0:
             return None
         started = time.perf_counter()
-        result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
+        with self.engine.serving_weights():
+            result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         metrics.EVAL_ACCURACY.labels("candidate").set(result.accuracy)
         return result
@@ -229,11 +230,14 @@ class ContinualTrainer:
             eval_result=result, replay=self.replay, eval_set=self.eval_set,
             world_size=self.engine.world_size, train_summary=summary,
         )
-        ref = write_checkpoint(
-            self.store, self.cfg, model=self.engine.model, metadata=meta, replay=self.replay,
-            eval_set=self.eval_set,
-            optimizer_state=self.engine.optimizer_state() if self.cfg.save_optimizer_state else None,
-        )
+        exact = self.cfg.save_optimizer_state
+        live = self.engine.live_state() if exact else None  # read before the average is swapped in
+        with self.engine.serving_weights():
+            ref = write_checkpoint(
+                self.store, self.cfg, model=self.engine.model, metadata=meta, replay=self.replay,
+                eval_set=self.eval_set, optimizer_state=self.engine.optimizer_state() if exact else None,
+                live_weights=live,
+            )
         # Durable: only now may Kafka forget these records.
         self.source.commit(positions)
         self._checkpointed_positions = dict(positions)

@@ -85,13 +85,16 @@ def train_offline(
 
 
 def save_offline(engine: Engine, cfg: TrainerConfig, result: OfflineResult, out: str | Path, data: str) -> Path:
-    """The model folder (loads with AutoModelForSequenceClassification) plus how it was trained."""
+    """The model folder (loads with AutoModelForSequenceClassification) plus how it was trained.
+
+    Saves the weights ``engine.model`` holds: call it inside ``engine.serving_weights()`` for the average."""
     out = engine.model.save(out)
     (out / TRAINING_FILE).write_text(json.dumps({
         "data": str(data),
         "base_model": engine.model.spec.base_model,
         "loss": cfg.loss_config(),
         "epochs": cfg.epochs,
+        "ema_decay": cfg.ema_decay,
         "steps": result.steps,
         "records": result.records,
         "seconds": result.seconds,

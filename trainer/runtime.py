@@ -17,7 +17,7 @@ import torch
 from services.checkpoints import CheckpointRef, CheckpointStore
 from services.data import load_openpipe_jsonl
 from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
-from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_model
+from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights, load_model
 from trainer.config import TrainerConfig
 from trainer.engine import Engine
 from trainer.evaluation import EvalSet, evaluate
@@ -79,6 +79,9 @@ def build_engine(cfg: TrainerConfig, point: ResumePoint, **engine_kw: Any) -> En
     engine = Engine(model, cfg, start_step=point.step, **engine_kw)
     if point.optimizer_path and cfg.save_optimizer_state:
         engine.load_optimizer_state(torch.load(point.optimizer_path, map_location=engine.device))
+    live = load_live_weights(point) if cfg.save_optimizer_state else None
+    if live is not None:
+        engine.load_live_state(live)
     return engine
 
 
@@ -101,7 +104,8 @@ def run_leader(
     if gate is not None and point.source == "checkpoint" and point.records_count and not gate.recorded(point.version):
         # The previous run died between making this checkpoint durable and gating it.
         ref = CheckpointRef(cfg.model_name, point.version, point.uri, Path(point.model_path))
-        result = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
+        with engine.serving_weights():
+            result = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
         gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
     source = KafkaSource(cfg.kafka_bootstrap, cfg.topic, cfg.group_id, start_offsets=point.offsets,
                          dead_letter_topic=DEAD_LETTER.name, producer=services.producer)
