@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="pairs per optimiser step (every arm)")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (every arm)")
     p.add_argument("--replay-ratio", type=float, default=0.5, help="replayed records per new record (streaming arm)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="weight averaging of the prefstream arms (default: the trainer's ema_decay; 0 = last iterate)")
     p.add_argument("--kwise-rankings", type=int, default=8, help="K=4 rankings per step in the K-wise measurement")
     p.add_argument("--kwise-steps", type=int, default=None, help="timed steps per K-wise arm (quick 3, full 9)")
     p.add_argument("--skip-trl", action="store_true", help="leave out the TRL RewardTrainer arm")
@@ -68,6 +70,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "disable_dropout": True,
         "replay_ratio": args.replay_ratio,
+        "ema_decay": args.ema_decay,
         "kwise_k": 4,
         "kwise_rankings": args.kwise_rankings,
         "kwise_steps": args.kwise_steps or (3 if quick else 9),
@@ -86,6 +89,8 @@ def _config(s: dict[str, Any], **kw: Any):
                   autocast=s["autocast"],
                   replay_ratio=s["replay_ratio"], publish=False, max_batch_wait_s=0.0, poll_timeout_s=0.01,
                   checkpoint_every_records=0, checkpoint_every_s=3600.0, eval_batch_size=64)
+    if s["ema_decay"] is not None:
+        values["ema_decay"] = s["ema_decay"]
     values.update(kw)
     return TrainerConfig(**values)
 
@@ -112,10 +117,22 @@ def _fresh_engine(cfg):
 # ---------------------------------------------------------------------------------------------- arms
 
 
+def _evaluate_arm(engine, test: Sequence, cfg) -> dict[str, Any]:
+    """Accuracy of what the trainer serves (the weight average when ``ema_decay`` > 0), and of the
+    last iterate, so the average's share of the result is visible."""
+    from trainer.evaluation import evaluate
+
+    last = evaluate(engine.model, test, cfg.eval_batch_size)
+    with engine.serving_weights():
+        served = evaluate(engine.model, test, cfg.eval_batch_size) if engine.average is not None else last
+    return {"accuracy": served.accuracy, "accuracy_last_iterate": last.accuracy, "pairs": served.pairs,
+            "mean_margin": served.mean_margin}
+
+
 def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     """The continual loop over an in-memory stream, epochs times, replay on; checkpoints off."""
     from trainer.checkpointing import LineageState
-    from trainer.evaluation import EvalSet, evaluate
+    from trainer.evaluation import EvalSet
     from trainer.loop import ContinualTrainer
     from trainer.offline import batches
     from trainer.replay import ReservoirBuffer
@@ -133,20 +150,15 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
         summary = loop.run()
         seconds += summary.seconds
         replayed += summary.replayed
-    result = evaluate(engine.model, test, cfg.eval_batch_size)
-    return {"accuracy": result.accuracy, "pairs": result.pairs, "mean_margin": result.mean_margin,
-            "records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
+    return {**_evaluate_arm(engine, test, cfg), "records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
             "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
 
 
 def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
-    from trainer.evaluation import evaluate
     from trainer.offline import train_offline
 
     engine, res = train_offline(cfg, train, engine=_fresh_engine(cfg))
-    result = evaluate(engine.model, test, cfg.eval_batch_size)
-    return {"accuracy": result.accuracy, "pairs": result.pairs, "mean_margin": result.mean_margin,
-            "records": res.records, "steps": res.steps, "seconds": res.seconds, "records_per_s": res.records_per_s,
+    return {**_evaluate_arm(engine, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds, "records_per_s": res.records_per_s,
             "final_loss": res.losses[-1]}
 
 
@@ -284,8 +296,9 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 def _arm_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One arm over seeds: mean accuracy and throughput, the spread, and every run."""
     acc = [r["accuracy"] for r in runs]
+    last = [r.get("accuracy_last_iterate", r["accuracy"]) for r in runs]
     return {"accuracy": _mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "accuracy_per_seed": acc, "records_per_s": _mean([r["records_per_s"] for r in runs]),
+            "accuracy_per_seed": acc, "accuracy_last_iterate": _mean(last), "accuracy_last_iterate_per_seed": last, "records_per_s": _mean([r["records_per_s"] for r in runs]),
             "seconds": sum(r["seconds"] for r in runs), "runs": list(runs)}
 
 
@@ -308,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(s)
     s["base_model"] = cfg.resolved_base_model()
     s["bf16"] = _bf16(cfg)
+    s["ema_decay"] = cfg.ema_decay
     started = time.perf_counter()
 
     import torch
@@ -332,6 +346,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy_base_untrained": base_acc,
         "streaming_minus_offline": _paired(streaming["accuracy_per_seed"], offline["accuracy_per_seed"]),
         "offline_minus_trl": _paired(offline["accuracy_per_seed"], trl["accuracy_per_seed"]) if trl else None,
+        "accuracy_streaming_last_iterate": streaming["accuracy_last_iterate"],
+        "accuracy_offline_last_iterate": offline["accuracy_last_iterate"],
         "seeds": s["seeds"],
         "records_per_s": streaming["records_per_s"],
         "records_per_s_offline": offline["records_per_s"],
@@ -354,6 +370,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy on N test pairs has a standard error of about sqrt(p(1-p)/N) (2.2 points at N=500)",
             "the arms run one after the other on a possibly shared machine: compare records/s together with "
             "each arm's load_avg_1m; the K-wise arms alternate step by step, so their ratio is load-robust",
+            "accuracy of the prefstream arms is that of the weight average they serve (settings.ema_decay; "
+            "TRL's RewardTrainer has none); accuracy_last_iterate is their last iterate, comparable to TRL's",
             "TRL gets the same left-truncated token ids and the same bf16 setting; it does not use token_type_ids "
             "(its collator passes input_ids and attention_mask only) and is evaluated the same way",
         ],
