@@ -1,5 +1,6 @@
-"""The CPU bf16 fast path (scorer/fastpath.py): same scores as the stock bf16 forward, padding-invariant,
-applied only to bf16 BERT encoders on CPU, and invisible to the state dict."""
+"""The CPU bf16 fast path (scorer/fastpath.py): same scores as the stock bf16 forward, padding-invariant
+(padded batches run packed, on their real tokens only), applied only to bf16 BERT encoders on CPU, and
+invisible to the state dict."""
 
 from __future__ import annotations
 
@@ -148,3 +149,111 @@ def test_unsupported_activation_keeps_the_stock_intermediate():
     layer = model.bert.encoder.layer[0]
     assert type(layer.intermediate).__name__ == "BertIntermediate"
     assert type(layer.attention.self).__name__ == "FastBertSelfAttention"
+
+
+# ---------------------------------------------------------------------------------------------- packed encoder
+
+
+def _hidden(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> list[list[int]]:
+    """The real-token counts of every batch the packed encoder ran."""
+    calls: list[list[int]] = []
+    packed = fastpath.FastBertEncoder._packed
+
+    def spy(self, hidden_states, counts):
+        calls.append(list(counts))
+        return packed(self, hidden_states, counts)
+
+    monkeypatch.setattr(fastpath.FastBertEncoder, "_packed", spy)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("scores_bytes", [2 << 20, 1], ids=["l2-groups", "one-sequence-groups"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_encoder_matches_the_stock_forward_on_real_tokens(packed_calls, monkeypatch, scores_bytes, threads):
+    monkeypatch.setattr(fastpath, "_SCORES_BYTES", scores_bytes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stock, fast = _served(fast=False), _served(fast=True)
+        assert type(fast.bert.encoder).__name__ == "FastBertEncoder"
+        packed_calls.clear()  # the self-check's
+        lengths = [64, 1, 40, 33, 40, 7, 2, 21]  # max_position_embeddings and a single token
+        ids, mask = _batch(lengths)
+        want, got = _hidden(stock.bert, ids, mask), _hidden(fast.bert, ids, mask)
+    finally:
+        torch.set_num_threads(before)
+    assert packed_calls == [lengths]
+    real = mask.bool()
+    diff = (got.last_hidden_state.float() - want.last_hidden_state.float())[real].abs().max().item()
+    assert diff <= fastpath._CHECK_MAX_DIFF / 4, diff
+    assert torch.count_nonzero(got.last_hidden_state[~real]) == 0  # padded positions are zeros
+    assert (got.pooler_output.float() - want.pooler_output.float()).abs().max().item() <= 2e-2
+    assert (_logits(fast, ids, mask) - _logits(stock, ids, mask)).abs().max().item() <= 2e-2
+
+
+@needs_onednn
+def test_packed_scores_equal_the_padded_fast_path_and_each_sequence_alone(packed_calls):
+    model = _served(fast=True)
+    lengths = [30, 1, 12, 29]
+    ids, mask = _batch(lengths)
+    packed = _logits(model, ids, mask)
+    alone = torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    assert (packed - alone).abs().max().item() <= 1e-2 * packed.abs().max().item()
+    assert [c for c in packed_calls if c == lengths] == [lengths]  # alone: no padding, not packed
+    model.bert.encoder._prefstream_fast = False  # the layers' padded fast modules only
+    padded = _logits(model, ids, mask)
+    assert (packed - padded).abs().max().item() <= 1e-2 * packed.abs().max().item()
+
+
+@needs_onednn
+def test_requests_the_packed_encoder_cannot_serve_fall_back(packed_calls):
+    stock, fast = _served(fast=False), _served(fast=True)
+    packed_calls.clear()
+    ids, mask = _batch([30, 12, 5])
+    # Per-layer hidden states and attentions: the stock loop (over the padded fast modules), same values.
+    want = _hidden(stock, ids, mask, output_hidden_states=True, output_attentions=True)
+    got = _hidden(fast, ids, mask, output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        assert g.shape == w.shape and (g.float() - w.float())[mask.bool()].abs().max().item() <= 5e-2
+    assert len(got.attentions) == len(want.attentions)  # none: sdpa returns no weights
+    # Gradients: the stock forward, bit for bit.
+    with torch.enable_grad():
+        assert torch.equal(fast(input_ids=ids, attention_mask=mask).logits,
+                           stock(input_ids=ids, attention_mask=mask).logits)
+    # No padding: nothing to pack.
+    full = torch.ones_like(mask)
+    assert (_logits(fast, ids, full) - _logits(stock, ids, full)).abs().max().item() <= 2e-2
+    assert packed_calls == []
+    # The packed path is still on afterwards.
+    _logits(fast, ids, mask)
+    assert packed_calls == [[30, 12, 5]]
+
+
+@needs_onednn
+def test_revert_restores_the_stock_encoder():
+    stock, fast = _served(fast=False), _served(fast=True)
+    revert_cpu_fast_path(fast)
+    assert type(fast.bert.encoder) is fastpath.bert.BertEncoder
+    assert not any(type(m).__name__.startswith("Fast") or "_prefstream_fast" in m.__dict__ for m in fast.modules())
+    ids, mask = _batch([30, 12, 5])
+    assert torch.equal(_hidden(fast.bert, ids, mask).last_hidden_state, _hidden(stock.bert, ids, mask).last_hidden_state)
+
+
+@needs_onednn
+def test_the_self_check_runs_the_packed_encoder(monkeypatch, packed_calls):
+    model = _served(fast=True)
+    assert len(packed_calls) == 1 and len(set(packed_calls[0])) == len(packed_calls[0]) > 2  # very different lengths
+    # A packed attention that mixes up sequences (the padded path is untouched) is caught at load.
+    attention = fastpath._packed_attention
+    monkeypatch.setattr(fastpath, "_packed_attention", lambda a, x, p: attention(a, x.flip(0), p).flip(0))
+    model = _served(fast=False)
+    assert not apply_cpu_fast_path(model)
+    assert type(model.bert.encoder) is fastpath.bert.BertEncoder
