@@ -57,6 +57,11 @@ import torch
 from torch import nn
 from transformers.models.bert import modeling_bert as bert
 
+try:  # transformers >= 5 records per-layer outputs with hooks on the layers while a collector is set
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:
+    _active_collector = None
+
 log = logging.getLogger(__name__)
 
 #: Attention implementation name the fast path registers with transformers (see the module docstring).
@@ -378,11 +383,7 @@ def _capturing_outputs(config: Any, kwargs: dict[str, Any]) -> bool:
         return True
     if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
         return True
-    try:  # transformers >= 5 records them with hooks while a collector is set
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return False
-    return bool(_active_collector.get())
+    return _active_collector is not None and bool(_active_collector.get())
 
 
 def _packable_layer(layer: nn.Module) -> bool:
