@@ -48,6 +48,14 @@ def _seeds(r: dict[str, Any]) -> str:
     return f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
 
 
+def _paired(r: dict[str, Any], key: str) -> str:
+    """", paired diff +0.4 +- 1.3 pts" from a ``*_minus_*`` entry (mean and SE over seeds), when present."""
+    d = r.get(key)
+    if not isinstance(d, dict) or d.get("mean") is None or d.get("se") is None:
+        return ""
+    return f", paired diff {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} pts"
+
+
 def _gpu(r: dict[str, Any]) -> bool:
     return bool((r.get("machine") or {}).get("gpu"))
 
@@ -60,11 +68,13 @@ TARGETS: tuple[Target, ...] = (
     Target("train-reward", "accuracy_streaming", "streaming within 1 point of offline", "offline, same data/model/epochs",
            lambda r: None if r.get("accuracy_streaming") is None or r.get("accuracy_offline") is None
            else r["accuracy_streaming"] >= r["accuracy_offline"] - 0.01,
-           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}{_seeds(r)}"),
+           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}{_seeds(r)}"
+                     f"{_paired(r, 'streaming_minus_offline')}"),
     Target("train-reward", "accuracy_offline", "offline >= TRL RewardTrainer", "TRL RewardTrainer, same base/settings",
            lambda r: None if r.get("accuracy_offline") is None or r.get("accuracy_trl") is None
            else r["accuracy_offline"] >= r["accuracy_trl"],
-           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}{_seeds(r)}"),
+           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}{_seeds(r)}"
+                     f"{_paired(r, 'offline_minus_trl')}"),
     Target("train-reward", "kwise_speedup", "K-wise loss >= 2.5x expanded pairs (K=4)", "same rankings as independent pairs",
            _ge("kwise_speedup", 2.5), lambda r: _fmt(r.get("kwise_speedup"))),
     Target("scorer", "ratio_vs_pipeline", "CPU >= 1.5x pipeline; GPU >= 10x", "transformers pipeline, batch_size=1",
