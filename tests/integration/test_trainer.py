@@ -293,9 +293,10 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     acc1 = store.read_metadata(store.get(name, v1))["eval"]["accuracy"]
     assert acc1 >= 0.75 and registry.target(name).version == v1
 
-    # a poisoned update: records with the ranking reversed, at a huge learning rate
+    # a poisoned update: 48 records with the ranking reversed (the good run learned from 16), one
+    # checkpoint; a huge learning rate for a few steps instead made a candidate that depended on the seed
     flipped = [dataclasses.replace(r, ranked_responses=r.ranked_responses[::-1]) for r in records(64, tag="g")]
-    c = dataclasses.replace(cfg, max_records=32, lr=5e-2)
+    c = dataclasses.replace(cfg, max_records=64, checkpoint_every_records=48)
     point = find_resume_point(c, store, registry)
     engine = Engine(load_model(c, point), c, start_step=point.step)
     bad = ContinualTrainer(
