@@ -99,36 +99,27 @@ def decide(
     if not served_version or served_accuracy is None:
         return Decision(True, f"first version (pairwise accuracy {candidate.accuracy:.4f})", served_version, None)
     n = candidate.pairs
-    accuracies = (f"pairwise accuracy {candidate.accuracy:.4f} vs served {served_version} {served_accuracy:.4f} "
-                  f"on {n} pairs")
-    if not (served_outcomes and len(served_outcomes) == len(candidate.outcomes) == n):
-        drop = served_accuracy - candidate.accuracy
+    if served_outcomes and len(served_outcomes) == len(candidate.outcomes) == n:
+        paired = PairedDrop.of(served_outcomes, candidate.outcomes)
+        z = NormalDist().inv_cdf(confidence)
+        drop, bound = paired.drop, paired.drop - z * paired.se
+        noise = (f"SE {paired.se:.4f} (paired: {paired.b} pairs only the served version gets right, {paired.c} only "
+                 f"the candidate), lower bound {bound:.4f} at gate_confidence {confidence} (z={z:.2f})")
+    else:
+        drop = bound = served_accuracy - candidate.accuracy
         missing = ("no per-pair outcomes of the served version" if not served_outcomes
                    else "the served and candidate per-pair outcomes do not line up")
-        unpaired = f"unpaired comparison: {missing}, gate_confidence not applied"
-        if drop > tolerance + 1e-12:
-            return Decision(
-                False,
-                f"pairwise accuracy {candidate.accuracy:.4f} is {drop:.4f} below the served version {served_version} "
-                f"({served_accuracy:.4f}) on {n} pairs ({unpaired}); gate_tolerance is {tolerance}",
-                served_version, served_accuracy,
-            )
-        return Decision(True, f"{accuracies}: drop {drop:.4f} ({unpaired}); gate_tolerance is {tolerance}",
-                        served_version, served_accuracy)
-    paired = PairedDrop.of(served_outcomes, candidate.outcomes)
-    z = NormalDist().inv_cdf(confidence)
-    bound = paired.drop - z * paired.se
-    noise = (f"SE {paired.se:.4f} (paired: {paired.b} pairs only the served version gets right, {paired.c} only "
-             f"the candidate), lower bound {bound:.4f} at gate_confidence {confidence} (z={z:.2f}); "
-             f"gate_tolerance is {tolerance}")
+        noise = f"unpaired comparison: {missing}, gate_confidence not applied"
     if bound > tolerance + 1e-12:
         return Decision(
             False,
-            f"pairwise accuracy {candidate.accuracy:.4f} is {paired.drop:.4f} below the served version "
-            f"{served_version} ({served_accuracy:.4f}) on {n} pairs: {noise}",
+            f"pairwise accuracy {candidate.accuracy:.4f} is {drop:.4f} below the served version {served_version} "
+            f"({served_accuracy:.4f}) on {n} pairs: {noise}; gate_tolerance is {tolerance}",
             served_version, served_accuracy,
         )
-    return Decision(True, f"{accuracies}: drop {paired.drop:.4f}, {noise}", served_version, served_accuracy)
+    return Decision(True, f"pairwise accuracy {candidate.accuracy:.4f} vs served {served_version} "
+                    f"{served_accuracy:.4f} on {n} pairs: drop {drop:.4f}, {noise}; gate_tolerance is {tolerance}",
+                    served_version, served_accuracy)
 
 
 def kafka_announcer(producer: Any, topic: str) -> Callable[[Any], None]:
