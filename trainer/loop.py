@@ -199,11 +199,11 @@ class ContinualTrainer:
         return bool(self.cfg.checkpoint_every_s) and self.clock() - self._last_checkpoint_at >= self.cfg.checkpoint_every_s
 
     def evaluate(self) -> EvalResult | None:
+        """Accuracy of the weights the model holds now (checkpoint() swaps the average in first)."""
         if len(self.eval_set) == 0:
             return None
         started = time.perf_counter()
-        with self.engine.serving_weights():
-            result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
+        result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         metrics.EVAL_ACCURACY.labels("candidate").set(result.accuracy)
         return result
@@ -218,21 +218,21 @@ class ContinualTrainer:
         started = time.perf_counter()
         positions = self.source.positions()
         trained = list(self._pending)
-        result = self.evaluate()
         summary = {
             "loss_avg": self._loss_sum / self._steps_since if self._steps_since else 0.0,
             "pair_accuracy_avg": self._acc_sum / self._steps_since if self._steps_since else 0.0,
             "steps": float(self._steps_since),
             "lr": self.engine.lr,
         }
-        meta = build_metadata(
-            self.cfg, model=self.engine.model, lineage=self.lineage, offsets=positions, trained=trained,
-            eval_result=result, replay=self.replay, eval_set=self.eval_set,
-            world_size=self.engine.world_size, train_summary=summary,
-        )
         exact = self.cfg.save_optimizer_state
-        live = self.engine.live_state() if exact else None  # read before the average is swapped in
-        with self.engine.serving_weights():
+        live = self.engine.live_state() if exact else None  # the training weights, read before the swap
+        with self.engine.serving_weights():  # evaluate and save the weight average, one swap
+            result = self.evaluate()
+            meta = build_metadata(
+                self.cfg, model=self.engine.model, lineage=self.lineage, offsets=positions, trained=trained,
+                eval_result=result, replay=self.replay, eval_set=self.eval_set,
+                world_size=self.engine.world_size, train_summary=summary,
+            )
             ref = write_checkpoint(
                 self.store, self.cfg, model=self.engine.model, metadata=meta, replay=self.replay,
                 eval_set=self.eval_set, optimizer_state=self.engine.optimizer_state() if exact else None,
