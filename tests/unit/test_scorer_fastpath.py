@@ -53,6 +53,11 @@ def _logits(model, ids, mask) -> torch.Tensor:
 needs_onednn = pytest.mark.skipif(not fastpath._onednn_ops_available(), reason="no oneDNN bf16 ops in this torch")
 
 
+def _logits_alone(model, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each sequence of a right-padded batch scored on its own, unpadded: (B, labels)."""
+    return torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+
+
 @needs_onednn
 def test_fast_path_matches_the_stock_bf16_forward_on_padded_batches():
     ids, mask = _batch([40, 33, 40, 7, 21, 1])
@@ -72,7 +77,7 @@ def test_padding_does_not_change_a_sequence_score():
     lengths = [40, 33, 12, 5]
     ids, mask = _batch(lengths)
     batched = _logits(model, ids, mask)
-    alone = torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    alone = _logits_alone(model, ids, mask, lengths)
     assert (batched - alone).abs().max().item() <= 1e-2 * batched.abs().max().item()
     # Garbage in the padding must not leak into the real tokens either.
     noisy = ids.clone()
@@ -204,7 +209,7 @@ def test_packed_scores_equal_the_padded_fast_path_and_each_sequence_alone(packed
     lengths = [30, 1, 12, 29]
     ids, mask = _batch(lengths)
     packed = _logits(model, ids, mask)
-    alone = torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    alone = _logits_alone(model, ids, mask, lengths)
     assert (packed - alone).abs().max().item() <= 1e-2 * packed.abs().max().item()
     assert [c for c in packed_calls if c == lengths] == [lengths]  # alone: no padding, not packed
     model.bert.encoder._prefstream_fast = False  # the layers' padded fast modules only
