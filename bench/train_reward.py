@@ -122,9 +122,10 @@ def _evaluate_arm(engine, test: Sequence, cfg) -> dict[str, Any]:
     last iterate, so the average's share of the result is visible."""
     from trainer.evaluation import evaluate
 
-    last = evaluate(engine.model, test, cfg.eval_batch_size)
-    with engine.serving_weights():
-        served = evaluate(engine.model, test, cfg.eval_batch_size) if engine.average is not None else last
+    last = served = evaluate(engine.model, test, cfg.eval_batch_size)
+    if engine.average is not None:
+        with engine.serving_weights():
+            served = evaluate(engine.model, test, cfg.eval_batch_size)
     return {"accuracy": served.accuracy, "accuracy_last_iterate": last.accuracy, "pairs": served.pairs,
             "mean_margin": served.mean_margin}
 
@@ -150,7 +151,8 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
         summary = loop.run()
         seconds += summary.seconds
         replayed += summary.replayed
-    return {**_evaluate_arm(engine, test, cfg), "records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
+    return {**_evaluate_arm(engine, test, cfg), "records": lineage.records_seen, "replayed": replayed,
+            "steps": lineage.step, "seconds": seconds,
             "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
 
 
@@ -158,7 +160,8 @@ def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     from trainer.offline import train_offline
 
     engine, res = train_offline(cfg, train, engine=_fresh_engine(cfg))
-    return {**_evaluate_arm(engine, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds, "records_per_s": res.records_per_s,
+    return {**_evaluate_arm(engine, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds,
+            "records_per_s": res.records_per_s,
             "final_loss": res.losses[-1]}
 
 
@@ -298,7 +301,8 @@ def _arm_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     acc = [r["accuracy"] for r in runs]
     last = [r.get("accuracy_last_iterate", r["accuracy"]) for r in runs]
     return {"accuracy": _mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "accuracy_per_seed": acc, "accuracy_last_iterate": _mean(last), "accuracy_last_iterate_per_seed": last, "records_per_s": _mean([r["records_per_s"] for r in runs]),
+            "accuracy_per_seed": acc, "accuracy_last_iterate": _mean(last), "accuracy_last_iterate_per_seed": last,
+            "records_per_s": _mean([r["records_per_s"] for r in runs]),
             "seconds": sum(r["seconds"] for r in runs), "runs": list(runs)}
 
 

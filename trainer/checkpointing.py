@@ -2,10 +2,11 @@
 
 A checkpoint is the HF model folder (``save_pretrained`` safetensors + tokenizer + reward spec) plus
 the trainer's state: the replay reservoir, the TEST records taken from the stream, optionally the
-AdamW moments and the live weights (the model folder holds the weight average, see trainer/averaging.py), and ``metadata.json`` with the Kafka offsets its weights include.  The store writes the
-manifest last, so "durable" means "has a manifest": offsets are committed to Kafka only after that,
-and a restarted trainer seeks to the offsets of its latest durable checkpoint (never to the group's
-committed offsets, which can only lag behind it).
+AdamW moments and the live weights (the model folder holds the weight average, see
+trainer/averaging.py), and ``metadata.json`` with the Kafka offsets its weights include.  The store
+writes the manifest last, so "durable" means "has a manifest": offsets are committed to Kafka only
+after that, and a restarted trainer seeks to the offsets of its latest durable checkpoint (never to
+the group's committed offsets, which can only lag behind it).
 
 Metadata keys (``FORMAT`` = 1), read by the demo, the scorer's admin views and tests:
 
