@@ -10,7 +10,6 @@ SIGTERM.  Health is NOT_SERVING until the default reward model is loaded.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -34,11 +33,14 @@ from scorer.runners import configure_torch_threads, plan_workers, resolve_device
 from scorer.swap import ModelManager
 from services.errors import PrefstreamError
 from services.grpc_server import ServerHandle, create_server, serve_until_signal, start
+from services.threads import named_executor
 
 log = logging.getLogger(__name__)
 
 SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+#: Prefix of the inference threads' names, in Python and for the OS (``infer_0``, ``infer_1``, ...).
+INFER_THREADS = "infer"
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
@@ -135,15 +137,11 @@ class Scorer:
         self.metrics = ScorerMetrics()
         self._registry = registry
         # Model threads (see runners.plan_workers); tokenization, generation, loading and registry
-        # reads each get their own thread so none of them waits behind another.
+        # reads each get their own thread so none of them waits behind another.  Each pool's threads
+        # carry its name as their OS name (infer_0, infer_1, tokenize_0, ...: `top -H`, the bench).
         self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
-        self._executors = {
-            "infer": concurrent.futures.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="scorer-infer"),
-            "tokenize": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-tokenize"),
-            "generate": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-generate"),
-            "load": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer-load"),
-            "registry": concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scorer-registry"),
-        }
+        sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": 1, "load": 1, "registry": 2}
+        self._executors = {name: named_executor(n, name) for name, n in sizes.items()}
         self.engine: Engine | None = None
         self.manager: ModelManager | None = None
         self.handle: ServerHandle | None = None
@@ -187,7 +185,7 @@ class Scorer:
         ex = self._executors
         self.engine = Engine(
             cfg, self.metrics,
-            infer_executor=ex["infer"], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
+            infer_executor=ex[INFER_THREADS], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
             infer_workers=self.infer_workers,
         )
         registry = self._make_registry()
@@ -255,4 +253,4 @@ def serve(cfg: ScorerConfig) -> int:
     return 0
 
 
-__all__ = ["ADMIN_SERVICE", "SCORER_SERVICE", "Scorer", "ScorerServicer", "serve"]
+__all__ = ["ADMIN_SERVICE", "INFER_THREADS", "SCORER_SERVICE", "Scorer", "ScorerServicer", "serve"]
