@@ -15,6 +15,13 @@ with their responses, one (prompt, response) per request, cycled):
   model's matmul FLOPs per scored sequence computed from its linear layers and the actual token counts;
   ``fraction_of_matmul_bound`` = achieved model FLOP/s / GEMM FLOP/s **in the serving dtype** (a bf16
   scorer against the fp32 ceiling would look 3x better than it is);
+* where that bound goes (``bound_breakdown``, measured by bench/scorer_bound.py, which explains each
+  field): the served model in-process with the scorer's worker plan (``in_process_fraction``), the share
+  of the cores its inference threads got during the best level (``inference_cpu_share``, from
+  /proc per thread, beside ``server_other_cpu_cores`` and ``client_cpu_cores``), and the rest, so that
+  ``fraction_of_matmul_bound = in_process_fraction x (inference_cpu_share / in_process_cpu_share)
+  x serving_efficiency_per_core``; ``gemm_shape_rate_fraction`` rates the model's own Linear shapes
+  against the square GEMM (single thread);
 * accuracy of bf16 against fp32 on the same HH test pairs: ``bf16_vs_fp32_max_abs_diff`` / ``_mean_abs_diff``
   and ``bf16_vs_fp32_rank_agreement`` (share of (chosen, rejected) pairs ordered the same way), with
   the fp32 scores' spread and the largest fp32 gap among flipped pairs for scale;
@@ -405,15 +412,20 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.scorer_bound import (
+        BATCH_SEQUENCES, bound_breakdown, cpu_snapshot, cpu_use, measure_gemm_shape_fraction, measure_in_process,
+    )
     from scorer.config import load_scorer_config
-    from scorer.runners import configure_torch_threads, load_reward
+    from scorer.runners import configure_torch_threads, cpu_cores, load_reward, plan_workers
+    from scorer.server import INFER_THREADS
     from services.reward_model import default_reward_model_path
 
     quick = bool(getattr(args, "quick", False))
     levels = [int(x) for x in (args.concurrency or ("1,8,32" if quick else "1,4,16,64")).split(",")]
     duration = args.duration_s or (12.0 if quick else 30.0)
     path = args.model_path or default_reward_model_path()
-    threads = configure_torch_threads(0)
+    threads, cores = configure_torch_threads(0), cpu_cores()
+    scorer_cfg = load_scorer_config()  # what the scorer process reads too (PREFSTREAM_SCORER_* variables)
     inputs = load_inputs()
     # Shared boxes: the 1-minute load average at start and end says how much of the machine we had.
     load_start = round(os.getloadavg()[0], 2)
@@ -425,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
     # With the scorer's own cpu_fast_path setting (config/env), so in-process bf16 runs what it serves.
     runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True,
-                              cpu_fast_path=load_scorer_config().cpu_fast_path)
+                              cpu_fast_path=scorer_cfg.cpu_fast_path)
     result["cpu_fast_path"] = runner_bf16.cpu_fast_path  # scorer/fastpath.py applied to the bf16 model
     # The bf16 pipeline baseline is the usual transformers model, never our fast path.
     pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True, cpu_fast_path=False)
@@ -461,12 +473,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("the scorer serves in %s", serving)
             requests = _score_requests(inputs)
             asyncio.run(drive(address, requests, max(levels), 5.0))  # warm-up, not reported
-            result["levels"] = []
+            result["levels"], cpu_by_level = [], {}
             for c in levels:
+                # Per-thread CPU of the scorer and this process's CPU around each level (bound_breakdown).
+                before = cpu_snapshot(proc.proc.pid)
                 res = asyncio.run(drive(address, requests, c, duration))
-                log.info("concurrency %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d failed",
-                         c, res["throughput_rps"], res["p50_ms"], res["p99_ms"], res["failed_requests"])
-                result["levels"].append({k: v for k, v in res.items() if k != "versions"})
+                cpu_by_level[c] = cpu_use(before, cpu_snapshot(proc.proc.pid), cores, INFER_THREADS)
+                log.info("concurrency %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d failed; inference threads %s of "
+                         "the cores", c, res["throughput_rps"], res["p50_ms"], res["p99_ms"], res["failed_requests"],
+                         cpu_by_level[c]["inference_cpu_share"])
+                result["levels"].append({**{k: v for k, v in res.items() if k != "versions"},
+                                         "inference_cpu_share": cpu_by_level[c]["inference_cpu_share"]})
             # The scorer's scores equal the in-process model's in the same dtype (one row per batch both ways).
             first = asyncio.run(_first_scores(address, requests[:20]))
             result["pipeline_max_abs_diff"] = round(
@@ -484,6 +501,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gemm = {d: max(gemm_before[d], gemm_after[d]) for d in gemm_before}
         pipeline_rps = {d: max(p["pipeline_rps"] for p in runs) for d, runs in pipes.items()}
         best = max(result["levels"], key=lambda r: r["throughput_rps"])
+        # The served model without the server, with the scorer's worker plan (see bench/scorer_bound.py).
+        served = runner_bf16 if serving == "bfloat16" else runner
+        # On "cpu" whatever the scorer's device: the runners here and the GEMM ceilings are the CPU's.
+        workers, threads_each = plan_workers("cpu", scorer_cfg.infer_workers, scorer_cfg.torch_threads)
+        in_process = measure_in_process(served, inputs, flops, workers, threads_each, cores, seconds=gemm_s + 2)
+        shapes = measure_gemm_shape_fraction(runner.model.hf_model, round(BATCH_SEQUENCES * result["mean_tokens"]),
+                                             serving, seconds=gemm_s)
         result.update({
             "serving_dtype": serving,
             "gemm_dtype": serving,
@@ -508,6 +532,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fraction_of_matmul_bound": round(best["throughput_rps"] * mean_flops / gemm[serving], 3),
             "failed_requests": sum(r["failed_requests"] for r in result["levels"]),
         })
+        # fraction_of_matmul_bound = in_process_fraction x (inference_cpu_share / in_process_cpu_share)
+        #                            x serving_efficiency_per_core   (the last is solved for: the per-core rest)
+        result["bound_breakdown"] = bound_breakdown(result["fraction_of_matmul_bound"], gemm[serving], in_process,
+                                                    shapes, cpu_by_level[best["concurrency"]])
+        log.info("bound breakdown: %s", result["bound_breakdown"])
         # Accuracy is not timed: measured after the load runs so it cannot slow them.
         result.update(measure_bf16_agreement(runner, runner_bf16, pairs=100 if quick else 500))
         log.info("bf16 vs fp32 on %d HH pairs: max |diff| %.2g, rank agreement %.3f",
