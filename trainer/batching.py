@@ -35,6 +35,7 @@ class RankingBatch:
     attr_target: torch.Tensor  # (N, A) float
     attr_mask: torch.Tensor  # (N, A) bool
     buckets: list[torch.Tensor] = field(default_factory=list)  # index tensors into the N rows
+    weights: torch.Tensor | None = None  # (B,) loss weight of each ranking; None = all equal
 
     @property
     def num_sequences(self) -> int:
@@ -70,6 +71,7 @@ class RankingBatch:
             attr_target=self.attr_target.to(device),
             attr_mask=self.attr_mask.to(device),
             buckets=[b.to(device) for b in self.buckets],
+            weights=self.weights.to(device) if self.weights is not None else None,
         )
 
 
@@ -135,10 +137,14 @@ def collate(
     attributes: Sequence[str] = (),
     max_tokens_per_forward: int = 8192,
     max_rows_per_forward: int = 0,
+    weights: Sequence[float] | None = None,
 ) -> RankingBatch:
-    """Tokenize every response of every ranking once and plan the length buckets."""
+    """Tokenize every response of every ranking once and plan the length buckets; ``weights`` are
+    the rankings' loss weights (one per record)."""
     if not records:
         raise ValueError("cannot collate an empty batch")
+    if weights is not None and len(weights) != len(records):
+        raise ValueError(f"{len(weights)} weights for {len(records)} records")
     owner, position = flatten(records)
     prompts = [records[b].prompt for b in owner]
     responses = [records[b].ranked_responses[k] for b, k in zip(owner, position)]
@@ -157,6 +163,7 @@ def collate(
         attr_target=target,
         attr_mask=mask,
         buckets=[torch.tensor(b, dtype=torch.long) for b in plan],
+        weights=torch.tensor([float(w) for w in weights], dtype=torch.float32) if weights is not None else None,
     )
 
 

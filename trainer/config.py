@@ -86,6 +86,9 @@ class TrainerConfig:
     replay_ratio: float = field(default=0.5, metadata=_help(
         "replayed past records mixed in per new record (0 disables replay)"))
     replay_capacity: int = field(default=2000, metadata=_help("reservoir size of the replay buffer, in records"))
+    replay_weight: float = field(default=1.0, metadata=_help(
+        "loss weight of a replayed record relative to a new one (a weighted mean over the micro-batch); below 1, "
+        "replay guards against forgetting without training a stream that does not shift a second time"))
 
     # --- checkpoints -------------------------------------------------------------------------
     checkpoint_url: str = field(default=".run/checkpoints", metadata=_help(
@@ -165,6 +168,8 @@ class TrainerConfig:
         require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
         require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
         require(self.replay_capacity >= 0, "replay_capacity", "must be >= 0")
+        require(0 < self.replay_weight <= 1, "replay_weight",
+                "must be in (0, 1] (use replay_ratio 0 to turn replay off)")
         require(self.checkpoint_every_records >= 0 and self.checkpoint_every_s >= 0, "checkpoint_every_records",
                 "checkpoint intervals must be >= 0")
         require(self.checkpoint_every_records > 0 or self.checkpoint_every_s > 0, "checkpoint_every_s",
@@ -218,6 +223,7 @@ class TrainerConfig:
             "ema_decay": self.ema_decay,
             "batch_size": self.batch_size,
             "replay_ratio": self.replay_ratio,
+            "replay_weight": self.replay_weight,
             "max_length": self.max_length,
             "disable_dropout": self.disable_dropout,
         }

@@ -83,11 +83,12 @@ def ranking_loss(
     """Total loss of a batch from its flat logits ``# (N, 1 + A)``, and its parts for logging."""
     rewards, mask = regroup(logits[:, 0], batch.owner, batch.position, batch.num_rankings, batch.kmax)  # (B, Kmax)
     margin = batch.margins if settings.use_margin else None
-    pref = kwise_ranking_loss(rewards, mask, margin, settings.center_rewards_coefficient)
+    pref = kwise_ranking_loss(rewards, mask, margin, settings.center_rewards_coefficient, batch.weights)
     total = pref
     attr_value = 0.0
     if logits.shape[1] > 1 and settings.attribute_loss_weight > 0:
-        attr = attribute_regression_loss(logits[:, 1:], batch.attr_target, batch.attr_mask)  # over (N, A)
+        row_weights = batch.weights[batch.owner] if batch.weights is not None else None  # (N,)
+        attr = attribute_regression_loss(logits[:, 1:], batch.attr_target, batch.attr_mask, row_weights)  # (N, A)
         total = total + settings.attribute_loss_weight * attr
         attr_value = float(attr.detach())
     with torch.no_grad():
@@ -98,19 +99,26 @@ def ranking_loss(
     return total, {"preference_loss": float(pref.detach()), "attribute_loss": attr_value, "pair_accuracy": accuracy}
 
 
-def shard(records: Sequence[PreferenceRecord], rank: int, world_size: int) -> tuple[list[PreferenceRecord], float]:
-    """This rank's slice of a micro-batch and the loss scale that makes DDP's average exact.
+def shard(
+    records: Sequence[PreferenceRecord], rank: int, world_size: int, weights: Sequence[float] | None = None
+) -> tuple[list[PreferenceRecord], list[float] | None, float]:
+    """This rank's slice of a micro-batch, its weights, and the loss scale that makes DDP's average exact.
 
-    DDP averages gradients over ranks: with scale ``world * n_rank / n_total`` that average is the
-    gradient of the mean loss over all ``n_total`` records.  A rank left without records trains on a
-    copy of the first one with scale 0, because every rank must take part in every all-reduce.
+    Each rank's loss is the weighted mean over its own records.  DDP averages gradients over ranks:
+    with scale ``world * W_rank / W_total`` (W: the sum of the weights; the record count when all are
+    equal) that average is the gradient of the weighted mean loss over the whole micro-batch.  A rank
+    left without records trains on a copy of the first one with scale 0, because every rank must take
+    part in every all-reduce.
     """
     if not records:
         raise ValueError("cannot shard an empty micro-batch")
     mine = list(records[rank::world_size])
+    my_weights = list(weights[rank::world_size]) if weights is not None else None
     if not mine:
-        return [records[0]], 0.0
-    return mine, world_size * len(mine) / len(records)
+        return [records[0]], ([1.0] if weights is not None else None), 0.0
+    if weights is None:
+        return mine, None, world_size * len(mine) / len(records)
+    return mine, my_weights, world_size * sum(my_weights) / sum(weights)
 
 
 def disable_dropout(module: nn.Module) -> None:
@@ -213,23 +221,31 @@ class Engine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def prepare(self, records: Sequence[PreferenceRecord]) -> RankingBatch:
-        """The batch this engine trains on for ``records`` (pairwise mode expands rankings first)."""
-        rows = expand_rankings_to_pairs(records) if self.settings.loss == "pairwise" else list(records)
+    def prepare(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None) -> RankingBatch:
+        """The batch this engine trains on for ``records`` (pairwise mode expands rankings first, each
+        pair keeping its ranking's weight)."""
+        rows = list(records)
+        if self.settings.loss == "pairwise":
+            rows = expand_rankings_to_pairs(records)
+            if weights is not None:
+                weights = [w for rec, w in zip(records, weights) for _ in range(rec.k * (rec.k - 1) // 2)]
         return collate(
             rows,
             self.model.encode,
             attributes=self.model.spec.attributes,
             max_tokens_per_forward=self.cfg.max_tokens_per_forward,
+            weights=weights,
         )
 
-    def train(self, records: Sequence[PreferenceRecord], *, sharded: bool = True) -> StepStats:
-        """One optimiser step on ``records`` (under DDP: on this rank's slice of them)."""
+    def train(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None, *,
+              sharded: bool = True) -> StepStats:
+        """One optimiser step on ``records`` with their loss ``weights`` (None: all equal; under DDP: on
+        this rank's slice of them)."""
         started = time.perf_counter()
         scale = 1.0
         if self.world_size > 1 and sharded:
-            records, scale = shard(records, self.rank, self.world_size)
-        batch = self.prepare(records).to(self.device)
+            records, weights, scale = shard(records, self.rank, self.world_size, weights)
+        batch = self.prepare(records, weights).to(self.device)
         self.module.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.module(batch.bucket_inputs(), batch.buckets, batch.num_sequences)  # (N, 1 + A)

@@ -36,7 +36,7 @@ from trainer.stream import Source, StreamItem
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Sequence[PreferenceRecord]], StepStats]
+StepFn = Callable[[Sequence[PreferenceRecord], Sequence[float] | None], StepStats]
 
 
 @dataclass
@@ -163,7 +163,8 @@ class ContinualTrainer:
         """One optimiser step on ``items`` plus replayed records; then the new ones join the reservoir."""
         new = [i.record for i in items]
         replayed = self.replay.sample(replay_count(len(new), self.cfg.replay_ratio))
-        stats = self.step_fn(new + replayed)
+        weights = [1.0] * len(new) + [self.cfg.replay_weight] * len(replayed) if replayed else None
+        stats = self.step_fn(new + replayed, weights)
         self.replay.extend(new)
         self._pending.extend(items)
         self.lineage.step += 1

@@ -57,6 +57,7 @@ def kwise_ranking_loss(
     mask: torch.Tensor,
     margin: torch.Tensor | float | None = None,
     center_coefficient: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InstructGPT's K-wise ranking loss (Ouyang et al. 2022, eq. 1), rankings of mixed K.
 
@@ -72,8 +73,12 @@ def kwise_ranking_loss(
     ``center_coefficient`` the Eisenstein et al. 2023 regulariser ``λ·(r_w + r_l)^2`` is averaged the
     same way.  For K = 2 this is exactly :func:`bradley_terry_loss`.
 
+    With ``weights`` the batch average is weighted, ``Σ_b w_b·loss_b / Σ_b w_b``: the continual
+    trainer gives replayed rankings a weight below 1 (``replay_weight``) so that replay, on a stream
+    that does not shift, does not amount to a second epoch at full strength.
+
     rewards: ``# (B, Kmax)``; mask: ``# (B, Kmax)`` bool, True for real responses (a prefix of each
-    row); margin: scalar or ``# (B,)``.
+    row); margin: scalar or ``# (B,)``; weights: ``# (B,)``, >= 0 with a positive sum.
     """
     if rewards.dim() != 2 or rewards.shape != mask.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must both be (B, Kmax)")
@@ -95,7 +100,18 @@ def kwise_ranking_loss(
     if center_coefficient:
         per_pair = per_pair + center_coefficient * (better + worse) ** 2
     per_ranking = (per_pair * pair_mask).sum(dim=1) / n_pairs  # (B,)
-    return per_ranking.mean()
+    if weights is None:
+        return per_ranking.mean()
+    w = _check_weights(weights, bsz).to(per_ranking)
+    return (per_ranking * w).sum() / w.sum()
+
+
+def _check_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
+    if weights.shape != (n,):
+        raise ValueError(f"weights {tuple(weights.shape)} must be ({n},), one per row")
+    if bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    return weights
 
 
 def expand_to_pairs(
@@ -115,6 +131,7 @@ def attribute_regression_loss(
     predicted: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked mean-squared error on the attribute heads (HelpSteer-style score feedback).
 
@@ -122,15 +139,18 @@ def attribute_regression_loss(
     regression objective of SteerLM / HelpSteer (Dong et al. 2023 §2.2; Wang et al. 2023, HelpSteer
     §4) where each attribute (helpfulness, correctness, coherence, complexity, verbosity) is a scalar
     head.  Missing scores (mask 0) contribute nothing; with none at all the loss is an exact zero
-    that still depends on ``predicted`` so a backward pass works.
+    that still depends on ``predicted`` so a backward pass works.  ``weights`` scale each response's
+    terms, numerator and denominator (``m`` becomes ``w·m``), as in :func:`kwise_ranking_loss`.
 
-    predicted, target, mask: ``# (N, A)``.
+    predicted, target, mask: ``# (N, A)``; weights: ``# (N,)``.
     """
     if predicted.shape != target.shape or predicted.shape != mask.shape:
         raise ValueError(
             f"predicted {tuple(predicted.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} must match"
         )
     m = mask.to(predicted.dtype)
+    if weights is not None:
+        m = m * _check_weights(weights, predicted.shape[0]).to(m).unsqueeze(-1)  # (N, A)
     denom = m.sum()
     if float(denom) == 0.0:
         return predicted.sum() * 0.0

@@ -61,9 +61,9 @@ class Commander:
         dist.broadcast_object_list([(command, payload)], src=0)
         self._last = time.monotonic()
 
-    def train(self, engine: Engine, records: Sequence[PreferenceRecord]) -> StepStats:
-        self._send("train", list(records))
-        return engine.train(records)
+    def train(self, engine: Engine, records: Sequence[PreferenceRecord], weights: Sequence[float] | None) -> StepStats:
+        self._send("train", (list(records), list(weights) if weights is not None else None))
+        return engine.train(records, weights)
 
     def heartbeat(self) -> None:
         if time.monotonic() - self._last >= HEARTBEAT_S:
@@ -85,7 +85,7 @@ def follow(engine: Engine) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         command, payload = box[0]
         if command == "train":
-            engine.train(payload)
+            engine.train(*payload)
         elif command == "stop":
             return payload
         elif command == "abort":
@@ -148,7 +148,8 @@ def worker_main(config: dict[str, Any]) -> None:
         return last_check[1]
 
     try:
-        result = run_leader(cfg, services, point, engine, step_fn=lambda recs: commander.train(engine, recs),
+        result = run_leader(cfg, services, point, engine,
+                            step_fn=lambda recs, weights: commander.train(engine, recs, weights),
                             should_stop=should_stop, on_idle=commander.heartbeat)
     except BaseException as e:
         commander.abort(f"{type(e).__name__}")

@@ -120,3 +120,34 @@ def test_attribute_regression_without_scores_is_a_differentiable_zero() -> None:
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(pred.grad, torch.zeros(3, 2))
+
+
+def test_kwise_weighted_by_hand() -> None:
+    # row 0: K=3 (3, 1, 0) -> 0.162925684; row 1: K=2 (0, 0) -> ln 2; weights 1 and 0.25
+    rewards = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # (B, K)
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # (B, K)
+    row0 = (NLS[2.0] + NLS[3.0] + NLS[1.0]) / 3
+    loss = kwise_ranking_loss(rewards, mask, weights=t(1.0, 0.25))
+    assert loss.item() == pytest.approx((row0 + 0.25 * NLS[0.0]) / 1.25, abs=1e-9)
+    # equal weights are the plain mean, whatever their scale
+    assert kwise_ranking_loss(rewards, mask, weights=t(3.0, 3.0)).item() == pytest.approx(
+        kwise_ranking_loss(rewards, mask).item(), abs=1e-12)
+
+
+def test_kwise_weights_are_checked() -> None:
+    rewards, mask = torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one per row"):
+        kwise_ranking_loss(rewards, mask, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="positive sum"):
+        kwise_ranking_loss(rewards, mask, weights=torch.zeros(2))
+    with pytest.raises(ValueError, match=">= 0"):
+        kwise_ranking_loss(rewards, mask, weights=t(1.0, -0.5))
+
+
+def test_attribute_regression_weighted_by_hand() -> None:
+    pred = t(1.0, 2.0, 3.0, 4.0).view(2, 2)
+    target = t(0.0, 2.0, 3.0, 0.0).view(2, 2)
+    mask = torch.tensor([[True, False], [True, True]])
+    # squared errors 1 (row 0, weight 2), 0 and 16 (row 1, weight 0.5): (2 + 8) / (2 + 0.5 + 0.5)
+    loss = attribute_regression_loss(pred, target, mask, weights=t(2.0, 0.5))
+    assert loss.item() == pytest.approx(10 / 3, abs=1e-12)

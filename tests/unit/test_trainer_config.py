@@ -34,6 +34,8 @@ def test_defaults_validate_and_layers_apply_in_order(tmp_path) -> None:
     ({"use_gpu": True}, "use_gpu"),
     ({"checkpoint_every_records": 0, "checkpoint_every_s": 0}, "checkpoint_every_s"),
     ({"gate_tolerance": 2}, "gate_tolerance"),
+    ({"replay_weight": 0}, "replay_weight"),
+    ({"replay_weight": 1.5}, "replay_weight"),
     ({"attributes": "reward"}, "attributes"),
     ({"eval_data": "/nonexistent.jsonl"}, "eval_data"),
     ({"max_tokens_per_forward": 8, "max_length": 64}, "max_tokens_per_forward"),

@@ -99,12 +99,45 @@ def test_shard_scales_make_the_ddp_average_exact() -> None:
     recs = make_records(5)
     parts = [shard(recs, r, 2) for r in range(2)]
     assert [len(p[0]) for p in parts] == [3, 2]
+    assert [p[1] for p in parts] == [None, None]
     # DDP averages: (s0 * mean0 + s1 * mean1) / 2 must equal the mean over all 5 records
-    assert [p[1] for p in parts] == [pytest.approx(2 * 3 / 5), pytest.approx(2 * 2 / 5)]
-    lonely, scale = shard(recs[:1], 1, 2)
-    assert lonely == recs[:1] and scale == 0.0
+    assert [p[2] for p in parts] == [pytest.approx(2 * 3 / 5), pytest.approx(2 * 2 / 5)]
+    lonely, weights, scale = shard(recs[:1], 1, 2)
+    assert lonely == recs[:1] and weights is None and scale == 0.0
     with pytest.raises(ValueError):
         shard([], 0, 2)
+
+
+def test_weighted_shards_average_to_the_weighted_mean() -> None:
+    recs = make_records(5)
+    weights = [1.0, 1.0, 1.0, 0.25, 0.25]
+    losses = {r.record_id: float(i + 1) for i, r in enumerate(recs)}  # a per-record loss to average
+    whole = sum(w * losses[r.record_id] for r, w in zip(recs, weights)) / sum(weights)
+    ddp = 0.0
+    for rank in range(2):
+        mine, mine_w, scale = shard(recs, rank, 2, weights)
+        rank_loss = sum(w * losses[r.record_id] for r, w in zip(mine, mine_w)) / sum(mine_w)
+        ddp += scale * rank_loss / 2
+    assert ddp == pytest.approx(whole, abs=1e-12)
+    lonely, lonely_w, scale = shard(recs[:1], 1, 2, [0.5])
+    assert lonely == recs[:1] and lonely_w == [1.0] and scale == 0.0
+
+
+def test_zero_weight_records_leave_the_step_unchanged(tmp_path) -> None:
+    base = tiny_model(tmp_path)
+    cfg = config(tmp_path, base, disable_dropout=True)
+    recs = make_records(4)
+
+    def first_step(records, weights=None):
+        torch.manual_seed(0)
+        engine = Engine(RewardModel.from_pretrained(base), cfg)
+        stats = engine.train(records, weights)
+        return stats.loss, [p.detach().clone() for p in engine.model.hf_model.parameters()]
+
+    loss_alone, params_alone = first_step(recs[:2])
+    loss_mixed, params_mixed = first_step(recs, [1.0, 1.0, 0.0, 0.0])
+    assert loss_mixed == pytest.approx(loss_alone, abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params_alone, params_mixed))
 
 
 def test_gate_rule() -> None:
@@ -219,17 +252,34 @@ def test_old_checkpoints_are_garbage_collected(tmp_path) -> None:
     assert [r.version for r in store.list(cfg.model_name)] == summary.checkpoints[-2:]
 
 
+def test_replayed_records_reach_the_step_with_replay_weight(tmp_path) -> None:
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=12, checkpoint_every_records=0, checkpoint_every_s=3600,
+                 replay_ratio=0.5, replay_weight=0.25)
+    loop = _loop(cfg, ListSource(make_records(12)))
+    real, seen = loop.step_fn, []
+
+    def spy(records, weights):
+        seen.append((len(records), weights))
+        return real(records, weights)
+
+    loop.step_fn = spy
+    loop.run()
+    assert seen[0] == (4, None)  # nothing to replay yet: all new, equal weights
+    for n, weights in seen[1:]:
+        assert n == 6 and weights == [1.0] * 4 + [0.25] * 2  # 4 new, round(4 x 0.5) replayed
+
+
 def test_a_failed_step_checkpoints_nothing_and_the_resume_trains_its_records(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path), max_records=16, checkpoint_every_records=4)
     stream = make_records(16)
     loop = _loop(cfg, ListSource(stream))
     real, calls = loop.step_fn, []
 
-    def flaky(records):
+    def flaky(records, weights):
         calls.append(len(records))
         if len(calls) == 3:
             raise RuntimeError("worker lost")
-        return real(records)
+        return real(records, weights)
 
     loop.step_fn = flaky
     with pytest.raises(RuntimeError, match="worker lost"):
