@@ -13,6 +13,11 @@ wrong):
   which on this data would discard most of it.  Its collator passes no ``token_type_ids``, so it is
   evaluated the same way it was trained.
 
+Forgetting (``bench/forgetting.py``, left out with ``--skip-forgetting``): the same pairs streamed
+topic by topic, without replay, with the streaming arm's replay, and (when its ``replay_weight`` is
+below 1) with replay at full weight: what replay buys where the stream shifts, beside what it costs
+above where it does not.
+
 Throughput: new records per second of each arm.  K-wise: synthetic K=4 rankings (the chosen and the
 rejected response of a prompt, then two responses to other prompts) trained with the InstructGPT loss
 (each response encoded once) vs the same rankings expanded into 6 independent pairs per ranking;
@@ -43,7 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data (every arm)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per optimiser step (every arm)")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (every arm)")
-    p.add_argument("--replay-ratio", type=float, default=0.5, help="replayed records per new record (streaming arm)")
+    p.add_argument("--replay-ratio", type=float, default=None,
+                   help="replayed records per new record (streaming arm; default: the trainer's replay_ratio)")
+    p.add_argument("--replay-weight", type=float, default=None,
+                   help="loss weight of a replayed record (streaming arm; default: the trainer's replay_weight)")
+    p.add_argument("--skip-forgetting", action="store_true",
+                   help="leave out the topic-shift forgetting measurement (bench/forgetting.py)")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="weight averaging of the prefstream arms (default: the trainer's ema_decay; 0 = last iterate)")
     p.add_argument("--kwise-rankings", type=int, default=8, help="K=4 rankings per step in the K-wise measurement")
@@ -70,6 +80,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "disable_dropout": True,
         "replay_ratio": args.replay_ratio,
+        "replay_weight": args.replay_weight,
         "ema_decay": args.ema_decay,
         "kwise_k": 4,
         "kwise_rankings": args.kwise_rankings,
@@ -87,10 +98,11 @@ def _config(s: dict[str, Any], **kw: Any):
                   batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
                   max_grad_norm=s["max_grad_norm"], disable_dropout=s["disable_dropout"], seed=s["seed"],
                   autocast=s["autocast"],
-                  replay_ratio=s["replay_ratio"], publish=False, max_batch_wait_s=0.0, poll_timeout_s=0.01,
+                  publish=False, max_batch_wait_s=0.0, poll_timeout_s=0.01,
                   checkpoint_every_records=0, checkpoint_every_s=3600.0, eval_batch_size=64)
-    if s["ema_decay"] is not None:
-        values["ema_decay"] = s["ema_decay"]
+    for key in ("ema_decay", "replay_ratio", "replay_weight"):  # None: the trainer's default
+        if s[key] is not None:
+            values[key] = s[key]
     values.update(kw)
     return TrainerConfig(**values)
 
@@ -130,12 +142,12 @@ def _evaluate_arm(engine, test: Sequence, cfg) -> dict[str, Any]:
             "mean_margin": served.mean_margin}
 
 
-def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
-    """The continual loop over an in-memory stream, epochs times, replay on; checkpoints off."""
+def stream_phases(cfg, phases: Sequence[Sequence], after_phase=None) -> tuple[Any, dict[str, Any]]:
+    """A fresh engine through the continual loop over each phase's records in turn (one replay
+    reservoir and lineage throughout, checkpoints off); ``after_phase(engine)`` runs after each."""
     from trainer.checkpointing import LineageState
     from trainer.evaluation import EvalSet
     from trainer.loop import ContinualTrainer
-    from trainer.offline import batches
     from trainer.replay import ReservoirBuffer
     from trainer.stream import ListSource
 
@@ -144,16 +156,25 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     lineage = LineageState()
     seconds = 0.0
     replayed = 0
-    for epoch in range(cfg.epochs):
-        stream = [r for b in batches(train, cfg.batch_size, cfg.seed + epoch) for r in b]  # the offline order
+    for stream in phases:
         loop = ContinualTrainer(dataclasses.replace(cfg, max_records=lineage.records_seen + len(stream)), engine,
                                 ListSource(stream), lineage=lineage, replay=replay, eval_set=EvalSet(0))
         summary = loop.run()
         seconds += summary.seconds
         replayed += summary.replayed
-    return {**_evaluate_arm(engine, test, cfg), "records": lineage.records_seen, "replayed": replayed,
-            "steps": lineage.step, "seconds": seconds,
-            "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
+        if after_phase is not None:
+            after_phase(engine)
+    return engine, {"records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
+                    "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
+
+
+def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
+    """The continual loop over an in-memory stream, epochs times (each in the offline arm's order)."""
+    from trainer.offline import batches
+
+    epochs = [[r for b in batches(train, cfg.batch_size, cfg.seed + e) for r in b] for e in range(cfg.epochs)]
+    engine, stats = stream_phases(cfg, epochs)
+    return {**_evaluate_arm(engine, test, cfg), **stats}
 
 
 def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
@@ -325,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(s)
     s["base_model"] = cfg.resolved_base_model()
     s["bf16"] = _bf16(cfg)
-    s["ema_decay"] = cfg.ema_decay
+    s["ema_decay"], s["replay_ratio"], s["replay_weight"] = cfg.ema_decay, cfg.replay_ratio, cfg.replay_weight
     started = time.perf_counter()
 
     import torch
@@ -341,6 +362,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_trl:
             arms["trl"].append(dict(_timed(f"trl seed {seed}", run_trl, seeded, train, test), seed=seed))
     kw = _timed("kwise", run_kwise, s, train)
+    shift = None
+    if not args.skip_forgetting:
+        from bench import forgetting
+
+        # The streaming arm's replay against none and against replay at full weight, on a topic shift.
+        shift_arms = {"no_replay": {"replay_ratio": 0.0},
+                      "replay_full_weight": {"replay_weight": 1.0},
+                      "streaming": {}}
+        if cfg.replay_weight == 1.0:
+            del shift_arms["replay_full_weight"]
+        shift = forgetting.run(cfg, train, test, shift_arms, s["seeds"])
     streaming, offline = _arm_summary(arms["streaming"]), _arm_summary(arms["offline"])
     trl = _arm_summary(arms["trl"]) if arms["trl"] else None
     result: dict[str, Any] = {
@@ -358,6 +390,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "records_per_s_trl": trl["records_per_s"] if trl else None,
         "kwise_speedup": kw["speedup"],
         "kwise": kw,
+        "forgetting_streaming": shift["arms"]["streaming"]["forgetting"] if shift else None,
+        "forgetting_no_replay": shift["arms"]["no_replay"]["forgetting"] if shift else None,
+        "forgetting": shift,
         "streaming": streaming,
         "offline": offline,
         "trl": trl,
@@ -370,7 +405,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sample, shared by the arms); the *_minus_* entries are paired per-seed differences with their "
             "standard error",
             "records_per_s counts new records; the streaming arm also trains on replay_ratio replayed records "
-            "per new record, so it does more work per new record than the offline and TRL arms",
+            "per new record (each weighing replay_weight in the loss), so it does more work per new record than "
+            "the offline and TRL arms",
+            "forgetting: the same 2000 pairs streamed topic by topic (bench/forgetting.py); forgetting_* is the "
+            "accuracy on the first topic's test pairs right after it minus at the end, mean over the seeds",
             "accuracy on N test pairs has a standard error of about sqrt(p(1-p)/N) (2.2 points at N=500)",
             "the arms run one after the other on a possibly shared machine: compare records/s together with "
             "each arm's load_avg_1m; the K-wise arms alternate step by step, so their ratio is load-robust",
