@@ -86,7 +86,7 @@ class TrainerConfig:
     replay_ratio: float = field(default=0.5, metadata=_help(
         "replayed past records mixed in per new record (0 disables replay)"))
     replay_capacity: int = field(default=2000, metadata=_help("reservoir size of the replay buffer, in records"))
-    replay_weight: float = field(default=1.0, metadata=_help(
+    replay_weight: float = field(default=0.25, metadata=_help(
         "loss weight of a replayed record relative to a new one (a weighted mean over the micro-batch); below 1, "
         "replay guards against forgetting without training a stream that does not shift a second time"))
 
