@@ -82,7 +82,9 @@ TARGETS: tuple[Target, ...] = (
            lambda r: _fmt(r.get("ratio_vs_pipeline"))),
     Target("scorer", "fraction_of_matmul_bound", "CPU >= 80% of the matmul bound", "measured GEMM FLOP/s of this machine",
            lambda r: None if _gpu(r) or r.get("fraction_of_matmul_bound") is None else r["fraction_of_matmul_bound"] >= 0.8,
-           lambda r: _fmt(r.get("fraction_of_matmul_bound"))),
+           lambda r: _fmt(r.get("fraction_of_matmul_bound")) + (
+               f" (the model in-process, no serving: {_fmt(r['bound_breakdown'].get('in_process_fraction'))})"
+               if isinstance(r.get("bound_breakdown"), dict) else "")),
     Target("scorer", "failed_requests_during_swaps", "zero failed requests during hot swaps", "-",
            _le("failed_requests_during_swaps", 0), lambda r: f"{_fmt(r.get('failed_requests_during_swaps'))} over {_fmt(r.get('swaps'))} swaps"),
     Target("freshness", "freshness_p50_s", "p50 feedback-to-serving < 30 s (MiniLM, 2 cores)", "Monolith: minute-level sync",
