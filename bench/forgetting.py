@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from statistics import fmean
 from typing import Any, Sequence
 
 import torch
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def first_user_turn(record: Any) -> str:
-    return next((m.content for m in record.prompt if m.role == "user"), record.prompt[0].content if record.prompt else "")
+    fallback = record.prompt[0].content if record.prompt else ""
+    return next((m.content for m in record.prompt if m.role == "user"), fallback)
 
 
 @torch.inference_mode()
@@ -48,7 +50,8 @@ def embed_prompts(model_path: str, records: Sequence[Any], batch_size: int = 64,
     for i in range(0, len(records), batch_size):
         enc = tok([first_user_turn(r) for r in records[i:i + batch_size]], truncation=True, max_length=max_length,
                   padding=True, return_tensors="pt")
-        hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state  # (B, T, H)
+        out_b = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        hidden = out_b.last_hidden_state  # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))  # (B, H)
     return torch.cat(out).float()
@@ -116,7 +119,7 @@ def run_arm(cfg: Any, phases: Sequence[Sequence[Any]], tests: Sequence[Sequence[
 def run(cfg: Any, train: Sequence[Any], test: Sequence[Any], arms: dict[str, dict[str, Any]],
         seeds: Sequence[int]) -> dict[str, Any]:
     """Every arm (name -> config overrides) on every seed, over the same topic split."""
-    from bench.train_reward import _mean, _paired
+    from bench.train_reward import paired_diff
 
     split = topic_split(cfg.resolved_base_model(), train, test)
     log.info("topic split: train %s, test %s; e.g. %s", [len(p) for p in split["phases"]],
@@ -125,18 +128,18 @@ def run(cfg: Any, train: Sequence[Any], test: Sequence[Any], arms: dict[str, dic
     for seed in seeds:
         for name, overrides in arms.items():
             res = run_arm(dataclasses.replace(cfg, seed=seed, **overrides), split["phases"], split["tests"])
-            log.info("shift %s seed %d: accuracy %.4f, forgetting %+.4f", name, seed, res["accuracy"], res["forgetting"])
+            log.info("shift %s seed %d: accuracy %.4f, forgetting %+.4f", name, seed, res["accuracy"],
+                     res["forgetting"])
             runs[name].append(dict(res, seed=seed))
-    summary = {name: {"settings": arms[name],
-                      "accuracy": _mean([r["accuracy"] for r in rs]),
-                      "forgetting": _mean([r["forgetting"] for r in rs]),
-                      "forgetting_per_seed": [r["forgetting"] for r in rs],
-                      "runs": rs} for name, rs in runs.items()}
-    names = list(arms)
-    paired = {f"{a}_minus_{names[0]}": {"accuracy": _paired([r["accuracy"] for r in runs[a]],
-                                                            [r["accuracy"] for r in runs[names[0]]]),
-                                        "forgetting": _paired([r["forgetting"] for r in runs[a]],
-                                                              [r["forgetting"] for r in runs[names[0]]])}
-              for a in names[1:]}
+
+    def per_seed(name: str, key: str) -> list[float]:
+        return [r[key] for r in runs[name]]
+
+    summary = {name: {"settings": arms[name], "accuracy": fmean(per_seed(name, "accuracy")),
+                      "forgetting": fmean(per_seed(name, "forgetting")),
+                      "forgetting_per_seed": per_seed(name, "forgetting"), "runs": rs} for name, rs in runs.items()}
+    first, *others = list(arms)
+    paired = {f"{a}_minus_{first}": {key: paired_diff(per_seed(a, key), per_seed(first, key))
+                                     for key in ("accuracy", "forgetting")} for a in others}
     return {"train_per_phase": [len(p) for p in split["phases"]], "test_per_topic": [len(t) for t in split["tests"]],
             "examples": split["examples"], "arms": summary, "paired": paired}

@@ -306,24 +306,21 @@ def _timed(name: str, fn, *args: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _mean(values: Sequence[float]) -> float:
-    return statistics.fmean(values)
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Mean and standard error of the per-seed differences ``a - b`` (same seed = same init and order)."""
     diffs = [x - y for x, y in zip(a, b)]
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return {"mean": _mean(diffs), "se": se, "per_seed": diffs}
+    return {"mean": statistics.fmean(diffs), "se": se, "per_seed": diffs}
 
 
 def _arm_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One arm over seeds: mean accuracy and throughput, the spread, and every run."""
     acc = [r["accuracy"] for r in runs]
     last = [r.get("accuracy_last_iterate", r["accuracy"]) for r in runs]
-    return {"accuracy": _mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "accuracy_per_seed": acc, "accuracy_last_iterate": _mean(last), "accuracy_last_iterate_per_seed": last,
-            "records_per_s": _mean([r["records_per_s"] for r in runs]),
+    return {"accuracy": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "accuracy_per_seed": acc, "accuracy_last_iterate": statistics.fmean(last),
+            "accuracy_last_iterate_per_seed": last,
+            "records_per_s": statistics.fmean([r["records_per_s"] for r in runs]),
             "seconds": sum(r["seconds"] for r in runs), "runs": list(runs)}
 
 
@@ -380,8 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy_offline": offline["accuracy"],
         "accuracy_trl": trl["accuracy"] if trl else None,
         "accuracy_base_untrained": base_acc,
-        "streaming_minus_offline": _paired(streaming["accuracy_per_seed"], offline["accuracy_per_seed"]),
-        "offline_minus_trl": _paired(offline["accuracy_per_seed"], trl["accuracy_per_seed"]) if trl else None,
+        "streaming_minus_offline": paired_diff(streaming["accuracy_per_seed"], offline["accuracy_per_seed"]),
+        "offline_minus_trl": paired_diff(offline["accuracy_per_seed"], trl["accuracy_per_seed"]) if trl else None,
         "accuracy_streaming_last_iterate": streaming["accuracy_last_iterate"],
         "accuracy_offline_last_iterate": offline["accuracy_last_iterate"],
         "seeds": s["seeds"],

@@ -113,11 +113,11 @@ def shard(
     if not records:
         raise ValueError("cannot shard an empty micro-batch")
     mine = list(records[rank::world_size])
-    my_weights = list(weights[rank::world_size]) if weights is not None else None
-    if not mine:
-        return [records[0]], ([1.0] if weights is not None else None), 0.0
     if weights is None:
-        return mine, None, world_size * len(mine) / len(records)
+        return (mine, None, world_size * len(mine) / len(records)) if mine else ([records[0]], None, 0.0)
+    if not mine:
+        return [records[0]], [1.0], 0.0
+    my_weights = list(weights[rank::world_size])
     return mine, my_weights, world_size * sum(my_weights) / sum(weights)
 
 

@@ -53,9 +53,14 @@ def _logits(model, ids, mask) -> torch.Tensor:
 needs_onednn = pytest.mark.skipif(not fastpath._onednn_ops_available(), reason="no oneDNN bf16 ops in this torch")
 
 
-def _logits_alone(model, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Each sequence of a right-padded batch scored on its own, unpadded: (B, labels)."""
-    return torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+def _batch_matching_each_sequence_alone(model, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score a right-padded batch of ``lengths`` and assert that every row equals its sequence scored on
+    its own, unpadded (relative 1e-2); returns (ids, mask, the batch's logits (B, labels))."""
+    ids, mask = _batch(lengths)
+    batched = _logits(model, ids, mask)
+    alone = torch.cat([_logits(model, ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    assert (batched - alone).abs().max().item() <= 1e-2 * batched.abs().max().item()
+    return ids, mask, batched
 
 
 @needs_onednn
@@ -74,11 +79,7 @@ def test_fast_path_matches_the_stock_bf16_forward_on_padded_batches():
 @needs_onednn
 def test_padding_does_not_change_a_sequence_score():
     model = _served(fast=True)
-    lengths = [40, 33, 12, 5]
-    ids, mask = _batch(lengths)
-    batched = _logits(model, ids, mask)
-    alone = _logits_alone(model, ids, mask, lengths)
-    assert (batched - alone).abs().max().item() <= 1e-2 * batched.abs().max().item()
+    ids, mask, batched = _batch_matching_each_sequence_alone(model, [40, 33, 12, 5])
     # Garbage in the padding must not leak into the real tokens either.
     noisy = ids.clone()
     noisy[mask == 0] = torch.randint(1, VOCAB, (int((mask == 0).sum()),), generator=torch.Generator().manual_seed(2))
@@ -207,10 +208,7 @@ def test_packed_encoder_matches_the_stock_forward_on_real_tokens(packed_calls, m
 def test_packed_scores_equal_the_padded_fast_path_and_each_sequence_alone(packed_calls):
     model = _served(fast=True)
     lengths = [30, 1, 12, 29]
-    ids, mask = _batch(lengths)
-    packed = _logits(model, ids, mask)
-    alone = _logits_alone(model, ids, mask, lengths)
-    assert (packed - alone).abs().max().item() <= 1e-2 * packed.abs().max().item()
+    ids, mask, packed = _batch_matching_each_sequence_alone(model, lengths)
     assert [c for c in packed_calls if c == lengths] == [lengths]  # alone: no padding, not packed
     model.bert.encoder._prefstream_fast = False  # the layers' padded fast modules only
     padded = _logits(model, ids, mask)
@@ -249,7 +247,8 @@ def test_revert_restores_the_stock_encoder():
     assert type(fast.bert.encoder) is fastpath.bert.BertEncoder
     assert not any(type(m).__name__.startswith("Fast") or "_prefstream_fast" in m.__dict__ for m in fast.modules())
     ids, mask = _batch([30, 12, 5])
-    assert torch.equal(_hidden(fast.bert, ids, mask).last_hidden_state, _hidden(stock.bert, ids, mask).last_hidden_state)
+    fast_hidden, stock_hidden = _hidden(fast.bert, ids, mask), _hidden(stock.bert, ids, mask)
+    assert torch.equal(fast_hidden.last_hidden_state, stock_hidden.last_hidden_state)
 
 
 @needs_onednn
