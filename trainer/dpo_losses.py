@@ -257,7 +257,7 @@ def kto_loss(
 
 
 def kto_reference_point(policy_logps_mismatched: torch.Tensor, ref_logps_mismatched: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point ``z0``: a batch estimate of KL(π‖π_ref) (Ethayarajh et al. 2024, §4.1).
+    """KTO's reference point ``z0``: a batch estimate of KL(π‖π_ref) (Ethayarajh et al. 2024).
 
     ``z0 = max(0, mean_i(log π(y_j|x_i) − log π_ref(y_j|x_i)))`` over mismatched pairs — each prompt
     with a completion written for another prompt of the batch — so that the estimate is of the
