@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
+from services.config import replace as config_replace
+
 log = logging.getLogger(__name__)
 
 
@@ -105,11 +107,11 @@ def run_arm(cfg: Any, phases: Sequence[Sequence[Any]], tests: Sequence[Sequence[
 
     after: list[list[float]] = []
 
-    def evaluate_topics(engine: Any) -> None:
-        with engine.serving_weights():
-            after.append([evaluate(engine.model, t, cfg.eval_batch_size).accuracy for t in tests])
+    def evaluate_topics(learner: Any) -> None:
+        with learner.serving_weights():
+            after.append([evaluate(learner.model, t, cfg.gate.eval_batch_size).accuracy for t in tests])
 
-    engine, stats = stream_phases(cfg, phases, after_phase=evaluate_topics)
+    learner, stats = stream_phases(cfg, phases, after_phase=evaluate_topics)
     sizes = [len(t) for t in tests]
     end = sum(a * n for a, n in zip(after[-1], sizes)) / sum(sizes)
     return {"accuracy": end, "accuracy_by_topic_after_phase": after, "forgetting": after[0][0] - after[-1][0],
@@ -127,7 +129,7 @@ def run(cfg: Any, train: Sequence[Any], test: Sequence[Any], arms: dict[str, dic
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
     for seed in seeds:
         for name, overrides in arms.items():
-            res = run_arm(dataclasses.replace(cfg, seed=seed, **overrides), split["phases"], split["tests"])
+            res = run_arm(config_replace(cfg, seed=seed, **overrides), split["phases"], split["tests"])
             log.info("shift %s seed %d: accuracy %.4f, forgetting %+.4f", name, seed, res["accuracy"],
                      res["forgetting"])
             runs[name].append(dict(res, seed=seed))

@@ -6,7 +6,7 @@ wrong):
 
 * ``streaming``: the continual loop (:class:`trainer.loop.ContinualTrainer`) fed micro-batches from an
   in-memory source (the same step, replay and checkpoint-free loop code the Kafka service runs);
-* ``offline``: shuffled epochs through the same Engine step (``prefstream train reward``);
+* ``offline``: shuffled epochs through the same Learner step (``prefstream train reward``);
 * ``trl``: TRL's ``RewardTrainer`` with the same base model, batch size, learning rate, warm-up,
   clipping and dropout setting.  It gets the very same token ids (prompt left-truncated to keep the
   response): TRL's own preprocessing drops any pair longer than ``max_length`` instead of truncating,
@@ -36,6 +36,8 @@ import statistics
 import tempfile
 import time
 from typing import Any, Sequence
+
+from services.config import replace as config_replace
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(s: dict[str, Any], **kw: Any):
-    from trainer.config import TrainerConfig
+    from trainer.config import TrainerConfig, trainer_config
 
     values = dict(base_model=s["base_model"], max_length=s["max_length"], epochs=s["epochs"],
                   batch_size=s["batch_size"], lr=s["lr"], warmup_steps=s["warmup_steps"],
@@ -104,67 +106,67 @@ def _config(s: dict[str, Any], **kw: Any):
         if s[key] is not None:
             values[key] = s[key]
     values.update(kw)
-    return TrainerConfig(**values)
+    return trainer_config(**values)
 
 
 def _bf16(cfg) -> bool:
-    """Whether ``cfg.autocast`` trains in bf16 here (the Engine's own rule, so TRL follows it)."""
+    """Whether ``cfg.model.autocast`` trains in bf16 here (the Learner's own rule, so TRL follows it)."""
     import torch
 
-    from trainer.engine import uses_bf16_autocast
+    from trainer.learner import uses_bf16_autocast
 
-    return uses_bf16_autocast(cfg.autocast, torch.device("cpu"))
+    return uses_bf16_autocast(cfg.model.autocast, torch.device("cpu"))
 
 
 def _fresh_engine(cfg):
     import torch
 
-    from trainer.engine import Engine
+    from trainer.learner import Learner
     from trainer.offline import load_base
 
-    torch.manual_seed(cfg.seed)
-    return Engine(load_base(cfg), cfg)
+    torch.manual_seed(cfg.optim.seed)
+    return Learner.of(load_base(cfg), cfg)
 
 
 # ---------------------------------------------------------------------------------------------- arms
 
 
-def _evaluate_arm(engine, test: Sequence, cfg) -> dict[str, Any]:
+def _evaluate_arm(learner, test: Sequence, cfg) -> dict[str, Any]:
     """Accuracy of what the trainer serves (the weight average when ``ema_decay`` > 0), and of the
     last iterate, so the average's share of the result is visible."""
     from trainer.evaluation import evaluate
 
-    last = served = evaluate(engine.model, test, cfg.eval_batch_size)
-    if engine.average is not None:
-        with engine.serving_weights():
-            served = evaluate(engine.model, test, cfg.eval_batch_size)
+    last = served = evaluate(learner.model, test, cfg.gate.eval_batch_size)
+    if learner.average is not None:
+        with learner.serving_weights():
+            served = evaluate(learner.model, test, cfg.gate.eval_batch_size)
     return {"accuracy": served.accuracy, "accuracy_last_iterate": last.accuracy, "pairs": served.pairs,
             "mean_margin": served.mean_margin}
 
 
 def stream_phases(cfg, phases: Sequence[Sequence], after_phase=None) -> tuple[Any, dict[str, Any]]:
-    """A fresh engine through the continual loop over each phase's records in turn (one replay
-    reservoir and lineage throughout, checkpoints off); ``after_phase(engine)`` runs after each."""
+    """A fresh learner through the continual loop over each phase's records in turn (one replay
+    reservoir and lineage throughout, checkpoints off); ``after_phase(learner)`` runs after each."""
     from trainer.checkpointing import LineageState
     from trainer.evaluation import EvalSet
     from trainer.loop import ContinualTrainer
     from trainer.replay import ReservoirBuffer
     from trainer.stream import ListSource
 
-    engine = _fresh_engine(cfg)
-    replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=cfg.seed)
+    learner = _fresh_engine(cfg)
+    replay: ReservoirBuffer = ReservoirBuffer(cfg.stream.replay_capacity, seed=cfg.optim.seed)
     lineage = LineageState()
     seconds = 0.0
     replayed = 0
     for stream in phases:
-        loop = ContinualTrainer(dataclasses.replace(cfg, max_records=lineage.records_seen + len(stream)), engine,
+        loop = ContinualTrainer(config_replace(cfg, max_records=lineage.records_seen + len(stream)), learner,
                                 ListSource(stream), lineage=lineage, replay=replay, eval_set=EvalSet(0))
         summary = loop.run()
         seconds += summary.seconds
         replayed += summary.replayed
         if after_phase is not None:
-            after_phase(engine)
-    return engine, {"records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
+            after_phase(learner)
+    return learner, {"records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
                     "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
 
 
@@ -172,16 +174,16 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     """The continual loop over an in-memory stream, epochs times (each in the offline arm's order)."""
     from trainer.offline import batches
 
-    epochs = [[r for b in batches(train, cfg.batch_size, cfg.seed + e) for r in b] for e in range(cfg.epochs)]
-    engine, stats = stream_phases(cfg, epochs)
-    return {**_evaluate_arm(engine, test, cfg), **stats}
+    epochs = [[r for b in batches(train, cfg.optim.batch_size, cfg.optim.seed + e) for r in b] for e in range(cfg.optim.epochs)]
+    learner, stats = stream_phases(cfg, epochs)
+    return {**_evaluate_arm(learner, test, cfg), **stats}
 
 
 def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     from trainer.offline import train_offline
 
-    engine, res = train_offline(cfg, train, engine=_fresh_engine(cfg))
-    return {**_evaluate_arm(engine, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds,
+    learner, res = train_offline(cfg, train, learner=_fresh_engine(cfg))
+    return {**_evaluate_arm(learner, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds,
             "records_per_s": res.records_per_s,
             "final_loss": res.losses[-1]}
 
@@ -223,16 +225,16 @@ def run_trl(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     from trainer.offline import load_base
 
     hf_logging.set_verbosity_error()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     base = load_base(cfg)  # the same fresh head initialisation as the other arms (same seed)
     rows = {"chosen_ids": _token_ids(base, [r.prompt for r in train], [r.chosen for r in train]),
             "rejected_ids": _token_ids(base, [r.prompt for r in train], [r.rejected for r in train])}
     with tempfile.TemporaryDirectory() as out:
         args = RewardConfig(
-            output_dir=out, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
-            num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant_with_warmup",
-            max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay, seed=cfg.seed, data_seed=cfg.seed,
-            disable_dropout=cfg.disable_dropout, gradient_checkpointing=False, bf16=_bf16(cfg), fp16=False,
+            output_dir=out, per_device_train_batch_size=cfg.optim.batch_size, learning_rate=cfg.optim.lr,
+            num_train_epochs=cfg.optim.epochs, warmup_steps=cfg.optim.warmup_steps, lr_scheduler_type="constant_with_warmup",
+            max_grad_norm=cfg.optim.max_grad_norm, weight_decay=cfg.optim.weight_decay, seed=cfg.optim.seed, data_seed=cfg.optim.seed,
+            disable_dropout=cfg.model.disable_dropout, gradient_checkpointing=False, bf16=_bf16(cfg), fp16=False,
             max_length=None, report_to="none", save_strategy="no", logging_steps=50, use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False,
         )
@@ -247,8 +249,8 @@ def run_trl(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     rejected = _score_ids(hf, _token_ids(base, [r.prompt for r in test], [r.rejected for r in test]), pad)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "pairs": len(margins),
-            "mean_margin": sum(margins) / len(margins), "records": len(train) * cfg.epochs, "seconds": seconds,
-            "records_per_s": len(train) * cfg.epochs / seconds}
+            "mean_margin": sum(margins) / len(margins), "records": len(train) * cfg.optim.epochs, "seconds": seconds,
+            "records_per_s": len(train) * cfg.optim.epochs / seconds}
 
 
 def kwise_rankings(records: Sequence, n: int, k: int, seed: int) -> list:
@@ -276,9 +278,9 @@ def run_kwise(s: dict[str, Any], records: Sequence) -> dict[str, Any]:
     times: dict[str, list[float]] = {loss: [] for loss in engines}
     sequences = {loss: 0 for loss in engines}
     for i, batch in enumerate(batches):
-        for loss, engine in engines.items():
+        for loss, learner in engines.items():
             started = time.perf_counter()
-            stats = engine.train(batch)
+            stats = learner.train(batch)
             if i:  # the first batch warms both up, untimed
                 times[loss].append(time.perf_counter() - started)
                 sequences[loss] += stats.sequences
@@ -343,17 +345,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(s)
     s["base_model"] = cfg.resolved_base_model()
     s["bf16"] = _bf16(cfg)
-    s["ema_decay"], s["replay_ratio"], s["replay_weight"] = cfg.ema_decay, cfg.replay_ratio, cfg.replay_weight
+    s["ema_decay"], s["replay_ratio"], s["replay_weight"] = cfg.optim.ema_decay, cfg.stream.replay_ratio, cfg.stream.replay_weight
     started = time.perf_counter()
 
     import torch
 
-    torch.manual_seed(cfg.seed)
-    base_acc = evaluate(load_base(cfg), test, cfg.eval_batch_size).accuracy
+    torch.manual_seed(cfg.optim.seed)
+    base_acc = evaluate(load_base(cfg), test, cfg.gate.eval_batch_size).accuracy
     log.info("untrained base: accuracy %.4f", base_acc)
     arms: dict[str, list[dict[str, Any]]] = {"offline": [], "streaming": [], "trl": []}
     for seed in s["seeds"]:
-        seeded = dataclasses.replace(cfg, seed=seed)
+        seeded = config_replace(cfg, seed=seed)
         arms["offline"].append(dict(_timed(f"offline seed {seed}", run_offline, seeded, train, test), seed=seed))
         arms["streaming"].append(dict(_timed(f"streaming seed {seed}", run_streaming, seeded, train, test), seed=seed))
         if not args.skip_trl:
@@ -367,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shift_arms = {"no_replay": {"replay_ratio": 0.0},
                       "replay_full_weight": {"replay_weight": 1.0},
                       "streaming": {}}
-        if cfg.replay_weight == 1.0:
+        if cfg.stream.replay_weight == 1.0:
             del shift_arms["replay_full_weight"]
         shift = forgetting.run(cfg, train, test, shift_arms, s["seeds"])
     streaming, offline = _arm_summary(arms["streaming"]), _arm_summary(arms["offline"])

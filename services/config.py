@@ -9,13 +9,14 @@ start-up with a message naming the source, the field and what to change.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -100,6 +101,93 @@ def _read_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One settable value of a (possibly sectioned) config: its flat name, where it sits, its type."""
+
+    name: str
+    section: str  # "" for a field of the top-level dataclass
+    field: dataclasses.Field
+    annotation: Any
+
+
+def leaves(cls: type) -> dict[str, Leaf]:
+    """Every settable field of ``cls`` by its flat name, looking one level into section dataclasses.
+
+    A config may group its fields into sections (fields whose type is a dataclass, TRL-style); every
+    leaf keeps one flat name, unique across sections, so files, ``PREFSTREAM_*`` env and CLI flags
+    spell it the same way whichever section it lives in.
+    """
+    out: dict[str, Leaf] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        ann = hints[f.name]
+        if _is_section(ann):
+            sub_hints = typing.get_type_hints(ann)
+            for sf in dataclasses.fields(ann):
+                if not sf.init:
+                    continue
+                if sf.name in out:
+                    raise TypeError(f"{cls.__name__}: field name {sf.name!r} is used twice; leaf names must be unique")
+                out[sf.name] = Leaf(sf.name, f.name, sf, sub_hints[sf.name])
+        else:
+            if f.name in out:
+                raise TypeError(f"{cls.__name__}: field name {f.name!r} is used twice; leaf names must be unique")
+            out[f.name] = Leaf(f.name, "", f, ann)
+    return out
+
+
+def _sections(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and _is_section(hints[f.name])}
+
+
+def build(cls: type[T], values: Mapping[str, Any]) -> T:
+    """``cls`` from flat leaf values (already coerced): each section is built from its own leaves."""
+    by_section: dict[str, dict[str, Any]] = {}
+    table = leaves(cls)
+    for name, value in values.items():
+        by_section.setdefault(table[name].section, {})[name] = value
+    top = dict(by_section.pop("", {}))
+    for section, section_cls in _sections(cls).items():
+        top[section] = section_cls(**by_section.get(section, {}))
+    return cls(**top)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """A copy of ``cfg`` with leaves changed by flat name (``replace(cfg, lr=1e-4)``), validated again."""
+    table = leaves(type(cfg))
+    by_section: dict[str, dict[str, Any]] = {}
+    for name, value in changes.items():
+        if name not in table:
+            raise ConfigError(f"unknown option {name} for {type(cfg).__name__}")
+        by_section.setdefault(table[name].section, {})[name] = value
+    top = dict(by_section.pop("", {}))
+    for section, fields_ in by_section.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **fields_)
+    out = dataclasses.replace(cfg, **top)
+    validate = getattr(out, "validate", None)
+    if callable(validate):
+        validate()
+    return out
+
+
+def flat_dict(cfg: Any) -> dict[str, Any]:
+    """Every leaf of ``cfg`` by flat name (what ``load_config(overrides=...)`` takes back)."""
+    out = {}
+    for name, leaf in leaves(type(cfg)).items():
+        holder = getattr(cfg, leaf.section) if leaf.section else cfg
+        value = getattr(holder, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def load_config(
     cls: type[T],
     *,
@@ -111,45 +199,129 @@ def load_config(
     """Build the frozen dataclass ``cls`` from defaults < file < env < overrides.
 
     ``section`` names the service ("gateway", "trainer", ...).  In a file, values may sit at top level
-    or under a key named ``section``.  Environment variables are ``PREFSTREAM_<SECTION>_<FIELD>``
-    (upper case).  ``overrides`` whose value is ``None`` are ignored, so argparse defaults of ``None``
-    leave lower layers in place.  After construction the dataclass's ``validate()`` (if any) runs.
+    or under a key named ``section``; a sectioned config (see :func:`leaves`) also takes them grouped by
+    section (``optim: {lr: 1e-4}``).  Environment variables are ``PREFSTREAM_<SECTION>_<FIELD>`` (upper
+    case, the flat leaf name).  ``overrides`` whose value is ``None`` are ignored, so argparse defaults
+    of ``None`` leave lower layers in place.  After construction ``validate()`` (if any) runs on every
+    section and then on the whole.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     env = os.environ if env is None else env
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    table = leaves(cls)
+    sections = _sections(cls)
     values: dict[str, Any] = {}
 
     if file is not None:
         data = _read_file(file)
         if isinstance(data.get(section), dict):
             data = data[section]
+        items: list[tuple[str, Any, str]] = []
         for key, raw in data.items():
-            if key not in fields:
-                known = ", ".join(sorted(fields))
-                raise ConfigError(f"config file {file}: unknown field {section}.{key}; known fields: {known}")
-            values[key] = _coerce(raw, hints[key], f"config file {file}: {section}.{key}")
+            if key in sections and isinstance(raw, dict):
+                items += [(k, v, f"{section}.{key}.{k}") for k, v in raw.items()]
+            else:
+                items.append((key, raw, f"{section}.{key}"))
+        for key, raw, where in items:
+            if key not in table:
+                known = ", ".join(sorted(table))
+                raise ConfigError(f"config file {file}: unknown field {where}; known fields: {known}")
+            values[key] = _coerce(raw, table[key].annotation, f"config file {file}: {where}")
 
     prefix = f"{ENV_PREFIX}{section.upper()}_"
-    for name in fields:
+    for name, leaf in table.items():
         var = prefix + name.upper()
         if var in env:
-            values[name] = _coerce(env[var], hints[name], f"environment variable {var}")
+            values[name] = _coerce(env[var], leaf.annotation, f"environment variable {var}")
 
     for name, raw in (overrides or {}).items():
         if raw is None:
             continue
-        if name not in fields:
+        if name not in table:
             raise ConfigError(f"unknown option {name} for {section}")
-        values[name] = _coerce(raw, hints[name], f"option --{name.replace('_', '-')}")
+        values[name] = _coerce(raw, table[name].annotation, f"option --{name.replace('_', '-')}")
 
-    cfg = cls(**values)
+    cfg = build(cls, values)
+    for name in sections:
+        validate = getattr(getattr(cfg, name), "validate", None)
+        if callable(validate):
+            validate()
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: one flag per leaf, the same for every service.
+
+
+def add_config_flags(parser: Any, cls: type, fields: Iterable[str] | None = None) -> None:
+    """One ``--field-name`` flag per leaf of ``cls`` (all, or ``fields``), grouped by section.
+
+    Defaults are ``None`` so a flag that is not given leaves the file and env layers in force; booleans
+    get ``--x/--no-x``.  :func:`overrides_from_args` reads them back.
+    """
+    wanted = set(fields) if fields is not None else None
+    groups: dict[str, Any] = {}
+    for name, leaf in leaves(cls).items():
+        if wanted is not None and name not in wanted:
+            continue
+        target = parser
+        if leaf.section:
+            if leaf.section not in groups:
+                groups[leaf.section] = parser.add_argument_group(f"{leaf.section} settings")
+            target = groups[leaf.section]
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{_field_help(leaf.field)} (default: {_default_text(leaf.field)})".replace("%", "%%")
+        if leaf.annotation is bool:
+            target.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            target.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def _default_text(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default if f.default != "" else '""'
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "required"
+
+
+def overrides_from_args(args: Any, cls: type, fields: Iterable[str] | None = None) -> dict[str, Any]:
+    """The leaves of ``cls`` that were given on the command line (``add_config_flags``'s flags)."""
+    names = set(fields) if fields is not None else set(leaves(cls))
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints: empty addresses are filled from the local stack (a development convenience).
+
+
+def fill_endpoints(cfg: T, needed: Mapping[str, bool], run_dir: str = "") -> T:
+    """A copy of ``cfg`` whose leaves named in ``needed`` (with True) come from the local stack.
+
+    ``needed`` maps a leaf (``kafka_bootstrap``, ``redis_url``, ``ray_address``) to whether it must be
+    filled; the stack's run dir is ``run_dir``, else ``PREFSTREAM_STACK_RUN_DIR``, else ``.run/stack``.
+    Fails with a ConfigError naming the missing setting and the flag that sets it.
+    """
+    wanted = [name for name, want in needed.items() if want]
+    if not wanted:
+        return cfg
+    from services.stack import StackError as EndpointsError, load_endpoints as load_stack_endpoints
+
+    try:
+        ep = load_stack_endpoints(run_dir or None)
+    except EndpointsError as e:
+        flag = "--" + wanted[0].replace("_", "-")
+        raise ConfigError(f"{', '.join(wanted)}: not set and {e}; or pass {flag}") from None
+    changes: dict[str, Any] = {}
+    for name in wanted:
+        value = getattr(ep, name, "")
+        if not value:
+            raise ConfigError(f"{name}: not set and the local stack does not run that component; set it")
+        changes[name] = value
+    return replace(cfg, **changes)
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

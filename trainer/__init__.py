@@ -1,8 +1,9 @@
-"""The continual reward-model trainer (GitHub issue #4).
+"""The continual trainer: reward models and DPO policies from the same preference stream.
 
 Public surface: :class:`TrainerConfig` / :func:`load_trainer_config`, :func:`serve` (the service),
-:func:`train_offline` / :func:`evaluate` (offline use), :class:`Engine` (the shared training step) and
-the loss functions in :mod:`trainer.losses`.  Heavy modules (torch, Ray) load on first use so the
+:func:`train_offline` / :func:`evaluate` (offline use), :class:`Learner` (the shared training step),
+:func:`objective_for` (what is trained, per model kind) and the loss functions in
+:mod:`trainer.losses` and :mod:`trainer.dpo_losses`.  Heavy modules (torch, Ray) load on first use so the
 ``prefstream`` CLI stays fast.
 """
 
@@ -18,7 +19,8 @@ _LAZY = {
     "train_offline": "trainer.offline",
     "evaluate": "trainer.evaluation",
     "EvalResult": "trainer.evaluation",
-    "Engine": "trainer.engine",
+    "Learner": "trainer.learner",
+    "objective_for": "trainer.objectives",
     "ContinualTrainer": "trainer.loop",
     "run_in_process": "trainer.runtime",
     "run_on_ray": "trainer.ray_train",

@@ -1,7 +1,7 @@
 """What a trainer checkpoint holds, how it is written, and where a (re)started trainer begins.
 
-A checkpoint is the HF model folder (``save_pretrained`` safetensors + tokenizer + reward spec) plus
-the trainer's state: the replay reservoir, the TEST records taken from the stream, optionally the
+A checkpoint is the serving folder the objective writes (a reward model's or a policy's HF folder)
+plus the trainer's state: the replay reservoir, the TEST records taken from the stream, optionally the
 AdamW moments and the live weights (the model folder holds the weight average, see
 trainer/averaging.py), and ``metadata.json`` with the Kafka offsets its weights include.  The store
 writes the manifest last, so "durable" means "has a manifest": offsets are committed to Kafka only
@@ -17,7 +17,7 @@ Metadata keys (``FORMAT`` = 1), read by the demo, the scorer's admin views and t
 * ``eval``: ``{accuracy, pairs, records, mean_margin, eval_fingerprint, outcomes}`` or null;
   ``outcomes`` is one '1'/'0' per pair in evaluation's canonical order (the gate pairs a later
   candidate's outcomes with these); checkpoints written before it have no ``outcomes``
-* ``base_model``, ``spec``, ``loss``, ``parent`` (what this lineage warm-started from),
+* ``kind`` (reward or policy), ``base_model``, ``spec``, ``loss``, ``parent`` (what this lineage warm-started from),
   ``previous_version``, ``trainer`` (topic, group_id, world_size), ``created_at``
 """
 
@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.checkpoints import CheckpointRef, CheckpointStore, CorruptCheckpointError, open_checkpoint
-from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalResult, EvalSet
+from trainer.objectives import Objective, objective_for
 from trainer.replay import ReservoirBuffer, load_records, load_replay_counts, save_records
 from trainer.stream import StreamItem, validate_offsets
 
@@ -81,13 +81,14 @@ class ResumePoint:
 
 def _same_lineage(meta: dict[str, Any], cfg: TrainerConfig) -> bool:
     trainer = meta.get("trainer") or {}
-    return meta.get("format") == FORMAT and trainer.get("topic") == cfg.topic and trainer.get("group_id") == cfg.group_id
+    return meta.get("format") == FORMAT and trainer.get("topic") == cfg.stream.topic and trainer.get("group_id") == cfg.stream.group_id
 
 
-def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registry: Any = None) -> ResumePoint:
+def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registry: Any = None, *,
+                      objective: Objective | None = None) -> ResumePoint:
     """Own latest durable checkpoint of this topic/group > the registry's served version > base model."""
     if store is not None:
-        for ref in reversed(store.list(cfg.model_name)):
+        for ref in reversed(store.list(cfg.model.model_name)):
             try:
                 store.verify(ref)
                 meta = store.read_metadata(ref)
@@ -117,7 +118,7 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
                 base_model=str(meta.get("base_model", "")),
             )
     if registry is not None:
-        target = registry.target(cfg.model_name)  # None for a model never published
+        target = registry.target(cfg.model.model_name)  # None for a model never published
         if target is not None:
             path = open_checkpoint(target.uri)
             return ResumePoint(
@@ -125,20 +126,13 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
                 parent={"source": "published", "version": target.version, "uri": target.uri},
                 base_model=target.base_model or str(path),
             )
-    base = cfg.resolved_base_model()
+    base = (objective or objective_for(cfg)).resolved_base_model()
     return ResumePoint(source="base", model_path=base, parent={"source": "base", "path": base}, base_model=base)
 
 
 def load_live_weights(point: ResumePoint) -> dict[str, torch.Tensor] | None:
     """The live weights a resumed checkpoint saved beside its averaged model folder, if any."""
     return load_file(point.live_weights_path) if point.live_weights_path else None
-
-
-def load_model(cfg: TrainerConfig, point: ResumePoint) -> RewardModel:
-    """The reward model to train: the resume folder with this config's max_length and attributes."""
-    return RewardModel.from_pretrained(
-        point.model_path, max_length=cfg.max_length, attributes=cfg.attributes, dtype=cfg.dtype,
-    )
 
 
 @dataclass
@@ -168,7 +162,8 @@ def record_entries(items: Sequence[StreamItem]) -> list[dict[str, Any]]:
 def build_metadata(
     cfg: TrainerConfig,
     *,
-    model: RewardModel,
+    objective: Objective,
+    model: Any,
     lineage: LineageState,
     offsets: dict[int, int],
     trained: Sequence[StreamItem],
@@ -181,11 +176,11 @@ def build_metadata(
     acked = [i.record.source_acked_at for i in trained if i.record.source_acked_at]
     return {
         "format": FORMAT,
-        "kind": "reward",
-        "model_name": cfg.model_name,
-        "base_model": lineage.base_model or model.spec.base_model,
-        "spec": model.spec.to_dict(),
-        "loss": cfg.loss_config(),
+        "kind": objective.kind.value,
+        "model_name": cfg.model.model_name,
+        "base_model": lineage.base_model or objective.base_of(model),
+        "spec": objective.spec(model),
+        "loss": objective.loss_config(),
         "parent": lineage.parent,
         "previous_version": lineage.previous_version,
         "step": lineage.step,
@@ -199,7 +194,7 @@ def build_metadata(
         "train": train_summary,
         "replay": {"size": len(replay), "seen": replay.seen, "capacity": replay.capacity},
         "eval_topic_records": len(eval_set.topic_records),
-        "trainer": {"topic": cfg.topic, "group_id": cfg.group_id, "world_size": world_size},
+        "trainer": {"topic": cfg.stream.topic, "group_id": cfg.stream.group_id, "world_size": world_size},
         "created_at": time.time(),
     }
 
@@ -208,7 +203,8 @@ def write_checkpoint(
     store: CheckpointStore,
     cfg: TrainerConfig,
     *,
-    model: RewardModel,
+    objective: Objective,
+    model: Any,
     metadata: dict[str, Any],
     replay: ReservoirBuffer,
     eval_set: EvalSet,
@@ -220,7 +216,8 @@ def write_checkpoint(
     ``model`` must hold the weights to serve (the average); ``live_weights`` are the training ones."""
 
     def writer(d: Path) -> None:
-        model.save(d)
+        objective.save(model, d)
+        objective.save_state(d, replay.items())
         save_records(replay, d)
         eval_set.save(d)
         if optimizer_state is not None:
@@ -228,5 +225,5 @@ def write_checkpoint(
         if live_weights is not None:
             save_file(live_weights, str(d / LIVE_WEIGHTS_FILE))
 
-    version = store.next_version(cfg.model_name)
-    return store.write(cfg.model_name, version, writer, metadata)
+    version = store.next_version(cfg.model.model_name)
+    return store.write(cfg.model.model_name, version, writer, metadata)

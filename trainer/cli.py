@@ -1,9 +1,9 @@
 """Command-line face of the trainer.
 
 * ``prefstream trainer run [--config FILE] [--<field> VALUE ...]``: the continual service (same as
-  ``python -m trainer``); every TrainerConfig field is a flag.
-* ``prefstream train reward --data FILE --out DIR [...]``: offline training through the same step.
-* ``prefstream eval reward --model DIR --data FILE [--json]``: pairwise accuracy of a model folder.
+  ``python -m trainer``); every TrainerConfig field is a flag (``--model-kind policy`` trains a DPO policy).
+* ``prefstream train reward|dpo --data FILE --out DIR [...]``: offline training through the same step.
+* ``prefstream eval reward|dpo --model DIR --data FILE [--json]``: the gate's evaluation of a model folder.
 """
 
 from __future__ import annotations
@@ -13,59 +13,51 @@ import dataclasses
 import json
 import logging
 import sys
-import typing
-from typing import Any, Iterable
+from typing import Iterable
 
-from trainer.config import TrainerConfig
+from services.config import add_config_flags, overrides_from_args
+from services.kinds import ModelKind
+from trainer.config import DPOSettings, TrainerConfig
 
 log = logging.getLogger(__name__)
 
-#: The TrainerConfig fields that matter to offline training.
-OFFLINE_FIELDS: tuple[str, ...] = (
-    "base_model", "max_length", "attributes", "dtype", "loss", "use_margin", "center_rewards_coefficient",
-    "attribute_loss_weight", "lr", "weight_decay", "schedule", "warmup_steps", "max_grad_norm", "disable_dropout",
-    "batch_size",
-    "max_tokens_per_forward", "epochs", "seed", "device", "torch_threads", "eval_batch_size",
+#: The TrainerConfig fields that matter to offline training of any kind.
+COMMON_OFFLINE_FIELDS: tuple[str, ...] = (
+    "base_model", "max_length", "dtype", "autocast", "lr", "weight_decay", "schedule", "warmup_steps",
+    "max_grad_norm", "ema_decay", "disable_dropout", "batch_size", "max_tokens_per_forward", "epochs", "seed",
+    "device", "torch_threads", "eval_batch_size",
 )
-
-
-#: Where ``train reward --publish`` puts the model.
+#: ... of a reward model, and of a DPO policy.
+REWARD_FIELDS: tuple[str, ...] = ("attributes", "loss", "use_margin", "center_rewards_coefficient",
+                                  "attribute_loss_weight")
+DPO_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DPOSettings))
+OFFLINE_FIELDS: dict[ModelKind, tuple[str, ...]] = {
+    ModelKind.REWARD: COMMON_OFFLINE_FIELDS + REWARD_FIELDS,
+    ModelKind.POLICY: COMMON_OFFLINE_FIELDS + DPO_FIELDS,
+}
+#: Where ``train ... --publish`` puts the model.
 PUBLISH_FIELDS: tuple[str, ...] = (
     "model_name", "checkpoint_url", "redis_url", "kafka_bootstrap", "announce", "gate_tolerance",
     "gate_confidence", "publish_without_eval", "eval_max_records", "stack_run_dir",
 )
+#: What ``eval reward|dpo`` reads: how the folder is loaded and scored.
+EVAL_FIELDS: dict[ModelKind, tuple[str, ...]] = {
+    ModelKind.REWARD: ("max_length", "eval_batch_size", "device"),
+    ModelKind.POLICY: ("base_model", "max_length", "eval_batch_size", "device", "beta", "guard_prompts",
+                       "guard_max_new_tokens", "seed"),
+}
+#: The objective each ``train``/``eval`` subcommand trains.
+COMMANDS: dict[str, ModelKind] = {"reward": ModelKind.REWARD, "dpo": ModelKind.POLICY}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str] | None = None) -> None:
-    """One ``--field-name`` flag per TrainerConfig field (default None: lower layers stay in force)."""
-    hints = typing.get_type_hints(TrainerConfig)
-    wanted = set(fields) if fields is not None else None
-    for f in dataclasses.fields(TrainerConfig):
-        if wanted is not None and f.name not in wanted:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {_default(f)})"
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return "computed"
-
-
-def overrides_from(args: argparse.Namespace, fields: Iterable[str] | None = None) -> dict[str, Any]:
-    names = set(fields) if fields is not None else {f.name for f in dataclasses.fields(TrainerConfig)}
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def load_from_args(args: argparse.Namespace, fields: Iterable[str] | None = None) -> TrainerConfig:
+def load_from_args(args: argparse.Namespace, fields: Iterable[str] | None = None,
+                   kind: ModelKind | None = None) -> TrainerConfig:
     from trainer.config import load_trainer_config
 
-    return load_trainer_config(getattr(args, "config", None), overrides=overrides_from(args, fields))
+    overrides = overrides_from_args(args, TrainerConfig, fields)
+    if kind is not None:
+        overrides["model_kind"] = kind.value
+    return load_trainer_config(getattr(args, "config", None), overrides=overrides)
 
 
 def _clean_errors(handler):
@@ -96,29 +88,40 @@ def run_service(args: argparse.Namespace) -> int:
     return serve(cfg, log_level=args.log_level if hasattr(args, "log_level") else "INFO")
 
 
-def train_reward(args: argparse.Namespace) -> int:
+def train_model(args: argparse.Namespace) -> int:
+    """``prefstream train reward|dpo``: epochs over a file through the continual trainer's own step."""
+    from tqdm import tqdm
+
     from services.data import load_openpipe_jsonl
     from trainer.offline import save_offline, train_offline
-    from trainer.evaluation import evaluate
 
-    cfg = load_from_args(args, OFFLINE_FIELDS + PUBLISH_FIELDS)
+    kind = COMMANDS[args.train_command]
+    cfg = load_from_args(args, OFFLINE_FIELDS[kind] + PUBLISH_FIELDS, kind)
     records = load_openpipe_jsonl(args.data)
-    log.info("training on %d records from %s (%s loss, %d epochs)", len(records), args.data, cfg.loss, cfg.epochs)
-    engine, result = train_offline(cfg, records)
+    train = [r for r in records if not r.is_eval]
+    log.info("training a %s model on %d records from %s (%d epochs)", kind, len(train), args.data, cfg.optim.epochs)
+    steps = cfg.optim.epochs * -(-len(train) // cfg.optim.batch_size)
+    with tqdm(total=steps, desc=f"train {args.train_command}", unit="step", disable=args.no_progress) as bar:
+        def on_step(stats) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.pair_accuracy:.2f}")
+
+        learner, result = train_offline(cfg, records, on_step=on_step)
     eval_records = load_openpipe_jsonl(args.eval_data) if args.eval_data else []
-    with engine.serving_weights():  # the weight average (ema_decay) is the trained model
+    with learner.serving_weights():  # the weight average (ema_decay) is the trained model
         if eval_records:
-            result.eval = evaluate(engine.model, eval_records, batch_size=cfg.eval_batch_size)
-        out = save_offline(engine, cfg, result, args.out, args.data)
+            result.eval = learner.objective.evaluate(learner.model, eval_records)
+        out = save_offline(learner, cfg, result, args.out, args.data)
         if args.publish:
             from trainer.offline import publish_offline
 
-            version, verdict = publish_offline(cfg.with_endpoints(), engine, result, data=args.data,
+            version, verdict = publish_offline(cfg.with_endpoints(), learner, result, data=args.data,
                                                eval_records=eval_records)
-            log.info("%s/%s %s", cfg.model_name, version, verdict)
+            log.info("%s/%s %s", cfg.model.model_name, version, verdict)
     summary = {
-        "out": str(out), "steps": result.steps, "records": result.records, "seconds": round(result.seconds, 1),
-        "records_per_s": round(result.records_per_s, 2), "final_loss": result.losses[-1],
+        "out": str(out), "kind": kind.value, "steps": result.steps, "records": result.records,
+        "seconds": round(result.seconds, 1), "records_per_s": round(result.records_per_s, 2),
+        "final_loss": result.losses[-1],
         **({"eval": result.eval.to_dict(outcomes=False)} if result.eval else {}),
         **({"published_version": version, "verdict": verdict} if args.publish else {}),
     }
@@ -129,54 +132,64 @@ def train_reward(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_reward(args: argparse.Namespace) -> int:
+def eval_model(args: argparse.Namespace) -> int:
+    """``prefstream eval reward|dpo``: the gate's evaluation of a model folder on a file."""
     from services.data import load_openpipe_jsonl
     from trainer.offline import evaluate_file
 
-    if args.batch_size < 1:
-        print("prefstream: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+    kind = COMMANDS[args.eval_command]
+    cfg = load_from_args(args, EVAL_FIELDS[kind], kind)
     records = load_openpipe_jsonl(args.data)
     if args.max_records:
         records = records[: args.max_records]
-    result = evaluate_file(args.model, records, max_length=args.max_length, batch_size=args.batch_size)
+    result = evaluate_file(args.model, records, cfg)
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, **result.to_dict(outcomes=False), "n": result.pairs}, indent=2))
+        print(json.dumps({"model": args.model, "data": args.data, **result.to_dict(outcomes=False), "n": result.pairs},
+                         indent=2))
     else:
+        extra = "".join(f"  {k} {v:.4f}" for k, v in sorted(result.metrics.items()))
         print(f"accuracy {result.accuracy:.4f}  n {result.pairs} pairs ({result.records} records)  "
-              f"mean margin {result.mean_margin:.4f}")
+              f"mean margin {result.mean_margin:.4f}{extra}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    trainer = subparsers.add_parser("trainer", help="the continual reward-model trainer")
+    trainer = subparsers.add_parser("trainer", help="the continual trainer (reward models and DPO policies)")
     tsub = trainer.add_subparsers(dest="trainer_command", metavar="COMMAND")
     run = tsub.add_parser("run", help="consume preferences from Kafka, train, checkpoint, gate and publish")
     run.add_argument("--config", default=None, help="YAML/JSON file with trainer fields (or a 'trainer:' section)")
-    add_config_flags(run)
+    add_config_flags(run, TrainerConfig)
     run.set_defaults(handler=_clean_errors(run_service))
 
     train = subparsers.add_parser("train", help="offline training")
     train_sub = train.add_subparsers(dest="train_command", metavar="MODEL")
-    reward = train_sub.add_parser("reward", help="train a reward model on an OpenPipe preference JSONL file")
-    reward.add_argument("--data", required=True, help="OpenPipe JSONL with TRAIN-split pairs")
-    reward.add_argument("--out", required=True, help="output folder (HF save_pretrained layout)")
-    reward.add_argument("--eval-data", default=None, help="OpenPipe JSONL to report pairwise accuracy on")
-    reward.add_argument("--config", default=None, help="YAML/JSON file with trainer fields")
-    reward.add_argument("--json", action="store_true", help="print a JSON summary")
-    reward.add_argument("--publish", action="store_true",
-                        help="also write the model into the checkpoint store and gate it into the registry (the "
-                        "continual trainer warm-starts from it); uses --checkpoint-url, --redis-url, --model-name")
-    add_config_flags(reward, OFFLINE_FIELDS + PUBLISH_FIELDS)
-    reward.set_defaults(handler=_clean_errors(train_reward))
+    for name, (kind, what) in {"reward": (ModelKind.REWARD, "a reward model"),
+                               "dpo": (ModelKind.POLICY, "a policy with DPO")}.items():
+        p = train_sub.add_parser(name, help=f"train {what} on an OpenPipe preference JSONL file")
+        p.add_argument("--data", required=True, help="OpenPipe JSONL with TRAIN-split pairs")
+        p.add_argument("--out", required=True, help="output folder (a Hugging Face model folder)")
+        p.add_argument("--eval-data", default=None, help="OpenPipe JSONL to evaluate the trained model on")
+        p.add_argument("--config", default=None, help="YAML/JSON file with trainer fields")
+        p.add_argument("--json", action="store_true", help="print a JSON summary")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--publish", action="store_true",
+                       help="also write the model into the checkpoint store and gate it into the registry (the "
+                       "continual trainer warm-starts from it); uses --checkpoint-url, --redis-url, --model-name")
+        add_config_flags(p, TrainerConfig, OFFLINE_FIELDS[kind] + PUBLISH_FIELDS)
+        p.set_defaults(handler=_clean_errors(train_model))
 
     ev = subparsers.add_parser("eval", help="offline evaluation")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="MODEL")
-    er = ev_sub.add_parser("reward", help="pairwise accuracy (ties count as wrong) of a reward model on a file")
-    er.add_argument("--model", required=True, help="model folder (a checkpoint or `train reward --out`)")
-    er.add_argument("--data", required=True, help="OpenPipe JSONL of pairs")
-    er.add_argument("--max-length", type=int, default=None, help="token budget per row (default: the model's)")
-    er.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
-    er.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
-    er.add_argument("--json", action="store_true", help="print JSON")
-    er.set_defaults(handler=_clean_errors(eval_reward))
+    for name, (kind, what) in {
+        "reward": (ModelKind.REWARD, "pairwise accuracy (ties count as wrong) of a reward model on a file"),
+        "dpo": (ModelKind.POLICY, "implicit-reward accuracy, KL to the reference and reply length of a policy "
+                "on a file's pairs and prompts"),
+    }.items():
+        p = ev_sub.add_parser(name, help=what)
+        p.add_argument("--model", required=True, help=f"model folder (a checkpoint or `train {name} --out`)")
+        p.add_argument("--data", required=True, help="OpenPipe JSONL of pairs")
+        p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
+        p.add_argument("--config", default=None, help="YAML/JSON file with trainer fields")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        add_config_flags(p, TrainerConfig, EVAL_FIELDS[kind])
+        p.set_defaults(handler=_clean_errors(eval_model))

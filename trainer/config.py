@@ -1,8 +1,16 @@
-"""TrainerConfig: every knob of the reward-model trainer, typed, defaulted and documented once.
+"""TrainerConfig: every knob of the trainer, typed, defaulted and documented once, in sections.
 
-Loaded by :func:`load_trainer_config` with the project-wide precedence (defaults < ``--config`` file <
-``PREFSTREAM_TRAINER_*`` env < CLI flags).  The same dataclass drives the continual service, the
-offline ``prefstream train reward`` command and the benchmark, so they cannot drift apart.
+One trainer process trains one model of one kind (``model_kind``: a reward model or a DPO policy)
+through the objective of that kind (:mod:`trainer.objectives`).  The settings are grouped the way TRL
+pairs configs with trainers: what the model is (``model``), how each objective's loss is computed
+(``reward``, ``dpo``), how the optimiser steps (``optim``), where records come from (``stream``),
+when checkpoints are written (``checkpoint``), what the gate and the registry do (``gate``) and how
+the process runs (``runtime``).
+
+Every leaf keeps one flat name, unique across sections, so precedence and spelling are unchanged:
+defaults < ``--config`` file (flat keys, or grouped by section) < ``PREFSTREAM_TRAINER_<FIELD>`` env <
+``--field`` flags (:func:`services.config.load_config`).  In code a value is read through its section
+(``cfg.optim.lr``); ``services.config.replace(cfg, lr=...)`` changes leaves by flat name.
 """
 
 from __future__ import annotations
@@ -13,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.config import ConfigError, load_config, require
-from services.stack.topics import PREFERENCES
+from services.config import fill_endpoints, flat_dict, load_config, require
+from services.kinds import ModelKind
+from services.stack.topics import PREFERENCES  # moving to services.topics
 
 SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")
+DPO_LOSSES: tuple[str, ...] = ("plackett_luce", "sigmoid", "ipo")
+FINETUNE_MODES: tuple[str, ...] = ("lora", "full")
 SCHEDULES: tuple[str, ...] = ("constant", "inverse_sqrt")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: The learning rate an objective trains with when ``lr`` is left at 0.
+DEFAULT_LR: dict[ModelKind, float] = {ModelKind.REWARD: 2e-5, ModelKind.POLICY: 5e-5}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -27,26 +40,52 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
-    """How the trainer builds, trains, checkpoints, gates and publishes reward models."""
+class ModelSettings:
+    """What is trained: the kind, the base weights, the name it is registered under, precision."""
 
-    # --- model -------------------------------------------------------------------------------
+    model_kind: str = field(default="reward", metadata=_help(
+        "reward (a reward model, scored by the scorer) or policy (a causal LM trained with DPO, sampled by "
+        "best-of-N and the chat completions route)"))
     base_model: str = field(default="", metadata=_help(
-        "local HF model folder (encoder, decoder-only or T5) to start from when nothing is published "
-        "yet; empty = the embedded MiniLM-L6"))
-    model_name: str = field(default="reward", metadata=_help("registry name of the model this trainer produces"))
+        "local HF model folder (or a .gguf file for a policy) to start from when nothing is published yet; "
+        "empty = the embedded default of the kind (MiniLM-L6 reward backbone, SmolLM2-135M-Instruct policy)"))
+    model_name: str = field(default="", metadata=_help(
+        "registry name of the model this trainer produces; empty = the kind (reward or policy)"))
     attributes: tuple[str, ...] = field(default=(), metadata=_help(
-        "attribute heads trained by regression on score feedback, e.g. helpfulness,correctness,coherence,"
-        "complexity,verbosity; empty = reward head only"))
-    max_length: int = field(default=256, metadata=_help("tokens per (prompt, response); the prompt is cut from the left"))
+        "reward models: attribute heads trained by regression on score feedback, e.g. helpfulness,correctness,"
+        "coherence,complexity,verbosity; empty = reward head only"))
+    max_length: int = field(default=256, metadata=_help(
+        "tokens per (prompt, response); the prompt is cut from the left"))
     dtype: str = field(default="float32", metadata=_help("parameter dtype: float32, bfloat16 or float16"))
     autocast: str = field(default="none", metadata=_help(
         "mixed precision for the forward pass with fp32 master weights: none, bf16, or auto (bf16 where the "
         "hardware multiplies bf16 natively: CUDA with bf16, CPUs with AVX512-BF16/AMX; ~2.7x faster steps "
         "on the 2-core Zen 4 dev box, where bf16 on CPU also trains with eager attention, see "
-        "trainer.engine.eager_attention_for_cpu_bf16)"))
+        "trainer.learner.eager_attention_for_cpu_bf16)"))
+    disable_dropout: bool = field(default=True, metadata=_help(
+        "turn dropout off while training (rewards of a pair, and policy and reference log-probs, stay comparable)"))
 
-    # --- loss --------------------------------------------------------------------------------
+    @property
+    def kind(self) -> ModelKind:
+        return ModelKind(self.model_kind)
+
+    def validate(self) -> None:
+        require(self.model_kind in tuple(ModelKind), "model_kind",
+                f"unknown kind {self.model_kind!r}; use {' or '.join(ModelKind)}")
+        require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16")
+        require(self.autocast in ("none", "bf16", "auto"), "autocast", f"{self.autocast!r}: use none, bf16 or auto")
+        require(self.max_length >= 16, "max_length", f"must be at least 16 tokens, got {self.max_length}")
+        require("/" not in self.model_name, "model_name", "must not contain '/'")
+        require(len(set(self.attributes)) == len(self.attributes) and "reward" not in self.attributes, "attributes",
+                "list each attribute once and do not name one 'reward' (logit 0 is the reward)")
+        require(not (self.attributes and self.model_kind == ModelKind.POLICY), "attributes",
+                "attribute heads belong to reward models; leave attributes empty with model_kind=policy")
+
+
+@dataclass(frozen=True)
+class RewardLossSettings:
+    """How a reward model's loss is computed (model_kind=reward)."""
+
     loss: str = field(default="kwise", metadata=_help(
         "kwise: InstructGPT K-wise loss, every response encoded once; pairwise: each ranking expanded "
         "into K(K-1)/2 independent Bradley-Terry pairs"))
@@ -55,8 +94,69 @@ class TrainerConfig:
         "λ of the reward-centering regulariser λ·(r_c + r_r)^2 (Eisenstein et al. 2023); 0 disables"))
     attribute_loss_weight: float = field(default=1.0, metadata=_help("weight of the attribute MSE term"))
 
-    # --- optimisation ------------------------------------------------------------------------
-    lr: float = field(default=2e-5, metadata=_help("peak AdamW learning rate"))
+    def validate(self) -> None:
+        require(self.loss in LOSSES, "loss", f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+        require(self.attribute_loss_weight >= 0, "attribute_loss_weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """How a policy learns from preferences (model_kind=policy), and what its gate guards."""
+
+    dpo_loss: str = field(default="plackett_luce", metadata=_help(
+        "plackett_luce: a ranking of K trains as the Plackett-Luce DPO loss, one forward per response (K=2 is "
+        "exactly sigmoid DPO); sigmoid: DPO (Rafailov et al. 2023) on best vs worst of each ranking; ipo: IPO "
+        "(Azar et al. 2023) on best vs worst"))
+    beta: float = field(default=0.1, metadata=_help(
+        "β: strength of the KL anchor to the reference policy (IPO: its τ)"))
+    label_smoothing: float = field(default=0.0, metadata=_help(
+        "conservative DPO: the probability ε that a preference label is flipped (sigmoid and K=2 rankings); "
+        "0 = plain DPO"))
+    finetune: str = field(default="lora", metadata=_help(
+        "lora: train a LoRA adapter; the reference policy is the same weights with the adapter disabled (no "
+        "second model in memory); full: train every weight against a frozen copy of the start weights"))
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank r"))
+    lora_alpha: float = field(default=32.0, metadata=_help("LoRA scaling α (the update is scaled by α/r)"))
+    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch"))
+    lora_target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata=_help(
+        "module names (suffixes) that get a LoRA adapter; each must exist in the model"))
+    max_kl: float = field(default=0.5, metadata=_help(
+        "gate drift guard: reject a version whose mean per-token KL to the reference on held-out prompts "
+        "exceeds this (nats)"))
+    guard_prompts: int = field(default=8, metadata=_help(
+        "held-out prompts the gate samples replies for (KL, empty replies, repetition); 0 disables the guards"))
+    guard_max_new_tokens: int = field(default=48, metadata=_help("reply length the gate samples, in tokens"))
+    max_empty_rate: float = field(default=0.25, metadata=_help(
+        "gate degeneration guard: reject when more than this share of the sampled replies is empty"))
+    max_repetition_rate: float = field(default=0.5, metadata=_help(
+        "gate degeneration guard: reject when the mean share of repeated 3-grams in the replies exceeds this"))
+
+    def validate(self) -> None:
+        require(self.dpo_loss in DPO_LOSSES, "dpo_loss",
+                f"unknown loss {self.dpo_loss!r}; choose one of {', '.join(DPO_LOSSES)}")
+        require(self.beta > 0, "beta", f"must be > 0, got {self.beta} (it scales the implicit reward)")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "is a flip probability; use 0 <= ε < 0.5")
+        require(self.label_smoothing == 0 or self.dpo_loss != "ipo", "label_smoothing",
+                "applies to the sigmoid and Plackett-Luce losses, not to ipo; set it to 0")
+        require(self.finetune in FINETUNE_MODES, "finetune", f"use one of {', '.join(FINETUNE_MODES)}")
+        require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "is a probability; use 0 <= p < 1")
+        require(bool(self.lora_target_modules), "lora_target_modules", "name at least one module, e.g. q_proj,v_proj")
+        require(self.max_kl > 0, "max_kl", "must be > 0 nats")
+        require(self.guard_prompts >= 0, "guard_prompts", "must be >= 0 (0 disables the guards)")
+        require(self.guard_max_new_tokens >= 1, "guard_max_new_tokens", "must be >= 1")
+        require(0 <= self.max_empty_rate <= 1, "max_empty_rate", "is a share; use 0..1")
+        require(0 <= self.max_repetition_rate <= 1, "max_repetition_rate", "is a share; use 0..1")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How one optimiser step is taken."""
+
+    lr: float = field(default=0.0, metadata=_help(
+        "peak AdamW learning rate; 0 = the objective's default (2e-5 reward model, 5e-5 policy)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     schedule: str = field(default="constant", metadata=_help(
         "LR schedule after warm-up: constant or inverse_sqrt (no schedule needs the total step count)"))
@@ -65,8 +165,6 @@ class TrainerConfig:
     ema_decay: float = field(default=0.99, metadata=_help(
         "weights are averaged (EMA, warm-up min(decay, (1+t)/(10+t))); evaluation, the gate, checkpoints and "
         "the scorer use the average, training goes on from the live weights; 0 disables"))
-    disable_dropout: bool = field(default=True, metadata=_help(
-        "turn dropout off while training (TRL's RewardConfig default: rewards of the pair stay comparable)"))
     batch_size: int = field(default=16, metadata=_help("new records per optimiser step (replay comes on top)"))
     max_tokens_per_forward: int = field(default=8192, metadata=_help(
         "padded tokens per forward bucket; bounds activation memory"))
@@ -75,11 +173,30 @@ class TrainerConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda (in-process training)"))
     torch_threads: int = field(default=0, metadata=_help("torch intra-op threads; 0 = torch's default"))
 
-    # --- stream ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        require(self.lr >= 0, "lr", f"must be > 0 (or 0 for the objective's default), got {self.lr}")
+        require(self.schedule in SCHEDULES, "schedule",
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        require(self.device in DEVICES, "device", f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay} (0 disables averaging)")
+        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Where records come from and how the continual loop mixes in the past."""
+
     kafka_bootstrap: str = field(default="", metadata=_help(
         "Kafka bootstrap servers; empty = from the local stack (stack_run_dir)"))
     topic: str = field(default=PREFERENCES.name, metadata=_help("preference topic to consume"))
-    group_id: str = field(default="prefstream-trainer", metadata=_help("Kafka consumer group"))
+    group_id: str = field(default="", metadata=_help(
+        "Kafka consumer group; empty = prefstream-trainer for reward models, prefstream-trainer-<kind> "
+        "otherwise, so a reward trainer and a policy trainer on the same topic keep independent offsets"))
     poll_timeout_s: float = field(default=0.5, metadata=_help("longest single Kafka poll"))
     max_batch_wait_s: float = field(default=1.0, metadata=_help(
         "train a partial micro-batch once its first record has waited this long (freshness over throughput)"))
@@ -90,7 +207,19 @@ class TrainerConfig:
         "loss weight of a replayed record relative to a new one (a weighted mean over the micro-batch); below 1, "
         "replay guards against forgetting without training a stream that does not shift a second time"))
 
-    # --- checkpoints -------------------------------------------------------------------------
+    def validate(self) -> None:
+        require(self.poll_timeout_s > 0, "poll_timeout_s", "must be > 0 seconds")
+        require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
+        require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
+        require(self.replay_capacity >= 0, "replay_capacity", "must be >= 0")
+        require(0 < self.replay_weight <= 1, "replay_weight",
+                "must be in (0, 1] (use replay_ratio 0 to turn replay off)")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When and where checkpoints are written."""
+
     checkpoint_url: str = field(default=".run/checkpoints", metadata=_help(
         "checkpoint store (a folder or file:// URL) shared with the scorer"))
     checkpoint_every_records: int = field(default=512, metadata=_help(
@@ -102,9 +231,20 @@ class TrainerConfig:
         "0 keeps all"))
     save_optimizer_state: bool = field(default=False, metadata=_help(
         "store AdamW moments (and, with ema_decay, the live weights) in each checkpoint for an exact resume "
-        "(3x the model size per checkpoint); without it a resumed trainer goes on from the averaged weights"))
+        "(3x the trained weights per checkpoint); without it a resumed trainer goes on from the averaged weights"))
 
-    # --- evaluation gate ---------------------------------------------------------------------
+    def validate(self) -> None:
+        require(self.checkpoint_every_records >= 0 and self.checkpoint_every_s >= 0, "checkpoint_every_records",
+                "checkpoint intervals must be >= 0")
+        require(self.checkpoint_every_records > 0 or self.checkpoint_every_s > 0, "checkpoint_every_s",
+                "set checkpoint_every_records or checkpoint_every_s > 0, or offsets would never be committed")
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 keeps every checkpoint)")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What a checkpoint is judged on before it is published, and where the verdict goes."""
+
     eval_data: str = field(default="", metadata=_help(
         "OpenPipe JSONL file of held-out pairs for the gate; TEST-split records from the topic are added"))
     eval_max_records: int = field(default=100, metadata=_help(
@@ -119,21 +259,33 @@ class TrainerConfig:
     publish_without_eval: bool = field(default=True, metadata=_help(
         "publish checkpoints while there are no evaluation records (else hold them as rejected)"))
     publish: bool = field(default=True, metadata=_help("gate and publish checkpoints to the registry"))
-
-    # --- registry ----------------------------------------------------------------------------
     redis_url: str = field(default="", metadata=_help("model registry Redis; empty = from the local stack"))
-    announce: bool = field(default=True, metadata=_help("announce published/rejected versions on the model-updates topic"))
+    announce: bool = field(default=True, metadata=_help(
+        "announce published/rejected versions on the model-updates topic"))
 
-    # --- Ray ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        require(0 <= self.gate_tolerance <= 1, "gate_tolerance", "is an accuracy difference; use 0..1")
+        require(0.5 <= self.gate_confidence < 1, "gate_confidence",
+                f"is a confidence level, got {self.gate_confidence}; use 0.5 <= gate_confidence < 1 "
+                "(0.5 = plain accuracy comparison, 0.9 = the default)")
+        if self.eval_data:
+            require(Path(self.eval_data).expanduser().is_file(), "eval_data",
+                    f"{self.eval_data} is not a file; give an OpenPipe JSONL file or leave it empty")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the process runs: in-process or on Ray Train, endpoints, when to stop, metrics."""
+
     num_workers: int = field(default=0, metadata=_help(
         "Ray Train DDP workers; 0 = train in this process without Ray"))
-    use_gpu: bool = field(default=False, metadata=_help("one GPU per Ray worker"))
+    use_gpu: bool = field(default=False, metadata=_help("one GPU per Ray worker (DDP over NCCL instead of gloo)"))
     ray_address: str = field(default="", metadata=_help("Ray cluster address; empty = from the local stack"))
     ray_max_failures: int = field(default=2, metadata=_help(
         "worker-group restarts Ray Train attempts; each restart resumes from the latest checkpoint"))
     ray_storage_path: str = field(default=".run/ray_train", metadata=_help("Ray Train run storage (logs, state)"))
-
-    # --- run control -------------------------------------------------------------------------
     stack_run_dir: str = field(default="", metadata=_help(
         "run dir of `prefstream stack up` to read endpoints from; empty = PREFSTREAM_STACK_RUN_DIR or .run/stack"))
     max_records: int = field(default=0, metadata=_help(
@@ -143,121 +295,65 @@ class TrainerConfig:
     metrics_port: int = field(default=0, metadata=_help("Prometheus /metrics port (0 disables)"))
 
     def validate(self) -> None:
-        require(self.loss in LOSSES, "loss", f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        require(self.schedule in SCHEDULES, "schedule",
-                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        require(self.device in DEVICES, "device", f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16")
-        require(self.autocast in ("none", "bf16", "auto"), "autocast", f"{self.autocast!r}: use none, bf16 or auto")
-        require(self.max_length >= 16, "max_length", f"must be at least 16 tokens, got {self.max_length}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay} (0 disables averaging)")
-        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.max_tokens_per_forward >= self.max_length, "max_tokens_per_forward",
-                f"must be >= max_length ({self.max_length}) so one row fits a forward pass")
-        require(self.epochs >= 1, "epochs", "must be >= 1")
-        require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
-        require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
-        require(self.attribute_loss_weight >= 0, "attribute_loss_weight", "must be >= 0")
-        require(len(set(self.attributes)) == len(self.attributes) and "reward" not in self.attributes, "attributes",
-                "list each attribute once and do not name one 'reward' (logit 0 is the reward)")
-        require(self.poll_timeout_s > 0, "poll_timeout_s", "must be > 0 seconds")
-        require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
-        require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
-        require(self.replay_capacity >= 0, "replay_capacity", "must be >= 0")
-        require(0 < self.replay_weight <= 1, "replay_weight",
-                "must be in (0, 1] (use replay_ratio 0 to turn replay off)")
-        require(self.checkpoint_every_records >= 0 and self.checkpoint_every_s >= 0, "checkpoint_every_records",
-                "checkpoint intervals must be >= 0")
-        require(self.checkpoint_every_records > 0 or self.checkpoint_every_s > 0, "checkpoint_every_s",
-                "set checkpoint_every_records or checkpoint_every_s > 0, or offsets would never be committed")
-        require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 keeps every checkpoint)")
-        require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")
-        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        require(0 <= self.gate_tolerance <= 1, "gate_tolerance", "is an accuracy difference; use 0..1")
-        require(0.5 <= self.gate_confidence < 1, "gate_confidence",
-                f"is a confidence level, got {self.gate_confidence}; use 0.5 <= gate_confidence < 1 "
-                "(0.5 = plain accuracy comparison, 0.9 = the default)")
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = in-process, no Ray)")
         require(not (self.use_gpu and self.num_workers == 0), "use_gpu",
                 "applies to Ray workers; set num_workers >= 1, or use device=cuda for in-process training")
         require(self.ray_max_failures >= 0, "ray_max_failures", "must be >= 0")
         require(self.max_records >= 0, "max_records", "must be >= 0 (0 = unbounded)")
         require(self.idle_exit_s >= 0, "idle_exit_s", "must be >= 0 (0 = never)")
-        require(bool(self.model_name) and "/" not in self.model_name, "model_name", "must be non-empty without '/'")
-        if self.eval_data:
-            require(Path(self.eval_data).expanduser().is_file(), "eval_data",
-                    f"{self.eval_data} is not a file; give an OpenPipe JSONL file or leave it empty")
 
-    # --- derived -----------------------------------------------------------------------------
 
-    def resolved_base_model(self) -> str:
-        from services.reward_model import default_reward_model_path
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How the trainer builds, trains, checkpoints, gates and publishes one model."""
 
-        return self.base_model or default_reward_model_path()
+    model: ModelSettings = field(default_factory=ModelSettings)
+    reward: RewardLossSettings = field(default_factory=RewardLossSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
-    def model_spec(self, base_model: str | None = None):  # -> services.reward_model.RewardModelSpec
-        from services.reward_model import RewardModelSpec
+    def __post_init__(self) -> None:
+        # Defaults that depend on the kind are resolved once, here, so every reader sees final values.
+        kind = self.model.model_kind
+        if not self.model.model_name and kind in tuple(ModelKind):
+            object.__setattr__(self, "model", dataclasses.replace(self.model, model_name=kind))
+        if not self.stream.group_id and kind in tuple(ModelKind):
+            group = "prefstream-trainer" if kind == ModelKind.REWARD else f"prefstream-trainer-{kind}"
+            object.__setattr__(self, "stream", dataclasses.replace(self.stream, group_id=group))
+        if self.optim.lr == 0 and kind in tuple(ModelKind):
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr=DEFAULT_LR[ModelKind(kind)]))
 
-        return RewardModelSpec(
-            base_model=base_model or self.resolved_base_model(),
-            max_length=self.max_length,
-            attributes=tuple(self.attributes),
-            dtype=self.dtype,
-        )
+    @property
+    def kind(self) -> ModelKind:
+        return self.model.kind
 
-    def loss_config(self) -> dict[str, Any]:
-        """What a checkpoint records about how it was trained."""
-        return {
-            "loss": self.loss,
-            "use_margin": self.use_margin,
-            "center_rewards_coefficient": self.center_rewards_coefficient,
-            "attribute_loss_weight": self.attribute_loss_weight,
-            "attributes": list(self.attributes),
-            "lr": self.lr,
-            "schedule": self.schedule,
-            "warmup_steps": self.warmup_steps,
-            "ema_decay": self.ema_decay,
-            "batch_size": self.batch_size,
-            "replay_ratio": self.replay_ratio,
-            "replay_weight": self.replay_weight,
-            "max_length": self.max_length,
-            "disable_dropout": self.disable_dropout,
-        }
+    @property
+    def model_name(self) -> str:
+        return self.model.model_name
+
+    def validate(self) -> None:
+        """Checks that span sections (each section validates its own fields first)."""
+        for section in (self.model, self.reward, self.dpo, self.optim, self.stream, self.checkpoint, self.gate,
+                        self.runtime):
+            section.validate()
+        require(self.optim.max_tokens_per_forward >= self.model.max_length, "max_tokens_per_forward",
+                f"must be >= max_length ({self.model.max_length}) so one row fits a forward pass")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["attributes"] = list(self.attributes)
-        return d
+        """Every leaf by flat name (what ``load_trainer_config(overrides=...)`` takes back, e.g. on Ray workers)."""
+        return flat_dict(self)
 
     def with_endpoints(self) -> "TrainerConfig":
         """A copy whose empty Kafka/Redis/Ray addresses are filled from the local stack's stack.json."""
-        needed = {
-            "kafka_bootstrap": not self.kafka_bootstrap,
-            "redis_url": not self.redis_url and self.publish,
-            "ray_address": not self.ray_address and self.num_workers > 0,
-        }
-        if not any(needed.values()):
-            return self
-        from services.stack import StackError, load_endpoints
-
-        run_dir = self.stack_run_dir or os.environ.get("PREFSTREAM_STACK_RUN_DIR") or None
-        try:
-            ep = load_endpoints(run_dir)
-        except StackError as e:
-            missing = ", ".join(k for k, v in needed.items() if v)
-            raise ConfigError(f"{missing}: not set and {e}; or pass --{missing.split(',')[0].replace('_', '-')}") from None
-        changes = {}
-        for name, want in needed.items():
-            if want:
-                value = getattr(ep, name)
-                if not value:
-                    raise ConfigError(f"{name}: not set and the local stack does not run that component; set it")
-                changes[name] = value
-        return dataclasses.replace(self, **changes)
+        return fill_endpoints(self, {
+            "kafka_bootstrap": not self.stream.kafka_bootstrap,
+            "redis_url": not self.gate.redis_url and self.gate.publish,
+            "ray_address": not self.runtime.ray_address and self.runtime.num_workers > 0,
+        }, self.runtime.stack_run_dir)
 
 
 def load_trainer_config(
@@ -267,3 +363,8 @@ def load_trainer_config(
 ) -> TrainerConfig:
     """TrainerConfig from defaults < file < PREFSTREAM_TRAINER_* env < overrides (None ignored)."""
     return load_config(TrainerConfig, section=SECTION, file=file, env=env, overrides=overrides)
+
+
+def trainer_config(**leaves: Any) -> TrainerConfig:
+    """The defaults with ``leaves`` set by flat name, validated (no file, no env): for code and tests."""
+    return load_config(TrainerConfig, section=SECTION, env={}, overrides=leaves)

@@ -1,4 +1,4 @@
-"""Pairwise accuracy of a reward model on held-out rankings, and the set it is measured on.
+"""Pairwise accuracy on held-out rankings (for any objective), and the set it is measured on.
 
 The gate compares a fresh checkpoint with the served model on the same records, and the demo's
 freshness budget (feedback ack -> scorer answer from a model trained on it, p50 < 30 s on 2 cores)
@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
@@ -41,6 +41,9 @@ class EvalResult:
     # One '1' (right) or '0' (wrong) per pair, in the canonical order of :func:`canonical_order`;
     # "" when unknown (a result read from metadata written before outcomes were recorded).
     outcomes: str = ""
+    # Further numbers an objective measures on the same held-out data (a policy's KL to its reference,
+    # empty-reply and repetition rates); its gate guard reads them, the registry records them.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self, *, outcomes: bool = True) -> dict[str, float | int | str]:
         """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them); reports drop them."""
@@ -53,6 +56,8 @@ class EvalResult:
         }
         if outcomes:
             d["outcomes"] = self.outcomes
+        if self.metrics:
+            d["metrics"] = dict(self.metrics)
         return d
 
     @classmethod
@@ -67,6 +72,9 @@ class EvalResult:
         if not (isinstance(outcomes, str) and len(outcomes) == pairs and set(outcomes) <= {"0", "1"}):
             outcomes = ""
         records, margin, fp = d.get("records"), d.get("mean_margin"), d.get("eval_fingerprint")
+        raw_metrics = d.get("metrics")
+        extra = {str(k): float(v) for k, v in raw_metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)} if isinstance(raw_metrics, dict) else {}
         return cls(
             accuracy=float(accuracy),
             pairs=pairs,
@@ -74,6 +82,7 @@ class EvalResult:
             mean_margin=float(margin) if isinstance(margin, (int, float)) and not isinstance(margin, bool) else 0.0,
             fingerprint=fp if isinstance(fp, str) else "",
             outcomes=outcomes,
+            metrics=extra,
         )
 
 
@@ -90,21 +99,28 @@ def canonical_order(records: Sequence[PreferenceRecord]) -> list[PreferenceRecor
     return sorted(records, key=lambda r: (r.record_id, r.ranked_responses))
 
 
-def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size: int = 64) -> EvalResult:
+#: score(prompts, responses) -> one number per response, higher = better (a reward, an implicit reward).
+ScoreFn = Callable[[Sequence[Sequence[Any]], Sequence[str]], Sequence[float]]
+
+
+def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
+                    metrics: Mapping[str, float] | None = None) -> EvalResult:
     """Score each response of ``records`` once and count, over all K(K-1)/2 pairs of each ranking,
-    how often the better response gets the strictly higher reward.
+    how often the better response gets the strictly higher score.
 
     ``outcomes`` lists the pairs in :func:`canonical_order`, then (i, j) with i < j within a ranking,
-    whatever the order of ``records``."""
+    whatever the order of ``records``; every objective's evaluation goes through here so that the
+    gate's paired comparison means the same thing for all of them."""
     if not records:
-        return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records))
+        return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records),
+                          metrics=dict(metrics or {}))
     prompts, responses, spans = [], [], []
     for rec in canonical_order(records):
         spans.append((len(responses), rec.k))
         for resp in rec.ranked_responses:
             prompts.append(rec.prompt)
             responses.append(resp)
-    scores = [s.reward for s in model.score(prompts, responses, batch_size=batch_size)]
+    scores = list(score(prompts, responses))
     outcomes: list[str] = []
     margin_sum = 0.0
     for start, k in spans:
@@ -122,7 +138,14 @@ def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size
         mean_margin=margin_sum / pairs,
         fingerprint=fingerprint(records),
         outcomes="".join(outcomes),
+        metrics=dict(metrics or {}),
     )
+
+
+def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size: int = 64) -> EvalResult:
+    """Pairwise accuracy of a reward model: its reward is the score."""
+    return pairwise_result(
+        records, lambda prompts, responses: [s.reward for s in model.score(prompts, responses, batch_size=batch_size)])
 
 
 class EvalSet:

@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, path_from_uri
 from services.registry import ModelRegistry, ModelVersion
-from services.reward_model import RewardModel
 from trainer import metrics
 from trainer.config import TrainerConfig
-from trainer.evaluation import EvalResult, EvalSet, evaluate
+from trainer.evaluation import EvalResult, EvalSet
+from trainer.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,9 @@ def kafka_announcer(producer: Any, topic: str) -> Callable[[Any], None]:
 class Gate:
     """Evaluates checkpoints against the served model and records the verdict in the registry."""
 
-    def __init__(self, cfg: TrainerConfig, registry: ModelRegistry, eval_set: EvalSet) -> None:
+    def __init__(self, cfg: TrainerConfig, registry: ModelRegistry, eval_set: EvalSet, objective: Objective) -> None:
         self.cfg = cfg
+        self.objective = objective
         self.registry = registry
         self.eval_set = eval_set
         self._served_cache: dict[tuple[str, str], EvalResult] = {}
@@ -149,7 +150,7 @@ class Gate:
 
         The evaluation's ``outcomes`` are "" when its metadata predates them and the served checkpoint
         cannot be loaded; the gate then falls back to comparing accuracies."""
-        target = self.registry.target(self.cfg.model_name)  # None for a model never published
+        target = self.registry.target(self.cfg.model.model_name)  # None for a model never published
         if target is None or len(self.eval_set) == 0:
             return target, None
         fp = self.eval_set.fingerprint
@@ -182,11 +183,11 @@ class Gate:
         started = time.perf_counter()
         try:
             path = open_checkpoint(target.uri)
-            model = RewardModel.from_pretrained(path, max_length=self.cfg.max_length)
+            model = self.objective.load_for_eval(str(path))
         except (CorruptCheckpointError, OSError, ValueError) as e:
             log.error("cannot load the served version %s (%s) to gate against it: %s", target.version, target.uri, e)
             return None
-        result = evaluate(model, self.eval_set.records, self.cfg.eval_batch_size)
+        result = self.objective.evaluate(model, self.eval_set.records)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         log.info("served version %s: pairwise accuracy %.4f on %d pairs (%.1fs)", target.version, result.accuracy,
                  result.pairs, time.perf_counter() - started)
@@ -200,17 +201,21 @@ class Gate:
         decision = decide(
             result, target.version if target else "", served_acc,
             served_outcomes=served.outcomes if served is not None else "",
-            tolerance=self.cfg.gate_tolerance, confidence=self.cfg.gate_confidence,
-            publish_without_eval=self.cfg.publish_without_eval,
+            tolerance=self.cfg.gate.gate_tolerance, confidence=self.cfg.gate.gate_confidence,
+            publish_without_eval=self.cfg.gate.publish_without_eval,
         )
+        guard = self.objective.guard(result)
+        if guard and decision.publish:
+            decision = Decision(False, guard, decision.served_version, decision.served_accuracy)
         numbers: dict[str, float] = dict(extra_metrics or {})
         if result is not None and result.pairs:
             numbers.update({"accuracy": result.accuracy, "eval_pairs": float(result.pairs),
-                            "mean_margin": result.mean_margin})
+                            "mean_margin": result.mean_margin, **result.metrics})
         if served_acc is not None:
             numbers["served_accuracy"] = served_acc
         version = ModelVersion(
-            name=self.cfg.model_name, version=ref.version, uri=ref.uri, kind="reward", metrics=numbers,
+            name=self.cfg.model.model_name, version=ref.version, uri=ref.uri, kind=self.objective.kind.value,
+            metrics=numbers,
             reason=decision.reason, records_seen=records_seen, base_model=base_model,
         )
         if decision.publish:
@@ -218,11 +223,11 @@ class Gate:
             if result is not None and result.pairs:
                 self.remember(ref.version, result)
             metrics.CHECKPOINTS.labels("published").inc()
-            log.info("published %s/%s: %s", self.cfg.model_name, ref.version, decision.reason)
+            log.info("published %s/%s: %s", self.cfg.model.model_name, ref.version, decision.reason)
         else:
             self.registry.reject(version, decision.reason)
             metrics.CHECKPOINTS.labels("rejected").inc()
-            log.warning("rejected %s/%s: %s", self.cfg.model_name, ref.version, decision.reason)
+            log.warning("rejected %s/%s: %s", self.cfg.model.model_name, ref.version, decision.reason)
         return decision
 
     def protected_versions(self) -> set[str]:
@@ -230,7 +235,7 @@ class Gate:
         from services.errors import NotFound
 
         try:
-            st = self.registry.status(self.cfg.model_name)
+            st = self.registry.status(self.cfg.model.model_name)
         except NotFound:
             return set()
         return {v for v in (st.latest_version, st.pinned_version, st.target_version) if v}
@@ -240,7 +245,7 @@ class Gate:
         from services.errors import NotFound
 
         try:
-            self.registry.get(self.cfg.model_name, version)
+            self.registry.get(self.cfg.model.model_name, version)
             return True
         except NotFound:
             return False

@@ -28,8 +28,8 @@ from services.schemas import PreferenceRecord
 from trainer import metrics
 from trainer.checkpointing import LineageState, build_metadata, write_checkpoint
 from trainer.config import TrainerConfig
-from trainer.engine import Engine, StepStats
-from trainer.evaluation import EvalResult, EvalSet, evaluate
+from trainer.learner import Learner, StepStats
+from trainer.evaluation import EvalResult, EvalSet
 from trainer.gate import Gate
 from trainer.replay import ReservoirBuffer, replay_count
 from trainer.stream import Source, StreamItem
@@ -46,6 +46,7 @@ class RunSummary:
     steps: int = 0
     records: int = 0
     replayed: int = 0
+    refused: int = 0
     eval_records: int = 0
     checkpoints: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
@@ -60,7 +61,7 @@ class ContinualTrainer:
     def __init__(
         self,
         cfg: TrainerConfig,
-        engine: Engine,
+        learner: Learner,
         source: Source,
         *,
         lineage: LineageState,
@@ -74,14 +75,14 @@ class ContinualTrainer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
-        self.engine = engine
+        self.learner = learner
         self.source = source
         self.lineage = lineage
         self.replay = replay
         self.eval_set = eval_set
         self.store = store
         self.gate = gate
-        self.step_fn: StepFn = step_fn or engine.train
+        self.step_fn: StepFn = step_fn or learner.train
         self.should_stop = should_stop
         self.on_idle = on_idle
         self.clock = clock
@@ -102,8 +103,8 @@ class ContinualTrainer:
             if self.should_stop():
                 self.summary.stop_reason = "stop requested"
                 break
-            if self.cfg.max_records and self.lineage.records_seen >= self.cfg.max_records:
-                self.summary.stop_reason = f"max_records={self.cfg.max_records} reached"
+            if self.cfg.runtime.max_records and self.lineage.records_seen >= self.cfg.runtime.max_records:
+                self.summary.stop_reason = f"max_records={self.cfg.runtime.max_records} reached"
                 break
             if self.source.revoked() and (self._pending or self._has_unsaved_offsets()):
                 self.checkpoint(reason="partitions revoked")
@@ -115,8 +116,8 @@ class ContinualTrainer:
                 self.on_idle()
             if self._checkpoint_due():
                 self.checkpoint(reason="interval")
-            if self.cfg.idle_exit_s and not train_items and self.clock() - idle_since >= self.cfg.idle_exit_s:
-                self.summary.stop_reason = f"idle for {self.cfg.idle_exit_s:g}s"
+            if self.cfg.runtime.idle_exit_s and not train_items and self.clock() - idle_since >= self.cfg.runtime.idle_exit_s:
+                self.summary.stop_reason = f"idle for {self.cfg.runtime.idle_exit_s:g}s"
                 break
         # Only a clean stop gets here: after an exception the polled-but-untrained records must be read
         # again, which is exactly what resuming from the last durable checkpoint does.
@@ -131,15 +132,15 @@ class ContinualTrainer:
         """Up to batch_size TRAIN records; TEST records go to the evaluation set on the way."""
         batch: list[StreamItem] = []
         first_at: float | None = None
-        while len(batch) < self.cfg.batch_size:
-            budget = self.cfg.batch_size - len(batch)
-            if self.cfg.max_records:
-                budget = min(budget, self.cfg.max_records - self.lineage.records_seen - len(batch))
+        while len(batch) < self.cfg.optim.batch_size:
+            budget = self.cfg.optim.batch_size - len(batch)
+            if self.cfg.runtime.max_records:
+                budget = min(budget, self.cfg.runtime.max_records - self.lineage.records_seen - len(batch))
                 if budget <= 0:
                     break
-            wait = self.cfg.poll_timeout_s
+            wait = self.cfg.stream.poll_timeout_s
             if first_at is not None:
-                wait = min(wait, max(self.cfg.max_batch_wait_s - (self.clock() - first_at), 0.0))
+                wait = min(wait, max(self.cfg.stream.max_batch_wait_s - (self.clock() - first_at), 0.0))
             items = self.source.poll(budget, wait)
             for item in items:
                 if item.record.is_eval:
@@ -151,19 +152,42 @@ class ContinualTrainer:
                     batch.append(item)
             if batch and first_at is None:
                 first_at = self.clock()
-            if not items and (not batch or self.clock() - first_at >= self.cfg.max_batch_wait_s):
+            if not items and (not batch or self.clock() - first_at >= self.cfg.stream.max_batch_wait_s):
                 break
-            if batch and self.clock() - first_at >= self.cfg.max_batch_wait_s:
+            if batch and self.clock() - first_at >= self.cfg.stream.max_batch_wait_s:
                 break
             if self.should_stop():
                 break
         return batch
 
-    def train(self, items: Sequence[StreamItem]) -> StepStats:
+    def admit(self, items: Sequence[StreamItem]) -> list[StreamItem]:
+        """The items the objective can train on; the others go to the dead letters with its reason.  Their
+        offsets advance with the rest (the next checkpoint commits them), so a refused record is neither
+        retried for ever nor lost silently."""
+        refused = self.learner.objective.admit(self.learner.model, [i.record for i in items])
+        if not refused:
+            return list(items)
+        kept = []
+        for item in items:
+            reason = refused.get(item.record.record_id)
+            if reason is None:
+                kept.append(item)
+                continue
+            field, _, text = reason.partition(": ")
+            self.source.reject(item, text or reason, field if text else "record")
+            self.summary.refused += 1
+            metrics.RECORDS.labels("refused").inc()
+            log.warning("record %s cannot be trained on: %s", item.record.record_id, reason)
+        return kept
+
+    def train(self, items: Sequence[StreamItem]) -> StepStats | None:
         """One optimiser step on ``items`` plus replayed records; then the new ones join the reservoir."""
+        items = self.admit(items)
+        if not items:
+            return None
         new = [i.record for i in items]
-        replayed = self.replay.sample(replay_count(len(new), self.cfg.replay_ratio))
-        weights = [1.0] * len(new) + [self.cfg.replay_weight] * len(replayed) if replayed else None
+        replayed = self.replay.sample(replay_count(len(new), self.cfg.stream.replay_ratio))
+        weights = [1.0] * len(new) + [self.cfg.stream.replay_weight] * len(replayed) if replayed else None
         stats = self.step_fn(new + replayed, weights)
         self.replay.extend(new)
         self._pending.extend(items)
@@ -195,16 +219,16 @@ class ContinualTrainer:
     def _checkpoint_due(self) -> bool:
         if not self._pending:
             return False
-        if self.cfg.checkpoint_every_records and len(self._pending) >= self.cfg.checkpoint_every_records:
+        if self.cfg.checkpoint.checkpoint_every_records and len(self._pending) >= self.cfg.checkpoint.checkpoint_every_records:
             return True
-        return bool(self.cfg.checkpoint_every_s) and self.clock() - self._last_checkpoint_at >= self.cfg.checkpoint_every_s
+        return bool(self.cfg.checkpoint.checkpoint_every_s) and self.clock() - self._last_checkpoint_at >= self.cfg.checkpoint.checkpoint_every_s
 
     def evaluate(self) -> EvalResult | None:
         """Accuracy of the weights the model holds now (checkpoint() swaps the average in first)."""
         if len(self.eval_set) == 0:
             return None
         started = time.perf_counter()
-        result = evaluate(self.engine.model, self.eval_set.records, self.cfg.eval_batch_size)
+        result = self.learner.objective.evaluate(self.learner.model, self.eval_set.records)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         metrics.EVAL_ACCURACY.labels("candidate").set(result.accuracy)
         return result
@@ -223,20 +247,20 @@ class ContinualTrainer:
             "loss_avg": self._loss_sum / self._steps_since if self._steps_since else 0.0,
             "pair_accuracy_avg": self._acc_sum / self._steps_since if self._steps_since else 0.0,
             "steps": float(self._steps_since),
-            "lr": self.engine.lr,
+            "lr": self.learner.lr,
         }
-        exact = self.cfg.save_optimizer_state
-        live = self.engine.live_state() if exact else None  # the training weights, read before the swap
-        with self.engine.serving_weights():  # evaluate and save the weight average, one swap
+        exact = self.cfg.checkpoint.save_optimizer_state
+        live = self.learner.live_state() if exact else None  # the training weights, read before the swap
+        with self.learner.serving_weights():  # evaluate and save the weight average, one swap
             result = self.evaluate()
             meta = build_metadata(
-                self.cfg, model=self.engine.model, lineage=self.lineage, offsets=positions, trained=trained,
+                self.cfg, objective=self.learner.objective, model=self.learner.model, lineage=self.lineage, offsets=positions, trained=trained,
                 eval_result=result, replay=self.replay, eval_set=self.eval_set,
-                world_size=self.engine.world_size, train_summary=summary,
+                world_size=self.learner.world_size, train_summary=summary,
             )
             ref = write_checkpoint(
-                self.store, self.cfg, model=self.engine.model, metadata=meta, replay=self.replay,
-                eval_set=self.eval_set, optimizer_state=self.engine.optimizer_state() if exact else None,
+                self.store, self.cfg, objective=self.learner.objective, model=self.learner.model, metadata=meta, replay=self.replay,
+                eval_set=self.eval_set, optimizer_state=self.learner.optimizer_state() if exact else None,
                 live_weights=live,
             )
         # Durable: only now may Kafka forget these records.
@@ -255,7 +279,7 @@ class ContinualTrainer:
         log.info("checkpoint %s (%s): step %d, %d records (+%d), accuracy %s, %.2fs", ref.version, reason,
                  self.lineage.step, self.lineage.records_seen, len(trained),
                  f"{result.accuracy:.4f}" if result else "n/a", time.perf_counter() - started)
-        if self.gate is not None and self.cfg.publish and trained:
+        if self.gate is not None and self.cfg.gate.publish and trained:
             try:
                 decision = self.gate.judge(
                     ref, result, records_seen=self.lineage.records_seen, base_model=meta["base_model"],
@@ -274,7 +298,7 @@ class ContinualTrainer:
 
     def _collect_garbage(self, newest: str) -> None:
         """Keep the newest ``keep_checkpoints`` plus whatever the registry may serve."""
-        if not self.cfg.keep_checkpoints or self.store is None:
+        if not self.cfg.checkpoint.keep_checkpoints or self.store is None:
             return
         protected = {newest}
         if self.gate is not None:
@@ -283,6 +307,6 @@ class ContinualTrainer:
             except Unavailable as e:
                 log.warning("skipping checkpoint clean-up, the registry is unreachable: %s", e)
                 return
-        removed = self.store.gc(self.cfg.model_name, self.cfg.keep_checkpoints, protected=protected)
+        removed = self.store.gc(self.cfg.model.model_name, self.cfg.checkpoint.keep_checkpoints, protected=protected)
         if removed:
-            log.info("removed old checkpoints %s (keep_checkpoints=%d)", ", ".join(removed), self.cfg.keep_checkpoints)
+            log.info("removed old checkpoints %s (keep_checkpoints=%d)", ", ".join(removed), self.cfg.checkpoint.keep_checkpoints)

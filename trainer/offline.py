@@ -1,8 +1,8 @@
 """Offline training and evaluation on preference files, through the continual trainer's own step.
 
-``prefstream train reward`` and ``prefstream eval reward`` (and the benchmark's offline arm) use the
-same :class:`~trainer.engine.Engine` step, losses and batching as the streaming service; only the
-feed differs: shuffled epochs over a file instead of micro-batches from Kafka.
+``prefstream train reward|dpo`` and ``prefstream eval reward|dpo`` (and the benchmarks' offline arms)
+use the same :class:`~trainer.learner.Learner` step, objective, losses and batching as the streaming
+service; only the feed differs: shuffled epochs over a file instead of micro-batches from Kafka.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
-from trainer.engine import Engine, StepStats
-from trainer.evaluation import EvalResult, evaluate
+from trainer.evaluation import EvalResult
+from trainer.learner import Learner, StepStats
+from trainer.objectives import Objective, objective_for
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,10 @@ class OfflineResult:
         return self.records / self.seconds if self.seconds else 0.0
 
 
-def load_base(cfg: TrainerConfig) -> RewardModel:
-    return RewardModel.from_pretrained(cfg.resolved_base_model(), max_length=cfg.max_length,
-                                       attributes=cfg.attributes, dtype=cfg.dtype)
+def load_base(cfg: TrainerConfig, objective: Objective | None = None) -> object:
+    """The base model of ``cfg``'s kind (``base_model``, else the embedded default)."""
+    objective = objective or objective_for(cfg)
+    return objective.load(objective.resolved_base_model())
 
 
 def batches(records: Sequence[PreferenceRecord], batch_size: int, seed: int) -> list[list[PreferenceRecord]]:
@@ -55,46 +56,55 @@ def train_offline(
     cfg: TrainerConfig,
     records: Sequence[PreferenceRecord],
     *,
-    engine: Engine | None = None,
+    learner: Learner | None = None,
     on_step: Callable[[StepStats], None] | None = None,
-) -> tuple[Engine, OfflineResult]:
-    """``cfg.epochs`` shuffled passes over ``records`` (TEST-split records are skipped)."""
+) -> tuple[Learner, OfflineResult]:
+    """``cfg.optim.epochs`` shuffled passes over ``records`` (TEST-split records are skipped)."""
     train = [r for r in records if not r.is_eval]
     if not train:
         from services.errors import InvalidArgument
 
         raise InvalidArgument("data", "has no TRAIN-split records to train on")
-    if engine is None:
+    if learner is None:
         import torch
 
-        torch.manual_seed(cfg.seed)
-        engine = Engine(load_base(cfg), cfg)
+        torch.manual_seed(cfg.optim.seed)
+        objective = objective_for(cfg)
+        learner = Learner(objective, load_base(cfg, objective), cfg)
+    admitted = learner.objective.admit(learner.model, train)
+    if admitted:
+        log.warning("%d records cannot be trained on and are skipped, e.g. %s", len(admitted),
+                    next(iter(admitted.values())))
+        train = [r for r in train if r.record_id not in admitted]
     result = OfflineResult()
     started = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        for batch in batches(train, cfg.batch_size, cfg.seed + epoch):
-            stats = engine.train(batch)
+    for epoch in range(cfg.optim.epochs):
+        for batch in batches(train, cfg.optim.batch_size, cfg.optim.seed + epoch):
+            stats = learner.train(batch)
             result.steps += 1
             result.records += len(batch)
             result.losses.append(stats.loss)
             if on_step is not None:
                 on_step(stats)
-        log.info("epoch %d/%d done: %d steps, last loss %.4f", epoch + 1, cfg.epochs, result.steps, result.losses[-1])
+        log.info("epoch %d/%d done: %d steps, last loss %.4f", epoch + 1, cfg.optim.epochs, result.steps, result.losses[-1])
     result.seconds = time.perf_counter() - started
-    return engine, result
+    return learner, result
 
 
-def save_offline(engine: Engine, cfg: TrainerConfig, result: OfflineResult, out: str | Path, data: str) -> Path:
+def save_offline(learner: Learner, cfg: TrainerConfig, result: OfflineResult, out: str | Path, data: str) -> Path:
     """The model folder (loads with AutoModelForSequenceClassification) plus how it was trained.
 
-    Saves the weights ``engine.model`` holds: call it inside ``engine.serving_weights()`` for the average."""
-    out = engine.model.save(out)
+    Saves the weights ``learner.model`` holds: call it inside ``learner.serving_weights()`` for the average."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    learner.objective.save(learner.model, out)
     (out / TRAINING_FILE).write_text(json.dumps({
         "data": str(data),
-        "base_model": engine.model.spec.base_model,
-        "loss": cfg.loss_config(),
-        "epochs": cfg.epochs,
-        "ema_decay": cfg.ema_decay,
+        "kind": learner.objective.kind.value,
+        "base_model": learner.objective.base_of(learner.model),
+        "loss": learner.objective.loss_config(),
+        "epochs": cfg.optim.epochs,
+        "ema_decay": cfg.optim.ema_decay,
         "steps": result.steps,
         "records": result.records,
         "seconds": result.seconds,
@@ -104,13 +114,13 @@ def save_offline(engine: Engine, cfg: TrainerConfig, result: OfflineResult, out:
     return out
 
 
-def evaluate_file(model_dir: str, records: Sequence[PreferenceRecord], *, max_length: int | None = None,
-                  batch_size: int = 64) -> EvalResult:
-    model = RewardModel.from_pretrained(model_dir, max_length=max_length)
-    return evaluate(model, records, batch_size=batch_size)
+def evaluate_file(model_dir: str, records: Sequence[PreferenceRecord], cfg: TrainerConfig) -> EvalResult:
+    """The gate's evaluation of a saved model folder of ``cfg``'s kind on ``records``."""
+    objective = objective_for(cfg)
+    return objective.evaluate(objective.load_for_eval(model_dir), records)
 
 
-def publish_offline(cfg: TrainerConfig, engine: Engine, result: OfflineResult, *, data: str,
+def publish_offline(cfg: TrainerConfig, learner: Learner, result: OfflineResult, *, data: str,
                     eval_records: Sequence[PreferenceRecord] = ()) -> tuple[str, str]:
     """Write the trained model into the checkpoint store and gate it into the registry.
 
@@ -127,19 +137,21 @@ def publish_offline(cfg: TrainerConfig, engine: Engine, result: OfflineResult, *
     services = connect_services(cfg)
     try:
         store: CheckpointStore = services.store
-        eval_set = EvalSet(cfg.eval_max_records, eval_records, seed=cfg.seed)
-        candidate = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
+        eval_set = EvalSet(cfg.gate.eval_max_records, eval_records, seed=cfg.optim.seed)
+        objective = learner.objective
+        candidate = objective.evaluate(learner.model, eval_set.records) if len(eval_set) else None
         metadata = {
-            "format": FORMAT, "kind": "reward", "model_name": cfg.model_name,
-            "base_model": engine.model.spec.base_model, "spec": engine.model.spec.to_dict(),
-            "loss": cfg.loss_config(), "parent": {"source": "offline", "data": str(data)},
+            "format": FORMAT, "kind": objective.kind.value, "model_name": cfg.model.model_name,
+            "base_model": objective.base_of(learner.model), "spec": objective.spec(learner.model),
+            "loss": objective.loss_config(), "parent": {"source": "offline", "data": str(data)},
             "step": result.steps, "records_seen": result.records, "records": [], "records_count": 0,
             "offsets": {}, "eval": candidate.to_dict() if candidate else None,
-            "trainer": {"offline": True, "epochs": cfg.epochs}, "created_at": time.time(),
+            "trainer": {"offline": True, "epochs": cfg.optim.epochs}, "created_at": time.time(),
         }
-        ref = store.write(cfg.model_name, store.next_version(cfg.model_name), engine.model.save, metadata)
-        gate = Gate(cfg, services.registry, eval_set)
-        decision = gate.judge(ref, candidate, records_seen=result.records, base_model=engine.model.spec.base_model,
+        ref = store.write(cfg.model.model_name, store.next_version(cfg.model.model_name),
+                          lambda d: objective.save(learner.model, d), metadata)
+        gate = Gate(cfg, services.registry, eval_set, objective)
+        decision = gate.judge(ref, candidate, records_seen=result.records, base_model=objective.base_of(learner.model),
                               extra_metrics={"step": float(result.steps)})
         return ref.version, ("published: " if decision.publish else "rejected: ") + decision.reason
     finally:

@@ -6,9 +6,9 @@ How a continual Kafka stream feeds DDP workers while keeping offsets exact:
   one that talks to the registry.  It runs exactly the in-process loop (:mod:`trainer.loop`); only its
   ``step_fn`` differs: each micro-batch (new + replayed records) is broadcast to every rank with
   ``torch.distributed.broadcast_object_list``, and every rank, rank 0 included, trains on its own
-  slice (``records[rank::world]``) through the same :class:`~trainer.engine.Engine`.  DDP all-reduces
+  slice (``records[rank::world]``) through the same :class:`~trainer.learner.Learner`.  DDP all-reduces
   the gradients, with per-rank loss scales that make the average equal to the whole micro-batch's
-  gradient (see :func:`trainer.engine.shard`).
+  gradient (see :func:`trainer.learner.shard`).
 * Offsets therefore never leave rank 0: a checkpoint written there contains exactly the records of the
   micro-batches broadcast before it, and the commit-after-durable rule is the in-process one.
 * The other ranks block in the broadcast; rank 0 sends a heartbeat while the stream is idle so the
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from services.schemas import PreferenceRecord
 from trainer.config import SECTION, TrainerConfig
-from trainer.engine import Engine, StepStats
+from trainer.learner import Learner, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,10 @@ class Commander:
         dist.broadcast_object_list([(command, payload)], src=0)
         self._last = time.monotonic()
 
-    def train(self, engine: Engine, records: Sequence[PreferenceRecord], weights: Sequence[float] | None) -> StepStats:
-        self._send("train", (list(records), list(weights) if weights is not None else None))
-        return engine.train(records, weights)
+    def train(self, learner: Learner, records: Sequence[PreferenceRecord], weights: Sequence[float] | None) -> StepStats:
+        self._send("train", (list(records), list(weights) if weights is not None else None,
+                             learner.objective.side_data(records)))
+        return learner.train(records, weights)
 
     def heartbeat(self) -> None:
         if time.monotonic() - self._last >= HEARTBEAT_S:
@@ -76,7 +77,7 @@ class Commander:
         self._send("abort", reason)
 
 
-def follow(engine: Engine) -> dict[str, Any]:
+def follow(learner: Learner) -> dict[str, Any]:
     """Ranks > 0: train on every broadcast micro-batch until rank 0 says stop."""
     import torch.distributed as dist
 
@@ -85,7 +86,9 @@ def follow(engine: Engine) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         command, payload = box[0]
         if command == "train":
-            engine.train(*payload)
+            records, weights, side = payload
+            learner.objective.accept_side_data(side)
+            learner.train(records, weights)
         elif command == "stop":
             return payload
         elif command == "abort":
@@ -103,14 +106,15 @@ def _broadcast(obj: Any, rank: int, world_size: int) -> Any:
 
 
 def worker_main(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: every rank builds an Engine; rank 0 also runs the loop."""
+    """``train_loop_per_worker``: every rank builds a Learner; rank 0 also runs the loop."""
     import ray
     import ray.train
     import ray.train.torch
 
     from services.config import load_config
-    from trainer.runtime import apply_runtime_settings, build_engine, connect_services, run_leader
+    from trainer.runtime import apply_runtime_settings, build_learner, connect_services, run_leader
     from trainer.checkpointing import find_resume_point
+    from trainer.objectives import objective_for
 
     logging.basicConfig(level=config.get("log_level", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,17 +125,19 @@ def worker_main(config: dict[str, Any]) -> None:
     apply_runtime_settings(cfg)
 
     services = connect_services(cfg) if rank == 0 else None
-    point = find_resume_point(cfg, services.store, services.registry) if services is not None else None
+    objective = objective_for(cfg)
+    point = find_resume_point(cfg, services.store, services.registry, objective=objective) \
+        if services is not None else None
     slim = dataclasses.replace(point, replay_records=(), eval_topic_records=()) if point is not None else None
     slim = _broadcast(slim, rank, world)
-    engine = build_engine(
-        cfg, point if rank == 0 else slim, device=ray.train.torch.get_device(),
+    learner = build_learner(
+        cfg, point if rank == 0 else slim, objective, device=ray.train.torch.get_device(),
         wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": False}),
         rank=rank, world_size=world,
     )
-    log.info("rank %d of %d on %s, training module %s", rank, world, engine.device, type(engine.module).__name__)
+    log.info("rank %d of %d on %s, training module %s", rank, world, learner.device, type(learner.module).__name__)
     if rank != 0:
-        follow(engine)
+        follow(learner)
         return
 
     commander = Commander(world)
@@ -148,8 +154,8 @@ def worker_main(config: dict[str, Any]) -> None:
         return last_check[1]
 
     try:
-        result = run_leader(cfg, services, point, engine,
-                            step_fn=lambda recs, weights: commander.train(engine, recs, weights),
+        result = run_leader(cfg, services, point, learner,
+                            step_fn=lambda recs, weights: commander.train(learner, recs, weights),
                             should_stop=should_stop, on_idle=commander.heartbeat)
     except BaseException as e:
         commander.abort(f"{type(e).__name__}")
@@ -209,7 +215,7 @@ def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=cfg.ray_address or None, runtime_env=runtime_env(), log_to_driver=True)
+        ray.init(address=cfg.runtime.ray_address or None, runtime_env=runtime_env(), log_to_driver=True)
     control_name = f"prefstream-trainer-control-{uuid.uuid4().hex[:8]}"
     control = _run_control_class().options(name=control_name).remote()
 
@@ -222,12 +228,12 @@ def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]
         trainer = TorchTrainer(
             worker_main,
             train_loop_config={"trainer": cfg.to_dict(), "control_actor": control_name, "log_level": log_level},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.use_gpu),
+            torch_config=TorchConfig(backend="nccl" if cfg.runtime.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=f"prefstream-trainer-{cfg.model_name}-{uuid.uuid4().hex[:6]}",
-                storage_path=str(Path(cfg.ray_storage_path).expanduser().resolve()),
-                failure_config=FailureConfig(max_failures=cfg.ray_max_failures),
+                name=f"prefstream-trainer-{cfg.model.model_name}-{uuid.uuid4().hex[:6]}",
+                storage_path=str(Path(cfg.runtime.ray_storage_path).expanduser().resolve()),
+                failure_config=FailureConfig(max_failures=cfg.runtime.ray_max_failures),
             ),
         )
         trainer.fit()

@@ -1,8 +1,8 @@
-"""Assembling a running trainer from its config: store, registry, resume point, engine, source, loop.
+"""Assembling a running trainer from its config: store, registry, resume point, learner, source, loop.
 
 Both execution paths call :func:`run_leader`: the in-process path (``num_workers=0``) directly, the
 Ray path on every DDP worker (rank 0 builds the Kafka source, store, gate and loop; the others only
-an Engine that follows rank 0's steps, see :mod:`trainer.ray_train`).
+an Learner that follows rank 0's steps, see :mod:`trainer.ray_train`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from services.checkpoints import CheckpointRef, CheckpointStore
 from services.data import load_openpipe_jsonl
 from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
-from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights, load_model
+from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights
 from trainer.config import TrainerConfig
-from trainer.engine import Engine
-from trainer.evaluation import EvalSet, evaluate
+from trainer.evaluation import EvalSet
+from trainer.learner import Learner
+from trainer.objectives import Objective, objective_for
 from trainer.gate import Gate, kafka_announcer
 from trainer.loop import ContinualTrainer, RunSummary, StepFn
 from trainer.replay import ReservoirBuffer
@@ -46,74 +47,80 @@ def connect_services(cfg: TrainerConfig) -> Services:
     """Checkpoint store; with ``publish``, the registry; with a Kafka address, a durable producer."""
     from services.kafka import make_producer
 
-    store = CheckpointStore(cfg.checkpoint_url)
-    producer = make_producer(cfg.kafka_bootstrap) if cfg.kafka_bootstrap else None
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    producer = make_producer(cfg.stream.kafka_bootstrap) if cfg.stream.kafka_bootstrap else None
     registry = None
-    if cfg.publish:
+    if cfg.gate.publish:
         from services.redis_client import connect, ping
         from services.registry import ModelRegistry
 
-        client = connect(cfg.redis_url)
+        client = connect(cfg.gate.redis_url)
         ping(client)
-        announce = kafka_announcer(producer, MODEL_UPDATES.name) if cfg.announce and producer is not None else None
+        announce = kafka_announcer(producer, MODEL_UPDATES.name) if cfg.gate.announce and producer is not None else None
         registry = ModelRegistry(client, announce=announce)
     return Services(store=store, registry=registry, producer=producer)
 
 
 def apply_runtime_settings(cfg: TrainerConfig) -> None:
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
+    if cfg.optim.torch_threads:
+        torch.set_num_threads(cfg.optim.torch_threads)
+    torch.manual_seed(cfg.optim.seed)
 
 
 def build_eval_set(cfg: TrainerConfig, point: ResumePoint | None = None) -> EvalSet:
-    file_records = load_openpipe_jsonl(cfg.eval_data) if cfg.eval_data else []
-    eval_set = EvalSet(cfg.eval_max_records, file_records, seed=cfg.seed)
+    file_records = load_openpipe_jsonl(cfg.gate.eval_data) if cfg.gate.eval_data else []
+    eval_set = EvalSet(cfg.gate.eval_max_records, file_records, seed=cfg.optim.seed)
     if point is not None:
         eval_set.restore_topic_records(point.eval_topic_records)
     return eval_set
 
 
-def build_engine(cfg: TrainerConfig, point: ResumePoint, **engine_kw: Any) -> Engine:
-    model = load_model(cfg, point)
-    engine = Engine(model, cfg, start_step=point.step, **engine_kw)
-    if point.optimizer_path and cfg.save_optimizer_state:
-        engine.load_optimizer_state(torch.load(point.optimizer_path, map_location=engine.device))
-    live = load_live_weights(point) if cfg.save_optimizer_state else None
+def build_learner(cfg: TrainerConfig, point: ResumePoint, objective: Objective | None = None,
+                  **learner_kw: Any) -> Learner:
+    """The learner a (re)started trainer goes on with: the resume folder's weights, and when resuming our
+    own checkpoint its objective state, optimizer moments and live weights (as configured)."""
+    objective = objective or objective_for(cfg)
+    model = objective.load(point.model_path)
+    if point.source == "checkpoint":
+        objective.load_state(Path(point.model_path))
+    learner = Learner(objective, model, cfg, start_step=point.step, **learner_kw)
+    if point.optimizer_path and cfg.checkpoint.save_optimizer_state:
+        learner.load_optimizer_state(torch.load(point.optimizer_path, map_location=learner.device))
+    live = load_live_weights(point) if cfg.checkpoint.save_optimizer_state else None
     if live is not None:
-        engine.load_live_state(live)
-    return engine
+        learner.load_live_state(live)
+    return learner
 
 
 def run_leader(
     cfg: TrainerConfig,
     services: Services,
     point: ResumePoint,
-    engine: Engine,
+    learner: Learner,
     *,
     step_fn: StepFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_idle: Callable[[], None] = lambda: None,
 ) -> RunSummary:
     """Rank 0 (or the only process): consume, train, checkpoint, gate."""
-    replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=cfg.seed + point.step)
+    replay: ReservoirBuffer = ReservoirBuffer(cfg.stream.replay_capacity, seed=cfg.optim.seed + point.step)
     if point.replay_records:
         replay.restore(point.replay_records, point.replay_seen, point.replay_counts)
     eval_set = build_eval_set(cfg, point)
-    gate = Gate(cfg, services.registry, eval_set) if services.registry is not None else None
+    gate = Gate(cfg, services.registry, eval_set, learner.objective) if services.registry is not None else None
     if gate is not None and point.source == "checkpoint" and point.records_count and not gate.recorded(point.version):
         # The previous run died between making this checkpoint durable and gating it.
-        ref = CheckpointRef(cfg.model_name, point.version, point.uri, Path(point.model_path))
-        with engine.serving_weights():
-            result = evaluate(engine.model, eval_set.records, cfg.eval_batch_size) if len(eval_set) else None
+        ref = CheckpointRef(cfg.model.model_name, point.version, point.uri, Path(point.model_path))
+        with learner.serving_weights():
+            result = learner.objective.evaluate(learner.model, eval_set.records) if len(eval_set) else None
         gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
-    source = KafkaSource(cfg.kafka_bootstrap, cfg.topic, cfg.group_id, start_offsets=point.offsets,
+    source = KafkaSource(cfg.stream.kafka_bootstrap, cfg.stream.topic, cfg.stream.group_id, start_offsets=point.offsets,
                          dead_letter_topic=DEAD_LETTER.name, producer=services.producer)
     lineage = LineageState(step=point.step, records_seen=point.records_seen, replayed_records=point.replayed_records,
                            previous_version=point.version if point.source == "checkpoint" else "",
                            parent=point.parent, base_model=point.base_model)
-    log.info("trainer %s: %s", cfg.model_name, point.describe())
-    loop = ContinualTrainer(cfg, engine, source, lineage=lineage, replay=replay, eval_set=eval_set,
+    log.info("trainer %s: %s", cfg.model.model_name, point.describe())
+    loop = ContinualTrainer(cfg, learner, source, lineage=lineage, replay=replay, eval_set=eval_set,
                             store=services.store, gate=gate, step_fn=step_fn, should_stop=should_stop,
                             on_idle=on_idle)
     try:
@@ -127,8 +134,9 @@ def run_in_process(cfg: TrainerConfig, should_stop: Callable[[], bool] = lambda:
     apply_runtime_settings(cfg)
     services = connect_services(cfg)
     try:
-        point = find_resume_point(cfg, services.store, services.registry)
-        engine = build_engine(cfg, point)
-        return run_leader(cfg, services, point, engine, should_stop=should_stop)
+        objective = objective_for(cfg)
+        point = find_resume_point(cfg, services.store, services.registry, objective=objective)
+        learner = build_learner(cfg, point, objective)
+        return run_leader(cfg, services, point, learner, should_stop=should_stop)
     finally:
         services.close()

@@ -22,10 +22,10 @@ def serve(cfg: TrainerConfig, *, log_level: str = "INFO") -> int:
     cfg = cfg.with_endpoints()
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kafka").setLevel(logging.WARNING)  # per-connection INFO chatter
-    log.info("trainer %s: topic %s, group %s, kafka %s, store %s, %s", cfg.model_name, cfg.topic, cfg.group_id,
-             cfg.kafka_bootstrap, cfg.checkpoint_url,
-             f"Ray Train with {cfg.num_workers} worker(s) at {cfg.ray_address}" if cfg.num_workers else "in-process")
-    if cfg.num_workers:
+    log.info("trainer %s: topic %s, group %s, kafka %s, store %s, %s", cfg.model.model_name, cfg.stream.topic, cfg.stream.group_id,
+             cfg.stream.kafka_bootstrap, cfg.checkpoint.checkpoint_url,
+             f"Ray Train with {cfg.runtime.num_workers} worker(s) at {cfg.runtime.ray_address}" if cfg.runtime.num_workers else "in-process")
+    if cfg.runtime.num_workers:
         from trainer.ray_train import run_on_ray
 
         summary: Any = run_on_ray(cfg, log_level=log_level)
@@ -33,7 +33,7 @@ def serve(cfg: TrainerConfig, *, log_level: str = "INFO") -> int:
         return 0
     from trainer.runtime import run_in_process
 
-    serve_metrics(cfg.metrics_port)
+    serve_metrics(cfg.runtime.metrics_port)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

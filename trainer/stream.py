@@ -47,6 +47,10 @@ class Source(Protocol):
 
     def revoked(self) -> bool: ...
 
+    def reject(self, item: StreamItem, reason: str, field: str) -> None:
+        """A decoded record the objective cannot train on: dead-lettered; its offset still advances."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -127,6 +131,9 @@ class KafkaSource:
                 out.append(StreamItem(rec, tp.partition, msg.offset))
         return out
 
+    def reject(self, item: StreamItem, reason: str, field: str) -> None:
+        self._dead_letter(item.partition, item.offset, item.record.to_kafka(), InvalidArgument(field, reason))
+
     def _dead_letter(self, partition: int, offset: int, value: bytes, err: PrefstreamError) -> None:
         self.dead_letters += 1
         log.warning("skipping undecodable record %s[%d]@%d: %s", self.topic, partition, offset, err)
@@ -180,6 +187,7 @@ class ListSource:
         self._records = list(records)
         self._next = start_offset
         self.committed: dict[int, int] = {}
+        self.rejected: list[tuple[str, str]] = []  # (record_id, reason) of records the objective refused
 
     def poll(self, max_records: int, timeout_s: float) -> list[StreamItem]:
         chunk = self._records[self._next:self._next + max_records]
@@ -195,6 +203,9 @@ class ListSource:
 
     def revoked(self) -> bool:
         return False
+
+    def reject(self, item: StreamItem, reason: str, field: str) -> None:
+        self.rejected.append((item.record.record_id, f"{field}: {reason}"))
 
     def exhausted(self) -> bool:
         return self._next >= len(self._records)

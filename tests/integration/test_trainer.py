@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.config import replace as config_replace
 from services.checkpoints import CheckpointStore
 from services.registry import ModelRegistry
 from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
@@ -137,7 +138,7 @@ def dead_letters(bootstrap: str, source_topic: str) -> list:
 def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     tmp_path: Path, kafka_bootstrap: str, redis_url: str, ray_address: str
 ) -> None:
-    from trainer.config import TrainerConfig
+    from trainer.config import TrainerConfig, trainer_config
     from trainer.ray_train import run_on_ray
 
     topic = new_topic(kafka_bootstrap)
@@ -145,7 +146,7 @@ def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     held_out = records(4, start=100, split="test", tag="ray")
     produce(kafka_bootstrap, topic, train[:12] + held_out + train[12:])
     name = f"ray-{uuid.uuid4().hex[:6]}"
-    cfg = TrainerConfig(
+    cfg = trainer_config(
         base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, lr=1e-3, warmup_steps=0,
         batch_size=4, replay_ratio=0.5, topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka_bootstrap,
         redis_url=redis_url, ray_address=ray_address, num_workers=2, checkpoint_url=str(tmp_path / "ckpt"),
@@ -154,7 +155,7 @@ def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     )
     summary = run_on_ray(cfg)
     assert summary["world_size"] == 2 and summary["records"] == 24, summary
-    store = CheckpointStore(cfg.checkpoint_url)
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
     refs = store.list(name)
     metas = [store.read_metadata(r) for r in refs]
     assert all(m["trainer"]["world_size"] == 2 for m in metas)
@@ -162,9 +163,9 @@ def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     assert sorted(ids) == sorted(r.record_id for r in train)  # each TRAIN record exactly once
     assert metas[-1]["eval"]["pairs"] == 4 and metas[-1]["eval_topic_records"] == 4
     assert sum(int(v) for v in metas[-1]["offsets"].values()) == 28
-    assert committed(kafka_bootstrap, topic, cfg.group_id) == {int(p): o for p, o in metas[-1]["offsets"].items()}
+    assert committed(kafka_bootstrap, topic, cfg.stream.group_id) == {int(p): o for p, o in metas[-1]["offsets"].items()}
     # weights moved away from the base model
-    base = RewardModel.from_pretrained(cfg.base_model).hf_model.state_dict()
+    base = RewardModel.from_pretrained(cfg.model.base_model).hf_model.state_dict()
     final = RewardModel.from_pretrained(store.open(refs[-1])).hf_model.state_dict()
     assert any(not torch.equal(base[k], final[k]) for k in base)
     registry = ModelRegistry(__import__("redis").Redis.from_url(redis_url))
@@ -256,17 +257,19 @@ def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
 def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_one(
     tmp_path: Path, redis_client, kafka_bootstrap: str
 ) -> None:
-    from trainer.checkpointing import LineageState, find_resume_point, load_model
-    from trainer.config import TrainerConfig
-    from trainer.engine import Engine
+    from trainer.checkpointing import LineageState, find_resume_point
+    from trainer.runtime import build_learner
+    from trainer.config import TrainerConfig, trainer_config
+    from trainer.learner import Learner
     from trainer.evaluation import EvalSet, evaluate
     from trainer.gate import Gate, kafka_announcer
+    from trainer.objectives import objective_for
     from trainer.loop import ContinualTrainer
     from trainer.replay import ReservoirBuffer
     from trainer.stream import ListSource
 
     name = f"gate-{uuid.uuid4().hex[:6]}"
-    cfg = TrainerConfig(base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, lr=3e-3,
+    cfg = trainer_config(base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, lr=3e-3,
                         warmup_steps=0, batch_size=4, checkpoint_url=str(tmp_path / "ckpt"),
                         checkpoint_every_records=16, checkpoint_every_s=0, max_batch_wait_s=0, poll_timeout_s=0.01,
                         gate_tolerance=0.05, eval_max_records=8)
@@ -274,17 +277,17 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
 
     producer = make_producer(kafka_bootstrap)
     registry = ModelRegistry(redis_client, announce=kafka_announcer(producer, MODEL_UPDATES.name))
-    store = CheckpointStore(cfg.checkpoint_url)
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
     eval_set = EvalSet(8, records(8, start=500, split="test", tag="g"))
 
     def run(max_records: int, lr: float, source_start: int) -> ContinualTrainer:
-        c = dataclasses.replace(cfg, max_records=max_records, lr=lr)
+        c = config_replace(cfg, max_records=max_records, lr=lr)
         point = find_resume_point(c, store, registry)
-        engine = Engine(load_model(c, point), c, start_step=point.step)
+        learner = build_learner(c, point)
         loop = ContinualTrainer(
-            c, engine, ListSource(records(64, tag="g"), start_offset=source_start),
+            c, learner, ListSource(records(64, tag="g"), start_offset=source_start),
             lineage=LineageState(step=point.step, records_seen=point.records_seen, base_model=point.base_model),
-            replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set))
+            replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set, objective_for(c)))
         loop.run()
         return loop
 
@@ -296,13 +299,13 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     # a poisoned update: 48 records with the ranking reversed (the good run learned from 16), one
     # checkpoint; a huge learning rate for a few steps instead made a candidate that depended on the seed
     flipped = [dataclasses.replace(r, ranked_responses=r.ranked_responses[::-1]) for r in records(64, tag="g")]
-    c = dataclasses.replace(cfg, max_records=64, checkpoint_every_records=48)
+    c = config_replace(cfg, max_records=64, checkpoint_every_records=48)
     point = find_resume_point(c, store, registry)
-    engine = Engine(load_model(c, point), c, start_step=point.step)
+    learner = build_learner(c, point)
     bad = ContinualTrainer(
-        c, engine, ListSource(flipped, start_offset=16),
+        c, learner, ListSource(flipped, start_offset=16),
         lineage=LineageState(step=point.step, records_seen=point.records_seen, base_model=point.base_model),
-        replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set))
+        replay=ReservoirBuffer(0), eval_set=eval_set, store=store, gate=Gate(c, registry, eval_set, objective_for(c)))
     bad.run()
     assert bad.summary.rejected, bad.summary
     v2 = bad.summary.rejected[-1]
@@ -318,7 +321,7 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
 
     # the served accuracy is recomputed from the served checkpoint when the eval set changes
     bigger = EvalSet(12, records(12, start=500, split="test", tag="g"))
-    gate = Gate(cfg, registry, bigger)
+    gate = Gate(cfg, registry, bigger, objective_for(cfg))
     target, served = gate.served()
     expected = evaluate(RewardModel.from_pretrained(store.open(store.get(name, v1))), bigger.records)
     assert target.version == v1 and served.accuracy == pytest.approx(expected.accuracy)
@@ -333,7 +336,7 @@ def test_offline_publish_then_continual_training_warm_starts_from_it(
     tmp_path: Path, kafka_bootstrap: str, redis_url: str, capsys
 ) -> None:
     from prefstream.cli import main
-    from trainer.config import TrainerConfig
+    from trainer.config import TrainerConfig, trainer_config
     from trainer.runtime import run_in_process
 
     name = f"warm-{uuid.uuid4().hex[:6]}"
@@ -361,7 +364,7 @@ def test_offline_publish_then_continual_training_warm_starts_from_it(
     raw.send(topic, key=b"junk", value=b'{"record_id": "x", "ranked_responses": ["only one"]}').get(timeout=30)
     raw.close()
     produce(kafka_bootstrap, topic, records(4, start=4, tag="w"))
-    cfg = TrainerConfig(model_name=name, max_length=64, batch_size=4, topic=topic, group_id=f"g-{name}",
+    cfg = trainer_config(model_name=name, max_length=64, batch_size=4, topic=topic, group_id=f"g-{name}",
                         kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, checkpoint_url=str(ckpt),
                         checkpoint_every_records=8, max_records=8, idle_exit_s=60, eval_data=str(data))
     run_in_process(cfg)

@@ -9,11 +9,11 @@ from services.checkpoints import CheckpointStore
 from services.reward_model import RewardModel
 from trainer.averaging import WeightAverage, ema_decay_at
 from trainer.checkpointing import LIVE_WEIGHTS_FILE, find_resume_point
-from trainer.engine import Engine
-from trainer.runtime import build_engine
+from trainer.learner import Learner
+from trainer.runtime import build_learner
 from trainer.stream import ListSource
 
-from tests.unit.test_trainer_engine import _loop, config, make_records, tiny_model
+from tests.unit.test_trainer_learner import _loop, config, make_records, tiny_model
 
 
 def test_decay_warms_up_then_caps() -> None:
@@ -59,18 +59,18 @@ def test_swapped_in_restores_the_live_weights_even_after_an_error() -> None:
 
 def test_engine_serves_the_average_and_trains_the_live_weights(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path), ema_decay=0.9)
-    engine = Engine(RewardModel.from_pretrained(cfg.base_model), cfg)
+    learner = Learner.of(RewardModel.from_pretrained(cfg.model.base_model), cfg)
     for _ in range(5):
-        engine.train(make_records(4, k=3))
-    params = list(engine.model.hf_model.parameters())
+        learner.train(make_records(4, k=3))
+    params = list(learner.model.hf_model.parameters())
     live = [p.detach().clone() for p in params]
-    with engine.serving_weights():
+    with learner.serving_weights():
         served = [p.detach().clone() for p in params]
-    assert all(torch.equal(a, s) for a, s in zip(served, engine.average.shadow))
+    assert all(torch.equal(a, s) for a, s in zip(served, learner.average.shadow))
     assert not all(torch.equal(a, b) for a, b in zip(served, live))
     assert all(torch.equal(a, b) for a, b in zip(params, live))  # back to the live weights
 
-    off = Engine(RewardModel.from_pretrained(cfg.base_model), config(tmp_path, cfg.base_model, ema_decay=0.0))
+    off = Learner.of(RewardModel.from_pretrained(cfg.model.base_model), config(tmp_path, cfg.model.base_model, ema_decay=0.0))
     assert off.average is None and off.live_state() is None
     with off.serving_weights():
         pass
@@ -80,31 +80,31 @@ def test_checkpoint_holds_the_average_and_an_exact_resume_gets_the_live_weights_
     cfg = config(tmp_path, tiny_model(tmp_path), ema_decay=0.9, save_optimizer_state=True, max_records=8)
     loop = _loop(cfg, ListSource(make_records(8, k=3)))
     loop.run()
-    params = list(loop.engine.model.hf_model.parameters())
+    params = list(loop.learner.model.hf_model.parameters())
     live = [p.detach().clone() for p in params]
-    average = [s.clone() for s in loop.engine.average.shadow]
+    average = [s.clone() for s in loop.learner.average.shadow]
 
-    point = find_resume_point(cfg, CheckpointStore(cfg.checkpoint_url))
+    point = find_resume_point(cfg, CheckpointStore(cfg.checkpoint.checkpoint_url))
     assert point.live_weights_path.endswith(LIVE_WEIGHTS_FILE)
     folder = RewardModel.from_pretrained(point.model_path)  # what the scorer loads: the average
     assert all(torch.allclose(a, b) for a, b in zip(folder.hf_model.parameters(), average))
 
-    resumed = build_engine(cfg, point)
+    resumed = build_learner(cfg, point)
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.hf_model.parameters(), live))
     assert all(torch.equal(a, b) for a, b in zip(resumed.average.shadow, average))
 
-    lean = config(tmp_path, cfg.base_model, ema_decay=0.9)  # no exact resume: go on from the average
-    assert not (point.live_weights_path and lean.save_optimizer_state)
-    from_average = build_engine(lean, point)
+    lean = config(tmp_path, cfg.model.base_model, ema_decay=0.9)  # no exact resume: go on from the average
+    assert not (point.live_weights_path and lean.checkpoint.save_optimizer_state)
+    from_average = build_learner(lean, point)
     assert all(torch.allclose(a, b) for a, b in zip(from_average.model.hf_model.parameters(), average))
 
 
 def test_ema_decay_is_validated(tmp_path) -> None:
     from services.config import ConfigError
 
-    from trainer.config import TrainerConfig
+    from trainer.config import TrainerConfig, trainer_config
 
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ConfigError, match="^ema_decay:"):
-            TrainerConfig(ema_decay=bad).validate()
-    TrainerConfig(ema_decay=0.0).validate()
+            trainer_config(ema_decay=bad).validate()
+    trainer_config(ema_decay=0.0).validate()

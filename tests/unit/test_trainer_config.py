@@ -11,20 +11,20 @@ from transformers import AutoTokenizer, BertConfig
 from prefstream.cli import build_parser, main
 from services.config import ConfigError
 from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
-from trainer.config import TrainerConfig, load_trainer_config
+from trainer.config import TrainerConfig, load_trainer_config, trainer_config
 
 PAIR = {"messages": [{"role": "user", "content": "question"}, {"role": "assistant", "content": "yes , a helpful answer"}],
         "rejected_message": {"role": "assistant", "content": "no"}}
 
 
 def test_defaults_validate_and_layers_apply_in_order(tmp_path) -> None:
-    TrainerConfig().validate()
+    trainer_config().validate()
     f = tmp_path / "t.yaml"
     f.write_text("trainer:\n  batch_size: 8\n  lr: 0.001\n  attributes: helpfulness,verbosity\n")
     env = {"PREFSTREAM_TRAINER_BATCH_SIZE": "32", "PREFSTREAM_TRAINER_USE_MARGIN": "true"}
     cfg = load_trainer_config(f, overrides={"batch_size": "4", "lr": None}, env=env)
-    assert cfg.batch_size == 4 and cfg.lr == 0.001 and cfg.use_margin is True  # flag > env > file
-    assert cfg.attributes == ("helpfulness", "verbosity")
+    assert cfg.optim.batch_size == 4 and cfg.optim.lr == 0.001 and cfg.reward.use_margin is True  # flag > env > file
+    assert cfg.model.attributes == ("helpfulness", "verbosity")
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -47,9 +47,9 @@ def test_bad_values_name_the_field(overrides, field) -> None:
 
 def test_every_field_is_a_flag_of_trainer_run() -> None:
     args = build_parser().parse_args(["trainer", "run", "--num-workers", "2", "--use-gpu", "--replay-ratio", "0.25"])
-    from trainer.cli import overrides_from
+    from services.config import overrides_from_args
 
-    assert overrides_from(args) == {"num_workers": "2", "use_gpu": True, "replay_ratio": "0.25"}
+    assert overrides_from_args(args, TrainerConfig) == {"num_workers": "2", "use_gpu": True, "replay_ratio": "0.25"}
 
 
 def _tiny(tmp_path) -> str:

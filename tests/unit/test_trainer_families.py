@@ -1,7 +1,7 @@
 """The trainer's step works for every backbone family services.reward_model supports.
 
 Decoder-only (Llama: last-token pooling) and T5 (encoder-decoder classification head) models, tiny and
-built from configs with word-level tokenizers, train through the same Engine as the MiniLM default.
+built from configs with word-level tokenizers, train through the same Learner as the MiniLM default.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast, T5Config
 
 from services.reward_model import RewardModel, RewardModelSpec
 from services.schemas import ChatMessage, PreferenceRecord
-from trainer.config import TrainerConfig
-from trainer.engine import Engine
+from trainer.config import TrainerConfig, trainer_config
+from trainer.learner import Learner
 
 WORDS = ["User:", "Assistant:", "question", "yes", "good", "answer", "no", "bad", "maybe", "okay"]
 
@@ -51,13 +51,13 @@ def tiny(kind: str) -> RewardModel:
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_engine_trains_decoder_and_t5_backbones(kind: str, tmp_path) -> None:
     model = tiny(kind)
-    cfg = TrainerConfig(base_model=str(tmp_path), max_length=32, lr=3e-3, warmup_steps=0, batch_size=4)
-    engine = Engine(model, cfg)
+    cfg = trainer_config(base_model=str(tmp_path), max_length=32, lr=3e-3, warmup_steps=0, batch_size=4)
+    learner = Learner.of(model, cfg)
     before = [p.detach().clone() for p in model.hf_model.parameters()]
     records = [PreferenceRecord(record_id=f"{kind}{i}", prompt=(ChatMessage("user", "question " * (i + 1)),),
                                 ranked_responses=("yes good answer", "maybe okay", "no bad"))
                for i in range(4)]  # K=3 rankings, prompts of different lengths
-    losses = [engine.train(records).loss for _ in range(12)]
+    losses = [learner.train(records).loss for _ in range(12)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.hf_model.parameters()))

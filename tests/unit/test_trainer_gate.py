@@ -19,9 +19,10 @@ from services.config import ConfigError
 from services.registry import ModelVersion
 from services.reward_model import RewardModel
 from services.schemas import ChatMessage, PreferenceRecord
-from tests.unit.test_trainer_engine import tiny_model
-from trainer.config import TrainerConfig, load_trainer_config
+from tests.unit.test_trainer_learner import tiny_model
+from trainer.config import TrainerConfig, load_trainer_config, trainer_config
 from trainer.evaluation import EvalResult, EvalSet, canonical_order, evaluate
+from trainer.objectives import objective_for
 from trainer.gate import Decision, Gate, PairedDrop, decide
 
 Z90 = NormalDist().inv_cdf(0.9)  # 1.2816
@@ -135,8 +136,8 @@ def test_first_version_and_no_evaluation_records() -> None:
 
 
 def test_gate_confidence_is_validated() -> None:
-    assert TrainerConfig().gate_confidence == 0.9
-    assert load_trainer_config(overrides={"gate_confidence": "0.5"}, env={}).gate_confidence == 0.5
+    assert trainer_config().gate.gate_confidence == 0.9
+    assert load_trainer_config(overrides={"gate_confidence": "0.5"}, env={}).gate.gate_confidence == 0.5
     for bad in ("1", "0.4", "nan"):
         with pytest.raises(ConfigError, match="^gate_confidence: .*0.5 <= gate_confidence < 1"):
             load_trainer_config(overrides={"gate_confidence": bad}, env={})
@@ -210,8 +211,8 @@ class TargetOnly:
 
 
 def served_checkpoint(tmp_path, model: RewardModel, eval_meta: dict | None) -> tuple[TrainerConfig, ModelVersion]:
-    cfg = TrainerConfig(model_name="gate", max_length=64, checkpoint_url=str(tmp_path / "ckpt"))
-    store = CheckpointStore(cfg.checkpoint_url)
+    cfg = trainer_config(model_name="gate", max_length=64, checkpoint_url=str(tmp_path / "ckpt"))
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
     ref = store.write("gate", "v000001", model.save, {"eval": eval_meta})
     return cfg, ModelVersion(name="gate", version="v000001", uri=ref.uri)
 
@@ -223,7 +224,7 @@ def test_served_outcomes_come_from_the_served_metadata(tmp_path, model: RewardMo
     flipped = "".join("0" if o == "1" else "1" for o in recorded.outcomes)
     meta = {**recorded.to_dict(), "accuracy": flipped.count("1") / recorded.pairs, "outcomes": flipped}
     cfg, target = served_checkpoint(tmp_path, model, meta)
-    gate = Gate(cfg, TargetOnly(target), eval_set)
+    gate = Gate(cfg, TargetOnly(target), eval_set, objective_for(cfg))
     version, served = gate.served()
     assert version == target and served.outcomes == flipped
     assert gate.served()[1] is served  # cached with its outcomes
@@ -234,12 +235,12 @@ def test_metadata_without_outcomes_loads_the_served_checkpoint(tmp_path, model: 
     recorded = evaluate(model, eval_set.records, batch_size=8)
     old = {k: v for k, v in recorded.to_dict().items() if k != "outcomes"}
     cfg, target = served_checkpoint(tmp_path, model, old)
-    _, served = Gate(cfg, TargetOnly(target), eval_set).served()
+    _, served = Gate(cfg, TargetOnly(target), eval_set, objective_for(cfg)).served()
     assert served.outcomes == recorded.outcomes and served.accuracy == pytest.approx(recorded.accuracy)
 
     # ... and when that checkpoint cannot be loaded either, the accuracy alone: decide() goes unpaired
     (tmp_path / "ckpt" / "gate" / "v000001" / "model.safetensors").write_bytes(b"corrupt")
-    _, accuracy_only = Gate(cfg, TargetOnly(target), eval_set).served()
+    _, accuracy_only = Gate(cfg, TargetOnly(target), eval_set, objective_for(cfg)).served()
     assert accuracy_only.outcomes == "" and accuracy_only.accuracy == recorded.accuracy
     d = decide(recorded, "v000001", accuracy_only.accuracy, served_outcomes=accuracy_only.outcomes,
                tolerance=0.0, publish_without_eval=True)

@@ -1,10 +1,11 @@
 """The one training step every path shares: in-process, each Ray Train DDP worker, offline and bench.
 
-``Engine`` owns a reward model, its optimizer and LR schedule, and turns a list of PreferenceRecords
-into one optimiser step: collate (every response once, length buckets) -> one forward of the
-:class:`RankingScorer` module (the unit DDP wraps) -> regroup into ``(B, Kmax)`` -> loss -> backward
--> clip -> step.  Under DDP each rank trains on its slice of the same micro-batch with its loss
-scaled so that DDP's gradient average equals the gradient of the whole micro-batch's mean loss.
+``Learner`` owns a model, its optimizer, LR schedule and weight average, and turns a list of
+PreferenceRecords into one optimiser step through its :class:`~trainer.objectives.base.Objective`:
+collate -> one forward of the objective's module (the unit DDP wraps) -> loss -> backward -> clip ->
+step.  It does not know which kind of model it trains.  Under DDP each rank trains on its slice of
+the same micro-batch with its loss scaled so that DDP's gradient average equals the gradient of the
+whole micro-batch's mean loss.
 """
 
 from __future__ import annotations
@@ -20,29 +21,13 @@ import torch
 from torch import nn
 
 from services.precision import bf16_native
-from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
 from trainer.averaging import WeightAverage
-from trainer.batching import RankingBatch, collate, expand_rankings_to_pairs, regroup, unbucket
 from trainer.config import TrainerConfig
-from trainer.losses import attribute_regression_loss, kwise_ranking_loss
+from trainer.objectives.base import Batch, Objective
 from trainer.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The loss part of TrainerConfig, as the step function needs it."""
-
-    loss: str = "kwise"
-    use_margin: bool = False
-    center_rewards_coefficient: float = 0.0
-    attribute_loss_weight: float = 1.0
-
-    @classmethod
-    def from_config(cls, cfg: TrainerConfig) -> "LossSettings":
-        return cls(cfg.loss, cfg.use_margin, cfg.center_rewards_coefficient, cfg.attribute_loss_weight)
 
 
 @dataclass(frozen=True)
@@ -51,52 +36,13 @@ class StepStats:
 
     step: int
     loss: float
-    preference_loss: float
-    attribute_loss: float
     pair_accuracy: float
+    parts: dict[str, float]  # the objective's loss terms, e.g. preference_loss, attribute_loss
     lr: float
     records: int
     sequences: int
     padded_tokens: int
     seconds: float
-
-
-class RankingScorer(nn.Module):
-    """Runs the HF head over every length bucket in one ``forward`` and returns flat logits.
-
-    One module call per step is what DDP expects (it arms its gradient hooks once per forward), so the
-    bucket loop lives inside the module rather than around it.
-    """
-
-    def __init__(self, hf_model: nn.Module) -> None:
-        super().__init__()
-        self.hf_model = hf_model
-
-    def forward(self, bucket_inputs: list[dict[str, torch.Tensor]], buckets: list[torch.Tensor], n: int) -> torch.Tensor:
-        outs = [self.hf_model(**inp).logits for inp in bucket_inputs]  # each (n_b, 1 + A)
-        return unbucket(outs, buckets, n)  # (N, 1 + A)
-
-
-def ranking_loss(
-    logits: torch.Tensor, batch: RankingBatch, settings: LossSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of a batch from its flat logits ``# (N, 1 + A)``, and its parts for logging."""
-    rewards, mask = regroup(logits[:, 0], batch.owner, batch.position, batch.num_rankings, batch.kmax)  # (B, Kmax)
-    margin = batch.margins if settings.use_margin else None
-    pref = kwise_ranking_loss(rewards, mask, margin, settings.center_rewards_coefficient, batch.weights)
-    total = pref
-    attr_value = 0.0
-    if logits.shape[1] > 1 and settings.attribute_loss_weight > 0:
-        row_weights = batch.weights[batch.owner] if batch.weights is not None else None  # (N,)
-        attr = attribute_regression_loss(logits[:, 1:], batch.attr_target, batch.attr_mask, row_weights)  # (N, A)
-        total = total + settings.attribute_loss_weight * attr
-        attr_value = float(attr.detach())
-    with torch.no_grad():
-        i, j = torch.triu_indices(batch.kmax, batch.kmax, offset=1, device=rewards.device)
-        valid = mask[:, i] & mask[:, j]  # (B, P)
-        correct = (rewards[:, i] > rewards[:, j]) & valid
-        accuracy = float(correct.sum()) / max(int(valid.sum()), 1)
-    return total, {"preference_loss": float(pref.detach()), "attribute_loss": attr_value, "pair_accuracy": accuracy}
 
 
 def shard(
@@ -164,12 +110,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Engine:
-    """A reward model with its optimizer and schedule; ``train(records)`` is one optimiser step."""
+class Learner:
+    """A model with its optimizer and schedule; ``train(records)`` is one optimiser step."""
 
     def __init__(
         self,
-        model: RewardModel,
+        objective: Objective,
+        model: Any,
         cfg: TrainerConfig,
         *,
         start_step: int = 0,
@@ -178,32 +125,39 @@ class Engine:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        """``wrap(module) -> module`` wraps the scorer for distributed training (Ray's prepare_model)."""
+        """``wrap(module) -> module`` wraps the objective's module for distributed training (Ray's prepare_model)."""
         self.cfg = cfg
+        self.objective = objective
         self.model = model
-        self.settings = LossSettings.from_config(cfg)
         self.rank, self.world_size = rank, world_size
-        self.device = device or pick_device(cfg.device)
+        self.device = device or pick_device(cfg.optim.device)
         # bf16 autocast only where bf16 is native: elsewhere it is emulated and slower than fp32.
-        self.autocast = uses_bf16_autocast(cfg.autocast, self.device)
+        self.autocast = uses_bf16_autocast(cfg.model.autocast, self.device)
+        module = objective.module(model)
         if self.autocast:
             log.info("training with bf16 autocast on %s (fp32 master weights)", self.device)
             if self.device.type == "cpu":
-                eager_attention_for_cpu_bf16(model.hf_model)
-        self.model.to(self.device)
-        if cfg.disable_dropout:
-            disable_dropout(model.hf_model)
-        self.scorer = RankingScorer(model.hf_model)
-        self.module: nn.Module = wrap(self.scorer) if wrap is not None else self.scorer
-        params = [p for p in model.hf_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, start_step)
+                eager_attention_for_cpu_bf16(getattr(model, "hf_model", module))
+        model.to(self.device)
+        if cfg.model.disable_dropout:
+            disable_dropout(module)
+        self.module: nn.Module = wrap(module) if wrap is not None else module
+        self.params = objective.parameters(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, start_step)
         self.step = start_step
         #: the weight average that is evaluated, saved and served (None: the live weights are)
-        self.average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
+        self.average = WeightAverage(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+
+    @classmethod
+    def of(cls, model: Any, cfg: TrainerConfig, **kw: Any) -> "Learner":
+        """A learner for ``model`` with the objective of ``cfg``'s model kind."""
+        from trainer.objectives import objective_for
+
+        return cls(objective_for(cfg), model, cfg, **kw)
 
     def serving_weights(self) -> AbstractContextManager[None]:
-        """``with engine.serving_weights():`` the model holds what gets evaluated, saved and served."""
+        """``with learner.serving_weights():`` the model holds what gets evaluated, saved and served."""
         return self.average.swapped_in() if self.average is not None else nullcontext()
 
     def live_state(self) -> dict[str, torch.Tensor] | None:
@@ -221,21 +175,9 @@ class Engine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def prepare(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None) -> RankingBatch:
-        """The batch this engine trains on for ``records`` (pairwise mode expands rankings first, each
-        pair keeping its ranking's weight)."""
-        rows = list(records)
-        if self.settings.loss == "pairwise":
-            rows = expand_rankings_to_pairs(records)
-            if weights is not None:
-                weights = [w for rec, w in zip(records, weights) for _ in range(rec.k * (rec.k - 1) // 2)]
-        return collate(
-            rows,
-            self.model.encode,
-            attributes=self.model.spec.attributes,
-            max_tokens_per_forward=self.cfg.max_tokens_per_forward,
-            weights=weights,
-        )
+    def prepare(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None) -> Batch:
+        """The batch this learner trains on for ``records``."""
+        return self.objective.batch(self.model, records, weights)
 
     def train(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None, *,
               sharded: bool = True) -> StepStats:
@@ -248,14 +190,13 @@ class Engine:
         batch = self.prepare(records, weights).to(self.device)
         self.module.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.module(batch.bucket_inputs(), batch.buckets, batch.num_sequences)  # (N, 1 + A)
-        loss, parts = ranking_loss(logits.float(), batch, self.settings)
+            loss, parts = self.objective.loss(self.module, batch)
         if not math.isfinite(float(loss.detach())):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower lr or check the data")
         (loss * scale).backward()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.hf_model.parameters(), self.cfg.max_grad_norm)
+        if self.cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
@@ -266,12 +207,11 @@ class Engine:
         return StepStats(
             step=self.step,
             loss=float(loss.detach()),
-            preference_loss=parts["preference_loss"],
-            attribute_loss=parts["attribute_loss"],
-            pair_accuracy=parts["pair_accuracy"],
+            pair_accuracy=parts.get("pair_accuracy", 0.0),
+            parts={k: v for k, v in parts.items() if k != "pair_accuracy"},
             lr=lr,
             records=len(records) if scale else 0,
-            sequences=batch.num_sequences,
+            sequences=batch.sequences,
             padded_tokens=batch.padded_tokens,
             seconds=time.perf_counter() - started,
         )
@@ -284,4 +224,4 @@ class Engine:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
         for group in self.optimizer.param_groups:  # the schedule, not the saved lr, decides the lr
-            group["lr"] = self.cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            group["lr"] = self.cfg.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)

@@ -1,4 +1,4 @@
-"""The shared step (Engine), the continual loop over an in-memory source, checkpoints and the gate rule.
+"""The shared step (Learner), the continual loop over an in-memory source, checkpoints and the gate rule.
 
 Models are tiny BERTs built from a config with the embedded MiniLM tokenizer: a few hundred KB of
 weights, milliseconds per step.
@@ -13,12 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
 
+from services.config import replace as config_replace
 from services.checkpoints import CheckpointStore
 from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
 from services.schemas import ChatMessage, PreferenceRecord
-from trainer.checkpointing import LineageState, find_resume_point, load_model
-from trainer.config import TrainerConfig
-from trainer.engine import Engine, shard
+from trainer.checkpointing import LineageState, find_resume_point
+from trainer.runtime import build_learner
+from trainer.config import TrainerConfig, trainer_config
+from trainer.learner import Learner, shard
 from trainer.evaluation import EvalSet, evaluate, fingerprint
 from trainer.gate import decide
 from trainer.loop import ContinualTrainer
@@ -56,28 +58,28 @@ def config(tmp_path, base: str, **kw) -> TrainerConfig:
                   checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every_records=8, checkpoint_every_s=0,
                   max_batch_wait_s=0, poll_timeout_s=0.01, publish=False, eval_max_records=16)
     values.update(kw)
-    return TrainerConfig(**values)
+    return trainer_config(**values)
 
 
 def test_tiny_model_trains_params_change_and_loss_falls(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path))
-    engine = Engine(RewardModel.from_pretrained(cfg.base_model), cfg)
-    before = [p.detach().clone() for p in engine.model.hf_model.parameters()]
+    learner = Learner.of(RewardModel.from_pretrained(cfg.model.base_model), cfg)
+    before = [p.detach().clone() for p in learner.model.hf_model.parameters()]
     records = make_records(8, k=3)
-    losses = [engine.train(records).loss for _ in range(25)]
+    losses = [learner.train(records).loss for _ in range(25)]
     assert losses[-1] < 0.5 * losses[0]
-    changed = sum(not torch.equal(a, b) for a, b in zip(before, engine.model.hf_model.parameters()))
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, learner.model.hf_model.parameters()))
     assert changed == len(before)
-    assert engine.step == 25
+    assert learner.step == 25
 
 
 def test_kwise_encodes_each_response_once_and_pairwise_expands(tmp_path) -> None:
     base = tiny_model(tmp_path)
     records = make_records(3, k=4)
-    kwise = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, loss="kwise"))
-    pairwise = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, loss="pairwise"))
-    assert kwise.prepare(records).num_sequences == 3 * 4
-    assert pairwise.prepare(records).num_sequences == 3 * 4 * 3  # 6 pairs of 2 per ranking
+    kwise = Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base, loss="kwise"))
+    pairwise = Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base, loss="pairwise"))
+    assert kwise.prepare(records).sequences == 3 * 4
+    assert pairwise.prepare(records).sequences == 3 * 4 * 3  # 6 pairs of 2 per ranking
     assert kwise.train(records).sequences == 12
 
 
@@ -85,14 +87,14 @@ def test_attribute_heads_train_on_scores(tmp_path) -> None:
     attrs = ("helpfulness", "verbosity")
     base = tiny_model(tmp_path, attributes=attrs)
     cfg = config(tmp_path, base, attributes=attrs)
-    engine = Engine(RewardModel.from_pretrained(base), cfg)
+    learner = Learner.of(RewardModel.from_pretrained(base), cfg)
     recs = [PreferenceRecord(record_id=f"s{i}", prompt=(ChatMessage("user", "q"),), ranked_responses=(GOOD[0], BAD[0]),
                              response_attributes=({"helpfulness": 4.0, "verbosity": 2.0}, {"helpfulness": 0.0}))
             for i in range(4)]
-    first = engine.train(recs)
+    first = learner.train(recs)
     for _ in range(20):
-        last = engine.train(recs)
-    assert first.attribute_loss > 0 and last.attribute_loss < 0.5 * first.attribute_loss
+        last = learner.train(recs)
+    assert first.parts["attribute_loss"] > 0 and last.parts["attribute_loss"] < 0.5 * first.parts["attribute_loss"]
 
 
 def test_shard_scales_make_the_ddp_average_exact() -> None:
@@ -130,9 +132,9 @@ def test_zero_weight_records_leave_the_step_unchanged(tmp_path) -> None:
 
     def first_step(records, weights=None):
         torch.manual_seed(0)
-        engine = Engine(RewardModel.from_pretrained(base), cfg)
-        stats = engine.train(records, weights)
-        return stats.loss, [p.detach().clone() for p in engine.model.hf_model.parameters()]
+        learner = Learner.of(RewardModel.from_pretrained(base), cfg)
+        stats = learner.train(records, weights)
+        return stats.loss, [p.detach().clone() for p in learner.model.hf_model.parameters()]
 
     loss_alone, params_alone = first_step(recs[:2])
     loss_mixed, params_mixed = first_step(recs, [1.0, 1.0, 0.0, 0.0])
@@ -178,16 +180,16 @@ def test_eval_set_caps_and_fingerprints() -> None:
 
 
 def _loop(cfg, source, point=None):
-    point = point or find_resume_point(cfg, CheckpointStore(cfg.checkpoint_url))
-    engine = Engine(load_model(cfg, point), cfg, start_step=point.step)
-    replay: ReservoirBuffer = ReservoirBuffer(cfg.replay_capacity, seed=1)
+    point = point or find_resume_point(cfg, CheckpointStore(cfg.checkpoint.checkpoint_url))
+    learner = build_learner(cfg, point)
+    replay: ReservoirBuffer = ReservoirBuffer(cfg.stream.replay_capacity, seed=1)
     replay.restore(point.replay_records, point.replay_seen, point.replay_counts)
-    es = EvalSet(cfg.eval_max_records)
+    es = EvalSet(cfg.gate.eval_max_records)
     es.restore_topic_records(point.eval_topic_records)
     lineage = LineageState(step=point.step, records_seen=point.records_seen, parent=point.parent,
                            previous_version=point.version, base_model=point.base_model)
-    return ContinualTrainer(cfg, engine, source, lineage=lineage, replay=replay, eval_set=es,
-                            store=CheckpointStore(cfg.checkpoint_url))
+    return ContinualTrainer(cfg, learner, source, lineage=lineage, replay=replay, eval_set=es,
+                            store=CheckpointStore(cfg.checkpoint.checkpoint_url))
 
 
 def test_loop_checkpoints_every_record_once_and_resumes_at_the_offsets(tmp_path) -> None:
@@ -200,8 +202,8 @@ def test_loop_checkpoints_every_record_once_and_resumes_at_the_offsets(tmp_path)
     summary = first.run()
     assert summary.records == 12 and summary.eval_records == 2
     assert summary.replayed > 0  # replay mixes past records into later batches
-    store = CheckpointStore(cfg.checkpoint_url)
-    metas = [store.read_metadata(r) for r in store.list(cfg.model_name)]
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    metas = [store.read_metadata(r) for r in store.list(cfg.model.model_name)]
     assert [m["records_count"] for m in metas] == [10, 2]  # batches of 4, 2 (TEST records taken out), 4, 2
     assert metas[-1]["offsets"] == {"0": 14}  # 12 train + 2 test records consumed
     assert metas[-1]["eval_topic_records"] == 2 and metas[-1]["eval"]["pairs"] == 2
@@ -213,7 +215,7 @@ def test_loop_checkpoints_every_record_once_and_resumes_at_the_offsets(tmp_path)
     cfg2 = dataclass_replace(cfg, max_records=20)
     second = _loop(cfg2, ListSource(stream, start_offset=point.offsets[0]), point)
     second.run()
-    metas = [store.read_metadata(r) for r in store.list(cfg.model_name)]
+    metas = [store.read_metadata(r) for r in store.list(cfg.model.model_name)]
     trained = [e["record_id"] for m in metas for e in m["records"]]
     assert sorted(trained) == sorted(r.record_id for r in stream if r.split == "train")
     assert len(trained) == len(set(trained)) == 20  # each TRAIN record in exactly one checkpoint
@@ -225,8 +227,8 @@ def test_loop_checkpoints_every_record_once_and_resumes_at_the_offsets(tmp_path)
 def test_checkpoint_loads_with_plain_transformers_and_pipeline(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path), max_records=8)
     _loop(cfg, ListSource(make_records(8))).run()
-    store = CheckpointStore(cfg.checkpoint_url)
-    path = store.open(store.latest(cfg.model_name))
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    path = store.open(store.latest(cfg.model.model_name))
     hf = AutoModelForSequenceClassification.from_pretrained(path)
     assert hf.config.num_labels == 1 and hf.config.id2label[0] == "reward"
     tok = AutoTokenizer.from_pretrained(path)
@@ -241,15 +243,15 @@ def test_checkpoint_loads_with_plain_transformers_and_pipeline(tmp_path) -> None
 def dataclass_replace(cfg: TrainerConfig, **kw) -> TrainerConfig:
     import dataclasses
 
-    return dataclasses.replace(cfg, **kw)
+    return config_replace(cfg, **kw)
 
 
 def test_old_checkpoints_are_garbage_collected(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path), max_records=24, checkpoint_every_records=4, keep_checkpoints=2)
     summary = _loop(cfg, ListSource(make_records(24))).run()
     assert len(summary.checkpoints) == 6
-    store = CheckpointStore(cfg.checkpoint_url)
-    assert [r.version for r in store.list(cfg.model_name)] == summary.checkpoints[-2:]
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    assert [r.version for r in store.list(cfg.model.model_name)] == summary.checkpoints[-2:]
 
 
 def test_replayed_records_reach_the_step_with_replay_weight(tmp_path) -> None:
@@ -284,12 +286,12 @@ def test_a_failed_step_checkpoints_nothing_and_the_resume_trains_its_records(tmp
     loop.step_fn = flaky
     with pytest.raises(RuntimeError, match="worker lost"):
         loop.run()
-    store = CheckpointStore(cfg.checkpoint_url)
-    ids = [e["record_id"] for ref in store.list(cfg.model_name) for e in store.read_metadata(ref)["records"]]
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    ids = [e["record_id"] for ref in store.list(cfg.model.model_name) for e in store.read_metadata(ref)["records"]]
     assert ids == [r.record_id for r in stream[:8]]  # the 4 records of the failed step are not claimed
     point = find_resume_point(cfg, store)
     _loop(cfg, ListSource(stream, start_offset=point.offsets[0]), point).run()
-    ids = [e["record_id"] for ref in store.list(cfg.model_name) for e in store.read_metadata(ref)["records"]]
+    ids = [e["record_id"] for ref in store.list(cfg.model.model_name) for e in store.read_metadata(ref)["records"]]
     assert ids == [r.record_id for r in stream]
 
 
@@ -300,22 +302,22 @@ def test_streaming_without_replay_reproduces_offline_training_exactly(tmp_path) 
     cfg = config(tmp_path, base, replay_ratio=0.0, publish=False, max_records=12)
     records = make_records(12, k=3)
     torch.manual_seed(0)
-    offline, _ = train_offline(cfg, records, engine=Engine(RewardModel.from_pretrained(base), cfg))
-    stream = [r for b in batches(records, cfg.batch_size, cfg.seed) for r in b]  # the offline order
+    offline, _ = train_offline(cfg, records, learner=Learner.of(RewardModel.from_pretrained(base), cfg))
+    stream = [r for b in batches(records, cfg.optim.batch_size, cfg.optim.seed) for r in b]  # the offline order
     loop = _loop(cfg, ListSource(stream))
     loop.store = None  # no checkpoints: pure training path
     loop.run()
-    for a, b in zip(offline.model.hf_model.parameters(), loop.engine.model.hf_model.parameters()):
+    for a, b in zip(offline.model.hf_model.parameters(), loop.learner.model.hf_model.parameters()):
         assert torch.equal(a, b)
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path) -> None:
     cfg = config(tmp_path, tiny_model(tmp_path), autocast="bf16")
-    engine = Engine(RewardModel.from_pretrained(cfg.base_model), cfg)
-    assert engine.autocast
+    learner = Learner.of(RewardModel.from_pretrained(cfg.model.base_model), cfg)
+    assert learner.autocast
     records = make_records(8, k=3)
-    losses = [engine.train(records).loss for _ in range(25)]
-    assert all(p.dtype == torch.float32 for p in engine.model.hf_model.parameters())
+    losses = [learner.train(records).loss for _ in range(25)]
+    assert all(p.dtype == torch.float32 for p in learner.model.hf_model.parameters())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -325,14 +327,14 @@ def test_cpu_bf16_training_uses_eager_attention_and_checkpoints_stay_default(tmp
     base = tiny_model(tmp_path)
     stock = RewardModel.from_pretrained(base)
     assert stock.hf_model.config._attn_implementation == "sdpa"
-    assert Engine(RewardModel.from_pretrained(base), config(tmp_path, base)).model.hf_model.config._attn_implementation == "sdpa"
-    engine = Engine(RewardModel.from_pretrained(base), config(tmp_path, base, autocast="bf16"))
-    assert engine.model.hf_model.config._attn_implementation == "eager"
+    assert Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base)).model.hf_model.config._attn_implementation == "sdpa"
+    learner = Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base, autocast="bf16"))
+    assert learner.model.hf_model.config._attn_implementation == "eager"
     batch = stock.encode([[ChatMessage("user", "hi there")]] * 2, ["a short answer", "a much longer answer than that"])
     with torch.inference_mode():
-        assert torch.allclose(engine.model(batch).rewards, stock(batch).rewards, atol=1e-5)
-    engine.train(make_records(4))
-    engine.model.save(tmp_path / "saved")
+        assert torch.allclose(learner.model(batch).rewards, stock(batch).rewards, atol=1e-5)
+    learner.train(make_records(4))
+    learner.model.save(tmp_path / "saved")
     assert RewardModel.from_pretrained(str(tmp_path / "saved")).hf_model.config._attn_implementation == "sdpa"
 
 
