@@ -111,7 +111,7 @@ class DPOSettings:
     beta: float = field(default=0.1, metadata=_help(
         "β: strength of the KL anchor to the reference policy (IPO: its τ)"))
     label_smoothing: float = field(default=0.0, metadata=_help(
-        "conservative DPO: the probability ε that a preference label is flipped (sigmoid and K=2 rankings); "
+        "conservative DPO: the probability ε that a preference label is flipped (with dpo_loss=sigmoid); "
         "0 = plain DPO"))
     finetune: str = field(default="lora", metadata=_help(
         "lora: train a LoRA adapter; the reference policy is the same weights with the adapter disabled (no "
@@ -137,8 +137,8 @@ class DPOSettings:
                 f"unknown loss {self.dpo_loss!r}; choose one of {', '.join(DPO_LOSSES)}")
         require(self.beta > 0, "beta", f"must be > 0, got {self.beta} (it scales the implicit reward)")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "is a flip probability; use 0 <= ε < 0.5")
-        require(self.label_smoothing == 0 or self.dpo_loss != "ipo", "label_smoothing",
-                "applies to the sigmoid and Plackett-Luce losses, not to ipo; set it to 0")
+        require(self.label_smoothing == 0 or self.dpo_loss == "sigmoid", "label_smoothing",
+                f"applies to dpo_loss=sigmoid (conservative DPO), not to {self.dpo_loss}; set it to 0 or use sigmoid")
         require(self.finetune in FINETUNE_MODES, "finetune", f"use one of {', '.join(FINETUNE_MODES)}")
         require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         require(self.lora_alpha > 0, "lora_alpha", "must be > 0")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from services.config import leaves
 from gateway.config import GatewayConfig
 from scorer.config import ScorerConfig
 from trainer.config import TrainerConfig
@@ -50,7 +51,7 @@ def test_env_vars_name_real_config_fields():
                     continue
                 section, _, field_name = var[len("PREFSTREAM_"):].partition("_")
                 cls = CONFIGS[section]
-                fields = {f.name for f in dataclasses.fields(cls)}
+                fields = set(leaves(cls))
                 assert field_name.lower() in fields, f"{name}: {var} is not a field of {cls.__name__}"
                 seen += 1
     assert seen >= 10

@@ -1,0 +1,203 @@
+"""The DPO objective on the shared machinery: steps, the reference cache, refusals, the gate, checkpoints.
+
+A tiny random Llama over the real SmolLM2 tokenizer stands in for the policy (fixtures shared with
+test_policy_lm.py), so these run in seconds on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, pipeline
+
+from services.checkpoints import CheckpointStore
+from services.config import ConfigError
+from services.errors import InvalidArgument
+from services.schemas import ChatMessage, PreferenceRecord
+from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: F401 (fixtures)
+from trainer.checkpointing import LineageState, find_resume_point
+from trainer.config import trainer_config
+from trainer.evaluation import EvalSet
+from trainer.learner import Learner
+from trainer.loop import ContinualTrainer
+from trainer.objectives import objective_for
+from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate
+from trainer.replay import ReservoirBuffer
+from trainer.runtime import build_learner
+from trainer.stream import ListSource
+
+GOOD = ["Paris is the capital of France.", "Blue is a colour.", "Hello, how can I help?"]
+BAD = ["no", "I refuse to answer that question.", "go away now"]
+
+
+def records(n: int, k: int = 2, split: str = "train", start: int = 0) -> list[PreferenceRecord]:
+    out = []
+    for i in range(start, start + n):
+        responses = [GOOD[i % 3]] + [BAD[(i + j) % 3] + "!" * j for j in range(k - 1)]
+        out.append(PreferenceRecord(record_id=f"p{i}", prompt=(ChatMessage("user", f"question {i % 3}"),),
+                                    ranked_responses=tuple(responses), split=split, source_acked_at=1000.0 + i))
+    return out
+
+
+def config(tmp_path: Path, base: Path, **kw: object):
+    values = dict(model_kind="policy", base_model=str(base), max_length=64, lr=5e-3, warmup_steps=0, batch_size=4,
+                  replay_ratio=0.5, beta=0.5, lora_rank=4, lora_alpha=8.0, ema_decay=0.0,
+                  checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every_records=8, checkpoint_every_s=0,
+                  max_batch_wait_s=0, poll_timeout_s=0.01, publish=False, eval_max_records=8, guard_prompts=2,
+                  guard_max_new_tokens=8, eval_batch_size=8)
+    values.update(kw)
+    return trainer_config(**values)
+
+
+def test_policy_kind_resolves_its_own_name_group_and_lr(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, lr=0)
+    assert cfg.model.model_name == "policy" and cfg.stream.group_id == "prefstream-trainer-policy"
+    assert cfg.optim.lr == 5e-5  # the policy default when lr is left at 0
+    reward = trainer_config()
+    assert reward.model.model_name == "reward" and reward.stream.group_id == "prefstream-trainer"
+    assert isinstance(objective_for(cfg), DPOObjective)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"beta": 0}, "beta"),
+    ({"beta": -1}, "beta"),
+    ({"dpo_loss": "hinge"}, "dpo_loss"),
+    ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"),
+    ({"label_smoothing": 0.6, "dpo_loss": "sigmoid"}, "label_smoothing"),
+    ({"finetune": "qlora"}, "finetune"),
+    ({"attributes": "helpfulness"}, "attributes"),
+])
+def test_bad_dpo_settings_name_the_field(overrides, field) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        trainer_config(model_kind="policy", **overrides)
+
+
+def test_a_lora_target_the_model_lacks_is_refused(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, lora_target_modules="q_proj,not_a_layer")
+    with pytest.raises(InvalidArgument, match="not_a_layer"):
+        objective_for(cfg).load(str(tiny_base))
+
+
+@pytest.mark.parametrize("loss", ["plackett_luce", "sigmoid", "ipo"])
+def test_steps_lower_the_loss_and_train_only_the_adapter(tmp_path, tiny_base, loss) -> None:
+    cfg = config(tmp_path, tiny_base, dpo_loss=loss)
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    frozen = {n: p.detach().clone() for n, p in learner.model.model.named_parameters() if not p.requires_grad}
+    batch = records(6, k=3)
+    assert objective.admit(learner.model, batch) == {}
+    first = learner.train(batch)
+    for _ in range(12):
+        last = learner.train(batch)
+    assert last.loss < first.loss and last.pair_accuracy >= first.pair_accuracy
+    assert all(torch.equal(p, frozen[n]) for n, p in learner.model.model.named_parameters() if not p.requires_grad)
+    assert all("lora_" in n for n, p in learner.model.model.named_parameters() if p.requires_grad)
+
+
+def test_reference_logps_are_computed_once_per_record(tmp_path, tiny_base, monkeypatch) -> None:
+    cfg = config(tmp_path, tiny_base)
+    objective = objective_for(cfg)
+    model = objective.load(str(tiny_base))
+    calls: list[int] = []
+    real = type(model).reference_logps
+    monkeypatch.setattr(type(model), "reference_logps", lambda self, b: calls.append(b.rows) or real(self, b))
+    batch = records(4)
+    objective.admit(model, batch)
+    assert sum(calls) == 8  # 4 records x 2 responses, once
+    # with the adapter fresh (B = 0) the policy equals its reference: the cache holds the policy's own numbers
+    fresh = model.logps(model.encode([r.prompt for r in batch for _ in range(2)],
+                                     [x for r in batch for x in r.ranked_responses]))
+    cached = torch.tensor([x for r in batch for x in objective.reference[r.record_id]])
+    assert torch.allclose(fresh.detach(), cached, atol=1e-5)
+    learner = Learner(objective, model, cfg)
+    for _ in range(3):
+        learner.train(batch)
+    assert sum(calls) == 8  # training and replay never run the reference again
+
+
+def test_empty_and_duplicate_responses_are_refused_with_the_field(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base)
+    objective = objective_for(cfg)
+    model = objective.load(str(tiny_base))
+    empty = PreferenceRecord(record_id="e", prompt=(ChatMessage("user", "q"),), ranked_responses=("fine", "  "))
+    tie = PreferenceRecord(record_id="t", prompt=(ChatMessage("user", "q"),), ranked_responses=("same", "same "))
+    long = PreferenceRecord(record_id="l", prompt=(ChatMessage("user", "q"),),
+                            ranked_responses=("word " * 200, "short"))
+    refused = objective.admit(model, [empty, tie, long, *records(1)])
+    assert set(refused) == {"e", "t", "l"}
+    assert all(r.startswith("ranked_responses:") for r in refused.values())
+    assert "empty" in refused["e"] and "twice" in refused["t"] and "max_length" in refused["l"]
+
+
+def test_the_loop_dead_letters_refused_records_and_trains_the_rest(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, checkpoint_every_records=100)
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    bad = PreferenceRecord(record_id="bad", prompt=(ChatMessage("user", "q"),), ranked_responses=("a", ""))
+    source = ListSource([*records(3), bad, *records(4, start=3)])
+    loop = ContinualTrainer(cfg, learner, source, lineage=LineageState(), replay=ReservoirBuffer(16),
+                            eval_set=EvalSet(8), store=None, should_stop=lambda: source.exhausted())
+    summary = loop.run()
+    assert summary.records == 7 and summary.refused == 1
+    assert source.rejected == [("bad", "ranked_responses: response 1: the response is empty")]
+    assert source.positions() == {0: 8}  # the refused record's offset advanced with the rest
+
+
+def test_evaluate_measures_implicit_reward_accuracy_and_the_guards(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base)
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    held_out = records(6, start=100)
+    before = objective.evaluate(learner.model, held_out)
+    assert before.pairs == 6 and len(before.outcomes) == 6
+    assert before.accuracy == 0.0  # policy == reference: every implicit reward is 0, ties count as wrong
+    assert before.metrics["kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and before.metrics["guard_prompts"] == 2
+    train = records(12)
+    objective.admit(learner.model, train)
+    for _ in range(15):
+        learner.train(train)
+    after = objective.evaluate(learner.model, held_out)
+    assert after.accuracy > 0.5 and after.metrics["kl_to_ref"] > 0
+    assert objective.guard(after) == ""
+    strict = DPOObjective(config(tmp_path, tiny_base, max_kl=1e-9))
+    assert strict.guard(after).startswith("drift guard: mean per-token KL")
+
+
+def test_repetition_rate() -> None:
+    assert repetition_rate("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert repetition_rate("one two three four") == 0.0
+    assert repetition_rate("") == 0.0
+
+
+def test_checkpoint_serves_a_merged_folder_and_resumes_adapter_and_cache(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, checkpoint_every_records=8)
+    point = find_resume_point(cfg, CheckpointStore(cfg.checkpoint.checkpoint_url))
+    assert point.source == "base"
+    learner = build_learner(cfg, point)
+    replay = ReservoirBuffer(16)
+    source = ListSource(records(8))
+    loop = ContinualTrainer(cfg, learner, source, lineage=LineageState(), replay=replay, eval_set=EvalSet(8),
+                            store=CheckpointStore(cfg.checkpoint.checkpoint_url), should_stop=source.exhausted)
+    summary = loop.run()
+    assert len(summary.checkpoints) == 1
+    point = find_resume_point(cfg, CheckpointStore(cfg.checkpoint.checkpoint_url))
+    folder = Path(point.model_path)
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["kind"] == "policy" and meta["loss"]["objective"] == "dpo"
+    assert (folder / ADAPTER_DIR / "adapter_config.json").exists() and (folder / REF_FILE).exists()
+    served = AutoModelForCausalLM.from_pretrained(folder)  # what the scorer loads: merged, no peft
+    ids = learner.model.encode([records(1)[0].prompt], ["Paris."]).input_ids
+    learner.model.model.eval()
+    with torch.no_grad():
+        live = learner.model.model(input_ids=ids).logits
+        assert torch.allclose(served(input_ids=ids).logits, live, atol=1e-4)
+    assert pipeline("text-generation", model=str(folder), max_new_tokens=3)("Hi")[0]["generated_text"]
+
+    resumed = build_learner(cfg, point)
+    with torch.no_grad():
+        resumed.model.model.eval()
+        assert torch.allclose(resumed.model.model(input_ids=ids).logits, live, atol=1e-5)
+    assert set(resumed.objective.reference) == {r.record_id for r in replay.items()}

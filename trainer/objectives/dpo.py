@@ -1,0 +1,329 @@
+"""The DPO objective: a causal-LM policy learns directly from the preference stream.
+
+The same records that train the reward model train the policy, through the same continual
+machinery (consumer group, replay, Learner, DDP, checkpoints, gate, registry); only this module
+knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the loss a DPO-family one.
+
+* **Reference log-probabilities once per record.**  When a record arrives (:meth:`admit`) every one
+  of its responses is scored once by the reference (the base weights: the LoRA adapter switched
+  off), and the numbers are kept with the record for as long as the replay reservoir keeps it
+  (saved with each checkpoint, sent to the other DDP ranks with the step).  A step therefore costs
+  one policy forward and backward, never a second reference forward.
+* **Which feedback feeds which loss** (``dpo_loss``): every preference record is a ranking, best
+  first.  ``plackett_luce`` trains a ranking of K as one Plackett-Luce term over its K responses
+  (one forward each; K = 2 is exactly sigmoid DPO); ``sigmoid`` (optionally conservative, with
+  ``label_smoothing``) and ``ipo`` train the best response against the worst.  Unpaired feedback
+  (a thumbs or score with no partner) never reaches this topic as a record: the gateway's processor
+  turns feedback into rankings first.  :func:`trainer.dpo_losses.kto_loss` is there for a stream of
+  unpaired completions.
+* **The gate** measures the implicit-reward pairwise accuracy, β·(log π − log π_ref) per response,
+  through the same :func:`trainer.evaluation.pairwise_result` as reward models, so the paired,
+  noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples short replies
+  (greedy, fixed) and records the mean per-token KL to the reference, the share of empty replies and
+  the repetition rate; :meth:`guard` rejects a version past the configured bounds.
+* **Checkpoints** hold a merged Hugging Face causal-LM folder (what the scorer serves, loadable with
+  ``AutoModelForCausalLM`` and ``pipeline("text-generation")``) and, for LoRA, the adapter alone in
+  ``adapter/`` (what a resumed trainer puts back on the base).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from services.kinds import ModelKind
+from services.policy_model import default_policy_path
+from services.schemas import PreferenceRecord
+from trainer.config import TrainerConfig
+from trainer.dpo_losses import dpo_loss, ipo_loss, plackett_luce_dpo_loss
+from trainer.evaluation import EvalResult, canonical_order, pairwise_result
+from trainer.objectives.base import Batch, Objective
+from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
+
+log = logging.getLogger(__name__)
+
+#: Where a LoRA checkpoint keeps its adapter (beside the merged serving folder).
+ADAPTER_DIR = "adapter"
+#: The cached reference log-probs of the records the replay reservoir keeps.
+REF_FILE = "reference_logps.json"
+
+
+@dataclass
+class RankingRows:
+    """A micro-batch of rankings flattened to one row per response, with the cached reference."""
+
+    rows: PolicyBatch  # (N, T) prompt + response rows
+    owner: torch.Tensor  # (N,) ranking of each row
+    position: torch.Tensor  # (N,) rank inside its ranking (0 = best)
+    ref: torch.Tensor  # (B, Kmax) reference log-probs, 0 where masked
+    mask: torch.Tensor  # (B, Kmax) bool
+    weights: torch.Tensor | None  # (B,)
+
+    def to(self, device: torch.device) -> "RankingRows":
+        return RankingRows(self.rows.to(device), self.owner.to(device), self.position.to(device),
+                           self.ref.to(device), self.mask.to(device),
+                           self.weights.to(device) if self.weights is not None else None)
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of a reply's word n-grams that repeat an earlier one (0 for replies shorter than n + 1 words)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def duplicate_reason(record: PreferenceRecord) -> str:
+    """Why a ranking cannot train a policy ("" if it can): a response given twice is a tie."""
+    seen: set[str] = set()
+    for r in record.ranked_responses:
+        key = r.strip()
+        if key in seen:
+            return "ranked_responses: the same response appears twice (a tie); rank distinct responses only"
+        seen.add(key)
+    return ""
+
+
+class DPOObjective(Objective):
+    """DPO-family training of a causal-LM policy (LoRA by default) against its own base as reference."""
+
+    kind = ModelKind.POLICY
+
+    def __init__(self, cfg: TrainerConfig) -> None:
+        super().__init__(cfg)
+        self.settings = cfg.dpo
+        #: record_id -> reference log-prob of each response, best first
+        self.reference: dict[str, tuple[float, ...]] = {}
+        self._eval_reference: dict[str, tuple[float, ...]] = {}
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def default_base_model(self) -> str:
+        return default_policy_path()
+
+    def _lora(self) -> LoraSettings | None:
+        d = self.settings
+        if d.finetune == "full":
+            return None
+        return LoraSettings(rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
+                            target_modules=tuple(d.lora_target_modules))
+
+    def load(self, path: str) -> TrainablePolicy:
+        """Our own checkpoint (adapter + the base it names), a fully fine-tuned checkpoint, or a base."""
+        p = Path(path)
+        m = self.cfg.model
+        if (p / ADAPTER_DIR / TRAIN_SPEC_FILE).exists():
+            return TrainablePolicy.from_checkpoint(p / ADAPTER_DIR, base_model=self._base_if_moved(p / ADAPTER_DIR))
+        if (p / TRAIN_SPEC_FILE).exists() and self.settings.finetune == "full":
+            return TrainablePolicy.from_checkpoint(p, base_model=self._base_if_moved(p))
+        return TrainablePolicy.from_base(path, lora=self._lora(), dtype=m.dtype, max_length=m.max_length,
+                                         max_prompt_tokens=m.max_length,
+                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward)
+
+    def _base_if_moved(self, folder: Path) -> str | None:
+        """The configured base when the base folder recorded in a checkpoint is not on this machine."""
+        recorded = json.loads((folder / TRAIN_SPEC_FILE).read_text())["spec"].get("base_model", "")
+        return None if recorded and Path(recorded).exists() else self.resolved_base_model()
+
+    def load_for_eval(self, path: str) -> TrainablePolicy:
+        return self.load(path)
+
+    def module(self, model: TrainablePolicy) -> nn.Module:
+        return model.module
+
+    def parameters(self, model: TrainablePolicy) -> list[nn.Parameter]:
+        return model.trainable_parameters()
+
+    def save(self, model: TrainablePolicy, directory: Path) -> None:
+        model.save_merged(directory)
+        if model.spec.lora is not None:
+            model.save_adapter(Path(directory) / ADAPTER_DIR)
+
+    def spec(self, model: TrainablePolicy) -> dict[str, Any]:
+        return model.spec.to_dict()
+
+    def loss_config(self) -> dict[str, Any]:
+        c, d = self.cfg, self.settings
+        return {
+            "objective": "dpo", "dpo_loss": d.dpo_loss, "beta": d.beta, "label_smoothing": d.label_smoothing,
+            "finetune": d.finetune, "lora_rank": d.lora_rank, "lora_alpha": d.lora_alpha,
+            "lora_dropout": d.lora_dropout, "lora_target_modules": list(d.lora_target_modules),
+            "lr": c.optim.lr, "schedule": c.optim.schedule, "warmup_steps": c.optim.warmup_steps,
+            "ema_decay": c.optim.ema_decay, "batch_size": c.optim.batch_size,
+            "replay_ratio": c.stream.replay_ratio, "replay_weight": c.stream.replay_weight,
+            "max_length": c.model.max_length, "disable_dropout": c.model.disable_dropout,
+        }
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def _reference_of(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
+                      cache: dict[str, tuple[float, ...]]) -> None:
+        """Fill ``cache`` for the records it lacks: one reference forward per response, ever."""
+        todo = [r for r in records if r.record_id not in cache]
+        if not todo:
+            return
+        prompts = [r.prompt for r in todo for _ in r.ranked_responses]
+        responses = [resp for r in todo for resp in r.ranked_responses]
+        chunk = max(1, self.cfg.gate.eval_batch_size)
+        values: list[float] = []
+        for i in range(0, len(responses), chunk):
+            batch = model.encode(prompts[i:i + chunk], responses[i:i + chunk])
+            values += model.reference_logps(batch).float().cpu().tolist()
+        at = 0
+        for r in todo:
+            cache[r.record_id] = tuple(values[at:at + r.k])
+            at += r.k
+
+    def admit(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, str]:
+        refused: dict[str, str] = {}
+        ok: list[PreferenceRecord] = []
+        for rec in records:
+            reason = duplicate_reason(rec)
+            if not reason:
+                bad = model.rejections([rec.prompt] * rec.k, list(rec.ranked_responses))
+                if bad:
+                    i, why = sorted(bad.items())[0]
+                    reason = f"ranked_responses: response {i}: {why}"
+            if reason:
+                refused[rec.record_id] = reason
+            else:
+                ok.append(rec)
+        self._reference_of(model, ok, self.reference)
+        return refused
+
+    def side_data(self, records: Sequence[PreferenceRecord]) -> dict[str, tuple[float, ...]]:
+        return {r.record_id: self.reference[r.record_id] for r in records if r.record_id in self.reference}
+
+    def accept_side_data(self, data: Any) -> None:
+        if data:
+            self.reference.update(data)
+
+    def batch(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
+              weights: Sequence[float] | None) -> Batch:
+        self._reference_of(model, records, self.reference)  # a no-op for admitted and replayed records
+        kmax = max(r.k for r in records)
+        prompts, responses, owner, position = [], [], [], []
+        ref = torch.zeros(len(records), kmax)  # (B, Kmax)
+        mask = torch.zeros(len(records), kmax, dtype=torch.bool)  # (B, Kmax)
+        for b, rec in enumerate(records):
+            for k, resp in enumerate(rec.ranked_responses):
+                prompts.append(rec.prompt)
+                responses.append(resp)
+                owner.append(b)
+                position.append(k)
+            ref[b, :rec.k] = torch.tensor(self.reference[rec.record_id])
+            mask[b, :rec.k] = True
+        rows = model.encode(prompts, responses)
+        data = RankingRows(rows, torch.tensor(owner), torch.tensor(position), ref, mask,
+                           torch.tensor(list(weights), dtype=torch.float32) if weights is not None else None)
+        padded = int(rows.input_ids.shape[0] * rows.input_ids.shape[1])
+        return Batch(data, records=len(records), sequences=len(responses), padded_tokens=padded)
+
+    def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        data: RankingRows = batch.data
+        sums, counts = module(data.rows.input_ids, data.rows.attention_mask, data.rows.response_mask)  # (N,), (N,)
+        policy = torch.zeros(data.mask.shape, dtype=sums.dtype, device=sums.device)  # (B, Kmax)
+        policy = policy.index_put((data.owner, data.position), sums)
+        tokens = torch.ones(data.mask.shape, dtype=counts.dtype, device=counts.device)
+        tokens = tokens.index_put((data.owner, data.position), counts)
+        beta, d = self.settings.beta, self.settings
+        b = torch.arange(data.mask.shape[0], device=sums.device)
+        worst = data.mask.sum(1) - 1  # (B,) index of each ranking's last response
+        if d.dpo_loss == "plackett_luce":
+            out = plackett_luce_dpo_loss(policy, data.ref, data.mask, beta=beta, weights=data.weights)
+            loss = out.loss
+        elif d.dpo_loss == "sigmoid":
+            loss = dpo_loss(policy[:, 0], policy[b, worst], data.ref[:, 0], data.ref[b, worst], beta=beta,
+                            label_smoothing=d.label_smoothing, weights=data.weights).loss
+        else:
+            loss = ipo_loss(policy[:, 0], policy[b, worst], data.ref[:, 0], data.ref[b, worst], tokens[:, 0],
+                            tokens[b, worst], beta=beta, weights=data.weights).loss
+        with torch.no_grad():
+            rewards = beta * (policy.detach() - data.ref)  # (B, Kmax)
+            kmax = data.mask.shape[1]
+            i, j = torch.triu_indices(kmax, kmax, offset=1, device=rewards.device)
+            valid = data.mask[:, i] & data.mask[:, j]  # (B, P)
+            correct = (rewards[:, i] > rewards[:, j]) & valid
+            accuracy = float(correct.sum()) / max(int(valid.sum()), 1)
+            margin = float((rewards[:, 0] - rewards[b, worst]).mean())
+        return loss, {"pair_accuracy": accuracy, "reward_margin": margin}
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+
+    def save_state(self, directory: Path, keep: Sequence[PreferenceRecord]) -> None:
+        """The reference log-probs of the records the reservoir keeps (the cache is trimmed to them)."""
+        ids = {r.record_id for r in keep}
+        self.reference = {k: v for k, v in self.reference.items() if k in ids}
+        (Path(directory) / REF_FILE).write_text(json.dumps({k: list(v) for k, v in self.reference.items()}))
+
+    def load_state(self, directory: Path) -> None:
+        path = Path(directory) / REF_FILE
+        if path.exists():
+            self.reference.update({k: tuple(float(x) for x in v) for k, v in json.loads(path.read_text()).items()})
+
+    # -- the gate ------------------------------------------------------------------------------------
+
+    def implicit_rewards(self, model: TrainablePolicy, prompts: Sequence[Sequence[Any]],
+                         responses: Sequence[str], ref: Sequence[float]) -> list[float]:
+        """β·(log π − log π_ref) per response, in evaluation mode, without gradient."""
+        out: list[float] = []
+        chunk = max(1, self.cfg.gate.eval_batch_size)
+        was = model.module.training
+        model.module.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(responses), chunk):
+                    logps = model.logps(model.encode(prompts[i:i + chunk], responses[i:i + chunk]))
+                    out += logps.float().cpu().tolist()
+        finally:
+            model.module.train(was)
+        return [self.settings.beta * (p - r) for p, r in zip(out, ref)]
+
+    def evaluate(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> EvalResult:
+        usable = [r for r in records if not duplicate_reason(r)
+                  and not model.rejections([r.prompt] * r.k, list(r.ranked_responses))]
+        self._reference_of(model, usable, self._eval_reference)
+        ref = [x for r in canonical_order(usable) for x in self._eval_reference[r.record_id]]
+        metrics = self.guard_metrics(model, usable)
+        return pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
+                               metrics)
+
+    def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
+        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates."""
+        n = self.settings.guard_prompts
+        if n == 0 or not records:
+            return {}
+        prompts = [r.prompt for r in canonical_order(records)[:n]]
+        replies = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed)
+        spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
+        kl = model.token_kl([p for p, _ in spoken], [r for _, r in spoken]) if spoken else 0.0
+        return {
+            "kl_to_ref": float(kl),
+            "empty_rate": 1.0 - len(spoken) / len(replies),
+            "repetition_rate": sum(repetition_rate(r) for r in replies) / len(replies),
+            "mean_words": sum(len(r.split()) for r in replies) / len(replies),
+            "guard_prompts": float(len(replies)),
+        }
+
+    def guard(self, result: EvalResult | None) -> str:
+        if result is None or not result.metrics:
+            return ""
+        m, d = result.metrics, self.settings
+        if m.get("kl_to_ref", 0.0) > d.max_kl or not math.isfinite(m.get("kl_to_ref", 0.0)):
+            return (f"drift guard: mean per-token KL to the reference {m['kl_to_ref']:.4f} on "
+                    f"{int(m.get('guard_prompts', 0))} held-out prompts exceeds max_kl {d.max_kl}")
+        if m.get("empty_rate", 0.0) > d.max_empty_rate:
+            return (f"degeneration guard: {m['empty_rate']:.0%} of the replies to held-out prompts are empty "
+                    f"(max_empty_rate {d.max_empty_rate})")
+        if m.get("repetition_rate", 0.0) > d.max_repetition_rate:
+            return (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
+                    f"prompts exceeds max_repetition_rate {d.max_repetition_rate}")
+        return ""
