@@ -13,6 +13,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,3 +205,78 @@ class PolicyModel:
         spec = dataclasses.replace(self.spec)  # base_model keeps the lineage (e.g. the GGUF it came from)
         (d / SPEC_FILE).write_text(json.dumps({"kind": "policy", "spec": spec.to_dict()}, indent=2, sort_keys=True))
         return d
+
+
+# ---------------------------------------------------------------------------------------------
+# A trainable copy of a GGUF policy.
+
+#: Written into every converted folder: which file it came from (the cache key is derived from it).
+SOURCE_FILE = "prefstream_source.json"
+
+
+def default_model_cache() -> Path:
+    """Where converted policies are kept: ``$PREFSTREAM_MODEL_CACHE`` or ``~/.cache/prefstream/models``."""
+    return Path(os.environ.get("PREFSTREAM_MODEL_CACHE", "~/.cache/prefstream/models")).expanduser()
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    """A short key that changes when the GGUF file does (its resolved path, size and mtime)."""
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def ensure_plain_checkpoint(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A plain Hugging Face causal-LM folder for ``path``: an HF folder as it is, a GGUF converted once.
+
+    transformers de-quantizes a GGUF on load but leaves the model marked as quantized, and peft
+    refuses to put adapters on a quantized model.  So the de-quantized state dict is loaded into a
+    model built from the GGUF's config and written with ``save_pretrained`` (plus the tokenizer and
+    the generation config) to ``<cache_dir>/<gguf stem>-<fingerprint>``.  The folder is written under
+    a temporary name and renamed, so a crash leaves no half-written folder and a later call converts
+    again; a present folder is reused without loading the GGUF.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path) if path is not None else default_policy_path()
+    folder, gguf = resolve_model_path(path)
+    if gguf is None:
+        return Path(folder)
+    src = Path(folder) / gguf
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache()
+    target = cache / f"{src.stem}-{_gguf_fingerprint(src)}"
+    if (target / "config.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a plain HF folder at %s (once)", src, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied output embeddings may be absent from the state dict; anything else missing is a real gap.
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise InvalidArgument("base_model", f"{src} did not convert to a plain {type(plain).__name__}: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}; give an HF folder instead")
+    plain.generation_config = loaded.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(src.resolve()), "size": src.stat().st_size},
+                                                  indent=2, sort_keys=True))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent writer that won the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
