@@ -45,6 +45,7 @@ from torch import nn
 from services.errors import InvalidArgument
 from services.policy_model import SPEC_FILE, PolicyModel, PolicySpec, SamplingParams, ensure_plain_checkpoint
 from services.reward_model import DTYPES, resolve_model_path, role_content
+from trainer.dpo_losses import mean_token_kl, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -169,30 +170,6 @@ class PolicyBatch:
                                    response_mask=self.response_mask.to(device))
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure math.  TODO(lead): use trainer.dpo_losses.sequence_logps / mean_token_kl (same signatures).
-
-
-def _sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Σ_t m_t · log softmax(z_{t-1})[y_t]`` per row (Rafailov et al. 2023, eq. 7's log π(y|x)), and Σ m.
-
-    logits: (B, T, V); labels, loss_mask: (B, T), aligned with the input ids (unshifted).
-    """
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): position t predicts t+1
-    mask = loss_mask[:, 1:].bool()  # (B, T-1)
-    targets = torch.where(mask, labels[:, 1:], 0)  # (B, T-1)
-    tok = torch.where(mask, logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)  # (B, T-1)
-    return tok.sum(-1), mask.sum(-1).float()
-
-
-def _token_kl_sum(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``Σ_masked Σ_v π_v (log π_v − log π_ref,v)``; logits (B, T, V), mask (B, T) over logit positions."""
-    logp = torch.log_softmax(policy_logits.float(), dim=-1)  # (B, T, V)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)  # (B, T, V)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
-    return torch.where(mask.bool(), kl, 0.0).sum()
-
-
 def sub_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Row indices, longest first, grouped so that rows x longest row stays within ``max_tokens``.
 
@@ -228,7 +205,7 @@ class SequenceLogps(nn.Module):
             width = int(lengths[rows[0]])  # right-padded: the longest row's length covers the group
             ids = input_ids[idx, :width]  # (b, t)
             logits = self.model(input_ids=ids, attention_mask=attention_mask[idx, :width]).logits  # (b, t, V)
-            s, n = _sequence_logps(logits, ids, response_mask[idx, :width])  # (b,), (b,)
+            s, n = sequence_logps(logits, ids, response_mask[idx, :width])  # (b,), (b,)
             sums.append(s)
             counts.append(n)
             order.extend(rows)
@@ -355,6 +332,13 @@ class TrainablePolicy:
         self._call = wrap(self._logps)
         return self._call
 
+    def to(self, device: torch.device | str) -> "TrainablePolicy":
+        """Move the policy (and a full fine-tune's frozen reference) to ``device``."""
+        self.model.to(device)
+        if self._reference is not None:
+            self._reference.to(device)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -471,8 +455,10 @@ class TrainablePolicy:
                 pol = self.model(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
                 with self._reference_model() as ref:
                     refl = ref(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
-                total += float(_token_kl_sum(pol, refl, mask))
-                tokens += int(mask.sum())
+                if mask.any():
+                    n = int(mask.sum())
+                    total += float(mean_token_kl(pol, refl, mask)) * n
+                    tokens += n
         return total / max(tokens, 1)
 
     # -- sampling -----------------------------------------------------------------------------------

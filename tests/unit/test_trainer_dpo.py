@@ -147,7 +147,8 @@ def test_the_loop_dead_letters_refused_records_and_trains_the_rest(tmp_path, tin
 
 
 def test_evaluate_measures_implicit_reward_accuracy_and_the_guards(tmp_path, tiny_base) -> None:
-    cfg = config(tmp_path, tiny_base)
+    # a random tiny model repeats itself: the repetition bound is the degeneration test's, not this one's
+    cfg = config(tmp_path, tiny_base, max_repetition_rate=1.0)
     objective = objective_for(cfg)
     learner = Learner(objective, objective.load(str(tiny_base)), cfg)
     held_out = records(6, start=100)
@@ -162,8 +163,11 @@ def test_evaluate_measures_implicit_reward_accuracy_and_the_guards(tmp_path, tin
     after = objective.evaluate(learner.model, held_out)
     assert after.accuracy > 0.5 and after.metrics["kl_to_ref"] > 0
     assert objective.guard(after) == ""
-    strict = DPOObjective(config(tmp_path, tiny_base, max_kl=1e-9))
+    strict = DPOObjective(config(tmp_path, tiny_base, max_kl=1e-9, max_repetition_rate=1.0))
     assert strict.guard(after).startswith("drift guard: mean per-token KL")
+    repetitive = DPOObjective(config(tmp_path, tiny_base, max_repetition_rate=0.1))
+    assert repetitive.guard(after).startswith("degeneration guard: repetition rate") == (
+        after.metrics["repetition_rate"] > 0.1)
 
 
 def test_repetition_rate() -> None:
