@@ -131,7 +131,8 @@ class ScorerClient:
 
     async def generate_stream(self, messages: PromptLike, *, model: str = "", n: int = 1,
                               sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                              request_id: str = "", timeout_s: float | None = None) -> AsyncIterator[GenerateChunk]:
+                              request_id: str = "",
+                              timeout_s: float | None = None) -> AsyncIterator[GenerateChunk]:
         """Chunks as the policy decodes: text deltas, each choice's finish reason, then usage.
 
         Leaving the loop early cancels the call; the scorer stops decoding at its next token.
