@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP routes in front of the scorer: reward scoring and best-of-N chat completions.
+"""OpenAI-compatible HTTP routes in front of the scorer: reward scoring, generation and best-of-N.
 
 Why it exists: applications already speak the OpenAI chat API.  With these routes an unchanged
 ``openai`` client can
@@ -7,11 +7,18 @@ Why it exists: applications already speak the OpenAI chat API.  With these route
   reward model; the last message (the assistant turn) is scored and ``choices[0].message.content``
   holds ``attribute:score`` pairs separated by commas, as NVIDIA NIM reward models answer:
   ``"reward:0.53"``, or for a model with attribute heads ``"helpfulness:1.2,correctness:0.8,..."``;
+* get plain **generations** from a **policy**: ``model`` set to a policy and no ``op-criteria``
+  header; the scorer's served version of that policy (the newest published unless pinned) answers,
+  ``stop``, ``max_tokens``, ``seed``, ``n`` as in OpenAI, ``usage`` with real token counts, and
+  ``stream: true`` answers with server-sent ``chat.completion.chunk`` events (a role delta first,
+  content deltas, a chunk with ``finish_reason`` per choice, a usage chunk when
+  ``stream_options.include_usage`` is set, then ``data: [DONE]``);
 * get **best-of-N** completions from a **policy**: ``model`` set to a policy, ``n`` candidates are
   sampled and ranked by the reward models named in the ``op-criteria`` header (OpenPipe style: a JSON
   list or comma-separated names, optional weights).  Choices come back best first; each carries
   ``score`` (combined) and ``criteria_scores`` (raw reward per criterion), and the response carries
-  ``criteria_scores`` (per criterion, one value per choice, in choice order);
+  ``criteria_scores`` (per criterion, one value per choice, in choice order) and ``usage`` the
+  tokens of the sampling;
 * ``store: true`` logs the prompt, the ranked candidates and ``metadata`` through ``log_completion``
   (the gateway's ingest path), so feedback can refer to the returned ``id`` (also in the
   ``op-completion-id`` header); choice ``index`` i is candidate i of the logged completion.
@@ -23,6 +30,8 @@ await the scorer over gRPC, so the gateway's event loop never blocks.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import time
@@ -34,7 +43,8 @@ from aiohttp import web
 
 from scorer.bestofn import parse_criteria
 from scorer.client import ModelStatus, ScorerClient
-from scorer.domain import SamplingParams
+from scorer.domain import SamplingParams, Usage
+from scorer.generation import validate_stop
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
 from services.schemas import ChatMessage, messages_from_dicts
 
@@ -65,6 +75,9 @@ class ChatRequest:
     sampling: SamplingParams
     store: bool
     metadata: dict[str, str]
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _number(body: Mapping[str, Any], key: str, lo: float, hi: float, *, integer: bool = False) -> Any:
@@ -112,8 +125,31 @@ def parse_chat_request(body: Any) -> ChatRequest:
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, [], {}):
             raise InvalidArgument(key, "is not supported by prefstream's chat completions; remove it")
-    if body.get("stream"):
-        raise InvalidArgument("stream", "streaming is not supported; omit it or set it to false")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidArgument("stream", f"must be true or false, got {stream!r}")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise InvalidArgument("stream_options", "is only allowed with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise InvalidArgument("stream_options", "must be an object with only include_usage")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise InvalidArgument("stream_options.include_usage", f"must be true or false, got {include_usage!r}")
+    raw_stop = body.get("stop")
+    if raw_stop is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(raw_stop, str):
+        stop = (raw_stop,)
+    elif isinstance(raw_stop, list) and all(isinstance(x, str) for x in raw_stop):
+        stop = tuple(raw_stop)
+    else:
+        raise InvalidArgument("stop", "must be a string or a list of at most 4 strings")
+    validate_stop(stop)
     if body.get("logprobs"):
         raise InvalidArgument("logprobs", "log probabilities are not available; omit it or set it to false")
     fmt = body.get("response_format")
@@ -149,6 +185,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         ),
         store=store,
         metadata={str(k): v for k, v in metadata.items()},
+        stop=stop,
+        stream=stream,
+        include_usage=include_usage,
     )
 
 
@@ -161,6 +200,17 @@ def format_scores(reward: float, attributes: Mapping[str, float]) -> str:
 def _error_response(exc: BaseException) -> web.Response:
     status, body = error_body(exc)
     return web.json_response(body, status=status)
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def _sse(payload: Mapping[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
 
 
 class OpenAICompat:
@@ -202,7 +252,7 @@ class OpenAICompat:
         except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping
             return _error_response(e)
 
-    async def chat_completions(self, request: web.Request) -> web.Response:
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             try:
                 body = await request.json()
@@ -211,6 +261,10 @@ class OpenAICompat:
             req = parse_chat_request(body)
             info = await self._model(req.model)
             if info.kind == "policy":
+                if request.headers.get(CRITERIA_HEADER) is None:
+                    if req.stream:
+                        return await self._generate_stream(request, req)
+                    return await self._generate(request, req)
                 return await self._best_of_n(request, req, info)
             return await self._score(request, req)
         except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping
@@ -226,6 +280,10 @@ class OpenAICompat:
             raise InvalidArgument("n", "must be 1 for a reward model (it scores the one assistant message)")
         if req.store:
             raise InvalidArgument("store", "scoring requests are not stored; only policy completions can be")
+        if req.stream:
+            raise InvalidArgument("stream", "a reward model answers at once; omit stream or set it to false")
+        if req.stop:
+            raise InvalidArgument("stop", "a reward model generates nothing to stop; remove stop")
         result = await self.scorer.score(req.messages[:-1], [req.messages[-1].content], model=req.model)
         s = result.scores[0]
         content = format_scores(s.reward, s.attributes)
@@ -249,6 +307,11 @@ class OpenAICompat:
     async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelStatus) -> web.Response:
         header = request.headers.get(CRITERIA_HEADER)
         criteria = parse_criteria(header, CRITERIA_HEADER) if header is not None else []
+        if req.stream:
+            raise InvalidArgument("stream", f"best-of-N ({CRITERIA_HEADER}) ranks finished candidates and cannot "
+                                            f"stream; omit stream, or drop the {CRITERIA_HEADER} header")
+        if req.stop:
+            raise InvalidArgument("stop", f"is not supported with best-of-N ({CRITERIA_HEADER}); remove stop")
         if req.store and self.log_completion is None:
             raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
         result = await self.scorer.best_of_n(
@@ -267,26 +330,10 @@ class OpenAICompat:
             for rank, c in enumerate(result.ranked)
         ]
         policy_version = result.policy.version if result.policy else ""
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        headers = {}
-        if req.store:
-            from gateway.events import Completion
-
-            completion = Completion(
-                event_id=str(uuid.uuid4()),
-                project=str(request.get(PROJECT_KEY) or "default"),
-                prompt=req.messages,
-                candidates=tuple(c.text for c in result.ranked),
-                model=req.model,
-                model_version=policy_version,
-                metadata={
-                    **req.metadata,
-                    "prefstream.criteria": ",".join(f"{m.name}@{m.version}" for m in result.reward_models),
-                },
-                created_at=time.time(),
-            )
-            completion_id = await self.log_completion(completion)  # type: ignore[misc]
-            headers[COMPLETION_ID_HEADER] = completion_id
+        completion_id, headers = await self._store(
+            request, req, [c.text for c in result.ranked], policy_version,
+            {"prefstream.criteria": ",".join(f"{m.name}@{m.version}" for m in result.reward_models)},
+        )
         return web.json_response(
             {
                 "id": completion_id,
@@ -299,10 +346,107 @@ class OpenAICompat:
                 "criteria_scores": {m.name: [c.per_criterion.get(m.name) for c in result.ranked]
                                     for m in result.reward_models},
                 "reward_models": [{"name": m.name, "version": m.version} for m in result.reward_models],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                "usage": usage_body(result.usage),
             },
             headers=headers,
         )
+
+
+    async def _store(self, request: web.Request, req: ChatRequest, texts: list[str], version: str,
+                     extra: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+        """(completion id, headers): logged through ``log_completion`` when the request says ``store``."""
+        if not req.store:
+            return f"chatcmpl-{uuid.uuid4().hex}", {}
+        from gateway.events import Completion
+
+        completion = Completion(
+            event_id=str(uuid.uuid4()),
+            project=str(request.get(PROJECT_KEY) or "default"),
+            prompt=req.messages,
+            candidates=tuple(texts),
+            model=req.model,
+            model_version=version,
+            metadata={**req.metadata, **extra},
+            created_at=time.time(),
+        )
+        completion_id = await self.log_completion(completion)  # type: ignore[misc]
+        return completion_id, {COMPLETION_ID_HEADER: completion_id}
+
+    async def _generate(self, request: web.Request, req: ChatRequest) -> web.Response:
+        if req.store and self.log_completion is None:
+            raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        result = await self.scorer.generate(req.messages, model=req.model, n=req.n, sampling=req.sampling,
+                                            stop=req.stop)
+        version = result.model.version
+        completion_id, headers = await self._store(request, req, [c.text for c in result.choices], version, {})
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": req.model,
+                "system_fingerprint": f"{req.model}@{version}",
+                "model_version": version,
+                "choices": [
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason,
+                        "logprobs": None,
+                    }
+                    for c in result.choices
+                ],
+                "usage": usage_body(result.usage),
+            },
+            headers=headers,
+        )
+
+    async def _generate_stream(self, request: web.Request, req: ChatRequest) -> web.StreamResponse:
+        """Server-sent ``chat.completion.chunk`` events in OpenAI's order, then ``data: [DONE]``.
+
+        Errors before the first chunk are plain JSON errors; after it (the status is sent) they
+        arrive as one ``data: {"error": ...}`` event and the stream ends without ``[DONE]``.
+        """
+        if req.store:
+            raise InvalidArgument("store", "streamed completions are not stored; omit store or stream")
+        chunks = self.scorer.generate_stream(req.messages, model=req.model, n=req.n, sampling=req.sampling,
+                                             stop=req.stop)
+        first = await anext(chunks)  # errors (unknown model, loading) still get a JSON error response
+        version = first.model.version
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": f"{req.model}@{version}", "model_version": version}
+        if req.include_usage:
+            base["usage"] = None
+
+        def event(index: int, delta: dict[str, str], finish: str | None = None) -> bytes:
+            return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish}]})
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            for i in range(req.n):
+                await response.write(event(i, {"role": "assistant", "content": ""}))
+            chunk: Any = first
+            while chunk is not None:
+                if chunk.usage is not None:
+                    if req.include_usage:
+                        await response.write(_sse({**base, "choices": [], "usage": usage_body(chunk.usage)}))
+                elif chunk.finish_reason:
+                    await response.write(event(chunk.index, {}, chunk.finish_reason))
+                elif chunk.delta:
+                    await response.write(event(chunk.index, {"content": chunk.delta}))
+                chunk = await anext(chunks, None)
+            await response.write(_sse("[DONE]"))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping, as an event
+            _, body = error_body(e)
+            await response.write(_sse(body))
+        finally:
+            await chunks.aclose()
+        await response.write_eof()
+        return response
 
 
 def add_routes(app: web.Application, scorer: ScorerClient, log_completion: LogCompletion | None = None) -> OpenAICompat:

@@ -1,4 +1,4 @@
-"""A small typed asyncio client for the scorer (scoring, best-of-N, model admin, readiness).
+"""A small typed asyncio client for the scorer (scoring, best-of-N, generation, model admin, readiness).
 
 Why it exists: the gateway's OpenAI-compatible routes, the demo and the benchmark all call the
 scorer; they should pass Python values and get dataclasses back, with gRPC failures turned into the
@@ -11,6 +11,10 @@ scorer's NOT_FOUND to 404 without knowing gRPC.
         result.rewards, result.model.version
         best = await scorer.best_of_n(prompt, n=4, criteria=[Criterion("reward", 1.0)])
         best.best.text
+        out = await scorer.generate(prompt, max_tokens=32, seed=1)
+        out.choices[0].text, out.model.version, out.usage.completion_tokens
+        async for chunk in scorer.generate_stream(prompt):
+            print(chunk.delta, end="")
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
 from prefstream.scorer.v1 import scorer_pb2_grpc
 from scorer.bestofn import Criterion
 from scorer.domain import BestOfNQuery, BestOfNResult, SamplingParams, ScoreQuery, ScoreResult
+from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult
 from services.errors import DeadlineExceeded, PrefstreamError, Unavailable, from_grpc_error
 from services.grpc_server import channel as make_channel
 from services.registry import ModelStatus, ModelVersion
@@ -113,6 +118,35 @@ class ScorerClient:
                 yield ScoreResult.from_proto(msg)
         except grpc.aio.AioRpcError as e:
             raise from_grpc_error(e) from None
+
+    # ------------------------------------------------------------------------------ generation
+
+    async def generate(self, messages: PromptLike, *, model: str = "", n: int = 1,
+                       sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                       request_id: str = "", timeout_s: float | None = None) -> GenerateResult:
+        """``n`` completions of ``messages`` from a policy (``model`` empty = the default policy)."""
+        query = GenerateQuery(messages=to_messages(messages, "messages"), model=model,
+                              sampling=sampling or SamplingParams(), stop=tuple(stop), n=n, request_id=request_id)
+        return GenerateResult.from_proto(await self._call(self._scorer.Generate, query.to_proto(), timeout_s))
+
+    async def generate_stream(self, messages: PromptLike, *, model: str = "", n: int = 1,
+                              sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                              request_id: str = "",
+                              timeout_s: float | None = None) -> AsyncIterator[GenerateChunk]:
+        """Chunks as the policy decodes: text deltas, each choice's finish reason, then usage.
+
+        Leaving the loop early cancels the call; the scorer stops decoding at its next token.
+        """
+        query = GenerateQuery(messages=to_messages(messages, "messages"), model=model,
+                              sampling=sampling or SamplingParams(), stop=tuple(stop), n=n, request_id=request_id)
+        call = self._scorer.GenerateStream(query.to_proto(), timeout=timeout_s or self.timeout_s)
+        try:
+            async for msg in call:
+                yield GenerateChunk.from_proto(msg)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc_error(e) from None
+        finally:
+            call.cancel()
 
     # ------------------------------------------------------------------------------ admin
 

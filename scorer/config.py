@@ -59,8 +59,8 @@ class ScorerConfig:
         metadata={"help": "HF causal LM dir (or .gguf file) served as policy version 'base'; default embedded SmolLM2-135M-Instruct"},
     )
     policy_preload: bool = field(
-        default=False,
-        metadata={"help": "load the policy at start-up instead of on the first best-of-N request that samples"},
+        default=True,
+        metadata={"help": "load every policy before reporting SERVING (false: on the first request that generates)"},
     )
     discover_models: bool = field(
         default=True,

@@ -21,6 +21,7 @@ from prefstream.scorer.v1.scorer_pb2 import ResponseScore as ResponseScoreProto
 from prefstream.scorer.v1.scorer_pb2 import SamplingParams as SamplingParamsProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreRequest as ScoreRequestProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
+from prefstream.scorer.v1.scorer_pb2 import Usage as UsageProto
 from scorer.bestofn import Criterion, validate_criteria
 from services.errors import InvalidArgument
 from services.schemas import ChatMessage
@@ -83,6 +84,25 @@ class ModelRef:
     @classmethod
     def from_proto(cls, msg: ModelRefProto) -> "ModelRef":
         return cls(name=msg.name, version=msg.version)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one request read (the rendered prompt, once) and generated (all completions)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_proto(self) -> UsageProto:
+        return UsageProto(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+
+    @classmethod
+    def from_proto(cls, msg: UsageProto) -> "Usage":
+        return cls(prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens)
 
 
 @dataclass(frozen=True)
@@ -288,6 +308,7 @@ class BestOfNResult:
     reward_models: tuple[ModelRef, ...]
     policy: ModelRef | None = None
     request_id: str = ""
+    usage: Usage = Usage()
 
     @property
     def best(self) -> RankedCandidate:
@@ -298,6 +319,7 @@ class BestOfNResult:
             ranked=[c.to_proto() for c in self.ranked],
             reward_models=[m.to_proto() for m in self.reward_models],
             request_id=self.request_id,
+            usage=self.usage.to_proto(),
         )
         if self.policy is not None:
             msg.policy.CopyFrom(self.policy.to_proto())
@@ -310,10 +332,11 @@ class BestOfNResult:
             reward_models=tuple(ModelRef.from_proto(m) for m in msg.reward_models),
             policy=ModelRef.from_proto(msg.policy) if msg.HasField("policy") else None,
             request_id=msg.request_id,
+            usage=Usage.from_proto(msg.usage),
         )
 
 
 __all__ = [
     "BestOfNQuery", "BestOfNResult", "ModelRef", "RankedCandidate", "RequestLimits", "ResponseScore",
-    "SamplingParams", "ScoreQuery", "ScoreResult",
+    "SamplingParams", "ScoreQuery", "ScoreResult", "Usage",
 ]

@@ -8,8 +8,10 @@ slot replaces one dict entry on the event loop (atomic for every later request);
 retired: it finishes what it holds, its batcher drains, then its weights are freed.  Nothing fails
 during a swap and no request mixes two versions.
 
-The engine also runs requests: Score (tokenize off the loop, batch, forward in the model thread) and
-best-of-N (optionally sample candidates from a policy slot, score them with every criterion, combine).
+The engine also runs requests: Score (tokenize off the loop, batch, forward in the model thread),
+best-of-N (optionally sample candidates from a policy slot, score them with every criterion, combine)
+and generation (scorer/decoding.py's loop on the generation thread; streamed text deltas cross back to
+the event loop through a queue, and a client that goes away stops the loop at its next token).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from scorer.batcher import BatchLimits, DynamicBatcher
 from scorer.bestofn import Criterion, combine, rank
 from scorer.config import ScorerConfig
+from scorer.decoding import DecodeParams, Decoded, OnDelta
 from scorer.domain import (
     BestOfNQuery,
     BestOfNResult,
@@ -33,15 +37,21 @@ from scorer.domain import (
     SamplingParams,
     ScoreQuery,
     ScoreResult,
+    Usage,
 )
+from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult, GenerationChoice
 from scorer.metrics import ScorerMetrics
-from services.errors import FailedPrecondition, NotFound, Unavailable
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.schemas import ChatMessage
 
 log = logging.getLogger(__name__)
 
 REWARD = "reward"
 POLICY = "policy"
+#: Sampling settings when a generation request leaves them unset (OpenAI's defaults are 1 / 1; a small
+#: policy rambles less at 0.7).
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
 
 
 class RewardRunner(Protocol):
@@ -63,7 +73,9 @@ class RewardRunner(Protocol):
 class PolicyRunner(Protocol):
     dtype: str
 
-    def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]: ...
+    def sample(self, prompt: Sequence[ChatMessage], params: DecodeParams, on_delta: OnDelta | None = None,
+               cancelled: Callable[[], bool] | None = None) -> Decoded:
+        """Completions with their token counts (scorer/decoding.py); called only from the generation thread."""
 
     def close(self) -> None: ...
 
@@ -229,29 +241,102 @@ class Engine:
         scores = tuple(ResponseScore(i, float(r), dict(attrs)) for i, (r, attrs) in enumerate(outputs))
         return ScoreResult(scores=scores, model=slot.ref, request_id=query.request_id)
 
-    async def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams,
-                       policy: str = "") -> tuple[list[str], ModelRef]:
-        """Sample ``n`` completions from the policy (loaded on first use) in the generation thread."""
-        name = policy or self.cfg.default_policy_model
+    async def _acquire_policy(self, name: str, where: str) -> ModelSlot:
+        """The live slot of policy ``name`` (default: the first policy), loaded on first use; acquired."""
+        name = name or self.cfg.default_policy_model or ""
         if not name:
             raise FailedPrecondition("this scorer has no policy model (policy_models is empty); pass candidates instead")
-        if name not in self._live and name in self.cfg.policy_models and self.demand_loader is not None:
+        live = self._live.get(name)
+        if live is not None and live.kind == REWARD:
+            policies = sorted(s.name for s in self._live.values() if s.kind == POLICY)
+            raise InvalidArgument(where, f"{name!r} is a reward model and cannot generate; name a policy "
+                                         f"({', '.join(policies) or 'none served'})")
+        if live is None and name in self.cfg.policy_models and self.demand_loader is not None:
             await self.demand_loader(name, POLICY)
-        slot = self._acquire(name, POLICY)
+        return self._acquire(name, POLICY)
+
+    def _decode_params(self, params: SamplingParams, n: int, stop: tuple[str, ...] = ()) -> DecodeParams:
+        return DecodeParams(
+            n=n,
+            temperature=DEFAULT_TEMPERATURE if params.temperature is None else params.temperature,
+            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
+            max_tokens=params.max_tokens or self.cfg.default_new_tokens,
+            seed=params.seed,
+            stop=stop,
+        )
+
+    async def _sample(self, slot: ModelSlot, prompt: Sequence[ChatMessage], params: DecodeParams,
+                      on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None) -> Decoded:
+        """Run the decode loop on the generation thread (the caller holds ``slot``)."""
         t0 = time.perf_counter()
         try:
-            params = SamplingParams(
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_tokens or self.cfg.default_new_tokens,
-                seed=params.seed,
-            )
             loop = asyncio.get_running_loop()
-            texts = await loop.run_in_executor(self._generate, slot.runner.generate, list(prompt), n, params)
+            return await loop.run_in_executor(self._generate, slot.runner.sample, list(prompt), params, on_delta,
+                                              cancelled)
+        finally:
+            self.metrics.generation_seconds.labels(slot.name).observe(time.perf_counter() - t0)
+
+    async def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams,
+                       policy: str = "") -> tuple[list[str], ModelRef, Usage]:
+        """Sample ``n`` completions from the policy (best-of-N candidates), with their token counts."""
+        slot = await self._acquire_policy(policy, "policy_model")
+        try:
+            decoded = await self._sample(slot, prompt, self._decode_params(params, n))
         finally:
             self._release(slot)
-            self.metrics.generation_seconds.labels(name).observe(time.perf_counter() - t0)
-        return list(texts), slot.ref
+        return decoded.texts, slot.ref, Usage(decoded.prompt_tokens, decoded.completion_tokens)
+
+    async def generate_text(self, query: GenerateQuery) -> GenerateResult:
+        """Plain generation: every completion of the request from one policy version."""
+        slot = await self._acquire_policy(query.model, "model")
+        try:
+            decoded = await self._sample(slot, query.messages, self._decode_params(query.sampling, query.n, query.stop))
+        finally:
+            self._release(slot)
+        choices = tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length", c.completion_tokens)
+                        for c in decoded.completions)
+        return GenerateResult(choices=choices, model=slot.ref, usage=Usage(decoded.prompt_tokens,
+                              decoded.completion_tokens), request_id=query.request_id)
+
+    async def generate_stream(self, query: GenerateQuery) -> AsyncIterator[GenerateChunk]:
+        """Text deltas as they are decoded, then each choice's finish reason, then usage.
+
+        The policy version is fixed when the request starts (every chunk names it).  Closing the
+        iterator early (the client went away) stops decoding at the next token; the slot is released
+        only once the generation thread is done with it.
+        """
+        slot = await self._acquire_policy(query.model, "model")
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        stop = threading.Event()
+        ref, rid = slot.ref, query.request_id
+
+        def on_delta(index: int, text: str) -> None:  # generation thread
+            loop.call_soon_threadsafe(deltas.put_nowait, (index, text))
+
+        params = self._decode_params(query.sampling, query.n, query.stop)
+        task = loop.create_task(self._sample(slot, query.messages, params, on_delta, stop.is_set))
+        task.add_done_callback(lambda _: deltas.put_nowait(None))
+        try:
+            while (item := await deltas.get()) is not None:
+                yield GenerateChunk(index=item[0], model=ref, delta=item[1], request_id=rid)
+            decoded = await task
+            for c in decoded.completions:
+                yield GenerateChunk(index=c.index, model=ref, finish_reason=c.finish_reason or "length", request_id=rid)
+            yield GenerateChunk(index=0, model=ref, usage=Usage(decoded.prompt_tokens, decoded.completion_tokens),
+                                request_id=rid)
+        finally:
+            stop.set()
+            if task.done():
+                self._release(slot)
+            else:
+                task.add_done_callback(lambda t: self._release_after(slot, t))
+
+    def _release_after(self, slot: ModelSlot, task: asyncio.Task) -> None:
+        """Release a slot held by a generation nobody waits for any more (its error was answered as cancelled)."""
+        self._release(slot)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("abandoned generation on %s@%s failed: %r", slot.name, slot.version, task.exception())
 
     async def best_of_n(self, query: BestOfNQuery) -> BestOfNResult:
         """Rank the given (or sampled) candidates by the weighted sum of standardized rewards."""
@@ -260,9 +345,9 @@ class Engine:
             slot = self._live.get(c.model)
             if slot is None or slot.kind != REWARD:
                 raise self._missing(c.model, REWARD)
-        policy_ref = None
+        policy_ref, usage = None, Usage()
         if query.samples:
-            texts, policy_ref = await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
+            texts, policy_ref, usage = await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
         else:
             texts = list(query.candidates)
         results = await asyncio.gather(
@@ -288,6 +373,7 @@ class Engine:
             reward_models=tuple(r.model for r in results),
             policy=policy_ref,
             request_id=query.request_id,
+            usage=usage,
         )
 
 

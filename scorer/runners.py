@@ -231,6 +231,13 @@ class PolicyRunner:
         with torch.inference_mode():
             return list(self.model.generate(list(prompt), n=n, **{k: v for k, v in given.items() if v is not None}))
 
+    def sample(self, prompt: Sequence[ChatMessage], params: Any, on_delta: Any = None, cancelled: Any = None) -> Any:
+        """scorer/decoding.py's loop over this policy: ``params`` a DecodeParams; returns a Decoded."""
+        from scorer.decoding import decode
+
+        ids = self.model.prompt_ids(list(prompt))
+        return decode(self.model.hf_model, self.model.tokenizer, ids, params, on_delta=on_delta, cancelled=cancelled)
+
     def warmup(self) -> None:
         out = self.generate([ChatMessage("user", "Hi")], 1, SamplingParams(temperature=0.0, max_tokens=2))
         if len(out) != 1:

@@ -4,7 +4,9 @@
 domain queries (validating every field), awaits the engine and converts results back; nothing here
 blocks the event loop.  :class:`Scorer` wires the pieces of one process (metrics, executors, engine,
 model manager, registry, gRPC server with health and reflection) and :func:`serve` runs it until
-SIGTERM.  Health is NOT_SERVING until the default reward model is loaded.
+SIGTERM.  Health is NOT_SERVING until every reward model and (with ``policy_preload``, the default)
+every policy it serves is loaded and warmed up, so no request routed to a ready replica waits for a
+load.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
 from prefstream.scorer.v1 import scorer_pb2, scorer_pb2_grpc
 from prefstream.scorer.v1.scorer_pb2 import BestOfNRequest as BestOfNRequestProto
 from prefstream.scorer.v1.scorer_pb2 import BestOfNResponse as BestOfNResponseProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateChunk as GenerateChunkProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateRequest as GenerateRequestProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateResponse as GenerateResponseProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreRequest as ScoreRequestProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
 from scorer.admin import ModelAdminServicer
 from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
-from scorer.engine import Engine, ModelSlot
+from scorer.engine import Engine
+from scorer.generation import GenerateQuery
 from scorer.metrics import ScorerMetrics
 from scorer.precision import cpu_bf16_support, resolve_dtype
 from scorer.runners import configure_torch_threads, plan_workers, resolve_device
@@ -44,7 +50,7 @@ INFER_THREADS = "infer"
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
-    """Score, BestOfN and ScoreStream over the engine."""
+    """Score, BestOfN, ScoreStream, Generate and GenerateStream over the engine."""
 
     def __init__(self, engine: Engine, metrics: ScorerMetrics, limits: RequestLimits, stream_window: int) -> None:
         self.engine = engine
@@ -80,6 +86,24 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         with self._observe("BestOfN"):
             query = BestOfNQuery.from_proto(request, self.limits)
             return (await self.engine.best_of_n(query)).to_proto()
+
+    async def Generate(self, request: GenerateRequestProto, context: grpc.aio.ServicerContext) -> GenerateResponseProto:
+        with self._observe("Generate"):
+            query = GenerateQuery.from_proto(request, self.limits)
+            return (await self.engine.generate_text(query)).to_proto()
+
+    async def GenerateStream(
+        self, request: GenerateRequestProto, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerateChunkProto]:
+        """Text deltas while decoding; a failure mid-stream ends it with the mapped status code."""
+        with self._observe("GenerateStream"):
+            query = GenerateQuery.from_proto(request, self.limits)
+            chunks = self.engine.generate_stream(query)
+            try:
+                async for chunk in chunks:
+                    yield chunk.to_proto()
+            finally:
+                await chunks.aclose()
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[ScoreRequestProto], context: grpc.aio.ServicerContext
@@ -175,7 +199,7 @@ class Scorer:
         return self._registry
 
     async def start(self) -> None:
-        """Listen (health NOT_SERVING), load the models, then report SERVING."""
+        """Listen (health NOT_SERVING), load every served model, then report SERVING."""
         cfg = self.cfg
         threads = configure_torch_threads(self.torch_threads)
         device = resolve_device(cfg.device)
@@ -207,14 +231,10 @@ class Scorer:
             host=cfg.host,
             port=cfg.port,
         )
-        self.engine.on_install(self._on_install)
         await start(self.handle)
         self.metrics.serve(cfg.metrics_port, cfg.host)
         await self.manager.start()
-
-    def _on_install(self, slot: ModelSlot) -> None:
-        if slot.name == self.cfg.default_reward_model and self.handle is not None:
-            asyncio.get_running_loop().create_task(self.handle.set_serving(True))
+        await self.handle.set_serving(True)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Report NOT_SERVING, drain RPCs, stop watching, free models, stop threads."""

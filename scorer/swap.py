@@ -98,15 +98,14 @@ class ModelManager:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Load every configured reward model (its registry target, else base), then start watching."""
+        """Load every configured reward model and (``policy_preload``) policy, each its registry target
+        else base, then start watching.  Returns once all are served: the caller reports SERVING then."""
         self.engine.demand_loader = self.ensure_loaded
-        for name in self.cfg.reward_models:
+        preload = self.cfg.policy_models if self.cfg.policy_preload else ()
+        for name in (*self.cfg.reward_models, *preload):
             outcome = await self.sync(name)
             if outcome.serving is None:
-                raise RuntimeError(f"could not serve reward model {name!r}: {outcome.refused}")
-        if self.cfg.policy_preload and self.cfg.policy_models:
-            for name in self.cfg.policy_models:
-                self._tasks.append(asyncio.get_running_loop().create_task(self.sync(name)))
+                raise RuntimeError(f"could not serve {self._kinds[name]} model {name!r}: {outcome.refused}")
         if self.registry is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll_loop(), name="registry-poll"))
         if self.cfg.kafka_bootstrap:

@@ -142,6 +142,10 @@ class PolicyModel:
             return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         return format_prompt(messages) + "\n\nAssistant:"
 
+    def prompt_ids(self, messages: Sequence[Any]) -> list[int]:
+        """The token ids generation continues from: rendered, tokenized and truncated as in ``generate``."""
+        return self._encode([messages])["input_ids"][0].tolist()
+
     def _encode(self, prompts: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         texts = [self.render(m) for m in prompts]
         # Chat templates write their own BOS; a plain rendering gets the tokenizer's specials.

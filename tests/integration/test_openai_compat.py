@@ -143,3 +143,79 @@ def test_best_of_n_from_the_policy_ranked_and_stored(harness: Harness, openai_cl
     # The rewards reported are what the reward model gives those texts.
     direct = harness.run(harness.client.score(PROMPT, list(logged.candidates)))
     assert direct.rewards == pytest.approx(resp.model_extra["criteria_scores"]["reward"], abs=1e-5)
+    # Real token counts of the sampling: 3 candidates of at most 12 tokens each.
+    assert resp.usage.prompt_tokens > 0 and 3 <= resp.usage.completion_tokens <= 36
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def _policy_or_skip() -> None:
+    if importlib.util.find_spec("services.policy_model") is None:
+        pytest.skip("services.policy_model is not in this checkout yet")
+
+
+def test_plain_generation_is_seeded_and_counts_tokens(openai_client: Any) -> None:
+    _policy_or_skip()
+    kw = dict(model="policy", messages=PROMPT, max_tokens=12, temperature=0.9, seed=5)
+    a = openai_client.chat.completions.create(**kw)
+    b = openai_client.chat.completions.create(**kw)
+    assert a.choices[0].message.content == b.choices[0].message.content  # same seed, same version
+    assert a.choices[0].message.content
+    assert a.choices[0].finish_reason in ("stop", "length")
+    assert a.model_extra["model_version"] == "base" and a.system_fingerprint == "policy@base"
+    assert a.usage.prompt_tokens > 5 and 1 <= a.usage.completion_tokens <= 12
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    assert a.usage == b.usage
+    short = openai_client.chat.completions.create(model="policy", messages=PROMPT, max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_stop_cuts_the_generation(openai_client: Any) -> None:
+    _policy_or_skip()
+    full = openai_client.chat.completions.create(model="policy", messages=PROMPT, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    words = text.split()
+    assert len(words) > 3
+    stop = words[2]
+    cut = openai_client.chat.completions.create(model="policy", messages=PROMPT, max_tokens=24, temperature=0,
+                                                stop=[stop, "@@@"])
+    assert cut.choices[0].message.content == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+
+
+def test_streaming_matches_the_unary_answer(openai_client: Any) -> None:
+    _policy_or_skip()
+    kw = dict(model="policy", messages=PROMPT, max_tokens=12, temperature=0.9, seed=9)
+    unary = openai_client.chat.completions.create(**kw)
+    chunks = list(openai_client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1  # arrived in pieces
+    assert "".join(content) == unary.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [unary.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == unary.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    # Without include_usage: no usage chunk; n choices each get their role, content and finish.
+    plain = list(openai_client.chat.completions.create(**kw, n=2, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)
+    for i in (0, 1):
+        mine = [c.choices[0] for c in plain if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason in ("stop", "length")
+
+
+def test_generation_errors_name_the_field(openai_client: Any) -> None:
+    _policy_or_skip()
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="policy", messages=PROMPT, stop=["a", "b", "c", "d", "e"])
+    assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="policy", messages=PROMPT, max_tokens=33)
+    assert e.value.body["param"] == "sampling.max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="policy", messages=PROMPT, stream=True,
+                                              extra_headers={"op-criteria": "reward"})
+    assert e.value.body["param"] == "stream"

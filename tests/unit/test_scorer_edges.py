@@ -58,6 +58,8 @@ def test_chat_request_parsing_and_errors():
     parts = parse_chat_request({**base, "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
                                                                                         {"type": "text", "text": "b"}]}]})
     assert parts.messages[0].role == "system" and parts.messages[0].content == "ab"
+    streamed = parse_chat_request({**base, "stream": True, "stream_options": {"include_usage": True}, "stop": "\n"})
+    assert (streamed.stream, streamed.include_usage, streamed.stop) == (True, True, ("\n",))
     cases = [
         ({"messages": base["messages"]}, "model"),
         ({**base, "messages": []}, "messages"),
@@ -66,7 +68,12 @@ def test_chat_request_parsing_and_errors():
         ({**base, "n": True}, "n"),
         ({**base, "temperature": "hot"}, "temperature"),
         ({**base, "top_p": 0}, "top_p"),
-        ({**base, "stream": True}, "stream"),
+        ({**base, "stream": "yes"}, "stream"),
+        ({**base, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({**base, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({**base, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({**base, "stop": 3}, "stop"),
+        ({**base, "stop": ["a", ""]}, "stop[1]"),
         ({**base, "tools": [{"type": "function"}]}, "tools"),
         ({**base, "store": "yes"}, "store"),
         ({**base, "metadata": {"a": 1}}, "metadata.a"),

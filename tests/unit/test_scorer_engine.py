@@ -12,6 +12,7 @@ import pytest
 
 from scorer.bestofn import Criterion
 from scorer.config import load_scorer_config
+from scorer.decoding import Completion, Decoded
 from scorer.domain import BestOfNQuery, SamplingParams, ScoreQuery
 from scorer.engine import POLICY, REWARD, Engine
 from scorer.metrics import ScorerMetrics
@@ -50,8 +51,10 @@ class FakeReward:
 class FakePolicy:
     dtype = "float32"
 
-    def generate(self, prompt, n, params):
-        return [f"sample {i} " + "x" * i for i in range(n)]
+    def sample(self, prompt, params, on_delta=None, cancelled=None):
+        rows = tuple(Completion(i, [0] * (i + 2), f"sample {i} " + "x" * i, finish_reason="stop")
+                     for i in range(params.n))
+        return Decoded(rows, prompt_tokens=5)
 
     def close(self):
         pass
@@ -154,6 +157,7 @@ def test_best_of_n_samples_from_the_policy():
     res = asyncio.run(main())
     assert [c.index for c in res.ranked] == [2, 1, 0]  # longest sample has the highest fake reward
     assert (res.policy.name, res.policy.version) == ("policy", "base")
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (5, 2 + 3 + 4)
 
 
 # ------------------------------------------------------------------------------------ manager

@@ -1,11 +1,21 @@
 from prefstream.events.v1 import events_pb2 as _events_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -121,13 +131,79 @@ class RankedCandidate(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., per_criterion: _Optional[_Mapping[str, float]] = ..., attributes: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class BestOfNResponse(_message.Message):
-    __slots__ = ("ranked", "reward_models", "policy", "request_id")
+    __slots__ = ("ranked", "reward_models", "policy", "request_id", "usage")
     RANKED_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODELS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     ranked: _containers.RepeatedCompositeFieldContainer[RankedCandidate]
     reward_models: _containers.RepeatedCompositeFieldContainer[ModelRef]
     policy: ModelRef
     request_id: str
-    def __init__(self, ranked: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., reward_models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., policy: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, ranked: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., reward_models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., policy: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("messages", "model", "sampling", "stop", "n", "request_id")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_events_pb2.ChatMessage]
+    model: str
+    sampling: SamplingParams
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    n: int
+    request_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[_events_pb2.ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Generation(_message.Message):
+    __slots__ = ("index", "text", "finish_reason", "completion_tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("choices", "model", "usage", "request_id")
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    choices: _containers.RepeatedCompositeFieldContainer[Generation]
+    model: ModelRef
+    usage: Usage
+    request_id: str
+    def __init__(self, choices: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("index", "delta", "finish_reason", "model", "usage", "request_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    delta: str
+    finish_reason: FinishReason
+    model: ModelRef
+    usage: Usage
+    request_id: str
+    def __init__(self, index: _Optional[int] = ..., delta: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,16 @@ class ScorerServiceStub:
                 request_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/prefstream.scorer.v1.ScorerService/Generate',
+                request_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/prefstream.scorer.v1.ScorerService/GenerateStream',
+                request_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateChunk.FromString,
+                _registered_method=True)
 
 
 class ScorerServiceServicer:
@@ -75,6 +85,20 @@ class ScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Samples completions from a policy model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """Samples completions from a policy model, answering with text deltas as they are decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +116,16 @@ def add_ScorerServiceServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreRequest.FromString,
                     response_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.FromString,
+                    response_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.FromString,
+                    response_serializer=prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +209,60 @@ class ScorerService:
             '/prefstream.scorer.v1.ScorerService/ScoreStream',
             prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreRequest.SerializeToString,
             prefstream_dot_scorer_dot_v1_dot_scorer__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.scorer.v1.ScorerService/Generate',
+            prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.SerializeToString,
+            prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prefstream.scorer.v1.ScorerService/GenerateStream',
+            prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateRequest.SerializeToString,
+            prefstream_dot_scorer_dot_v1_dot_scorer__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

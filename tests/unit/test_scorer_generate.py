@@ -1,0 +1,280 @@
+"""Generation: the decode loop (seeds, stop sequences, max_tokens, EOS, token counts, streamed deltas),
+request validation naming the field, and the engine's unary and streamed generation with a fake policy."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from prefstream.scorer.v1 import scorer_pb2
+from scorer.config import load_scorer_config
+from scorer.decoding import Completion, DecodeParams, Decoded, decode, first_stop, held_back, nucleus_filter
+from scorer.domain import RequestLimits, SamplingParams
+from scorer.engine import POLICY, REWARD, Engine
+from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult
+from scorer.metrics import ScorerMetrics
+from services.errors import InvalidArgument, NotFound
+from services.schemas import ChatMessage
+
+PROMPT = (ChatMessage("user", "hello w1 w2"),)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[object, object, list[int]]:
+    """A random 2-layer Llama over a 43-word vocabulary, and a prompt's ids."""
+    words = [f"w{i}" for i in range(40)] + ["User:", "Assistant:", "hello"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = tokenizer("hello w1 w2 w3")["input_ids"]
+    return model, tokenizer, ids
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p() -> None:
+    # probabilities 0.5, 0.3, 0.2 (logits are their logs): top_p 0.7 needs the first two (0.5 < 0.7 <= 0.8).
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    kept = torch.isfinite(nucleus_filter(logits, 0.7))
+    assert kept.tolist() == [[False, True, True]]
+    assert torch.isfinite(nucleus_filter(logits, 0.5)).tolist() == [[False, True, False]]
+    assert torch.isfinite(nucleus_filter(logits, 0.1)).tolist() == [[False, True, False]]  # the best always stays
+    assert torch.equal(nucleus_filter(logits, 1.0), logits)
+
+
+def test_stop_helpers_find_and_hold_back_partial_stops() -> None:
+    assert first_stop("abc END def STOP", ["STOP", "END"]) == 4
+    assert first_stop("abc", ["x"]) is None
+    assert held_back("hello EN", ["END"]) == 2  # "EN" may become "END": not sent yet
+    assert held_back("hello E", ["END", "Eve"]) == 1
+    assert held_back("hello", ["END"]) == 0
+
+
+# ------------------------------------------------------------------------------------ decode loop
+
+
+def test_same_seed_same_text_and_counts(tiny) -> None:
+    model, tokenizer, ids = tiny
+    p = DecodeParams(n=3, temperature=1.0, max_tokens=8, seed=11)
+    a, b = decode(model, tokenizer, ids, p), decode(model, tokenizer, ids, p)
+    assert a.texts == b.texts
+    assert len(set(a.texts)) > 1  # n rows are independent samples
+    torch.manual_seed(123)  # the global RNG plays no part
+    c = decode(model, tokenizer, ids, p)
+    assert c.texts == a.texts
+    assert decode(model, tokenizer, ids, DecodeParams(n=3, temperature=1.0, max_tokens=8, seed=12)).texts != a.texts
+    assert a.prompt_tokens == len(ids)
+    assert a.completion_tokens == sum(len(r.token_ids) for r in a.completions)
+
+
+def test_max_tokens_ends_with_length_and_counts_every_token(tiny) -> None:
+    model, tokenizer, ids = tiny
+    model.generation_config.eos_token_id = 2
+    out = decode(model, tokenizer, ids, DecodeParams(n=2, temperature=0.0, max_tokens=5))
+    assert [c.index for c in out.completions] == [0, 1]
+    assert out.texts[0] == out.texts[1]  # greedy: one answer, shown n times
+    for c in out.completions:
+        if 2 not in c.token_ids:  # random weights could pick EOS; then it is a stop
+            assert c.finish_reason == "length" and c.completion_tokens == 5
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_eos_ends_with_stop_counted_not_shown(tiny) -> None:
+    model, tokenizer, ids = tiny
+    first = decode(model, tokenizer, ids, DecodeParams(temperature=0.0, max_tokens=1)).completions[0].token_ids[0]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first]  # the greedy first token is now an end of sequence
+    try:
+        c = decode(model, tokenizer, ids, DecodeParams(temperature=0.0, max_tokens=6)).completions[0]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert (c.finish_reason, c.completion_tokens, c.text) == ("stop", 1, "")
+
+
+def test_stop_sequence_cuts_the_text_and_is_never_streamed(tiny) -> None:
+    model, tokenizer, ids = tiny
+    full = decode(model, tokenizer, ids, DecodeParams(temperature=0.0, max_tokens=10)).completions[0]
+    words = full.text.split()
+    assert len(words) >= 4
+    stop = " ".join(words[2:4])  # two tokens: the first may arrive alone and must be held back
+    deltas: list[tuple[int, str]] = []
+    c = decode(model, tokenizer, ids, DecodeParams(temperature=0.0, max_tokens=10, stop=(stop, "never")),
+               on_delta=lambda i, d: deltas.append((i, d))).completions[0]
+    assert c.finish_reason == "stop"
+    assert c.text == full.text[:full.text.find(stop)]
+    assert "".join(d for _, d in deltas) == c.text
+    assert c.completion_tokens == 4  # up to and including the token that completed the stop sequence
+
+
+def test_streamed_deltas_rebuild_every_choice(tiny) -> None:
+    model, tokenizer, ids = tiny
+    deltas: dict[int, list[str]] = {0: [], 1: []}
+    out = decode(model, tokenizer, ids, DecodeParams(n=2, temperature=1.0, max_tokens=6, seed=3),
+                 on_delta=lambda i, d: deltas[i].append(d))
+    assert ["".join(deltas[i]) for i in (0, 1)] == out.texts
+    assert all(len(deltas[i]) > 1 for i in (0, 1))  # text arrived step by step
+
+
+def test_cancel_stops_decoding_early(tiny) -> None:
+    model, tokenizer, ids = tiny
+    steps = []
+    out = decode(model, tokenizer, ids, DecodeParams(temperature=1.0, max_tokens=50, seed=1),
+                 on_delta=lambda i, d: steps.append(d), cancelled=lambda: len(steps) >= 2)
+    assert out.completions[0].completion_tokens < 50
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _request(**kw) -> scorer_pb2.GenerateRequest:
+    msg = scorer_pb2.GenerateRequest(messages=[PROMPT[0].to_proto()], **kw)
+    return msg
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ["a", ""]}, "stop[1]"),
+    ({"stop": ["x" * 65]}, "stop[0]"),
+    ({"sampling": scorer_pb2.SamplingParams(max_tokens=0)}, "sampling.max_tokens"),
+    ({"sampling": scorer_pb2.SamplingParams(max_tokens=257)}, "sampling.max_tokens"),
+    ({"sampling": scorer_pb2.SamplingParams(temperature=math.nan)}, "sampling.temperature"),
+    ({"n": 17}, "n"),
+    ({"model": "no spaces"}, "model"),
+])
+def test_bad_generate_fields_are_named(kw, field) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        GenerateQuery.from_proto(_request(**kw), RequestLimits(max_n=16, max_new_tokens=256))
+    assert e.value.field == field
+
+
+def test_empty_messages_are_refused_and_n_defaults_to_one() -> None:
+    with pytest.raises(InvalidArgument) as e:
+        GenerateQuery.from_proto(scorer_pb2.GenerateRequest())
+    assert e.value.field == "messages"
+    q = GenerateQuery.from_proto(_request(stop=["\n\n"]))
+    assert (q.n, q.stop, q.messages) == (1, ("\n\n",), PROMPT)
+    assert GenerateQuery.from_proto(q.to_proto()) == q
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+class FakePolicy:
+    """Answers "a b c" for each row, one word per step, through the on_delta callback."""
+
+    dtype = "float32"
+
+    def __init__(self) -> None:
+        self.cancelled_seen = False
+
+    def sample(self, prompt, params, on_delta=None, cancelled=None):
+        rows = []
+        for i in range(params.n):
+            for w in ("a", " b", " c"):
+                if cancelled is not None and cancelled():
+                    self.cancelled_seen = True
+                    break
+                if on_delta is not None:
+                    on_delta(i, w)
+            rows.append(Completion(i, [7] * 3, "a b c", finish_reason="length"))
+        return Decoded(tuple(rows), prompt_tokens=4)
+
+    def close(self) -> None:
+        pass
+
+
+class _Reward:
+    dtype = "float32"
+    attribute_names = ()
+
+    def run_batch(self, rows):
+        return [(0.0, {}) for _ in rows]
+
+    def close(self) -> None:
+        pass
+
+
+def _engine() -> Engine:
+    cfg = load_scorer_config(overrides={"policy_models": ["policy"], "default_new_tokens": 3}, env={})
+    ex = concurrent.futures.ThreadPoolExecutor(2)
+    return Engine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex)
+
+
+def test_engine_generates_and_streams_from_one_version() -> None:
+    async def main() -> tuple[GenerateResult, list[GenerateChunk], int]:
+        engine = _engine()
+        slot = engine.new_slot("policy", POLICY, "v3", "", FakePolicy())
+        engine.install(slot)
+        res = await engine.generate_text(GenerateQuery(PROMPT, n=2, request_id="r1"))
+        chunks = [c async for c in engine.generate_stream(GenerateQuery(PROMPT, n=2, request_id="r2"))]
+        refs = slot.refs
+        await engine.close()
+        return res, chunks, refs
+
+    res, chunks, refs = asyncio.run(main())
+    assert [c.text for c in res.choices] == ["a b c", "a b c"]
+    assert (res.model.name, res.model.version, res.request_id) == ("policy", "v3", "r1")
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens, res.usage.total_tokens) == (4, 6, 10)
+    assert all(c.model.version == "v3" and c.request_id == "r2" for c in chunks)
+    for i in (0, 1):
+        assert "".join(c.delta for c in chunks if c.index == i) == "a b c"
+        assert [c.finish_reason for c in chunks if c.index == i and c.finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    assert refs == 0  # released
+
+
+def test_engine_stream_closed_early_stops_and_releases() -> None:
+    async def main() -> tuple[int, bool]:
+        engine = _engine()
+        policy = FakePolicy()
+        slot = engine.new_slot("policy", POLICY, "v1", "", policy)
+        engine.install(slot)
+        stream = engine.generate_stream(GenerateQuery(PROMPT, n=4))
+        first = await stream.__anext__()
+        assert first.delta == "a"
+        await stream.aclose()
+        for _ in range(100):
+            if slot.refs == 0:
+                break
+            await asyncio.sleep(0.01)
+        refs = slot.refs
+        await engine.close()
+        return refs, policy.cancelled_seen
+
+    refs, cancelled = asyncio.run(main())
+    assert refs == 0 and cancelled
+
+
+def test_engine_refuses_a_reward_model_and_unknown_names() -> None:
+    async def main() -> None:
+        engine = _engine()
+        engine.install(engine.new_slot("reward", REWARD, "base", "", _Reward()))
+        engine.install(engine.new_slot("policy", POLICY, "base", "", FakePolicy()))
+        with pytest.raises(InvalidArgument) as e:
+            await engine.generate_text(GenerateQuery(PROMPT, model="reward"))
+        assert e.value.field == "model" and "policy" in e.value.message
+        with pytest.raises(NotFound):
+            await engine.generate_text(GenerateQuery(PROMPT, model="nope"))
+        await engine.close()
+
+    asyncio.run(main())
+
+
+def test_unset_sampling_falls_back_to_scorer_defaults() -> None:
+    engine = _engine()
+    p = engine._decode_params(SamplingParams(seed=5), n=2, stop=("x",))
+    assert (p.n, p.temperature, p.top_p, p.max_tokens, p.seed, p.stop) == (2, 0.7, 1.0, 3, 5, ("x",))
