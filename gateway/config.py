@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.config import load_config, require
+from services.config import ConfigError, load_config, require
+from services.endpoints import StackNotRunning, load_stack_endpoints
 
 #: HelpSteer attribute names that multi-attribute scores may use.
 DEFAULT_ATTRIBUTES: tuple[str, ...] = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -149,18 +150,16 @@ class GatewayConfig:
         """(kafka_bootstrap, redis_url): explicit settings first, else the stack's stack.json."""
         kafka, redis_url = self.kafka_bootstrap, self.redis_url
         if kafka is None or redis_url is None:
-            from services.stack import load_endpoints
-
-            ep = load_endpoints(self.run_dir)
+            try:
+                ep = load_stack_endpoints(self.run_dir)
+            except StackNotRunning as e:
+                missing = "kafka_bootstrap" if kafka is None else "redis_url"
+                raise ConfigError(f"{missing}: not set and {e}") from None
             kafka = kafka or ep.kafka_bootstrap
             redis_url = redis_url or ep.redis_url
         if not kafka:
-            from services.config import ConfigError
-
             raise ConfigError("kafka_bootstrap: no Kafka address; pass --kafka-bootstrap or start the stack with kafka")
         if not redis_url:
-            from services.config import ConfigError
-
             raise ConfigError("redis_url: no Redis URL; pass --redis-url or start the stack with redis")
         return kafka, redis_url
 

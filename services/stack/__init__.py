@@ -4,6 +4,9 @@ Other packages import from here only::
 
     from services.stack import Stack, StackConfig, load_endpoints, run_kafka_tool, topics
 
+The deployables never import this package: they read the running stack's addresses with
+:mod:`services.endpoints` and the topic names from :mod:`services.topics`.
+
 ``prefstream stack up|down|status|kafka-tool`` is the command-line face (``services.stack.cli``);
 docs/stack.md describes ports, files and logs.
 """
