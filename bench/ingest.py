@@ -286,8 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.machine import describe
     from gateway.auth import create_key
     from services.redis_client import connect
-    from services.stack import Stack, ensure_topics, free_port, load_endpoints, load_stack_config, topics
-    from services.stack.topics import TopicSpec
+    from services import topics
+    from services.stack import Stack, free_port, load_endpoints, load_stack_config
+    from services.topics import TopicSpec, ensure_topics, prefixed, topic_name
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
     load_at_start = list(os.getloadavg())  # other work on the machine skews every number here
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gw = None
     try:
         bootstrap = endpoints.kafka_bootstrap
-        specs = [TopicSpec(prefix + t.name, t.partitions, t.configs) for t in (topics.COMPLETIONS, topics.FEEDBACK)]
+        specs = prefixed((topics.COMPLETIONS, topics.FEEDBACK), prefix)
         raw_spec = TopicSpec(f"bench-{run_id}.raw", topics.COMPLETIONS.partitions, topics.COMPLETIONS.configs)
         perf_spec = TopicSpec(f"bench-{run_id}.perf", topics.COMPLETIONS.partitions, topics.COMPLETIONS.configs)
         ensure_topics(bootstrap, [*specs, raw_spec, perf_spec])
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         acked = set(stream["acked"]) | set(single["acked"]) | set(unary["acked"]) | set(light["acked"])
         light_ms = [x * 1000 for x in light["latencies"]]
-        lost, dups = _count_back(bootstrap, prefix + topics.COMPLETIONS.name, acked)
+        lost, dups = _count_back(bootstrap, topic_name(topics.COMPLETIONS, prefix), acked)
         lat_ms = [x * 1000 for x in stream["latencies"]]
         single_ms = [x * 1000 for x in single["latencies"]]
         unary_ms = [x * 1000 for x in unary["latencies"]]

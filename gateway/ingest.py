@@ -40,7 +40,7 @@ from gateway.kafka_writer import KafkaWriter
 from gateway.validation import check_feedback_indices
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.schemas import prompt_hash
-from services.stack import topics
+from services import topics
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.kafka import encode_event, make_consumer, make_producer
 from services.redis_client import connect
 from services.schemas import PreferenceRecord, float_to_ts, prompt_hash
-from services.stack import topics
+from services import topics
 
 log = logging.getLogger(__name__)
 

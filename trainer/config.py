@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import ConfigError, load_config, require
-from services.stack.topics import PREFERENCES
+from services.topics import PREFERENCES
 
 SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")

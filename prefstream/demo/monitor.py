@@ -21,7 +21,7 @@ from services.checkpoints import CheckpointStore
 from services.kafka import decode_event
 from services.registry import ModelRegistry
 from services.schemas import PreferenceRecord
-from services.stack import topics
+from services import topics
 
 log = logging.getLogger(__name__)
 

@@ -182,7 +182,7 @@ class Stack:
             except Exception as e:  # noqa: BLE001 - reported with the broker's log
                 raise StackError(f"kafka: broker is up but a produce/consume round trip failed: {e}\n{kafka_mod.log_tail(lay)}") from e
         if self.cfg.create_topics:
-            from services.stack.topics import ensure_topics
+            from services.topics import ensure_topics
 
             ensure_topics(self.cfg.kafka_bootstrap, timeout_s=self.cfg.start_timeout_s)
 

@@ -16,7 +16,7 @@ from gateway.auth import create_key
 from gateway.importer import import_file
 from gateway.testing import GatewayHarness, wait_for_records
 from services.data import shared_data_dir
-from services.stack import topics
+from services import topics
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import TOPICS, Stack, StackError, load_endpoints, run_kafka_tool
+from services.stack import Stack, StackError, load_endpoints, run_kafka_tool
+from services.topics import TOPICS
 from services.stack.kafka_tools import KAFKA_TOOLS
 from services.stack.procs import PidRecord, pid_alive, pids_in_session, pids_with_cmdline, read_pidfile
 from services.stack import free_stack_config
@@ -30,7 +31,7 @@ def _payload(topic: str, i: int) -> bytes:
     from prefstream.events.v1.events_pb2 import DeadLetter
     from services.kafka import encode_event
     from services.schemas import ModelUpdate
-    from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
+    from services.topics import DEAD_LETTER, MODEL_UPDATES
 
     tag = f"{topic}-{i}-{uuid.uuid4().hex}"
     if topic == DEAD_LETTER.name:

@@ -9,7 +9,7 @@ import pytest
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.validation import Limits
 from services.config import ConfigError
-from services.stack import topics
+from services import topics
 
 
 def test_defaults_env_and_overrides(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import topics
+from services import topics
 from services.stack.config import StackConfig
 from services.stack.manager import Stack
 from services.stack.procs import (
