@@ -183,7 +183,8 @@ async def _unary(address: str, key: str, project: str, n: int, concurrency: int,
 
 
 def _raw_kafka_python(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
-    from services.kafka import encode_event, make_producer
+    from services.codec import encode_event
+    from services.kafka import make_producer
 
     payloads = [encode_event(_completion("bench", f"raw-{i}")) for i in range(n)]
     producer = make_producer(bootstrap)
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gw = None
 
         size = len(_completion(project, f"{run_id}-s-0").SerializeToString())
-        wire_size = len(__import__("services.kafka", fromlist=["encode_event"]).encode_event(_completion(project, "x" * 20)))
+        wire_size = len(__import__("services.codec", fromlist=["encode_event"]).encode_event(_completion(project, "x" * 20)))
         try:
             perf = _perf_test(bootstrap, perf_spec.name, n, wire_size)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:

@@ -13,7 +13,7 @@ batch of them to :meth:`Ingestor.write`, which answers each event individually:
    ``kafka_ack_timeout_s`` is answered UNAVAILABLE and its dedup claim released so a retry writes it.
 
 The wire value is the proto3 JSON of the event (:mod:`gateway.wire`, identical to
-:func:`services.kafka.encode_event` of its message).  ``acked_at``
+:func:`services.codec.encode_event` of its message).  ``acked_at``
 in that value is the moment the gateway handed the event to Kafka (the record's own timestamp); the
 response's ``acked_at`` is when Kafka acknowledged it.
 """

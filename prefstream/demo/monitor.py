@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prefstream.demo.freshness import VersionContents
 from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from services.checkpoints import CheckpointStore
-from services.kafka import decode_event
+from services.codec import decode_event
 from services.registry import ModelRegistry
 from services.schemas import PreferenceRecord
 from services import topics

@@ -29,7 +29,7 @@ def _payload(topic: str, i: int) -> bytes:
     """A unique value; on model-updates and dead-letter a schema-valid event, because the session's other
     consumers of those topics (scorers, trainer and gateway tests) decode what they read."""
     from prefstream.events.v1.events_pb2 import DeadLetter
-    from services.kafka import encode_event
+    from services.codec import encode_event
     from services.schemas import ModelUpdate
     from services.topics import DEAD_LETTER, MODEL_UPDATES
 

@@ -113,7 +113,7 @@ def dead_letters(bootstrap: str, source_topic: str) -> list:
     from kafka import KafkaConsumer, TopicPartition
 
     from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
-    from services.kafka import decode_event
+    from services.codec import decode_event
     from services.topics import DEAD_LETTER
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
