@@ -38,9 +38,9 @@ from gateway.dedup import Claim, Deduper, dedup_key
 from gateway.events import Completion, Event, Feedback
 from gateway.kafka_writer import KafkaWriter
 from gateway.validation import check_feedback_indices
+from services import topics
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.schemas import prompt_hash
-from services import topics
 
 log = logging.getLogger(__name__)
 

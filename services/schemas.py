@@ -20,8 +20,8 @@ from prefstream.events.v1 import events_pb2
 from prefstream.events.v1.events_pb2 import ChatMessage as ChatMessageProto
 from prefstream.events.v1.events_pb2 import ModelUpdate as ModelUpdateProto
 from prefstream.events.v1.events_pb2 import PreferenceRecord as PreferenceRecordProto
-from services.errors import InvalidArgument
 from services.codec import decode_event, encode_event
+from services.errors import InvalidArgument
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 SPLITS: tuple[str, ...] = ("train", "test")

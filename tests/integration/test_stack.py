@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from services.stack import Stack, StackError, load_endpoints, run_kafka_tool
-from services.topics import TOPICS
+from services.stack import free_stack_config
 from services.stack.kafka_tools import KAFKA_TOOLS
 from services.stack.procs import PidRecord, pid_alive, pids_in_session, pids_with_cmdline, read_pidfile
-from services.stack import free_stack_config
+from services.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 
