@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.endpoints import StackNotRunning
 from services.stack import Stack, StackError, load_endpoints, run_kafka_tool
 from services.stack import free_stack_config
 from services.stack.kafka_tools import KAFKA_TOOLS
@@ -190,7 +191,7 @@ def test_down_leaves_no_process_and_up_cleans_stale_pidfiles(tmp_path_factory: p
     assert not alive, f"still running after down: {alive}"
     assert not pids_with_cmdline(str(cfg.ray_temp_dir))
     assert not cfg.state_file.exists()
-    with pytest.raises(StackError, match="stack up"):
+    with pytest.raises(StackNotRunning, match="stack up"):
         load_endpoints(cfg.run_path)
     assert st.down() == []  # a second down is a no-op
 
