@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefstream.demo.config import load_demo_config
-from prefstream.demo.run import run_demo
+from demo.config import load_demo_config
+from demo.run import run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -183,7 +183,8 @@ async def _unary(address: str, key: str, project: str, n: int, concurrency: int,
 
 
 def _raw_kafka_python(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
-    from services.kafka import encode_event, make_producer
+    from services.codec import encode_event
+    from services.kafka import make_producer
 
     payloads = [encode_event(_completion("bench", f"raw-{i}")) for i in range(n)]
     producer = make_producer(bootstrap)
@@ -286,8 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.machine import describe
     from gateway.auth import create_key
     from services.redis_client import connect
-    from services.stack import Stack, ensure_topics, free_port, load_endpoints, load_stack_config, topics
-    from services.stack.topics import TopicSpec
+    from services import topics
+    from services.stack import Stack, free_port, load_endpoints, load_stack_config
+    from services.topics import TopicSpec, ensure_topics, prefixed, topic_name
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
     load_at_start = list(os.getloadavg())  # other work on the machine skews every number here
@@ -311,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gw = None
     try:
         bootstrap = endpoints.kafka_bootstrap
-        specs = [TopicSpec(prefix + t.name, t.partitions, t.configs) for t in (topics.COMPLETIONS, topics.FEEDBACK)]
+        specs = prefixed((topics.COMPLETIONS, topics.FEEDBACK), prefix)
         raw_spec = TopicSpec(f"bench-{run_id}.raw", topics.COMPLETIONS.partitions, topics.COMPLETIONS.configs)
         perf_spec = TopicSpec(f"bench-{run_id}.perf", topics.COMPLETIONS.partitions, topics.COMPLETIONS.configs)
         ensure_topics(bootstrap, [*specs, raw_spec, perf_spec])
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gw = None
 
         size = len(_completion(project, f"{run_id}-s-0").SerializeToString())
-        wire_size = len(__import__("services.kafka", fromlist=["encode_event"]).encode_event(_completion(project, "x" * 20)))
+        wire_size = len(__import__("services.codec", fromlist=["encode_event"]).encode_event(_completion(project, "x" * 20)))
         try:
             perf = _perf_test(bootstrap, perf_spec.name, n, wire_size)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
@@ -352,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         acked = set(stream["acked"]) | set(single["acked"]) | set(unary["acked"]) | set(light["acked"])
         light_ms = [x * 1000 for x in light["latencies"]]
-        lost, dups = _count_back(bootstrap, prefix + topics.COMPLETIONS.name, acked)
+        lost, dups = _count_back(bootstrap, topic_name(topics.COMPLETIONS, prefix), acked)
         lat_ms = [x * 1000 for x in stream["latencies"]]
         single_ms = [x * 1000 for x in single["latencies"]]
         unary_ms = [x * 1000 for x in unary["latencies"]]

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.config import load_config, require
+from services.config import ConfigError, load_config, require
+from services.endpoints import StackNotRunning, load_stack_endpoints
+from services.topics import TopicSpec, check_prefix, topic_name
 
 #: HelpSteer attribute names that multi-attribute scores may use.
 DEFAULT_ATTRIBUTES: tuple[str, ...] = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -50,7 +52,7 @@ class GatewayConfig:
     kafka_compression: str = field(default="none", metadata={"help": "producer compression: none, gzip, snappy, lz4 or zstd"})
     topic_prefix: str = field(
         default="",
-        metadata={"help": "prefix of every topic name (e.g. 'staging.'); the names come from services/stack/topics.py"},
+        metadata={"help": "prefix of every topic name (e.g. 'staging.'); the names come from services/topics.py"},
     )
     scorer_address: str | None = field(
         default=None,
@@ -112,6 +114,7 @@ class GatewayConfig:
         for name in ("grpc_port",):
             port = getattr(self, name)
             require(0 <= port <= 65535, name, f"{port} is not a TCP port; use 0-65535 (0 picks a free port)")
+        require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
         require(-1 <= self.http_port <= 65535, "http_port", f"{self.http_port} is not a TCP port; use 0-65535, or -1 to disable HTTP")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
         require(self.kafka_ack_timeout_s > 0, "kafka_ack_timeout_s", "must be > 0 seconds")
@@ -141,26 +144,24 @@ class GatewayConfig:
         for k, v in self.attribute_weights.items():
             require(isinstance(v, (int, float)) and not isinstance(v, bool), "attribute_weights", f"weight of {k} must be a number")
 
-    def topic(self, spec: Any) -> str:
-        """The name of the topic ``spec`` (a services.stack.topics.TopicSpec) under ``topic_prefix``."""
-        return self.topic_prefix + spec.name
+    def topic(self, spec: TopicSpec) -> str:
+        """The name of the topic ``spec`` under ``topic_prefix`` (:func:`services.topics.topic_name`)."""
+        return topic_name(spec, self.topic_prefix)
 
     def endpoints(self) -> tuple[str, str]:
         """(kafka_bootstrap, redis_url): explicit settings first, else the stack's stack.json."""
         kafka, redis_url = self.kafka_bootstrap, self.redis_url
         if kafka is None or redis_url is None:
-            from services.stack import load_endpoints
-
-            ep = load_endpoints(self.run_dir)
+            try:
+                ep = load_stack_endpoints(self.run_dir)
+            except StackNotRunning as e:
+                missing = "kafka_bootstrap" if kafka is None else "redis_url"
+                raise ConfigError(f"{missing}: not set and {e}") from None
             kafka = kafka or ep.kafka_bootstrap
             redis_url = redis_url or ep.redis_url
         if not kafka:
-            from services.config import ConfigError
-
             raise ConfigError("kafka_bootstrap: no Kafka address; pass --kafka-bootstrap or start the stack with kafka")
         if not redis_url:
-            from services.config import ConfigError
-
             raise ConfigError("redis_url: no Redis URL; pass --redis-url or start the stack with redis")
         return kafka, redis_url
 

@@ -13,7 +13,7 @@ batch of them to :meth:`Ingestor.write`, which answers each event individually:
    ``kafka_ack_timeout_s`` is answered UNAVAILABLE and its dedup claim released so a retry writes it.
 
 The wire value is the proto3 JSON of the event (:mod:`gateway.wire`, identical to
-:func:`services.kafka.encode_event` of its message).  ``acked_at``
+:func:`services.codec.encode_event` of its message).  ``acked_at``
 in that value is the moment the gateway handed the event to Kafka (the record's own timestamp); the
 response's ``acked_at`` is when Kafka acknowledged it.
 """
@@ -38,9 +38,9 @@ from gateway.dedup import Claim, Deduper, dedup_key
 from gateway.events import Completion, Event, Feedback
 from gateway.kafka_writer import KafkaWriter
 from gateway.validation import check_feedback_indices
+from services import topics
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.schemas import prompt_hash
-from services.stack import topics
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,12 @@ from gateway.validation import Limits, check_feedback_against, completion_from_p
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
+from services import topics
+from services.codec import encode_event
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
-from services.kafka import encode_event, make_consumer, make_producer
+from services.kafka import make_consumer, make_producer
 from services.redis_client import connect
 from services.schemas import PreferenceRecord, float_to_ts, prompt_hash
-from services.stack import topics
 
 log = logging.getLogger(__name__)
 

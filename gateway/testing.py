@@ -17,13 +17,12 @@ from typing import Any, Callable, Iterable
 
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.service import Gateway
-from services.stack import ensure_topics, topics
-from services.stack.topics import TopicSpec
+from services.topics import TOPICS, TopicSpec, ensure_topics, prefixed
 
 
 def create_prefixed_topics(bootstrap: str, prefix: str) -> None:
     """The prefstream topics under ``prefix`` (same partitions and configs as the real ones)."""
-    ensure_topics(bootstrap, [TopicSpec(prefix + t.name, t.partitions, t.configs) for t in topics.TOPICS])
+    ensure_topics(bootstrap, prefixed(TOPICS, prefix))
 
 
 class GatewayHarness:

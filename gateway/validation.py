@@ -40,8 +40,8 @@ from prefstream.events.v1 import events_pb2
 from prefstream.events.v1.events_pb2 import ChatMessage as ChatMessageProto
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
+from services.codec import decode_event
 from services.errors import InvalidArgument
-from services.kafka import decode_event
 from services.schemas import ChatMessage, ts_to_float
 
 _ROLE_NAMES = {

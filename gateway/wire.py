@@ -1,6 +1,6 @@
 """The Kafka wire form of gateway events, written straight from the domain objects.
 
-On Kafka an event is the proto3 JSON of its message (:func:`services.kafka.encode_event`).  Going
+On Kafka an event is the proto3 JSON of its message (:func:`services.codec.encode_event`).  Going
 domain -> generated message -> ``json_format`` costs more CPU per event than anything else the
 gateway does besides gRPC itself, so the hot path builds the same JSON object directly.  The output
 must stay identical to ``encode_event(event.to_proto())`` (same keys, enum names, timestamps, omitted

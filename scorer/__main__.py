@@ -1,13 +1,12 @@
-"""``python -m scorer [serve] [flags]``: the same as ``prefstream scorer serve``."""
+"""``python -m scorer [serve] [flags]``: the scorer, the same as ``prefstream scorer serve [flags]``.
 
-from __future__ import annotations
+It builds only the scorer's own parser (:mod:`scorer.cli`), so the benchmarks and the demo are never
+imported.
+"""
 
 import sys
 
-from prefstream.cli import main
+from scorer.cli import register
+from services.entry import run_area
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv[:1] != ["serve"]:
-        argv = ["serve", *argv]
-    sys.exit(main(["scorer", *argv]))
+sys.exit(run_area("python -m scorer", register, ("scorer", "serve"), sys.argv[1:]))

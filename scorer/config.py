@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import load_config, require
+from services.topics import check_prefix
 
 #: Registry name under which the scorer serves its reward model when nothing else is configured.
 DEFAULT_REWARD_MODEL = "reward"
@@ -41,6 +42,10 @@ class ScorerConfig:
     kafka_bootstrap: str | None = field(
         default=None,
         metadata={"help": "Kafka bootstrap for the model-updates topic (optional: the registry poll suffices)"},
+    )
+    topic_prefix: str = field(
+        default="",
+        metadata={"help": "prefix of the model-updates topic name, the same as the gateway's and trainer's topic_prefix"},
     )
     reward_models: tuple[str, ...] = field(
         default=(DEFAULT_REWARD_MODEL,),
@@ -125,6 +130,7 @@ class ScorerConfig:
     def validate(self) -> None:
         require(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port; use 0-65535")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
+        require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
         require(len(self.reward_models) >= 1, "reward_models", "name at least one reward model, e.g. 'reward'")
         for name in (*self.reward_models, *self.policy_models):
             require(_valid_name(name), "reward_models/policy_models", f"{name!r} is not a model name (letters, digits, . _ -)")

@@ -186,9 +186,13 @@ class Scorer:
             return self._registry
         url = self.cfg.redis_url
         if url is None and self.cfg.run_dir is not None:
-            from services.stack import load_endpoints
+            from services.config import ConfigError
+            from services.endpoints import StackNotRunning, load_stack_endpoints
 
-            url = load_endpoints(self.cfg.run_dir).redis_url
+            try:
+                url = load_stack_endpoints(self.cfg.run_dir).redis_url
+            except StackNotRunning as e:
+                raise ConfigError(f"redis_url: not set and {e}") from None
         if url is None:
             log.warning("no redis_url: serving base models only (no registry, no hot swaps)")
             return None

@@ -292,13 +292,14 @@ class ModelManager:
 
         from services.kafka import make_consumer
         from services.schemas import ModelUpdate
-        from services.stack.topics import MODEL_UPDATES
+        from services.topics import MODEL_UPDATES, topic_name
 
         while not self._stop.is_set():
             consumer = None
             try:
                 consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="latest")
-                parts = [TopicPartition(MODEL_UPDATES.name, p) for p in range(MODEL_UPDATES.partitions)]
+                topic = topic_name(MODEL_UPDATES, self.cfg.topic_prefix)
+                parts = [TopicPartition(topic, p) for p in range(MODEL_UPDATES.partitions)]
                 consumer.assign(parts)
                 consumer.seek_to_end(*parts)
                 while not self._stop.is_set():

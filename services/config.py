@@ -308,11 +308,11 @@ def fill_endpoints(cfg: T, needed: Mapping[str, bool], run_dir: str = "") -> T:
     wanted = [name for name, want in needed.items() if want]
     if not wanted:
         return cfg
-    from services.stack import StackError as EndpointsError, load_endpoints as load_stack_endpoints
+    from services.endpoints import StackNotRunning, load_stack_endpoints
 
     try:
         ep = load_stack_endpoints(run_dir or None)
-    except EndpointsError as e:
+    except StackNotRunning as e:
         flag = "--" + wanted[0].replace("_", "-")
         raise ConfigError(f"{', '.join(wanted)}: not set and {e}; or pass {flag}") from None
     changes: dict[str, Any] = {}

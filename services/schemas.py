@@ -2,7 +2,7 @@
 
 Generated protobuf classes stay at the edges; inside a service, code works with these frozen
 dataclasses.  ``to_proto()`` / ``from_proto()`` convert, and ``to_kafka()`` / ``from_kafka()`` give the
-wire form (proto3 JSON, see :mod:`services.kafka`).  Enums are plain lower-case strings here
+wire form (proto3 JSON, see :mod:`services.codec`).  Enums are plain lower-case strings here
 ("user", "train", "choice") so they read well in code, logs and JSON files.
 """
 
@@ -20,8 +20,8 @@ from prefstream.events.v1 import events_pb2
 from prefstream.events.v1.events_pb2 import ChatMessage as ChatMessageProto
 from prefstream.events.v1.events_pb2 import ModelUpdate as ModelUpdateProto
 from prefstream.events.v1.events_pb2 import PreferenceRecord as PreferenceRecordProto
+from services.codec import decode_event, encode_event
 from services.errors import InvalidArgument
-from services.kafka import decode_event, encode_event
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 SPLITS: tuple[str, ...] = ("train", "test")

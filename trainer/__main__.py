@@ -1,13 +1,13 @@
-"""``python -m trainer``: the continual trainer, configured by PREFSTREAM_TRAINER_* env, a file or flags.
+"""``python -m trainer [run] [flags]``: the continual trainer, the same as ``prefstream trainer run [flags]``.
 
-Equivalent to ``prefstream trainer run``; this is what k8s/trainer.yaml and the demo start.
+Configured by PREFSTREAM_TRAINER_* env, a file or flags; this is what k8s/trainer.yaml and the demo
+start.  It builds only the trainer's own parser (:mod:`trainer.cli`), so the benchmarks and the demo
+are never imported.
 """
-
-from __future__ import annotations
 
 import sys
 
-from prefstream.cli import main
+from services.entry import run_area
+from trainer.cli import register
 
-if __name__ == "__main__":
-    sys.exit(main(["trainer", "run", *sys.argv[1:]]))
+sys.exit(run_area("python -m trainer", register, ("trainer", "run"), sys.argv[1:]))

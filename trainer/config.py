@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from services.config import fill_endpoints, flat_dict, load_config, require
 from services.kinds import ModelKind
-from services.stack.topics import PREFERENCES  # moving to services.topics
+from services.topics import PREFERENCES
 
 SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")

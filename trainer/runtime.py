@@ -16,7 +16,7 @@ import torch
 
 from services.checkpoints import CheckpointRef, CheckpointStore
 from services.data import load_openpipe_jsonl
-from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
+from services.topics import DEAD_LETTER, MODEL_UPDATES
 from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalSet

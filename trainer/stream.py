@@ -140,7 +140,8 @@ class KafkaSource:
         if self._producer is None or not self._dead_letter_topic:
             return
         from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
-        from services.kafka import encode_event, send_sync
+        from services.codec import encode_event
+        from services.kafka import send_sync
 
         letter = DeadLetterProto(
             source_topic=self.topic, partition=partition, offset=offset,

@@ -2,18 +2,19 @@
 
 Other packages import from here only::
 
-    from services.stack import Stack, StackConfig, load_endpoints, run_kafka_tool, topics
+    from services.stack import Stack, StackConfig, load_endpoints, run_kafka_tool
+
+The deployables never import this package: they read the running stack's addresses with
+:mod:`services.endpoints` and the topic names from :mod:`services.topics`.
 
 ``prefstream stack up|down|status|kafka-tool`` is the command-line face (``services.stack.cli``);
 docs/stack.md describes ports, files and logs.
 """
 
-from services.stack import topics
 from services.stack.config import StackConfig, free_stack_config, load_stack_config
 from services.stack.kafka_tools import KAFKA_TOOLS, run_kafka_tool
 from services.stack.manager import ComponentStatus, Endpoints, Stack, load_endpoints
 from services.stack.procs import StackError, free_port
-from services.stack.topics import TOPIC_NAMES, TOPICS, TopicSpec, ensure_topics
 
 __all__ = [
     "KAFKA_TOOLS",
@@ -22,14 +23,9 @@ __all__ = [
     "Stack",
     "StackConfig",
     "StackError",
-    "TOPICS",
-    "TOPIC_NAMES",
-    "TopicSpec",
-    "ensure_topics",
     "free_port",
     "free_stack_config",
     "load_endpoints",
     "load_stack_config",
     "run_kafka_tool",
-    "topics",
 ]

@@ -107,9 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka_tool(args: argparse.Namespace) -> int:
+    from services.endpoints import StackNotRunning, load_stack_endpoints
     from services.stack.kafka_tools import resolve_tool, run_kafka_tool
-    from services.stack.manager import load_endpoints
-    from services.stack.procs import StackError
 
     cfg = config_from_args(args)
     try:
@@ -124,8 +123,8 @@ def cmd_kafka_tool(args: argparse.Namespace) -> int:
     wants_server = not any(a.startswith(("--bootstrap-server", "--bootstrap-controller", "--help")) for a in tool_args)
     if spec.takes_bootstrap_server and wants_server:
         try:
-            bootstrap = load_endpoints(cfg.run_path).kafka_bootstrap
-        except StackError:
+            bootstrap = load_stack_endpoints(cfg.run_path).kafka_bootstrap
+        except StackNotRunning:
             bootstrap = cfg.kafka_bootstrap
         if bootstrap:
             tool_args = ["--bootstrap-server", bootstrap, *tool_args]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import ConfigError, load_config, require
+from services.endpoints import DEFAULT_RUN_DIR, STATE_FILE
 
 COMPONENTS: tuple[str, ...] = ("kafka", "redis", "ray")
 
@@ -48,7 +49,7 @@ class StackConfig:
     """Where and how ``prefstream stack up`` runs Kafka, Redis and Ray on this machine."""
 
     run_dir: Path = field(
-        default=Path(".run/stack"),
+        default=Path(DEFAULT_RUN_DIR),
         metadata={"help": "directory for pidfiles, logs, data and stack.json; relative paths are against the cwd"},
     )
     cache_dir: Path = field(
@@ -121,7 +122,7 @@ class StackConfig:
 
     @property
     def state_file(self) -> Path:
-        return self.run_path / "stack.json"
+        return self.run_path / STATE_FILE
 
     def component_dir(self, component: str) -> Path:
         return self.run_path / component

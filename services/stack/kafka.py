@@ -147,7 +147,7 @@ def render_server_properties(cfg: StackConfig, data_dir: Path) -> str:
         "min.insync.replicas": "1",
         # Consumers in tests and the demo join alone; do not make them wait 3s for company.
         "group.initial.rebalance.delay.ms": "0",
-        # Topics come from services.stack.topics only, so a misspelt name fails instead of appearing.
+        # Topics come from services.topics only, so a misspelt name fails instead of appearing.
         "auto.create.topics.enable": "false",
         "log.retention.check.interval.ms": "60000",
     }
@@ -307,7 +307,7 @@ def produce_consume_check(bootstrap: str, timeout_s: float = 30.0) -> None:
     """Produce one record with acks=all and read it back; raise if either side fails."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    from services.stack.topics import TopicSpec, ensure_topics
+    from services.topics import TopicSpec, ensure_topics
 
     ensure_topics(bootstrap, [TopicSpec(_HEALTH_TOPIC, 1, {"retention.ms": "3600000"})], timeout_s=timeout_s)
     token = uuid.uuid4().hex.encode()

@@ -4,7 +4,8 @@ This is the one place that knows the lifecycle rules the CLI, the integration fi
 rely on: ``up`` is idempotent (a healthy component is left alone, a stale pidfile is dropped) and
 returns only when every component passed a real health check; ``down`` stops exactly the processes
 ``up`` recorded and verifies none is left; ``stack.json`` in the run dir publishes the addresses so
-other processes find the stack through :func:`load_endpoints` without being told any port.
+other processes find the stack through :func:`services.endpoints.load_stack_endpoints` without being
+told any port.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from services.endpoints import StackEndpoints, load_stack_endpoints
 from services.stack import kafka as kafka_mod
 from services.stack import ray as ray_mod
 from services.stack import redis as redis_mod
@@ -42,13 +43,9 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Endpoints:
-    """How to reach a running stack; a field is None when that component is not part of it."""
-
-    kafka_bootstrap: str | None
-    redis_url: str | None
-    ray_address: str | None
+#: The stack's address book is the runtime's type; these names are kept for the launcher's callers.
+Endpoints = StackEndpoints
+load_endpoints = load_stack_endpoints
 
 
 @dataclass(frozen=True)
@@ -61,31 +58,6 @@ class ComponentStatus:
     running: bool
     healthy: bool
     log: str
-
-
-def load_endpoints(run_dir: str | os.PathLike | None = None) -> Endpoints:
-    """Endpoints of the stack whose run dir is ``run_dir`` (default: PREFSTREAM_STACK_RUN_DIR or .run/stack).
-
-    Reads ``stack.json`` written by ``up``; raises StackError saying to run ``prefstream stack up``
-    when there is none.
-    """
-    if run_dir is None:
-        run_dir = os.environ.get("PREFSTREAM_STACK_RUN_DIR", ".run/stack")
-    path = Path(run_dir).expanduser().resolve() / "stack.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StackError(f"no stack state at {path}; start the stack with `prefstream stack up --run-dir {run_dir}`") from None
-    except json.JSONDecodeError as e:
-        raise StackError(f"stack state {path} is corrupt ({e}); run `prefstream stack down` then `up`") from None
-    ep = data.get("endpoints")
-    if not isinstance(ep, dict):
-        raise StackError(f"stack state {path} has no endpoints; run `prefstream stack up` again")
-    return Endpoints(
-        kafka_bootstrap=ep.get("kafka_bootstrap"),
-        redis_url=ep.get("redis_url"),
-        ray_address=ep.get("ray_address"),
-    )
 
 
 @dataclass(frozen=True)
@@ -110,15 +82,15 @@ class Stack:
     # ---------------------------------------------------------------------------------- public
 
     @property
-    def endpoints(self) -> Endpoints:
+    def endpoints(self) -> StackEndpoints:
         c = self.cfg
-        return Endpoints(
+        return StackEndpoints(
             kafka_bootstrap=c.kafka_bootstrap if "kafka" in c.components else None,
             redis_url=c.redis_url if "redis" in c.components else None,
             ray_address=c.ray_address if "ray" in c.components else None,
         )
 
-    def up(self) -> Endpoints:
+    def up(self) -> StackEndpoints:
         """Start every configured component that is not already running and healthy; wait for health."""
         t0 = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +182,7 @@ class Stack:
             except Exception as e:  # noqa: BLE001 - reported with the broker's log
                 raise StackError(f"kafka: broker is up but a produce/consume round trip failed: {e}\n{kafka_mod.log_tail(lay)}") from e
         if self.cfg.create_topics:
-            from services.stack.topics import ensure_topics
+            from services.topics import ensure_topics
 
             ensure_topics(self.cfg.kafka_bootstrap, timeout_s=self.cfg.start_timeout_s)
 

@@ -9,8 +9,8 @@ downloads them.
 Set ``PREFSTREAM_TEST_STACK_RUN_DIR`` to the run dir of a stack you already started with
 ``prefstream stack up`` to reuse it instead (fast iteration; it is left running).
 
-Subprocesses started by tests find the stack through ``services.stack.load_endpoints()``, because
-the fixture exports ``PREFSTREAM_STACK_RUN_DIR``.
+Subprocesses started by tests find the stack through ``services.endpoints.load_stack_endpoints()``,
+because the fixture exports ``PREFSTREAM_STACK_RUN_DIR``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from gateway.testing import GatewayHarness, read_topic
 from prefstream.events.v1 import events_pb2 as ev
 from prefstream.gateway.v1 import gateway_pb2 as g
 from prefstream.gateway.v1 import gateway_pb2_grpc as gg
-from services.stack import free_port, topics
+from services import topics
+from services.stack import free_port
 
 pytestmark = pytest.mark.integration
 

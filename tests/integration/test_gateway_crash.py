@@ -20,7 +20,8 @@ from gateway.testing import create_prefixed_topics, read_topic
 from prefstream.events.v1 import events_pb2 as ev
 from prefstream.gateway.v1 import gateway_pb2 as g
 from prefstream.gateway.v1 import gateway_pb2_grpc as gg
-from services.stack import free_port, topics
+from services import topics
+from services.stack import free_port
 from services.stack.procs import port_open
 
 pytestmark = pytest.mark.integration
@@ -97,7 +98,7 @@ def test_sigkill_mid_stream_loses_no_acked_event(kafka_bootstrap: str, redis_url
     snapshot = set(acked_before)
 
     # Every event acknowledged before the crash is in Kafka.
-    in_kafka = [json.loads(r.value)["event_id"] for r in read_topic(kafka_bootstrap, prefix + topics.COMPLETIONS.name)]
+    in_kafka = [json.loads(r.value)["event_id"] for r in read_topic(kafka_bootstrap, topics.topic_name(topics.COMPLETIONS, prefix))]
     assert not snapshot - set(in_kafka)
 
     # Restart and retry everything not acknowledged (as a bulk client would: batches of 256); in-flight
@@ -116,7 +117,7 @@ def test_sigkill_mid_stream_loses_no_acked_event(kafka_bootstrap: str, redis_url
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     counts: dict[str, int] = {}
-    for r in read_topic(kafka_bootstrap, prefix + topics.COMPLETIONS.name):
+    for r in read_topic(kafka_bootstrap, topics.topic_name(topics.COMPLETIONS, prefix)):
         eid = json.loads(r.value)["event_id"]
         counts[eid] = counts.get(eid, 0) + 1
     assert set(counts) == set(ids)  # nothing acknowledged is missing, nothing unknown appeared

@@ -15,8 +15,8 @@ import pytest
 from gateway.auth import create_key
 from gateway.importer import import_file
 from gateway.testing import GatewayHarness, wait_for_records
+from services import topics
 from services.data import shared_data_dir
-from services.stack import topics
 
 pytestmark = pytest.mark.integration
 

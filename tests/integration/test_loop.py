@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from prefstream.demo.config import load_demo_config
-from prefstream.demo.run import run_demo
+from demo.config import load_demo_config
+from demo.run import run_demo
 
 
 @pytest.mark.slow

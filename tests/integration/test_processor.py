@@ -18,7 +18,7 @@ from gateway.testing import GatewayHarness, wait_for_records
 from prefstream.events.v1 import events_pb2 as ev
 from prefstream.gateway.v1 import gateway_pb2 as g
 from prefstream.gateway.v1 import gateway_pb2_grpc as gg
-from services.stack import topics
+from services import topics
 
 pytestmark = pytest.mark.integration
 

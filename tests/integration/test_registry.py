@@ -15,7 +15,7 @@ from services.errors import FailedPrecondition, NotFound
 from services.kafka import make_consumer, make_producer, send_sync
 from services.registry import ModelRegistry, ModelVersion
 from services.schemas import ModelUpdate
-from services.stack.topics import MODEL_UPDATES
+from services.topics import MODEL_UPDATES
 
 pytestmark = pytest.mark.integration
 

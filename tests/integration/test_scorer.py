@@ -265,7 +265,7 @@ def test_model_updates_topic_triggers_the_swap(env: Published, redis_url: str, k
             # What the trainer announces after publishing (the registry stays the source of truth).
             from services.kafka import make_producer
             from services.schemas import ModelUpdate
-            from services.stack.topics import MODEL_UPDATES
+            from services.topics import MODEL_UPDATES
 
             producer = make_producer(kafka_bootstrap)
             update = ModelUpdate(model_name=env.name, version="v000002", action="published", kind="reward")

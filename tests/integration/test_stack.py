@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import TOPICS, Stack, StackError, load_endpoints, run_kafka_tool
+from services.endpoints import StackNotRunning
+from services.stack import Stack, StackError, load_endpoints, run_kafka_tool
+from services.stack import free_stack_config
 from services.stack.kafka_tools import KAFKA_TOOLS
 from services.stack.procs import PidRecord, pid_alive, pids_in_session, pids_with_cmdline, read_pidfile
-from services.stack import free_stack_config
+from services.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +30,9 @@ def _payload(topic: str, i: int) -> bytes:
     """A unique value; on model-updates and dead-letter a schema-valid event, because the session's other
     consumers of those topics (scorers, trainer and gateway tests) decode what they read."""
     from prefstream.events.v1.events_pb2 import DeadLetter
-    from services.kafka import encode_event
+    from services.codec import encode_event
     from services.schemas import ModelUpdate
-    from services.stack.topics import DEAD_LETTER, MODEL_UPDATES
+    from services.topics import DEAD_LETTER, MODEL_UPDATES
 
     tag = f"{topic}-{i}-{uuid.uuid4().hex}"
     if topic == DEAD_LETTER.name:
@@ -189,7 +191,7 @@ def test_down_leaves_no_process_and_up_cleans_stale_pidfiles(tmp_path_factory: p
     assert not alive, f"still running after down: {alive}"
     assert not pids_with_cmdline(str(cfg.ray_temp_dir))
     assert not cfg.state_file.exists()
-    with pytest.raises(StackError, match="stack up"):
+    with pytest.raises(StackNotRunning, match="stack up"):
         load_endpoints(cfg.run_path)
     assert st.down() == []  # a second down is a no-op
 

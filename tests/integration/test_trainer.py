@@ -27,7 +27,7 @@ from services.checkpoints import CheckpointStore
 from services.registry import ModelRegistry
 from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
 from services.schemas import ChatMessage, ModelUpdate, PreferenceRecord
-from services.stack.topics import MODEL_UPDATES, PREFERENCES, ensure_topics
+from services.topics import MODEL_UPDATES, PREFERENCES, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -114,8 +114,8 @@ def dead_letters(bootstrap: str, source_topic: str) -> list:
     from kafka import KafkaConsumer, TopicPartition
 
     from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
-    from services.kafka import decode_event
-    from services.stack.topics import DEAD_LETTER
+    from services.codec import decode_event
+    from services.topics import DEAD_LETTER
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:

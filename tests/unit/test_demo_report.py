@@ -2,7 +2,7 @@
 
 import json
 
-from prefstream.demo.report import Timeline, write_report
+from demo.report import Timeline, write_report
 
 
 def test_report_files(tmp_path):

@@ -1,6 +1,6 @@
 """Freshness is computed from checkpoint contents and served versions, worked by hand."""
 
-from prefstream.demo.freshness import VersionContents, compute, first_served_times, percentile, summarize
+from demo.freshness import VersionContents, compute, first_served_times, percentile, summarize
 
 
 def test_first_served_times():

@@ -8,8 +8,8 @@ import pytest
 
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.validation import Limits
+from services import topics
 from services.config import ConfigError
-from services.stack import topics
 
 
 def test_defaults_env_and_overrides(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The gateway's direct JSON encoding must equal services.kafka.encode_event of the same message."""
+"""The gateway's direct JSON encoding must equal services.codec.encode_event of the same message."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from gateway.events import (
     Scores,
     Thumbs,
 )
-from services.kafka import decode_event, encode_event
+from services.codec import decode_event, encode_event
 from services.schemas import ChatMessage
 
 PROMPT = (ChatMessage("system", "Be brief."), ChatMessage("user", "Wie spät ist es? ✓"))

@@ -1,9 +1,8 @@
-"""Process bookkeeping, topic specs, endpoints and CLI parsing: everything that needs no server."""
+"""Process bookkeeping, topic specs and CLI parsing: everything that needs no server."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -11,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import topics
+from services import topics
 from services.stack.config import StackConfig
-from services.stack.manager import Endpoints, Stack, load_endpoints
+from services.stack.manager import Stack
 from services.stack.procs import (
     PidRecord,
-    StackError,
     pid_alive,
     read_pidfile,
     record_alive,
@@ -83,14 +81,6 @@ def test_redis_conf_persists_and_binds_loopback(tmp_path: Path) -> None:
     lines = set(render_redis_conf(cfg, RedisLayout(tmp_path / "redis")).splitlines())
     assert {"bind 127.0.0.1", "port 16379", "appendonly yes", "appendfsync everysec", "daemonize no"} <= lines
     assert f"dir {tmp_path / 'redis' / 'data'}" in lines
-
-
-def test_load_endpoints_reads_state_and_explains_absence(tmp_path: Path) -> None:
-    with pytest.raises(StackError, match="prefstream stack up"):
-        load_endpoints(tmp_path)
-    (tmp_path / "stack.json").write_text(json.dumps({"endpoints": {
-        "kafka_bootstrap": "127.0.0.1:1", "redis_url": "redis://127.0.0.1:2/0", "ray_address": None}}))
-    assert load_endpoints(tmp_path) == Endpoints("127.0.0.1:1", "redis://127.0.0.1:2/0", None)
 
 
 def test_stale_pidfile_is_dropped(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 import pytest
 
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
+from services.codec import decode_event, encode_event
 from services.errors import InvalidArgument
-from services.kafka import decode_event, encode_event
 from services.schemas import (
     ChatMessage,
     ModelUpdate,

@@ -1,8 +1,14 @@
-"""The Kafka topics prefstream uses: names, partition counts and configs, defined once.
+"""The Kafka topics prefstream uses: names, partition counts and configs, and the one prefix rule.
 
-The gateway, trainer, scorer and benchmarks import the names from here instead of spelling string
-literals, and ``prefstream stack up`` creates exactly these topics (auto-creation is disabled on the
-broker, so a typo in a topic name fails loudly instead of creating a stray topic).
+Every service, the local stack and the benchmarks take topic names from here instead of spelling
+string literals; ``prefstream stack up`` and the k8s topic job create exactly these topics
+(auto-creation is disabled on the broker, so a typo in a topic name fails loudly instead of
+creating a stray topic).
+
+Prefix: a deployment or an isolated test run puts all of its topics under one ``topic_prefix``
+(``"staging."``), and :func:`topic_name` is the only way a service turns a base topic into the name
+it produces to or consumes from, so the gateway, trainer and scorer of one run always meet on the
+same names, model-updates included.
 
 Partitioning: feedback and preferences are keyed by prompt/conversation id and consumed by a group
 of trainer workers, so they get several partitions; model-updates must be totally ordered (every
@@ -11,7 +17,9 @@ scorer applies versions in order), so it has exactly one; the dead-letter topic 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -59,11 +67,39 @@ MODEL_UPDATES = TopicSpec(
     name="prefstream.model-updates",
     partitions=1,
     configs={"retention.ms": str(7 * _DAY_MS), "cleanup.policy": "delete", "min.insync.replicas": "1"},
-    doc="announcements of new reward-model versions; one partition so every scorer sees them in order",
+    doc="announcements of new model versions; one partition so every scorer sees them in order",
 )
 
 TOPICS: tuple[TopicSpec, ...] = (COMPLETIONS, FEEDBACK, PREFERENCES, DEAD_LETTER, MODEL_UPDATES)
 TOPIC_NAMES: tuple[str, ...] = tuple(t.name for t in TOPICS)
+
+
+# Kafka's own rule for topic names: at most 249 characters of ASCII letters, digits, '.', '_', '-'.
+_LEGAL = re.compile(r"[A-Za-z0-9._-]*")
+_MAX_NAME = 249
+
+
+def check_prefix(prefix: str) -> str | None:
+    """Why ``prefix`` cannot prefix the project's topic names, or None when it can."""
+    if not isinstance(prefix, str) or not _LEGAL.fullmatch(prefix):
+        return f"{prefix!r} may hold only ASCII letters, digits, '.', '_' and '-' (Kafka's topic name rule)"
+    longest = max(len(t.name) for t in TOPICS)
+    if len(prefix) + longest > _MAX_NAME:
+        return f"{prefix!r} is too long: prefixed topic names must stay within {_MAX_NAME} characters"
+    return None
+
+
+def topic_name(spec: TopicSpec, prefix: str = "") -> str:
+    """The real name of the topic ``spec`` under ``topic_prefix`` ``prefix`` (the one prefix rule)."""
+    why = check_prefix(prefix)
+    if why is not None:
+        raise ValueError(f"topic_prefix: {why}")
+    return prefix + spec.name
+
+
+def prefixed(specs: Iterable[TopicSpec], prefix: str) -> tuple[TopicSpec, ...]:
+    """``specs`` renamed under ``prefix``, same partitions and configs (to create a run's own topics)."""
+    return tuple(dataclasses.replace(s, name=topic_name(s, prefix)) for s in specs)
 
 
 def topic(name: str) -> TopicSpec:
@@ -91,7 +127,7 @@ def ensure_topics(
     timeout_ms = int(timeout_s * 1000)
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap,
-        client_id="prefstream-stack-topics",
+        client_id="prefstream-topics",
         request_timeout_ms=timeout_ms,
     )
     created: list[str] = []

@@ -15,13 +15,13 @@ from typing import Iterable
 
 from kafka import KafkaConsumer, TopicPartition
 
-from prefstream.demo.freshness import VersionContents
+from demo.freshness import VersionContents
 from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
+from services import topics
 from services.checkpoints import CheckpointStore
-from services.kafka import decode_event
+from services.codec import decode_event
 from services.registry import ModelRegistry
 from services.schemas import PreferenceRecord
-from services.stack import topics
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from services.config import describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from prefstream.demo.config import DemoConfig
+    from demo.config import DemoConfig
 
     p = subparsers.add_parser("demo", help="stream feedback, train continually, hot-swap, report (the main job)")
     p.add_argument("--config", default=None, help="YAML/JSON file with demo settings")
@@ -30,11 +30,11 @@ def _interrupt(signum: int, _frame: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     import signal
 
-    from prefstream.demo.config import DemoConfig, load_demo_config
+    from demo.config import DemoConfig, load_demo_config
 
     # SIGTERM unwinds like Ctrl-C, so the demo stops the services and the stack it started.
     signal.signal(signal.SIGTERM, _interrupt)
-    from prefstream.demo.run import print_summary, run_demo
+    from demo.run import print_summary, run_demo
 
     names = [n for n, *_ in describe(DemoConfig)]
     cfg = load_demo_config(args.config, overrides={n: getattr(args, n) for n in names})

@@ -21,19 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from demo.app_sim import SimulatedApp
+from demo.config import DemoConfig
+from demo.freshness import compute, first_served_times, summarize
+from demo.load import ScorerLoad
+from demo.monitor import LoopMonitor, build_ledger
+from demo.report import Timeline, write_report
 from gateway.auth import create_key
 from gateway.config import load_gateway_config
-from prefstream.demo.app_sim import SimulatedApp
-from prefstream.demo.config import DemoConfig
-from prefstream.demo.freshness import compute, first_served_times, summarize
-from prefstream.demo.load import ScorerLoad
-from prefstream.demo.monitor import LoopMonitor, build_ledger
-from prefstream.demo.report import Timeline, write_report
 from services.checkpoints import CheckpointStore
 from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_data_dir
+from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
-from services.stack import Stack, free_port, free_stack_config, load_endpoints
+from services.stack import Stack, free_port, free_stack_config
 from services.supervise import ServiceProcess
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Loop:
 
     def start_stack(self) -> Path:
         if self.cfg.stack_run_dir:
-            load_endpoints(self.cfg.stack_run_dir)  # fails clearly when nothing runs there
+            load_stack_endpoints(self.cfg.stack_run_dir)  # fails clearly when nothing runs there
             return Path(self.cfg.stack_run_dir).resolve()
         stack_dir = self.run_dir / "stack"
         if self.cfg.fresh and self.run_dir.exists():
@@ -280,7 +281,7 @@ def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
     started = time.time()
     try:
         stack_dir = loop.start_stack()
-        endpoints = load_endpoints(stack_dir)
+        endpoints = load_stack_endpoints(stack_dir)
         gw_addr, sc_addr = loop.start_services(stack_dir)
         gw_cfg = load_gateway_config(overrides={"run_dir": str(stack_dir)})
         api_key, _ = create_key(connect(endpoints.redis_url), cfg.project, pepper=gw_cfg.auth_pepper, label="demo")
