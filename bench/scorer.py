@@ -344,6 +344,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
     from services.checkpoints import CheckpointStore
     from services.redis_client import connect
+    from services.kinds import ModelKind
     from services.registry import ModelRegistry, ModelVersion
 
     port = _free_port()
@@ -371,7 +372,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
                     head.bias.add_(1.0)
             version = f"v{i:06d}"
             ref = store.write("reward", version, lambda d: model.save(d), {"bench": True, "i": i})
-            registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind="reward"))
+            registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind=ModelKind.REWARD))
 
         publish(1)
         scorer, address = _start_scorer(log_dir, "scorer-swaps", {
@@ -434,13 +435,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # The fp32 model (the usual pipeline, the reference scores, the swap run's checkpoints) and the
     # same weights as the scorer serves them in bf16 (backbone bf16, head fp32: scorer/precision.py).
-    runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
+    runner = load_reward(path, device="cpu", dtype="float32", warmup=True)
     # With the scorer's own cpu_fast_path setting (config/env), so in-process bf16 runs what it serves.
-    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True,
+    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", warmup=True,
                               cpu_fast_path=scorer_cfg.cpu_fast_path)
     result["cpu_fast_path"] = runner_bf16.cpu_fast_path  # scorer/fastpath.py applied to the bf16 model
     # The bf16 pipeline baseline is the usual transformers model, never our fast path.
-    pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True, cpu_fast_path=False)
+    pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", warmup=True, cpu_fast_path=False)
                  if runner_bf16.cpu_fast_path else runner_bf16)
     lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
     flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]

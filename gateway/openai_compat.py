@@ -36,6 +36,7 @@ from scorer.bestofn import parse_criteria
 from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
+from services.kinds import ModelKind
 from services.schemas import ChatMessage, messages_from_dicts
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class OpenAICompat:
             data = [
                 {
                     "id": m.name, "object": "model", "created": 0, "owned_by": "prefstream",
-                    "kind": m.kind, "version": m.serving_version or m.target_version,
+                    "kind": m.kind.value, "version": m.serving_version or m.target_version,
                 }
                 for m in sorted(models.values(), key=lambda m: m.name)
             ]
@@ -210,7 +211,7 @@ class OpenAICompat:
                 raise InvalidArgument("body", f"is not valid JSON ({e}); send a chat completions object") from None
             req = parse_chat_request(body)
             info = await self._model(req.model)
-            if info.kind == "policy":
+            if info.kind == ModelKind.POLICY:
                 return await self._best_of_n(request, req, info)
             return await self._score(request, req)
         except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping

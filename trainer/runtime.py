@@ -21,7 +21,7 @@ from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, 
 from trainer.config import TrainerConfig
 from trainer.engine import Engine
 from trainer.evaluation import EvalSet, evaluate
-from trainer.gate import Gate, kafka_announcer
+from trainer.gate import Gate
 from trainer.loop import ContinualTrainer, RunSummary, StepFn
 from trainer.replay import ReservoirBuffer
 from trainer.stream import KafkaSource
@@ -50,13 +50,14 @@ def connect_services(cfg: TrainerConfig) -> Services:
     producer = make_producer(cfg.kafka_bootstrap) if cfg.kafka_bootstrap else None
     registry = None
     if cfg.publish:
+        from services.announce import KafkaAnnouncer
         from services.redis_client import connect, ping
         from services.registry import ModelRegistry
 
         client = connect(cfg.redis_url)
         ping(client)
-        announce = kafka_announcer(producer, MODEL_UPDATES.name) if cfg.announce and producer is not None else None
-        registry = ModelRegistry(client, announce=announce)
+        announcer = KafkaAnnouncer(producer, MODEL_UPDATES.name) if cfg.announce and producer is not None else None
+        registry = ModelRegistry(client, announcer=announcer)
     return Services(store=store, registry=registry, producer=producer)
 
 
