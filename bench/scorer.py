@@ -50,6 +50,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.scorer_bound import measure_gemm_flops
+
 log = logging.getLogger(__name__)
 
 GHZ_VERSION = "v0.120.0"
@@ -77,22 +79,6 @@ def load_inputs(limit: int | None = None) -> list[tuple[tuple[Any, ...], str]]:
         for resp in (rec.chosen, rec.rejected):
             out.append((rec.prompt, resp))
     return out[:limit] if limit else out
-
-
-def measure_gemm_flops(seconds: float = 3.0, n: int = 2048, dtype: str = "float32") -> float:
-    """Sustained GEMM FLOP/s in ``dtype`` on this machine with torch's threads (an n x n x n matmul loop)."""
-    import torch
-
-    from scorer.precision import TORCH_DTYPES
-
-    a, b = torch.randn(n, n).to(TORCH_DTYPES[dtype]), torch.randn(n, n).to(TORCH_DTYPES[dtype])
-    for _ in range(3):
-        a @ b
-    it, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        it += 1
-    return 2.0 * n ** 3 * it / (time.perf_counter() - t0)
 
 
 def model_flops_per_sequence(hf_model: Any, tokens: int) -> float:
@@ -565,5 +551,5 @@ async def _first_scores(address: str, requests: Sequence[Any]) -> list[float]:
     return out
 
 
-__all__ = ["add_arguments", "drive", "measure_bf16_agreement", "measure_gemm_flops", "model_flops_per_sequence", "run",
+__all__ = ["add_arguments", "drive", "measure_bf16_agreement", "model_flops_per_sequence", "run",
            "served_dtype"]
