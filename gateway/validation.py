@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from gateway.config import DEFAULT_ATTRIBUTES, GatewayConfig
@@ -109,10 +108,6 @@ def parse_json(data: bytes | str, cls: type[Message], *, root: str = "") -> Mess
             path = rest
         field_path = ".".join(p for p in (root, path) if p) or "body"
         raise InvalidArgument(field_path, e.message) from None
-
-
-def proto_to_json_dict(msg: Message) -> dict:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
 # ---------------------------------------------------------------------------------------------

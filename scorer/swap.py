@@ -142,9 +142,6 @@ class ModelManager:
         """Every name this scorer serves or will load on demand, with its kind."""
         return dict(self._kinds)
 
-    def kind_of(self, name: str) -> ModelKind | None:
-        return self._kinds.get(name)
-
     # ------------------------------------------------------------------------------ sync
 
     async def _registry(self, fn: Callable, *args: Any) -> Any:
