@@ -10,7 +10,7 @@ streams the same 2000 pairs **topic by topic**:
   deterministic; on HH helpful it separates practical how-to requests from factual and opinion
   questions, about 1000 pairs each); test pairs go to the nearer centroid;
 * the larger topic streams first (phase 1), then the other (phase 2), through the same continual loop
-  as the streaming arm (:func:`bench.train_reward.stream_phases`);
+  as the streaming arm (:func:`bench.arms.stream_phases`);
 * after each phase every arm is evaluated on each topic's test pairs.  ``forgetting`` is the accuracy
   on topic 1's test pairs right after phase 1 minus at the end: the same pairs, the same model lineage,
   so only what phase 2 undid.  ``accuracy`` is the end accuracy on all test pairs.
@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from services.config import replace as config_replace
+from bench.arms import paired_diff, stream_phases
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,6 @@ def topic_split(model_path: str, train: Sequence[Any], test: Sequence[Any]) -> d
 
 def run_arm(cfg: Any, phases: Sequence[Sequence[Any]], tests: Sequence[Sequence[Any]]) -> dict[str, Any]:
     """Stream ``phases`` one after the other; accuracy on each topic's tests after each phase."""
-    from bench.train_reward import stream_phases
     from trainer.evaluation import evaluate
 
     after: list[list[float]] = []
@@ -121,8 +121,6 @@ def run_arm(cfg: Any, phases: Sequence[Sequence[Any]], tests: Sequence[Sequence[
 def run(cfg: Any, train: Sequence[Any], test: Sequence[Any], arms: dict[str, dict[str, Any]],
         seeds: Sequence[int]) -> dict[str, Any]:
     """Every arm (name -> config overrides) on every seed, over the same topic split."""
-    from bench.train_reward import paired_diff
-
     split = topic_split(cfg.resolved_base_model(), train, test)
     log.info("topic split: train %s, test %s; e.g. %s", [len(p) for p in split["phases"]],
              [len(t) for t in split["tests"]], split["examples"])

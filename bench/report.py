@@ -1,6 +1,6 @@
 """The markdown table comparing each benchmark result with its target and baseline.
 
-``make bench`` ends with this table; the README shows the latest one.  Targets are the issues'
+``make bench`` ends with this table; the README shows the latest one.  Targets are the project's
 acceptance numbers; each row says which baseline the ratio is taken against (measured in the same
 run, because these machines are shared and noisy).
 """

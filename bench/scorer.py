@@ -50,6 +50,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.scorer_bound import measure_gemm_flops
+
 log = logging.getLogger(__name__)
 
 GHZ_VERSION = "v0.120.0"
@@ -77,22 +79,6 @@ def load_inputs(limit: int | None = None) -> list[tuple[tuple[Any, ...], str]]:
         for resp in (rec.chosen, rec.rejected):
             out.append((rec.prompt, resp))
     return out[:limit] if limit else out
-
-
-def measure_gemm_flops(seconds: float = 3.0, n: int = 2048, dtype: str = "float32") -> float:
-    """Sustained GEMM FLOP/s in ``dtype`` on this machine with torch's threads (an n x n x n matmul loop)."""
-    import torch
-
-    from scorer.precision import TORCH_DTYPES
-
-    a, b = torch.randn(n, n).to(TORCH_DTYPES[dtype]), torch.randn(n, n).to(TORCH_DTYPES[dtype])
-    for _ in range(3):
-        a @ b
-    it, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        it += 1
-    return 2.0 * n ** 3 * it / (time.perf_counter() - t0)
 
 
 def model_flops_per_sequence(hf_model: Any, tokens: int) -> float:
@@ -344,6 +330,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
 
     from services.checkpoints import CheckpointStore
     from services.redis_client import connect
+    from services.kinds import ModelKind
     from services.registry import ModelRegistry, ModelVersion
 
     port = _free_port()
@@ -371,7 +358,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
                     head.bias.add_(1.0)
             version = f"v{i:06d}"
             ref = store.write("reward", version, lambda d: model.save(d), {"bench": True, "i": i})
-            registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind="reward"))
+            registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind=ModelKind.REWARD))
 
         publish(1)
         scorer, address = _start_scorer(log_dir, "scorer-swaps", {
@@ -434,13 +421,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # The fp32 model (the usual pipeline, the reference scores, the swap run's checkpoints) and the
     # same weights as the scorer serves them in bf16 (backbone bf16, head fp32: scorer/precision.py).
-    runner = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=True)
+    runner = load_reward(path, device="cpu", dtype="float32", warmup=True)
     # With the scorer's own cpu_fast_path setting (config/env), so in-process bf16 runs what it serves.
-    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True,
+    runner_bf16 = load_reward(path, device="cpu", dtype="bfloat16", warmup=True,
                               cpu_fast_path=scorer_cfg.cpu_fast_path)
     result["cpu_fast_path"] = runner_bf16.cpu_fast_path  # scorer/fastpath.py applied to the bf16 model
     # The bf16 pipeline baseline is the usual transformers model, never our fast path.
-    pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True, cpu_fast_path=False)
+    pipe_bf16 = (load_reward(path, device="cpu", dtype="bfloat16", warmup=True, cpu_fast_path=False)
                  if runner_bf16.cpu_fast_path else runner_bf16)
     lengths = runner.model.lengths([p for p, _ in inputs], [r for _, r in inputs])
     flops = [model_flops_per_sequence(runner.model.hf_model, t) for t in lengths]
@@ -564,5 +551,5 @@ async def _first_scores(address: str, requests: Sequence[Any]) -> list[float]:
     return out
 
 
-__all__ = ["add_arguments", "drive", "measure_bf16_agreement", "measure_gemm_flops", "model_flops_per_sequence", "run",
+__all__ = ["add_arguments", "drive", "measure_bf16_agreement", "model_flops_per_sequence", "run",
            "served_dtype"]

@@ -59,6 +59,22 @@ def flop_weighted_rate(flops: Mapping[Hashable, float], rates: Mapping[Hashable,
     return sum(flops.values()) / sum(f / rates[k] for k, f in flops.items())
 
 
+def measure_gemm_flops(seconds: float = 3.0, n: int = 2048, dtype: str = "float32") -> float:
+    """Sustained GEMM FLOP/s in ``dtype`` on this machine with torch's threads (an n x n x n matmul loop)."""
+    import torch
+
+    from scorer.precision import TORCH_DTYPES
+
+    a, b = torch.randn(n, n).to(TORCH_DTYPES[dtype]), torch.randn(n, n).to(TORCH_DTYPES[dtype])
+    for _ in range(3):
+        a @ b
+    it, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        it += 1
+    return 2.0 * n ** 3 * it / (time.perf_counter() - t0)
+
+
 def measure_linear_flops(in_features: int, out_features: int, tokens: int, dtype: str, seconds: float) -> float:
     """Sustained FLOP/s of ``F.linear`` (with bias) on (tokens, in_features) in ``dtype``, torch's threads."""
     import torch
@@ -85,8 +101,6 @@ def measure_gemm_shape_fraction(model: Any, tokens: int, dtype: str, seconds: fl
     ``seconds`` is shared by the shapes and the square GEMM; torch's thread count is restored after.
     """
     import torch
-
-    from bench.scorer import measure_gemm_flops
 
     shapes = linear_shapes(model)
     share = seconds / (len(shapes) + 1)
@@ -258,5 +272,5 @@ def bound_breakdown(fraction: float, gemm_flops: float, in_process: Mapping[str,
 
 
 __all__ = ["BATCH_SEQUENCES", "CpuSnapshot", "bound_breakdown", "cpu_cores_by_name", "cpu_snapshot", "cpu_use",
-           "flop_weighted_rate", "linear_shapes", "measure_gemm_shape_fraction", "measure_in_process",
+           "flop_weighted_rate", "linear_shapes", "measure_gemm_flops", "measure_gemm_shape_fraction", "measure_in_process",
            "parse_task_stat", "serving_efficiency_per_core", "thread_cpu_seconds"]

@@ -38,6 +38,7 @@ import time
 from typing import Any, Sequence
 
 from services.config import replace as config_replace
+from bench.arms import fresh_learner, paired_diff, stream_phases
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,6 @@ def _bf16(cfg) -> bool:
     return uses_bf16_autocast(cfg.model.autocast, torch.device("cpu"))
 
 
-def _fresh_engine(cfg):
-    import torch
-
-    from trainer.learner import Learner
-    from trainer.offline import load_base
-
-    torch.manual_seed(cfg.optim.seed)
-    return Learner.of(load_base(cfg), cfg)
-
-
 # ---------------------------------------------------------------------------------------------- arms
 
 
@@ -144,32 +135,6 @@ def _evaluate_arm(learner, test: Sequence, cfg) -> dict[str, Any]:
             "mean_margin": served.mean_margin}
 
 
-def stream_phases(cfg, phases: Sequence[Sequence], after_phase=None) -> tuple[Any, dict[str, Any]]:
-    """A fresh learner through the continual loop over each phase's records in turn (one replay
-    reservoir and lineage throughout, checkpoints off); ``after_phase(learner)`` runs after each."""
-    from trainer.checkpointing import LineageState
-    from trainer.evaluation import EvalSet
-    from trainer.loop import ContinualTrainer
-    from trainer.replay import ReservoirBuffer
-    from trainer.stream import ListSource
-
-    learner = _fresh_engine(cfg)
-    replay: ReservoirBuffer = ReservoirBuffer(cfg.stream.replay_capacity, seed=cfg.optim.seed)
-    lineage = LineageState()
-    seconds = 0.0
-    replayed = 0
-    for stream in phases:
-        loop = ContinualTrainer(config_replace(cfg, max_records=lineage.records_seen + len(stream)), learner,
-                                ListSource(stream), lineage=lineage, replay=replay, eval_set=EvalSet(0))
-        summary = loop.run()
-        seconds += summary.seconds
-        replayed += summary.replayed
-        if after_phase is not None:
-            after_phase(learner)
-    return learner, {"records": lineage.records_seen, "replayed": replayed, "steps": lineage.step, "seconds": seconds,
-                    "records_per_s": lineage.records_seen / seconds if seconds else 0.0}
-
-
 def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     """The continual loop over an in-memory stream, epochs times (each in the offline arm's order)."""
     from trainer.offline import batches
@@ -182,7 +147,7 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
 def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     from trainer.offline import train_offline
 
-    learner, res = train_offline(cfg, train, learner=_fresh_engine(cfg))
+    learner, res = train_offline(cfg, train, learner=fresh_learner(cfg))
     return {**_evaluate_arm(learner, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds,
             "records_per_s": res.records_per_s,
             "final_loss": res.losses[-1]}
@@ -274,7 +239,7 @@ def run_kwise(s: dict[str, Any], records: Sequence) -> dict[str, Any]:
     k, b, steps = s["kwise_k"], s["kwise_rankings"], s["kwise_steps"]
     rankings = kwise_rankings(records, b * (steps + 1), k, s["seed"])
     batches = [rankings[i * b:(i + 1) * b] for i in range(steps + 1)]
-    engines = {loss: _fresh_engine(_config(s, loss=loss)) for loss in ("kwise", "pairwise")}
+    engines = {loss: fresh_learner(_config(s, loss=loss)) for loss in ("kwise", "pairwise")}
     times: dict[str, list[float]] = {loss: [] for loss in engines}
     sequences = {loss: 0 for loss in engines}
     for i, batch in enumerate(batches):
@@ -306,13 +271,6 @@ def _timed(name: str, fn, *args: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- run
-
-
-def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Mean and standard error of the per-seed differences ``a - b`` (same seed = same init and order)."""
-    diffs = [x - y for x, y in zip(a, b)]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return {"mean": statistics.fmean(diffs), "se": se, "per_seed": diffs}
 
 
 def _arm_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

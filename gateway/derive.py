@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from gateway.events import Choice, Completion, Edit, Feedback, OutputScore, Ranking, Regeneration, Scores, Thumbs
+from services.kinds import FeedbackKind
 from services.schemas import ChatMessage, PreferenceRecord, make_record_id
 
 #: Feedback metadata key the importer sets; records derived from such feedback have kind "import".
@@ -61,8 +62,8 @@ def target_of(fb: Feedback, completion: Completion | None) -> Target:
     )
 
 
-def source_kind(fb: Feedback) -> str:
-    return "import" if IMPORT_METADATA_KEY in fb.metadata else fb.kind
+def source_kind(fb: Feedback) -> FeedbackKind:
+    return FeedbackKind.IMPORT if IMPORT_METADATA_KEY in fb.metadata else fb.kind
 
 
 def record_split(fb: Feedback, target: Target) -> str:
@@ -201,7 +202,7 @@ class ThumbVote:
     completion_event_id: str = ""
     split: str = "train"
     acked_at: float = 0.0
-    kind: str = "thumbs"
+    kind: FeedbackKind = FeedbackKind.THUMBS
 
     def to_dict(self) -> dict:
         return {
@@ -212,7 +213,7 @@ class ThumbVote:
             "completion_event_id": self.completion_event_id,
             "split": self.split,
             "acked_at": self.acked_at,
-            "kind": self.kind,
+            "kind": self.kind.value,
         }
 
     @classmethod
@@ -225,7 +226,7 @@ class ThumbVote:
             completion_event_id=str(d.get("completion_event_id", "")),
             split=str(d.get("split", "train")),
             acked_at=float(d.get("acked_at", 0.0)),
-            kind=str(d.get("kind", "thumbs")),
+            kind=FeedbackKind.parse(d.get("kind", FeedbackKind.THUMBS), "kind"),
         )
 
 
@@ -280,7 +281,8 @@ def derive_thumbs(
                 project=project,
                 prompt=prompt,
                 ranked_responses=ranked,
-                source_kind="import" if "import" in (up.kind, down.kind) else "thumbs",
+                source_kind=(FeedbackKind.IMPORT if FeedbackKind.IMPORT in (up.kind, down.kind)
+                             else FeedbackKind.THUMBS),
                 source_event_ids=sources,
                 completion_id=up.completion_id,
                 split="test" if "test" in (up.split, down.split) else "train",

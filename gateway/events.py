@@ -5,20 +5,22 @@ Kafka decode; everything in between (validation results, the ingest path, the de
 with these frozen dataclasses.  They are built by :mod:`gateway.validation` (which is the only way
 untrusted input becomes one) and turned back into the wire form with :meth:`to_proto`.
 
-Enums are lower-case strings as in :mod:`services.schemas`: roles "user", splits "train"/"test" ("" when
-a feedback event leaves the split to its completion), kinds "choice", "regeneration", ....
+Roles and splits are lower-case strings as in :mod:`services.schemas` ("user"; "train"/"test", or "" when
+a feedback event leaves the split to its completion); each action's kind is a
+:class:`services.kinds.FeedbackKind`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import ClassVar, Mapping, Union
 
 from prefstream.events.v1 import events_pb2
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
-from services.schemas import ChatMessage, float_to_ts, split_to_proto
+from services.kinds import FeedbackKind, Split
+from services.schemas import ChatMessage, float_to_ts
 
 
 def completion_id_for(project: str, event_id: str) -> str:
@@ -57,7 +59,7 @@ class Completion:
             model=self.model,
             model_version=self.model_version,
             metadata=dict(self.metadata),
-            split=split_to_proto(self.split),
+            split=Split.parse(self.split, "split").to_proto(),
         )
         if self.created_at:
             msg.created_at.CopyFrom(float_to_ts(self.created_at))
@@ -78,7 +80,7 @@ class InlineCompletion:
 class Choice:
     chosen_index: int
 
-    kind = "choice"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.CHOICE
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Regeneration:
     rejected_indices: tuple[int, ...]
     accepted_index: int
 
-    kind = "regeneration"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.REGENERATION
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,14 @@ class Edit:
     draft_index: int
     edited_text: str
 
-    kind = "edit"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.EDIT
 
 
 @dataclass(frozen=True)
 class Ranking:
     ranked_indices: tuple[int, ...]
 
-    kind = "ranking"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.RANKING
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class OutputScore:
 class Scores:
     scores: tuple[OutputScore, ...]
 
-    kind = "scores"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.SCORES
 
 
 @dataclass(frozen=True)
@@ -123,20 +125,10 @@ class Thumbs:
     index: int
     up: bool
 
-    kind = "thumbs"
+    kind: ClassVar[FeedbackKind] = FeedbackKind.THUMBS
 
 
 Action = Union[Choice, Regeneration, Edit, Ranking, Scores, Thumbs]
-
-#: Feedback kind -> the proto oneof field that carries it.
-KIND_FIELDS: dict[str, str] = {
-    "choice": "choice",
-    "regeneration": "regeneration",
-    "edit": "edit",
-    "ranking": "ranking",
-    "scores": "scores",
-    "thumbs": "thumbs",
-}
 
 
 @dataclass(frozen=True)
@@ -155,14 +147,14 @@ class Feedback:
     acked_at: float = 0.0
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> FeedbackKind:
         return self.action.kind
 
     def to_proto(self) -> FeedbackProto:
         msg = FeedbackProto(
             event_id=self.event_id,
             project=self.project,
-            split=split_to_proto(self.split) if self.split else events_pb2.SPLIT_UNSPECIFIED,
+            split=Split.parse(self.split, "split").to_proto() if self.split else events_pb2.SPLIT_UNSPECIFIED,
             user_id=self.user_id,
             metadata=dict(self.metadata),
         )

@@ -46,6 +46,7 @@ from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
+from services.kinds import ModelKind
 from services.schemas import ChatMessage, messages_from_dicts
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class OpenAICompat:
             data = [
                 {
                     "id": m.name, "object": "model", "created": 0, "owned_by": "prefstream",
-                    "kind": m.kind, "version": m.serving_version or m.target_version,
+                    "kind": m.kind.value, "version": m.serving_version or m.target_version,
                 }
                 for m in sorted(models.values(), key=lambda m: m.name)
             ]
@@ -260,7 +261,7 @@ class OpenAICompat:
                 raise InvalidArgument("body", f"is not valid JSON ({e}); send a chat completions object") from None
             req = parse_chat_request(body)
             info = await self._model(req.model)
-            if info.kind == "policy":
+            if info.kind == ModelKind.POLICY:
                 if request.headers.get(CRITERIA_HEADER) is None:
                     if req.stream:
                         return await self._generate_stream(request, req)

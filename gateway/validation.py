@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from gateway.config import DEFAULT_ATTRIBUTES, GatewayConfig
@@ -42,15 +41,9 @@ from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
 from services.codec import decode_event
 from services.errors import InvalidArgument
+from services.codec import decode_event
+from services.kinds import Role, Split
 from services.schemas import ChatMessage, ts_to_float
-
-_ROLE_NAMES = {
-    events_pb2.ROLE_SYSTEM: "system",
-    events_pb2.ROLE_USER: "user",
-    events_pb2.ROLE_ASSISTANT: "assistant",
-    events_pb2.ROLE_TOOL: "tool",
-}
-_SPLIT_NAMES = {events_pb2.SPLIT_UNSPECIFIED: "", events_pb2.SPLIT_TRAIN: "train", events_pb2.SPLIT_TEST: "test"}
 
 #: Projects name Redis keys and Kafka keys: letters, digits, '.', '_', '-'; starting with a letter or digit.
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -118,10 +111,6 @@ def parse_json(data: bytes | str, cls: type[Message], *, root: str = "") -> Mess
         raise InvalidArgument(field_path, e.message) from None
 
 
-def proto_to_json_dict(msg: Message) -> dict:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Field helpers
 
@@ -160,14 +149,14 @@ def _prompt(messages: Sequence[ChatMessageProto], field: str, limits: Limits) ->
         raise InvalidArgument(field, f"has {len(messages)} messages; the limit is {limits.max_prompt_messages}")
     out = []
     for i, m in enumerate(messages):
-        role = _ROLE_NAMES.get(m.role)
+        role = Role.from_proto(m.role)
         if role is None:
             raise InvalidArgument(
                 f"{field}[{i}].role",
                 f"unknown role {m.role}; use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL",
             )
         _check_text(m.content, f"{field}[{i}].content", limits.max_message_chars, "message content")
-        out.append(ChatMessage(role=role, content=m.content))
+        out.append(ChatMessage(role=role.value, content=m.content))
     return tuple(out)
 
 
@@ -195,10 +184,13 @@ def _metadata(values: Mapping[str, str], field: str, limits: Limits) -> dict[str
 
 
 def _split(value: int, field: str) -> str:
-    name = _SPLIT_NAMES.get(value)
-    if name is None:
+    """The split's string, "" for UNSPECIFIED (a feedback event then takes its completion's split)."""
+    if value == events_pb2.SPLIT_UNSPECIFIED:
+        return ""
+    split = Split.from_proto(value)
+    if split is None:
         raise InvalidArgument(field, f"unknown split {value}; use SPLIT_TRAIN or SPLIT_TEST")
-    return name
+    return split.value
 
 
 def _ts(msg: Message, name: str) -> float:

@@ -25,15 +25,11 @@ from prefstream.admin.v1.admin_pb2 import ModelStatus as ModelStatusProto
 from prefstream.admin.v1.admin_pb2 import PinVersionRequest as PinVersionRequestProto
 from prefstream.admin.v1.admin_pb2 import RollbackRequest as RollbackRequestProto
 from prefstream.admin.v1.admin_pb2 import UnpinRequest as UnpinRequestProto
-from prefstream.events.v1 import events_pb2
-from scorer.engine import POLICY, REWARD, Engine
+from scorer.engine import ServingEngine
 from scorer.swap import ModelManager
 from services.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
-
-_KIND_TO_PROTO = {REWARD: events_pb2.MODEL_KIND_REWARD, POLICY: events_pb2.MODEL_KIND_POLICY}
-
 
 def _name(value: str, field: str = "name") -> str:
     if not value:
@@ -46,7 +42,7 @@ def _name(value: str, field: str = "name") -> str:
 class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
     """Registry-backed admin calls whose effect is applied through the scorer's swap path."""
 
-    def __init__(self, engine: Engine, manager: ModelManager, registry: Any | None, *, swap_wait_s: float) -> None:
+    def __init__(self, engine: ServingEngine, manager: ModelManager, registry: Any | None, *, swap_wait_s: float) -> None:
         self.engine = engine
         self.manager = manager
         self.registry = registry
@@ -87,12 +83,12 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
         for slot in self.engine.served():
             if slot.name not in out:
                 out[slot.name] = ModelStatusProto(
-                    name=slot.name, kind=_KIND_TO_PROTO[slot.kind], serving_version=slot.version,
+                    name=slot.name, kind=slot.kind.to_proto(), serving_version=slot.version,
                     target_version=slot.version,
                 )
         for name, kind in self.manager.known().items():  # configured, loaded on first use
             if name not in out:
-                out[name] = ModelStatusProto(name=name, kind=_KIND_TO_PROTO[kind])
+                out[name] = ModelStatusProto(name=name, kind=kind.to_proto())
         return ListModelsResponseProto(models=[out[k] for k in sorted(out)])
 
     async def ListVersions(self, request: ListVersionsRequestProto, context: grpc.aio.ServicerContext) -> ListVersionsResponseProto:

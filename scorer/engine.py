@@ -42,12 +42,11 @@ from scorer.domain import (
 from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult, GenerationChoice
 from scorer.metrics import ScorerMetrics
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.kinds import ModelKind
 from services.schemas import ChatMessage
 
 log = logging.getLogger(__name__)
 
-REWARD = "reward"
-POLICY = "policy"
 #: Sampling settings when a generation request leaves them unset (OpenAI's defaults are 1 / 1; a small
 #: policy rambles less at 0.7).
 DEFAULT_TEMPERATURE = 0.7
@@ -85,7 +84,7 @@ class ModelSlot:
     """One loaded version of one model name, with the requests currently holding it."""
 
     name: str
-    kind: str
+    kind: ModelKind
     version: str
     uri: str
     runner: Any
@@ -104,8 +103,12 @@ class ModelSlot:
         return ModelRef(self.name, self.version)
 
 
-class Engine:
-    """Serves requests from the live slots; :meth:`install` swaps a model in atomically."""
+class ServingEngine:
+    """Holds the served models (one live slot per name) and runs requests on them.
+
+    :meth:`install` swaps a model in atomically.  (Not to be confused with the trainer's engine, which
+    owns one model being trained.)
+    """
 
     def __init__(
         self,
@@ -126,7 +129,7 @@ class Engine:
         self._retiring: set[asyncio.Task] = set()
         self._listeners: list[Callable[[ModelSlot], None]] = []
         #: Called to load a model on first use (the policy, by default); set by the model manager.
-        self.demand_loader: Callable[[str, str], Awaitable[None]] | None = None
+        self.demand_loader: Callable[[str, ModelKind], Awaitable[None]] | None = None
         self.limits = BatchLimits(
             max_batch_tokens=cfg.max_batch_tokens,
             max_batch_size=cfg.max_batch_size,
@@ -142,17 +145,17 @@ class Engine:
     def serving(self, name: str) -> ModelSlot | None:
         return self._live.get(name)
 
-    def served(self, kind: str | None = None) -> list[ModelSlot]:
+    def served(self, kind: ModelKind | None = None) -> list[ModelSlot]:
         return [s for s in self._live.values() if kind is None or s.kind == kind]
 
     def on_install(self, listener: Callable[[ModelSlot], None]) -> None:
         """``listener(slot)`` runs on the event loop after every install (health, logs)."""
         self._listeners.append(listener)
 
-    def new_slot(self, name: str, kind: str, version: str, uri: str, runner: Any) -> ModelSlot:
+    def new_slot(self, name: str, kind: ModelKind, version: str, uri: str, runner: Any) -> ModelSlot:
         """Wrap a loaded runner (reward models get their own batcher). Call on the event loop."""
         batcher = None
-        if kind == REWARD:
+        if kind == ModelKind.REWARD:
             batcher = DynamicBatcher(
                 runner.run_batch,
                 executor=self._infer,
@@ -197,7 +200,7 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(self._infer, slot.runner.close)
         log.info("freed %s %s version %s", slot.kind, slot.name, slot.version)
 
-    def _acquire(self, name: str, kind: str) -> ModelSlot:
+    def _acquire(self, name: str, kind: ModelKind) -> ModelSlot:
         slot = self._live.get(name)
         if slot is None or slot.kind != kind:
             raise self._missing(name, kind)
@@ -210,11 +213,11 @@ class Engine:
         if slot.refs == 0:
             slot._idle.set()
 
-    def _missing(self, name: str, kind: str) -> Exception:
+    def _missing(self, name: str, kind: ModelKind) -> Exception:
         names = sorted(s.name for s in self._live.values() if s.kind == kind)
-        if kind == REWARD and name in self.cfg.reward_models:
+        if kind == ModelKind.REWARD and name in self.cfg.reward_models:
             return Unavailable(f"reward model {name!r} is still loading; retry shortly")
-        if kind == POLICY and name in self.cfg.policy_models:
+        if kind == ModelKind.POLICY and name in self.cfg.policy_models:
             return Unavailable(f"policy {name!r} is still loading; retry shortly")
         return NotFound(f"{kind} model {name!r} is not served here; served {kind} models: {', '.join(names) or 'none'}")
 
@@ -231,7 +234,7 @@ class Engine:
     async def score(self, query: ScoreQuery) -> ScoreResult:
         """Rewards (and attributes) for each response, from one version of the requested model."""
         name = query.model or self.cfg.default_reward_model
-        slot = self._acquire(name, REWARD)
+        slot = self._acquire(name, ModelKind.REWARD)
         try:
             loop = asyncio.get_running_loop()
             encodings = await loop.run_in_executor(self._tokenize, slot.runner.encode, query.prompt, query.responses)
@@ -247,13 +250,13 @@ class Engine:
         if not name:
             raise FailedPrecondition("this scorer has no policy model (policy_models is empty); pass candidates instead")
         live = self._live.get(name)
-        if live is not None and live.kind == REWARD:
-            policies = sorted(s.name for s in self._live.values() if s.kind == POLICY)
+        if live is not None and live.kind == ModelKind.REWARD:
+            policies = sorted(s.name for s in self._live.values() if s.kind == ModelKind.POLICY)
             raise InvalidArgument(where, f"{name!r} is a reward model and cannot generate; name a policy "
                                          f"({', '.join(policies) or 'none served'})")
         if live is None and name in self.cfg.policy_models and self.demand_loader is not None:
-            await self.demand_loader(name, POLICY)
-        return self._acquire(name, POLICY)
+            await self.demand_loader(name, ModelKind.POLICY)
+        return self._acquire(name, ModelKind.POLICY)
 
     def _decode_params(self, params: SamplingParams, n: int, stop: tuple[str, ...] = ()) -> DecodeParams:
         return DecodeParams(
@@ -343,8 +346,8 @@ class Engine:
         criteria = list(query.criteria) or [Criterion(self.cfg.default_reward_model, 1.0)]
         for c in criteria:  # fail fast, before spending seconds on sampling
             slot = self._live.get(c.model)
-            if slot is None or slot.kind != REWARD:
-                raise self._missing(c.model, REWARD)
+            if slot is None or slot.kind != ModelKind.REWARD:
+                raise self._missing(c.model, ModelKind.REWARD)
         policy_ref, usage = None, Usage()
         if query.samples:
             texts, policy_ref, usage = await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
@@ -377,4 +380,4 @@ class Engine:
         )
 
 
-__all__ = ["Engine", "ModelSlot", "POLICY", "PolicyRunner", "REWARD", "RewardRunner"]
+__all__ = ["ModelSlot", "PolicyRunner", "RewardRunner", "ServingEngine"]

@@ -1,4 +1,4 @@
-"""A faster eager forward for BERT encoders served in bf16 on CPU (issue #5).
+"""A faster eager forward for BERT encoders served in bf16 on CPU.
 
 Why it exists: served in bf16 on the 2-core Zen 4 dev box, MiniLM-L6 reached ~0.5 of the bf16 GEMM
 bound although its Linear layers run at ~95% of it.  The rest was work that is not a matmul:

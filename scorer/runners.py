@@ -8,8 +8,9 @@ rows from many requests; generate) so that it never touches torch.  This module 
   truncation and formatting as training and offline scoring); rows are kept unpadded;
 * a batch of rows from different requests is right-padded to its longest row and run under
   ``torch.inference_mode`` on the model thread; logit 0 is the reward, logits 1.. the attributes;
-* :func:`load_reward` verifies the manifest checksums of published checkpoints before loading, and
-  the warm-up refuses weights that produce non-finite scores.
+* :func:`open_published` opens a published checkpoint's URI and verifies its manifest checksums
+  (:func:`services.checkpoints.open_checkpoint`, as the trainer does), turning what is wrong into a
+  :class:`CheckpointRefused` reason; the warm-up refuses weights that produce non-finite scores.
 """
 
 from __future__ import annotations
@@ -82,23 +83,19 @@ def configure_torch_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def uri_to_path(uri: str) -> str:
-    """A local path from a checkpoint URI (``file:///...`` or a plain path); raise CheckpointRefused."""
-    from services.checkpoints import path_from_uri
+def open_published(uri: str) -> str:
+    """The verified local directory of a published checkpoint's URI, or CheckpointRefused.
+
+    Reasons: ``unsupported_uri`` (a scheme this scorer cannot open), ``corrupt`` (no manifest, a
+    missing or extra file, a checksum mismatch, or no directory at all).
+    """
+    from services.checkpoints import CorruptCheckpointError, open_checkpoint
     from services.errors import InvalidArgument
 
     try:
-        return str(path_from_uri(uri))
+        return str(open_checkpoint(uri))
     except InvalidArgument as e:
         raise CheckpointRefused("unsupported_uri", str(e)) from e
-
-
-def verify_checkpoint(path: str) -> None:
-    """Re-hash every file against the manifest (published checkpoints only); raise CheckpointRefused."""
-    from services.checkpoints import CorruptCheckpointError, verify_dir
-
-    try:
-        verify_dir(path)
     except CorruptCheckpointError as e:
         raise CheckpointRefused("corrupt", str(e)) from e
 
@@ -182,9 +179,11 @@ class RewardRunner:
             torch.cuda.empty_cache()
 
 
-def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: bool,
+def load_reward(path: str, *, device: str, dtype: str, warmup: bool,
                 max_length: int | None = None, cpu_fast_path: bool = True) -> RewardRunner:
-    """Verify (published checkpoints), load and warm up a reward model.  Blocking: run off the loop.
+    """Load and warm up a reward model from a local directory.  Blocking: run off the loop.
+
+    A published checkpoint's directory comes from :func:`open_published`, which verified it.
 
     ``cpu_fast_path``: serve a bf16 BERT encoder on CPU with scorer/fastpath.py's forward (other
     models, dtypes and devices keep the stock one either way).
@@ -193,8 +192,6 @@ def load_reward(path: str, *, device: str, dtype: str, verify: bool, warmup: boo
 
     dev = resolve_device(device)
     serving = resolve_dtype(dtype, dev)
-    if verify:
-        verify_checkpoint(path)
     if not Path(path).exists():
         raise CheckpointRefused("missing", f"model path {path} does not exist")
     try:
@@ -250,13 +247,11 @@ class PolicyRunner:
             torch.cuda.empty_cache()
 
 
-def load_policy(path: str | None, *, device: str, dtype: str, verify: bool, warmup: bool) -> PolicyRunner:
-    """Verify (published checkpoints), load and warm up a policy; ``path`` None = the embedded SmolLM2."""
+def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool) -> PolicyRunner:
+    """Load and warm up a policy (a directory from :func:`open_published`, or None = the embedded SmolLM2)."""
     from services.policy_model import PolicyModel
 
     dev = resolve_device(device)
-    if verify and path is not None:
-        verify_checkpoint(path)
     try:
         model = PolicyModel.from_pretrained(path, device=dev, dtype=resolve_dtype(dtype, dev))
     except Exception as e:  # noqa: BLE001
@@ -271,5 +266,5 @@ def load_policy(path: str | None, *, device: str, dtype: str, verify: bool, warm
 
 __all__ = [
     "CheckpointRefused", "PolicyRunner", "RewardRunner", "Row", "configure_torch_threads", "load_policy",
-    "load_reward", "resolve_device", "resolve_dtype", "uri_to_path", "verify_checkpoint",
+    "load_reward", "open_published", "resolve_device", "resolve_dtype",
 ]

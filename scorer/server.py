@@ -31,7 +31,7 @@ from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
 from scorer.admin import ModelAdminServicer
 from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
-from scorer.engine import Engine
+from scorer.engine import ModelSlot, ServingEngine
 from scorer.generation import GenerateQuery
 from scorer.metrics import ScorerMetrics
 from scorer.precision import cpu_bf16_support, resolve_dtype
@@ -52,7 +52,7 @@ INFER_THREADS = "infer"
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
     """Score, BestOfN, ScoreStream, Generate and GenerateStream over the engine."""
 
-    def __init__(self, engine: Engine, metrics: ScorerMetrics, limits: RequestLimits, stream_window: int) -> None:
+    def __init__(self, engine: ServingEngine, metrics: ScorerMetrics, limits: RequestLimits, stream_window: int) -> None:
         self.engine = engine
         self.metrics = metrics
         self.limits = limits
@@ -166,7 +166,7 @@ class Scorer:
         self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
         sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": 1, "load": 1, "registry": 2}
         self._executors = {name: named_executor(n, name) for name, n in sizes.items()}
-        self.engine: Engine | None = None
+        self.engine: ServingEngine | None = None
         self.manager: ModelManager | None = None
         self.handle: ServerHandle | None = None
 
@@ -211,7 +211,7 @@ class Scorer:
         log.info("%d inference worker(s) x %d torch thread(s); dtype %s -> %s on %s (%s)", self.infer_workers, threads,
                  cfg.dtype, resolve_dtype(cfg.dtype, device), device, why)
         ex = self._executors
-        self.engine = Engine(
+        self.engine = ServingEngine(
             cfg, self.metrics,
             infer_executor=ex[INFER_THREADS], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
             infer_workers=self.infer_workers,

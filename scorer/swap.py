@@ -10,7 +10,7 @@ published), and if that differs from what is served:
 
 1. verifies the checkpoint's manifest checksums, loads it beside the live model on the loader
    thread (serving continues) and warms it up (non-finite outputs refuse it);
-2. installs it with :meth:`scorer.engine.Engine.install`: one reference swap; in-flight requests
+2. installs it with :meth:`scorer.engine.ServingEngine.install`: one reference swap; in-flight requests
    finish on the old version, which is then freed.
 
 A refused checkpoint is counted (``prefstream_scorer_swap_failures_total{reason}``), logged at ERROR
@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from scorer.config import BASE_VERSION, ScorerConfig
-from scorer.engine import POLICY, REWARD, Engine
+from scorer.engine import ServingEngine
 from scorer.metrics import ScorerMetrics
-from scorer.runners import CheckpointRefused, load_policy, load_reward, uri_to_path
+from scorer.runners import CheckpointRefused, load_policy, load_reward, open_published
+from services.kinds import ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Target:
     """What should be served for one name: a published version, or the base model."""
 
     name: str
-    kind: str
+    kind: ModelKind
     version: str
     uri: str  # "" for the base model
 
@@ -70,7 +71,7 @@ class ModelManager:
     def __init__(
         self,
         cfg: ScorerConfig,
-        engine: Engine,
+        engine: ServingEngine,
         metrics: ScorerMetrics,
         registry: Any | None = None,
         *,
@@ -85,8 +86,8 @@ class ModelManager:
         self._reg = registry_executor
         self._locks: dict[str, asyncio.Lock] = {}
         self._generations: dict[str, Any] = {}
-        self._kinds: dict[str, str] = {n: REWARD for n in cfg.reward_models}
-        self._kinds.update({n: POLICY for n in cfg.policy_models})
+        self._kinds: dict[str, ModelKind] = {n: ModelKind.REWARD for n in cfg.reward_models}
+        self._kinds.update({n: ModelKind.POLICY for n in cfg.policy_models})
         self._refused: dict[tuple[str, str], str] = {}
         self._dirty: set[str] = set()
         self._kick = asyncio.Event()
@@ -120,7 +121,7 @@ class ModelManager:
         if self._kafka_thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._kafka_thread.join, 5.0)
 
-    async def ensure_loaded(self, name: str, kind: str) -> None:
+    async def ensure_loaded(self, name: str, kind: ModelKind) -> None:
         """Load a model on first use (the policy, unless preloaded)."""
         self._kinds.setdefault(name, kind)
         outcome = await self.sync(name)
@@ -132,16 +133,13 @@ class ModelManager:
     def watched(self) -> list[str]:
         """Names whose registry entries are polled: configured reward models, discovered ones, and
         policies once loaded."""
-        names = [n for n, k in self._kinds.items() if k == REWARD]
-        names += [s.name for s in self.engine.served(POLICY)]
+        names = [n for n, k in self._kinds.items() if k == ModelKind.REWARD]
+        names += [s.name for s in self.engine.served(ModelKind.POLICY)]
         return list(dict.fromkeys(names))
 
-    def known(self) -> dict[str, str]:
+    def known(self) -> dict[str, ModelKind]:
         """Every name this scorer serves or will load on demand, with its kind."""
         return dict(self._kinds)
-
-    def kind_of(self, name: str) -> str | None:
-        return self._kinds.get(name)
 
     # ------------------------------------------------------------------------------ sync
 
@@ -149,11 +147,11 @@ class ModelManager:
         return await asyncio.get_running_loop().run_in_executor(self._reg, fn, *args)
 
     async def target(self, name: str) -> Target:
-        kind = self._kinds.get(name, REWARD)
+        kind = self._kinds.get(name, ModelKind.REWARD)
         if self.registry is not None:
             mv = await self._registry(self.registry.target, name)
             if mv is not None:
-                return Target(name=name, kind=_kind_str(getattr(mv, "kind", kind)) or kind, version=mv.version, uri=mv.uri)
+                return Target(name=name, kind=mv.kind, version=mv.version, uri=mv.uri)
         return Target(name=name, kind=kind, version=BASE_VERSION, uri="")
 
     async def sync(self, name: str) -> SyncOutcome:
@@ -202,16 +200,16 @@ class ModelManager:
 
     def _load_runner(self, target: Target) -> Any:
         cfg = self.cfg
-        if target.kind == POLICY:
-            path = uri_to_path(target.uri) if target.uri else cfg.policy_base_path
-            return load_policy(path, device=cfg.device, dtype=cfg.dtype, verify=bool(target.uri), warmup=cfg.warmup)
+        if target.kind == ModelKind.POLICY:
+            path = open_published(target.uri) if target.uri else cfg.policy_base_path
+            return load_policy(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup)
         if target.uri:
-            path = uri_to_path(target.uri)
+            path = open_published(target.uri)
         else:
             from services.reward_model import default_reward_model_path
 
             path = cfg.reward_base_path or default_reward_model_path()
-        return load_reward(path, device=cfg.device, dtype=cfg.dtype, verify=bool(target.uri), warmup=cfg.warmup,
+        return load_reward(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup,
                            max_length=cfg.max_length or None, cpu_fast_path=cfg.cpu_fast_path)
 
     async def _refuse(self, target: Target, previous: str | None, reason: str, message: str) -> SyncOutcome:
@@ -256,12 +254,12 @@ class ModelManager:
         statuses = await self._registry(self.registry.list_models)
         for st in statuses:
             name = st.name
-            if name in self._kinds or _kind_str(getattr(st, "kind", "")) != REWARD:
+            if name in self._kinds or st.kind != ModelKind.REWARD:
                 continue
-            if sum(1 for k in self._kinds.values() if k == REWARD) >= self.cfg.max_models:
+            if sum(1 for k in self._kinds.values() if k == ModelKind.REWARD) >= self.cfg.max_models:
                 log.warning("not serving reward model %s: max_models=%d reached", name, self.cfg.max_models)
                 continue
-            self._kinds[name] = REWARD
+            self._kinds[name] = ModelKind.REWARD
             log.info("discovered reward model %s in the registry", name)
 
     def kick(self, name: str | None = None) -> None:
@@ -318,13 +316,6 @@ class ModelManager:
             finally:
                 if consumer is not None:
                     consumer.close()
-
-
-def _kind_str(kind: Any) -> str:
-    """'reward' / 'policy' from a string or a ModelKind enum number."""
-    if isinstance(kind, str):
-        return kind.lower().removeprefix("model_kind_")
-    return {1: REWARD, 2: POLICY}.get(int(kind or 0), "")
 
 
 __all__ = ["ModelManager", "SyncOutcome", "Target"]

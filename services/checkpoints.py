@@ -250,6 +250,10 @@ class CheckpointStore:
         cls._SCHEMES[scheme] = backend
 
     # The interface every backend implements (see LocalCheckpointStore for the semantics).
+    def next_version(self, name: str) -> str:
+        """A version string no checkpoint of ``name`` has taken yet (finished or not), sorting after them."""
+        raise NotImplementedError
+
     def write(self, name: str, version: str, writer: Callable[[Path], None], metadata: Mapping[str, Any]) -> CheckpointRef:
         raise NotImplementedError
 
@@ -260,6 +264,9 @@ class CheckpointStore:
         raise NotImplementedError
 
     def latest(self, name: str, *, verify: bool = False) -> CheckpointRef | None:
+        raise NotImplementedError
+
+    def get(self, name: str, version: str) -> CheckpointRef:
         raise NotImplementedError
 
     def read_metadata(self, ref: CheckpointRef) -> dict[str, Any]:

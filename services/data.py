@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from services.errors import InvalidArgument
+from services.kinds import FeedbackKind, Split
 from services.schemas import ChatMessage, PreferenceRecord, make_record_id, messages_from_dicts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def parse_openpipe(obj: object, *, line: int = 0) -> PreferenceRecord:
     if not chosen.strip() or not rej.strip():
         raise InvalidArgument("messages" if not chosen.strip() else "rejected_message.content", "response is empty")
     split = str(obj.get("split") or "TRAIN").lower()
-    if split not in ("train", "test"):
+    if split not in Split.values():
         raise InvalidArgument("split", f"unknown split {obj.get('split')!r}; use TRAIN or TEST")
     prompt = tuple(messages[:-1])
     source = f"line:{line}"
@@ -73,7 +74,7 @@ def parse_openpipe(obj: object, *, line: int = 0) -> PreferenceRecord:
         record_id=make_record_id([source, *(m.content for m in prompt)], [chosen, rej]),
         prompt=prompt,
         ranked_responses=(chosen, rej),
-        source_kind="import",
+        source_kind=FeedbackKind.IMPORT,
         source_event_ids=(source,),
         split=split,
     )

@@ -3,8 +3,9 @@
 The trainer publishes (or rejects, when its eval gate fails) every checkpoint it writes; operators pin,
 unpin and roll back through the scorer's admin API; scorers ask :meth:`ModelRegistry.target` what to
 serve.  The registry lives in Redis (AOF-persisted, so it survives restarts) and is the source of
-truth; the optional ``announce`` hook publishes each change as a :class:`ModelUpdate` on Kafka's
-model-updates topic, and ``generation(name)`` is a counter bumped on every change so a scorer can
+truth; an optional :class:`Announcer` (the registry's own interface; :mod:`services.announce` has the
+Kafka one) publishes each committed change as a :class:`ModelUpdate` on the model-updates topic, and
+``generation(name)`` is a counter bumped on every change so a scorer can
 also poll with one cheap GET (a lost announcement then costs a poll interval, not a stale model).
 
 Every change is one optimistic Redis transaction (WATCH / MULTI / EXEC, retried on conflict): the
@@ -28,21 +29,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import redis
 
 from prefstream.admin.v1.admin_pb2 import ModelStatus as ModelStatusProto
 from prefstream.admin.v1.admin_pb2 import ModelVersion as ModelVersionProto
-from prefstream.admin.v1.admin_pb2 import VersionState
-from prefstream.events.v1.events_pb2 import ModelKind
 from services.checkpoints import validate_name
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.schemas import MODEL_KINDS, ModelUpdate, float_to_ts, ts_to_float
+from services.kinds import ModelAction, ModelKind, VersionState
+from services.schemas import ModelUpdate, float_to_ts, ts_to_float
 
 log = logging.getLogger(__name__)
 
-STATES: tuple[str, ...] = ("published", "rejected", "rolled_back")
 _MAX_TXN_RETRIES = 50
 
 
@@ -63,17 +62,14 @@ class RegistryConflict(FailedPrecondition):
     """The registry's state does not allow the change (pinning a rejected version, nothing to roll back to...)."""
 
 
+class Announcer(Protocol):
+    """Told about every change after it is committed; a failure is logged, never undoes the change."""
+
+    def announce(self, update: ModelUpdate) -> None: ...
+
+
 # ---------------------------------------------------------------------------------------------
 # Domain types.
-
-
-def _kind_to_proto(kind: str) -> int:
-    return ModelKind.Value("MODEL_KIND_" + kind.upper()) if kind in MODEL_KINDS else ModelKind.MODEL_KIND_UNSPECIFIED
-
-
-def _kind_from_proto(value: int) -> str:
-    name = ModelKind.Name(value)[len("MODEL_KIND_"):].lower()
-    return name if name in MODEL_KINDS else "reward"
 
 
 @dataclass(frozen=True)
@@ -83,23 +79,24 @@ class ModelVersion:
     name: str
     version: str
     uri: str
-    kind: str = "reward"
-    state: str = "published"
+    kind: ModelKind = ModelKind.REWARD
+    state: VersionState = VersionState.PUBLISHED
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     records_seen: int = 0
     base_model: str = ""
     created_at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        # Stored JSON and callers spell these as strings; hold the enum members (unknown ones fail here).
+        object.__setattr__(self, "kind", ModelKind.parse(self.kind, "kind"))
+        object.__setattr__(self, "state", VersionState.parse(self.state, "state"))
+
     def validate(self) -> "ModelVersion":
         validate_name(self.name, "name")
         validate_name(self.version, "version")
         if not self.uri:
             raise InvalidArgument("uri", "is empty; give the checkpoint URI (file:///... from the checkpoint store)")
-        if self.kind not in MODEL_KINDS:
-            raise InvalidArgument("kind", f"unknown kind {self.kind!r}; use one of {', '.join(MODEL_KINDS)}")
-        if self.state not in STATES:
-            raise InvalidArgument("state", f"unknown state {self.state!r}; use one of {', '.join(STATES)}")
         for k, v in self.metrics.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise InvalidArgument(f"metrics.{k}", f"must be a finite number, got {v!r}")
@@ -119,8 +116,8 @@ class ModelVersion:
         return ModelVersionProto(
             version=self.version,
             uri=self.uri,
-            kind=_kind_to_proto(self.kind),
-            state=VersionState.Value("VERSION_STATE_" + self.state.upper()),
+            kind=self.kind.to_proto(),
+            state=self.state.to_proto(),
             metrics={k: float(v) for k, v in self.metrics.items()},
             reason=self.reason,
             records_seen=self.records_seen,
@@ -131,13 +128,12 @@ class ModelVersion:
     @classmethod
     def from_proto(cls, msg: ModelVersionProto, name: str) -> "ModelVersion":
         """The proto carries no name (it is listed under its model), so the caller supplies it."""
-        state = VersionState.Name(msg.state)[len("VERSION_STATE_"):].lower()
         return cls(
             name=name,
             version=msg.version,
             uri=msg.uri,
-            kind=_kind_from_proto(msg.kind),
-            state=state if state in STATES else "published",
+            kind=ModelKind.from_proto(msg.kind) or ModelKind.REWARD,
+            state=VersionState.from_proto(msg.state) or VersionState.PUBLISHED,
             metrics=dict(msg.metrics),
             reason=msg.reason,
             records_seen=msg.records_seen,
@@ -145,7 +141,7 @@ class ModelVersion:
             created_at=ts_to_float(msg.created_at),
         )
 
-    def update(self, action: str, reason: str | None = None) -> ModelUpdate:
+    def update(self, action: ModelAction, reason: str | None = None) -> ModelUpdate:
         return ModelUpdate(model_name=self.name, version=self.version, action=action, kind=self.kind, uri=self.uri,
                            metrics=dict(self.metrics), records_seen=self.records_seen,
                            reason=self.reason if reason is None else reason)
@@ -156,21 +152,25 @@ class ModelStatus:
     """What the registry says about one model; ``serving_version`` is filled in by a scorer."""
 
     name: str
-    kind: str
+    kind: ModelKind
     latest_version: str = ""
     pinned_version: str = ""
     target_version: str = ""
     serving_version: str = ""
     generation: int = 0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ModelKind.parse(self.kind, "kind"))
+
     def to_proto(self) -> ModelStatusProto:
-        return ModelStatusProto(name=self.name, kind=_kind_to_proto(self.kind), latest_version=self.latest_version,
+        return ModelStatusProto(name=self.name, kind=self.kind.to_proto(), latest_version=self.latest_version,
                                 pinned_version=self.pinned_version, target_version=self.target_version,
                                 serving_version=self.serving_version)
 
     @classmethod
     def from_proto(cls, msg: ModelStatusProto) -> "ModelStatus":
-        return cls(name=msg.name, kind=_kind_from_proto(msg.kind), latest_version=msg.latest_version,
+        return cls(name=msg.name, kind=ModelKind.from_proto(msg.kind) or ModelKind.REWARD,
+                   latest_version=msg.latest_version,
                    pinned_version=msg.pinned_version, target_version=msg.target_version,
                    serving_version=msg.serving_version)
 
@@ -184,7 +184,7 @@ class ModelState:
     """One model's registry state as read inside a transaction."""
 
     name: str
-    kind: str = ""
+    kind: ModelKind | None = None  # None until the first version is recorded
     latest: str = ""
     pinned: str = ""
     generation: int = 0
@@ -193,13 +193,15 @@ class ModelState:
 
     @property
     def exists(self) -> bool:
-        return bool(self.kind)
+        return self.kind is not None
 
     @property
     def target(self) -> str:
         return self.pinned or self.latest
 
     def status(self) -> ModelStatus:
+        if self.kind is None:
+            raise ModelNotFound(self.name)
         return ModelStatus(name=self.name, kind=self.kind, latest_version=self.latest, pinned_version=self.pinned,
                            target_version=self.target, generation=self.generation)
 
@@ -209,7 +211,7 @@ class ModelState:
         if before is not None and before in order:
             order = order[: order.index(before)]
         for v in reversed(order):
-            if self.versions[v].state == "published":
+            if self.versions[v].state == VersionState.PUBLISHED:
                 return v
         return ""
 
@@ -252,10 +254,10 @@ def _record(state: ModelState, version: ModelVersion) -> ModelVersion | None:
 
 def plan_publish(state: ModelState, version: ModelVersion) -> Plan:
     """Record a published version and move ``latest`` to it (a pin, if any, stays in force)."""
-    version = dataclasses.replace(version, state="published", reason=version.reason).validate()
+    version = dataclasses.replace(version, state=VersionState.PUBLISHED, reason=version.reason).validate()
     if _record(state, version) is not None:
         return Plan(state=state)
-    return _with(state, [version], [version.version], [version.update("published")],
+    return _with(state, [version], [version.version], [version.update(ModelAction.PUBLISHED)],
                  kind=version.kind, latest=version.version)
 
 
@@ -263,10 +265,10 @@ def plan_reject(state: ModelState, version: ModelVersion, reason: str) -> Plan:
     """Record a version the eval gate refused, with why; it never becomes latest or pinned."""
     if not reason.strip():
         raise InvalidArgument("reason", "say why the version is rejected (e.g. the failing eval metric)")
-    version = dataclasses.replace(version, state="rejected", reason=reason).validate()
+    version = dataclasses.replace(version, state=VersionState.REJECTED, reason=reason).validate()
     if _record(state, version) is not None:
         return Plan(state=state)
-    return _with(state, [version], [version.version], [version.update("rejected")], kind=version.kind)
+    return _with(state, [version], [version.version], [version.update(ModelAction.REJECTED)], kind=version.kind)
 
 
 def _require(state: ModelState) -> None:
@@ -279,12 +281,12 @@ def plan_pin(state: ModelState, version: str) -> Plan:
     v = state.versions.get(version)
     if v is None:
         raise VersionNotFound(state.name, version)
-    if v.state != "published":
+    if v.state != VersionState.PUBLISHED:
         raise RegistryConflict(f"version {version!r} of {state.name!r} is {v.state} ({v.reason or 'no reason given'}); "
                                "only published versions can be pinned", field="version")
     if state.pinned == version:
         return Plan(state=state)
-    return _with(state, [], updates=[v.update("pinned", reason="")], pinned=version)
+    return _with(state, [], updates=[v.update(ModelAction.PINNED, reason="")], pinned=version)
 
 
 def plan_unpin(state: ModelState) -> Plan:
@@ -292,8 +294,9 @@ def plan_unpin(state: ModelState) -> Plan:
     if not state.pinned:
         return Plan(state=state)
     latest = state.versions.get(state.latest)
-    update = (latest.update("unpinned", reason="") if latest is not None else
-              ModelUpdate(model_name=state.name, version="", action="unpinned", kind=state.kind))
+    update = (latest.update(ModelAction.UNPINNED, reason="") if latest is not None else
+              ModelUpdate(model_name=state.name, version="", action=ModelAction.UNPINNED,
+                          kind=state.kind or ModelKind.REWARD))
     return _with(state, [], updates=[update], pinned="")
 
 
@@ -309,11 +312,11 @@ def plan_rollback(state: ModelState, reason: str) -> Plan:
     if not previous:
         raise RegistryConflict(f"model {state.name!r} has no published version before {current!r} to roll back to",
                                field="name")
-    bad = dataclasses.replace(state.versions[current], state="rolled_back", reason=reason)
+    bad = dataclasses.replace(state.versions[current], state=VersionState.ROLLED_BACK, reason=reason)
     # latest only ever names a published version, so unpinning later cannot bring the bad one back.
     after = dataclasses.replace(state, versions={**state.versions, current: bad})
-    return _with(state, [bad], updates=[bad.update("rolled_back"), state.versions[previous].update("pinned", reason="")],
-                 pinned=previous, latest=after.newest_published())
+    updates = [bad.update(ModelAction.ROLLED_BACK), state.versions[previous].update(ModelAction.PINNED, reason="")]
+    return _with(state, [bad], updates=updates, pinned=previous, latest=after.newest_published())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,10 +331,10 @@ class ModelRegistry:
     """Model versions and serving pointers in Redis; see the module docstring for the layout."""
 
     def __init__(self, redis_client: redis.Redis, namespace: str = "prefstream",
-                 announce: Callable[[ModelUpdate], None] | None = None) -> None:
+                 announcer: Announcer | None = None) -> None:
         self._r = redis_client
         self.namespace = namespace
-        self._announce = announce
+        self._announcer = announcer
 
     # -- keys --------------------------------------------------------------------------------------
 
@@ -354,7 +357,8 @@ class ModelRegistry:
             return ModelState(name=name)
         versions = {_s(k): ModelVersion.from_dict(json.loads(v)) for k, v in client.hgetall(self._key(name, "versions")).items()}
         order = tuple(_s(v) for v in client.lrange(self._key(name, "order"), 0, -1))
-        return ModelState(name=name, kind=raw.get("kind", ""), latest=raw.get("latest", ""), pinned=raw.get("pinned", ""),
+        kind = ModelKind.parse(raw["kind"], "kind") if raw.get("kind") else None
+        return ModelState(name=name, kind=kind, latest=raw.get("latest", ""), pinned=raw.get("pinned", ""),
                           generation=int(raw.get("generation", "0") or 0), order=order, versions=versions)
 
     def _state(self, name: str) -> ModelState:
@@ -366,7 +370,7 @@ class ModelRegistry:
         """Every recorded version, oldest first (rejected ones only on request)."""
         st = self._state(name)
         _require(st)
-        return [st.versions[v] for v in st.order if include_rejected or st.versions[v].state != "rejected"]
+        return [st.versions[v] for v in st.order if include_rejected or st.versions[v].state != VersionState.REJECTED]
 
     def get(self, name: str, version: str) -> ModelVersion:
         validate_name(name, "name")
@@ -443,7 +447,7 @@ class ModelRegistry:
                             return plan.state.status()
                         st = plan.state
                         pipe.multi()
-                        pipe.hset(keys[0], mapping={"kind": st.kind, "latest": st.latest, "pinned": st.pinned,
+                        pipe.hset(keys[0], mapping={"kind": st.kind or "", "latest": st.latest, "pinned": st.pinned,
                                                     "generation": st.generation})
                         for v in plan.writes:
                             pipe.hset(keys[1], v.version, json.dumps(v.to_dict(), sort_keys=True))
@@ -464,10 +468,10 @@ class ModelRegistry:
         return plan.state.status()
 
     def _emit(self, update: ModelUpdate) -> None:
-        if self._announce is None:
+        if self._announcer is None:
             return
         try:
-            self._announce(update)
+            self._announcer.announce(update)
         except Exception:  # noqa: BLE001 - the change is committed; scorers still see it via generation()
             log.exception("could not announce %s of %s/%s; scorers will pick it up by polling the registry",
                           update.action, update.model_name, update.version)

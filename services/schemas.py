@@ -2,8 +2,9 @@
 
 Generated protobuf classes stay at the edges; inside a service, code works with these frozen
 dataclasses.  ``to_proto()`` / ``from_proto()`` convert, and ``to_kafka()`` / ``from_kafka()`` give the
-wire form (proto3 JSON, see :mod:`services.codec`).  Enums are plain lower-case strings here
-("user", "train", "choice") so they read well in code, logs and JSON files.
+wire form (proto3 JSON, see :mod:`services.codec`).  Enums are the ``StrEnum`` types of
+:mod:`services.kinds` (or their lower-case strings, for roles and splits), so they read well in code,
+logs and JSON files and convert to the proto enums in one place.
 """
 
 from __future__ import annotations
@@ -22,49 +23,13 @@ from prefstream.events.v1.events_pb2 import ModelUpdate as ModelUpdateProto
 from prefstream.events.v1.events_pb2 import PreferenceRecord as PreferenceRecordProto
 from services.codec import decode_event, encode_event
 from services.errors import InvalidArgument
+from services.kinds import FeedbackKind, ModelAction, ModelKind, Role, Split
 
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
-SPLITS: tuple[str, ...] = ("train", "test")
-FEEDBACK_KINDS: tuple[str, ...] = ("choice", "regeneration", "edit", "ranking", "scores", "thumbs", "import")
-MODEL_KINDS: tuple[str, ...] = ("reward", "policy")
-MODEL_ACTIONS: tuple[str, ...] = ("published", "rejected", "pinned", "unpinned", "rolled_back")
-
-
-def _enum_to_str(enum_type: object, value: int, prefix: str, default: str) -> str:
-    name = enum_type.Name(value)  # type: ignore[attr-defined]
-    short = name[len(prefix):].lower()
-    return default if short == "unspecified" else short
-
-
-def _str_to_enum(enum_type: object, value: str, prefix: str, field_name: str, allowed: Sequence[str]) -> int:
-    v = (value or "").strip().lower()
-    if v not in allowed:
-        raise InvalidArgument(field_name, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
-    return enum_type.Value(prefix + v.upper())  # type: ignore[attr-defined]
-
-
-def role_from_proto(value: int) -> str:
-    return _enum_to_str(events_pb2.Role, value, "ROLE_", "")
-
-
-def role_to_proto(value: str, field_name: str = "role") -> int:
-    return _str_to_enum(events_pb2.Role, value, "ROLE_", field_name, ROLES)
-
-
-def split_from_proto(value: int) -> str:
-    return _enum_to_str(events_pb2.Split, value, "SPLIT_", "train")
-
-
-def split_to_proto(value: str, field_name: str = "split") -> int:
-    return _str_to_enum(events_pb2.Split, value, "SPLIT_", field_name, SPLITS)
-
-
-def kind_from_proto(value: int) -> str:
-    return _enum_to_str(events_pb2.FeedbackKind, value, "FEEDBACK_KIND_", "")
-
-
-def kind_to_proto(value: str, field_name: str = "source_kind") -> int:
-    return _str_to_enum(events_pb2.FeedbackKind, value, "FEEDBACK_KIND_", field_name, FEEDBACK_KINDS)
+def _action_from_proto(value: int) -> ModelAction:
+    action = ModelAction.from_proto(value)
+    if action is None:
+        raise InvalidArgument("action", f"model update action {value} is not one of {', '.join(ModelAction.values())}")
+    return action
 
 
 def ts_to_float(ts: Timestamp) -> float:
@@ -86,11 +51,12 @@ class ChatMessage:
     content: str
 
     def to_proto(self) -> ChatMessageProto:
-        return ChatMessageProto(role=role_to_proto(self.role), content=self.content)
+        return ChatMessageProto(role=Role.parse(self.role, "role").to_proto(), content=self.content)
 
     @classmethod
     def from_proto(cls, msg: ChatMessageProto) -> "ChatMessage":
-        return cls(role=role_from_proto(msg.role), content=msg.content)
+        role = Role.from_proto(msg.role)
+        return cls(role=role.value if role is not None else "", content=msg.content)
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
@@ -104,8 +70,8 @@ def messages_from_dicts(items: Iterable[dict], field_name: str = "messages") -> 
         if not isinstance(item, dict):
             raise InvalidArgument(where, "must be an object with role and content")
         role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
-            raise InvalidArgument(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if role not in Role.values():
+            raise InvalidArgument(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(Role.values())}")
         if not isinstance(content, str):
             raise InvalidArgument(f"{where}.content", "must be a string")
         out.append(ChatMessage(role=role, content=content))
@@ -138,7 +104,7 @@ class PreferenceRecord:
     record_id: str
     prompt: tuple[ChatMessage, ...]
     ranked_responses: tuple[str, ...]
-    source_kind: str = "import"
+    source_kind: FeedbackKind = FeedbackKind.IMPORT
     project: str = "default"
     source_event_ids: tuple[str, ...] = ()
     completion_id: str = ""
@@ -147,6 +113,10 @@ class PreferenceRecord:
     margin: float = 0.0
     created_at: float = 0.0
     source_acked_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Callers and stored JSON spell the kind as a string; hold the enum member.
+        object.__setattr__(self, "source_kind", FeedbackKind.parse(self.source_kind, "source_kind"))
 
     @property
     def k(self) -> int:
@@ -171,10 +141,10 @@ class PreferenceRecord:
             project=self.project,
             prompt=[m.to_proto() for m in self.prompt],
             ranked_responses=list(self.ranked_responses),
-            source_kind=kind_to_proto(self.source_kind),
+            source_kind=self.source_kind.to_proto(),
             source_event_ids=list(self.source_event_ids),
             completion_id=self.completion_id,
-            split=split_to_proto(self.split),
+            split=Split.parse(self.split, "split").to_proto(),
             response_attributes=[events_pb2.AttributeScores(values=a) for a in self.response_attributes],
             margin=self.margin,
             created_at=float_to_ts(self.created_at),
@@ -190,10 +160,10 @@ class PreferenceRecord:
             project=msg.project or "default",
             prompt=tuple(ChatMessage.from_proto(m) for m in msg.prompt),
             ranked_responses=tuple(msg.ranked_responses),
-            source_kind=kind_from_proto(msg.source_kind) or "import",
+            source_kind=FeedbackKind.from_proto(msg.source_kind) or FeedbackKind.IMPORT,
             source_event_ids=tuple(msg.source_event_ids),
             completion_id=msg.completion_id,
-            split=split_from_proto(msg.split),
+            split=(Split.from_proto(msg.split) or Split.TRAIN).value,
             response_attributes=tuple(dict(a.values) for a in msg.response_attributes),
             margin=msg.margin,
             created_at=ts_to_float(msg.created_at),
@@ -219,20 +189,24 @@ class ModelUpdate:
 
     model_name: str
     version: str
-    action: str
-    kind: str = "reward"
+    action: ModelAction
+    kind: ModelKind = ModelKind.REWARD
     uri: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     records_seen: int = 0
     reason: str = ""
     at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "action", ModelAction.parse(self.action, "action"))
+        object.__setattr__(self, "kind", ModelKind.parse(self.kind, "kind"))
+
     def to_proto(self) -> ModelUpdateProto:
         return ModelUpdateProto(
             model_name=self.model_name,
             version=self.version,
-            kind=_str_to_enum(events_pb2.ModelKind, self.kind, "MODEL_KIND_", "kind", MODEL_KINDS),
-            action=_str_to_enum(events_pb2.ModelAction, self.action, "MODEL_ACTION_", "action", MODEL_ACTIONS),
+            kind=self.kind.to_proto(),
+            action=self.action.to_proto(),
             uri=self.uri,
             metrics=self.metrics,
             records_seen=self.records_seen,
@@ -245,8 +219,8 @@ class ModelUpdate:
         return cls(
             model_name=msg.model_name,
             version=msg.version,
-            action=_enum_to_str(events_pb2.ModelAction, msg.action, "MODEL_ACTION_", ""),
-            kind=_enum_to_str(events_pb2.ModelKind, msg.kind, "MODEL_KIND_", "reward"),
+            action=_action_from_proto(msg.action),
+            kind=ModelKind.from_proto(msg.kind) or ModelKind.REWARD,
             uri=msg.uri,
             metrics=dict(msg.metrics),
             records_seen=msg.records_seen,

@@ -10,8 +10,8 @@ The served model's evaluation (accuracy and per-pair outcomes) is cached per (ve
 evaluation-set fingerprint): it is taken from the served checkpoint's own metadata when that was
 measured on the same set (the usual case, since the served model is normally this trainer's previous
 publication) and only otherwise recomputed by loading the served checkpoint.  Publishing and
-rejecting go through :class:`services.registry.ModelRegistry`, whose ``announce`` hook puts a
-ModelUpdate on the model-updates topic.
+rejecting go through :class:`services.registry.ModelRegistry`, whose announcer
+(:class:`services.announce.KafkaAnnouncer`) puts a ModelUpdate on the model-updates topic.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import math
 import time
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Callable
 
 from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, path_from_uri
 from services.registry import ModelRegistry, ModelVersion
@@ -120,16 +119,6 @@ def decide(
     return Decision(True, f"pairwise accuracy {candidate.accuracy:.4f} vs served {served_version} "
                     f"{served_accuracy:.4f} on {n} pairs: drop {drop:.4f}, {noise}; gate_tolerance is {tolerance}",
                     served_version, served_accuracy)
-
-
-def kafka_announcer(producer: Any, topic: str) -> Callable[[Any], None]:
-    """A registry ``announce`` hook that writes each ModelUpdate to ``topic`` and waits for the ack."""
-    from services.kafka import send_sync
-
-    def announce(update: Any) -> None:
-        send_sync(producer, topic, update.to_kafka(), key=update.model_name.encode())
-
-    return announce
 
 
 class Gate:

@@ -20,9 +20,9 @@ from services.topics import DEAD_LETTER, MODEL_UPDATES
 from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalSet
+from trainer.gate import Gate
 from trainer.learner import Learner
 from trainer.objectives import Objective, objective_for
-from trainer.gate import Gate, kafka_announcer
 from trainer.loop import ContinualTrainer, RunSummary, StepFn
 from trainer.replay import ReservoirBuffer
 from trainer.stream import KafkaSource
@@ -51,13 +51,14 @@ def connect_services(cfg: TrainerConfig) -> Services:
     producer = make_producer(cfg.stream.kafka_bootstrap) if cfg.stream.kafka_bootstrap else None
     registry = None
     if cfg.gate.publish:
+        from services.announce import KafkaAnnouncer
         from services.redis_client import connect, ping
         from services.registry import ModelRegistry
 
         client = connect(cfg.gate.redis_url)
         ping(client)
-        announce = kafka_announcer(producer, MODEL_UPDATES.name) if cfg.gate.announce and producer is not None else None
-        registry = ModelRegistry(client, announce=announce)
+        announcer = KafkaAnnouncer(producer, MODEL_UPDATES.name) if cfg.gate.announce and producer is not None else None
+        registry = ModelRegistry(client, announcer=announcer)
     return Services(store=store, registry=registry, producer=producer)
 
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from services.errors import InvalidArgument, PrefstreamError
 from services.schemas import PreferenceRecord, float_to_ts
@@ -229,7 +229,3 @@ def validate_offsets(raw: object, field_name: str = "offsets") -> dict[int, int]
             raise InvalidArgument(field_name, f"partition {p} -> {o}: both must be >= 0")
         out[p] = o
     return out
-
-
-def records_of(items: Iterable[StreamItem]) -> list[PreferenceRecord]:
-    return [i.record for i in items]

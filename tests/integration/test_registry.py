@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from services.errors import FailedPrecondition, NotFound
-from services.kafka import make_consumer, make_producer, send_sync
+from services.announce import KafkaAnnouncer
+from services.kafka import make_consumer, make_producer
 from services.registry import ModelRegistry, ModelVersion
 from services.schemas import ModelUpdate
 from services.topics import MODEL_UPDATES
@@ -89,8 +90,7 @@ def test_changes_are_announced_on_the_model_updates_topic(redis_client: redis.Re
     consumer.seek_to_end(tp)
     start = consumer.position(tp)
     try:
-        reg = ModelRegistry(redis_client, namespace=ns,
-                            announce=lambda u: send_sync(producer, MODEL_UPDATES.name, u.to_kafka(), key=u.model_name.encode()))
+        reg = ModelRegistry(redis_client, namespace=ns, announcer=KafkaAnnouncer(producer, MODEL_UPDATES.name))
         reg.publish(_v("v000001", name=name))
         reg.publish(_v("v000002", name=name))
         reg.rollback(name, "regressed")

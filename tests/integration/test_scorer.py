@@ -18,7 +18,7 @@ registry_mod = pytest.importorskip("services.registry", reason="services.registr
 
 from scorer.client import ScorerClient  # noqa: E402
 from scorer.config import load_scorer_config  # noqa: E402
-from scorer.runners import load_reward  # noqa: E402
+from scorer.runners import load_reward, open_published  # noqa: E402
 from scorer.server import Scorer  # noqa: E402
 from services.checkpoints import CheckpointStore  # noqa: E402
 from services.data import TEST_FILE, load_openpipe_jsonl, shared_data_dir  # noqa: E402
@@ -92,7 +92,7 @@ def test_health_flips_and_scores_equal_offline_scores(env: Published, redis_url:
     prompts, responses = [p for p, _ in examples], [r for _, r in examples]
     # Offline scores in the dtype the scorer serves (dtype auto: bf16 on CPUs with native bf16), with
     # the same loading path, and in fp32 for the bf16-vs-fp32 bound.
-    served = load_reward(str(ref.path), device="cpu", dtype="auto", verify=True, warmup=False)
+    served = load_reward(open_published(ref.uri), device="cpu", dtype="auto", warmup=False)
     offline = served.model.score(prompts, responses)
     fp32 = RewardModel.from_pretrained(str(ref.path)).score(prompts, responses)
     tol = SAME_DTYPE_TOL[served.dtype]

@@ -262,7 +262,8 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     from trainer.config import TrainerConfig, trainer_config
     from trainer.learner import Learner
     from trainer.evaluation import EvalSet, evaluate
-    from trainer.gate import Gate, kafka_announcer
+    from services.announce import KafkaAnnouncer
+    from trainer.gate import Gate
     from trainer.objectives import objective_for
     from trainer.loop import ContinualTrainer
     from trainer.replay import ReservoirBuffer
@@ -276,7 +277,7 @@ def test_gate_rejects_a_worse_checkpoint_with_its_reason_and_publishes_a_better_
     from services.kafka import make_producer
 
     producer = make_producer(kafka_bootstrap)
-    registry = ModelRegistry(redis_client, announce=kafka_announcer(producer, MODEL_UPDATES.name))
+    registry = ModelRegistry(redis_client, announcer=KafkaAnnouncer(producer, MODEL_UPDATES.name))
     store = CheckpointStore(cfg.checkpoint.checkpoint_url)
     eval_set = EvalSet(8, records(8, start=500, split="test", tag="g"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import bench.scorer
+import bench.scorer_bound
 from bench.scorer_bound import (
     CpuSnapshot,
     bound_breakdown,
@@ -132,7 +132,7 @@ def test_measure_in_process_raises_a_worker_failure():
 
 
 def test_gemm_shape_fraction_rates_each_shape_against_the_square_gemm(monkeypatch):
-    monkeypatch.setattr(bench.scorer, "measure_gemm_flops", lambda seconds, dtype: 1e15)  # no 2048^3 GEMMs here
+    monkeypatch.setattr(bench.scorer_bound, "measure_gemm_flops", lambda seconds, dtype: 1e15)  # no 2048^3 GEMMs here
     threads = torch.get_num_threads()
     out = measure_gemm_shape_fraction(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), 4, "float32", 0.03)
     assert torch.get_num_threads() == threads

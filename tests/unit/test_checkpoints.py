@@ -183,3 +183,29 @@ def test_gc_keeps_newest_and_protected_and_cleans_stale_partials(store: LocalChe
     assert not stale.exists() and fresh.exists()
     with pytest.raises(InvalidArgument, match="keep"):
         store.gc("rm", keep=0)
+
+
+def test_every_store_method_the_services_call_is_on_the_interface_and_local_implements_it() -> None:
+    """Callers hold a ``CheckpointStore``; a method only the local backend has would break another one."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    called = set()
+    for package in ("trainer", "scorer", "gateway", "services", "bench", "prefstream"):
+        for path in (root / package).rglob("*.py"):
+            called |= set(re.findall(r"\bstore\.([a-z_]+)\(", path.read_text(encoding="utf-8")))
+    assert {"next_version", "write"} <= called
+    declared = {n for n, v in vars(CheckpointStore).items() if callable(v) and not n.startswith("_")}
+    assert called <= declared, f"not on the CheckpointStore interface: {sorted(called - declared)}"
+    for name in declared - {"register_scheme"}:
+        assert getattr(LocalCheckpointStore, name) is not getattr(CheckpointStore, name), name
+
+
+def test_next_version_is_part_of_the_interface_a_backend_must_implement(tmp_path: Path) -> None:
+    class Partial(CheckpointStore):
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+    with pytest.raises(NotImplementedError):
+        Partial("mem://x").next_version("rm")
+    assert CheckpointStore(str(tmp_path)).next_version("rm") == "v000001"

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from prefstream.admin.v1.admin_pb2 import VersionState
+from services.announce import RecordingAnnouncer
 from services.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.registry import (ModelNotFound, ModelRegistry, ModelState, ModelStatus, ModelVersion, RegistryConflict,
                                VersionNotFound, plan_pin, plan_publish, plan_reject, plan_rollback, plan_unpin)
@@ -119,13 +120,18 @@ def _v(version: str, name: str = "rm", **kw: Any) -> ModelVersion:
 
 
 @pytest.fixture
-def announced() -> list[ModelUpdate]:
-    return []
+def recorder() -> RecordingAnnouncer:
+    return RecordingAnnouncer()
 
 
 @pytest.fixture
-def reg(announced: list[ModelUpdate]) -> ModelRegistry:
-    return ModelRegistry(FakeRedis(), namespace="t", announce=announced.append)
+def announced(recorder: RecordingAnnouncer) -> list[ModelUpdate]:
+    return recorder.updates
+
+
+@pytest.fixture
+def reg(recorder: RecordingAnnouncer) -> ModelRegistry:
+    return ModelRegistry(FakeRedis(), namespace="t", announcer=recorder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,10 +287,11 @@ def test_registry_retries_when_a_concurrent_writer_interleaves(reg: ModelRegistr
 
 
 def test_a_failing_announce_does_not_undo_the_change() -> None:
-    def broken(update: ModelUpdate) -> None:
-        raise ConnectionError("kafka down")
+    class Broken:
+        def announce(self, update: ModelUpdate) -> None:
+            raise ConnectionError("kafka down")
 
-    reg = ModelRegistry(FakeRedis(), namespace="t", announce=broken)
+    reg = ModelRegistry(FakeRedis(), namespace="t", announcer=Broken())
     reg.publish(_v("v000001"))
     assert reg.target("rm").version == "v000001"
 
@@ -298,3 +305,41 @@ def test_redis_connection_errors_become_unavailable() -> None:
 
     with pytest.raises(Unavailable, match="unreachable"):
         ModelRegistry(Down()).status("rm")
+
+
+def test_the_recording_announcer_sees_each_committed_change_once() -> None:
+    recorder = RecordingAnnouncer()
+    reg = ModelRegistry(FakeRedis(), namespace="t", announcer=recorder)
+    reg.publish(_v("v000001"))
+    reg.publish(_v("v000001"))  # an idempotent retry commits nothing, so announces nothing
+    reg.pin("rm", "v000001")
+    assert [(u.action, u.version, u.kind) for u in recorder.updates] == [
+        ("published", "v000001", "reward"), ("pinned", "v000001", "reward")]
+
+
+def test_the_kafka_announcer_sends_the_update_keyed_by_model_and_waits_for_the_ack() -> None:
+    from services.announce import KafkaAnnouncer
+
+    class Acked:
+        def __init__(self) -> None:
+            self.waited: float | None = None
+
+        def get(self, timeout: float) -> str:
+            self.waited = timeout
+            return "meta"
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, bytes, bytes | None]] = []
+            self.future = Acked()
+
+        def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Acked:
+            self.sent.append((topic, value, key))
+            return self.future
+
+    producer = Producer()
+    reg = ModelRegistry(FakeRedis(), namespace="t", announcer=KafkaAnnouncer(producer, "updates", timeout_s=5.0))
+    reg.publish(_v("v000001"))
+    [(topic, value, key)] = producer.sent
+    assert (topic, key, producer.future.waited) == ("updates", b"rm", 5.0)
+    assert ModelUpdate.from_kafka(value).action == "published"

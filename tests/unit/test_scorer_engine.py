@@ -1,4 +1,4 @@
-"""Engine and model manager with fake runners: versions, atomic swaps, draining, refusals."""
+"""The serving engine and model manager with fake runners: versions, atomic swaps, draining, refusals."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from scorer.bestofn import Criterion
 from scorer.config import load_scorer_config
 from scorer.decoding import Completion, Decoded
 from scorer.domain import BestOfNQuery, SamplingParams, ScoreQuery
-from scorer.engine import POLICY, REWARD, Engine
+from scorer.engine import ServingEngine
 from scorer.metrics import ScorerMetrics
 from scorer.runners import CheckpointRefused
 from scorer.swap import ModelManager
 from services.errors import NotFound, Unavailable
+from services.kinds import ModelKind
 from services.schemas import ChatMessage
 
 PROMPT = (ChatMessage("user", "hi"),)
@@ -63,13 +64,13 @@ class FakePolicy:
 def make_engine(**overrides):
     cfg = load_scorer_config(overrides={"max_wait_ms": 2, "drain_timeout_s": 10, **overrides}, env={})
     ex = concurrent.futures.ThreadPoolExecutor(2)
-    return Engine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex), cfg
+    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex), cfg
 
 
 def test_score_reports_the_version_that_scored():
     async def main():
         engine, _ = make_engine()
-        engine.install(engine.new_slot("reward", REWARD, "v1", "file:///x", FakeReward(100.0)))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v1", "file:///x", FakeReward(100.0)))
         res = await engine.score(ScoreQuery(PROMPT, ("a", "bbb")))
         await engine.close()
         return res
@@ -84,7 +85,7 @@ def test_swap_under_load_fails_nothing_and_frees_the_old_model_after_draining():
         engine, _ = make_engine()
         old = FakeReward(100.0, delay_s=0.01)
         new = FakeReward(200.0, delay_s=0.01)
-        engine.install(engine.new_slot("reward", REWARD, "v1", "", old))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v1", "", old))
         results = []
 
         async def client(i):
@@ -95,7 +96,7 @@ def test_swap_under_load_fails_nothing_and_frees_the_old_model_after_draining():
         tasks = [asyncio.ensure_future(client(i)) for i in range(8)]
         await asyncio.sleep(0.1)
         swapped_at = time.monotonic()
-        engine.install(engine.new_slot("reward", REWARD, "v2", "", new))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v2", "", new))
         await asyncio.gather(*tasks)
         await asyncio.sleep(0.05)
         freed = old.closed.is_set()
@@ -117,7 +118,7 @@ def test_unknown_and_loading_models_are_distinguished():
         engine, _ = make_engine()
         with pytest.raises(Unavailable, match="still loading"):
             await engine.score(ScoreQuery(PROMPT, ("a",)))
-        engine.install(engine.new_slot("reward", REWARD, "base", "", FakeReward(0.0)))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "base", "", FakeReward(0.0)))
         with pytest.raises(NotFound, match="served reward models: reward"):
             await engine.score(ScoreQuery(PROMPT, ("a",), model="other"))
         await engine.close()
@@ -128,9 +129,9 @@ def test_unknown_and_loading_models_are_distinguished():
 def test_best_of_n_ranks_candidates_by_combined_criteria():
     async def main():
         engine, _ = make_engine()
-        engine.install(engine.new_slot("reward", REWARD, "v1", "", FakeReward(0.0)))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v1", "", FakeReward(0.0)))
         # "short" prefers short responses: reward = 10 - len via negative weight on length model.
-        engine.install(engine.new_slot("length", REWARD, "v7", "", FakeReward(5.0)))
+        engine.install(engine.new_slot("length", ModelKind.REWARD, "v7", "", FakeReward(5.0)))
         q = BestOfNQuery(prompt=PROMPT, candidates=("aaaa", "a", "aa"),
                          criteria=(Criterion("reward", 1.0), Criterion("length", -2.0)))
         res = await engine.best_of_n(q)
@@ -148,8 +149,8 @@ def test_best_of_n_ranks_candidates_by_combined_criteria():
 def test_best_of_n_samples_from_the_policy():
     async def main():
         engine, _ = make_engine()
-        engine.install(engine.new_slot("reward", REWARD, "v1", "", FakeReward(0.0)))
-        engine.install(engine.new_slot("policy", POLICY, "base", "", FakePolicy()))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v1", "", FakeReward(0.0)))
+        engine.install(engine.new_slot("policy", ModelKind.POLICY, "base", "", FakePolicy()))
         res = await engine.best_of_n(BestOfNQuery(prompt=PROMPT, n=3, sampling=SamplingParams(seed=1)))
         await engine.close()
         return res
@@ -167,7 +168,7 @@ def test_best_of_n_samples_from_the_policy():
 class MV:
     version: str
     uri: str
-    kind: str = "reward"
+    kind: ModelKind = ModelKind.REWARD
 
 
 class FakeRegistry:
@@ -229,3 +230,22 @@ def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monke
     assert 'prefstream_scorer_swaps_total{model="reward"} 2.0' in metrics
     assert 'prefstream_scorer_serving_version_info{dtype="bfloat16",kind="reward",model="reward",version="v3"} 1.0' in metrics
     assert 'version="v1"' not in metrics.split("prefstream_scorer_serving_version_info")[-1].split("#")[0]
+
+
+def test_open_published_verifies_through_the_shared_opener_and_names_the_refusal(tmp_path) -> None:
+    from scorer.runners import open_published
+    from services.checkpoints import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path))
+    ref = store.write("reward", "v000001", lambda d: (d / "weights.bin").write_bytes(b"\x01" * 64), {})
+    assert open_published(ref.uri) == str(ref.path)
+
+    def refusal(uri: str) -> str:
+        with pytest.raises(CheckpointRefused) as e:
+            open_published(uri)
+        return e.value.reason
+
+    assert refusal("s3://bucket/reward/v000001") == "unsupported_uri"
+    assert refusal((tmp_path / "reward" / "v000009").as_uri()) == "corrupt"  # no such directory
+    (ref.path / "weights.bin").write_bytes(b"\x02" * 64)
+    assert refusal(ref.uri) == "corrupt"

@@ -16,7 +16,8 @@ from prefstream.scorer.v1 import scorer_pb2
 from scorer.config import load_scorer_config
 from scorer.decoding import Completion, DecodeParams, Decoded, decode, first_stop, held_back, nucleus_filter
 from scorer.domain import RequestLimits, SamplingParams
-from scorer.engine import POLICY, REWARD, Engine
+from scorer.engine import ServingEngine
+from services.kinds import ModelKind
 from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult
 from scorer.metrics import ScorerMetrics
 from services.errors import InvalidArgument, NotFound
@@ -211,13 +212,13 @@ class _Reward:
 def _engine() -> Engine:
     cfg = load_scorer_config(overrides={"policy_models": ["policy"], "default_new_tokens": 3}, env={})
     ex = concurrent.futures.ThreadPoolExecutor(2)
-    return Engine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex)
+    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex)
 
 
 def test_engine_generates_and_streams_from_one_version() -> None:
     async def main() -> tuple[GenerateResult, list[GenerateChunk], int]:
         engine = _engine()
-        slot = engine.new_slot("policy", POLICY, "v3", "", FakePolicy())
+        slot = engine.new_slot("policy", ModelKind.POLICY, "v3", "", FakePolicy())
         engine.install(slot)
         res = await engine.generate_text(GenerateQuery(PROMPT, n=2, request_id="r1"))
         chunks = [c async for c in engine.generate_stream(GenerateQuery(PROMPT, n=2, request_id="r2"))]
@@ -241,7 +242,7 @@ def test_engine_stream_closed_early_stops_and_releases() -> None:
     async def main() -> tuple[int, bool]:
         engine = _engine()
         policy = FakePolicy()
-        slot = engine.new_slot("policy", POLICY, "v1", "", policy)
+        slot = engine.new_slot("policy", ModelKind.POLICY, "v1", "", policy)
         engine.install(slot)
         stream = engine.generate_stream(GenerateQuery(PROMPT, n=4))
         first = await stream.__anext__()
@@ -262,8 +263,8 @@ def test_engine_stream_closed_early_stops_and_releases() -> None:
 def test_engine_refuses_a_reward_model_and_unknown_names() -> None:
     async def main() -> None:
         engine = _engine()
-        engine.install(engine.new_slot("reward", REWARD, "base", "", _Reward()))
-        engine.install(engine.new_slot("policy", POLICY, "base", "", FakePolicy()))
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "base", "", _Reward()))
+        engine.install(engine.new_slot("policy", ModelKind.POLICY, "base", "", FakePolicy()))
         with pytest.raises(InvalidArgument) as e:
             await engine.generate_text(GenerateQuery(PROMPT, model="reward"))
         assert e.value.field == "model" and "policy" in e.value.message

@@ -97,8 +97,8 @@ def test_load_reward_serves_minilm_in_bf16_with_fp32_rewards_close_to_fp32():
     from services.schemas import ChatMessage
 
     path = default_reward_model_path()
-    r32 = load_reward(path, device="cpu", dtype="float32", verify=False, warmup=False, max_length=32)
-    r16 = load_reward(path, device="cpu", dtype="bfloat16", verify=False, warmup=True, max_length=32)
+    r32 = load_reward(path, device="cpu", dtype="float32", warmup=False, max_length=32)
+    r16 = load_reward(path, device="cpu", dtype="bfloat16", warmup=True, max_length=32)
     assert (r32.dtype, r16.dtype) == ("float32", "bfloat16")
     prompt = [ChatMessage("user", "How do I boil an egg?")]
     responses = ["Boil it for nine minutes.", "No.", "Put it in water, heat until it boils, wait, cool it."]
