@@ -35,7 +35,7 @@ def policy_config(tmp_path: Path, base: Path, name: str, topic: str, kafka: str,
                   topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka, redis_url=redis_url,
                   checkpoint_url=str(tmp_path / "ckpt"), checkpoint_every_records=12, checkpoint_every_s=0,
                   max_batch_wait_s=0.2, idle_exit_s=60, guard_prompts=2, guard_max_new_tokens=8,
-                  max_repetition_rate=1.0, eval_batch_size=8)
+                  max_repetition_rate=1.0, max_empty_rate=1.0, eval_batch_size=8)
     values.update(kw)
     return trainer_config(**values)
 
@@ -66,7 +66,7 @@ def test_a_policy_trained_from_kafka_is_published_and_served(tmp_path: Path, tin
     assert meta["kind"] == "policy" and meta["eval"]["pairs"] == 4
 
     scorer_cfg = load_scorer_config(overrides={
-        "port": 0, "reward_models": [], "policy_models": [name], "redis_url": redis_url, "discover_models": False,
+        "port": 0, "reward_models": ["reward"], "policy_models": [name], "redis_url": redis_url, "discover_models": False,
         "max_new_tokens": 16, "default_new_tokens": 4,
     }, env={})
 
