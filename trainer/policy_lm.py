@@ -77,7 +77,8 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidArgument("lora_dropout", f"must be in [0, 1), got {self.dropout}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise InvalidArgument("lora_target_modules", f"give at least one module name, got {list(self.target_modules)}")
+            raise InvalidArgument("lora_target_modules",
+                                  f"give at least one module name, got {list(self.target_modules)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -178,7 +179,8 @@ class PolicyBatch:
 # Pure math.  TODO(lead): use trainer.dpo_losses.sequence_logps / mean_token_kl (same signatures).
 
 
-def _sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                    loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_t m_t · log softmax(z_{t-1})[y_t]`` per row (Rafailov et al. 2023, eq. 7's log π(y|x)), and Σ m.
 
     logits: (B, T, V); labels, loss_mask: (B, T), aligned with the input ids (unshifted).
@@ -296,7 +298,8 @@ class TrainablePolicy:
 
     @classmethod
     def from_spec(cls, spec: PolicyTrainingSpec, *, device: str | torch.device | None = None,
-                  adapter: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> "TrainablePolicy":
+                  adapter: str | os.PathLike | None = None,
+                  weights: str | os.PathLike | None = None) -> "TrainablePolicy":
         """Build from a spec: a new adapter, the saved ``adapter``, or (full fine-tuning) saved ``weights``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -432,7 +435,8 @@ class TrainablePolicy:
             cut += len(p_ids) > room
             kept.append((p_ids[-room:], r_ids))
         if cut:
-            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept), self.spec.max_length)
+            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept),
+                      self.spec.max_length)
         width = max(len(p) + len(r) for p, r in kept)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(kept), width), pad, dtype=torch.long)  # (B, T)
