@@ -78,7 +78,8 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidArgument("lora_dropout", f"must be in [0, 1), got {self.dropout}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise InvalidArgument("lora_target_modules", f"give at least one module name, got {list(self.target_modules)}")
+            raise InvalidArgument("lora_target_modules",
+                                  f"give at least one module name, got {list(self.target_modules)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -104,8 +105,8 @@ class PolicyTrainingSpec:
         if self.max_length < 2:
             raise InvalidArgument("max_length", f"must be at least 2 (a prompt token and a response token), "
                                   f"got {self.max_length}")
-        if self.max_prompt_tokens < 1:
-            raise InvalidArgument("max_prompt_tokens", f"must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_tokens < 8:  # the scorer's PolicySpec floor: both must cut prompts alike
+            raise InvalidArgument("max_prompt_tokens", f"must be at least 8, got {self.max_prompt_tokens}")
         if self.max_tokens_per_forward < self.max_length:
             raise InvalidArgument("max_tokens_per_forward", f"{self.max_tokens_per_forward} cannot hold one row "
                                   f"of max_length={self.max_length}; raise it or lower max_length")
@@ -163,6 +164,11 @@ class PolicyBatch:
     @property
     def rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def response_tokens(self) -> torch.Tensor:
+        """Scored tokens per row (the per-token normalisation of IPO-style losses). # (B,)"""
+        return self.response_mask.sum(-1)
 
     def to(self, device: torch.device | str) -> "PolicyBatch":
         return dataclasses.replace(self, input_ids=self.input_ids.to(device),
@@ -247,8 +253,11 @@ class TrainablePolicy:
         self._call: nn.Module = self._logps
         # Serving's own formatting and sampling, over the live (adapter-on) model.
         self._serving = PolicyModel(model, tokenizer, PolicySpec(
-            base_model=spec.base_model, dtype=spec.dtype, max_prompt_tokens=max(spec.max_prompt_tokens, 8)))
-        self._chat = bool(getattr(tokenizer, "chat_template", None))
+            base_model=spec.base_model, dtype=spec.dtype, max_prompt_tokens=spec.max_prompt_tokens))
+
+    @property
+    def _chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -265,7 +274,8 @@ class TrainablePolicy:
 
     @classmethod
     def from_spec(cls, spec: PolicyTrainingSpec, *, device: str | torch.device | None = None,
-                  adapter: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> "TrainablePolicy":
+                  adapter: str | os.PathLike | None = None,
+                  weights: str | os.PathLike | None = None) -> "TrainablePolicy":
         """Build from a spec: a new adapter, the saved ``adapter``, or (full fine-tuning) saved ``weights``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -348,42 +358,41 @@ class TrainablePolicy:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def _response_ids(self, prompt_text: str, conv: list[dict[str, str]], response: str) -> list[int]:
-        """The response as the assistant turn, up to and including the EOS that ends generation."""
+    def _response_text(self, prompt_text: str, messages: Sequence[Any], response: str) -> str:
+        """The response as the chat template writes the assistant turn, up to and including its EOS."""
         eos = self.tokenizer.eos_token
-        if self._chat:
-            full = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}],
-                                                      tokenize=False)
-            text = full[len(prompt_text):] if full.startswith(prompt_text) else response + (eos or "")
-            if eos and eos in text:  # what follows the closing EOS (a newline) is never generated
-                text = text[: text.rindex(eos) + len(eos)]
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = self.tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-        return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        conv = [{"role": r, "content": c} for r, c in (role_content(m) for m in messages)]
+        full = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
+        text = full[len(prompt_text):] if full.startswith(prompt_text) else response + (eos or "")
+        if eos and eos in text:  # what follows the closing EOS (a newline) is never generated
+            text = text[: text.rindex(eos) + len(eos)]
+        return text
 
     def _plan(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]
               ) -> tuple[list[tuple[list[int], list[int]] | None], dict[int, str]]:
+        """Token ids (prompt, response) of every row, None for a row refused, and the refusals."""
         if len(prompts) != len(responses):
             raise InvalidArgument("responses", f"got {len(responses)} responses for {len(prompts)} prompts; "
                                   "give exactly one response per prompt")
-        rows: list[tuple[list[int], list[int]] | None] = []
-        reasons: dict[int, str] = {}
-        for i, (messages, response) in enumerate(zip(prompts, responses)):
-            if not response or not response.strip():
-                rows.append(None)
-                reasons[i] = "the response is empty"
-                continue
-            prompt_text = self._serving.render(messages)
-            # Serving tokenizes the rendered prompt the same way (chat templates write their own BOS).
-            p_ids = self.tokenizer(prompt_text, add_special_tokens=not self._chat)["input_ids"]
-            conv = [{"role": r, "content": c} for r, c in (role_content(m) for m in messages)]
-            r_ids = self._response_ids(prompt_text, conv, response)
-            if len(r_ids) > self.spec.max_length - 1:
-                rows.append(None)
-                reasons[i] = (f"the response alone has {len(r_ids)} tokens; max_length={self.spec.max_length} "
+        reasons = {i: "the response is empty" for i, r in enumerate(responses) if not r or not r.strip()}
+        keep = [i for i in range(len(prompts)) if i not in reasons]
+        p_texts = [self._serving.render(prompts[i]) for i in keep]
+        if self._chat:
+            r_texts = [self._response_text(p, prompts[i], responses[i]) for p, i in zip(p_texts, keep)]
+            eos_ids: list[int] = []
+        else:
+            r_texts = [" " + responses[i] for i in keep]
+            eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        # Serving tokenizes the rendered prompt the same way (chat templates write their own BOS).
+        p_ids = self.tokenizer(p_texts, add_special_tokens=not self._chat)["input_ids"] if keep else []
+        r_ids = [r + eos_ids for r in self.tokenizer(r_texts, add_special_tokens=False)["input_ids"]] if keep else []
+        rows: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
+        for i, p, r in zip(keep, p_ids, r_ids):
+            if len(r) > self.spec.max_length - 1:
+                reasons[i] = (f"the response alone has {len(r)} tokens; max_length={self.spec.max_length} "
                               "leaves no room for its prompt")
-                continue
-            rows.append((p_ids, r_ids))
+            else:
+                rows[i] = (p, r)
         return rows, reasons
 
     def rejections(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]) -> dict[int, str]:
@@ -398,6 +407,8 @@ class TrainablePolicy:
         assistant turn of the chat template up to its EOS.  Raises :class:`RejectedResponses` naming
         every empty or over-long response.
         """
+        if not prompts:
+            raise InvalidArgument("prompts", "is empty; give at least one (prompt, response) row")
         rows, reasons = self._plan(prompts, responses)
         if reasons:
             raise RejectedResponses(reasons)
@@ -407,7 +418,8 @@ class TrainablePolicy:
             cut += len(p_ids) > room
             kept.append((p_ids[-room:], r_ids))
         if cut:
-            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept), self.spec.max_length)
+            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept),
+                      self.spec.max_length)
         width = max(len(p) + len(r) for p, r in kept)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(kept), width), pad, dtype=torch.long)  # (B, T)
@@ -490,7 +502,7 @@ class TrainablePolicy:
         plain.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
         serving = PolicySpec(base_model=self.spec.base_model, dtype=self.spec.dtype,
-                             max_prompt_tokens=max(self.spec.max_prompt_tokens, 8))
+                             max_prompt_tokens=self.spec.max_prompt_tokens)
         (d / SPEC_FILE).write_text(json.dumps({"kind": "policy", "spec": serving.to_dict()}, indent=2, sort_keys=True))
         self._write_spec(d)
         del plain

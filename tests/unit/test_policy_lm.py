@@ -124,6 +124,20 @@ def test_the_response_mask_covers_exactly_the_assistant_turn(tiny_base: Path) ->
         assert ids[:start].tolist() == serving._encode([prompt])["input_ids"][0].tolist()
         assert tok.decode(ids[start:]) == response + tok.eos_token
     assert batch.prompt_truncated == 0
+    assert batch.response_tokens.tolist() == [len(tok(r + tok.eos_token)["input_ids"]) for r in CHOSEN]
+
+
+def test_without_a_chat_template_the_reply_follows_the_assistant_cue(tiny_base: Path) -> None:
+    policy = TrainablePolicy.from_base(tiny_base, max_length=128)
+    policy.tokenizer.chat_template = None
+    batch = policy.encode(PROMPTS[1:2], CHOSEN[1:2])
+    ids, mask = batch.input_ids[0], batch.response_mask[0]
+    serving = PolicyModel(policy.model, policy.tokenizer, policy._serving.spec)
+    assert ids[~mask].tolist() == serving._encode(PROMPTS[1:2])["input_ids"][0].tolist()
+    assert policy.tokenizer.decode(ids[~mask]) == "System: Be brief.\n\nUser: Name a colour.\n\nAssistant:"
+    assert policy.tokenizer.decode(ids[mask]) == " Blue." + policy.tokenizer.eos_token
+    with pytest.raises(InvalidArgument, match="prompts"):
+        policy.encode([], [])
 
 
 def test_long_prompts_lose_their_oldest_tokens_and_keep_the_response(tiny_base: Path) -> None:
