@@ -45,7 +45,7 @@ from torch import nn
 from services.errors import InvalidArgument
 from services.policy_model import SPEC_FILE, PolicyModel, PolicySpec, SamplingParams, ensure_plain_checkpoint
 from services.reward_model import DTYPES, resolve_model_path, role_content
-from trainer.dpo_losses import mean_token_kl, sequence_logps
+from trainer.dpo_losses import mean_token_kl, packed_sequence_logps, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -195,29 +195,48 @@ class SequenceLogps(nn.Module):
     """``forward(batch tensors) -> (sum_logps (B,), n_tokens (B,))``: the unit DDP wraps.
 
     All sub-batches run inside one ``forward``, because DDP arms its gradient hooks once per call.
+    The model projects to the vocabulary only at the positions that predict a response token
+    (``logits_to_keep``): the prompt's positions never reach the LM head nor the ``log_softmax``, which
+    on a 49k vocabulary are most of a small model's activation memory.  A model without
+    ``logits_to_keep`` falls back to full logits.
     """
 
     def __init__(self, model: nn.Module, max_tokens_per_forward: int) -> None:
         super().__init__()
         self.model = model
         self.max_tokens_per_forward = max_tokens_per_forward
+        self._packed = True
+
+    def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """Summed response-token log-probs of one length group. ids, att, resp: (b, t) -> (b,)"""
+        if self._packed:
+            keep = torch.zeros_like(resp)  # (b, t): position t predicts token t + 1
+            keep[:, :-1] = resp[:, 1:]
+            try:
+                logits = self.model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+            except TypeError:  # this architecture has no logits_to_keep
+                self._packed = False
+            else:
+                labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
+                rows = keep.nonzero()[:, 0]  # (M,)
+                return packed_sequence_logps(logits.reshape(labels.shape[0], -1), labels, rows, ids.shape[0])
+        logits = self.model(input_ids=ids, attention_mask=att).logits  # (b, t, V)
+        return sequence_logps(logits, ids, resp)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = attention_mask.sum(-1).tolist()  # (B,)
-        sums, counts, order = [], [], []
+        response_mask = response_mask.bool()
+        sums, order = [], []
         for rows in sub_batches(lengths, self.max_tokens_per_forward):
             idx = torch.tensor(rows, device=input_ids.device)
             width = int(lengths[rows[0]])  # right-padded: the longest row's length covers the group
-            ids = input_ids[idx, :width]  # (b, t)
-            logits = self.model(input_ids=ids, attention_mask=attention_mask[idx, :width]).logits  # (b, t, V)
-            s, n = sequence_logps(logits, ids, response_mask[idx, :width])  # (b,), (b,)
-            sums.append(s)
-            counts.append(n)
+            sums.append(self._rows(input_ids[idx, :width], attention_mask[idx, :width], response_mask[idx, :width]))
             order.extend(rows)
         inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
-        return torch.cat(sums)[inverse], torch.cat(counts)[inverse]  # (B,), (B,) in the batch's order
+        counts = response_mask[:, 1:].sum(-1).to(sums[0].dtype)  # (B,) the first token has no prediction
+        return torch.cat(sums)[inverse], counts  # (B,), (B,) in the batch's order
 
 
 @contextmanager
