@@ -34,8 +34,7 @@ from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_dat
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
-from services.stack import Stack, free_port, free_stack_config
-from services.supervise import ServiceProcess
+from services.stack import ServiceProcess, Stack, free_port, free_stack_config
 
 log = logging.getLogger(__name__)
 
