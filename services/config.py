@@ -256,37 +256,14 @@ def load_config(
 # The command line: one flag per leaf, the same for every service.
 
 
-class OnOff(argparse.Action):
-    """A boolean flag spelled three ways: ``--x`` (on), ``--no-x`` (off) and ``--x VALUE``.
-
-    ``VALUE`` is kept as given (``false``, ``0``, ``no`` ...) and coerced with the other layers, so a bad
-    value fails naming the option.  ``--x false`` is how the gateway and the demo documented switching a
-    default-on setting off before ``--no-x`` existed, and both spellings keep working.
-    """
-
-    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None,
-                 **kwargs: Any) -> None:
-        negated = ["--no-" + o[2:] for o in option_strings if o.startswith("--")]
-        super().__init__(option_strings=[*option_strings, *negated], dest=dest, nargs="?", default=default,
-                         help=help, metavar="BOOL")
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if option_string is not None and option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value; use {option_string} alone or "
-                             f"--{option_string[5:]} {values}")
-            setattr(namespace, self.dest, False)
-        else:
-            setattr(namespace, self.dest, True if values is None else values)
-
-
 def add_config_flags(parser: Any, cls: type, fields: Iterable[str] | None = None) -> None:
     """One ``--field-name`` flag per leaf of ``cls`` (all, or ``fields``), grouped by section.
 
     ``parser`` is an ``ArgumentParser`` or an argument group.  Defaults are ``None`` so a flag that is not
-    given leaves the file and env layers in force; booleans get ``--x``, ``--no-x`` and ``--x VALUE``
-    (:class:`OnOff`).  :func:`overrides_from_args` reads them back.
+    given leaves the file and env layers in force.  A boolean reads three ways: ``--x`` (on), ``--no-x``
+    (off) and ``--x VALUE`` (kept as given and coerced with the other layers, so ``--x maybe`` fails
+    naming the option; ``--x false`` is how the gateway and the demo documented switching a default-on
+    setting off before ``--no-x`` existed).  :func:`overrides_from_args` reads them back.
     """
     wanted = set(fields) if fields is not None else None
     groups: dict[str, Any] = {}
@@ -301,7 +278,9 @@ def add_config_flags(parser: Any, cls: type, fields: Iterable[str] | None = None
         flag = "--" + name.replace("_", "-")
         help_text = f"{_field_help(leaf.field)} (default: {_default_text(leaf.field)})".replace("%", "%%")
         if leaf.annotation is bool:
-            target.add_argument(flag, dest=name, action=OnOff, default=None, help=help_text)
+            target.add_argument(flag, dest=name, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+            target.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,
+                                help=f"the same as {flag} false")
         else:
             target.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
