@@ -160,7 +160,7 @@ def _score_requests(inputs: Sequence[tuple[Any, str]]) -> list[Any]:
 
 
 def _start_scorer(log_dir: Path, name: str, env: dict[str, str]) -> tuple[Any, str]:
-    from services.supervise import ServiceProcess
+    from services.stack import ServiceProcess
 
     port = _free_port()
     full_env = {"PREFSTREAM_SCORER_PORT": str(port), "PREFSTREAM_SCORER_POLICY_MODELS": "", **env}

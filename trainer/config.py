@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from services.config import fill_endpoints, flat_dict, load_config, require
 from services.kinds import ModelKind
-from services.topics import PREFERENCES
+from services.topics import PREFERENCES, check_prefix, topic_name
 
 SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")
@@ -193,7 +193,11 @@ class StreamSettings:
 
     kafka_bootstrap: str = field(default="", metadata=_help(
         "Kafka bootstrap servers; empty = from the local stack (stack_run_dir)"))
-    topic: str = field(default=PREFERENCES.name, metadata=_help("preference topic to consume"))
+    topic_prefix: str = field(default="", metadata=_help(
+        "prefix of every topic name (e.g. 'staging.'), the same as the gateway's and scorer's topic_prefix; the "
+        "names come from services/topics.py"))
+    topic: str = field(default="", metadata=_help(
+        "preference topic to consume; empty = prefstream.preferences under topic_prefix"))
     group_id: str = field(default="", metadata=_help(
         "Kafka consumer group; empty = prefstream-trainer for reward models, prefstream-trainer-<kind> "
         "otherwise, so a reward trainer and a policy trainer on the same topic keep independent offsets"))
@@ -208,6 +212,7 @@ class StreamSettings:
         "replay guards against forgetting without training a stream that does not shift a second time"))
 
     def validate(self) -> None:
+        require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
         require(self.poll_timeout_s > 0, "poll_timeout_s", "must be > 0 seconds")
         require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
         require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
@@ -321,6 +326,9 @@ class TrainerConfig:
         kind = self.model.model_kind
         if not self.model.model_name and kind in tuple(ModelKind):
             object.__setattr__(self, "model", dataclasses.replace(self.model, model_name=kind))
+        if not self.stream.topic and check_prefix(self.stream.topic_prefix) is None:
+            topic = topic_name(PREFERENCES, self.stream.topic_prefix)
+            object.__setattr__(self, "stream", dataclasses.replace(self.stream, topic=topic))
         if not self.stream.group_id and kind in tuple(ModelKind):
             group = "prefstream-trainer" if kind == ModelKind.REWARD else f"prefstream-trainer-{kind}"
             object.__setattr__(self, "stream", dataclasses.replace(self.stream, group_id=group))
