@@ -68,6 +68,8 @@ def _zero_failed_over_swaps(failed: str, swaps: str) -> Callable[[dict[str, Any]
 
 def _policy_swaps(r: dict[str, Any]) -> str:
     """"0 over 6 swaps (p99 2.1 s steady, 3.4 s during swaps)" for the policy hot-swap row."""
+    if r.get("failed_requests_during_policy_swaps") is None:
+        return r.get("policy_run") or "not in this result (run the scorer bench again)"
     out = f"{_fmt(r.get('failed_requests_during_policy_swaps'))} over {_fmt(r.get('policy_swaps'))} swaps"
     steady, during = r.get("policy_p99_ms_steady"), r.get("policy_p99_ms_during_swaps")
     if steady is not None and during is not None:

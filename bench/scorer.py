@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-swaps", type=int, default=None, help="policy versions published under load "
                    "(default quick 3, full 6)")
     p.add_argument("--policy-max-tokens", type=int, default=8, help="max_tokens of each generation request")
+    p.add_argument("--policy-clients", type=int, default=1, help="closed-loop unary Generate clients, and as many "
+                   "GenerateStream clients (the scorer decodes one request at a time: more only queue)")
     p.add_argument("--policy-path", default=None, help="policy the versions are copied from (HF folder or "
                    ".gguf; default: the embedded SmolLM2)")
 
@@ -503,10 +505,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from bench.scorer_policy import run_policy_swaps
 
             swaps = getattr(args, "policy_swaps", None) or (3 if quick else 6)
+            clients = getattr(args, "policy_clients", 1)
             result.update(run_policy_swaps(
-                log_dir, swaps=swaps, every_s=4.0 if quick else 6.0, steady_s=12.0 if quick else 30.0,
-                max_tokens=getattr(args, "policy_max_tokens", 8), base_path=getattr(args, "policy_path", None),
-                dtype=scorer_cfg.dtype))
+                log_dir, swaps=swaps, every_s=4.0 if quick else 6.0, steady_s=8.0 if quick else 30.0,
+                max_tokens=getattr(args, "policy_max_tokens", 8), unary=clients, streams=clients,
+                base_path=getattr(args, "policy_path", None), dtype=scorer_cfg.dtype))
     result["load_avg_1m_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     return result
 

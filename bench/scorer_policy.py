@@ -6,7 +6,8 @@ that decode, so the questions are whether any generation request fails while ver
 what the swaps cost the requests that keep arriving.  This phase answers both on one real scorer
 process following a real Redis registry:
 
-* a steady window: closed-loop clients, half unary ``Generate`` and half ``GenerateStream``, on HH test
+* a steady window: closed-loop clients, as many unary ``Generate`` as ``GenerateStream`` (default one
+  each: the scorer decodes one request at a time, so more clients only queue), on short HH test
   prompts with a fixed seed per request and a short ``max_tokens`` (so it fits 2 cores), no publishes;
 * a swap window: the same load while a policy version is published every few seconds, until every
   version is answered.  The versions are the base policy (default the embedded SmolLM2 as a plain HF
@@ -173,7 +174,7 @@ def perturb_policy(hf_model: Any) -> str:
     return names[-1]
 
 
-def generation_prompts(records: Iterable[Any], limit: int, max_chars: int = 600) -> list[tuple[Any, ...]]:
+def generation_prompts(records: Iterable[Any], limit: int, max_chars: int = 300) -> list[tuple[Any, ...]]:
     """The first ``limit`` record prompts (message tuples) of at most ``max_chars`` characters in all,
     so prefill stays short and the windows compare like with like."""
     out = []
@@ -266,7 +267,7 @@ class PolicyPublisher:
 
 
 def run_policy_swaps(log_dir: Path, *, swaps: int, every_s: float, steady_s: float, max_tokens: int,
-                     unary: int = 2, streams: int = 2, base_path: str | None = None,
+                     unary: int = 1, streams: int = 1, base_path: str | None = None,
                      dtype: str = "auto", prompts_limit: int = 64) -> dict[str, Any]:
     """The whole phase (module docstring): a registry, a scorer serving the policy, two windows."""
     import torch
@@ -301,7 +302,7 @@ def run_policy_swaps(log_dir: Path, *, swaps: int, every_s: float, steady_s: flo
             async with ScorerClient(address, timeout_s=120.0) as client:
                 await client.wait_ready()
                 warm = asyncio.Event()
-                asyncio.get_running_loop().call_later(3.0, warm.set)
+                asyncio.get_running_loop().call_later(2.0, warm.set)
                 await drive_generation(client, prompts, unary, streams, max_tokens, warm, counter)  # not reported
 
                 stop = asyncio.Event()
