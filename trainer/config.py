@@ -121,6 +121,9 @@ class DPOSettings:
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch"))
     lora_target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata=_help(
         "module names (suffixes) that get a LoRA adapter; each must exist in the model"))
+    max_response_tokens: int = field(default=2048, metadata=_help(
+        "a response longer than this many tokens is bad input: its record goes to the dead-letter topic; shorter "
+        "responses that do not fit max_length keep their first tokens (three quarters of max_length)"))
     max_kl: float = field(default=0.5, metadata=_help(
         "gate drift guard: reject a version whose mean per-token KL to the reference on held-out prompts "
         "exceeds this (nats)"))
@@ -144,6 +147,7 @@ class DPOSettings:
         require(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         require(0 <= self.lora_dropout < 1, "lora_dropout", "is a probability; use 0 <= p < 1")
         require(bool(self.lora_target_modules), "lora_target_modules", "name at least one module, e.g. q_proj,v_proj")
+        require(self.max_response_tokens >= 1, "max_response_tokens", "must be >= 1")
         require(self.max_kl > 0, "max_kl", "must be > 0 nats")
         require(self.guard_prompts >= 0, "guard_prompts", "must be >= 0 (0 disables the guards)")
         require(self.guard_max_new_tokens >= 1, "guard_max_new_tokens", "must be >= 1")

@@ -98,6 +98,9 @@ class PolicyTrainingSpec:
         "help": "prompt tokens kept (newest), as the scorer's PolicySpec.max_prompt_tokens"})
     max_tokens_per_forward: int = field(default=8192, metadata={
         "help": "rows x padded length per model call; longer batches run as length-sorted sub-batches"})
+    max_response_tokens: int = field(default=2048, metadata={
+        "help": "a response over this many tokens is refused (dead-lettered); shorter ones that do not fit "
+                "max_length are cut"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -283,12 +286,13 @@ class TrainablePolicy:
     @classmethod
     def from_base(cls, base_model: str | os.PathLike | None = None, *, lora: LoraSettings | None = LoraSettings(),
                   dtype: str = "float32", device: str | torch.device | None = None, max_length: int = 1024,
-                  max_prompt_tokens: int = 1024, max_tokens_per_forward: int = 8192,
+                  max_prompt_tokens: int = 1024, max_tokens_per_forward: int = 8192, max_response_tokens: int = 2048,
                   cache_dir: str | os.PathLike | None = None) -> "TrainablePolicy":
         """A fresh policy on ``base_model`` (an HF folder or a GGUF, converted once into ``cache_dir``)."""
         folder = ensure_plain_checkpoint(base_model, cache_dir)
         spec = PolicyTrainingSpec(base_model=str(folder), lora=lora, dtype=dtype, max_length=max_length,
-                                  max_prompt_tokens=max_prompt_tokens, max_tokens_per_forward=max_tokens_per_forward)
+                                  max_prompt_tokens=max_prompt_tokens, max_tokens_per_forward=max_tokens_per_forward,
+                                  max_response_tokens=max_response_tokens)
         return cls.from_spec(spec, device=device)
 
     @classmethod
@@ -406,13 +410,19 @@ class TrainablePolicy:
         p_ids = self.tokenizer(p_texts, add_special_tokens=not self._chat)["input_ids"] if keep else []
         r_ids = [r + eos_ids for r in self.tokenizer(r_texts, add_special_tokens=False)["input_ids"]] if keep else []
         rows: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
+        room = self.response_room
         for i, p, r in zip(keep, p_ids, r_ids):
-            if len(r) > self.spec.max_length - 1:
-                reasons[i] = (f"the response alone has {len(r)} tokens; max_length={self.spec.max_length} "
-                              "leaves no room for its prompt")
+            if len(r) > self.spec.max_response_tokens:
+                reasons[i] = (f"the response has {len(r)} tokens, over max_response_tokens="
+                              f"{self.spec.max_response_tokens}; shorten it or raise the budget")
             else:
-                rows[i] = (p, r)
+                rows[i] = (p, r[:room])  # a long response keeps its beginning (and loses its EOS)
         return rows, reasons
+
+    @property
+    def response_room(self) -> int:
+        """Response tokens a row keeps: ``max_length`` less a quarter (at least 8 tokens) left for the prompt."""
+        return self.spec.max_length - max(min(8, self.spec.max_length - 1), self.spec.max_length // 4)
 
     def rejections(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]) -> dict[int, str]:
         """Row index -> why it cannot be trained on, for every such row (empty when all are fine)."""
@@ -423,8 +433,10 @@ class TrainablePolicy:
 
         The prompt is rendered and tokenized as serving does and keeps its newest
         ``min(max_prompt_tokens, max_length - response tokens)`` tokens; the response is the
-        assistant turn of the chat template up to its EOS.  Raises :class:`RejectedResponses` naming
-        every empty or over-long response.
+        assistant turn of the chat template up to its EOS, cut after :attr:`response_room` tokens when
+        longer (both responses of a pair are compared on their beginnings, as TRL's ``keep_start``).
+        Raises :class:`RejectedResponses` naming every empty response and every response over
+        ``max_response_tokens``.
         """
         if not prompts:
             raise InvalidArgument("prompts", "is empty; give at least one (prompt, response) row")

@@ -150,16 +150,24 @@ def test_long_prompts_lose_their_oldest_tokens_and_keep_the_response(tiny_base: 
 
 
 def test_untrainable_responses_are_refused_row_by_row(tiny_base: Path) -> None:
-    policy = TrainablePolicy.from_base(tiny_base, max_length=16)
+    policy = TrainablePolicy.from_base(tiny_base, max_length=16, max_response_tokens=30)
     responses = ["fine", "", "word " * 40]
     reasons = policy.rejections(PROMPTS, responses)
-    assert sorted(reasons) == [1, 2] and "empty" in reasons[1] and "max_length=16" in reasons[2]
+    assert sorted(reasons) == [1, 2] and "empty" in reasons[1] and "max_response_tokens=30" in reasons[2]
     with pytest.raises(RejectedResponses) as err:
         policy.encode(PROMPTS, responses)
     assert err.value.field == "responses" and err.value.reasons == reasons
     assert isinstance(err.value, InvalidArgument)
     with pytest.raises(InvalidArgument, match="responses"):
         policy.encode(PROMPTS, ["one"])
+
+
+def test_a_response_over_max_length_keeps_its_beginning_and_some_prompt(tiny_base: Path) -> None:
+    policy = TrainablePolicy.from_base(tiny_base, max_length=40)
+    batch = policy.encode([PROMPTS[0]], ["word " * 60])
+    assert int(batch.response_mask.sum()) == policy.response_room == 30  # 40 less a quarter for the prompt
+    assert int(batch.attention_mask.sum()) == 40
+    assert policy.tokenizer.decode(batch.input_ids[0][batch.response_mask[0]]).startswith("word word")
 
 
 def test_a_lora_target_the_model_lacks_is_refused_naming_the_field(tiny_base: Path) -> None:

@@ -126,7 +126,8 @@ class DPOObjective(Objective):
             return TrainablePolicy.from_checkpoint(p, base_model=self._base_if_moved(p))
         return TrainablePolicy.from_base(path, lora=self._lora(), dtype=m.dtype, max_length=m.max_length,
                                          max_prompt_tokens=m.max_length,
-                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward)
+                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward,
+                                         max_response_tokens=self.settings.max_response_tokens)
 
     def _base_if_moved(self, folder: Path) -> str | None:
         """The configured base when the base folder recorded in a checkpoint is not on this machine."""
