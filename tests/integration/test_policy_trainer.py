@@ -10,9 +10,6 @@ takes seconds; the embedded 135M policy trains the same way in ``bench train-dpo
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +17,8 @@ import pytest
 
 from services.checkpoints import CheckpointStore
 from services.registry import ModelRegistry
-from tests.integration.test_trainer import (_start_trainer, committed, new_topic, produce, trained_ids)
+from tests.integration.test_trainer import (committed, kill_9_after_first_checkpoint, new_topic, produce,
+                                            run_trainer_to_the_end, trained_ids)
 from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: F401 (fixtures)
 from tests.unit.test_trainer_dpo import records
 
@@ -133,30 +131,13 @@ def test_kill_9_of_the_policy_trainer_resumes_with_every_record_trained_once(
         "PREFSTREAM_TRAINER_GUARD_PROMPTS": "0",
     }
     log_path = tmp_path / "trainer.log"
-    proc = _start_trainer(env, log_path)
     store = CheckpointStore(ckpt)
-    deadline = time.monotonic() + 240
-    try:
-        while not store.list(name):
-            assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint in time:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_9_after_first_checkpoint(env, log_path, store, name)
     before = trained_ids(store, name)
     assert 0 < len(before) < len(first), "the kill must land mid-stream"
 
     produce(kafka_bootstrap, topic, second)
-    proc = _start_trainer(env, log_path)
-    try:
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    run_trainer_to_the_end(env, log_path)
     ids = trained_ids(store, name)
     assert len(ids) == len(set(ids)), "a record was trained on twice"
     assert sorted(ids) == sorted(r.record_id for r in first + second), "a record was skipped"
