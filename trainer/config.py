@@ -339,14 +339,6 @@ class TrainerConfig:
         if self.optim.lr == 0 and kind in tuple(ModelKind):
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr=DEFAULT_LR[ModelKind(kind)]))
 
-    @property
-    def kind(self) -> ModelKind:
-        return self.model.kind
-
-    @property
-    def model_name(self) -> str:
-        return self.model.model_name
-
     def validate(self) -> None:
         """Checks that span sections (each section validates its own fields first)."""
         for section in (self.model, self.reward, self.dpo, self.optim, self.stream, self.checkpoint, self.gate,
