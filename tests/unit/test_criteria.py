@@ -1,0 +1,107 @@
+"""Criteria definitions: parsing every field, the error naming the bad one, and the dict round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.criteria import Criterion, Rule, RewardSpec, TieBreaker, parse_criterion, split_ref
+from services.errors import InvalidArgument
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "criteria"
+
+
+def _bad(data: dict, field: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match) as e:
+        parse_criterion(data)
+    assert e.value.field == field
+
+
+def test_a_rule_criterion_parses_with_defaults() -> None:
+    c = parse_criterion({"name": "concise", "rules": [{"max_words": 50}, {"regex_must_not_match": "as an ai",
+                                                                            "flags": "i"}]})
+    assert c == Criterion(name="concise", project="default", rules=(Rule("max_words", 50),
+                                                                  Rule("regex_must_not_match", "as an ai", "i")))
+    assert (c.kind, c.mode, c.weight, c.ref) == ("rules", "all", 1.0, "concise")
+
+
+def test_reward_judge_and_tie_breaker_forms() -> None:
+    c = parse_criterion({"name": "helpful", "reward": "helpfulness", "tie_breaker": "rm2", "weight": 2})
+    assert c.reward == RewardSpec("helpfulness") and c.tie_breaker == TieBreaker("reward_model", "rm2")
+    assert c.models() == {"helpfulness": "reward", "rm2": "reward"}
+    c = parse_criterion({"name": "polite", "judge": {"model": "smol", "question": "Is the reply polite?"},
+                         "tie_breaker": {"criterion": "concise"}})
+    assert c.kind == "judge" and c.models() == {"smol": "policy"} and c.tie_breaker == TieBreaker("criterion", "concise")
+
+
+@pytest.mark.parametrize("data,field,match", [
+    ({"name": "c", "rules": [{"max_words": 5}, {"regex_must_match": "a("}]}, "rules[1].regex_must_match",
+     r"bad regex 'a\(': missing \), unterminated subpattern at position 1"),
+    ({"name": "c", "rules": [{"max_wrds": 5}]}, "rules[0].max_wrds", "unknown rule; known rules: max_words, min_words"),
+    ({"name": "c", "rules": [{"max_words": 5, "min_words": 1}]}, "rules[0]", "exactly one rule"),
+    ({"name": "c", "rules": [{"max_words": -1}]}, "rules[0].max_words", ">= 0"),
+    ({"name": "c", "rules": [{"max_words": True}]}, "rules[0].max_words", "whole number"),
+    ({"name": "c", "rules": [{"max_words": 5, "flags": "i"}]}, "rules[0].flags", "takes no flags"),
+    ({"name": "c", "rules": [{"regex_must_match": "a", "flags": "q"}]}, "rules[0].flags", "unknown flag 'q'"),
+    ({"name": "c", "rules": [{"contains_any": []}]}, "rules[0].contains_any", "non-empty list"),
+    ({"name": "c", "rules": [{"contains_any": ["x"], "flags": "m"}]}, "rules[0].flags", "only the flag 'i'"),
+    ({"name": "c", "rules": [{"contains_none": ["ok", ""]}]}, "rules[0].contains_none[1]", "is empty"),
+    ({"name": "c", "rules": [{"json_valid": False}]}, "rules[0].json_valid", "json_valid: true"),
+    ({"name": "c", "rules": "max_words: 5"}, "rules", "must be a list"),
+    ({"name": "c", "rules": [{"max_words": 5}], "weight": 0}, "weight", "must be > 0"),
+    ({"name": "c", "rules": [{"max_words": 5}], "weight": -1.5}, "weight", "must be > 0"),
+    ({"name": "c", "rules": [{"max_words": 5}], "weight": float("nan")}, "weight", "finite"),
+    ({"name": "c", "rules": [{"max_words": 5}], "mode": "any"}, "mode", "unknown mode"),
+    ({"name": "c"}, "rules", "exactly one of rules, reward or judge"),
+    ({"name": "c", "rules": [{"max_words": 5}], "reward": "rm"}, "reward", "exactly one of rules, reward or judge"),
+    ({"name": "c", "reward": {"model": "rm", "treshold": 1}}, "reward.treshold", "unknown field"),
+    ({"name": "c", "reward": {"model": "a b"}}, "reward.model", "not a valid"),
+    ({"name": "c", "reward": {"model": "rm", "threshold": "high"}}, "reward.threshold", "must be a number"),
+    ({"name": "c", "judge": {"model": "smol", "question": " "}}, "judge.question", "is empty"),
+    ({"name": "c", "rules": [{"max_words": 5}], "tie_breaker": {"criterion": "c"}}, "tie_breaker.criterion",
+     "its own ties"),
+    ({"name": "c", "rules": [{"max_words": 5}], "colour": "red"}, "colour", "unknown field"),
+    ({"name": "bad name", "rules": [{"max_words": 5}]}, "name", "not a valid name"),
+])
+def test_invalid_definitions_name_the_field(data: dict, field: str, match: str) -> None:
+    _bad(data, field, match)
+
+
+def test_project_from_the_caller_must_agree_with_the_file() -> None:
+    assert parse_criterion({"name": "c", "rules": [{"json_valid": True}]}, project="acme").project == "acme"
+    with pytest.raises(InvalidArgument) as e:
+        parse_criterion({"name": "c", "project": "a", "rules": [{"json_valid": True}]}, project="b")
+    assert e.value.field == "project"
+
+
+def test_to_dict_round_trips_and_the_digest_ignores_version_and_description() -> None:
+    data = {"name": "mixed", "project": "p", "description": "why", "mode": "mean", "weight": 0.5,
+            "rules": [{"contains_any": ["Yes", "No"], "flags": "i"}, {"regex_must_match": "^[A-Z]", "flags": "ms"},
+                      {"min_words": 2}, {"json_valid": True}],
+            "tie_breaker": {"reward_model": "rm"}}
+    c = parse_criterion(data)
+    assert parse_criterion(c.to_dict()) == c
+    assert Criterion.from_dict(c.to_dict()) == c
+    import dataclasses
+
+    v2 = dataclasses.replace(c, version="v2", description="reworded")
+    assert parse_criterion(v2.to_dict()) == v2
+    assert v2.digest() == c.digest()
+    assert dataclasses.replace(c, weight=0.6).digest() != c.digest()
+
+
+def test_split_ref() -> None:
+    assert split_ref("concise") == ("concise", "")
+    assert split_ref("concise@v12") == ("concise", "v12")
+    with pytest.raises(InvalidArgument, match="v1, v2"):
+        split_ref("concise@latest")
+    with pytest.raises(InvalidArgument):
+        split_ref("")
+
+
+@pytest.mark.parametrize("path", sorted(DOCS.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_documented_examples_parse(path: Path) -> None:
+    c = parse_criterion(yaml.safe_load(path.read_text()))
+    assert parse_criterion(c.to_dict()) == c
