@@ -105,3 +105,28 @@ def test_split_ref() -> None:
 def test_the_documented_examples_parse(path: Path) -> None:
     c = parse_criterion(yaml.safe_load(path.read_text()))
     assert parse_criterion(c.to_dict()) == c
+
+
+# -- the store's pure decisions ------------------------------------------------------------------------
+
+
+def test_plan_version_keeps_identical_content_and_numbers_new_content() -> None:
+    from services.criteria_store import plan_version
+
+    c = parse_criterion({"name": "c", "rules": [{"max_words": 5}]})
+    assert plan_version(c, {}, 0) == ("v1", True)
+    assert plan_version(c, {c.digest(): "v1"}, 1) == ("v1", False)
+    changed = parse_criterion({"name": "c", "rules": [{"max_words": 6}]})
+    assert plan_version(changed, {c.digest(): "v1"}, 1) == ("v2", True)
+    assert plan_version(c, {}, 7) == ("v8", True)  # numbers are never reused after a delete
+
+
+def test_plan_delete_names_every_user_unless_forced() -> None:
+    from services.criteria_store import CriterionInUse, live_holders, plan_delete
+
+    plan_delete("p", "c", [], [], force=False)
+    with pytest.raises(CriterionInUse, match="holder scorer-0, criterion strict \\(its tie-breaker\\).*--force") as e:
+        plan_delete("p", "c", ["scorer-0"], ["strict"], force=False)
+    assert e.value.field == "name"
+    plan_delete("p", "c", ["scorer-0"], ["strict"], force=True)
+    assert live_holders([("b", float("inf")), ("a", 150.0), ("dead", 99.0)], now=100.0) == ["a", "b"]
