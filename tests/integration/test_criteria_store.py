@@ -5,9 +5,11 @@ Each test uses its own namespace, so tests share the session server without inte
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -135,3 +137,32 @@ def test_concurrent_creates_of_one_definition_make_one_version(store: CriteriaSt
         t.join()
     assert sorted(new for _, new in results).count(True) == 2  # two distinct definitions, two versions
     assert sorted(c.version for c in store.versions("acme", "concise")) == ["v1", "v2"]
+
+
+def test_the_cli_creates_lists_shows_and_deletes(redis_url: str, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    from prefstream.cli import main
+
+    ns = f"test-{uuid.uuid4().hex[:8]}"
+    common = ["--redis-url", redis_url, "--namespace", ns]
+    example = str(Path(__file__).resolve().parents[2] / "docs" / "criteria" / "no-boilerplate.yaml")
+    assert main(["criteria", "create", example, *common]) == 0
+    assert main(["criteria", "create", example, *common]) == 0
+    assert capsys.readouterr().out.splitlines() == ["created default/no-boilerplate@v1",
+                                                    "unchanged default/no-boilerplate@v1"]
+    assert main(["criteria", "list", "--json", *common]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["latest_version"], row["weight"]) == ("no-boilerplate", "v1", 2.0)
+    assert main(["criteria", "show", "no-boilerplate@v1", "--json", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["rules"][1] == {"contains_none": ["I apologize", "I'm sorry"],
+                                                               "flags": "i"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrules: [{regex_must_match: 'a('}]\n")
+    assert main(["criteria", "create", str(bad), *common]) == 2
+    assert "rules[0].regex_must_match: bad regex" in capsys.readouterr().err
+    CriteriaStore(redis.Redis.from_url(redis_url), namespace=ns).mark_in_use("default", "no-boilerplate", "scorer-0")
+    assert main(["criteria", "delete", "no-boilerplate", *common]) == 2
+    assert "in use by holder scorer-0" in capsys.readouterr().err
+    assert main(["criteria", "delete", "no-boilerplate", "--force", "--reason", "test", *common]) == 0
+    assert main(["criteria", "list", *common]) == 0
+    assert "no criteria in project default" in capsys.readouterr().out

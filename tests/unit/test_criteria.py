@@ -130,3 +130,35 @@ def test_plan_delete_names_every_user_unless_forced() -> None:
     assert e.value.field == "name"
     plan_delete("p", "c", ["scorer-0"], ["strict"], force=True)
     assert live_holders([("b", float("inf")), ("a", 150.0), ("dead", 99.0)], now=100.0) == ["a", "b"]
+
+
+# -- the command line (no Redis: parsing only) -----------------------------------------------------------
+
+
+def test_definition_files_hold_one_a_list_or_several_documents(tmp_path: Path) -> None:
+    from services.criteria_cli import read_definitions
+
+    (tmp_path / "one.yaml").write_text("name: a\nrules: [{max_words: 5}]\n")
+    (tmp_path / "docs.yaml").write_text("name: a\nrules: [{max_words: 5}]\n---\nname: b\nrules: [{json_valid: true}]\n")
+    (tmp_path / "list.json").write_text('[{"name": "a", "rules": [{"max_words": 5}]}, {"name": "b", "reward": "rm"}]')
+    assert [d["name"] for d in read_definitions(str(tmp_path / "one.yaml"))] == ["a"]
+    assert [d["name"] for d in read_definitions(str(tmp_path / "docs.yaml"))] == ["a", "b"]
+    assert [d["name"] for d in read_definitions(str(tmp_path / "list.json"))] == ["a", "b"]
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    for name, match in [("bad.json", "not valid JSON"), ("empty.yaml", "no criterion"), ("missing.yaml", "cannot read")]:
+        with pytest.raises(InvalidArgument, match=match) as e:
+            read_definitions(str(tmp_path / name))
+        assert e.value.field == "file"
+
+
+def test_the_criteria_commands_are_registered() -> None:
+    from prefstream.cli import build_parser
+
+    args = build_parser().parse_args(["criteria", "delete", "concise", "--force", "--reason", "gone",
+                                      "--project", "acme"])
+    assert (args.name, args.force, args.reason, args.project) == ("concise", True, "gone", "acme")
+    args = build_parser().parse_args(["criteria", "show", "concise@v2", "--json"])
+    assert (args.criterion, args.json) == ("concise@v2", True)
+    args = build_parser().parse_args(["criteria", "create", "f.yaml", "--skip-model-check"])
+    assert (args.file, args.skip_model_check, args.project) == ("f.yaml", True, None)
