@@ -80,7 +80,8 @@ class Rule:
         if self.kind in REGEX_RULES:
             return f"{self.kind} /{self.value}/{self.flags}"
         if self.kind in CONTAINS_RULES:
-            return f"{self.kind} {list(self.value)}{' (ignoring case)' if 'i' in self.flags else ''}"  # type: ignore[arg-type]
+            case = " (ignoring case)" if "i" in self.flags else ""
+            return f"{self.kind} {list(self.value)}{case}"  # type: ignore[arg-type]
         if self.kind == "json_valid":
             return "json_valid"
         return f"{self.kind} {self.value}"

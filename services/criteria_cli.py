@@ -24,8 +24,9 @@ class CriteriaCliConfig:
     """Where the criteria live."""
 
     redis_url: str = field(default="", metadata={"help": "Redis of the registry (empty: the local stack's)"})
-    stack_run_dir: str = field(default="", metadata={"help": "run dir of the local stack used to fill an empty "
-                                                             "redis_url (empty: PREFSTREAM_STACK_RUN_DIR or .run/stack)"})
+    stack_run_dir: str = field(default="", metadata={
+        "help": "run dir of the local stack used to fill an empty redis_url "
+                "(empty: PREFSTREAM_STACK_RUN_DIR or .run/stack)"})
     namespace: str = field(default="prefstream", metadata={"help": "registry key namespace (the model registry's)"})
     project: str = field(default="default", metadata={"help": "project the criteria belong to"})
 

@@ -29,11 +29,13 @@ def test_a_rule_criterion_parses_with_defaults() -> None:
 
 def test_reward_judge_and_tie_breaker_forms() -> None:
     c = parse_criterion({"name": "helpful", "reward": "helpfulness", "tie_breaker": "rm2", "weight": 2})
-    assert c.reward == RewardSpec("helpfulness") and c.tie_breaker == TieBreaker("reward_model", "rm2")
+    assert c.reward == RewardSpec("helpfulness")
+    assert c.tie_breaker == TieBreaker("reward_model", "rm2")
     assert c.models() == {"helpfulness": "reward", "rm2": "reward"}
     c = parse_criterion({"name": "polite", "judge": {"model": "smol", "question": "Is the reply polite?"},
                          "tie_breaker": {"criterion": "concise"}})
-    assert c.kind == "judge" and c.models() == {"smol": "policy"} and c.tie_breaker == TieBreaker("criterion", "concise")
+    assert c.kind == "judge" and c.models() == {"smol": "policy"}
+    assert c.tie_breaker == TieBreaker("criterion", "concise")
 
 
 @pytest.mark.parametrize("data,field,match", [
@@ -139,14 +141,16 @@ def test_definition_files_hold_one_a_list_or_several_documents(tmp_path: Path) -
     from services.criteria_cli import read_definitions
 
     (tmp_path / "one.yaml").write_text("name: a\nrules: [{max_words: 5}]\n")
-    (tmp_path / "docs.yaml").write_text("name: a\nrules: [{max_words: 5}]\n---\nname: b\nrules: [{json_valid: true}]\n")
+    (tmp_path / "docs.yaml").write_text("name: a\nrules: [{max_words: 5}]\n---\n"
+                                        "name: b\nrules: [{json_valid: true}]\n")
     (tmp_path / "list.json").write_text('[{"name": "a", "rules": [{"max_words": 5}]}, {"name": "b", "reward": "rm"}]')
     assert [d["name"] for d in read_definitions(str(tmp_path / "one.yaml"))] == ["a"]
     assert [d["name"] for d in read_definitions(str(tmp_path / "docs.yaml"))] == ["a", "b"]
     assert [d["name"] for d in read_definitions(str(tmp_path / "list.json"))] == ["a", "b"]
     (tmp_path / "bad.json").write_text("{nope")
     (tmp_path / "empty.yaml").write_text("# nothing\n")
-    for name, match in [("bad.json", "not valid JSON"), ("empty.yaml", "no criterion"), ("missing.yaml", "cannot read")]:
+    cases = [("bad.json", "not valid JSON"), ("empty.yaml", "no criterion"), ("missing.yaml", "cannot read")]
+    for name, match in cases:
         with pytest.raises(InvalidArgument, match=match) as e:
             read_definitions(str(tmp_path / name))
         assert e.value.field == "file"
@@ -162,3 +166,19 @@ def test_the_criteria_commands_are_registered() -> None:
     assert (args.criterion, args.json) == ("concise@v2", True)
     args = build_parser().parse_args(["criteria", "create", "f.yaml", "--skip-model-check"])
     assert (args.file, args.skip_model_check, args.project) == ("f.yaml", True, None)
+
+
+def test_redis_connection_errors_become_unavailable_naming_the_store() -> None:
+    import redis
+
+    from services.criteria_store import CriteriaStore
+    from services.errors import Unavailable
+
+    class Down:
+        connection_pool = type("Pool", (), {"connection_kwargs": {"host": "10.0.0.9", "port": 6379}})()
+
+        def lindex(self, key: str, index: int) -> None:
+            raise redis.ConnectionError("refused")
+
+    with pytest.raises(Unavailable, match="criteria store: Redis at 10.0.0.9:6379 is unreachable"):
+        CriteriaStore(Down()).get("acme", "concise")  # type: ignore[arg-type]

@@ -175,7 +175,8 @@ def test_rank_uses_the_tie_breaker_then_reply_order() -> None:
 # -- preference building -----------------------------------------------------------------------------
 
 
-def _pref(replies: list[str], scores: list[float], tb: list[float] | None = None, **kw: object) -> PreferenceRecord | None:
+def _pref(replies: list[str], scores: list[float], tb: list[float] | None = None,
+          **kw: object) -> PreferenceRecord | None:
     return preference_from_scores(PROMPT, replies, scores, tb, criteria=("concise@v1",), completion_id="cmpl-1",
                                   source_event_ids=("evt-1",), now=100.0, **kw)  # type: ignore[arg-type]
 
