@@ -131,12 +131,17 @@ def test_batch_answers_each_event_and_writes_the_good_ones_exactly_once(gw, stub
     inv = grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert [(r.status.code, r.status.field) for r in first.batch] == [
         (0, ""), (inv, "completion.prompt"), (0, ""), (0, ""), (inv, "feedback.choice.chosen_index"), (0, ""), (0, "")]
-    assert [r.duplicate for r in first.batch] == [False, False, False, True, False, False, True]
-    assert first.batch[0].completion_id == first.batch[3].completion_id == completion_id_for(project, c1)
-    assert first.batch[3].acked_at == first.batch[0].acked_at  # the duplicate answers the original write
     assert refused.status.code == inv and refused.status.field == "batch.events" and not refused.batch
     assert [r.status.code for r in retried.batch] == [r.status.code for r in first.batch]
-    assert [r.duplicate for i, r in enumerate(retried.batch) if r.status.code == 0] == [True] * 5
+    # Batches of one stream are pipelined, so the retried batch may claim an id before the first one
+    # does: which copy writes is not fixed, only that every accepted event is written by exactly one.
+    copies = {i: [first.batch[i], retried.batch[i]] for i in range(7) if first.batch[i].status.code == 0}
+    c1_copies = copies.pop(0) + copies.pop(3)  # c1, twice in each batch
+    assert sum(not r.duplicate for r in c1_copies) == 1
+    assert len({(r.completion_id, r.acked_at) for r in c1_copies}) == 1  # duplicates answer the original write
+    assert c1_copies[0].completion_id == completion_id_for(project, c1)
+    assert all(r.duplicate for r in copies.pop(6))  # written before this batch
+    assert all(sum(not r.duplicate for r in pair) == 1 for pair in copies.values())
     completions = event_ids(gw, kafka_bootstrap, topics.COMPLETIONS)
     assert [completions.count(e) for e in (c1, c2, earlier)] == [1, 1, 1]
     assert not [e for e in completions if e.startswith("bad-")]
