@@ -173,7 +173,7 @@ class DPOObjective(Objective):
             return
         prompts = [r.prompt for r in todo for _ in r.ranked_responses]
         responses = [resp for r in todo for resp in r.ranked_responses]
-        chunk = max(1, self.cfg.gate.eval_batch_size)
+        chunk = self._rows_per_forward()
         values: list[float] = []
         for i in range(0, len(responses), chunk):
             batch = model.encode(prompts[i:i + chunk], responses[i:i + chunk])
@@ -182,6 +182,12 @@ class DPOObjective(Objective):
         for r in todo:
             cache[r.record_id] = tuple(values[at:at + r.k])
             at += r.k
+
+    def _rows_per_forward(self) -> int:
+        """Rows per reference or evaluation forward: no more than a training step holds (two responses per
+        record), so scoring never needs more memory than training (the vocabulary-wide log-probs of a
+        49k-token LM head are most of it)."""
+        return max(1, min(self.cfg.gate.eval_batch_size, 2 * self.cfg.optim.batch_size))
 
     def admit(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, str]:
         refused: dict[str, str] = {}
@@ -276,7 +282,7 @@ class DPOObjective(Objective):
                          responses: Sequence[str], ref: Sequence[float]) -> list[float]:
         """β·(log π − log π_ref) per response, in evaluation mode, without gradient."""
         out: list[float] = []
-        chunk = max(1, self.cfg.gate.eval_batch_size)
+        chunk = self._rows_per_forward()
         was = model.module.training
         model.module.eval()
         try:
