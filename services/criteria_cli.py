@@ -74,7 +74,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from services.criteria import parse_criterion
     from services.errors import InvalidArgument
 
-    store, cfg = _store(args, check_models=not args.skip_model_check)
+    criteria, cfg = _store(args, check_models=not args.skip_model_check)
     definitions = read_definitions(args.file)
     parsed = []
     for i, data in enumerate(definitions):
@@ -88,14 +88,14 @@ def cmd_create(args: argparse.Namespace) -> int:
                 raise InvalidArgument(f"[{i}].{e.field}", e.message) from None
             raise
     for c in parsed:
-        stored, new = store.create(c)
+        stored, new = criteria.create(c)
         print(f"{'created' if new else 'unchanged'} {stored.project}/{stored.ref}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    store, cfg = _store(args)
-    rows = store.list(cfg.project)
+    criteria, cfg = _store(args)
+    rows = criteria.list(cfg.project)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
@@ -112,8 +112,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import yaml
 
-    store, cfg = _store(args)
-    c = store.get(cfg.project, args.criterion)
+    criteria, cfg = _store(args)
+    c = criteria.get(cfg.project, args.criterion)
     if args.json:
         print(json.dumps(c.to_dict(), indent=2))
     else:
@@ -124,8 +124,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     import getpass
 
-    store, cfg = _store(args)
-    deleted = store.delete(cfg.project, args.name, force=args.force, reason=args.reason or "",
+    criteria, cfg = _store(args)
+    deleted = criteria.delete(cfg.project, args.name, force=args.force, reason=args.reason or "",
                            actor=getpass.getuser())
     print(f"deleted {cfg.project}/{args.name} ({', '.join(deleted)})")
     return 0
