@@ -88,7 +88,7 @@ def eager_attention_for_cpu_bf16(hf_model: nn.Module) -> bool:
     its matmuls in bf16 and its softmax in fp32.  Only the in-memory module changes: saved
     checkpoints carry no attention setting, so they load with the reader's default (sdpa).
     """
-    current = getattr(hf_model.config, "_attn_implementation", None)
+    current = getattr(getattr(hf_model, "config", None), "_attn_implementation", None)
     if current != "sdpa" or not hasattr(hf_model, "set_attn_implementation"):
         return False
     try:
@@ -137,7 +137,7 @@ class Learner:
         if self.autocast:
             log.info("training with bf16 autocast on %s (fp32 master weights)", self.device)
             if self.device.type == "cpu":
-                eager_attention_for_cpu_bf16(getattr(model, "hf_model", module))
+                eager_attention_for_cpu_bf16(objective.transformer(model))
         model.to(self.device)
         if cfg.model.disable_dropout:
             disable_dropout(module)

@@ -97,6 +97,18 @@ def test_steps_lower_the_loss_and_train_only_the_adapter(tmp_path, tiny_base, lo
     assert all("lora_" in n for n, p in learner.model.model.named_parameters() if p.requires_grad)
 
 
+def test_bf16_autocast_trains_the_policy(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, autocast="bf16")
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    assert learner.autocast
+    batch = records(4)
+    objective.admit(learner.model, batch)
+    losses = [learner.train(batch).loss for _ in range(6)]
+    assert all(p.dtype == torch.float32 for p in learner.params)  # fp32 master weights
+    assert losses[-1] < losses[0]
+
+
 def test_reference_logps_are_computed_once_per_record(tmp_path, tiny_base, monkeypatch) -> None:
     cfg = config(tmp_path, tiny_base)
     objective = objective_for(cfg)

@@ -69,6 +69,10 @@ class Objective(ABC):
         """The module whose forward the step calls (what DDP wraps)."""
 
     @abstractmethod
+    def transformer(self, model: Any) -> nn.Module:
+        """The Hugging Face model inside ``model`` (its config and attention implementation)."""
+
+    @abstractmethod
     def parameters(self, model: Any) -> list[nn.Parameter]:
         """The parameters the optimiser updates (and the weight average tracks)."""
 

@@ -140,6 +140,9 @@ class DPOObjective(Objective):
     def module(self, model: TrainablePolicy) -> nn.Module:
         return model.module
 
+    def transformer(self, model: TrainablePolicy) -> nn.Module:
+        return model.model
+
     def parameters(self, model: TrainablePolicy) -> list[nn.Parameter]:
         return model.trainable_parameters()
 

@@ -104,6 +104,9 @@ class RewardObjective(Objective):
             self._scorers[key] = RankingScorer(model.hf_model)
         return self._scorers[key]
 
+    def transformer(self, model: RewardModel) -> nn.Module:
+        return model.hf_model
+
     def parameters(self, model: RewardModel) -> list[nn.Parameter]:
         return [p for p in model.hf_model.parameters() if p.requires_grad]
 
