@@ -48,13 +48,15 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-records", type=int, default=None, help="training pairs that fit max_length (quick 8, full 48)")
+    p.add_argument("--train-records", type=int, default=None, help="training pairs that fit max_length (quick 8, full 64)")
     p.add_argument("--test-records", type=int, default=None, help="test pairs that fit max_length (quick 8, full 48)")
-    p.add_argument("--max-length", type=int, default=None, help="prompt + response tokens per row (quick 64, full 64)")
+    p.add_argument("--max-length", type=int, default=None, help="prompt + response tokens per row (quick 64, full 128)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (every arm)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step (every arm)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the LoRA (every arm)")
-    p.add_argument("--warmup-steps", type=int, default=1, help="linear warm-up steps (every arm)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up steps (every arm); 0 = the full rate from the first step in both schedulers, "
+                        "whose warm-ups are one step apart (ours starts at lr/warmup, transformers' at 0)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β (every arm)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on q,k,v,o (every arm; alpha = 2 x rank)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (quick 0, full 0,1)")
@@ -69,9 +71,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     return {
         "base_model": "",
-        "train_records": args.train_records or (8 if quick else 48),
+        "train_records": args.train_records or (8 if quick else 64),
         "test_records": args.test_records or (8 if quick else 48),
-        "max_length": args.max_length or 64,
+        "max_length": args.max_length or (64 if quick else 128),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -303,7 +305,9 @@ def ref_cache_arm(cfg: Any, train: Sequence[Any], steps: int) -> dict[str, Any]:
     batches = [list(train[i * b:(i + 1) * b]) for i in range(steps + 1)]
     times: dict[str, list[float]] = {k: [] for k in learners}
     for i, batch in enumerate(batches):
-        for name, learner in learners.items():
+        names = list(learners) if i % 2 else list(learners)[::-1]  # who goes first alternates too
+        for name in names:
+            learner = learners[name]
             ids = {r.record_id for r in batch}
             if name == "cached":
                 learner.objective.admit(learner.model, batch)  # as the trainer does when records arrive
@@ -385,7 +389,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return base.rejections([rec.prompt] * rec.k, list(rec.ranked_responses))
 
     data = shared_data_dir()
-    train = fitting_pairs(load_openpipe_jsonl(data / TRAIN_FILE), fits, s["train_records"])
+    train_file = load_openpipe_jsonl(data / TRAIN_FILE)
+    train = fitting_pairs(train_file, fits, s["train_records"])
+    # The reference-cache steps need steps + 1 distinct batches (the first warms up), quick mode included.
+    ref_pairs = fitting_pairs(train_file, fits, cfg.optim.batch_size * (s["ref_cache_steps"] + 1))
     test = fitting_pairs(load_openpipe_jsonl(data / TEST_FILE), fits, s["test_records"])
     s["train_records"], s["test_records"] = len(train), len(test)
     started = time.perf_counter()
@@ -431,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if kafka is not None:
                 kafka.close()
-    ref = _in_process(ref_cache_arm, cfg, train, s["ref_cache_steps"])
+    ref = _in_process(ref_cache_arm, cfg, ref_pairs, s["ref_cache_steps"])
     offline, streaming = arm_summary(arms["offline"]), arm_summary(arms["streaming"])
     trl = arm_summary(arms["trl"]) if arms["trl"] else None
     load = os.getloadavg()
