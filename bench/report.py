@@ -56,6 +56,27 @@ def _paired(r: dict[str, Any], key: str) -> str:
     return f", paired diff {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} pts"
 
 
+def _zero_failed_over_swaps(failed: str, swaps: str) -> Callable[[dict[str, Any]], bool | None]:
+    """Met when ``failed`` is 0 over at least one swap: a run that swapped nothing proves nothing."""
+    def check(r: dict[str, Any]) -> bool | None:
+        if r.get(failed) is None:
+            return None
+        return r[failed] <= 0 and (r.get(swaps) or 0) >= 1
+
+    return check
+
+
+def _policy_swaps(r: dict[str, Any]) -> str:
+    """"0 over 6 swaps (p99 2.1 s steady, 3.4 s during swaps)" for the policy hot-swap row."""
+    if r.get("failed_requests_during_policy_swaps") is None:
+        return r.get("policy_run") or "not in this result (run the scorer bench again)"
+    out = f"{_fmt(r.get('failed_requests_during_policy_swaps'))} over {_fmt(r.get('policy_swaps'))} swaps"
+    steady, during = r.get("policy_p99_ms_steady"), r.get("policy_p99_ms_during_swaps")
+    if steady is not None and during is not None:
+        out += f" (generation p99 {_fmt(steady / 1000)} s steady, {_fmt(during / 1000)} s during swaps)"
+    return out
+
+
 def _gpu(r: dict[str, Any]) -> bool:
     return bool((r.get("machine") or {}).get("gpu"))
 
@@ -106,6 +127,8 @@ TARGETS: tuple[Target, ...] = (
                if isinstance(r.get("bound_breakdown"), dict) else "")),
     Target("scorer", "failed_requests_during_swaps", "zero failed requests during hot swaps", "-",
            _le("failed_requests_during_swaps", 0), lambda r: f"{_fmt(r.get('failed_requests_during_swaps'))} over {_fmt(r.get('swaps'))} swaps"),
+    Target("scorer", "failed_requests_during_policy_swaps", "zero failed generation requests during policy hot swaps",
+           "-", _zero_failed_over_swaps("failed_requests_during_policy_swaps", "policy_swaps"), _policy_swaps),
     Target("freshness", "freshness_p50_s", "p50 feedback-to-serving < 30 s (MiniLM, 2 cores)", "Monolith: minute-level sync",
            lambda r: None if r.get("freshness_p50_s") is None else r["freshness_p50_s"] < 30,
            lambda r: f"p50 {_fmt(r.get('freshness_p50_s'))} s, p99 {_fmt(r.get('freshness_p99_s'))} s"),

@@ -28,7 +28,11 @@ with their responses, one (prompt, response) per request, cycled):
 * hot swaps under load: a scorer following a Redis registry while new checkpoints are published
   every few seconds; ``failed_requests_during_swaps`` (target 0) and ``swaps``;
 * the same Score RPC driven by ghz (a Go load generator), when it can be built; otherwise the JSON
-  says why it was skipped.
+  says why it was skipped;
+* policy hot swaps under generation load (bench/scorer_policy.py explains the keys): unary Generate
+  and GenerateStream with fixed seeds, first without and then with policy versions published every
+  few seconds; ``failed_requests_during_policy_swaps`` (target 0), ``policy_swaps``, latency p50/p99
+  and tokens/s in both windows, and each swap's duration.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.scorer_bound import measure_gemm_flops
+from bench.scorer_process import free_port, percentile, served_dtype, start_redis, start_scorer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="reward model folder (default: the embedded MiniLM-L6)")
     p.add_argument("--no-ghz", action="store_true", help="skip the ghz run")
     p.add_argument("--no-swaps", action="store_true", help="skip the hot-swap-under-load run")
+    p.add_argument("--no-policy", action="store_true", help="skip the policy hot-swap-under-generation run")
+    p.add_argument("--policy-swaps", type=int, default=None, help="policy versions published under load "
+                   "(default quick 3, full 6)")
+    p.add_argument("--policy-max-tokens", type=int, default=8, help="max_tokens of each generation request")
+    p.add_argument("--policy-clients", type=int, default=1, help="closed-loop unary Generate clients, and as many "
+                   "GenerateStream clients (the scorer decodes one request at a time: more only queue)")
+    p.add_argument("--policy-path", default=None, help="policy the versions are copied from (HF folder or "
+                   ".gguf; default: the embedded SmolLM2)")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -92,19 +104,6 @@ def model_flops_per_sequence(hf_model: Any, tokens: int) -> float:
     layers = getattr(cfg, "num_hidden_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
     return 2.0 * tokens * linear + 4.0 * layers * tokens * tokens * hidden
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100.0 * (len(s) - 1))))]
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -147,8 +146,8 @@ async def drive(address: str, requests: Sequence[Any], concurrency: int, duratio
         "failed_requests": sum(failures.values()),
         "failures": dict(failures),
         "throughput_rps": round(len(latencies) / elapsed, 2),
-        "p50_ms": round(1000 * (_pct(latencies, 50) or 0), 2),
-        "p99_ms": round(1000 * (_pct(latencies, 99) or 0), 2),
+        "p50_ms": round(1000 * (percentile(latencies, 50) or 0), 2),
+        "p99_ms": round(1000 * (percentile(latencies, 99) or 0), 2),
         "versions": dict(versions),
     }
 
@@ -157,32 +156,6 @@ def _score_requests(inputs: Sequence[tuple[Any, str]]) -> list[Any]:
     from scorer.domain import ScoreQuery
 
     return [ScoreQuery(prompt=tuple(p), responses=(r,)).to_proto() for p, r in inputs]
-
-
-def _start_scorer(log_dir: Path, name: str, env: dict[str, str]) -> tuple[Any, str]:
-    from services.supervise import ServiceProcess
-
-    port = _free_port()
-    full_env = {"PREFSTREAM_SCORER_PORT": str(port), "PREFSTREAM_SCORER_POLICY_MODELS": "", **env}
-    proc = ServiceProcess(name, "scorer", full_env, log_dir / f"{name}.log").start()
-    address = f"127.0.0.1:{port}"
-    proc.wait_grpc(address, timeout_s=180)
-    return proc, address
-
-
-def served_dtype(metrics_port: int, model: str = "reward") -> str | None:
-    """The dtype a scorer process reports for ``model`` in ``prefstream_scorer_serving_version_info``."""
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if line.startswith("prefstream_scorer_serving_version_info{") and f'model="{model}"' in line:
-            m = re.search(r'dtype="([^"]+)"', line)
-            if m:
-                return m.group(1)
-    return None
 
 
 def measure_bf16_agreement(reference: Any, bf16: Any, pairs: int) -> dict[str, Any]:
@@ -329,24 +302,13 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
     import torch
 
     from services.checkpoints import CheckpointStore
-    from services.redis_client import connect
     from services.kinds import ModelKind
     from services.registry import ModelRegistry, ModelVersion
 
-    port = _free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                                   "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc, client, url = start_redis()
     store = CheckpointStore(str(log_dir / "checkpoints"))
     scorer = None
     try:
-        client = connect(url)
-        for _ in range(50):
-            try:
-                client.ping()
-                break
-            except Exception:  # noqa: BLE001 - waiting for redis-server to listen
-                time.sleep(0.1)
         registry = ModelRegistry(client)
         model = runner.model
         head = model.hf_model.classifier if hasattr(model.hf_model, "classifier") else None
@@ -361,7 +323,7 @@ def run_swaps(inputs: Sequence[tuple[Any, str]], runner: Any, log_dir: Path, dur
             registry.publish(ModelVersion(name="reward", version=version, uri=ref.uri, kind=ModelKind.REWARD))
 
         publish(1)
-        scorer, address = _start_scorer(log_dir, "scorer-swaps", {
+        scorer, address = start_scorer(log_dir, "scorer-swaps", {
             "PREFSTREAM_SCORER_REDIS_URL": url, "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.2",
             "PREFSTREAM_SCORER_DISCOVER_MODELS": "false",
         })
@@ -450,8 +412,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="prefstream-bench-scorer-") as tmp:
         log_dir = Path(tmp)
-        metrics_port = _free_port()
-        proc, address = _start_scorer(log_dir, "scorer", {"PREFSTREAM_SCORER_METRICS_PORT": str(metrics_port)})
+        metrics_port = free_port()
+        proc, address = start_scorer(log_dir, "scorer", {"PREFSTREAM_SCORER_METRICS_PORT": str(metrics_port)})
         try:
             serving = served_dtype(metrics_port)
             if serving not in ("float32", "bfloat16"):
@@ -536,6 +498,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             result.update(run_swaps(inputs, runner, log_dir, duration_s=20.0 if quick else 45.0,
                                     every_s=4.0 if quick else 6.0, concurrency=16))
+        if getattr(args, "no_policy", False):
+            result.update({"failed_requests_during_policy_swaps": None, "policy_swaps": 0,
+                           "policy_run": "skipped (--no-policy)"})
+        else:
+            from bench.scorer_policy import run_policy_swaps
+
+            swaps = getattr(args, "policy_swaps", None) or (3 if quick else 6)
+            clients = getattr(args, "policy_clients", 1)
+            result.update(run_policy_swaps(
+                log_dir, swaps=swaps, every_s=4.0 if quick else 6.0, steady_s=8.0 if quick else 30.0,
+                max_tokens=getattr(args, "policy_max_tokens", 8), unary=clients, streams=clients,
+                base_path=getattr(args, "policy_path", None), dtype=scorer_cfg.dtype))
     result["load_avg_1m_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from services.config import describe
+from services.config import add_config_flags, overrides_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,12 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="stream feedback, train continually, hot-swap, report (the main job)")
     p.add_argument("--config", default=None, help="YAML/JSON file with demo settings")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
-    for name, typ, default, help_text in describe(DemoConfig):
-        flag = "--" + name.replace("_", "-")
-        if default is False:
-            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
-        else:
-            p.add_argument(flag, dest=name, default=None, help=f"{help_text} (default {default})")
+    add_config_flags(p, DemoConfig)
     p.set_defaults(handler=_run)
 
 
@@ -36,8 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     from demo.run import print_summary, run_demo
 
-    names = [n for n, *_ in describe(DemoConfig)]
-    cfg = load_demo_config(args.config, overrides={n: getattr(args, n) for n in names})
+    cfg = load_demo_config(args.config, overrides=overrides_from_args(args, DemoConfig))
     summary = run_demo(cfg)
     print_summary(summary)
     if args.json:

@@ -23,8 +23,9 @@ class DemoConfig:
         "checkpoints and registry, so the figures describe this run only; false resumes them (the trainer "
         "then first works off whatever that run left unconsumed)")})
     report_dir: Path | None = field(default=None, metadata={"help": "report folder; default reports/demo-<time>"})
-    stack_run_dir: Path | None = field(
-        default=None, metadata={"help": "use this running stack instead of starting one (its run dir)"}
+    stack_run_dir: str = field(
+        default="", metadata={"help": "run dir of a running `prefstream stack up` to use instead of starting one; "
+                                      "empty = start a stack under run_dir"}
     )
     train_file: str = field(default="", metadata={"help": "preference pairs streamed as live feedback; default the shipped HH train set"})
     eval_file: str = field(default="", metadata={"help": "held-out pairs for accuracy; default the shipped HH test set"})

@@ -34,8 +34,7 @@ from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_dat
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
-from services.stack import Stack, free_port, free_stack_config
-from services.supervise import ServiceProcess
+from services.stack import ServiceProcess, Stack, free_port, free_stack_config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class Loop:
         common = {"PREFSTREAM_STACK_RUN_DIR": str(stack_dir)}
         scorer = ServiceProcess("scorer", "scorer", {
             **common,
-            "PREFSTREAM_SCORER_RUN_DIR": str(stack_dir),
+            "PREFSTREAM_SCORER_STACK_RUN_DIR": str(stack_dir),
             "PREFSTREAM_SCORER_PORT": str(sc_port),
             "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5",
             "PREFSTREAM_SCORER_MAX_LENGTH": str(self.cfg.max_length),
@@ -88,7 +87,7 @@ class Loop:
         }, logs / "scorer.log")
         gateway = ServiceProcess("gateway", "gateway", {
             **common,
-            "PREFSTREAM_GATEWAY_RUN_DIR": str(stack_dir),
+            "PREFSTREAM_GATEWAY_STACK_RUN_DIR": str(stack_dir),
             "PREFSTREAM_GATEWAY_GRPC_PORT": str(gw_port),
             "PREFSTREAM_GATEWAY_HTTP_PORT": str(gw_http),
             "PREFSTREAM_GATEWAY_SCORER_ADDRESS": f"127.0.0.1:{sc_port}",
@@ -283,7 +282,7 @@ def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
         stack_dir = loop.start_stack()
         endpoints = load_stack_endpoints(stack_dir)
         gw_addr, sc_addr = loop.start_services(stack_dir)
-        gw_cfg = load_gateway_config(overrides={"run_dir": str(stack_dir)})
+        gw_cfg = load_gateway_config(overrides={"stack_run_dir": str(stack_dir)})
         api_key, _ = create_key(connect(endpoints.redis_url), cfg.project, pepper=gw_cfg.auth_pepper, label="demo")
         _out(f"gateway {gw_addr} (HTTP :{loop.http_port}), scorer {sc_addr}; project {cfg.project!r} API key created")
         summary = asyncio.run(_drive(loop, gw_addr, sc_addr, api_key, endpoints))

@@ -2,7 +2,8 @@
 
 Registered into the ``prefstream`` command by :mod:`prefstream.cli`.  ``gateway`` and ``keys`` accept
 one ``--<field>`` flag per :class:`~gateway.config.GatewayConfig` field (plus ``--config FILE``), which
-override the config file and ``PREFSTREAM_GATEWAY_*`` variables.
+override the config file and ``PREFSTREAM_GATEWAY_*`` variables (:func:`services.config.add_config_flags`;
+a boolean is ``--x``, ``--no-x`` or ``--x false``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from typing import Any
 
 from gateway.config import GatewayConfig, load_gateway_config
+from services.config import add_config_flags, fill_endpoints, overrides_from_args
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +26,12 @@ def _config_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("gateway configuration (overrides --config and PREFSTREAM_GATEWAY_* env)")
     g.add_argument("--config", default=None, help="YAML/JSON config file (keys at top level or under `gateway:`)")
-    for f in dataclasses.fields(GatewayConfig):
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                       help=str(f.metadata.get("help", "")).replace("%", "%%"))
+    add_config_flags(g, GatewayConfig)
     return common
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(GatewayConfig)}
-    return load_gateway_config(file=getattr(args, "config", None), overrides=overrides)
+    return load_gateway_config(file=getattr(args, "config", None), overrides=overrides_from_args(args, GatewayConfig))
 
 
 def _friendly(name: str, fn: Any) -> Any:
@@ -88,10 +87,9 @@ def _redis(args: argparse.Namespace) -> tuple[Any, GatewayConfig]:
     from services.redis_client import connect
 
     cfg = config_from_args(args)
-    redis_url = cfg.redis_url
-    if redis_url is None:
-        _, redis_url = cfg.endpoints()
-    return connect(redis_url), cfg
+    # Keys live in Redis only: a stack without Kafka is enough here.
+    cfg = fill_endpoints(cfg, {"redis_url": not cfg.redis_url}, cfg.stack_run_dir)
+    return connect(str(cfg.redis_url)), cfg
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

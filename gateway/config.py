@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
-from services.config import ConfigError, load_config, require
-from services.endpoints import StackNotRunning, load_stack_endpoints
+from services.config import fill_endpoints, load_config, require
 from services.topics import TopicSpec, check_prefix, topic_name
 
 #: HelpSteer attribute names that multi-attribute scores may use.
@@ -34,9 +32,10 @@ class GatewayConfig:
     drain_grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight RPCs get to finish on SIGTERM"})
 
     # --- dependencies ----------------------------------------------------------------------------
-    run_dir: Path | None = field(
-        default=None,
-        metadata={"help": "stack run dir whose stack.json gives Kafka/Redis (prefstream stack up); used when the URLs below are unset"},
+    stack_run_dir: str = field(
+        default="",
+        metadata={"help": "run dir of `prefstream stack up` whose stack.json gives Kafka/Redis when the URLs below are "
+                          "unset; empty = PREFSTREAM_STACK_RUN_DIR or .run/stack"},
     )
     kafka_bootstrap: str | None = field(default=None, metadata={"help": "Kafka bootstrap servers host:port[,host:port]"})
     redis_url: str | None = field(default=None, metadata={"help": "Redis URL for dedup, API keys and processor state"})
@@ -148,22 +147,17 @@ class GatewayConfig:
         """The name of the topic ``spec`` under ``topic_prefix`` (:func:`services.topics.topic_name`)."""
         return topic_name(spec, self.topic_prefix)
 
+    def with_endpoints(self) -> "GatewayConfig":
+        """A copy whose unset Kafka/Redis addresses are filled from the local stack's stack.json."""
+        return fill_endpoints(self, {
+            "kafka_bootstrap": not self.kafka_bootstrap,
+            "redis_url": not self.redis_url,
+        }, self.stack_run_dir)
+
     def endpoints(self) -> tuple[str, str]:
         """(kafka_bootstrap, redis_url): explicit settings first, else the stack's stack.json."""
-        kafka, redis_url = self.kafka_bootstrap, self.redis_url
-        if kafka is None or redis_url is None:
-            try:
-                ep = load_stack_endpoints(self.run_dir)
-            except StackNotRunning as e:
-                missing = "kafka_bootstrap" if kafka is None else "redis_url"
-                raise ConfigError(f"{missing}: not set and {e}") from None
-            kafka = kafka or ep.kafka_bootstrap
-            redis_url = redis_url or ep.redis_url
-        if not kafka:
-            raise ConfigError("kafka_bootstrap: no Kafka address; pass --kafka-bootstrap or start the stack with kafka")
-        if not redis_url:
-            raise ConfigError("redis_url: no Redis URL; pass --redis-url or start the stack with redis")
-        return kafka, redis_url
+        cfg = self.with_endpoints()
+        return str(cfg.kafka_bootstrap), str(cfg.redis_url)
 
 
 def load_gateway_config(

@@ -7,7 +7,7 @@ down comes up anyway and answers UNAVAILABLE until Kafka is reachable.
 
 Programmatic use (tests, the demo)::
 
-    cfg = load_gateway_config(overrides={"grpc_port": 0, "http_port": 0, "run_dir": ".run/stack"})
+    cfg = load_gateway_config(overrides={"grpc_port": 0, "http_port": 0, "stack_run_dir": ".run/stack"})
     gw = Gateway(cfg)
     await gw.start()
     ... GatewayClient(f"127.0.0.1:{gw.grpc_port}", api_key=key) ...

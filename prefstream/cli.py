@@ -21,6 +21,7 @@ AREAS: tuple[str, ...] = (
     "gateway.cli",
     "trainer.cli",
     "scorer.cli",
+    "services.criteria_cli",
     "bench.cli",
     "demo.cli",
 )

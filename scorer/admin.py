@@ -51,7 +51,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
     def _need_registry(self) -> Any:
         if self.registry is None:
             raise FailedPrecondition("this scorer runs without a model registry (no redis_url); "
-                                     "start it with --redis-url or --run-dir to pin, unpin or roll back")
+                                     "start it with --redis-url or --stack-run-dir to pin, unpin or roll back")
         return self.registry
 
     async def _call(self, fn: Callable, *args: Any) -> Any:

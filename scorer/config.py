@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import load_config, require
@@ -31,13 +30,15 @@ class ScorerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "interface the gRPC server binds"})
     port: int = field(default=50052, metadata={"help": "gRPC port (0 picks a free one)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 disables the exporter"})
-    run_dir: Path | None = field(
-        default=None,
-        metadata={"help": "stack run dir whose stack.json gives Redis/Kafka endpoints (prefstream stack up)"},
+    stack_run_dir: str = field(
+        default="",
+        metadata={"help": "run dir of `prefstream stack up` whose stack.json gives the registry's Redis when redis_url "
+                          "is unset; empty = no stack (unlike the gateway and trainer, the scorer can serve base "
+                          "models without one)"},
     )
     redis_url: str | None = field(
         default=None,
-        metadata={"help": "model registry Redis URL; unset: from run_dir's stack.json, else serve base models only"},
+        metadata={"help": "model registry Redis URL; unset: from stack_run_dir's stack.json, else serve base models only"},
     )
     kafka_bootstrap: str | None = field(
         default=None,

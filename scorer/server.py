@@ -185,15 +185,11 @@ class Scorer:
         if self._registry is not None:
             return self._registry
         url = self.cfg.redis_url
-        if url is None and self.cfg.run_dir is not None:
-            from services.config import ConfigError
-            from services.endpoints import StackNotRunning, load_stack_endpoints
+        if not url and self.cfg.stack_run_dir:
+            from services.config import fill_endpoints
 
-            try:
-                url = load_stack_endpoints(self.cfg.run_dir).redis_url
-            except StackNotRunning as e:
-                raise ConfigError(f"redis_url: not set and {e}") from None
-        if url is None:
+            url = fill_endpoints(self.cfg, {"redis_url": True}, self.cfg.stack_run_dir).redis_url
+        if not url:
             log.warning("no redis_url: serving base models only (no registry, no hot swaps)")
             return None
         from services.redis_client import connect

@@ -259,8 +259,11 @@ def load_config(
 def add_config_flags(parser: Any, cls: type, fields: Iterable[str] | None = None) -> None:
     """One ``--field-name`` flag per leaf of ``cls`` (all, or ``fields``), grouped by section.
 
-    Defaults are ``None`` so a flag that is not given leaves the file and env layers in force; booleans
-    get ``--x/--no-x``.  :func:`overrides_from_args` reads them back.
+    ``parser`` is an ``ArgumentParser`` or an argument group.  Defaults are ``None`` so a flag that is not
+    given leaves the file and env layers in force.  A boolean reads three ways: ``--x`` (on), ``--no-x``
+    (off) and ``--x VALUE`` (kept as given and coerced with the other layers, so ``--x maybe`` fails
+    naming the option; ``--x false`` is how the gateway and the demo documented switching a default-on
+    setting off before ``--no-x`` existed).  :func:`overrides_from_args` reads them back.
     """
     wanted = set(fields) if fields is not None else None
     groups: dict[str, Any] = {}
@@ -275,7 +278,9 @@ def add_config_flags(parser: Any, cls: type, fields: Iterable[str] | None = None
         flag = "--" + name.replace("_", "-")
         help_text = f"{_field_help(leaf.field)} (default: {_default_text(leaf.field)})".replace("%", "%%")
         if leaf.annotation is bool:
-            target.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            target.add_argument(flag, dest=name, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+            target.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,
+                                help=f"the same as {flag} false")
         else:
             target.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
@@ -298,12 +303,14 @@ def overrides_from_args(args: Any, cls: type, fields: Iterable[str] | None = Non
 # Endpoints: empty addresses are filled from the local stack (a development convenience).
 
 
-def fill_endpoints(cfg: T, needed: Mapping[str, bool], run_dir: str = "") -> T:
+def fill_endpoints(cfg: T, needed: Mapping[str, bool], stack_run_dir: str | os.PathLike | None = None) -> T:
     """A copy of ``cfg`` whose leaves named in ``needed`` (with True) come from the local stack.
 
     ``needed`` maps a leaf (``kafka_bootstrap``, ``redis_url``, ``ray_address``) to whether it must be
-    filled; the stack's run dir is ``run_dir``, else ``PREFSTREAM_STACK_RUN_DIR``, else ``.run/stack``.
-    Fails with a ConfigError naming the missing setting and the flag that sets it.
+    filled; the stack's run dir is ``stack_run_dir``, else ``PREFSTREAM_STACK_RUN_DIR``, else
+    ``.run/stack`` (:func:`services.endpoints.stack_run_dir`).  Fails with a ConfigError naming the
+    missing setting and the flag that sets it.  Every service spells its run-dir setting
+    ``stack_run_dir`` and fills its endpoints here.
     """
     wanted = [name for name, want in needed.items() if want]
     if not wanted:
@@ -311,7 +318,7 @@ def fill_endpoints(cfg: T, needed: Mapping[str, bool], run_dir: str = "") -> T:
     from services.endpoints import StackNotRunning, load_stack_endpoints
 
     try:
-        ep = load_stack_endpoints(run_dir or None)
+        ep = load_stack_endpoints(stack_run_dir or None)
     except StackNotRunning as e:
         flag = "--" + wanted[0].replace("_", "-")
         raise ConfigError(f"{', '.join(wanted)}: not set and {e}; or pass {flag}") from None
@@ -319,20 +326,11 @@ def fill_endpoints(cfg: T, needed: Mapping[str, bool], run_dir: str = "") -> T:
     for name in wanted:
         value = getattr(ep, name, "")
         if not value:
-            raise ConfigError(f"{name}: not set and the local stack does not run that component; set it")
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name}: not set and the local stack does not run that component; "
+                              f"pass {flag} or start the stack with it")
         changes[name] = value
     return replace(cfg, **changes)
-
-
-def describe(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every field: used by ``--help`` text and docs."""
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
-        out.append((f.name, str(f.type), default, _field_help(f)))
-    return out
 
 
 def require(condition: bool, field_name: str, message: str) -> None:

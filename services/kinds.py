@@ -70,7 +70,7 @@ class ModelKind(ProtoStrEnum):
 
 
 class FeedbackKind(ProtoStrEnum):
-    """Where a preference record came from: one of the six feedback actions, or a dataset import."""
+    """Where a preference record came from: one of the six feedback actions, a dataset import, or criteria."""
 
     CHOICE = "choice"
     REGENERATION = "regeneration"
@@ -79,6 +79,7 @@ class FeedbackKind(ProtoStrEnum):
     SCORES = "scores"
     THUMBS = "thumbs"
     IMPORT = "import"
+    CRITERIA = "criteria"
 
     @classmethod
     def _proto(cls) -> tuple[Any, str]:

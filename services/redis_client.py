@@ -6,6 +6,8 @@ here so timeouts are the same everywhere and a down Redis surfaces as Unavailabl
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
@@ -50,3 +52,21 @@ def ping(client: redis.Redis) -> None:
     except redis.RedisError as e:
         kw = client.connection_pool.connection_kwargs
         raise Unavailable(f"Redis at {kw.get('host')}:{kw.get('port')} is unreachable: {type(e).__name__}") from e
+
+
+class RedisErrors:
+    """Context manager turning Redis connection failures into Unavailable naming ``what`` and the address."""
+
+    def __init__(self, client: Any, what: str) -> None:
+        self._client = client
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            kw = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {}) or {}
+            raise Unavailable(f"{self._what}: Redis at {kw.get('host', '?')}:{kw.get('port', '?')} is unreachable "
+                              f"({type(exc).__name__}); retry when it is back") from exc
+        return False

@@ -38,6 +38,7 @@ from prefstream.admin.v1.admin_pb2 import ModelVersion as ModelVersionProto
 from services.checkpoints import validate_name
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.kinds import ModelAction, ModelKind, VersionState
+from services.redis_client import RedisErrors
 from services.schemas import ModelUpdate, float_to_ts, ts_to_float
 
 log = logging.getLogger(__name__)
@@ -476,22 +477,5 @@ class ModelRegistry:
             log.exception("could not announce %s of %s/%s; scorers will pick it up by polling the registry",
                           update.action, update.model_name, update.version)
 
-    def _errors(self) -> "_RedisErrors":
-        return _RedisErrors(self._r)
-
-
-class _RedisErrors:
-    """Context manager turning Redis connection failures into Unavailable naming the address."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            kw = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {}) or {}
-            raise Unavailable(f"model registry: Redis at {kw.get('host', '?')}:{kw.get('port', '?')} is unreachable "
-                              f"({type(exc).__name__}); retry when it is back") from exc
-        return False
+    def _errors(self) -> RedisErrors:
+        return RedisErrors(self._r, "model registry")

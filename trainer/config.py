@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from services.config import fill_endpoints, flat_dict, load_config, require
 from services.kinds import ModelKind
-from services.topics import PREFERENCES
+from services.topics import PREFERENCES, check_prefix, topic_name
 
 SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")
@@ -121,6 +121,9 @@ class DPOSettings:
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch"))
     lora_target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata=_help(
         "module names (suffixes) that get a LoRA adapter; each must exist in the model"))
+    max_response_tokens: int = field(default=2048, metadata=_help(
+        "a response longer than this many tokens is bad input: its record goes to the dead-letter topic; shorter "
+        "responses that do not fit max_length keep their first tokens (three quarters of max_length)"))
     max_kl: float = field(default=0.5, metadata=_help(
         "gate drift guard: reject a version whose mean per-token KL to the reference on held-out prompts "
         "exceeds this (nats)"))
@@ -144,6 +147,7 @@ class DPOSettings:
         require(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         require(0 <= self.lora_dropout < 1, "lora_dropout", "is a probability; use 0 <= p < 1")
         require(bool(self.lora_target_modules), "lora_target_modules", "name at least one module, e.g. q_proj,v_proj")
+        require(self.max_response_tokens >= 1, "max_response_tokens", "must be >= 1")
         require(self.max_kl > 0, "max_kl", "must be > 0 nats")
         require(self.guard_prompts >= 0, "guard_prompts", "must be >= 0 (0 disables the guards)")
         require(self.guard_max_new_tokens >= 1, "guard_max_new_tokens", "must be >= 1")
@@ -193,7 +197,11 @@ class StreamSettings:
 
     kafka_bootstrap: str = field(default="", metadata=_help(
         "Kafka bootstrap servers; empty = from the local stack (stack_run_dir)"))
-    topic: str = field(default=PREFERENCES.name, metadata=_help("preference topic to consume"))
+    topic_prefix: str = field(default="", metadata=_help(
+        "prefix of every topic name (e.g. 'staging.'), the same as the gateway's and scorer's topic_prefix; the "
+        "names come from services/topics.py"))
+    topic: str = field(default="", metadata=_help(
+        "preference topic to consume; empty = prefstream.preferences under topic_prefix"))
     group_id: str = field(default="", metadata=_help(
         "Kafka consumer group; empty = prefstream-trainer for reward models, prefstream-trainer-<kind> "
         "otherwise, so a reward trainer and a policy trainer on the same topic keep independent offsets"))
@@ -208,6 +216,7 @@ class StreamSettings:
         "replay guards against forgetting without training a stream that does not shift a second time"))
 
     def validate(self) -> None:
+        require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
         require(self.poll_timeout_s > 0, "poll_timeout_s", "must be > 0 seconds")
         require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
         require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
@@ -321,19 +330,14 @@ class TrainerConfig:
         kind = self.model.model_kind
         if not self.model.model_name and kind in tuple(ModelKind):
             object.__setattr__(self, "model", dataclasses.replace(self.model, model_name=kind))
+        if not self.stream.topic and check_prefix(self.stream.topic_prefix) is None:
+            topic = topic_name(PREFERENCES, self.stream.topic_prefix)
+            object.__setattr__(self, "stream", dataclasses.replace(self.stream, topic=topic))
         if not self.stream.group_id and kind in tuple(ModelKind):
             group = "prefstream-trainer" if kind == ModelKind.REWARD else f"prefstream-trainer-{kind}"
             object.__setattr__(self, "stream", dataclasses.replace(self.stream, group_id=group))
         if self.optim.lr == 0 and kind in tuple(ModelKind):
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr=DEFAULT_LR[ModelKind(kind)]))
-
-    @property
-    def kind(self) -> ModelKind:
-        return self.model.kind
-
-    @property
-    def model_name(self) -> str:
-        return self.model.model_name
 
     def validate(self) -> None:
         """Checks that span sections (each section validates its own fields first)."""

@@ -87,6 +87,26 @@ def sequence_logps(
     return token_logps.sum(dim=-1), mask.sum(dim=-1).to(token_logps.dtype)
 
 
+def packed_sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int
+) -> torch.Tensor:
+    """:func:`sequence_logps` for logits computed only where they are needed.
+
+    A causal LM can project to the vocabulary only at the positions that predict a completion token
+    (``logits_to_keep``), which skips the prompt's share of the largest matrix and of the
+    ``log_softmax``.  Those logits arrive packed, one per completion token: ``logits # (M, V)``, the
+    token each predicts ``labels # (M,)`` and its row ``rows # (M,)``.  Returns the per-row sums
+    ``# (num_rows,)``, equal to :func:`sequence_logps` on the full logits (tested).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1] or rows.shape != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (M, V) with labels {tuple(labels.shape)} and rows "
+                         f"{tuple(rows.shape)} both (M,)")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (M,)
+    return torch.zeros(num_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

@@ -45,7 +45,7 @@ from torch import nn
 from services.errors import InvalidArgument
 from services.policy_model import SPEC_FILE, PolicyModel, PolicySpec, SamplingParams, ensure_plain_checkpoint
 from services.reward_model import DTYPES, resolve_model_path, role_content
-from trainer.dpo_losses import mean_token_kl, sequence_logps
+from trainer.dpo_losses import mean_token_kl, packed_sequence_logps, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidArgument("lora_dropout", f"must be in [0, 1), got {self.dropout}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise InvalidArgument("lora_target_modules", f"give at least one module name, got {list(self.target_modules)}")
+            raise InvalidArgument("lora_target_modules",
+                                  f"give at least one module name, got {list(self.target_modules)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -97,6 +98,9 @@ class PolicyTrainingSpec:
         "help": "prompt tokens kept (newest), as the scorer's PolicySpec.max_prompt_tokens"})
     max_tokens_per_forward: int = field(default=8192, metadata={
         "help": "rows x padded length per model call; longer batches run as length-sorted sub-batches"})
+    max_response_tokens: int = field(default=2048, metadata={
+        "help": "a response over this many tokens is refused (dead-lettered); shorter ones that do not fit "
+                "max_length are cut"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -104,8 +108,8 @@ class PolicyTrainingSpec:
         if self.max_length < 2:
             raise InvalidArgument("max_length", f"must be at least 2 (a prompt token and a response token), "
                                   f"got {self.max_length}")
-        if self.max_prompt_tokens < 1:
-            raise InvalidArgument("max_prompt_tokens", f"must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_tokens < 8:  # the scorer's PolicySpec floor: both must cut prompts alike
+            raise InvalidArgument("max_prompt_tokens", f"must be at least 8, got {self.max_prompt_tokens}")
         if self.max_tokens_per_forward < self.max_length:
             raise InvalidArgument("max_tokens_per_forward", f"{self.max_tokens_per_forward} cannot hold one row "
                                   f"of max_length={self.max_length}; raise it or lower max_length")
@@ -164,6 +168,11 @@ class PolicyBatch:
     def rows(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def response_tokens(self) -> torch.Tensor:
+        """Scored tokens per row (the per-token normalisation of IPO-style losses). # (B,)"""
+        return self.response_mask.sum(-1)
+
     def to(self, device: torch.device | str) -> "PolicyBatch":
         return dataclasses.replace(self, input_ids=self.input_ids.to(device),
                                    attention_mask=self.attention_mask.to(device),
@@ -189,29 +198,48 @@ class SequenceLogps(nn.Module):
     """``forward(batch tensors) -> (sum_logps (B,), n_tokens (B,))``: the unit DDP wraps.
 
     All sub-batches run inside one ``forward``, because DDP arms its gradient hooks once per call.
+    The model projects to the vocabulary only at the positions that predict a response token
+    (``logits_to_keep``): the prompt's positions never reach the LM head nor the ``log_softmax``, which
+    on a 49k vocabulary are most of a small model's activation memory.  A model without
+    ``logits_to_keep`` falls back to full logits.
     """
 
     def __init__(self, model: nn.Module, max_tokens_per_forward: int) -> None:
         super().__init__()
         self.model = model
         self.max_tokens_per_forward = max_tokens_per_forward
+        self._packed = True
+
+    def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """Summed response-token log-probs of one length group. ids, att, resp: (b, t) -> (b,)"""
+        if self._packed:
+            keep = torch.zeros_like(resp)  # (b, t): position t predicts token t + 1
+            keep[:, :-1] = resp[:, 1:]
+            try:
+                logits = self.model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+            except TypeError:  # this architecture has no logits_to_keep
+                self._packed = False
+            else:
+                labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
+                rows = keep.nonzero()[:, 0]  # (M,)
+                return packed_sequence_logps(logits.reshape(labels.shape[0], -1), labels, rows, ids.shape[0])
+        logits = self.model(input_ids=ids, attention_mask=att).logits  # (b, t, V)
+        return sequence_logps(logits, ids, resp)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = attention_mask.sum(-1).tolist()  # (B,)
-        sums, counts, order = [], [], []
+        response_mask = response_mask.bool()
+        sums, order = [], []
         for rows in sub_batches(lengths, self.max_tokens_per_forward):
             idx = torch.tensor(rows, device=input_ids.device)
             width = int(lengths[rows[0]])  # right-padded: the longest row's length covers the group
-            ids = input_ids[idx, :width]  # (b, t)
-            logits = self.model(input_ids=ids, attention_mask=attention_mask[idx, :width]).logits  # (b, t, V)
-            s, n = sequence_logps(logits, ids, response_mask[idx, :width])  # (b,), (b,)
-            sums.append(s)
-            counts.append(n)
+            sums.append(self._rows(input_ids[idx, :width], attention_mask[idx, :width], response_mask[idx, :width]))
             order.extend(rows)
         inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
-        return torch.cat(sums)[inverse], torch.cat(counts)[inverse]  # (B,), (B,) in the batch's order
+        counts = response_mask[:, 1:].sum(-1).to(sums[0].dtype)  # (B,) the first token has no prediction
+        return torch.cat(sums)[inverse], counts  # (B,), (B,) in the batch's order
 
 
 @contextmanager
@@ -247,25 +275,30 @@ class TrainablePolicy:
         self._call: nn.Module = self._logps
         # Serving's own formatting and sampling, over the live (adapter-on) model.
         self._serving = PolicyModel(model, tokenizer, PolicySpec(
-            base_model=spec.base_model, dtype=spec.dtype, max_prompt_tokens=max(spec.max_prompt_tokens, 8)))
-        self._chat = bool(getattr(tokenizer, "chat_template", None))
+            base_model=spec.base_model, dtype=spec.dtype, max_prompt_tokens=spec.max_prompt_tokens))
+
+    @property
+    def _chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
     def from_base(cls, base_model: str | os.PathLike | None = None, *, lora: LoraSettings | None = LoraSettings(),
                   dtype: str = "float32", device: str | torch.device | None = None, max_length: int = 1024,
-                  max_prompt_tokens: int = 1024, max_tokens_per_forward: int = 8192,
+                  max_prompt_tokens: int = 1024, max_tokens_per_forward: int = 8192, max_response_tokens: int = 2048,
                   cache_dir: str | os.PathLike | None = None) -> "TrainablePolicy":
         """A fresh policy on ``base_model`` (an HF folder or a GGUF, converted once into ``cache_dir``)."""
         folder = ensure_plain_checkpoint(base_model, cache_dir)
         spec = PolicyTrainingSpec(base_model=str(folder), lora=lora, dtype=dtype, max_length=max_length,
-                                  max_prompt_tokens=max_prompt_tokens, max_tokens_per_forward=max_tokens_per_forward)
+                                  max_prompt_tokens=max_prompt_tokens, max_tokens_per_forward=max_tokens_per_forward,
+                                  max_response_tokens=max_response_tokens)
         return cls.from_spec(spec, device=device)
 
     @classmethod
     def from_spec(cls, spec: PolicyTrainingSpec, *, device: str | torch.device | None = None,
-                  adapter: str | os.PathLike | None = None, weights: str | os.PathLike | None = None) -> "TrainablePolicy":
+                  adapter: str | os.PathLike | None = None,
+                  weights: str | os.PathLike | None = None) -> "TrainablePolicy":
         """Build from a spec: a new adapter, the saved ``adapter``, or (full fine-tuning) saved ``weights``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -348,43 +381,48 @@ class TrainablePolicy:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def _response_ids(self, prompt_text: str, conv: list[dict[str, str]], response: str) -> list[int]:
-        """The response as the assistant turn, up to and including the EOS that ends generation."""
+    def _response_text(self, prompt_text: str, messages: Sequence[Any], response: str) -> str:
+        """The response as the chat template writes the assistant turn, up to and including its EOS."""
         eos = self.tokenizer.eos_token
-        if self._chat:
-            full = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}],
-                                                      tokenize=False)
-            text = full[len(prompt_text):] if full.startswith(prompt_text) else response + (eos or "")
-            if eos and eos in text:  # what follows the closing EOS (a newline) is never generated
-                text = text[: text.rindex(eos) + len(eos)]
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = self.tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-        return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        conv = [{"role": r, "content": c} for r, c in (role_content(m) for m in messages)]
+        full = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
+        text = full[len(prompt_text):] if full.startswith(prompt_text) else response + (eos or "")
+        if eos and eos in text:  # what follows the closing EOS (a newline) is never generated
+            text = text[: text.rindex(eos) + len(eos)]
+        return text
 
     def _plan(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]
               ) -> tuple[list[tuple[list[int], list[int]] | None], dict[int, str]]:
+        """Token ids (prompt, response) of every row, None for a row refused, and the refusals."""
         if len(prompts) != len(responses):
             raise InvalidArgument("responses", f"got {len(responses)} responses for {len(prompts)} prompts; "
                                   "give exactly one response per prompt")
-        rows: list[tuple[list[int], list[int]] | None] = []
-        reasons: dict[int, str] = {}
-        for i, (messages, response) in enumerate(zip(prompts, responses)):
-            if not response or not response.strip():
-                rows.append(None)
-                reasons[i] = "the response is empty"
-                continue
-            prompt_text = self._serving.render(messages)
-            # Serving tokenizes the rendered prompt the same way (chat templates write their own BOS).
-            p_ids = self.tokenizer(prompt_text, add_special_tokens=not self._chat)["input_ids"]
-            conv = [{"role": r, "content": c} for r, c in (role_content(m) for m in messages)]
-            r_ids = self._response_ids(prompt_text, conv, response)
-            if len(r_ids) > self.spec.max_length - 1:
-                rows.append(None)
-                reasons[i] = (f"the response alone has {len(r_ids)} tokens; max_length={self.spec.max_length} "
-                              "leaves no room for its prompt")
-                continue
-            rows.append((p_ids, r_ids))
+        reasons = {i: "the response is empty" for i, r in enumerate(responses) if not r or not r.strip()}
+        keep = [i for i in range(len(prompts)) if i not in reasons]
+        p_texts = [self._serving.render(prompts[i]) for i in keep]
+        if self._chat:
+            r_texts = [self._response_text(p, prompts[i], responses[i]) for p, i in zip(p_texts, keep)]
+            eos_ids: list[int] = []
+        else:
+            r_texts = [" " + responses[i] for i in keep]
+            eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        # Serving tokenizes the rendered prompt the same way (chat templates write their own BOS).
+        p_ids = self.tokenizer(p_texts, add_special_tokens=not self._chat)["input_ids"] if keep else []
+        r_ids = [r + eos_ids for r in self.tokenizer(r_texts, add_special_tokens=False)["input_ids"]] if keep else []
+        rows: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
+        room = self.response_room
+        for i, p, r in zip(keep, p_ids, r_ids):
+            if len(r) > self.spec.max_response_tokens:
+                reasons[i] = (f"the response has {len(r)} tokens, over max_response_tokens="
+                              f"{self.spec.max_response_tokens}; shorten it or raise the budget")
+            else:
+                rows[i] = (p, r[:room])  # a long response keeps its beginning (and loses its EOS)
         return rows, reasons
+
+    @property
+    def response_room(self) -> int:
+        """Response tokens a row keeps: ``max_length`` less a quarter (at least 8 tokens) left for the prompt."""
+        return self.spec.max_length - max(min(8, self.spec.max_length - 1), self.spec.max_length // 4)
 
     def rejections(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]) -> dict[int, str]:
         """Row index -> why it cannot be trained on, for every such row (empty when all are fine)."""
@@ -395,9 +433,13 @@ class TrainablePolicy:
 
         The prompt is rendered and tokenized as serving does and keeps its newest
         ``min(max_prompt_tokens, max_length - response tokens)`` tokens; the response is the
-        assistant turn of the chat template up to its EOS.  Raises :class:`RejectedResponses` naming
-        every empty or over-long response.
+        assistant turn of the chat template up to its EOS, cut after :attr:`response_room` tokens when
+        longer (both responses of a pair are compared on their beginnings, as TRL's ``keep_start``).
+        Raises :class:`RejectedResponses` naming every empty response and every response over
+        ``max_response_tokens``.
         """
+        if not prompts:
+            raise InvalidArgument("prompts", "is empty; give at least one (prompt, response) row")
         rows, reasons = self._plan(prompts, responses)
         if reasons:
             raise RejectedResponses(reasons)
@@ -407,7 +449,8 @@ class TrainablePolicy:
             cut += len(p_ids) > room
             kept.append((p_ids[-room:], r_ids))
         if cut:
-            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept), self.spec.max_length)
+            log.debug("%d of %d prompts lost their oldest tokens to max_length=%d", cut, len(kept),
+                      self.spec.max_length)
         width = max(len(p) + len(r) for p, r in kept)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(kept), width), pad, dtype=torch.long)  # (B, T)
@@ -490,7 +533,7 @@ class TrainablePolicy:
         plain.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
         serving = PolicySpec(base_model=self.spec.base_model, dtype=self.spec.dtype,
-                             max_prompt_tokens=max(self.spec.max_prompt_tokens, 8))
+                             max_prompt_tokens=self.spec.max_prompt_tokens)
         (d / SPEC_FILE).write_text(json.dumps({"kind": "policy", "spec": serving.to_dict()}, indent=2, sort_keys=True))
         self._write_spec(d)
         del plain

@@ -16,7 +16,7 @@ import torch
 
 from services.checkpoints import CheckpointRef, CheckpointStore
 from services.data import load_openpipe_jsonl
-from services.topics import DEAD_LETTER, MODEL_UPDATES
+from services.topics import DEAD_LETTER, MODEL_UPDATES, topic_name
 from trainer.checkpointing import LineageState, ResumePoint, find_resume_point, load_live_weights
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalSet
@@ -57,7 +57,8 @@ def connect_services(cfg: TrainerConfig) -> Services:
 
         client = connect(cfg.gate.redis_url)
         ping(client)
-        announcer = KafkaAnnouncer(producer, MODEL_UPDATES.name) if cfg.gate.announce and producer is not None else None
+        updates = topic_name(MODEL_UPDATES, cfg.stream.topic_prefix)
+        announcer = KafkaAnnouncer(producer, updates) if cfg.gate.announce and producer is not None else None
         registry = ModelRegistry(client, announcer=announcer)
     return Services(store=store, registry=registry, producer=producer)
 
@@ -116,7 +117,7 @@ def run_leader(
             result = learner.objective.evaluate(learner.model, eval_set.records) if len(eval_set) else None
         gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
     source = KafkaSource(cfg.stream.kafka_bootstrap, cfg.stream.topic, cfg.stream.group_id, start_offsets=point.offsets,
-                         dead_letter_topic=DEAD_LETTER.name, producer=services.producer)
+                         dead_letter_topic=topic_name(DEAD_LETTER, cfg.stream.topic_prefix), producer=services.producer)
     lineage = LineageState(step=point.step, records_seen=point.records_seen, replayed_records=point.replayed_records,
                            previous_version=point.version if point.source == "checkpoint" else "",
                            parent=point.parent, base_model=point.base_model)

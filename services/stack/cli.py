@@ -11,41 +11,27 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
 
+from services.config import add_config_flags, overrides_from_args
 from services.stack.config import StackConfig, load_stack_config
 
-# Flags that map one-to-one onto StackConfig fields (all default None so lower layers win).
-_FIELD_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("kafka_port", int, "Kafka broker port (default 9092)"),
-    ("kafka_controller_port", int, "KRaft controller port (default 9093)"),
-    ("kafka_heap", str, "broker JVM heap, e.g. 512m"),
-    ("redis_port", int, "Redis port (default 6379)"),
-    ("ray_port", int, "Ray GCS port (default 6380)"),
-    ("ray_client_port", int, "Ray client server port (default 10001)"),
-    ("ray_dashboard_port", int, "Ray dashboard head port (default 8265)"),
-    ("ray_dashboard_agent_port", int, "Ray dashboard agent port (default 52365)"),
-    ("ray_num_cpus", int, "CPUs the Ray head advertises (default all)"),
-    ("start_timeout_s", float, "seconds to wait for each component"),
+#: The StackConfig fields every subcommand takes as flags (all default None so lower layers win).
+_FIELD_FLAGS: tuple[str, ...] = (
+    "run_dir", "components", "kafka_port", "kafka_controller_port", "kafka_heap", "redis_port", "ray_port",
+    "ray_client_port", "ray_dashboard_port", "ray_dashboard_agent_port", "ray_num_cpus", "start_timeout_s",
 )
 
 
 def _common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("stack options")
-    g.add_argument("--run-dir", dest="run_dir", default=None, help="pidfiles, logs, data and stack.json (default .run/stack)")
     g.add_argument("--config", default=None, help="YAML/JSON config file (keys at top level or under `stack:`)")
-    g.add_argument("--components", default=None, help="comma-separated subset of kafka,redis,ray")
-    for name, typ, help_text in _FIELD_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    add_config_flags(g, StackConfig, _FIELD_FLAGS)
     return common
 
 
 def config_from_args(args: argparse.Namespace) -> StackConfig:
-    overrides: dict[str, Any] = {"run_dir": args.run_dir, "components": args.components}
-    for name, _, _ in _FIELD_FLAGS:
-        overrides[name] = getattr(args, name, None)
-    return load_stack_config(file=args.config, overrides=overrides)
+    return load_stack_config(file=args.config, overrides=overrides_from_args(args, StackConfig, _FIELD_FLAGS))
 
 
 def _quiet_clients() -> None:

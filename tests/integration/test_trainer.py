@@ -185,6 +185,36 @@ def _start_trainer(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def kill_9_after_first_checkpoint(env: dict[str, str], log_path: Path, store: CheckpointStore, name: str,
+                                  timeout_s: float = 240) -> None:
+    """Start ``python -m trainer`` with ``env`` and kill -9 it as soon as its first checkpoint is durable:
+    no handler runs, no final checkpoint is written, nothing more is committed."""
+    proc = _start_trainer(env, log_path)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not store.list(name):
+            assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint in time:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def run_trainer_to_the_end(env: dict[str, str], log_path: Path, timeout_s: float = 300) -> None:
+    """Start ``python -m trainer`` with ``env`` and wait for it to stop by itself (max_records), cleanly."""
+    proc = _start_trainer(env, log_path)
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
 def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
     tmp_path: Path, kafka_bootstrap: str, redis_url: str
 ) -> None:
@@ -212,33 +242,15 @@ def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
         "PREFSTREAM_TRAINER_TORCH_THREADS": "1",
     }
     log_path = tmp_path / "trainer.log"
-    proc = _start_trainer(env, log_path)
     store = CheckpointStore(ckpt)
-    deadline = time.monotonic() + 180
-    try:
-        while not store.list(name):
-            assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint in time:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)  # no handler, no final checkpoint, no commit
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_after_first_checkpoint(env, log_path, store, name)
     before = trained_ids(store, name)
     assert 0 < len(before) < len(first), "the kill must land mid-stream"
     committed_before = committed(kafka_bootstrap, topic, f"g-{name}")
     assert sum(committed_before.values()) <= len(before)  # committed never runs ahead of durable checkpoints
 
     produce(kafka_bootstrap, topic, second)
-    proc = _start_trainer(env, log_path)
-    try:
-        proc.wait(timeout=240)  # stops by itself at max_records=60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    run_trainer_to_the_end(env, log_path, timeout_s=240)  # stops by itself at max_records=60
     ids = trained_ids(store, name)
     assert len(ids) == len(set(ids)), "a record was trained on twice"
     assert sorted(ids) == sorted(r.record_id for r in first + second), "a record was skipped"

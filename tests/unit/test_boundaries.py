@@ -66,3 +66,30 @@ def test_the_scorer_client_sdk_needs_neither_kafka_nor_torch() -> None:
 
 def test_event_schemas_do_not_need_kafka() -> None:
     assert _under(_loaded("services.schemas"), ("kafka",)) == []
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions (read from the source)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_the_runtime_part_of_services_never_imports_the_dev_tooling() -> None:
+    """services/ outside services/stack is what the deployables load; the launcher and the process
+    supervisor (services.stack) sit on top of it, never under it, even in a function-level import."""
+    offenders = {}
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        if path.relative_to(ROOT / "services").parts[0] == "stack":
+            continue
+        bad = _under(_imported_modules(path), FORBIDDEN)
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert offenders == {}

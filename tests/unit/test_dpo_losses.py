@@ -323,3 +323,20 @@ def test_shape_and_content_errors() -> None:
         dpo_loss(*pair(1.0, -1.0), beta=0.1, weights=t(1.0, 1.0))
     with pytest.raises(ValueError, match="positive sum"):
         dpo_loss(*pair(1.0, -1.0), beta=0.1, weights=t(0.0))
+
+
+def test_packed_sequence_logps_equals_the_full_computation() -> None:
+    # logits only at the positions that predict a completion token, packed, give the same sums
+    from trainer.dpo_losses import packed_sequence_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)  # (B, T, V)
+    labels = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    full, _ = sequence_logps(logits, labels, mask)
+    keep = torch.zeros_like(mask)
+    keep[:, :-1] = mask[:, 1:]
+    packed = packed_sequence_logps(logits[keep], labels[:, 1:][mask[:, 1:]], keep.nonzero()[:, 0], 2)
+    assert torch.allclose(packed, full, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(M, V\)"):
+        packed_sequence_logps(logits, labels, labels, 2)

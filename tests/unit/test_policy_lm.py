@@ -124,6 +124,20 @@ def test_the_response_mask_covers_exactly_the_assistant_turn(tiny_base: Path) ->
         assert ids[:start].tolist() == serving._encode([prompt])["input_ids"][0].tolist()
         assert tok.decode(ids[start:]) == response + tok.eos_token
     assert batch.prompt_truncated == 0
+    assert batch.response_tokens.tolist() == [len(tok(r + tok.eos_token)["input_ids"]) for r in CHOSEN]
+
+
+def test_without_a_chat_template_the_reply_follows_the_assistant_cue(tiny_base: Path) -> None:
+    policy = TrainablePolicy.from_base(tiny_base, max_length=128)
+    policy.tokenizer.chat_template = None
+    batch = policy.encode(PROMPTS[1:2], CHOSEN[1:2])
+    ids, mask = batch.input_ids[0], batch.response_mask[0]
+    serving = PolicyModel(policy.model, policy.tokenizer, policy._serving.spec)
+    assert ids[~mask].tolist() == serving._encode(PROMPTS[1:2])["input_ids"][0].tolist()
+    assert policy.tokenizer.decode(ids[~mask]) == "System: Be brief.\n\nUser: Name a colour.\n\nAssistant:"
+    assert policy.tokenizer.decode(ids[mask]) == " Blue." + policy.tokenizer.eos_token
+    with pytest.raises(InvalidArgument, match="prompts"):
+        policy.encode([], [])
 
 
 def test_long_prompts_lose_their_oldest_tokens_and_keep_the_response(tiny_base: Path) -> None:
@@ -136,16 +150,24 @@ def test_long_prompts_lose_their_oldest_tokens_and_keep_the_response(tiny_base: 
 
 
 def test_untrainable_responses_are_refused_row_by_row(tiny_base: Path) -> None:
-    policy = TrainablePolicy.from_base(tiny_base, max_length=16)
+    policy = TrainablePolicy.from_base(tiny_base, max_length=16, max_response_tokens=30)
     responses = ["fine", "", "word " * 40]
     reasons = policy.rejections(PROMPTS, responses)
-    assert sorted(reasons) == [1, 2] and "empty" in reasons[1] and "max_length=16" in reasons[2]
+    assert sorted(reasons) == [1, 2] and "empty" in reasons[1] and "max_response_tokens=30" in reasons[2]
     with pytest.raises(RejectedResponses) as err:
         policy.encode(PROMPTS, responses)
     assert err.value.field == "responses" and err.value.reasons == reasons
     assert isinstance(err.value, InvalidArgument)
     with pytest.raises(InvalidArgument, match="responses"):
         policy.encode(PROMPTS, ["one"])
+
+
+def test_a_response_over_max_length_keeps_its_beginning_and_some_prompt(tiny_base: Path) -> None:
+    policy = TrainablePolicy.from_base(tiny_base, max_length=40)
+    batch = policy.encode([PROMPTS[0]], ["word " * 60])
+    assert int(batch.response_mask.sum()) == policy.response_room == 30  # 40 less a quarter for the prompt
+    assert int(batch.attention_mask.sum()) == 40
+    assert policy.tokenizer.decode(batch.input_ids[0][batch.response_mask[0]]).startswith("word word")
 
 
 def test_a_lora_target_the_model_lacks_is_refused_naming_the_field(tiny_base: Path) -> None:

@@ -119,17 +119,21 @@ def test_reference_logps_are_computed_once_per_record(tmp_path, tiny_base, monke
 
 
 def test_empty_and_duplicate_responses_are_refused_with_the_field(tmp_path, tiny_base) -> None:
-    cfg = config(tmp_path, tiny_base)
+    cfg = config(tmp_path, tiny_base, max_response_tokens=100)
     objective = objective_for(cfg)
     model = objective.load(str(tiny_base))
     empty = PreferenceRecord(record_id="e", prompt=(ChatMessage("user", "q"),), ranked_responses=("fine", "  "))
     tie = PreferenceRecord(record_id="t", prompt=(ChatMessage("user", "q"),), ranked_responses=("same", "same "))
     long = PreferenceRecord(record_id="l", prompt=(ChatMessage("user", "q"),),
                             ranked_responses=("word " * 200, "short"))
-    refused = objective.admit(model, [empty, tie, long, *records(1)])
+    fits_cut = PreferenceRecord(record_id="c", prompt=(ChatMessage("user", "q"),),
+                                ranked_responses=("word " * 60, "short"))  # over max_length, under the budget
+    refused = objective.admit(model, [empty, tie, long, fits_cut, *records(1)])
     assert set(refused) == {"e", "t", "l"}
     assert all(r.startswith("ranked_responses:") for r in refused.values())
-    assert "empty" in refused["e"] and "twice" in refused["t"] and "max_length" in refused["l"]
+    assert "empty" in refused["e"] and "twice" in refused["t"] and "max_response_tokens=100" in refused["l"]
+    rows = model.encode([fits_cut.prompt], [fits_cut.chosen])  # cut to its first tokens, the prompt kept
+    assert int(rows.response_mask.sum()) == model.response_room == 48 and int(rows.attention_mask.sum()) <= 64
 
 
 def test_the_loop_dead_letters_refused_records_and_trains_the_rest(tmp_path, tiny_base) -> None:

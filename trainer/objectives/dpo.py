@@ -126,7 +126,8 @@ class DPOObjective(Objective):
             return TrainablePolicy.from_checkpoint(p, base_model=self._base_if_moved(p))
         return TrainablePolicy.from_base(path, lora=self._lora(), dtype=m.dtype, max_length=m.max_length,
                                          max_prompt_tokens=m.max_length,
-                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward)
+                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward,
+                                         max_response_tokens=self.settings.max_response_tokens)
 
     def _base_if_moved(self, folder: Path) -> str | None:
         """The configured base when the base folder recorded in a checkpoint is not on this machine."""
@@ -297,14 +298,20 @@ class DPOObjective(Objective):
                                metrics)
 
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
-        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates."""
+        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates.
+
+        The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
+        policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
+        is defined even when every reply is empty (which the empty-reply guard reports)."""
         n = self.settings.guard_prompts
         if n == 0 or not records:
             return {}
-        prompts = [r.prompt for r in canonical_order(records)[:n]]
+        held = canonical_order(records)[:n]
+        prompts = [r.prompt for r in held]
         replies = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed)
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
-        kl = model.token_kl([p for p, _ in spoken], [r for _, r in spoken]) if spoken else 0.0
+        kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
+        kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
         return {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),

@@ -34,6 +34,7 @@ class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEEDBACK_KIND_SCORES: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_THUMBS: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_IMPORT: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_CRITERIA: _ClassVar[FeedbackKind]
 
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +66,7 @@ FEEDBACK_KIND_RANKING: FeedbackKind
 FEEDBACK_KIND_SCORES: FeedbackKind
 FEEDBACK_KIND_THUMBS: FeedbackKind
 FEEDBACK_KIND_IMPORT: FeedbackKind
+FEEDBACK_KIND_CRITERIA: FeedbackKind
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_REWARD: ModelKind
 MODEL_KIND_POLICY: ModelKind

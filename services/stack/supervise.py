@@ -3,7 +3,9 @@
 The demo, the end-to-end test and the freshness benchmark start the real deployables exactly as an
 operator would (``python -m gateway`` ...), configured only through ``PREFSTREAM_*`` environment
 variables, and need to know when each is ready, to kill one for real (SIGKILL) and to stop all of
-them cleanly.  Processes run in their own session so a stop also reaches their children.
+them cleanly.  Processes run in their own session so a stop also reaches their children.  Only
+that tooling uses it, so it sits beside the launcher whose process helpers it shares, outside the
+runtime part of ``services`` that the deployables import.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from services.stack.procs import spawn, tail
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServiceFailed(RuntimeError):

@@ -1,0 +1,407 @@
+"""Evaluating criteria on the replies of a best-of-N, combining them, and turning the result into a preference.
+
+Everything here is a pure function: the rules need no model, and the model-backed criteria get their
+numbers from callables the caller injects (the scorer passes its served reward models and policies),
+so the whole path from definitions to a :class:`~services.schemas.PreferenceRecord` is unit-tested
+without a server.
+
+Scores.  Every criterion scores a reply in [0, 1]:
+
+* a rule scores 1 (pass) or 0 (fail); a rule criterion is 1 when all its rules pass (``mode: all``)
+  or the fraction that pass (``mode: mean``);
+* a judge criterion is P(yes) as the judge callable returns it;
+* a reward criterion with a threshold is 1 when the reward is >= the threshold, else 0; without one
+  it is the logistic of the reward, sigma(r).  A reward model trained with the Bradley-Terry loss
+  (Ouyang et al. 2022, eq. 1: loss = -log sigma(r(x, y_w) - r(x, y_l))) makes sigma(r) the probability
+  that the reply beats one of reward 0; it is monotone, so it never reorders that model's own ranking,
+  and it puts an unbounded reward on the scale of the pass/fail criteria it is combined with.
+
+Combination is the weighted mean of the criteria's scores, sum_c w_c s_c / sum_c w_c, also in [0, 1].
+Replies whose combined scores tie are ordered by the tie-breaker's score; replies that tie on both
+never form a pair (:func:`preference_from_scores`).
+
+Results follow OpenPipe's ``criteria_results`` shape: per reply, a mapping from criterion to
+``{"status": "success" | "error", "score": float, "explanation": str}``; ours adds ``passed`` (for
+pass/fail criteria), ``version`` and, for rule criteria, the per-rule results
+``rules: [{"rule", "score", "explanation"}]`` (:meth:`CriterionResult.to_dict`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from services.criteria import Criterion, JudgeSpec, RewardSpec, Rule, regex_flags
+from services.kinds import FeedbackKind
+from services.schemas import ChatMessage, PreferenceRecord, make_record_id
+
+#: ``reward_fn(spec, prompt, replies)`` -> the raw reward (of ``spec.attribute`` if set) of every reply.
+RewardFn = Callable[[RewardSpec, Sequence[ChatMessage], Sequence[str]], Sequence[float]]
+#: ``judge_fn(spec, prompt, replies)`` -> P(yes) in [0, 1] for every reply.
+JudgeFn = Callable[[JudgeSpec, Sequence[ChatMessage], Sequence[str]], Sequence[float]]
+
+#: Combined scores closer than this are a tie (floating-point sums of equal terms differ in the last bits).
+TIE_EPS = 1e-9
+#: The prefix that marks a criterion reference among a record's ``source_event_ids``.
+CRITERION_SOURCE_PREFIX = "criterion:"
+
+SUCCESS = "success"
+ERROR = "error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: one reply -> 1 (pass) or 0 (fail).
+
+
+def count_words(text: str) -> int:
+    """Words are runs of non-whitespace (Unicode whitespace included); text without spaces is one word."""
+    return len(text.split())
+
+
+def max_words(text: str, limit: int) -> int:
+    return int(count_words(text) <= limit)
+
+
+def min_words(text: str, limit: int) -> int:
+    return int(count_words(text) >= limit)
+
+
+def max_chars(text: str, limit: int) -> int:
+    """Characters are Unicode code points (``len``), not bytes."""
+    return int(len(text) <= limit)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str, flags: str) -> re.Pattern[str]:
+    return re.compile(pattern, regex_flags(flags))
+
+
+def regex_must_match(text: str, pattern: str, flags: str = "") -> int:
+    """Pass when the pattern matches anywhere in the reply (``re.search``; anchor with ^ and $)."""
+    return int(_compiled(pattern, flags).search(text) is not None)
+
+
+def regex_must_not_match(text: str, pattern: str, flags: str = "") -> int:
+    return 1 - regex_must_match(text, pattern, flags)
+
+
+def _found(text: str, needles: Sequence[str], flags: str) -> list[str]:
+    if "i" in flags:
+        folded = text.casefold()
+        return [n for n in needles if n.casefold() in folded]
+    return [n for n in needles if n in text]
+
+
+def contains_any(text: str, needles: Sequence[str], flags: str = "") -> int:
+    """Pass when at least one of ``needles`` is a substring (``i``: compared case-folded)."""
+    return int(bool(_found(text, needles, flags)))
+
+
+def contains_none(text: str, needles: Sequence[str], flags: str = "") -> int:
+    return int(not _found(text, needles, flags))
+
+
+def json_valid(text: str) -> int:
+    """Pass when the whole reply (surrounding whitespace allowed) is one JSON value; an empty reply fails."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return 0
+    return 1
+
+
+def check_rule(rule: Rule, text: str) -> "RuleResult":
+    """One rule on one reply, with an explanation a person can act on."""
+    k, v = rule.kind, rule.value
+    if k == "max_words":
+        n = count_words(text)
+        score, why = max_words(text, v), f"{n} words (limit {v})"  # type: ignore[arg-type]
+    elif k == "min_words":
+        n = count_words(text)
+        score, why = min_words(text, v), f"{n} words (at least {v})"  # type: ignore[arg-type]
+    elif k == "max_chars":
+        score, why = max_chars(text, v), f"{len(text)} characters (limit {v})"  # type: ignore[arg-type]
+    elif k == "regex_must_match":
+        score = regex_must_match(text, v, rule.flags)  # type: ignore[arg-type]
+        why = "pattern found" if score else "pattern not found"
+    elif k == "regex_must_not_match":
+        score = regex_must_not_match(text, v, rule.flags)  # type: ignore[arg-type]
+        why = "pattern not found" if score else "pattern found"
+    elif k == "contains_any":
+        hits = _found(text, v, rule.flags)  # type: ignore[arg-type]
+        score, why = int(bool(hits)), (f"contains {hits[0]!r}" if hits else "contains none of them")
+    elif k == "contains_none":
+        hits = _found(text, v, rule.flags)  # type: ignore[arg-type]
+        score, why = int(not hits), (f"contains {hits[0]!r}" if hits else "contains none of them")
+    elif k == "json_valid":
+        score = json_valid(text)
+        why = "valid JSON" if score else "not valid JSON"
+    else:  # parse_criterion admits only known rules
+        raise ValueError(f"unknown rule {k!r}")
+    return RuleResult(rule=rule.describe(), score=float(score), explanation=why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: str
+    score: float
+    explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "score": self.score, "explanation": self.explanation}
+
+
+@dataclass(frozen=True)
+class CriterionResult:
+    """One criterion on one reply, in OpenPipe's ``criteria_results`` entry shape (see the module doc)."""
+
+    criterion: str  # the name
+    version: str
+    status: str  # SUCCESS or ERROR (the model behind it could not score; score is then 0)
+    score: float  # in [0, 1]
+    explanation: str = ""
+    passed: bool | None = None  # rules and thresholded rewards; None for graded scores
+    rules: tuple[RuleResult, ...] = ()
+    raw_score: float | None = None  # the reward before the threshold or the logistic
+
+    @property
+    def ref(self) -> str:
+        return f"{self.criterion}@{self.version}" if self.version else self.criterion
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "score": self.score, "explanation": self.explanation,
+                               "version": self.version}
+        if self.passed is not None:
+            out["passed"] = self.passed
+        if self.rules:
+            out["rules"] = [r.to_dict() for r in self.rules]
+        if self.raw_score is not None:
+            out["raw_score"] = self.raw_score
+        return out
+
+
+def criteria_results(results: Mapping[str, Sequence[CriterionResult]], index: int) -> dict[str, dict[str, Any]]:
+    """The ``criteria_results`` object of reply ``index``: criterion name -> its result dict."""
+    return {name: rs[index].to_dict() for name, rs in results.items()}
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def _rules_result(c: Criterion, text: str) -> CriterionResult:
+    parts = tuple(check_rule(r, text) for r in c.rules)
+    passed = sum(1 for p in parts if p.score == 1.0)
+    if c.mode == "mean":
+        score = passed / len(parts)
+    else:
+        score = float(passed == len(parts))
+    failed = [p for p in parts if p.score != 1.0]
+    why = (f"{passed}/{len(parts)} rules pass" + (f"; failed: {failed[0].rule} ({failed[0].explanation})"
+                                                   if failed else ""))
+    return CriterionResult(criterion=c.name, version=c.version, status=SUCCESS, score=score, explanation=why,
+                           passed=passed == len(parts), rules=parts)
+
+
+def _checked(values: Sequence[float], n: int, what: str) -> list[float]:
+    out = [float(v) for v in values]
+    if len(out) != n:
+        raise ValueError(f"{what} returned {len(out)} scores for {n} replies")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} returned a score that is not a finite number")
+    return out
+
+
+def evaluate(
+    criterion: Criterion,
+    prompt: Sequence[ChatMessage],
+    replies: Sequence[str],
+    reward_fn: RewardFn | None = None,
+    judge_fn: JudgeFn | None = None,
+) -> list[CriterionResult]:
+    """One :class:`CriterionResult` per reply, in reply order.
+
+    A reward or judge criterion needs its callable; a callable that raises (the model is not served,
+    it timed out) gives every reply status ``error`` and score 0, with the reason, so one failing
+    criterion does not fail the request; the caller decides whether such a result may build pairs
+    (:func:`usable`).
+    """
+    c = criterion
+    if c.kind == "rules":
+        return [_rules_result(c, text) for text in replies]
+    n = len(replies)
+    try:
+        if c.reward is not None:
+            if reward_fn is None:
+                raise LookupError("no reward model scorer was given")
+            raw = _checked(reward_fn(c.reward, prompt, replies), n, f"reward model {c.reward.model}")
+            return [_reward_result(c, c.reward, r) for r in raw]
+        if c.judge is None or judge_fn is None:
+            raise LookupError("no judge was given")
+        probs = _checked(judge_fn(c.judge, prompt, replies), n, f"judge {c.judge.model}")
+        return [CriterionResult(criterion=c.name, version=c.version, status=SUCCESS, score=min(1.0, max(0.0, p)),
+                                explanation=f"P(yes) = {p:.3f} for: {c.judge.question}") for p in probs]
+    except Exception as e:  # noqa: BLE001 - reported per reply as OpenPipe's status "error"
+        why = f"{type(e).__name__}: {e}"
+        return [CriterionResult(criterion=c.name, version=c.version, status=ERROR, score=0.0, explanation=why)
+                for _ in replies]
+
+
+def _reward_result(c: Criterion, spec: RewardSpec, r: float) -> CriterionResult:
+    head = f"{spec.model}.{spec.attribute}" if spec.attribute else spec.model
+    if spec.threshold is not None:
+        ok = r >= spec.threshold
+        return CriterionResult(criterion=c.name, version=c.version, status=SUCCESS, score=float(ok),
+                               explanation=f"{head} reward {r:.4g} {'>=' if ok else '<'} {spec.threshold:g}",
+                               passed=ok, raw_score=r)
+    return CriterionResult(criterion=c.name, version=c.version, status=SUCCESS, score=_sigmoid(r),
+                           explanation=f"{head} reward {r:.4g}", raw_score=r)
+
+
+def usable(results: Sequence[CriterionResult]) -> bool:
+    """True when every reply was scored (no ``error``): only then may the scores build preferences."""
+    return all(r.status == SUCCESS for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combination.
+
+
+def combine(results_by_criterion: Mapping[str, Sequence[CriterionResult] | Sequence[float]],
+            weights: Mapping[str, float]) -> list[float]:
+    """Weighted mean of the criteria's scores per reply: sum_c w_c s_c / sum_c w_c.
+
+    ``results_by_criterion[c]`` holds criterion ``c``'s result (or plain score) for every reply;
+    ``weights[c]`` is its weight (> 0; a criterion missing from ``weights`` counts 1).
+    """
+    if not results_by_criterion:
+        raise ValueError("combine needs at least one criterion")
+    columns = {name: [r.score if isinstance(r, CriterionResult) else float(r) for r in rs]
+               for name, rs in results_by_criterion.items()}
+    n = len(next(iter(columns.values())))
+    total_w = 0.0
+    total = [0.0] * n
+    for name, scores in columns.items():
+        if len(scores) != n:
+            raise ValueError(f"criterion {name} scored {len(scores)} replies, expected {n}")
+        w = float(weights.get(name, 1.0))
+        if not w > 0 or not math.isfinite(w):
+            raise ValueError(f"criterion {name} has weight {w}; weights must be finite and > 0")
+        total_w += w
+        for i, s in enumerate(scores):
+            total[i] += w * s
+    return [t / total_w for t in total]
+
+
+def rank(scores: Sequence[float], tie_break_scores: Sequence[float] | None = None) -> list[int]:
+    """Reply indices best first: by score, then tie-break score; full ties keep reply order."""
+    tb = tie_break_scores or [0.0] * len(scores)
+    return sorted(range(len(scores)), key=lambda i: (-_q(scores[i]), -_q(tb[i]), i))
+
+
+def _q(x: float) -> float:
+    """``x`` on a grid of TIE_EPS, so values closer than that compare equal."""
+    return round(x / TIE_EPS) * TIE_EPS
+
+
+# ---------------------------------------------------------------------------------------------
+# From scores to a preference record.
+
+
+def criterion_source(ref: str) -> str:
+    """How a criterion ``name@version`` is recorded among a record's ``source_event_ids``."""
+    return CRITERION_SOURCE_PREFIX + ref
+
+
+def preference_from_scores(
+    prompt: Sequence[ChatMessage],
+    replies: Sequence[str],
+    scores: Sequence[float],
+    tie_break_scores: Sequence[float] | None = None,
+    *,
+    mode: str = "pair",
+    criteria: Sequence[str] = (),
+    project: str = "default",
+    completion_id: str = "",
+    source_event_ids: Sequence[str] = (),
+    split: str = "train",
+    attributes: Sequence[Mapping[str, float]] | None = None,
+    now: float | None = None,
+    acked_at: float = 0.0,
+) -> PreferenceRecord | None:
+    """A preference record from scored replies, or None when they state no preference.
+
+    ``mode="pair"``: the best reply over the worst.  ``mode="ranking"``: every distinct reply best
+    first, for the Plackett-Luce loss.  Identical reply texts collapse to their first occurrence.
+    Two replies whose score AND tie-break score are equal (within TIE_EPS) never form a pair: in a
+    pair the best and worst must differ; in a ranking only the first reply of each tied group is kept,
+    so the ranking asserts no order the criteria did not see.
+
+    ``criteria`` are the ``name@version`` refs that produced the scores; they are recorded in
+    ``source_event_ids`` as ``criterion:name@version`` (after the completion's event ids), so the
+    record says which definition made it without a new field, and they enter the record id, which is
+    deterministic: the same completion scored by the same criteria gives the same id.
+    ``attributes`` (per reply, e.g. each criterion's score) travel as ``response_attributes``;
+    ``margin`` is the best reply's combined score minus the worst's.
+    """
+    if mode not in ("pair", "ranking"):
+        raise ValueError(f"mode must be 'pair' or 'ranking', got {mode!r}")
+    n = len(replies)
+    if len(scores) != n or (tie_break_scores is not None and len(tie_break_scores) != n):
+        raise ValueError(f"{n} replies need {n} scores and tie-break scores")
+    if attributes is not None and len(attributes) != n:
+        raise ValueError(f"{n} replies need {n} attribute maps")
+    tb = list(tie_break_scores) if tie_break_scores is not None else [0.0] * n
+    first: dict[str, int] = {}
+    for i, text in enumerate(replies):
+        first.setdefault(text, i)
+    distinct = sorted(first.values())
+    order = rank([scores[i] for i in distinct], [tb[i] for i in distinct])
+    ranked = [distinct[j] for j in order]
+    key = {i: (_q(scores[i]), _q(tb[i])) for i in ranked}
+    if mode == "pair":
+        chosen = [ranked[0], ranked[-1]] if len(ranked) >= 2 and key[ranked[0]] != key[ranked[-1]] else []
+    else:
+        chosen, seen = [], set()
+        for i in ranked:
+            if key[i] not in seen:
+                seen.add(key[i])
+                chosen.append(i)
+    if len(chosen) < 2:
+        return None
+    texts = tuple(replies[i] for i in chosen)
+    sources = tuple(source_event_ids) + tuple(criterion_source(c) for c in criteria)
+    return PreferenceRecord(
+        record_id=make_record_id(sources, texts),
+        prompt=tuple(prompt),
+        ranked_responses=texts,
+        source_kind=FeedbackKind.CRITERIA,
+        project=project,
+        source_event_ids=sources,
+        completion_id=completion_id,
+        split=split,
+        response_attributes=tuple(dict(attributes[i]) for i in chosen) if attributes is not None else (),
+        margin=float(scores[chosen[0]] - scores[chosen[-1]]),
+        created_at=time.time() if now is None else now,
+        source_acked_at=acked_at,
+    )
+
+
+__all__ = [
+    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
+    "evaluate", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "rank",
+    "regex_must_match", "regex_must_not_match", "usable",
+]
