@@ -22,8 +22,9 @@ are separate peaks (``ru_maxrss`` of that process, read right after training, be
 objective does) vs recomputed for every step (the cache emptied before each step), on the same
 batches, the two learners alternating step by step so load from other processes hits both alike.
 
-Pairs: the first pairs of the data files whose responses both fit ``max_length`` (the policy refuses
-a response that alone fills it; about half of the HH pairs have one at 128 tokens).
+Pairs: the first pairs of the data files that the policy accepts (it cuts a long response to its
+first tokens, as TRL's ``keep_start``, and refuses only empty ones and ones over
+``max_response_tokens``); TRL gets exactly the cut token ids our arms train on.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-records", type=int, default=None, help="training pairs that fit max_length (quick 8, full 64)")
-    p.add_argument("--test-records", type=int, default=None, help="test pairs that fit max_length (quick 8, full 48)")
+    p.add_argument("--train-records", type=int, default=None, help="training pairs (quick 8, full 48)")
+    p.add_argument("--test-records", type=int, default=None, help="test pairs (quick 8, full 48)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="prompt + response tokens per row (default 64: at 128 one seed took ~40 min on the 2-core box)")
+                   help="prompt + response tokens per row (quick 64, full 128)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (every arm)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step (every arm)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the LoRA (every arm)")
@@ -72,9 +73,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     return {
         "base_model": "",
-        "train_records": args.train_records or (8 if quick else 64),
+        "train_records": args.train_records or (8 if quick else 48),
         "test_records": args.test_records or (8 if quick else 48),
-        "max_length": args.max_length or 64,
+        "max_length": args.max_length or (64 if quick else 128),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -481,10 +482,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _notes(s: dict[str, Any], source: str) -> list[str]:
     return [
-        f"pairs: the first {s['train_records']} training and {s['test_records']} test pairs of the HH files whose "
-        f"two responses each fit max_length={s['max_length']} (the policy refuses a response that alone fills it); "
-        "sized to the measured cost of a step on a shared 2-core CPU (a 16x128-token SmolLM2-135M forward took "
-        "~18 s there under load 6), not to the issue's suggested few hundred pairs at 128 tokens",
+        f"pairs: the first {s['train_records']} training and {s['test_records']} test pairs of the HH files the "
+        f"policy accepts at max_length={s['max_length']} (a long response is cut to its first tokens, the prompt "
+        "from the left); sized to the measured cost on a shared 2-core CPU (a 16x128-token SmolLM2-135M forward "
+        "took ~18 s there under load 6), not to the issue's suggested few hundred pairs",
         "accuracy_* are means over the seeds (each seed: its own LoRA initialisation and data order, shared by the "
         "arms); *_minus_* are paired per-seed differences with their standard error (None with one seed); one "
         f"seed's accuracy on {s['test_records']} pairs has a standard error of about sqrt(p(1-p)/N)",
@@ -498,8 +499,9 @@ def _notes(s: dict[str, Any], source: str) -> list[str]:
         "forwards only over replay and further epochs: ref_cache_speedup measures what a step saves",
         f"records_per_s_streaming: the continual loop through {source}, with the trainer's replay (replayed records "
         "on top of every new one) and a final checkpoint (merged folder) inside its time",
-        "TRL gets our policy's own token ids (chat template, response up to its EOS) pre-tokenized; each pair's "
-        "prompt is the shorter of our two left-truncated cuts, so TRL sees at most as much context as our arms",
+        "TRL gets our policy's own token ids (chat template, response up to its EOS, cut keep_start) "
+        "pre-tokenized; each pair's prompt is the shorter of our two left-truncated cuts, so TRL sees at most as "
+        "much context as our arms",
         "autocast none (fp32) for every arm: with autocast=bf16|auto the Learner fails on a policy "
         "(eager_attention_for_cpu_bf16 reads .config of the SequenceLogps module), reported to the lead",
         "ema_decay 0 for our arms (TRL has no weight averaging): the last iterate is evaluated everywhere",
