@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "bench.ingest",
     "scorer": "bench.scorer",
     "train-reward": "bench.train_reward",
+    "train-dpo": "bench.train_dpo",
     "freshness": "bench.freshness",
 }
 

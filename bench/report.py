@@ -98,6 +98,25 @@ TARGETS: tuple[Target, ...] = (
                      f"{_paired(r, 'offline_minus_trl')}"),
     Target("train-reward", "kwise_speedup", "K-wise loss >= 2.5x expanded pairs (K=4)", "same rankings as independent pairs",
            _ge("kwise_speedup", 2.5), lambda r: _fmt(r.get("kwise_speedup"))),
+    Target("train-dpo", "accuracy_offline", "DPO offline >= TRL DPOTrainer - 1 point", "TRL DPOTrainer + peft LoRA, same base/settings",
+           lambda r: None if r.get("accuracy_offline") is None or r.get("accuracy_trl") is None
+           else r["accuracy_offline"] >= r["accuracy_trl"] - 0.01,
+           lambda r: f"{_fmt(r.get('accuracy_offline'))} vs {_fmt(r.get('accuracy_trl'))}{_seeds(r)}"
+                     f"{_paired(r, 'offline_minus_trl')}"),
+    Target("train-dpo", "accuracy_streaming", "DPO streaming (Kafka) within 1 point of offline", "offline, same data/model/epochs",
+           lambda r: None if r.get("accuracy_streaming") is None or r.get("accuracy_offline") is None
+           else r["accuracy_streaming"] >= r["accuracy_offline"] - 0.01,
+           lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}{_seeds(r)}"
+                     f"{_paired(r, 'streaming_minus_offline')} (source: {r.get('streaming_source', '?')})"),
+    Target("train-dpo", "speedup_vs_trl", "DPO records/s >= 1.5x TRL", "TRL DPOTrainer, precompute_ref_log_probs=False",
+           _ge("speedup_vs_trl", 1.5),
+           lambda r: f"{_fmt(r.get('speedup_vs_trl'))} ({_fmt(r.get('records_per_s'))} vs "
+                     f"{_fmt(r.get('records_per_s_trl'))} records/s; cached-reference step "
+                     f"{_fmt(r.get('ref_cache_speedup'))}x)"),
+    Target("train-dpo", "peak_rss_mb", "DPO peak RSS <= TRL's", "TRL DPOTrainer, each arm in its own process",
+           lambda r: None if r.get("peak_rss_mb") is None or r.get("peak_rss_mb_trl") is None
+           else r["peak_rss_mb"] <= r["peak_rss_mb_trl"],
+           lambda r: f"{_fmt(r.get('peak_rss_mb'), 4)} vs {_fmt(r.get('peak_rss_mb_trl'), 4)} MB"),
     Target("scorer", "ratio_vs_pipeline", "CPU >= 1.5x pipeline; GPU >= 10x", "transformers pipeline, batch_size=1",
            lambda r: None if r.get("ratio_vs_pipeline") is None else r["ratio_vs_pipeline"] >= (10 if _gpu(r) else 1.5),
            lambda r: _fmt(r.get("ratio_vs_pipeline"))),
