@@ -18,7 +18,7 @@ import pytest
 from services.checkpoints import CheckpointStore
 from services.registry import ModelRegistry
 from tests.integration.test_trainer import (committed, kill_9_after_first_checkpoint, new_topic, produce,
-                                            run_trainer_to_the_end, trained_ids)
+                                            run_trainer_to_the_end, trained_ids, trainer_env)
 from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: F401 (fixtures)
 from tests.unit.test_trainer_dpo import records
 
@@ -109,27 +109,12 @@ def test_kill_9_of_the_policy_trainer_resumes_with_every_record_trained_once(
     produce(kafka_bootstrap, topic, first)
     name = f"dpo-kill-{uuid.uuid4().hex[:6]}"
     ckpt = tmp_path / "ckpt"
-    env = {
-        "PREFSTREAM_TRAINER_MODEL_KIND": "policy",
-        "PREFSTREAM_TRAINER_BASE_MODEL": str(tiny_base),
-        "PREFSTREAM_TRAINER_MODEL_NAME": name,
-        "PREFSTREAM_TRAINER_MAX_LENGTH": "64",
-        "PREFSTREAM_TRAINER_BATCH_SIZE": "4",
-        "PREFSTREAM_TRAINER_LR": "5e-3",
-        "PREFSTREAM_TRAINER_LORA_RANK": "4",
-        "PREFSTREAM_TRAINER_TOPIC": topic,
-        "PREFSTREAM_TRAINER_GROUP_ID": f"g-{name}",
-        "PREFSTREAM_TRAINER_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "PREFSTREAM_TRAINER_REDIS_URL": redis_url,
-        "PREFSTREAM_TRAINER_CHECKPOINT_URL": str(ckpt),
-        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": "8",
-        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_S": "0",
-        "PREFSTREAM_TRAINER_MAX_BATCH_WAIT_S": "0.1",
-        "PREFSTREAM_TRAINER_MAX_RECORDS": "48",
-        "PREFSTREAM_TRAINER_IDLE_EXIT_S": "120",
-        "PREFSTREAM_TRAINER_TORCH_THREADS": "1",
-        "PREFSTREAM_TRAINER_GUARD_PROMPTS": "0",
-    }
+    env = trainer_env(
+        model_kind="policy", base_model=tiny_base, model_name=name, max_length=64, batch_size=4, lr="5e-3",
+        lora_rank=4, topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka_bootstrap, redis_url=redis_url,
+        checkpoint_url=ckpt, checkpoint_every_records=8, checkpoint_every_s=0, max_batch_wait_s=0.1,
+        max_records=48, idle_exit_s=120, torch_threads=1, guard_prompts=0,
+    )
     log_path = tmp_path / "trainer.log"
     store = CheckpointStore(ckpt)
     kill_9_after_first_checkpoint(env, log_path, store, name)

@@ -185,6 +185,11 @@ def _start_trainer(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def trainer_env(**leaves: object) -> dict[str, str]:
+    """``PREFSTREAM_TRAINER_<LEAF>`` variables for ``python -m trainer`` from flat config leaves."""
+    return {f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in leaves.items()}
+
+
 def kill_9_after_first_checkpoint(env: dict[str, str], log_path: Path, store: CheckpointStore, name: str,
                                   timeout_s: float = 240) -> None:
     """Start ``python -m trainer`` with ``env`` and kill -9 it as soon as its first checkpoint is durable:
@@ -223,24 +228,12 @@ def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
     produce(kafka_bootstrap, topic, first)
     name = f"kill-{uuid.uuid4().hex[:6]}"
     ckpt = tmp_path / "ckpt"
-    env = {
-        "PREFSTREAM_TRAINER_BASE_MODEL": tiny_model(tmp_path / "tiny"),
-        "PREFSTREAM_TRAINER_MODEL_NAME": name,
-        "PREFSTREAM_TRAINER_MAX_LENGTH": "64",
-        "PREFSTREAM_TRAINER_BATCH_SIZE": "4",
-        "PREFSTREAM_TRAINER_LR": "1e-3",
-        "PREFSTREAM_TRAINER_TOPIC": topic,
-        "PREFSTREAM_TRAINER_GROUP_ID": f"g-{name}",
-        "PREFSTREAM_TRAINER_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "PREFSTREAM_TRAINER_REDIS_URL": redis_url,
-        "PREFSTREAM_TRAINER_CHECKPOINT_URL": str(ckpt),
-        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": "8",
-        "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_S": "0",
-        "PREFSTREAM_TRAINER_MAX_BATCH_WAIT_S": "0.1",
-        "PREFSTREAM_TRAINER_MAX_RECORDS": "60",
-        "PREFSTREAM_TRAINER_IDLE_EXIT_S": "120",
-        "PREFSTREAM_TRAINER_TORCH_THREADS": "1",
-    }
+    env = trainer_env(
+        base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, batch_size=4, lr="1e-3",
+        topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka_bootstrap, redis_url=redis_url,
+        checkpoint_url=ckpt, checkpoint_every_records=8, checkpoint_every_s=0, max_batch_wait_s=0.1,
+        max_records=60, idle_exit_s=120, torch_threads=1,
+    )
     log_path = tmp_path / "trainer.log"
     store = CheckpointStore(ckpt)
     kill_9_after_first_checkpoint(env, log_path, store, name)
