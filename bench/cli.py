@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "train-reward": "bench.train_reward",
     "train-dpo": "bench.train_dpo",
     "freshness": "bench.freshness",
+    "criteria-loop": "bench.criteria_loop",
 }
 
 

@@ -99,24 +99,32 @@ def write_report(out_dir: Path, timeline: Timeline, summary: dict[str, Any]) -> 
         plot(timeline, out_dir / name)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     (out_dir / "timeline.json").write_text(timeline.to_json())
+    page = html_page("prefstream demo report", "prefstream: feedback becoming a better served model", summary,
+                     [(name, title) for name, (title, _) in figures.items()])
+    path = out_dir / "index.html"
+    path.write_text(page)
+    return path
+
+
+def html_page(title: str, heading: str, summary: dict[str, Any], figures: list[tuple[str, str]],
+              extra_html: str = "") -> str:
+    """A self-contained report page: the summary's scalar entries as a table, then the figures
+    (``(png file name, title)``, files beside the page), then ``extra_html``."""
     rows = "\n".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
         for k, v in summary.items() if not isinstance(v, (dict, list))
     )
-    imgs = "\n".join(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
-                     for name, (title, _) in figures.items())
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>prefstream demo report</title>
+    imgs = "\n".join(f"<h2>{html.escape(t)}</h2><img src='{name}' alt='{html.escape(t)}'>" for name, t in figures)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{max-width:100%}}</style></head>
-<body><h1>prefstream: feedback becoming a better served model</h1>
+th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(heading)}</h1>
 <table>{rows}</table>
 {imgs}
+{extra_html}
 </body></html>
 """
-    path = out_dir / "index.html"
-    path.write_text(page)
-    return path
 
 
 def _fmt(v: Any) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_dat
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
-from services.stack import ServiceProcess, Stack, free_port, free_stack_config
+from services.stack import ServiceProcess, Stack, free_port, open_run_stack
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,8 @@ class Loop:
     # -- set-up ---------------------------------------------------------------------------------
 
     def start_stack(self) -> Path:
-        if self.cfg.stack_run_dir:
-            load_stack_endpoints(self.cfg.stack_run_dir)  # fails clearly when nothing runs there
-            return Path(self.cfg.stack_run_dir).resolve()
-        stack_dir = self.run_dir / "stack"
-        if self.cfg.fresh and self.run_dir.exists():
-            stopped = Stack(free_stack_config(stack_dir)).down()  # pidfiles name what to stop, not ports
-            _out(f"fresh run: removing the previous demo in {self.run_dir}"
-                 + (f" (stopped its {', '.join(stopped)})" if stopped else ""))
-            shutil.rmtree(self.run_dir)
-        self.stack = Stack(free_stack_config(stack_dir))
-        _out(f"starting the stack (Kafka KRaft, Redis, Ray) in {stack_dir} ...")
-        self.stack.up()
+        self.stack, stack_dir = open_run_stack(self.run_dir, stack_run_dir=self.cfg.stack_run_dir,
+                                               fresh=self.cfg.fresh, say=_out)
         return stack_dir
 
     def start_services(self, stack_dir: Path) -> tuple[str, str]:

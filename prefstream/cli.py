@@ -24,6 +24,7 @@ AREAS: tuple[str, ...] = (
     "services.criteria_cli",
     "bench.cli",
     "demo.cli",
+    "loop.cli",
 )
 
 

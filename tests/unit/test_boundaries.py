@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Module prefixes a deployable must never load: dev tooling and the demo/bench on top of the product.
-FORBIDDEN = ("bench", "demo", "services.stack")
+FORBIDDEN = ("bench", "demo", "loop", "services.stack")
 
 _PROBE = """
 import json, runpy, sys

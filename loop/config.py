@@ -1,0 +1,105 @@
+"""The criteria loop's one configuration object (``prefstream loop criteria``, ``bench criteria-loop``).
+
+Defaults are the embedded models, the shipped HH-RLHF prompts and the word-limit criterion of
+``docs/criteria/concise.yaml``, sized so the loop fits in 20 minutes on 2 cores.  Layered like every
+service: defaults < ``--config`` file < ``PREFSTREAM_LOOP_*`` env < flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from services.config import load_config, require
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    criteria: tuple[str, ...] = field(default=("docs/criteria/concise.yaml",), metadata={"help": (
+        "criteria to teach, one phase each, in order: a stored criterion (name or name@version) or a "
+        "YAML/JSON definition file, which is created (or found, when unchanged) in the store first")})
+    together: bool = field(default=False, metadata={"help": (
+        "teach every criterion at once (one phase ranked by their weighted combination) instead of one "
+        "after another")})
+    prompts: str = field(default="", metadata={"help": (
+        "training prompts: OpenPipe JSONL (first user turn), JSONL with 'prompt' or 'messages', or plain "
+        "text, one prompt per line; default the shipped HH train set")})
+    eval_prompts: str = field(default="", metadata={"help": (
+        "held-out prompts the served policy is measured on (never trained on; any that also appear in "
+        "prompts are dropped from training); default the shipped HH test set")})
+    system_prompt: str = field(default="Answer in at most 50 words.", metadata={"help": (
+        "system message put before every prompt (training and evaluation); empty = none")})
+    train_prompts: int = field(default=240, metadata={"help": "training prompts per phase at most"})
+    eval_count: int = field(default=48, metadata={"help": "held-out prompts in each evaluation of the served policy"})
+    phase_s: float = field(default=420.0, metadata={"help": "longest a phase sends training prompts (seconds)"})
+    min_versions: int = field(default=2, metadata={"help": (
+        "a phase ends early once this many versions it trained were published and evaluated and its "
+        "training prompts ran out; it never ends before phase_s otherwise")})
+    gate_every: int = field(default=5, metadata={"help": (
+        "every k-th training prompt is sent as TEST split: its criteria pairs feed the trainer's gate, "
+        "never its training (0 = none; the gate then relies on its drift and degeneration guards)")})
+    candidates: int = field(default=4, metadata={"help": "candidates per best-of-N request (N)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the best-of-N candidates"})
+    max_tokens: int = field(default=128, metadata={"help": "new tokens per reply, training and evaluation"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
+    seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
+    concurrency: int = field(default=2, metadata={"help": "best-of-N requests in flight"})
+    project: str = field(default="default", metadata={"help": "project the completions and criteria belong to"})
+    policy_model: str = field(default="policy", metadata={"help": "registry name of the policy the loop trains and serves"})
+    reward_model: str = field(default="reward", metadata={"help": (
+        "registry name of the reward model the scorer serves (tie breaker, quality score); empty = none")})
+    reward_checkpoint: str = field(default="auto", metadata={"help": (
+        "reward model folder published as reward_model before the scorer starts; 'auto' = one trained "
+        "once on reward_data and cached under ~/.cache/prefstream/models; empty = publish nothing")})
+    reward_data: str = field(default="", metadata={"help": "pairs the 'auto' reward model is trained on; default the shipped HH train set"})
+    # The policy trainer (passed as PREFSTREAM_TRAINER_* to `python -m trainer --model-kind policy`).
+    lr: float = field(default=5e-4, metadata={"help": "policy learning rate (LoRA)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+    dpo_loss: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo or plackett_luce"})
+    batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
+    replay_ratio: float = field(default=0.5, metadata={"help": (
+        "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
+    checkpoint_every_records: int = field(default=24, metadata={"help": "records between policy checkpoints (each one gated, published if it passes)"})
+    max_kl: float = field(default=0.5, metadata={"help": "the policy gate's drift guard: mean per-token KL to the reference"})
+    max_length: int = field(default=256, metadata={"help": "tokens per (prompt, response) in training"})
+    # Where it runs.
+    run_dir: Path = field(default=Path(".run/loop"), metadata={"help": "stack, checkpoints and service logs"})
+    fresh: bool = field(default=True, metadata={"help": "start from an empty run_dir (stop and wipe a previous run there)"})
+    stack_run_dir: str = field(default="", metadata={"help": (
+        "run dir of a running `prefstream stack up` to use instead of starting one; empty = start a stack "
+        "under run_dir")})
+    report_dir: Path | None = field(default=None, metadata={"help": "report folder; default reports/loop-<time>"})
+    keep_stack: bool = field(default=False, metadata={"help": "leave the stack running at the end (services are always stopped)"})
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "how long services get to become ready"})
+    drain_timeout_s: float = field(default=180.0, metadata={"help": (
+        "after a phase's prompts are sent, how long to wait for the trainer to publish what they taught")})
+    progress_every_s: float = field(default=5.0, metadata={"help": "seconds between progress lines"})
+
+    def validate(self) -> None:
+        require(len(self.criteria) >= 1, "criteria", "name at least one criterion (a name, name@version or a YAML file)")
+        require(self.train_prompts >= 1, "train_prompts", "must be >= 1")
+        require(self.eval_count >= 1, "eval_count", "must be >= 1")
+        require(self.phase_s > 0, "phase_s", "must be > 0 seconds")
+        require(self.gate_every >= 0 and self.gate_every != 1, "gate_every", "must be 0 (none) or >= 2")
+        require(2 <= self.candidates <= 16, "candidates", "must be within 2..16")
+        require(0 < self.temperature <= 2, "temperature", "must be within (0, 2]: best-of-N needs different candidates")
+        require(0 <= self.eval_temperature <= 2, "eval_temperature", "must be within 0..2 (0 = greedy)")
+        require(1 <= self.max_tokens <= 1024, "max_tokens", "must be within 1..1024")
+        require(self.concurrency >= 1, "concurrency", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.beta > 0, "beta", "must be > 0")
+        require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
+        require(self.min_versions >= 0, "min_versions", "must be >= 0")
+
+
+def load_loop_config(
+    file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoopConfig:
+    return load_config(LoopConfig, section="loop", file=file, env=env, overrides=overrides)
+
+
+__all__ = ["LoopConfig", "load_loop_config"]

@@ -1,0 +1,563 @@
+"""``prefstream loop criteria``: teach the policy a criterion on the real stack, and measure it.
+
+prompts --best-of-N with the criterion (OpenAI route, ``store: true``)--> gateway --completion and its
+criteria feedback--> Kafka --> processor --criteria preference pairs--> policy trainer (continual DPO)
+--gated versions--> registry --> scorer hot swap --> the next best-of-N samples from the better policy.
+
+Beside it the loop measures what a user came for: the *served* policy's own violation rate (n = 1, a
+fixed seed per prompt, on held-out prompts never trained on) right after every version it publishes,
+with the reward model's score of the same replies, their length and the gate's KL to the reference.
+Criteria are taught one after another (phases) or together; after the last phase it reports how
+much of each earlier criterion's gain survived, and how often a reward model prefers the final
+policy's reply to the base policy's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import aiohttp
+
+from loop.config import LoopConfig
+from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, plan_prompts, retention, violated,
+                          win_rate)
+from services.checkpoints import CheckpointStore
+from services.criteria import Criterion, parse_criterion, split_ref
+from services.criteria_eval import CriterionResult, evaluate
+from services.criteria_store import CriteriaStore
+from services.data import TEST_FILE, TRAIN_FILE, shared_data_dir
+from services.endpoints import load_stack_endpoints
+from services.redis_client import connect
+from services.registry import ModelRegistry
+from services.stack import ServiceProcess, Stack, free_port, open_run_stack
+
+log = logging.getLogger(__name__)
+
+#: Header of the OpenAI-compatible route that names the criteria of a best-of-N (JSON list of refs).
+CRITERIA_HEADER = "op-criteria"
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loop records.
+
+
+@dataclass
+class Evaluation:
+    """The served policy measured once on the held-out prompts."""
+
+    t: float  # seconds since the loop started
+    phase: int
+    version: str  # the version that answered (the majority, when a swap happened mid-way)
+    versions: dict[str, int]  # version -> replies it produced
+    violation: dict[str, float]  # criterion ref -> violation rate
+    mean_words: float
+    mean_reward: float | None
+    kl_to_ref: float | None
+    replies: list[str] = field(repr=False, default_factory=list)
+    rewards: list[float] = field(repr=False, default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("replies", "rewards")}
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    failed: int = 0
+    stored: int = 0
+    gate_prompts: int = 0
+    candidates_passing: int = 0
+    candidates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: criteria, the reward model, the services.
+
+
+def resolve_criteria(store: CriteriaStore, refs: Sequence[str], project: str) -> list[Criterion]:
+    """Each entry a stored criterion (name or name@version) or a YAML/JSON file created in the store."""
+    out = []
+    for i, ref in enumerate(refs):
+        where = f"criteria[{i}]"
+        if ref.endswith((".yaml", ".yml", ".json")):
+            path = Path(ref)
+            if not path.is_file():
+                from services.errors import InvalidArgument
+
+                raise InvalidArgument(where, f"{ref} is not a file; give a criterion definition file or a stored name")
+            from services.criteria_cli import read_definitions
+
+            for definition in read_definitions(str(path)):
+                criterion, created = store.create(parse_criterion(definition, project=project))
+                _out(f"criterion {criterion.ref} {'created' if created else 'unchanged'} from {path}")
+                out.append(criterion)
+        else:
+            split_ref(ref, where)  # names the entry when it is not a valid name or name@version
+            out.append(store.get(project, ref))
+    return out
+
+
+def reward_checkpoint(cfg: LoopConfig) -> Path | None:
+    """The reward model folder to publish: given, or trained once on ``reward_data`` and cached."""
+    if not cfg.reward_model or not cfg.reward_checkpoint:
+        return None
+    if cfg.reward_checkpoint != "auto":
+        return Path(cfg.reward_checkpoint)
+    from loop.reward import cached_reward_model
+
+    return cached_reward_model(cfg.reward_data or str(shared_data_dir() / TRAIN_FILE), say=_out)
+
+
+class LoopProcesses:
+    """The stack, the three deployables and the clients of one loop run."""
+
+    def __init__(self, cfg: LoopConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.stack: Stack | None = None
+        self.services: list[ServiceProcess] = []
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.stack, self.stack_dir = open_run_stack(self.run_dir, stack_run_dir=cfg.stack_run_dir, fresh=cfg.fresh,
+                                                    say=_out)
+        self.endpoints = load_stack_endpoints(self.stack_dir)
+        self.redis = connect(self.endpoints.redis_url)
+        self.checkpoints = self.run_dir / "checkpoints"
+        folder = reward_checkpoint(cfg)
+        if folder is not None:
+            from loop.reward import publish_reward_model
+
+            version = publish_reward_model(folder, name=cfg.reward_model, checkpoint_url=str(self.checkpoints),
+                                           redis_url=self.endpoints.redis_url)
+            _out(f"reward model {cfg.reward_model}@{version} published from {folder}")
+        logs = self.run_dir / "logs"
+        gw_port, gw_http, sc_port = free_port(), free_port(), free_port()
+        common = {"PREFSTREAM_STACK_RUN_DIR": str(self.stack_dir)}
+        scorer = ServiceProcess("scorer", "scorer", {
+            **common,
+            "PREFSTREAM_SCORER_STACK_RUN_DIR": str(self.stack_dir),
+            "PREFSTREAM_SCORER_PORT": str(sc_port),
+            "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5",
+            "PREFSTREAM_SCORER_REWARD_MODELS": cfg.reward_model or "reward",
+            "PREFSTREAM_SCORER_POLICY_MODELS": cfg.policy_model,
+            "PREFSTREAM_SCORER_MAX_NEW_TOKENS": str(max(cfg.max_tokens, 16)),
+            "PREFSTREAM_SCORER_MAX_LENGTH": str(cfg.max_length),
+        }, logs / "scorer.log")
+        gateway = ServiceProcess("gateway", "gateway", {
+            **common,
+            "PREFSTREAM_GATEWAY_STACK_RUN_DIR": str(self.stack_dir),
+            "PREFSTREAM_GATEWAY_GRPC_PORT": str(gw_port),
+            "PREFSTREAM_GATEWAY_HTTP_PORT": str(gw_http),
+            "PREFSTREAM_GATEWAY_SCORER_ADDRESS": f"127.0.0.1:{sc_port}",
+        }, logs / "gateway.log")
+        trainer = ServiceProcess("trainer", "trainer", {
+            **common,
+            **{f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in self.trainer_leaves().items()},
+        }, logs / "trainer.log")
+        self.services = [scorer, gateway, trainer]
+        for s in self.services:
+            s.start()
+        _out(f"services starting; logs in {logs}")
+        gateway.wait_grpc(f"127.0.0.1:{gw_port}", cfg.startup_timeout_s)
+        scorer.wait_grpc(f"127.0.0.1:{sc_port}", cfg.startup_timeout_s)
+        self.scorer_address = f"127.0.0.1:{sc_port}"
+        self.http_base = f"http://127.0.0.1:{gw_http}"
+        from gateway.auth import create_key
+        from gateway.config import load_gateway_config
+
+        gw_cfg = load_gateway_config(overrides={"stack_run_dir": str(self.stack_dir)})
+        self.api_key, _ = create_key(self.redis, cfg.project, pepper=gw_cfg.auth_pepper, label="loop")
+
+    def trainer_leaves(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "stack_run_dir": self.stack_dir, "model_kind": "policy", "model_name": cfg.policy_model,
+            "checkpoint_url": self.checkpoints, "checkpoint_every_records": cfg.checkpoint_every_records,
+            "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
+            "batch_size": cfg.batch_size, "replay_ratio": cfg.replay_ratio, "max_kl": cfg.max_kl,
+            "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
+            "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
+            "ray_storage_path": self.run_dir / "ray_train", "guard_max_new_tokens": 48,
+        }
+
+    def check(self) -> None:
+        for s in self.services:
+            if not s.alive:
+                raise RuntimeError(f"{s.name} exited unexpectedly; log {s.log_path}:\n{s.log_tail()}")
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            s.stop()
+        if self.stack is not None and not self.cfg.keep_stack:
+            self.stack.down()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+class CriteriaLoop:
+    def __init__(self, cfg: LoopConfig, procs: LoopProcesses, criteria: list[Criterion], plan: PromptPlan) -> None:
+        self.cfg = cfg
+        self.procs = procs
+        self.criteria = criteria
+        self.plan = plan
+        self.t0 = time.time()
+        self.counters = Counters()
+        self.evaluations: list[Evaluation] = []
+        self.phase = 0
+        self.phase_marks: list[tuple[float, str]] = []  # (t, label) where each phase began
+        self.registry = ModelRegistry(procs.redis)
+        self._evaluated: set[str] = set()
+
+    # -- the served policy, measured ----------------------------------------------------------
+
+    async def _generate_eval(self, scorer: Any) -> tuple[list[str], dict[str, int]]:
+        from scorer.domain import SamplingParams
+
+        sem = asyncio.Semaphore(8)
+        versions: dict[str, int] = {}
+
+        async def one(i: int, prompt: str) -> str:
+            async with sem:
+                res = await scorer.generate(
+                    [m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)], model=self.cfg.policy_model,
+                    sampling=SamplingParams(temperature=self.cfg.eval_temperature, max_tokens=self.cfg.max_tokens,
+                                            seed=self.cfg.seed + i))
+                versions[res.model.version] = versions.get(res.model.version, 0) + 1
+                return res.choices[0].text
+
+        texts = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.plan.eval_prompts)))
+        return list(texts), versions
+
+    async def _rewards(self, scorer: Any, replies: Sequence[str]) -> list[float]:
+        if not self.cfg.reward_model:
+            return []
+        sem = asyncio.Semaphore(8)
+
+        async def one(prompt: str, reply: str) -> float:
+            async with sem:
+                res = await scorer.score([m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)], [reply],
+                                         model=self.cfg.reward_model)
+                return res.scores[0].reward
+
+        return list(await asyncio.gather(*(one(p, r) for p, r in zip(self.plan.eval_prompts, replies))))
+
+    async def judge(self, scorer: Any, replies: Sequence[str]) -> dict[str, list[CriterionResult]]:
+        """Every criterion's result on every eval reply: rules here, model-backed ones through the scorer."""
+        out: dict[str, list[CriterionResult]] = {}
+        for c in self.criteria:
+            if c.kind == "rules":
+                out[c.ref] = [evaluate(c, (), [r])[0] for r in replies]
+                continue
+            results = []
+            for prompt, reply in zip(self.plan.eval_prompts, replies):
+                res = await scorer.best_of_n(
+                    [m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)], candidates=[reply],
+                    criteria_refs=[c.ref])
+                results.append(res.ranked[0].criteria_results[c.name])
+            out[c.ref] = results
+        return out
+
+    async def evaluate_served(self, scorer: Any, label: str) -> Evaluation:
+        replies, versions = await self._generate_eval(scorer)
+        results = await self.judge(scorer, replies)
+        rewards = await self._rewards(scorer, replies)
+        version = max(versions, key=versions.get)
+        kl = None
+        if version != "base":
+            try:
+                kl = self.registry.get(self.cfg.policy_model, version).metrics.get("kl_to_ref")
+            except Exception:  # noqa: BLE001 - a missing metric is shown as such
+                kl = None
+        ev = Evaluation(t=round(time.time() - self.t0, 1), phase=self.phase, version=version, versions=versions,
+                        violation={ref: sum(violated(r) for r in rs) / len(rs) for ref, rs in results.items()},
+                        mean_words=mean_words(replies),
+                        mean_reward=(sum(rewards) / len(rewards)) if rewards else None, kl_to_ref=kl,
+                        replies=replies, rewards=rewards)
+        self.evaluations.append(ev)
+        self._evaluated.add(version)
+        rates = ", ".join(f"{ref} {v:.2f}" for ref, v in ev.violation.items())
+        _out(f"[{ev.t:6.0f}s] eval {label}: policy {version} violation {rates}; {ev.mean_words:.0f} words"
+             + (f"; reward {ev.mean_reward:.3f}" if ev.mean_reward is not None else "")
+             + (f"; KL {kl:.3f}" if kl is not None else ""))
+        return ev
+
+    # -- the app: best-of-N with the criteria, stored ---------------------------------------------
+
+    async def _best_of_n(self, http: aiohttp.ClientSession, prompt: str, refs: list[str], split: str) -> None:
+        body = {
+            "model": self.cfg.policy_model, "n": self.cfg.candidates, "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens, "store": True,
+            "messages": [m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)],
+            "metadata": {"prefstream.split": split, "prefstream.loop": "criteria"},
+        }
+        headers = {"Authorization": f"Bearer {self.procs.api_key}", CRITERIA_HEADER: json.dumps(refs)}
+        self.counters.sent += 1
+        try:
+            async with http.post(f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
+                                 timeout=aiohttp.ClientTimeout(total=300)) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {data}")
+        except Exception as e:  # noqa: BLE001 - counted and reported: the loop must not hide a failure
+            self.counters.failed += 1
+            if len(self.counters.errors) < 5:
+                self.counters.errors.append(f"{type(e).__name__}: {e}"[:300])
+            return
+        self.counters.stored += 1
+        for choice in data.get("choices", []):
+            results = choice.get("criteria_results") or {}
+            self.counters.candidates += 1
+            self.counters.candidates_passing += all(r.get("passed", r.get("score", 0) >= 0.5) for r in results.values())
+
+    async def _send_phase(self, http: aiohttp.ClientSession, prompts: Sequence[str], refs: list[str],
+                          deadline: float) -> int:
+        queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        for i, p in enumerate(prompts):
+            queue.put_nowait((i, p))
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while time.time() < deadline:
+                try:
+                    i, p = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                split = "test" if self.cfg.gate_every and i % self.cfg.gate_every == self.cfg.gate_every - 1 else "train"
+                self.counters.gate_prompts += split == "test"
+                await self._best_of_n(http, p, refs, split)
+                sent += 1
+
+        await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
+        return sent
+
+    # -- versions ---------------------------------------------------------------------------------
+
+    def versions(self) -> tuple[list[str], list[tuple[str, str]]]:
+        vs = self.registry.versions(self.cfg.policy_model, include_rejected=True)
+        published = [v.version for v in vs if v.state.value == "published"]
+        rejected = [(v.version, v.reason) for v in vs if v.state.value == "rejected"]
+        return published, rejected
+
+    async def _wait_served(self, scorer: Any, version: str, timeout_s: float = 120.0) -> bool:
+        from scorer.domain import SamplingParams
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            res = await scorer.generate([{"role": "user", "content": "hi"}], model=self.cfg.policy_model,
+                                        sampling=SamplingParams(temperature=0.0, max_tokens=1))
+            if res.model.version == version:
+                return True
+            await asyncio.sleep(1.0)
+        return False
+
+    async def _evaluator(self, scorer: Any, stop: asyncio.Event) -> None:
+        """After every newly published version: wait until it is served, then measure it."""
+        while not stop.is_set():
+            published, _ = self.versions()
+            fresh = [v for v in published if v not in self._evaluated]
+            if fresh:
+                newest = fresh[-1]
+                if await self._wait_served(scorer, newest):
+                    await self.evaluate_served(scorer, f"after {newest}")
+                else:
+                    self._evaluated.add(newest)
+                    _out(f"version {newest} was published but not served within 120 s; not measured")
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _progress(self, stop: asyncio.Event, total: int) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.cfg.progress_every_s)
+            except asyncio.TimeoutError:
+                pass
+            self.procs.check()
+            published, rejected = self.versions()
+            c = self.counters
+            last = self.evaluations[-1] if self.evaluations else None
+            rate = "" if last is None else " | served " + last.version + " " + ", ".join(
+                f"{k.split('@')[0]} {v:.2f}" for k, v in last.violation.items())
+            share = f"{c.candidates_passing / c.candidates:.2f}" if c.candidates else "-"
+            _out(f"[{time.time() - self.t0:6.0f}s] phase {self.phase + 1}: {c.sent}/{total} best-of-N sent "
+                 f"({c.failed} failed, {c.gate_prompts} for the gate), candidates passing {share}; "
+                 f"policy versions {len(published)} published / {len(rejected)} rejected{rate}")
+
+    async def run(self) -> dict[str, Any]:
+        from scorer.client import ScorerClient
+
+        cfg = self.cfg
+        phases = [self.criteria] if cfg.together else [[c] for c in self.criteria]
+        async with ScorerClient(self.procs.scorer_address) as scorer, aiohttp.ClientSession() as http:
+            await scorer.wait_ready(cfg.startup_timeout_s)
+            base = await self.evaluate_served(scorer, "of the base policy")
+            stop = asyncio.Event()
+            evaluator = asyncio.create_task(self._evaluator(scorer, stop))
+            progress = asyncio.create_task(self._progress(stop, self.plan.train_prompts))
+            ends: list[Evaluation] = []
+            try:
+                for k, taught in enumerate(phases):
+                    self.phase = k
+                    refs = [c.ref for c in taught]
+                    self.phase_marks.append((time.time() - self.t0, " + ".join(refs)))
+                    _out(f"phase {k + 1}/{len(phases)}: teaching {' + '.join(refs)} with "
+                         f"{len(self.plan.phases[k])} prompts (best-of-{cfg.candidates})")
+                    published_before = len(self.versions()[0])
+                    await self._send_phase(http, self.plan.phases[k], refs, time.time() + cfg.phase_s)
+                    await self._drain(published_before)
+                    ends.append(await self._final_of_phase(scorer))
+            finally:
+                stop.set()
+                await asyncio.gather(evaluator, progress, return_exceptions=True)
+            final = ends[-1]
+            rewards_base = base.rewards
+            quality = win_rate(final.rewards, rewards_base) if final.rewards and rewards_base else None
+        return self.summary(base, ends, quality)
+
+    async def _drain(self, published_before: int) -> None:
+        """Wait for the trainer to publish what the phase taught (at least min_versions new versions, or
+        nothing new for a while once the topic is drained)."""
+        deadline = time.time() + self.cfg.drain_timeout_s
+        last_change, last = time.time(), self.versions()
+        while time.time() < deadline:
+            now = self.versions()
+            if now != last:
+                last, last_change = now, time.time()
+            if len(now[0]) - published_before >= max(1, self.cfg.min_versions) and time.time() - last_change > 20:
+                return
+            await asyncio.sleep(2.0)
+
+    async def _final_of_phase(self, scorer: Any) -> Evaluation:
+        published, _ = self.versions()
+        newest = published[-1] if published else "base"
+        if self.evaluations and self.evaluations[-1].version == newest and self.evaluations[-1].phase == self.phase:
+            return self.evaluations[-1]
+        if newest != "base":
+            await self._wait_served(scorer, newest)
+        return await self.evaluate_served(scorer, f"at the end of phase {self.phase + 1}")
+
+    def summary(self, base: Evaluation, ends: list[Evaluation], quality: float | None) -> dict[str, Any]:
+        published, rejected = self.versions()
+        first = self.criteria[0].ref
+        final = ends[-1]
+        vb, vf = base.violation[first], final.violation[first]
+        kept = None
+        if len(ends) >= 2 and not self.cfg.together:
+            kept = retention(vb, ends[0].violation[first], vf)
+        out: dict[str, Any] = {
+            "criterion": first,
+            "criteria": [c.ref for c in self.criteria],
+            "violation_rate_base": vb,
+            "violation_rate_final": vf,
+            "relative_reduction": (1 - vf / vb) if vb > 0 else None,
+            "violation_rates_base": base.violation,
+            "violation_rates_after_each_phase": [e.violation for e in ends],
+            "first_criterion_retention": None if kept is None or math.isnan(kept) else kept,
+            "quality_win_rate_vs_base": quality,
+            "eval_prompts": len(self.plan.eval_prompts),
+            "train_prompts": self.plan.train_prompts,
+            "best_of_n_sent": self.counters.sent,
+            "best_of_n_stored": self.counters.stored,
+            "gate_prompts": self.counters.gate_prompts,
+            "candidates_passing_share": (self.counters.candidates_passing / self.counters.candidates
+                                         if self.counters.candidates else None),
+            "versions_published": len(published),
+            "versions_rejected": len(rejected),
+            "rejections": [f"{v}: {why}" for v, why in rejected][:10],
+            "failed_requests": self.counters.failed,
+            "errors": self.counters.errors,
+            "kl_to_ref": final.kl_to_ref,
+            "mean_words_base": base.mean_words,
+            "mean_words_final": final.mean_words,
+            "mean_reward_base": base.mean_reward,
+            "mean_reward_final": final.mean_reward,
+            "final_version": final.version,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in self.cfg.__dict__.items()},
+            "evaluations": [e.row() for e in self.evaluations],
+            "phase_marks": self.phase_marks,
+            "examples": [{"prompt": p, "base": b, "final": f}
+                         for p, b, f in list(zip(self.plan.eval_prompts, base.replies, final.replies))[:6]],
+        }
+        return out
+
+
+def make_plan(cfg: LoopConfig, phases: int) -> PromptPlan:
+    train = load_prompts(cfg.prompts or shared_data_dir() / TRAIN_FILE, field_name="prompts")
+    held = load_prompts(cfg.eval_prompts or shared_data_dir() / TEST_FILE, field_name="eval_prompts")
+    return plan_prompts(train, held, eval_count=cfg.eval_count, per_phase=cfg.train_prompts, phases=phases,
+                        seed=cfg.seed)
+
+
+def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, Any]:
+    """Run the loop once; returns the summary (also written, with the HTML report, to the report folder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = make_plan(cfg, 1 if cfg.together else len(cfg.criteria))
+    procs = LoopProcesses(cfg)
+    started = time.time()
+    try:
+        procs.start()
+        store = CriteriaStore(procs.redis)
+        criteria = resolve_criteria(store, cfg.criteria, cfg.project)
+        holder = f"loop-{os.getpid()}"
+        for c in criteria:
+            store.mark_in_use(c.project, c.name, holder)
+        try:
+            loop = CriteriaLoop(cfg, procs, criteria, plan)
+            loop.t0 = started
+            summary = asyncio.run(loop.run())
+        finally:
+            for c in criteria:
+                store.release(c.project, c.name, holder)
+        procs.check()
+    finally:
+        procs.stop()
+    summary["wall_s"] = round(time.time() - started, 1)
+    if write_html:
+        from loop.report import write_loop_report
+
+        report_dir = Path(cfg.report_dir or Path("reports") / time.strftime("loop-%Y%m%d-%H%M%S")).resolve()
+        summary["report"] = str(write_loop_report(report_dir, summary))
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def f(x: Any, fmt: str = "{:.3f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    _out("")
+    _out(f"criteria loop: {', '.join(s['criteria'])}  ({s['wall_s']:.0f} s)")
+    _out(f"  {s['criterion']} violation rate of the served policy: {f(s['violation_rate_base'])} -> "
+         f"{f(s['violation_rate_final'])} (relative reduction {f(s['relative_reduction'])}) on "
+         f"{s['eval_prompts']} held-out prompts")
+    if s.get("first_criterion_retention") is not None:
+        _out(f"  first criterion's gain kept after the later phases: {f(s['first_criterion_retention'])}")
+    _out(f"  reward model prefers the final reply to the base reply on {f(s['quality_win_rate_vs_base'])} of prompts")
+    _out(f"  words per reply {f(s['mean_words_base'], '{:.1f}')} -> {f(s['mean_words_final'], '{:.1f}')}; "
+         f"KL to reference {f(s['kl_to_ref'])}")
+    _out(f"  policy versions: {s['versions_published']} published, {s['versions_rejected']} rejected; "
+         f"best-of-N: {s['best_of_n_sent']} sent, {s['failed_requests']} failed")
+    if s.get("report"):
+        _out(f"  report: {s['report']}")
+
+
+__all__ = ["CriteriaLoop", "Evaluation", "LoopProcesses", "make_plan", "print_summary", "resolve_criteria",
+           "run_criteria_loop"]
