@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="prompt + response tokens per row (quick 64, full 128)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (every arm)")
+    p.add_argument("--autocast", default="auto", choices=("none", "bf16", "auto"),
+                   help="mixed precision of every arm (TRL gets bf16=True where ours resolves to bf16)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step (every arm)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the LoRA (every arm)")
     p.add_argument("--warmup-steps", type=int, default=0,
@@ -88,7 +90,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "max_grad_norm": 1.0,
         "ema_decay": 0.0,
-        "autocast": "none",
+        "autocast": args.autocast,
         "guard_prompts": args.guard_prompts if args.guard_prompts is not None else (2 if quick else 4),
         "guard_max_new_tokens": args.guard_max_new_tokens or (16 if quick else 32),
         "ref_cache_steps": args.ref_cache_steps or (1 if quick else 3),
@@ -213,6 +215,15 @@ def offline_arm(cfg: Any, train: Sequence[Any], out: str) -> dict[str, Any]:
             "checkpoint": out}
 
 
+def _bf16(autocast: str) -> bool:
+    """Whether ``autocast`` resolves to bf16 autocast on this machine's CPU (as the Learner decides)."""
+    import torch
+
+    from trainer.learner import uses_bf16_autocast
+
+    return uses_bf16_autocast(autocast, torch.device("cpu"))
+
+
 def trl_arm(cfg: Any, train: Sequence[Any], out: str) -> dict[str, Any]:
     """TRL's DPOTrainer on the same base, LoRA, settings and token ids; its adapter copied into our policy."""
     _quiet()
@@ -247,7 +258,8 @@ def trl_arm(cfg: Any, train: Sequence[Any], out: str) -> dict[str, Any]:
             warmup_steps=o.warmup_steps, lr_scheduler_type="constant_with_warmup", max_grad_norm=o.max_grad_norm,
             weight_decay=o.weight_decay, seed=o.seed, data_seed=o.seed, beta=d.beta, loss_type=["sigmoid"],
             max_length=None, disable_dropout=True, precompute_ref_log_probs=False, gradient_checkpointing=False,
-            bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000,
+            # The same precision as our arms: bf16 autocast (fp32 master weights) where ours resolves to it.
+            bf16=_bf16(cfg.model.autocast), fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000,
             dataloader_num_workers=0, remove_unused_columns=False,
         )
         trainer = PreTokenizedDPOTrainer(model=base, args=args, train_dataset=data,
@@ -312,7 +324,7 @@ def ref_cache_arm(cfg: Any, train: Sequence[Any], steps: int) -> dict[str, Any]:
             learner = learners[name]
             ids = {r.record_id for r in batch}
             if name == "cached":
-                learner.objective.admit(learner.model, batch)  # as the trainer does when records arrive
+                learner.admit(batch)  # as the trainer does when records arrive
             else:  # the cache emptied: batch() runs the reference forwards inside the step
                 learner.objective.reference = {k: v for k, v in learner.objective.reference.items() if k not in ids}
             started = time.perf_counter()
@@ -502,8 +514,8 @@ def _notes(s: dict[str, Any], source: str) -> list[str]:
         "TRL gets our policy's own token ids (chat template, response up to its EOS, cut keep_start) "
         "pre-tokenized; each pair's prompt is the shorter of our two left-truncated cuts, so TRL sees at most as "
         "much context as our arms",
-        "autocast none (fp32) for every arm: with autocast=bf16|auto the Learner fails on a policy "
-        "(eager_attention_for_cpu_bf16 reads .config of the SequenceLogps module), reported to the lead",
+        f"autocast {s['autocast']} for every arm (TRL: bf16={_bf16(s['autocast'])}, fp32 master weights in both); our "
+        "reference log-probs are computed at admission under the same autocast as the step",
         "ema_decay 0 for our arms (TRL has no weight averaging): the last iterate is evaluated everywhere",
         "peak_rss_mb*: ru_maxrss of each arm's own spawned process right after training (before evaluation)",
         "the machine is shared with other helpers' tests and benchmarks: see each run's load_avg_1m and "

@@ -175,6 +175,13 @@ class Learner:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def admit(self, records: Sequence[PreferenceRecord]) -> dict[str, str]:
+        """The objective's admission of ``records`` (record id -> why it is refused), under the same
+        precision as the training forward: what admission computes for a record (a policy's reference
+        log-probs) is then on the scale of what the step compares it with."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.objective.admit(self.model, records)
+
     def prepare(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None) -> Batch:
         """The batch this learner trains on for ``records``."""
         return self.objective.batch(self.model, records, weights)

@@ -164,7 +164,7 @@ class ContinualTrainer:
         """The items the objective can train on; the others go to the dead letters with its reason.  Their
         offsets advance with the rest (the next checkpoint commits them), so a refused record is neither
         retried for ever nor lost silently."""
-        refused = self.learner.objective.admit(self.learner.model, [i.record for i in items])
+        refused = self.learner.admit([i.record for i in items])
         if not refused:
             return list(items)
         kept = []

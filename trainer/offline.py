@@ -71,7 +71,7 @@ def train_offline(
         torch.manual_seed(cfg.optim.seed)
         objective = objective_for(cfg)
         learner = Learner(objective, load_base(cfg, objective), cfg)
-    admitted = learner.objective.admit(learner.model, train)
+    admitted = learner.admit(train)
     if admitted:
         log.warning("%d records cannot be trained on and are skipped, e.g. %s", len(admitted),
                     next(iter(admitted.values())))

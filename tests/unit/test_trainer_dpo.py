@@ -6,6 +6,8 @@ test_policy_lm.py), so these run in seconds on the CPU.
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -103,8 +105,16 @@ def test_bf16_autocast_trains_the_policy(tmp_path, tiny_base) -> None:
     learner = Learner(objective, objective.load(str(tiny_base)), cfg)
     assert learner.autocast
     batch = records(4)
-    objective.admit(learner.model, batch)
+    learner.admit(batch)
+    # admission ran the reference under the step's bf16 autocast: with a fresh adapter (policy == reference)
+    # the cached numbers are exactly what the step's own autocast forward gives, so the first loss is log 2
+    encoded = learner.model.encode([r.prompt for r in batch for _ in range(2)], [x for r in batch for x in r.ranked_responses])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = learner.model.logps(encoded)
+    cached = torch.tensor([x for r in batch for x in objective.reference[r.record_id]])
+    assert torch.allclose(under_bf16.float(), cached, atol=1e-4)
     losses = [learner.train(batch).loss for _ in range(6)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
     assert all(p.dtype == torch.float32 for p in learner.params)  # fp32 master weights
     assert losses[-1] < losses[0]
 
