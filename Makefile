@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup protos check-protos test unit integration demo bench stack-up stack-down clean
+.PHONY: setup protos check-protos test unit integration demo loop bench stack-up stack-down clean
 
 # The venv is rebuilt when the pinned dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,10 @@ test: setup
 
 demo: setup
 	$(PY) -m prefstream demo
+
+# The criteria loop (docs/criteria.md): `make loop`, or e.g. `make loop LOOP_ARGS="--criterion docs/criteria/json-reply.yaml"`.
+loop: setup
+	$(PY) -m prefstream loop criteria $(LOOP_ARGS)
 
 bench: setup
 	$(PY) -m prefstream bench all $(if $(FULL),,--quick)
