@@ -32,7 +32,7 @@ class LoopConfig:
     system_prompt: str = field(default="Answer in at most 50 words.", metadata={"help": (
         "system message put before every prompt (training and evaluation); empty = none")})
     train_prompts: int = field(default=240, metadata={"help": "training prompts per phase at most"})
-    eval_count: int = field(default=48, metadata={"help": "held-out prompts in each evaluation of the served policy"})
+    eval_count: int = field(default=32, metadata={"help": "held-out prompts in each evaluation of the served policy"})
     phase_s: float = field(default=420.0, metadata={"help": "longest a phase sends training prompts (seconds)"})
     min_versions: int = field(default=2, metadata={"help": (
         "a phase ends early once this many versions it trained were published and evaluated and its "
@@ -46,8 +46,13 @@ class LoopConfig:
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
     concurrency: int = field(default=2, metadata={"help": "best-of-N requests in flight"})
+    topic_prefix: str = field(default="", metadata={"help": (
+        "prefix of this run's Kafka topics (created if missing), so a loop on a shared stack keeps its "
+        "completions, feedback and preferences to itself; empty = the stack's own topics")})
     project: str = field(default="default", metadata={"help": "project the completions and criteria belong to"})
     policy_model: str = field(default="policy", metadata={"help": "registry name of the policy the loop trains and serves"})
+    policy_base: str = field(default="", metadata={"help": (
+        "local HF causal-LM folder (or .gguf file) the policy starts from; empty = the embedded SmolLM2-135M-Instruct")})
     reward_model: str = field(default="reward", metadata={"help": (
         "registry name of the reward model the scorer serves (tie breaker, quality score); empty = none")})
     reward_checkpoint: str = field(default="auto", metadata={"help": (
@@ -61,7 +66,7 @@ class LoopConfig:
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
-    checkpoint_every_records: int = field(default=24, metadata={"help": "records between policy checkpoints (each one gated, published if it passes)"})
+    checkpoint_every_records: int = field(default=32, metadata={"help": "records between policy checkpoints (each one gated, published if it passes)"})
     max_kl: float = field(default=0.5, metadata={"help": "the policy gate's drift guard: mean per-token KL to the reference"})
     max_length: int = field(default=256, metadata={"help": "tokens per (prompt, response) in training"})
     # Where it runs.
@@ -92,6 +97,9 @@ class LoopConfig:
         require(self.beta > 0, "beta", "must be > 0")
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")
+        from services.topics import check_prefix
+
+        require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
 
 
 def load_loop_config(

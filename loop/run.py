@@ -137,6 +137,10 @@ class LoopProcesses:
         self.endpoints = load_stack_endpoints(self.stack_dir)
         self.redis = connect(self.endpoints.redis_url)
         self.checkpoints = self.run_dir / "checkpoints"
+        if cfg.topic_prefix:
+            from services.topics import TOPICS, ensure_topics, prefixed
+
+            ensure_topics(self.endpoints.kafka_bootstrap, prefixed(TOPICS, cfg.topic_prefix))
         folder = reward_checkpoint(cfg)
         if folder is not None:
             from loop.reward import publish_reward_model
@@ -147,6 +151,8 @@ class LoopProcesses:
         logs = self.run_dir / "logs"
         gw_port, gw_http, sc_port = free_port(), free_port(), free_port()
         common = {"PREFSTREAM_STACK_RUN_DIR": str(self.stack_dir)}
+        if cfg.topic_prefix:
+            common.update({f"PREFSTREAM_{svc}_TOPIC_PREFIX": cfg.topic_prefix for svc in ("GATEWAY", "SCORER", "TRAINER")})
         scorer = ServiceProcess("scorer", "scorer", {
             **common,
             "PREFSTREAM_SCORER_STACK_RUN_DIR": str(self.stack_dir),
@@ -156,6 +162,7 @@ class LoopProcesses:
             "PREFSTREAM_SCORER_POLICY_MODELS": cfg.policy_model,
             "PREFSTREAM_SCORER_MAX_NEW_TOKENS": str(max(cfg.max_tokens, 16)),
             "PREFSTREAM_SCORER_MAX_LENGTH": str(cfg.max_length),
+            **({"PREFSTREAM_SCORER_POLICY_BASE_PATH": cfg.policy_base} if cfg.policy_base else {}),
         }, logs / "scorer.log")
         gateway = ServiceProcess("gateway", "gateway", {
             **common,
@@ -192,6 +199,7 @@ class LoopProcesses:
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
             "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
             "ray_storage_path": self.run_dir / "ray_train", "guard_max_new_tokens": 48,
+            **({"base_model": cfg.policy_base} if cfg.policy_base else {}),
         }
 
     def check(self) -> None:
