@@ -46,12 +46,15 @@ from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
-from services.kinds import ModelKind
+from services.kinds import ModelKind, Split
 from services.schemas import ChatMessage, messages_from_dicts
 
 log = logging.getLogger(__name__)
 
 CRITERIA_HEADER = "op-criteria"
+#: ``metadata`` key that sets a stored completion's split ("train" or "test"): feedback on a "test"
+#: completion, criteria feedback included, is held out for the trainer's gate and never trained on.
+SPLIT_METADATA_KEY = "prefstream.split"
 COMPLETION_ID_HEADER = "op-completion-id"
 #: aiohttp request key under which the gateway's auth middleware may store the caller's project.
 PROJECT_KEY = "prefstream.project"
@@ -171,6 +174,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict) or len(metadata) > _MAX_METADATA:
         raise InvalidArgument("metadata", f"must be an object of at most {_MAX_METADATA} string pairs")
+    if SPLIT_METADATA_KEY in metadata:
+        Split.parse(metadata[SPLIT_METADATA_KEY], f"metadata.{SPLIT_METADATA_KEY}")
     for k, v in metadata.items():
         if not isinstance(v, str) or len(k) > _MAX_METADATA_CHARS or len(v) > _MAX_METADATA_CHARS:
             raise InvalidArgument(f"metadata.{k}", f"values must be strings; keys and values at most {_MAX_METADATA_CHARS} characters")
@@ -368,6 +373,7 @@ class OpenAICompat:
             model=req.model,
             model_version=version,
             metadata={**req.metadata, **extra},
+            split=req.metadata.get(SPLIT_METADATA_KEY, Split.TRAIN.value),
             created_at=time.time(),
         )
         completion_id = await self.log_completion(completion)  # type: ignore[misc]

@@ -55,6 +55,7 @@ def test_chat_request_parsing_and_errors():
     r = parse_chat_request({**base, "n": 2, "temperature": 0.7, "max_completion_tokens": 20, "seed": 3,
                             "store": True, "metadata": {"app": "x"}})
     assert (r.n, r.sampling.temperature, r.sampling.max_tokens, r.sampling.seed, r.store) == (2, 0.7, 20, 3, True)
+    assert parse_chat_request({**base, "metadata": {"prefstream.split": "test"}}).metadata == {"prefstream.split": "test"}
     parts = parse_chat_request({**base, "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
                                                                                         {"type": "text", "text": "b"}]}]})
     assert parts.messages[0].role == "system" and parts.messages[0].content == "ab"
@@ -77,6 +78,7 @@ def test_chat_request_parsing_and_errors():
         ({**base, "tools": [{"type": "function"}]}, "tools"),
         ({**base, "store": "yes"}, "store"),
         ({**base, "metadata": {"a": 1}}, "metadata.a"),
+        ({**base, "metadata": {"prefstream.split": "holdout"}}, "metadata.prefstream.split"),
         ({**base, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
     ]
     for body, field in cases:
