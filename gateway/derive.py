@@ -14,6 +14,10 @@ Rules (``a > b`` means a record with ``ranked_responses == (a, b)``):
                    difference and ``response_attributes`` carries multi-attribute scores.
 * thumbs        -> up > down for the same project + prompt, across completions, when both exist
                    (see :func:`derive_thumbs`).
+* criteria      -> a completion whose candidates named criteria ranked (best-of-N with ``store``):
+                   best > worst, or the whole ranking, by the combined score with ties broken by
+                   the tie breaker and never paired (see :func:`derive_criteria`); no feedback event
+                   is needed, and human feedback on the same completion derives its own records.
 
 Every record carries the source kind (``import`` when the feedback came from a dataset import),
 the event ids it came from, the completion id, the split (feedback's, else the completion's, else
@@ -293,3 +297,20 @@ def derive_thumbs(
         if len(out) >= max_pairs:
             break
     return out
+
+
+def derive_criteria(c: Completion, mode: str, *, now: float) -> PreferenceRecord | None:
+    """The criteria preference of a completion ranked by named criteria, or None (all replies tie).
+
+    Its sources are the completion's event id and ``criterion:name@version`` of every criterion, so the
+    record id is deterministic (a replayed completion gives the same record) and differs from any record
+    human feedback on the same completion derives."""
+    from services.criteria_eval import preference_from_scores
+
+    cs = c.criteria
+    if cs is None:
+        return None
+    return preference_from_scores(
+        c.prompt, c.candidates, cs.scores, cs.tie_break or None, mode=mode, criteria=cs.refs, project=c.project,
+        completion_id=c.completion_id, source_event_ids=(c.event_id,), split=c.split,
+        attributes=cs.per_criterion or None, now=now, acked_at=c.acked_at)

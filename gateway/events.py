@@ -34,6 +34,22 @@ def completion_id_for(project: str, event_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class CriteriaScores:
+    """How named criteria scored a completion's candidates (candidate order); see events.proto."""
+
+    refs: tuple[str, ...]
+    scores: tuple[float, ...]
+    tie_break: tuple[float, ...] = ()
+    per_criterion: tuple[Mapping[str, float], ...] = ()
+    mode: str = "pair"
+
+    def to_proto(self) -> events_pb2.CriteriaScores:
+        return events_pb2.CriteriaScores(
+            refs=list(self.refs), scores=list(self.scores), tie_break=list(self.tie_break),
+            per_criterion=[events_pb2.AttributeScores(values=dict(p)) for p in self.per_criterion], mode=self.mode)
+
+
+@dataclass(frozen=True)
 class Completion:
     """A prompt and the N candidate outputs a production app showed."""
 
@@ -48,6 +64,7 @@ class Completion:
     split: str = "train"
     created_at: float = 0.0
     acked_at: float = 0.0
+    criteria: CriteriaScores | None = None  # set when named criteria ranked the candidates
 
     def to_proto(self) -> CompletionProto:
         msg = CompletionProto(
@@ -65,6 +82,8 @@ class Completion:
             msg.created_at.CopyFrom(float_to_ts(self.created_at))
         if self.acked_at:
             msg.acked_at.CopyFrom(float_to_ts(self.acked_at))
+        if self.criteria is not None:
+            msg.criteria.CopyFrom(self.criteria.to_proto())
         return msg
 
 

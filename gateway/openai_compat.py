@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from scorer.bestofn import parse_criteria
+from scorer.bestofn import parse_criteria_header
 from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
@@ -107,6 +107,20 @@ def _content(value: Any, where: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise InvalidArgument(where, "must be a string or a list of text parts")
+
+
+def criteria_scores(result: Any) -> Any:
+    """The stored form of a best-of-N ranked by named criteria (candidates in ranked order), else None:
+    the processor turns it into criteria feedback (gateway/processor.py)."""
+    if not result.criteria:
+        return None
+    from gateway.events import CriteriaScores
+
+    ranked = result.ranked
+    return CriteriaScores(
+        refs=tuple(result.criteria), scores=tuple(c.score for c in ranked),
+        tie_break=tuple(c.tie_break for c in ranked) if all(c.tie_break is not None for c in ranked) else (),
+        per_criterion=tuple(dict(c.per_criterion) for c in ranked))
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -312,7 +326,7 @@ class OpenAICompat:
 
     async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelStatus) -> web.Response:
         header = request.headers.get(CRITERIA_HEADER)
-        criteria = parse_criteria(header, CRITERIA_HEADER) if header is not None else []
+        criteria, refs = parse_criteria_header(header, CRITERIA_HEADER) if header is not None else ([], [])
         if req.stream:
             raise InvalidArgument("stream", f"best-of-N ({CRITERIA_HEADER}) ranks finished candidates and cannot "
                                             f"stream; omit stream, or drop the {CRITERIA_HEADER} header")
@@ -320,8 +334,10 @@ class OpenAICompat:
             raise InvalidArgument("stop", f"is not supported with best-of-N ({CRITERIA_HEADER}); remove stop")
         if req.store and self.log_completion is None:
             raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        project = str(request.get(PROJECT_KEY) or "default")
         result = await self.scorer.best_of_n(
             req.messages, n=req.n, criteria=criteria, sampling=req.sampling, policy_model=req.model,
+            criteria_refs=refs, project=project,
         )
         choices = [
             {
@@ -332,13 +348,16 @@ class OpenAICompat:
                 "score": c.score,
                 "criteria_scores": dict(c.per_criterion),
                 "attributes": dict(c.attributes),
+                **({"criteria_results": {k: r.to_dict() for k, r in c.criteria_results.items()}}
+                   if result.criteria else {}),
             }
             for rank, c in enumerate(result.ranked)
         ]
         policy_version = result.policy.version if result.policy else ""
         completion_id, headers = await self._store(
             request, req, [c.text for c in result.ranked], policy_version,
-            {"prefstream.criteria": ",".join(f"{m.name}@{m.version}" for m in result.reward_models)},
+            {"prefstream.criteria": ",".join(result.criteria or [f"{m.name}@{m.version}" for m in result.reward_models])},
+            criteria=criteria_scores(result),
         )
         return web.json_response(
             {
@@ -359,7 +378,7 @@ class OpenAICompat:
 
 
     async def _store(self, request: web.Request, req: ChatRequest, texts: list[str], version: str,
-                     extra: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+                     extra: Mapping[str, str], criteria: Any = None) -> tuple[str, dict[str, str]]:
         """(completion id, headers): logged through ``log_completion`` when the request says ``store``."""
         if not req.store:
             return f"chatcmpl-{uuid.uuid4().hex}", {}
@@ -374,6 +393,7 @@ class OpenAICompat:
             model_version=version,
             metadata={**req.metadata, **extra},
             split=req.metadata.get(SPLIT_METADATA_KEY, Split.TRAIN.value),
+            criteria=criteria,
             created_at=time.time(),
         )
         completion_id = await self.log_completion(completion)  # type: ignore[misc]

@@ -37,7 +37,7 @@ from kafka.errors import KafkaError
 
 from gateway import metrics
 from gateway.config import GatewayConfig
-from gateway.derive import Target, ThumbVote, derive, derive_thumbs, target_of, thumb_vote
+from gateway.derive import Target, ThumbVote, derive, derive_criteria, derive_thumbs, target_of, thumb_vote
 from gateway.events import Completion, Feedback, Thumbs
 from gateway.validation import Limits, check_feedback_against, completion_from_proto, feedback_from_proto, parse_json
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
@@ -45,6 +45,7 @@ from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
 from services import topics
 from services.codec import encode_event
+from services.criteria_store import CriteriaStore
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.kafka import make_consumer, make_producer
 from services.redis_client import connect
@@ -94,6 +95,7 @@ class Processor:
         self.limits = Limits.from_config(cfg)
         self.bootstrap = kafka_bootstrap
         self.redis = connect(redis_url)
+        self.criteria = CriteriaStore(self.redis)  # the criteria feedback switch (per project, per criterion)
         self.t_completions = cfg.topic(topics.COMPLETIONS)
         self.t_feedback = cfg.topic(topics.FEEDBACK)
         self.t_preferences = cfg.topic(topics.PREFERENCES)
@@ -213,10 +215,24 @@ class Processor:
         self.redis.set(_COMPLETION.format(c.completion_id), encode_event(c.to_proto()), px=int(self.cfg.completion_ttl_s * 1000))
         batch.completions[c.completion_id] = c
         metrics.PROCESSED.labels("completion", "stored").inc()
+        if c.criteria is not None:
+            self._criteria_feedback(c, batch)
         parked = self.redis.hgetall(_PARKED.format(c.completion_id))
         for _event_id, raw in sorted(parked.items()):
             src_parked, since = _unpark_entry(raw)
             self._on_feedback(src_parked, batch, parked_since=since, completion=c)
+
+    def _criteria_feedback(self, c: Completion, batch: _Batch) -> None:
+        """A completion ranked by named criteria is feedback in itself, unless switched off."""
+        from services.criteria import split_ref
+
+        mode = self.criteria.feedback_mode(c.project, [split_ref(r)[0] for r in c.criteria.refs])
+        if mode is None:
+            metrics.PROCESSED.labels("criteria", "switched_off").inc()
+            return
+        record = derive_criteria(c, mode, now=time.time())
+        self._emit(batch, [record] if record is not None else [])
+        metrics.PROCESSED.labels("criteria", "derived" if record is not None else "no_preference").inc()
 
     def _on_feedback(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from google.protobuf.message import Message
 
@@ -25,6 +25,7 @@ from gateway.events import (
     Action,
     Choice,
     Completion,
+    CriteriaScores,
     Edit,
     Feedback,
     InlineCompletion,
@@ -201,6 +202,30 @@ def _ts(msg: Message, name: str) -> float:
 # Completions
 
 
+def _criteria_scores(msg: Any, n: int, field: str) -> CriteriaScores:
+    """The criteria scores of a completion with ``n`` candidates: one score per candidate, in [0, 1]."""
+    from services.criteria import split_ref
+
+    if not msg.refs:
+        raise InvalidArgument(f"{field}.refs", "is empty; name the criteria (name@version) that produced the scores")
+    for i, ref in enumerate(msg.refs):
+        split_ref(ref, f"{field}.refs[{i}]")
+    for name, values, lo, hi in (("scores", msg.scores, 0.0, 1.0), ("tie_break", msg.tie_break, -math.inf, math.inf)):
+        if name == "tie_break" and not values:
+            continue
+        if len(values) != n:
+            raise InvalidArgument(f"{field}.{name}", f"has {len(values)} entries for {n} candidates; give one per candidate")
+        for i, v in enumerate(values):
+            if not math.isfinite(v) or not lo <= v <= hi:
+                raise InvalidArgument(f"{field}.{name}[{i}]", f"must be a finite number{' in [0, 1]' if hi == 1.0 else ''}, got {v}")
+    if msg.per_criterion and len(msg.per_criterion) != n:
+        raise InvalidArgument(f"{field}.per_criterion", f"has {len(msg.per_criterion)} entries for {n} candidates")
+    if msg.mode not in ("", "pair", "ranking"):
+        raise InvalidArgument(f"{field}.mode", f"must be pair or ranking, got {msg.mode!r}")
+    return CriteriaScores(refs=tuple(msg.refs), scores=tuple(msg.scores), tie_break=tuple(msg.tie_break),
+                          per_criterion=tuple(dict(p.values) for p in msg.per_criterion), mode=msg.mode or "pair")
+
+
 def completion_from_proto(
     msg: CompletionProto,
     limits: Limits,
@@ -232,6 +257,7 @@ def completion_from_proto(
     _check_id(msg.model_version, f"{field}.model_version", limits, required=False)
     metadata = _metadata(msg.metadata, f"{field}.metadata", limits)
     split = _split(msg.split, f"{field}.split") or "train"
+    criteria = _criteria_scores(msg.criteria, len(candidates), f"{field}.criteria") if msg.HasField("criteria") else None
     return Completion(
         event_id=event_id,
         completion_id=expected,
@@ -244,6 +270,7 @@ def completion_from_proto(
         split=split,
         created_at=_ts(msg, "created_at"),
         acked_at=_ts(msg, "acked_at"),
+        criteria=criteria,
     )
 
 

@@ -145,4 +145,38 @@ def parse_criteria(value: str, field: str = "op-criteria") -> list[Criterion]:
     return validate_criteria(items, field)
 
 
-__all__ = ["Criterion", "combine", "parse_criteria", "rank", "standardize", "validate_criteria"]
+def parse_criteria_header(value: str, field: str = "op-criteria") -> tuple[list[Criterion], list[str]]:
+    """(weighted reward models, named criteria refs) of an ``op-criteria`` header; one of them is empty.
+
+    Plain names -- a JSON list of strings, or comma-separated names without weights -- are refs:
+    ``["concise", "no-boilerplate@v2"]`` or ``concise, helpful``.  The scorer looks each up among the
+    project's stored criteria (``name@version`` pins a version) and takes a name that is no criterion
+    for a served reward model, so a list of reward model names ranks exactly as before.  Any weight
+    (``reward:2``, ``{"model": ..., "weight": ...}``, a JSON object) makes it the reward-model form of
+    :func:`parse_criteria`, where names are models only.
+    """
+    text = value.strip()
+    names: list[str] | None = None
+    if text.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+            names = [x.strip() for x in data]
+    elif text and text[0] != "{" and ":" not in text and "=" not in text:
+        names = [p.strip() for p in text.split(",") if p.strip()]
+    if names is None:
+        return parse_criteria(value, field), []
+    from services.criteria import split_ref
+
+    for i, name in enumerate(names):
+        split_ref(name, f"{field}[{i}]")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(field, "names a criterion twice")
+    if not names:
+        raise InvalidArgument(field, "lists no criterion")
+    return [], names
+
+
+__all__ = ["Criterion", "combine", "parse_criteria", "parse_criteria_header", "rank", "standardize", "validate_criteria"]

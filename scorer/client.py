@@ -93,11 +93,16 @@ class ScorerClient:
         sampling: SamplingParams | None = None,
         policy_model: str = "",
         request_id: str = "",
+        criteria_refs: Sequence[str] = (),
+        project: str = "",
     ) -> BestOfNResult:
-        """Rank ``candidates``, or sample ``n`` from the policy and rank them, best first."""
+        """Rank ``candidates``, or sample ``n`` from the policy and rank them, best first: by weighted
+        reward models (``criteria``) or by named criteria (``criteria_refs``, ``name`` or ``name@version``
+        of ``project``; each candidate then carries ``criteria_results``)."""
         query = BestOfNQuery(
             prompt=to_messages(prompt), candidates=tuple(candidates), n=n, sampling=sampling or SamplingParams(),
             criteria=tuple(criteria), policy_model=policy_model, request_id=request_id,
+            criteria_refs=tuple(criteria_refs), project=project,
         )
         return BestOfNResult.from_proto(await self._call(self._scorer.BestOfN, query.to_proto()))
 

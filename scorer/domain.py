@@ -15,6 +15,7 @@ from typing import Sequence
 from prefstream.scorer.v1.scorer_pb2 import BestOfNRequest as BestOfNRequestProto
 from prefstream.scorer.v1.scorer_pb2 import BestOfNResponse as BestOfNResponseProto
 from prefstream.scorer.v1.scorer_pb2 import Criterion as CriterionProto
+from prefstream.scorer.v1.scorer_pb2 import CriterionResult as CriterionResultProto
 from prefstream.scorer.v1.scorer_pb2 import ModelRef as ModelRefProto
 from prefstream.scorer.v1.scorer_pb2 import RankedCandidate as RankedCandidateProto
 from prefstream.scorer.v1.scorer_pb2 import ResponseScore as ResponseScoreProto
@@ -23,6 +24,7 @@ from prefstream.scorer.v1.scorer_pb2 import ScoreRequest as ScoreRequestProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
 from prefstream.scorer.v1.scorer_pb2 import Usage as UsageProto
 from scorer.bestofn import Criterion, validate_criteria
+from services.criteria_eval import CriterionResult
 from services.errors import InvalidArgument
 from services.schemas import ChatMessage
 
@@ -231,6 +233,8 @@ class BestOfNQuery:
     criteria: tuple[Criterion, ...] = ()
     policy_model: str = ""
     request_id: str = ""
+    criteria_refs: tuple[str, ...] = ()  # named criteria (or reward model names), see the proto
+    project: str = ""
 
     @property
     def samples(self) -> bool:
@@ -245,6 +249,8 @@ class BestOfNQuery:
             criteria=[CriterionProto(model=c.model, weight=c.weight) for c in self.criteria],
             policy_model=self.policy_model,
             request_id=self.request_id,
+            criteria_refs=list(self.criteria_refs),
+            project=self.project,
         )
 
     @classmethod
@@ -267,6 +273,12 @@ class BestOfNQuery:
         # An omitted weight arrives as 0.0 from proto3: a criteria list of bare names means equal weights.
         if criteria and all(c.weight == 0 for c in criteria):
             criteria = [Criterion(c.model, 1.0) for c in criteria]
+        if criteria and msg.criteria_refs:
+            raise InvalidArgument("criteria_refs", "give named criteria (criteria_refs) or weighted reward models "
+                                                   "(criteria), not both")
+        refs = tuple(_criterion_ref(r, f"criteria_refs[{i}]") for i, r in enumerate(msg.criteria_refs))
+        if len(set(refs)) != len(refs):
+            raise InvalidArgument("criteria_refs", "names a criterion twice")
         return cls(
             prompt=_prompt_from_proto(msg.prompt, "prompt", limits),
             candidates=candidates,
@@ -275,7 +287,31 @@ class BestOfNQuery:
             criteria=tuple(validate_criteria(criteria, "criteria")),
             policy_model=_check_name(msg.policy_model, "policy_model"),
             request_id=_request_id(msg.request_id),
+            criteria_refs=refs,
+            project=_check_name(msg.project, "project") if msg.project else "",
         )
+
+
+def _criterion_ref(ref: str, where: str) -> str:
+    from services.criteria import split_ref
+
+    split_ref(ref, where)  # names the entry and the fix when it is not name or name@version
+    return ref.strip()
+
+
+def _criterion_result_to_proto(r: CriterionResult) -> CriterionResultProto:
+    msg = CriterionResultProto(status=r.status, score=r.score, explanation=r.explanation, version=r.version)
+    if r.passed is not None:
+        msg.passed = r.passed
+    if r.raw_score is not None:
+        msg.raw_score = r.raw_score
+    return msg
+
+
+def _criterion_result_from_proto(name: str, msg: CriterionResultProto) -> CriterionResult:
+    return CriterionResult(criterion=name, version=msg.version, status=msg.status, score=msg.score,
+                           explanation=msg.explanation, passed=msg.passed if msg.HasField("passed") else None,
+                           raw_score=msg.raw_score if msg.HasField("raw_score") else None)
 
 
 @dataclass(frozen=True)
@@ -285,18 +321,27 @@ class RankedCandidate:
     score: float
     per_criterion: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, float] = field(default_factory=dict)
+    criteria_results: dict[str, CriterionResult] = field(default_factory=dict)  # criterion name -> verdict
+    tie_break: float | None = None
 
     def to_proto(self) -> RankedCandidateProto:
-        return RankedCandidateProto(
+        msg = RankedCandidateProto(
             index=self.index, text=self.text, score=self.score,
             per_criterion=self.per_criterion, attributes=self.attributes,
         )
+        for name, r in self.criteria_results.items():
+            msg.criteria_results[name].CopyFrom(_criterion_result_to_proto(r))
+        if self.tie_break is not None:
+            msg.tie_break = self.tie_break
+        return msg
 
     @classmethod
     def from_proto(cls, msg: RankedCandidateProto) -> "RankedCandidate":
         return cls(
             index=msg.index, text=msg.text, score=msg.score,
             per_criterion=dict(msg.per_criterion), attributes=dict(msg.attributes),
+            criteria_results={k: _criterion_result_from_proto(k, v) for k, v in msg.criteria_results.items()},
+            tie_break=msg.tie_break if msg.HasField("tie_break") else None,
         )
 
 
@@ -309,6 +354,7 @@ class BestOfNResult:
     policy: ModelRef | None = None
     request_id: str = ""
     usage: Usage = Usage()
+    criteria: tuple[str, ...] = ()  # name@version of the named criteria that ranked them
 
     @property
     def best(self) -> RankedCandidate:
@@ -320,6 +366,7 @@ class BestOfNResult:
             reward_models=[m.to_proto() for m in self.reward_models],
             request_id=self.request_id,
             usage=self.usage.to_proto(),
+            criteria=list(self.criteria),
         )
         if self.policy is not None:
             msg.policy.CopyFrom(self.policy.to_proto())
@@ -333,6 +380,7 @@ class BestOfNResult:
             policy=ModelRef.from_proto(msg.policy) if msg.HasField("policy") else None,
             request_id=msg.request_id,
             usage=Usage.from_proto(msg.usage),
+            criteria=tuple(msg.criteria),
         )
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 from scorer.batcher import BatchLimits, DynamicBatcher
 from scorer.bestofn import Criterion, combine, rank
 from scorer.config import ScorerConfig
+from scorer.criteria import NamedCriteria, per_reply
 from scorer.decoding import DecodeParams, Decoded, OnDelta
 from scorer.domain import (
     BestOfNQuery,
@@ -41,6 +44,7 @@ from scorer.domain import (
 )
 from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult, GenerationChoice
 from scorer.metrics import ScorerMetrics
+from services.criteria_eval import judge_messages
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.kinds import ModelKind
 from services.schemas import ChatMessage
@@ -128,6 +132,8 @@ class ServingEngine:
         self._live: dict[str, ModelSlot] = {}
         self._retiring: set[asyncio.Task] = set()
         self._listeners: list[Callable[[ModelSlot], None]] = []
+        #: Named criteria for best-of-N; the server gives it the criteria store when it has Redis.
+        self.criteria = NamedCriteria(None, holder=f"scorer-{os.getpid()}")
         #: Called to load a model on first use (the policy, by default); set by the model manager.
         self.demand_loader: Callable[[str, ModelKind], Awaitable[None]] | None = None
         self.limits = BatchLimits(
@@ -342,17 +348,25 @@ class ServingEngine:
             log.warning("abandoned generation on %s@%s failed: %r", slot.name, slot.version, task.exception())
 
     async def best_of_n(self, query: BestOfNQuery) -> BestOfNResult:
-        """Rank the given (or sampled) candidates by the weighted sum of standardized rewards."""
+        """Rank the given (or sampled) candidates by the weighted sum of standardized rewards, or by
+        named criteria (``query.criteria_refs``, :mod:`scorer.criteria`)."""
+        named = None
+        if query.criteria_refs:
+            named = self.criteria.resolve(query.project, query.criteria_refs, self._is_reward_model)
+            if named is None:  # only reward model names: the reward weighting, weights 1
+                query = dataclasses.replace(query, criteria=tuple(Criterion(r, 1.0) for r in query.criteria_refs),
+                                            criteria_refs=())
+        if named is not None:
+            for m in sorted({c.reward.model for c in named if c.reward is not None}):
+                self._check_reward_model(m)
+            for c in named:  # a judge policy must exist before seconds are spent on sampling
+                if c.judge is not None and c.judge.model not in self.cfg.policy_models and c.judge.model not in self._live:
+                    raise self._missing(c.judge.model, ModelKind.POLICY)
+            return await self._best_of_n_named(query, named)
         criteria = list(query.criteria) or [Criterion(self.cfg.default_reward_model, 1.0)]
         for c in criteria:  # fail fast, before spending seconds on sampling
-            slot = self._live.get(c.model)
-            if slot is None or slot.kind != ModelKind.REWARD:
-                raise self._missing(c.model, ModelKind.REWARD)
-        policy_ref, usage = None, Usage()
-        if query.samples:
-            texts, policy_ref, usage = await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
-        else:
-            texts = list(query.candidates)
+            self._check_reward_model(c.model)
+        texts, policy_ref, usage = await self._candidates(query)
         results = await asyncio.gather(
             *(self.score(ScoreQuery(prompt=query.prompt, responses=tuple(texts), model=c.model)) for c in criteria)
         )
@@ -378,6 +392,46 @@ class ServingEngine:
             request_id=query.request_id,
             usage=usage,
         )
+
+    def _is_reward_model(self, name: str) -> bool:
+        slot = self._live.get(name)
+        return slot is not None and slot.kind == ModelKind.REWARD
+
+    def _check_reward_model(self, name: str) -> None:
+        if not self._is_reward_model(name):
+            raise self._missing(name, ModelKind.REWARD)
+
+    async def _candidates(self, query: BestOfNQuery) -> tuple[list[str], ModelRef | None, Usage]:
+        if query.samples:
+            return await self.generate(query.prompt, query.n, query.sampling, query.policy_model)
+        return list(query.candidates), None, Usage()
+
+    async def _best_of_n_named(self, query: BestOfNQuery, named: list[Any]) -> BestOfNResult:
+        texts, policy_ref, usage = await self._candidates(query)
+        used: dict[str, ModelRef] = {}
+
+        async def score(model: str, prompt: Sequence[ChatMessage], replies: Sequence[str]) -> list[tuple[float, dict[str, float]]]:
+            res = await self.score(ScoreQuery(prompt=tuple(prompt), responses=tuple(replies), model=model))
+            used[model] = res.model
+            return [(s.reward, dict(s.attributes)) for s in res.scores]
+
+        async def judge(spec: Any, prompt: Sequence[ChatMessage], replies: Sequence[str]) -> list[float]:
+            slot = await self._acquire_policy(spec.model, "criteria_refs")
+            try:
+                convs = [list(judge_messages(spec, prompt, r)) for r in replies]
+                return await asyncio.get_running_loop().run_in_executor(self._generate, slot.runner.yes_probability, convs)
+            finally:
+                self._release(slot)
+
+        outcome = await self.criteria.rank(named, query.prompt, texts, score, judge)
+        ranked = tuple(RankedCandidate(
+            index=i, text=texts[i], score=outcome.combined[i],
+            per_criterion={name: rs[i].score for name, rs in outcome.results.items()},
+            criteria_results=per_reply(outcome.results, i),
+            tie_break=outcome.tie_break[i] if outcome.tie_break is not None else None,
+        ) for i in outcome.order)
+        return BestOfNResult(ranked=ranked, reward_models=tuple(used[m] for m in sorted(used)), policy=policy_ref,
+                             request_id=query.request_id, usage=usage, criteria=outcome.refs)
 
 
 __all__ = ["ModelSlot", "PolicyRunner", "RewardRunner", "ServingEngine"]

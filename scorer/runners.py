@@ -235,6 +235,10 @@ class PolicyRunner:
         ids = self.model.prompt_ids(list(prompt))
         return decode(self.model.hf_model, self.model.tokenizer, ids, params, on_delta=on_delta, cancelled=cancelled)
 
+    def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
+        """A judge's P(yes) after each conversation (generation thread)."""
+        return self.model.yes_probability(conversations)
+
     def warmup(self) -> None:
         out = self.generate([ChatMessage("user", "Hi")], 1, SamplingParams(temperature=0.0, max_tokens=2))
         if len(out) != 1:

@@ -213,6 +213,10 @@ class Scorer:
             infer_workers=self.infer_workers,
         )
         registry = self._make_registry()
+        if registry is not None:
+            from services.criteria_store import CriteriaStore
+
+            self.engine.criteria.definitions = CriteriaStore(registry.redis, namespace=registry.namespace, registry=registry)
         self.manager = ModelManager(
             cfg, self.engine, self.metrics, registry, load_executor=ex["load"], registry_executor=ex["registry"],
         )

@@ -317,6 +317,25 @@ def _q(x: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Judge criteria: the question a served policy is asked, in one place.
+
+JUDGE_SYSTEM = "You are a strict evaluator. Read the conversation and the reply, then answer the question with yes or no."
+
+
+def judge_messages(spec: JudgeSpec, prompt: Sequence[ChatMessage], reply: str) -> tuple[ChatMessage, ...]:
+    """The conversation a judge policy answers: the original prompt as text, the reply, the question.
+
+    Its P(yes) is read from the policy's next-token distribution after these messages
+    (:meth:`services.policy_model.PolicyModel.yes_probability`): the probability mass of the "yes"
+    spellings over that of "yes" and "no".  With the 135M default policy this judge is weak (it barely
+    reads the reply); a larger served policy makes it useful."""
+    convo = "\n".join(f"{m.role}: {m.content}" for m in prompt)
+    return (ChatMessage("system", JUDGE_SYSTEM),
+            ChatMessage("user", f"Conversation:\n{convo}\n\nReply:\n{reply}\n\nQuestion: {spec.question}\n"
+                                "Answer yes or no."))
+
+
+# ---------------------------------------------------------------------------------------------
 # From scores to a preference record.
 
 
@@ -402,6 +421,6 @@ def preference_from_scores(
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "rank",
+    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "rank",
     "regex_must_match", "regex_must_not_match", "usable",
 ]

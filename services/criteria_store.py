@@ -112,6 +112,27 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
 
 
+#: ``set_feedback`` name meaning every criterion of the project.
+ALL = "*"
+FEEDBACK_MODES = ("pair", "ranking")
+
+
+def resolve_feedback(settings: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str | None:
+    """Pure rule of :meth:`CriteriaStore.feedback_mode`: a criterion's own setting, else the project's
+    (``*``), else on with ``pair``; off if any named criterion is off; the mode of the first criterion
+    with a setting of its own, else the project's."""
+    default = settings.get(ALL, {"enabled": True, "mode": "pair"})
+    mode = None
+    for name in names:
+        own = settings.get(name)
+        eff = own or default
+        if not eff.get("enabled", True):
+            return None
+        if own is not None and mode is None:
+            mode = own.get("mode", "pair")
+    return mode or default.get("mode", "pair")
+
+
 class CriteriaStore:
     """Criterion definitions in Redis; see the module docstring for the layout and the rules.
 
@@ -332,6 +353,34 @@ class CriteriaStore:
     def release(self, project: str, name: str, holder: str) -> None:
         with self._errors():
             self._r.zrem(self._key(project, name, "in_use"), holder)
+
+    # -- criteria feedback switch --------------------------------------------------------------------
+
+    def _feedback_key(self, project: str) -> str:
+        return f"{self.namespace}:criteria:{{{project}}}:feedback"
+
+    def set_feedback(self, project: str, name: str = ALL, *, enabled: bool, mode: str = "pair") -> None:
+        """Switch criteria feedback on or off for one criterion of ``project`` (``name``) or for all of
+        them (``ALL``), and choose what it builds: ``pair`` (best vs worst) or ``ranking`` (every
+        distinct reply, for the Plackett-Luce loss).  A criterion's own setting wins over the project's."""
+        validate_name(project, "project")
+        if name != ALL:
+            validate_name(name, "name")
+        if mode not in FEEDBACK_MODES:
+            raise InvalidArgument("mode", f"must be one of {', '.join(FEEDBACK_MODES)}, got {mode!r}")
+        with self._errors():
+            self._r.hset(self._feedback_key(project), name, json.dumps({"enabled": bool(enabled), "mode": mode}))
+
+    def feedback_settings(self, project: str) -> dict[str, dict[str, Any]]:
+        """Every explicit setting of ``project``: name (or ``*``) -> {"enabled", "mode"}."""
+        with self._errors():
+            raw = self._r.hgetall(self._feedback_key(project))
+        return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+
+    def feedback_mode(self, project: str, names: Sequence[str]) -> str | None:
+        """What criteria feedback a best-of-N ranked by ``names`` builds (``pair``/``ranking``), or None
+        when it is switched off for the project or for any of the criteria.  Default: on, ``pair``."""
+        return resolve_feedback(self.feedback_settings(project), names)
 
     # -- plumbing ------------------------------------------------------------------------------------
 

@@ -194,6 +194,30 @@ class PolicyModel:
         grouped = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
         return [g * params.n if params.greedy else g for g in grouped]
 
+    def yes_probability(self, conversations: Sequence[Sequence[Any]]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of the first reply token after each conversation (a judge's verdict).
+
+        "yes" and "no" count every single-token spelling the tokenizer has ("yes", " Yes", "YES", ...)."""
+        yes, no = self._answer_token_ids()
+        inputs = self._encode(conversations)
+        with torch.inference_mode():
+            logits = self.hf_model(**inputs).logits[:, -1, :].float()  # (P, V): left padding, last is the cue
+        probs = torch.softmax(logits, dim=-1)
+        p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)  # (P,), (P,)
+        return (p_yes / (p_yes + p_no).clamp_min(1e-12)).tolist()
+
+    def _answer_token_ids(self) -> tuple[list[int], list[int]]:
+        ids: dict[str, set[int]] = {"yes": set(), "no": set()}
+        for word in ("yes", "no"):
+            for form in (word, word.capitalize(), word.upper()):
+                for text in (form, " " + form):
+                    toks = self.tokenizer.encode(text, add_special_tokens=False)
+                    if len(toks) == 1:
+                        ids[word].add(toks[0])
+        if not ids["yes"] or not ids["no"]:
+            raise InvalidArgument("judge.model", "the policy's tokenizer has no single token for yes/no; it cannot judge")
+        return sorted(ids["yes"]), sorted(ids["no"])
+
     def generate(self, prompt_messages: Sequence[Any], n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                  max_tokens: int = 128, seed: int | None = None) -> list[str]:
         """``n`` completions of one conversation; deterministic for a given seed, greedy at temperature 0."""

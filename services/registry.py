@@ -337,6 +337,11 @@ class ModelRegistry:
         self.namespace = namespace
         self._announcer = announcer
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The Redis client the registry reads and writes (the criteria store shares it)."""
+        return self._r
+
     # -- keys --------------------------------------------------------------------------------------
 
     def _key(self, name: str, part: str) -> str:

@@ -86,7 +86,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("event_id", "completion_id", "project", "prompt", "candidates", "model", "model_version", "metadata", "split", "created_at", "acked_at")
+    __slots__ = ("event_id", "completion_id", "project", "prompt", "candidates", "model", "model_version", "metadata", "split", "created_at", "acked_at", "criteria")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class Completion(_message.Message):
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     completion_id: str
     project: str
@@ -116,7 +117,22 @@ class Completion(_message.Message):
     split: Split
     created_at: _timestamp_pb2.Timestamp
     acked_at: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., completion_id: _Optional[str] = ..., project: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., split: _Optional[_Union[Split, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    criteria: CriteriaScores
+    def __init__(self, event_id: _Optional[str] = ..., completion_id: _Optional[str] = ..., project: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., split: _Optional[_Union[Split, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., criteria: _Optional[_Union[CriteriaScores, _Mapping]] = ...) -> None: ...
+
+class CriteriaScores(_message.Message):
+    __slots__ = ("refs", "scores", "tie_break", "per_criterion", "mode")
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TIE_BREAK_FIELD_NUMBER: _ClassVar[int]
+    PER_CRITERION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    tie_break: _containers.RepeatedScalarFieldContainer[float]
+    per_criterion: _containers.RepeatedCompositeFieldContainer[AttributeScores]
+    mode: str
+    def __init__(self, refs: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., tie_break: _Optional[_Iterable[float]] = ..., per_criterion: _Optional[_Iterable[_Union[AttributeScores, _Mapping]]] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class InlineCompletion(_message.Message):
     __slots__ = ("prompt", "outputs")

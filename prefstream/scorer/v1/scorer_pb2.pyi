@@ -85,7 +85,7 @@ class Criterion(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class BestOfNRequest(_message.Message):
-    __slots__ = ("prompt", "candidates", "n", "sampling", "criteria", "policy_model", "request_id")
+    __slots__ = ("prompt", "candidates", "n", "sampling", "criteria", "policy_model", "request_id", "criteria_refs", "project")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class BestOfNRequest(_message.Message):
     CRITERIA_FIELD_NUMBER: _ClassVar[int]
     POLICY_MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_REFS_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedCompositeFieldContainer[_events_pb2.ChatMessage]
     candidates: _containers.RepeatedScalarFieldContainer[str]
     n: int
@@ -100,10 +102,28 @@ class BestOfNRequest(_message.Message):
     criteria: _containers.RepeatedCompositeFieldContainer[Criterion]
     policy_model: str
     request_id: str
-    def __init__(self, prompt: _Optional[_Iterable[_Union[_events_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., criteria: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., policy_model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    criteria_refs: _containers.RepeatedScalarFieldContainer[str]
+    project: str
+    def __init__(self, prompt: _Optional[_Iterable[_Union[_events_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., criteria: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., policy_model: _Optional[str] = ..., request_id: _Optional[str] = ..., criteria_refs: _Optional[_Iterable[str]] = ..., project: _Optional[str] = ...) -> None: ...
+
+class CriterionResult(_message.Message):
+    __slots__ = ("status", "score", "explanation", "passed", "version", "raw_score")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    score: float
+    explanation: str
+    passed: bool
+    version: str
+    raw_score: float
+    def __init__(self, status: _Optional[str] = ..., score: _Optional[float] = ..., explanation: _Optional[str] = ..., passed: _Optional[bool] = ..., version: _Optional[str] = ..., raw_score: _Optional[float] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
-    __slots__ = ("index", "text", "score", "per_criterion", "attributes")
+    __slots__ = ("index", "text", "score", "per_criterion", "attributes", "criteria_results", "tie_break")
     class PerCriterionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,31 +138,44 @@ class RankedCandidate(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CriteriaResultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CriterionResult
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CriterionResult, _Mapping]] = ...) -> None: ...
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PER_CRITERION_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIE_BREAK_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     score: float
     per_criterion: _containers.ScalarMap[str, float]
     attributes: _containers.ScalarMap[str, float]
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., per_criterion: _Optional[_Mapping[str, float]] = ..., attributes: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    criteria_results: _containers.MessageMap[str, CriterionResult]
+    tie_break: float
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., per_criterion: _Optional[_Mapping[str, float]] = ..., attributes: _Optional[_Mapping[str, float]] = ..., criteria_results: _Optional[_Mapping[str, CriterionResult]] = ..., tie_break: _Optional[float] = ...) -> None: ...
 
 class BestOfNResponse(_message.Message):
-    __slots__ = ("ranked", "reward_models", "policy", "request_id", "usage")
+    __slots__ = ("ranked", "reward_models", "policy", "request_id", "usage", "criteria")
     RANKED_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODELS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
     ranked: _containers.RepeatedCompositeFieldContainer[RankedCandidate]
     reward_models: _containers.RepeatedCompositeFieldContainer[ModelRef]
     policy: ModelRef
     request_id: str
     usage: Usage
-    def __init__(self, ranked: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., reward_models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., policy: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    criteria: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ranked: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., reward_models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., policy: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., criteria: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

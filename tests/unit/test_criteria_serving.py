@@ -1,0 +1,184 @@
+"""Best-of-N by named criteria and the criteria feedback it turns into: the pure parts, with fakes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.derive import derive_criteria
+from gateway.events import Completion, CriteriaScores
+from prefstream.events.v1 import events_pb2
+from scorer.bestofn import Criterion as RewardWeight
+from scorer.bestofn import parse_criteria_header
+from scorer.criteria import NamedCriteria
+from services.criteria import parse_criterion
+from services.criteria_eval import judge_messages
+from services.criteria_store import resolve_feedback
+from services.errors import InvalidArgument, NotFound
+from services.kinds import FeedbackKind
+from services.schemas import ChatMessage
+
+PROMPT = (ChatMessage("user", "Say something."),)
+
+
+def test_the_header_tells_named_criteria_from_weighted_reward_models() -> None:
+    assert parse_criteria_header('["concise", "helpful@v2"]') == ([], ["concise", "helpful@v2"])
+    assert parse_criteria_header("concise, helpful") == ([], ["concise", "helpful"])
+    assert parse_criteria_header("reward:2,safety") == ([RewardWeight("reward", 2.0), RewardWeight("safety", 1.0)], [])
+    assert parse_criteria_header('{"reward": 1}') == ([RewardWeight("reward", 1.0)], [])
+    assert parse_criteria_header('[{"model": "reward", "weight": 3}]') == ([RewardWeight("reward", 3.0)], [])
+    with pytest.raises(InvalidArgument) as e:
+        parse_criteria_header('["concise", "bad name!"]')
+    assert e.value.field == "op-criteria[1]"
+    with pytest.raises(InvalidArgument, match="twice"):
+        parse_criteria_header("a, a")
+
+
+class FakeDefinitions:
+    def __init__(self, *criteria) -> None:
+        self.by_ref = {}
+        for c in criteria:
+            self.by_ref[(c.project, c.name)] = c
+            self.by_ref[(c.project, c.ref)] = c
+        self.marked: list[tuple[str, str, str]] = []
+
+    def get(self, project: str, ref: str):
+        try:
+            return self.by_ref[(project, ref)]
+        except KeyError:
+            raise NotFound(f"no criterion {ref}", field="criterion") from None
+
+    def mark_in_use(self, project: str, name: str, holder: str, *, ttl_s=None) -> None:
+        self.marked.append((project, name, holder))
+
+
+def stored(data: dict, version: str = "v1"):
+    import dataclasses
+
+    return dataclasses.replace(parse_criterion(data, project="default"), version=version)
+
+
+CONCISE = stored({"name": "concise", "rules": [{"max_words": 3}], "tie_breaker": {"reward_model": "reward"}})
+POLITE = stored({"name": "polite", "rules": [{"contains_any": ["please"], "flags": "i"}], "weight": 3.0})
+
+
+def test_resolve_finds_stored_criteria_falls_back_to_served_reward_models_and_names_what_is_missing() -> None:
+    defs = FakeDefinitions(CONCISE, POLITE)
+    named = NamedCriteria(defs, holder="scorer-1")
+    served = {"reward"}.__contains__
+    got = named.resolve("default", ["concise@v1", "reward"], served)
+    assert [c.ref for c in got] == ["concise@v1", "reward"] and got[1].reward.model == "reward"
+    assert defs.marked == [("default", "concise", "scorer-1")]  # implicit reward criteria are not stored
+    named.resolve("default", ["concise"], served)
+    assert len(defs.marked) == 1  # renewed at most every ttl / 3
+    assert named.resolve("default", ["reward"], served) is None  # reward models only: the old weighting
+    with pytest.raises(NotFound) as e:
+        named.resolve("default", ["concise", "nope"], served)
+    assert e.value.field == "criteria_refs[1]"
+    assert NamedCriteria(None, holder="x").resolve("default", ["reward"], served) is None
+
+
+def test_rank_combines_weighted_criteria_and_breaks_ties_with_the_reward_model() -> None:
+    named = NamedCriteria(FakeDefinitions(CONCISE, POLITE), holder="s")
+    replies = ["one two three four", "please be brief", "short reply", "please, this is far too long"]
+    rewards = {"reward": [(0.1, {}), (0.2, {}), (0.9, {}), (0.5, {})]}
+
+    async def score(model, prompt, texts):
+        assert list(texts) == replies
+        return rewards[model]
+
+    async def judge(spec, prompt, texts):
+        raise AssertionError("no judge criterion here")
+
+    out = asyncio.run(named.rank([CONCISE, POLITE], PROMPT, replies, score, judge))
+    # concise (w 1): [0, 1, 1, 0]; polite (w 3): [0, 1, 0, 1] -> combined [0, 1, .25, .75]
+    assert out.combined == pytest.approx([0.0, 1.0, 0.25, 0.75])
+    assert out.order == [1, 3, 2, 0] and out.refs == ("concise@v1", "polite@v1")
+    assert out.tie_break == [0.1, 0.2, 0.9, 0.5]
+    assert out.results["concise"][0].passed is False and out.results["polite"][1].passed is True
+    # equal combined scores are ordered by the tie breaker
+    tie = asyncio.run(named.rank([CONCISE], PROMPT, ["a b", "c d", "e f g h i"], score=lambda m, p, t: _const(
+        [(0.3, {}), (0.8, {}), (0.0, {})]), judge=judge))
+    assert tie.order == [1, 0, 2]
+
+
+async def _const(value):
+    return value
+
+
+def test_judge_criteria_read_the_judges_probability_and_the_prompt_names_the_question() -> None:
+    judge_c = stored({"name": "on-topic", "judge": {"model": "policy", "question": "Does the reply answer it?"}})
+    named = NamedCriteria(FakeDefinitions(judge_c), holder="s")
+
+    async def judge(spec, prompt, texts):
+        return [0.9, 0.2]
+
+    out = asyncio.run(named.rank([judge_c], PROMPT, ["yes it does", "no"], score=None, judge=judge))
+    assert out.order == [0, 1] and out.results["on-topic"][0].score == pytest.approx(0.9)
+    msgs = judge_messages(judge_c.judge, PROMPT, "the reply")
+    assert msgs[0].role == "system" and "Does the reply answer it?" in msgs[1].content and "the reply" in msgs[1].content
+
+
+def test_the_feedback_switch_per_project_and_per_criterion() -> None:
+    assert resolve_feedback({}, ["a"]) == "pair"
+    assert resolve_feedback({"*": {"enabled": False, "mode": "pair"}}, ["a"]) is None
+    assert resolve_feedback({"*": {"enabled": False}, "a": {"enabled": True, "mode": "ranking"}}, ["a"]) == "ranking"
+    assert resolve_feedback({"b": {"enabled": False}}, ["a", "b"]) is None
+    assert resolve_feedback({"*": {"enabled": True, "mode": "ranking"}}, ["a"]) == "ranking"
+
+
+def completion(scores, tie_break=(), mode="pair", split="train") -> Completion:
+    return Completion(event_id="e1", project="default", prompt=PROMPT, candidates=("A", "B", "C"), completion_id="cmp_1",
+                      split=split, acked_at=5.0,
+                      criteria=CriteriaScores(refs=("concise@v2",), scores=tuple(scores), tie_break=tuple(tie_break),
+                                              per_criterion=tuple({"concise": s} for s in scores), mode=mode))
+
+
+def test_a_completion_ranked_by_criteria_becomes_a_record_tagged_with_the_criterion_version() -> None:
+    r = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=10.0)
+    assert r.ranked_responses == ("C", "B") and r.source_kind == FeedbackKind.CRITERIA
+    assert r.source_event_ids == ("e1", "criterion:concise@v2") and r.completion_id == "cmp_1"
+    assert r.source_acked_at == 5.0 and r.margin == pytest.approx(1.0)
+    assert derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=99.0).record_id == r.record_id
+    ranking = derive_criteria(completion([1.0, 0.0, 0.5]), "ranking", now=10.0)
+    assert ranking.ranked_responses == ("A", "C", "B")
+    assert derive_criteria(completion([1.0, 1.0, 1.0]), "pair", now=10.0) is None  # all tie: no preference
+    assert derive_criteria(completion([1.0, 0.0, 0.0], split="test"), "pair", now=1.0).split == "test"
+
+
+def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
+    from gateway.config import load_gateway_config
+    from gateway.validation import Limits, completion_from_proto
+
+    limits = Limits.from_config(load_gateway_config(env={}))
+    good = completion([1.0, 0.0, 0.5]).to_proto()
+    good.completion_id = ""  # the gateway derives it
+    assert completion_from_proto(good, limits).criteria.scores == (1.0, 0.0, 0.5)
+    for mutate, field in [
+        (lambda m: m.criteria.scores.append(0.3), "completion.criteria.scores"),
+        (lambda m: m.criteria.scores.__setitem__(1, 1.5), "completion.criteria.scores[1]"),
+        (lambda m: m.criteria.ClearField("refs"), "completion.criteria.refs"),
+        (lambda m: m.criteria.refs.__setitem__(0, "bad ref!"), "completion.criteria.refs[0]"),
+        (lambda m: m.criteria.tie_break.extend([1.0]), "completion.criteria.tie_break"),
+        (lambda m: setattr(m.criteria, "mode", "best"), "completion.criteria.mode"),
+    ]:
+        msg = events_pb2.Completion()
+        msg.CopyFrom(good)
+        mutate(msg)
+        with pytest.raises(InvalidArgument) as e:
+            completion_from_proto(msg, limits)
+        assert e.value.field == field, field
+
+
+def test_a_policy_judges_with_its_yes_probability(tiny_base) -> None:  # noqa: F811
+    from services.policy_model import PolicyModel
+
+    policy = PolicyModel.from_pretrained(str(tiny_base))
+    convs = [list(judge_messages(parse_criterion({"name": "j", "judge": {"model": "p", "question": "Is it short?"}}).judge,
+                                 PROMPT, reply)) for reply in ("yes", "a much longer reply than that")]
+    probs = policy.yes_probability(convs)
+    assert len(probs) == 2 and all(0.0 < p < 1.0 for p in probs)
+
+
+from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: E402,F401 (fixtures)
