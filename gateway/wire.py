@@ -54,6 +54,10 @@ def completion_dict(c: Completion) -> dict[str, Any]:
         d["created_at"] = _ts(c.created_at)
     if c.acked_at:
         d["acked_at"] = _ts(c.acked_at)
+    if c.criteria is not None:  # best-of-N with criteria only: not the hot path, so the generic encoder
+        from google.protobuf import json_format
+
+        d["criteria"] = json_format.MessageToDict(c.criteria.to_proto(), preserving_proto_field_name=True)
     return d
 
 

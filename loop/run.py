@@ -161,6 +161,7 @@ class LoopProcesses:
             "PREFSTREAM_SCORER_REWARD_MODELS": cfg.reward_model or "reward",
             "PREFSTREAM_SCORER_POLICY_MODELS": cfg.policy_model,
             "PREFSTREAM_SCORER_MAX_NEW_TOKENS": str(max(cfg.max_tokens, 16)),
+            "PREFSTREAM_SCORER_DEFAULT_NEW_TOKENS": str(max(cfg.max_tokens, 16)),
             "PREFSTREAM_SCORER_MAX_LENGTH": str(cfg.max_length),
             **({"PREFSTREAM_SCORER_POLICY_BASE_PATH": cfg.policy_base} if cfg.policy_base else {}),
         }, logs / "scorer.log")
@@ -358,7 +359,12 @@ class CriteriaLoop:
     # -- versions ---------------------------------------------------------------------------------
 
     def versions(self) -> tuple[list[str], list[tuple[str, str]]]:
-        vs = self.registry.versions(self.cfg.policy_model, include_rejected=True)
+        from services.registry import ModelNotFound
+
+        try:
+            vs = self.registry.versions(self.cfg.policy_model, include_rejected=True)
+        except ModelNotFound:  # the trainer has not written its first version yet
+            return [], []
         published = [v.version for v in vs if v.state.value == "published"]
         rejected = [(v.version, v.reason) for v in vs if v.state.value == "rejected"]
         return published, rejected
@@ -376,12 +382,12 @@ class CriteriaLoop:
         return False
 
     async def _evaluator(self, scorer: Any, stop: asyncio.Event) -> None:
-        """After every newly published version: wait until it is served, then measure it."""
+        """After every newly published version: wait until it is served, then measure it.  When versions
+        come faster than an evaluation takes, the newest is measured and the ones between are skipped."""
         while not stop.is_set():
             published, _ = self.versions()
-            fresh = [v for v in published if v not in self._evaluated]
-            if fresh:
-                newest = fresh[-1]
+            newest = published[-1] if published else None
+            if newest is not None and newest not in self._evaluated:  # older unmeasured ones are superseded
                 if await self._wait_served(scorer, newest):
                     await self.evaluate_served(scorer, f"after {newest}")
                 else:

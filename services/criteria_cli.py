@@ -131,6 +131,28 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from services.criteria_store import ALL
+
+    criteria, cfg = _store(args)
+    name = args.name or ALL
+    if args.state is not None:
+        if name != ALL:
+            criteria.get(cfg.project, name)  # a switch for a criterion that does not exist is a typo
+        criteria.set_feedback(cfg.project, name, enabled=args.state == "on", mode=args.mode)
+    settings = criteria.feedback_settings(cfg.project)
+    if args.json:
+        print(json.dumps(settings, indent=2, sort_keys=True))
+        return 0
+    default = settings.get(ALL, {"enabled": True, "mode": "pair"})
+    print(f"criteria feedback in project {cfg.project}: {'on' if default.get('enabled', True) else 'off'} "
+          f"({default.get('mode', 'pair')}) unless a criterion says otherwise")
+    for n, v in sorted(settings.items()):
+        if n != ALL:
+            print(f"  {n}: {'on' if v.get('enabled', True) else 'off'} ({v.get('mode', 'pair')})")
+    return 0
+
+
 def _friendly(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Domain and connection errors become one line on stderr and exit status 2."""
 
@@ -177,3 +199,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even while in use; recorded in the audit log")
     p.add_argument("--reason", default=None, help="why (kept in the audit log of a forced delete)")
+    p = command("feedback", "switch criteria feedback (stored best-of-N -> preference data) on or off; "
+                            "without on/off, show the settings", cmd_feedback)
+    p.add_argument("state", nargs="?", choices=("on", "off"), help="switch it on or off")
+    p.add_argument("--name", default="", help="one criterion; empty = every criterion of the project")
+    p.add_argument("--mode", default="pair", choices=("pair", "ranking"),
+                   help="what a best-of-N becomes: best vs worst, or the whole ranking (Plackett-Luce DPO)")
+    p.add_argument("--json", action="store_true", help="print JSON")

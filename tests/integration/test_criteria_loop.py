@@ -30,7 +30,7 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
 
     tag = uuid.uuid4().hex[:6]
     name = f"short{tag}"
-    (tmp_path / "short.yaml").write_text(f"name: {name}\nrules:\n  - max_words: 4\n")
+    (tmp_path / "short.yaml").write_text(f"name: {name}\nrules:\n  - max_words: 7\n")
     (tmp_path / "train.txt").write_text("\n".join(f"Tell me about topic {i}." for i in range(40)))
     (tmp_path / "eval.txt").write_text("\n".join(f"Explain idea {i}." for i in range(4)))
     policy = f"loop-policy-{tag}"

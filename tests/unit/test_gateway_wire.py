@@ -9,6 +9,7 @@ import pytest
 from gateway import wire
 from gateway.events import (
     Choice,
+    CriteriaScores,
     Completion,
     Edit,
     Feedback,
@@ -35,6 +36,9 @@ def _same(event) -> None:
     "completion",
     [
         Completion(event_id="e1", project="p", prompt=PROMPT, candidates=("a", "b"), completion_id="cmp_1"),
+        Completion(event_id="e3", project="p", prompt=PROMPT, candidates=("a", "b"), completion_id="cmp_3",
+                   criteria=CriteriaScores(refs=("concise@v2",), scores=(1.0, 0.25), tie_break=(0.5, -1.5),
+                                           per_criterion=({"concise": 1.0}, {"concise": 0.0}), mode="ranking")),
         Completion(
             event_id="e2", project="p", prompt=PROMPT, candidates=("x",), completion_id="cmp_2", model="m",
             model_version="v3", metadata={"k": "v", "ü": "ß"}, split="test", created_at=1700000000.5,
