@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Header of the OpenAI-compatible route that names the criteria of a best-of-N (JSON list of refs).
 CRITERIA_HEADER = "op-criteria"
+#: Evaluation requests in flight: the scorer decodes one generation at a time, so more only queue.
+EVAL_CONCURRENCY = 2
+#: Per-call deadline of the loop's scorer calls: a generation waits behind the app's best-of-N requests.
+SCORER_TIMEOUT_S = 600.0
 
 
 def _out(line: str) -> None:
@@ -238,7 +242,7 @@ class CriteriaLoop:
     async def _generate_eval(self, scorer: Any) -> tuple[list[str], dict[str, int]]:
         from scorer.domain import SamplingParams
 
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(EVAL_CONCURRENCY)
         versions: dict[str, int] = {}
 
         async def one(i: int, prompt: str) -> str:
@@ -256,7 +260,7 @@ class CriteriaLoop:
     async def _rewards(self, scorer: Any, replies: Sequence[str]) -> list[float]:
         if not self.cfg.reward_model:
             return []
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(EVAL_CONCURRENCY)
 
         async def one(prompt: str, reply: str) -> float:
             async with sem:
@@ -421,7 +425,8 @@ class CriteriaLoop:
 
         cfg = self.cfg
         phases = [self.criteria] if cfg.together else [[c] for c in self.criteria]
-        async with ScorerClient(self.procs.scorer_address) as scorer, aiohttp.ClientSession() as http:
+        async with ScorerClient(self.procs.scorer_address, timeout_s=SCORER_TIMEOUT_S) as scorer, \
+                aiohttp.ClientSession() as http:
             await scorer.wait_ready(cfg.startup_timeout_s)
             base = await self.evaluate_served(scorer, "of the base policy")
             stop = asyncio.Event()

@@ -25,6 +25,7 @@ from prefstream.admin.v1.admin_pb2 import ModelStatus as ModelStatusProto
 from prefstream.admin.v1.admin_pb2 import PinVersionRequest as PinVersionRequestProto
 from prefstream.admin.v1.admin_pb2 import RollbackRequest as RollbackRequestProto
 from prefstream.admin.v1.admin_pb2 import UnpinRequest as UnpinRequestProto
+from prefstream.admin.v1 import admin_pb2
 from scorer.engine import ServingEngine
 from scorer.swap import ModelManager
 from services.errors import FailedPrecondition, InvalidArgument
@@ -124,6 +125,86 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
         log.info("rolled back %s", name)
         await self._apply(name)
         return self._status_proto(await self._call(registry.status, name))
+
+    # -- criteria ----------------------------------------------------------------------------------
+
+    def _criteria(self, *, check_models: bool = True) -> Any:
+        store = self.engine.criteria.definitions
+        if store is None:
+            raise FailedPrecondition("this scorer runs without Redis (no redis_url), so it has no criteria store; "
+                                     "start it with --redis-url or --stack-run-dir")
+        if check_models:
+            return store
+        from services.criteria_store import CriteriaStore
+
+        return CriteriaStore(store.redis, namespace=store.namespace)
+
+    @staticmethod
+    def _info(c: Any, *, created: bool = False, in_use_by: Any = ()) -> admin_pb2.CriterionInfo:
+        import json
+
+        return admin_pb2.CriterionInfo(project=c.project, name=c.name, version=c.version,
+                                       definition_json=json.dumps(c.to_dict(), sort_keys=True), created=created,
+                                       in_use_by=list(in_use_by))
+
+    async def CreateCriterion(self, request: admin_pb2.CreateCriterionRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.CriterionInfo:
+        import json
+
+        from services.criteria import parse_criterion
+
+        try:
+            data = json.loads(request.definition_json)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument("definition_json", f"is not valid JSON ({e.msg}); send the definition as a JSON object") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("definition_json", "must be a JSON object (one criterion definition)")
+        project = request.project or data.get("project") or "default"
+        if data.get("project") not in (None, project):
+            raise InvalidArgument("definition_json.project", f"says {data['project']!r} but the request's project is "
+                                                             f"{project!r}; make them agree or leave one out")
+        criterion = parse_criterion(data, project=project)
+        store = self._criteria(check_models=not request.skip_model_check)
+        stored, created = await self._call(store.create, criterion)
+        log.info("criterion %s/%s %s", stored.project, stored.ref, "created" if created else "unchanged")
+        return self._info(stored, created=created)
+
+    async def ListCriteria(self, request: admin_pb2.ListCriteriaRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.ListCriteriaResponse:
+        rows = await self._call(self._criteria().list, request.project or "default")
+        return admin_pb2.ListCriteriaResponse(criteria=[self._info(r.latest, in_use_by=r.in_use_by) for r in rows])
+
+    async def GetCriterion(self, request: admin_pb2.GetCriterionRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.CriterionInfo:
+        if not request.criterion:
+            raise InvalidArgument("criterion", "is empty; give name or name@version (see ListCriteria)")
+        store = self._criteria()
+        project = request.project or "default"
+        c = await self._call(store.get, project, request.criterion)
+        return self._info(c, in_use_by=await self._call(store.in_use, project, c.name))
+
+    async def DeleteCriterion(self, request: admin_pb2.DeleteCriterionRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.DeleteCriterionResponse:
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason", f"is {len(request.reason)} characters; the limit is 1000")
+        deleted = await self._call(lambda: self._criteria().delete(
+            request.project or "default", request.name, force=request.force, reason=request.reason, actor="admin-rpc"))
+        return admin_pb2.DeleteCriterionResponse(deleted_versions=deleted)
+
+    async def SetCriteriaFeedback(self, request: admin_pb2.SetCriteriaFeedbackRequest,
+                                  context: grpc.aio.ServicerContext) -> admin_pb2.CriteriaFeedbackSettings:
+        from services.criteria_store import ALL
+
+        store = self._criteria()
+        project = request.project or "default"
+        name = request.name or ALL
+        if name != ALL:
+            await self._call(store.get, project, name)  # a switch for a criterion that does not exist is a typo
+        await self._call(lambda: store.set_feedback(project, name, enabled=request.enabled, mode=request.mode or "pair"))
+        settings = await self._call(store.feedback_settings, project)
+        return admin_pb2.CriteriaFeedbackSettings(project=project, settings={
+            k: admin_pb2.CriteriaFeedbackSetting(enabled=v.get("enabled", True), mode=v.get("mode", "pair"))
+            for k, v in settings.items()})
 
 
 __all__ = ["ModelAdminServicer"]

@@ -20,6 +20,7 @@ scorer's NOT_FOUND to 404 without knowing gRPC.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 
@@ -178,6 +179,33 @@ class ScorerClient:
         return ModelStatus.from_proto(await self._call(self._admin.Rollback,
                                                        admin_pb2.RollbackRequest(name=name, reason=reason)))
 
+    async def create_criterion(self, definition: Mapping[str, Any], *, project: str = "",
+                               skip_model_check: bool = False) -> dict[str, Any]:
+        """Record a criterion definition (docs/criteria.md); returns it with its version and ``created``."""
+        resp = await self._call(self._admin.CreateCriterion, admin_pb2.CreateCriterionRequest(
+            project=project, definition_json=json.dumps(dict(definition)), skip_model_check=skip_model_check))
+        return _criterion_info(resp)
+
+    async def list_criteria(self, project: str = "") -> list[dict[str, Any]]:
+        resp = await self._call(self._admin.ListCriteria, admin_pb2.ListCriteriaRequest(project=project))
+        return [_criterion_info(c) for c in resp.criteria]
+
+    async def get_criterion(self, criterion: str, *, project: str = "") -> dict[str, Any]:
+        return _criterion_info(await self._call(self._admin.GetCriterion,
+                                                admin_pb2.GetCriterionRequest(project=project, criterion=criterion)))
+
+    async def delete_criterion(self, name: str, *, project: str = "", force: bool = False, reason: str = "") -> list[str]:
+        resp = await self._call(self._admin.DeleteCriterion, admin_pb2.DeleteCriterionRequest(
+            project=project, name=name, force=force, reason=reason))
+        return list(resp.deleted_versions)
+
+    async def set_criteria_feedback(self, enabled: bool, *, name: str = "", project: str = "",
+                                    mode: str = "pair") -> dict[str, dict[str, Any]]:
+        """Switch criteria feedback for one criterion (``name``) or the whole project; returns the settings."""
+        resp = await self._call(self._admin.SetCriteriaFeedback, admin_pb2.SetCriteriaFeedbackRequest(
+            project=project, name=name, enabled=enabled, mode=mode))
+        return {k: {"enabled": v.enabled, "mode": v.mode} for k, v in resp.settings.items()}
+
     # ------------------------------------------------------------------------------ health
 
     async def serving(self, service: str = "") -> bool:
@@ -199,3 +227,7 @@ class ScorerClient:
 
 
 __all__ = ["ModelStatus", "ModelVersion", "PrefstreamError", "ScorerClient", "Unavailable", "to_messages"]
+
+
+def _criterion_info(msg: Any) -> dict[str, Any]:
+    return {**json.loads(msg.definition_json), "created": msg.created, "in_use_by": list(msg.in_use_by)}

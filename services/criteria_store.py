@@ -146,6 +146,10 @@ class CriteriaStore:
         self.namespace = namespace
         self._registry = registry
 
+    @property
+    def redis(self) -> redis.Redis:
+        return self._r
+
     # -- keys ----------------------------------------------------------------------------------------
 
     def _key(self, project: str, name: str, part: str) -> str:

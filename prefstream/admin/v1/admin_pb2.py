@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from prefstream.events.v1 import events_pb2 as prefstream_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprefstream/admin/v1/admin.proto\x12\x13prefstream.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!prefstream/events/v1/events.proto\"\xe8\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.prefstream.events.v1.ModelKind\x12\x30\n\x05state\x18\x04 \x01(\x0e\x32!.prefstream.admin.v1.VersionState\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..prefstream.admin.v1.ModelVersion.MetricsEntry\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0crecords_seen\x18\x07 \x01(\x03\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xab\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.prefstream.events.v1.ModelKind\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\t\x12\x17\n\x0fserving_version\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .prefstream.admin.v1.ModelStatus\"=\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10include_rejected\x18\x02 \x01(\x08\"K\n\x14ListVersionsResponse\x12\x33\n\x08versions\x18\x01 \x03(\x0b\x32!.prefstream.admin.v1.ModelVersion\"2\n\x11PinVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1c\n\x0cUnpinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fRollbackRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x85\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_STATE_PUBLISHED\x10\x01\x12\x1a\n\x16VERSION_STATE_REJECTED\x10\x02\x12\x1d\n\x19VERSION_STATE_ROLLED_BACK\x10\x03\x32\xd1\x03\n\x11ModelAdminService\x12]\n\nListModels\x12&.prefstream.admin.v1.ListModelsRequest\x1a\'.prefstream.admin.v1.ListModelsResponse\x12\x63\n\x0cListVersions\x12(.prefstream.admin.v1.ListVersionsRequest\x1a).prefstream.admin.v1.ListVersionsResponse\x12V\n\nPinVersion\x12&.prefstream.admin.v1.PinVersionRequest\x1a .prefstream.admin.v1.ModelStatus\x12L\n\x05Unpin\x12!.prefstream.admin.v1.UnpinRequest\x1a .prefstream.admin.v1.ModelStatus\x12R\n\x08Rollback\x12$.prefstream.admin.v1.RollbackRequest\x1a .prefstream.admin.v1.ModelStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprefstream/admin/v1/admin.proto\x12\x13prefstream.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!prefstream/events/v1/events.proto\"\xe8\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.prefstream.events.v1.ModelKind\x12\x30\n\x05state\x18\x04 \x01(\x0e\x32!.prefstream.admin.v1.VersionState\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..prefstream.admin.v1.ModelVersion.MetricsEntry\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0crecords_seen\x18\x07 \x01(\x03\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xab\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.prefstream.events.v1.ModelKind\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\t\x12\x17\n\x0fserving_version\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .prefstream.admin.v1.ModelStatus\"=\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10include_rejected\x18\x02 \x01(\x08\"K\n\x14ListVersionsResponse\x12\x33\n\x08versions\x18\x01 \x03(\x0b\x32!.prefstream.admin.v1.ModelVersion\"2\n\x11PinVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1c\n\x0cUnpinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fRollbackRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\\\n\x16\x43reateCriterionRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x02 \x01(\t\x12\x18\n\x10skip_model_check\x18\x03 \x01(\x08\"|\n\rCriterionInfo\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\x12\x11\n\tin_use_by\x18\x06 \x03(\t\"&\n\x13ListCriteriaRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\"L\n\x14ListCriteriaResponse\x12\x34\n\x08\x63riteria\x18\x01 \x03(\x0b\x32\".prefstream.admin.v1.CriterionInfo\"9\n\x13GetCriterionRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x11\n\tcriterion\x18\x02 \x01(\t\"V\n\x16\x44\x65leteCriterionRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"3\n\x17\x44\x65leteCriterionResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\t\"Z\n\x1aSetCriteriaFeedbackRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\x12\x0c\n\x04mode\x18\x04 \x01(\t\"8\n\x17\x43riteriaFeedbackSetting\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0c\n\x04mode\x18\x02 \x01(\t\"\xd9\x01\n\x18\x43riteriaFeedbackSettings\x12\x0f\n\x07project\x18\x01 \x01(\t\x12M\n\x08settings\x18\x02 \x03(\x0b\x32;.prefstream.admin.v1.CriteriaFeedbackSettings.SettingsEntry\x1a]\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12;\n\x05value\x18\x02 \x01(\x0b\x32,.prefstream.admin.v1.CriteriaFeedbackSetting:\x02\x38\x01*\x85\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_STATE_PUBLISHED\x10\x01\x12\x1a\n\x16VERSION_STATE_REJECTED\x10\x02\x12\x1d\n\x19VERSION_STATE_ROLLED_BACK\x10\x03\x32\xdd\x07\n\x11ModelAdminService\x12]\n\nListModels\x12&.prefstream.admin.v1.ListModelsRequest\x1a\'.prefstream.admin.v1.ListModelsResponse\x12\x63\n\x0cListVersions\x12(.prefstream.admin.v1.ListVersionsRequest\x1a).prefstream.admin.v1.ListVersionsResponse\x12V\n\nPinVersion\x12&.prefstream.admin.v1.PinVersionRequest\x1a .prefstream.admin.v1.ModelStatus\x12L\n\x05Unpin\x12!.prefstream.admin.v1.UnpinRequest\x1a .prefstream.admin.v1.ModelStatus\x12R\n\x08Rollback\x12$.prefstream.admin.v1.RollbackRequest\x1a .prefstream.admin.v1.ModelStatus\x12\x62\n\x0f\x43reateCriterion\x12+.prefstream.admin.v1.CreateCriterionRequest\x1a\".prefstream.admin.v1.CriterionInfo\x12\x63\n\x0cListCriteria\x12(.prefstream.admin.v1.ListCriteriaRequest\x1a).prefstream.admin.v1.ListCriteriaResponse\x12\\\n\x0cGetCriterion\x12(.prefstream.admin.v1.GetCriterionRequest\x1a\".prefstream.admin.v1.CriterionInfo\x12l\n\x0f\x44\x65leteCriterion\x12+.prefstream.admin.v1.DeleteCriterionRequest\x1a,.prefstream.admin.v1.DeleteCriterionResponse\x12u\n\x13SetCriteriaFeedback\x12/.prefstream.admin.v1.SetCriteriaFeedbackRequest\x1a-.prefstream.admin.v1.CriteriaFeedbackSettingsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELVERSION_METRICSENTRY']._loaded_options = None
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_VERSIONSTATE']._serialized_start=1026
-  _globals['_VERSIONSTATE']._serialized_end=1159
+  _globals['_CRITERIAFEEDBACKSETTINGS_SETTINGSENTRY']._loaded_options = None
+  _globals['_CRITERIAFEEDBACKSETTINGS_SETTINGSENTRY']._serialized_options = b'8\001'
+  _globals['_VERSIONSTATE']._serialized_start=1934
+  _globals['_VERSIONSTATE']._serialized_end=2067
   _globals['_MODELVERSION']._serialized_start=125
   _globals['_MODELVERSION']._serialized_end=485
   _globals['_MODELVERSION_METRICSENTRY']._serialized_start=439
@@ -57,6 +59,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNPINREQUEST']._serialized_end=974
   _globals['_ROLLBACKREQUEST']._serialized_start=976
   _globals['_ROLLBACKREQUEST']._serialized_end=1023
-  _globals['_MODELADMINSERVICE']._serialized_start=1162
-  _globals['_MODELADMINSERVICE']._serialized_end=1627
+  _globals['_CREATECRITERIONREQUEST']._serialized_start=1025
+  _globals['_CREATECRITERIONREQUEST']._serialized_end=1117
+  _globals['_CRITERIONINFO']._serialized_start=1119
+  _globals['_CRITERIONINFO']._serialized_end=1243
+  _globals['_LISTCRITERIAREQUEST']._serialized_start=1245
+  _globals['_LISTCRITERIAREQUEST']._serialized_end=1283
+  _globals['_LISTCRITERIARESPONSE']._serialized_start=1285
+  _globals['_LISTCRITERIARESPONSE']._serialized_end=1361
+  _globals['_GETCRITERIONREQUEST']._serialized_start=1363
+  _globals['_GETCRITERIONREQUEST']._serialized_end=1420
+  _globals['_DELETECRITERIONREQUEST']._serialized_start=1422
+  _globals['_DELETECRITERIONREQUEST']._serialized_end=1508
+  _globals['_DELETECRITERIONRESPONSE']._serialized_start=1510
+  _globals['_DELETECRITERIONRESPONSE']._serialized_end=1561
+  _globals['_SETCRITERIAFEEDBACKREQUEST']._serialized_start=1563
+  _globals['_SETCRITERIAFEEDBACKREQUEST']._serialized_end=1653
+  _globals['_CRITERIAFEEDBACKSETTING']._serialized_start=1655
+  _globals['_CRITERIAFEEDBACKSETTING']._serialized_end=1711
+  _globals['_CRITERIAFEEDBACKSETTINGS']._serialized_start=1714
+  _globals['_CRITERIAFEEDBACKSETTINGS']._serialized_end=1931
+  _globals['_CRITERIAFEEDBACKSETTINGS_SETTINGSENTRY']._serialized_start=1838
+  _globals['_CRITERIAFEEDBACKSETTINGS_SETTINGSENTRY']._serialized_end=1931
+  _globals['_MODELADMINSERVICE']._serialized_start=2070
+  _globals['_MODELADMINSERVICE']._serialized_end=3059
 # @@protoc_insertion_point(module_scope)

@@ -112,3 +112,102 @@ class RollbackRequest(_message.Message):
     name: str
     reason: str
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CreateCriterionRequest(_message.Message):
+    __slots__ = ("project", "definition_json", "skip_model_check")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_JSON_FIELD_NUMBER: _ClassVar[int]
+    SKIP_MODEL_CHECK_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    definition_json: str
+    skip_model_check: bool
+    def __init__(self, project: _Optional[str] = ..., definition_json: _Optional[str] = ..., skip_model_check: _Optional[bool] = ...) -> None: ...
+
+class CriterionInfo(_message.Message):
+    __slots__ = ("project", "name", "version", "definition_json", "created", "in_use_by")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_BY_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    version: str
+    definition_json: str
+    created: bool
+    in_use_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., definition_json: _Optional[str] = ..., created: _Optional[bool] = ..., in_use_by: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListCriteriaRequest(_message.Message):
+    __slots__ = ("project",)
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    def __init__(self, project: _Optional[str] = ...) -> None: ...
+
+class ListCriteriaResponse(_message.Message):
+    __slots__ = ("criteria",)
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
+    criteria: _containers.RepeatedCompositeFieldContainer[CriterionInfo]
+    def __init__(self, criteria: _Optional[_Iterable[_Union[CriterionInfo, _Mapping]]] = ...) -> None: ...
+
+class GetCriterionRequest(_message.Message):
+    __slots__ = ("project", "criterion")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    criterion: str
+    def __init__(self, project: _Optional[str] = ..., criterion: _Optional[str] = ...) -> None: ...
+
+class DeleteCriterionRequest(_message.Message):
+    __slots__ = ("project", "name", "force", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    force: bool
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., force: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeleteCriterionResponse(_message.Message):
+    __slots__ = ("deleted_versions",)
+    DELETED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    deleted_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetCriteriaFeedbackRequest(_message.Message):
+    __slots__ = ("project", "name", "enabled", "mode")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    enabled: bool
+    mode: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., enabled: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class CriteriaFeedbackSetting(_message.Message):
+    __slots__ = ("enabled", "mode")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    mode: str
+    def __init__(self, enabled: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class CriteriaFeedbackSettings(_message.Message):
+    __slots__ = ("project", "settings")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CriteriaFeedbackSetting
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CriteriaFeedbackSetting, _Mapping]] = ...) -> None: ...
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    settings: _containers.MessageMap[str, CriteriaFeedbackSetting]
+    def __init__(self, project: _Optional[str] = ..., settings: _Optional[_Mapping[str, CriteriaFeedbackSetting]] = ...) -> None: ...

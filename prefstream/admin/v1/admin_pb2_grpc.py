@@ -59,6 +59,31 @@ class ModelAdminServiceStub:
                 request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
                 _registered_method=True)
+        self.CreateCriterion = channel.unary_unary(
+                '/prefstream.admin.v1.ModelAdminService/CreateCriterion',
+                request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CreateCriterionRequest.SerializeToString,
+                response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.FromString,
+                _registered_method=True)
+        self.ListCriteria = channel.unary_unary(
+                '/prefstream.admin.v1.ModelAdminService/ListCriteria',
+                request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaRequest.SerializeToString,
+                response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaResponse.FromString,
+                _registered_method=True)
+        self.GetCriterion = channel.unary_unary(
+                '/prefstream.admin.v1.ModelAdminService/GetCriterion',
+                request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.GetCriterionRequest.SerializeToString,
+                response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.FromString,
+                _registered_method=True)
+        self.DeleteCriterion = channel.unary_unary(
+                '/prefstream.admin.v1.ModelAdminService/DeleteCriterion',
+                request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionRequest.SerializeToString,
+                response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionResponse.FromString,
+                _registered_method=True)
+        self.SetCriteriaFeedback = channel.unary_unary(
+                '/prefstream.admin.v1.ModelAdminService/SetCriteriaFeedback',
+                request_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.SetCriteriaFeedbackRequest.SerializeToString,
+                response_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriteriaFeedbackSettings.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServiceServicer:
@@ -97,6 +122,39 @@ class ModelAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCriterion(self, request, context):
+        """Named criteria (docs/criteria.md), per project: record a definition (a new version when it
+        changed), list, read one, delete every version (refused while in use unless forced), and switch
+        criteria feedback on or off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCriteria(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCriterion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCriterion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCriteriaFeedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +182,31 @@ def add_ModelAdminServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
                     response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.SerializeToString,
+            ),
+            'CreateCriterion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCriterion,
+                    request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CreateCriterionRequest.FromString,
+                    response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.SerializeToString,
+            ),
+            'ListCriteria': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCriteria,
+                    request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaRequest.FromString,
+                    response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaResponse.SerializeToString,
+            ),
+            'GetCriterion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCriterion,
+                    request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.GetCriterionRequest.FromString,
+                    response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.SerializeToString,
+            ),
+            'DeleteCriterion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCriterion,
+                    request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionRequest.FromString,
+                    response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionResponse.SerializeToString,
+            ),
+            'SetCriteriaFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCriteriaFeedback,
+                    request_deserializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.SetCriteriaFeedbackRequest.FromString,
+                    response_serializer=prefstream_dot_admin_dot_v1_dot_admin__pb2.CriteriaFeedbackSettings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +344,141 @@ class ModelAdminService:
             '/prefstream.admin.v1.ModelAdminService/Rollback',
             prefstream_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
             prefstream_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCriterion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.admin.v1.ModelAdminService/CreateCriterion',
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.CreateCriterionRequest.SerializeToString,
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCriteria(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.admin.v1.ModelAdminService/ListCriteria',
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaRequest.SerializeToString,
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.ListCriteriaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCriterion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.admin.v1.ModelAdminService/GetCriterion',
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.GetCriterionRequest.SerializeToString,
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.CriterionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCriterion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.admin.v1.ModelAdminService/DeleteCriterion',
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionRequest.SerializeToString,
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.DeleteCriterionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCriteriaFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefstream.admin.v1.ModelAdminService/SetCriteriaFeedback',
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.SetCriteriaFeedbackRequest.SerializeToString,
+            prefstream_dot_admin_dot_v1_dot_admin__pb2.CriteriaFeedbackSettings.FromString,
             options,
             channel_credentials,
             insecure,
