@@ -6,6 +6,7 @@ import argparse
 import json
 
 from services.config import add_config_flags, overrides_from_args
+from services.entry import sigterm_unwinds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,17 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _run(args: argparse.Namespace) -> int:
-    import signal
-
     from demo.config import DemoConfig, load_demo_config
 
-    # SIGTERM unwinds like Ctrl-C, so the demo stops the services and the stack it started.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_unwinds()  # the demo stops the services and the stack it started
     from demo.run import print_summary, run_demo
 
     cfg = load_demo_config(args.config, overrides=overrides_from_args(args, DemoConfig))

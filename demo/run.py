@@ -33,7 +33,7 @@ from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_dat
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
-from services.stack import ServiceProcess, Stack, free_port, open_run_stack
+from services.stack import ServiceProcess, Stack, check_running, free_port, open_run_stack, stop_run
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,10 @@ class Loop:
         return self.cfg.eval_file or str(shared_data_dir() / TEST_FILE)
 
     def check_services(self) -> None:
-        for s in self.services:
-            if not s.alive:
-                raise RuntimeError(f"{s.name} exited unexpectedly; log {s.log_path}:\n{s.log_tail()}")
+        check_running(self.services)
 
     def stop(self) -> None:
-        for s in reversed(self.services):
-            s.stop()
-        if self.stack is not None and not self.cfg.keep_stack:
-            self.stack.down()
+        stop_run(self.services, self.stack, keep_stack=self.cfg.keep_stack)
 
 
 def _progress(t: float, app: SimulatedApp, mon: LoopMonitor, load: ScorerLoad, lag: int | None,

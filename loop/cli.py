@@ -6,6 +6,7 @@ import argparse
 import json
 
 from services.config import add_config_flags, overrides_from_args
+from services.entry import sigterm_unwinds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,17 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=_run)
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _run(args: argparse.Namespace) -> int:
-    import signal
-
     from loop.config import LoopConfig, load_loop_config
     from loop.run import print_summary, run_criteria_loop
 
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: the services and the stack are stopped
+    sigterm_unwinds()  # the services and the stack this run started are stopped
     overrides = overrides_from_args(args, LoopConfig)
     if args.criterion:
         overrides["criteria"] = list(args.criterion)

@@ -19,6 +19,17 @@ from services.config import ConfigError
 Register = Callable[[argparse._SubParsersAction], None]
 
 
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def sigterm_unwinds() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so a command's ``finally`` blocks stop what it started."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def new_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """A top-level parser with the ``--log-level`` every entry point takes."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -19,7 +19,7 @@ from services.stack.config import StackConfig, free_stack_config, load_stack_con
 from services.stack.kafka_tools import KAFKA_TOOLS, run_kafka_tool
 from services.stack.manager import ComponentStatus, Endpoints, Stack, load_endpoints
 from services.stack.procs import StackError, free_port
-from services.stack.session import open_run_stack
+from services.stack.session import check_running, open_run_stack, stop_run
 from services.stack.supervise import ServiceFailed, ServiceProcess, grpc_serving
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "grpc_serving",
     "load_endpoints",
     "load_stack_config",
+    "check_running",
     "open_run_stack",
+    "stop_run",
     "run_kafka_tool",
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from services.endpoints import load_stack_endpoints
 from services.stack.config import free_stack_config
 from services.stack.manager import Stack
+from services.stack.supervise import ServiceProcess
 
 
 def open_run_stack(run_dir: Path, *, stack_run_dir: str = "", fresh: bool = True,
@@ -34,4 +35,19 @@ def open_run_stack(run_dir: Path, *, stack_run_dir: str = "", fresh: bool = True
     return stack, stack_dir
 
 
-__all__ = ["open_run_stack"]
+def check_running(services: Sequence[ServiceProcess]) -> None:
+    """Raise with the log tail of the first service that exited."""
+    for s in services:
+        if not s.alive:
+            raise RuntimeError(f"{s.name} exited unexpectedly; log {s.log_path}:\n{s.log_tail()}")
+
+
+def stop_run(services: Sequence[ServiceProcess], stack: Stack | None, *, keep_stack: bool) -> None:
+    """Stop the services (last started first), then the stack this run started unless it is kept."""
+    for s in reversed(services):
+        s.stop()
+    if stack is not None and not keep_stack:
+        stack.down()
+
+
+__all__ = ["check_running", "open_run_stack", "stop_run"]
