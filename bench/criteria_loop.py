@@ -21,8 +21,8 @@ import argparse
 import time
 from typing import Any
 
-FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 480.0, "max_tokens": 128, "checkpoint_every_records": 24,
-        "reward_checkpoint": "auto"}
+FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 600.0, "max_tokens": 128, "checkpoint_every_records": 24,
+        "candidates": 6, "reward_checkpoint": "auto"}
 QUICK = {"train_prompts": 16, "eval_count": 8, "phase_s": 150.0, "max_tokens": 48, "checkpoint_every_records": 6,
          "reward_checkpoint": "", "candidates": 3, "min_versions": 1, "drain_timeout_s": 120.0}
 

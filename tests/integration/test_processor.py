@@ -235,3 +235,24 @@ def test_replaying_the_topics_creates_no_new_records(gw, client, project, kafka_
         t.join(30)
     after = preferences(gw, kafka_bootstrap, project, 2, timeout_s=5)
     assert sorted(r["record_id"] for r in after) == sorted(r["record_id"] for r in before)
+
+
+def test_a_completion_ranked_by_criteria_is_feedback_unless_switched_off(gw, client, project, kafka_bootstrap,
+                                                                         redis_client) -> None:
+    from services.criteria_store import CriteriaStore
+
+    stub, md = client
+    scores = ev.CriteriaScores(refs=["concise@v3"], scores=[1.0, 0.0, 1.0, 0.0], tie_break=[0.1, 0.4, 0.6, -0.2],
+                               per_criterion=[ev.AttributeScores(values={"concise": s}) for s in (1.0, 0.0, 1.0, 0.0)])
+    cid = log_completion(stub, md, project, criteria=scores)
+    # human feedback on the same completion still derives its own record
+    send_feedback(stub, md, project, completion_id=cid, choice=ev.Choice(chosen_index=1))
+    CriteriaStore(redis_client).set_feedback(project, "concise", enabled=False)
+    log_completion(stub, md, project, criteria=scores)  # switched off: no criteria record from this one
+    records = preferences(gw, kafka_bootstrap, project, 4)
+    crit = [r for r in records if r["source_kind"] == "FEEDBACK_KIND_CRITERIA"]
+    assert [tuple(r["ranked_responses"]) for r in crit] == [("Mittens", "Garfield")]  # by score, then tie break
+    assert crit[0]["completion_id"] == cid and "criterion:concise@v3" in crit[0]["source_event_ids"]
+    assert sorted(r["source_kind"] for r in records) == ["FEEDBACK_KIND_CHOICE"] * 3 + ["FEEDBACK_KIND_CRITERIA"]
+    time.sleep(2.0)
+    assert len(preferences(gw, kafka_bootstrap, project, 5, timeout_s=2.0)) == 4  # nothing more came
