@@ -93,3 +93,15 @@ def test_the_runtime_part_of_services_never_imports_the_dev_tooling() -> None:
         if bad:
             offenders[str(path.relative_to(ROOT))] = bad
     assert offenders == {}
+
+
+def test_every_test_module_has_a_unique_basename() -> None:
+    """``tests/`` has no packages below it, so pytest imports each file by its basename: two files of
+    one name in ``unit/`` and ``integration/`` stop the whole run at collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "rename one of each: " + "; ".join(clashes)
