@@ -195,13 +195,13 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
                                   context: grpc.aio.ServicerContext) -> admin_pb2.CriteriaFeedbackSettings:
         from services.criteria_store import ALL
 
-        store = self._criteria()
+        criteria = self._criteria()
         project = request.project or "default"
         name = request.name or ALL
         if name != ALL:
-            await self._call(store.get, project, name)  # a switch for a criterion that does not exist is a typo
-        await self._call(lambda: store.set_feedback(project, name, enabled=request.enabled, mode=request.mode or "pair"))
-        settings = await self._call(store.feedback_settings, project)
+            await self._call(criteria.get, project, name)  # a switch for a criterion that does not exist is a typo
+        await self._call(lambda: criteria.set_feedback(project, name, enabled=request.enabled, mode=request.mode or "pair"))
+        settings = await self._call(criteria.feedback_settings, project)
         return admin_pb2.CriteriaFeedbackSettings(project=project, settings={
             k: admin_pb2.CriteriaFeedbackSetting(enabled=v.get("enabled", True), mode=v.get("mode", "pair"))
             for k, v in settings.items()})

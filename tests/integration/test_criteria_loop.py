@@ -59,7 +59,8 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
     assert summary["criteria"] == [criterion.ref]
     store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
     target = ModelRegistry(redis_client).target(policy)
-    assert target is not None and target.kind == "policy" and target.version == final
+    # the trainer may publish once more after the loop's last measurement (the rest of the drained stream)
+    assert target is not None and target.kind == "policy" and target.version >= final
     trained = trained_ids(store, policy)
     assert trained, "the published version trained on no record"
     records = preference_records(stack, f"loop{tag}.")
