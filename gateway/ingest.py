@@ -36,7 +36,7 @@ from gateway.auth import Principal
 from gateway.config import GatewayConfig
 from gateway.dedup import Claim, Deduper, dedup_key
 from gateway.events import Completion, Event, Feedback
-from gateway.kafka_writer import KafkaWriter
+from gateway.kafka_writer import MAX_REQUEST_BYTES, KafkaWriter
 from gateway.validation import check_feedback_indices
 from services import topics
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
@@ -71,6 +71,11 @@ class Item:
     #: True when the client chose the event id (so a retry may repeat it and it must be claimed).
     client_id: bool = True
     received: float = dataclasses.field(default_factory=time.monotonic)
+
+
+#: The largest encoded event (key + value) the gateway hands to Kafka: the producer's per-request
+#: limit less room for the record batch's own headers.
+MAX_EVENT_BYTES = MAX_REQUEST_BYTES - 4096
 
 
 def new_event_id() -> str:
@@ -229,8 +234,24 @@ class Ingestor:
         if not idx:
             return
         handed = wire.timestamp_json(time.time())
+        records, kept = [], []
+        for i in idx:
+            ev = items[i].event
+            rec = (self.topic_of(ev), kafka_key(ev), wire.encode(ev, acked_at=handed))  # type: ignore[arg-type]
+            if len(rec[1]) + len(rec[2]) > MAX_EVENT_BYTES:  # the client's fault: Kafka would refuse it anyway
+                kind = "completion" if isinstance(ev, Completion) else "feedback"
+                out[i] = InvalidArgument(kind, f"the encoded event is {len(rec[1]) + len(rec[2])} bytes; the limit is "
+                                               f"{MAX_EVENT_BYTES} bytes per event: shorten its messages or outputs")
+                continue
+            records.append(rec)
+            kept.append(i)
+        too_large = [claim_of[i] for i in idx if i not in kept and i in claim_of]
+        if too_large:
+            await self._release_quietly(too_large)
+        idx = kept
+        if not idx:
+            return
         events: list[Event] = [items[i].event for i in idx]  # type: ignore[misc]
-        records = [(self.topic_of(ev), kafka_key(ev), wire.encode(ev, acked_at=handed)) for ev in events]
         try:
             acks = await self.writer.write(records)
         except BaseException:

@@ -12,6 +12,19 @@ be reached yields Unavailable for each record after at most ``ack_timeout_s`` (t
 ``delivery_timeout_ms`` is the same, so a record answered UNAVAILABLE is not delivered much later
 by a background retry), and a child that dies fails its in-flight batches with Unavailable and is
 restarted by the next batch.
+
+Two guards keep a broker crash from wedging the front door (kafka-python's idempotent producer can
+stop sending for good after its broker is killed and comes back: records are then neither
+acknowledged nor expired):
+
+- every batch carries its deadline; a record still queued when its deadline has passed is answered
+  without being sent, so a backlog built while Kafka was away never delays the writes after it;
+- a watchdog replaces the producer when a record outlives its delivery timeout by
+  ``STALL_GRACE_S`` (a healthy producer always settles it by then, one way or the other); the
+  records it held are answered Unavailable and the clients retry them on the new producer.
+
+A record larger than the producer's ``max_request_size`` is the client's fault, not Kafka's: it is
+answered InvalidArgument naming the size, and it does not count as a Kafka failure for health.
 """
 
 from __future__ import annotations
@@ -27,13 +40,20 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
 from gateway import metrics
-from services.errors import PrefstreamError, Unavailable
+from services.errors import InvalidArgument, PrefstreamError, Unavailable
 
 log = logging.getLogger(__name__)
 
 Record = tuple[str, bytes, bytes]  # (topic, key, value)
-#: Per record: the epoch time Kafka acknowledged it, or the reason it did not (a string).
-Result = float | str
+#: Per record: the epoch time Kafka acknowledged it, the reason it did not (a string: retry), or
+#: ``(TOO_LARGE, reason)`` for a record Kafka can never take.
+Result = float | str | tuple[str, str]
+TOO_LARGE = "too_large"
+#: Seconds past its delivery timeout after which an unsettled record means the producer is stuck.
+STALL_GRACE_S = 2.0
+#: The producer's per-record limit (kafka-python's and the broker's default, 1 MiB); a record
+#: above it is refused before it is sent.
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 def producer_settings(ack_timeout_s: float, linger_ms: int, compression: str) -> dict[str, Any]:
@@ -45,6 +65,7 @@ def producer_settings(ack_timeout_s: float, linger_ms: int, compression: str) ->
         "request_timeout_ms": max(1000, timeout_ms - linger_ms - 1),
         "max_block_ms": timeout_ms,
         "bootstrap_timeout_ms": timeout_ms,
+        "max_request_size": MAX_REQUEST_BYTES,
     }
 
 
@@ -57,6 +78,14 @@ class _Sender:
         self.producer: Any = None
         self._failed_at = 0.0
         self._error = ""
+        self._delivery_s = settings.get("delivery_timeout_ms", 30_000) / 1000.0
+        self._lock = threading.RLock()
+        #: per batch still in flight on the current producer: (stuck-after, fail-what-is-left)
+        self._inflight: dict[int, tuple[float, Callable[[str], None]]] = {}
+        self._batches = itertools.count(1)
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.replaced = 0
 
     def _ensure(self) -> Any:
         if self.producer is not None:
@@ -72,20 +101,29 @@ class _Sender:
             self._error = type(e.__cause__ or e).__name__
             raise ConnectionError(f"Kafka at {self.bootstrap} is unreachable ({self._error})") from e
         log.info("connected to Kafka at %s", self.bootstrap)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="kafka-watchdog", daemon=True)
+            self._watchdog.start()
         return self.producer
 
     def connect(self) -> str:
         try:
-            self._ensure()
+            with self._lock:
+                self._ensure()
             return ""
         except ConnectionError as e:
             return str(e)
 
-    def send(self, records: Sequence[Record], done: Callable[[list[Result]], None]) -> None:
-        """Send ``records``; call ``done(results)`` once every record is settled (from any thread)."""
+    def send(self, records: Sequence[Record], done: Callable[[list[Result]], None], deadline: float | None = None) -> None:
+        """Send ``records``; call ``done(results)`` once every record is settled (from any thread).
+
+        ``deadline`` (epoch seconds): records not handed to the producer by then are answered
+        without being sent (the caller has stopped waiting for them).
+        """
         results: list[Result | None] = [None] * len(records)
         remaining = [len(records)]
         lock = threading.Lock()
+        batch = next(self._batches)
 
         def settle(i: int, value: Result) -> None:
             with lock:
@@ -95,31 +133,89 @@ class _Sender:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
+                with self._lock:
+                    self._inflight.pop(batch, None)
                 done(results)  # type: ignore[arg-type]
 
-        try:
-            producer = self._ensure()
-        except ConnectionError as e:
+        def fail_rest(reason: str) -> None:
             for i in range(len(records)):
-                settle(i, str(e))
+                settle(i, reason)
+
+        # The lock guards the producer and the in-flight table only, never a send: send() may block
+        # on buffer space that the producer's own thread frees after running callbacks (settle).
+        with self._lock:
+            try:
+                producer = self._ensure()
+            except ConnectionError as e:
+                producer = None
+                error = str(e)
+            else:
+                self._inflight[batch] = (time.monotonic() + self._delivery_s + STALL_GRACE_S, fail_rest)
+        if producer is None:
+            fail_rest(error)
             return
         for i, (topic, key, value) in enumerate(records):
+            if deadline is not None and time.time() > deadline:
+                settle(i, "Kafka did not take the write in time (queued behind writes to an unavailable broker)")
+                continue
             try:
                 fut = producer.send(topic, value=value, key=key)
-            except Exception as e:  # noqa: BLE001 - enqueue failures (metadata, buffer) per record
-                settle(i, f"Kafka did not accept the write ({type(e).__name__})")
+            except Exception as e:  # noqa: BLE001 - enqueue failures (metadata, buffer, size) per record
+                settle(i, _refusal(e, len(key or b"") + len(value)))
                 continue
             fut.add_callback(lambda _meta, i=i: settle(i, time.time()))
-            fut.add_errback(lambda exc, i=i: settle(i, f"Kafka did not acknowledge the write ({type(exc).__name__})"))
+            fut.add_errback(lambda exc, i=i, n=len(key or b"") + len(value): settle(i, _refusal(exc, n)))
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                stuck = [fail for (after, fail) in self._inflight.values() if after < now]
+                if not stuck:
+                    continue
+                old, self.producer = self.producer, None
+                waiting = [fail for (_, fail) in self._inflight.values()]
+                self._inflight.clear()
+                self.replaced += 1
+            log.warning("the Kafka producer held records past their delivery timeout (%.0fs) without settling them; "
+                        "replacing it (%d batch(es) answered UNAVAILABLE for the clients to retry)",
+                        self._delivery_s, len(waiting))
+            for fail in waiting:
+                fail("Kafka did not acknowledge the write (the producer stalled and was replaced; retry)")
+            if old is not None:
+                threading.Thread(target=_abandon, args=(old,), name="kafka-abandon", daemon=True).start()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=timeout_s)
-            self.producer = None
+        self._closed.set()
+        with self._lock:
+            producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - closing a producer whose broker is gone may time out
+                log.warning("closing the Kafka producer: %s", type(e).__name__)
+
+
+def _abandon(producer: Any) -> None:
+    """Close a stalled producer without waiting for what it holds (those records were answered)."""
+    try:
+        producer.close(timeout=0)
+    except Exception:  # noqa: BLE001 - it is stalled; nothing more to do with it
+        pass
+
+
+def _refusal(exc: BaseException, size: int) -> Result:
+    """What to answer for a record the producer refused or failed: too large (final) or retry later."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    if isinstance(exc, MessageSizeTooLargeError):
+        return (TOO_LARGE, f"the encoded event is {size} bytes; Kafka takes at most {MAX_REQUEST_BYTES} bytes per "
+                           "event: shorten its messages or outputs")
+    return f"Kafka did not acknowledge the write ({type(exc).__name__})"
 
 
 def _child_main(conn: Connection, bootstrap: str, settings: dict[str, Any]) -> None:
-    """The producer process: ("batch", id, records) in, ("acks", id, results) out, ("close",) ends."""
+    """The producer process: ("batch", id, records, deadline) in, ("acks", id, results) out, ("close",) ends."""
     logging.getLogger("kafka").setLevel(logging.WARNING)
     sender = _Sender(bootstrap, settings)
     out_lock = threading.Lock()
@@ -139,8 +235,8 @@ def _child_main(conn: Connection, bootstrap: str, settings: dict[str, Any]) -> N
             if msg[0] == "connect":
                 reply(("connected", msg[1], sender.connect()))
                 continue
-            _, batch_id, records = msg
-            sender.send(records, lambda results, b=batch_id: reply(("acks", b, results)))
+            _, batch_id, records, deadline = msg
+            sender.send(records, lambda results, b=batch_id: reply(("acks", b, results)), deadline)
     finally:
         sender.close()
         conn.close()
@@ -231,11 +327,11 @@ class KafkaWriter:
             if kind == "connect":
                 self._resolve(batch_id, self._sender.connect())
             else:
-                self._sender.send(payload, lambda results: self._resolve(batch_id, results))
+                self._sender.send(payload[0], lambda results: self._resolve(batch_id, results), payload[1])
             return
         conn = self._child()
         try:
-            conn.send((kind, batch_id, payload) if kind == "batch" else ("connect", batch_id))
+            conn.send((kind, batch_id, *payload) if kind == "batch" else ("connect", batch_id))
         except (OSError, ValueError) as e:
             self._conn = None
             self._resolve(batch_id, f"the Kafka producer process is not reachable ({type(e).__name__})")
@@ -275,8 +371,9 @@ class KafkaWriter:
         if not records:
             return []
         metrics.KAFKA_BATCH.observe(len(records))
+        wait_s = self.ack_timeout_s + 2.0
         try:
-            results = await self._request("batch", list(records), self.ack_timeout_s + 2.0)
+            results = await self._request("batch", (list(records), time.time() + wait_s), wait_s)
         except asyncio.TimeoutError:
             results = f"Kafka did not acknowledge the write within {self.ack_timeout_s:g}s"
         if isinstance(results, str):
@@ -286,6 +383,8 @@ class KafkaWriter:
             if isinstance(r, str):
                 out.append(Unavailable(r))
                 self._last_failure = time.monotonic()
+            elif isinstance(r, (tuple, list)):  # (TOO_LARGE, reason): the event's fault, Kafka is fine
+                out.append(InvalidArgument("event", r[1]))
             else:
                 out.append(r)
                 self._connected = True
