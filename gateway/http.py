@@ -35,6 +35,7 @@ from gateway.validation import Limits, parse_json
 from prefstream.gateway.v1.gateway_pb2 import LogCompletionRequest as LogCompletionRequestProto
 from prefstream.gateway.v1.gateway_pb2 import LogFeedbackRequest as LogFeedbackRequestProto
 from prefstream.gateway.v1.gateway_pb2 import StreamEventsRequest as StreamEventsRequestProto
+from services.codec import load_json
 from services.errors import InvalidArgument, PrefstreamError, http_error_middleware
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class HttpApi:
 
     async def events_batch(self, request: web.Request) -> web.Response:
         principal = await self._auth.authenticate(request.headers)
-        body = json.loads(await request.read() or b"null")
+        body = load_json(await request.read() or b"null", "body")
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise InvalidArgument("events", 'the body must be {"events": [StreamEventsRequest, ...]}')
         events = body["events"]

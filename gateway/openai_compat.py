@@ -45,6 +45,7 @@ from scorer.bestofn import parse_criteria_header
 from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
+from services.codec import load_json
 from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
 from services.kinds import ModelKind, Split
 from services.schemas import ChatMessage, messages_from_dicts
@@ -274,10 +275,7 @@ class OpenAICompat:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            try:
-                body = await request.json()
-            except ValueError as e:
-                raise InvalidArgument("body", f"is not valid JSON ({e}); send a chat completions object") from None
+            body = load_json(await request.read(), "body")
             req = parse_chat_request(body)
             info = await self._model(req.model)
             if info.kind == ModelKind.POLICY:

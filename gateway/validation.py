@@ -88,6 +88,7 @@ class Limits:
 # ---------------------------------------------------------------------------------------------
 # Wire parsing
 
+_FAILED_FIELD = re.compile(r"Failed to parse (\w+) field")
 _AT_PATH = re.compile(r" at \"?([A-Za-z_][\w.\[\]\"]*)")
 
 
@@ -101,13 +102,21 @@ def parse_json(data: bytes | str, cls: type[Message], *, root: str = "") -> Mess
     try:
         return decode_event(data, cls, what=root or "body")
     except InvalidArgument as e:
-        m = _AT_PATH.search(e.message) if " schema: " in e.message else None
-        if m is None:
+        if " schema: " not in e.message:
             raise
-        path = m.group(1).rstrip(".").replace('"', "")
-        head, _, rest = path.partition(".")
-        if head == cls.DESCRIPTOR.name:
-            path = rest
+        m = _AT_PATH.search(e.message)
+        names = _FAILED_FIELD.findall(e.message)  # outermost first: completion, candidates
+        if m is not None:
+            path = m.group(1).rstrip(".").replace('"', "")
+            head, _, rest = path.partition(".")
+            path = rest if head == cls.DESCRIPTOR.name else path
+            # protobuf names the message that holds a mistyped field, and the field only in its text
+            if names and names[-1] != path.rpartition(".")[2].partition("[")[0]:
+                path = ".".join(p for p in (path, names[-1]) if p)
+        elif names:
+            path = ".".join(names)
+        else:
+            raise
         field_path = ".".join(p for p in (root, path) if p) or "body"
         raise InvalidArgument(field_path, e.message) from None
 

@@ -120,8 +120,10 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
         name = _name(request.name)
         if len(request.reason) > 1000:
             raise InvalidArgument("reason", f"is {len(request.reason)} characters; the limit is 1000")
+        if not request.reason.strip():
+            raise InvalidArgument("reason", "is empty; say why the version is rolled back (it is kept in its history)")
         registry = self._need_registry()
-        await self._call(registry.rollback, name, request.reason or "rolled back by an operator")
+        await self._call(registry.rollback, name, request.reason)
         log.info("rolled back %s", name)
         await self._apply(name)
         return self._status_proto(await self._call(registry.status, name))
@@ -149,14 +151,10 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
 
     async def CreateCriterion(self, request: admin_pb2.CreateCriterionRequest,
                               context: grpc.aio.ServicerContext) -> admin_pb2.CriterionInfo:
-        import json
-
+        from services.codec import load_json
         from services.criteria import parse_criterion
 
-        try:
-            data = json.loads(request.definition_json)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument("definition_json", f"is not valid JSON ({e.msg}); send the definition as a JSON object") from None
+        data = load_json(request.definition_json, "definition_json")
         if not isinstance(data, dict):
             raise InvalidArgument("definition_json", "must be a JSON object (one criterion definition)")
         project = request.project or data.get("project") or "default"

@@ -14,11 +14,11 @@ These are pure functions, unit-tested by hand in tests/unit/test_scorer_bestofn.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from services.codec import load_json
 from services.errors import InvalidArgument
 
 #: Standard deviations below this count as "all candidates scored the same".
@@ -111,10 +111,7 @@ def parse_criteria(value: str, field: str = "op-criteria") -> list[Criterion]:
         raise InvalidArgument(field, "is empty; list reward model names, e.g. [\"reward\"] or reward:1,safety:0.5")
     items: list[Criterion] = []
     if text[0] in "[{":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(field, f"is not valid JSON ({e.msg}); use a list like [\"reward\"]") from None
+        data = load_json(text, field)
         if isinstance(data, dict):
             items = [Criterion(str(k), _weight(v, f"{field}.{k}")) for k, v in data.items()]
         elif isinstance(data, list):
@@ -159,9 +156,9 @@ def parse_criteria_header(value: str, field: str = "op-criteria") -> tuple[list[
     names: list[str] | None = None
     if text.startswith("["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None
+            data = load_json(text, field)
+        except InvalidArgument:
+            data = None  # parse_criteria names what is wrong
         if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
             names = [x.strip() for x in data]
     elif text and text[0] != "{" and ":" not in text and "=" not in text:

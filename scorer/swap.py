@@ -14,10 +14,12 @@ published), and if that differs from what is served:
    finish on the old version, which is then freed.
 
 A refused checkpoint is counted (``prefstream_scorer_swap_failures_total{reason}``), logged at ERROR
-and recorded so it is not retried on every poll.  The registry is deliberately left alone: a bad
-copy may be local to this scorer's volume, and the registry has no transition that un-publishes a
-version without pinning (which would freeze every scorer); an operator who sees the alert rolls back
-through ModelAdminService.  Pin, unpin and rollback (``scorer/admin.py``) only change the registry and then call
+and recorded so it is not retried on every poll; the registry is told (``note_refused``), so pins and
+rollbacks avoid it, but what scorers serve does not change: a bad copy may be local to this scorer's
+volume, and un-publishing it would need a pin that freezes every scorer; an operator who sees the
+alert rolls back through ModelAdminService.  A scorer that has nothing to serve yet (start-up, or a
+policy loaded on first use) and whose target is refused serves the newest published version no
+scorer refused instead, else the base model: a bad newest version never keeps a scorer down.  Pin, unpin and rollback (``scorer/admin.py``) only change the registry and then call
 :meth:`ModelManager.sync`, so they take effect through this same path.  With nothing published, the
 configured base model is served as version ``"base"``.
 """
@@ -171,8 +173,32 @@ class ModelManager:
                 return SyncOutcome(name, current.version if current else None, refused="no_base_model")
             key = (name, target.version)
             if key in self._refused:
-                return SyncOutcome(name, current.version if current else None, refused=self._refused[key])
-            return await self._swap(target, current.version if current else None)
+                outcome = SyncOutcome(name, current.version if current else None, refused=self._refused[key])
+            else:
+                outcome = await self._swap(target, current.version if current else None)
+            if outcome.serving is None and not target.is_base:
+                return await self._fallback(target, outcome)
+            return outcome
+
+    async def _fallback(self, target: Target, outcome: SyncOutcome) -> SyncOutcome:
+        """Nothing served and the target refused: the newest servable published version, else base."""
+        refused = [v for (n, v) in self._refused if n == target.name]
+        candidates: list[Any] = []
+        if self.registry is not None:
+            try:
+                candidates = await self._registry(self.registry.servable, target.name, refused)
+            except Exception as e:  # noqa: BLE001 - without the registry only the base is left
+                log.warning("registry unreachable while looking past %s@%s: %s", target.name, target.version, e)
+        for mv in candidates:
+            log.warning("%s %s cannot be served (%s); trying %s", target.name, target.version, outcome.refused, mv.version)
+            attempt = await self._swap(Target(name=target.name, kind=mv.kind, version=mv.version, uri=mv.uri), None)
+            if attempt.serving is not None:
+                return attempt
+        base = Target(name=target.name, kind=target.kind, version=BASE_VERSION, uri="")
+        if self._has_base(base):
+            log.warning("%s: no published version can be served; serving the base model", target.name)
+            return await self._swap(base, None)
+        return outcome
 
     def _has_base(self, target: Target) -> bool:
         # Reward models discovered in the registry have no base of their own to fall back to.
@@ -217,6 +243,11 @@ class ModelManager:
         self.metrics.swap_failures.labels(target.name, reason).inc()
         log.error("refused %s version %s (%s); still serving %s: %s",
                   target.name, target.version, reason, previous or "nothing", message)
+        if self.registry is not None and not target.is_base:
+            try:
+                await self._registry(self.registry.note_refused, target.name, target.version, f"{reason}: {message}")
+            except Exception as e:  # noqa: BLE001 - the refusal stands locally; the registry learns it next time
+                log.warning("could not record the refusal of %s@%s in the registry: %s", target.name, target.version, e)
         return SyncOutcome(target.name, previous, refused=reason)
 
     # ------------------------------------------------------------------------------ watching

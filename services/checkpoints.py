@@ -278,6 +278,11 @@ class CheckpointStore:
     def gc(self, name: str, keep: int, protected: Iterable[str] = ()) -> list[str]:
         raise NotImplementedError
 
+    def discard_unfinished(self, name: str) -> list[str]:
+        """Remove every unfinished write of ``name`` (a crashed writer's leftovers); only its one
+        writer may call this, at start-up, before writing.  Returns what was removed."""
+        raise NotImplementedError
+
 
 class LocalCheckpointStore(CheckpointStore):
     """Checkpoints in a local (or network-mounted) directory: ``<root>/<name>/<version>/``."""
@@ -477,6 +482,19 @@ class LocalCheckpointStore(CheckpointStore):
                     log.warning("gc removing unfinished checkpoint directory %s", child)
                     shutil.rmtree(child, ignore_errors=True)
         return [r.version for r in doomed]
+
+    def discard_unfinished(self, name: str) -> list[str]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        removed = []
+        for child in d.iterdir():
+            if child.is_dir() and (child.name.startswith(_TMP_PREFIX) or
+                                   (_NUMBERED_RE.match(child.name) and not (child / MANIFEST).exists())):
+                log.warning("removing the unfinished checkpoint write %s (left by a writer that stopped mid-write)", child)
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+        return sorted(removed)
 
 
 CheckpointStore.register_scheme("", LocalCheckpointStore)

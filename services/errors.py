@@ -158,7 +158,55 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 # gRPC: one interceptor for every servicer, sync or aio, unary or streaming.
 
 
+class _Malformed:
+    """What a request that protobuf could not parse becomes, so the handler answers INVALID_ARGUMENT
+    (grpc would answer UNKNOWN, naming a Python exception class)."""
+
+    def __init__(self, type_name: str, exc: BaseException) -> None:
+        self.error = InvalidArgument("request", f"is not a valid {type_name} protobuf message ({exc or 'truncated'}); "
+                                                "send the message the service's .proto defines, serialized whole")
+
+
+def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "") or "request"
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed bytes
+            return _Malformed(type_name, e)
+
+    return safe
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise request.error
+    return request
+
+
+def _checked_stream(requests: Any, is_aio: bool) -> Any:
+    if is_aio and hasattr(requests, "__aiter__"):
+        async def aio_items() -> Any:
+            async for item in requests:
+                yield _checked(item)
+        return aio_items()
+    if hasattr(requests, "__iter__"):
+        return (_checked(item) for item in requests)
+    return requests
+
+
 def _wrap_behavior(behavior: Callable, kind: str, is_aio: bool) -> Callable:
+    inner = behavior
+
+    def behavior(request_or_iterator: Any, context: Any) -> Any:  # noqa: F811 - the checked behavior
+        if kind.startswith("unary"):
+            return inner(_checked(request_or_iterator), context)
+        return inner(_checked_stream(request_or_iterator, is_aio), context)
+
     if is_aio:
         if kind in ("unary_unary", "stream_unary"):
 
@@ -241,7 +289,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, is_aio: bool) -> grpc.RpcMethodHandl
         if behavior is not None:
             return factory(
                 _wrap_behavior(behavior, kind, is_aio),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
     return handler

@@ -55,6 +55,25 @@ class ServerHandle:
         await self.server.stop(grace_s)
 
 
+#: The stable reflection service (what grpcurl, ghz and Postman ask for first); grpcio-reflection
+#: ships only ``v1alpha``, whose messages are the same on the wire.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Serve ``grpc.reflection.v1`` with the v1alpha implementation: the two protos differ only in
+    their package name, so v1alpha's messages parse and write v1's bytes unchanged."""
+    from grpc_reflection.v1alpha import reflection_pb2 as messages
+
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=messages.ServerReflectionRequest.FromString,
+        response_serializer=messages.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
 def create_server(
     adders: Sequence[Callable[[grpc.aio.Server], None]],
     service_names: Sequence[str],
@@ -76,10 +95,10 @@ def create_server(
         add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    names = (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    _add_reflection_v1(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}; choose a free port")

@@ -191,6 +191,8 @@ class ModelState:
     generation: int = 0
     order: tuple[str, ...] = ()
     versions: Mapping[str, ModelVersion] = field(default_factory=dict)
+    #: versions a scorer could not serve (checksum, load or warm-up failed), with why
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def exists(self) -> bool:
@@ -206,13 +208,14 @@ class ModelState:
         return ModelStatus(name=self.name, kind=self.kind, latest_version=self.latest, pinned_version=self.pinned,
                            target_version=self.target, generation=self.generation)
 
-    def newest_published(self, before: str | None = None) -> str:
-        """The most recently recorded published version (strictly before ``before`` in order, if given)."""
+    def newest_published(self, before: str | None = None, *, servable: bool = False) -> str:
+        """The most recently recorded published version (strictly before ``before`` in order, if given);
+        with ``servable``, skipping versions serving refused."""
         order = list(self.order)
         if before is not None and before in order:
             order = order[: order.index(before)]
         for v in reversed(order):
-            if self.versions[v].state == VersionState.PUBLISHED:
+            if self.versions[v].state == VersionState.PUBLISHED and not (servable and v in self.refused):
                 return v
         return ""
 
@@ -285,6 +288,9 @@ def plan_pin(state: ModelState, version: str) -> Plan:
     if v.state != VersionState.PUBLISHED:
         raise RegistryConflict(f"version {version!r} of {state.name!r} is {v.state} ({v.reason or 'no reason given'}); "
                                "only published versions can be pinned", field="version")
+    if version in state.refused:
+        raise RegistryConflict(f"version {version!r} of {state.name!r} was refused by serving ({state.refused[version]}); "
+                               "pin another version or publish a fixed one", field="version")
     if state.pinned == version:
         return Plan(state=state)
     return _with(state, [], updates=[v.update(ModelAction.PINNED, reason="")], pinned=version)
@@ -309,10 +315,10 @@ def plan_rollback(state: ModelState, reason: str) -> Plan:
     current = state.target
     if not current:
         raise RegistryConflict(f"model {state.name!r} has no published version to roll back", field="name")
-    previous = state.newest_published(before=current)
+    previous = state.newest_published(before=current, servable=True)
     if not previous:
-        raise RegistryConflict(f"model {state.name!r} has no published version before {current!r} to roll back to",
-                               field="name")
+        raise RegistryConflict(f"model {state.name!r} has no published version before {current!r} to roll back to "
+                               "(versions serving refused do not count)", field="name")
     bad = dataclasses.replace(state.versions[current], state=VersionState.ROLLED_BACK, reason=reason)
     # latest only ever names a published version, so unpinning later cannot bring the bad one back.
     after = dataclasses.replace(state, versions={**state.versions, current: bad})
@@ -364,8 +370,10 @@ class ModelRegistry:
         versions = {_s(k): ModelVersion.from_dict(json.loads(v)) for k, v in client.hgetall(self._key(name, "versions")).items()}
         order = tuple(_s(v) for v in client.lrange(self._key(name, "order"), 0, -1))
         kind = ModelKind.parse(raw["kind"], "kind") if raw.get("kind") else None
+        refused = {_s(k): _s(v) for k, v in client.hgetall(self._key(name, "refused")).items()}
         return ModelState(name=name, kind=kind, latest=raw.get("latest", ""), pinned=raw.get("pinned", ""),
-                          generation=int(raw.get("generation", "0") or 0), order=order, versions=versions)
+                          generation=int(raw.get("generation", "0") or 0), order=order, versions=versions,
+                          refused=refused)
 
     def _state(self, name: str) -> ModelState:
         validate_name(name, "name")
@@ -403,6 +411,17 @@ class ModelRegistry:
             raw = self._r.hget(self._key(name, "versions"), current) if current else None
         return ModelVersion.from_dict(json.loads(raw)) if raw else None
 
+    def refused(self, name: str) -> dict[str, str]:
+        """Versions serving refused (version -> reason), as scorers reported them."""
+        return dict(self._state(name).refused)
+
+    def servable(self, name: str, excluding: Sequence[str] = ()) -> list[ModelVersion]:
+        """Published versions no scorer refused, newest first, leaving out ``excluding`` (a scorer's
+        start-up fallback when its target cannot be served)."""
+        st = self._state(name)
+        return [st.versions[v] for v in reversed(st.order) if st.versions[v].state == VersionState.PUBLISHED
+                and v not in st.refused and v not in excluding]
+
     def list_models(self) -> list[ModelStatus]:
         with self._errors():
             names = sorted(_s(n) for n in self._r.smembers(self._models_key))
@@ -439,9 +458,17 @@ class ModelRegistry:
         """Mark the current target rolled_back and pin the previous published version."""
         return self._apply(name, lambda st: plan_rollback(st, reason))
 
+    def note_refused(self, name: str, version: str, reason: str) -> None:
+        """Record that serving refused ``version`` (pins and rollbacks then avoid it).  Not a transition:
+        what scorers serve does not change, so the generation stays."""
+        validate_name(name, "name")
+        validate_name(version, "version")
+        with self._errors():
+            self._r.hset(self._key(name, "refused"), version, reason[:500] or "refused")
+
     def _apply(self, name: str, transition: Callable[[ModelState], Plan]) -> ModelStatus:
         validate_name(name, "name")
-        keys = [self._key(name, p) for p in ("state", "versions", "order")]
+        keys = [self._key(name, p) for p in ("state", "versions", "order", "refused")]
         with self._errors():
             for _ in range(_MAX_TXN_RETRIES):
                 with self._r.pipeline() as pipe:

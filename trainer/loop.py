@@ -97,6 +97,8 @@ class ContinualTrainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
+        if self.store is not None:  # this loop is the model's one writer: a crash's partial writes go
+            self.store.discard_unfinished(self.cfg.model.model_name)
         started = self.clock()
         idle_since = self.clock()
         while True:

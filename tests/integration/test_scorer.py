@@ -278,3 +278,33 @@ def test_model_updates_topic_triggers_the_swap(env: Published, redis_url: str, k
 
     asyncio.run(main())
 
+
+
+def test_a_scorer_started_after_bad_versions_serves_the_newest_good_one_and_the_registry_learns(
+        env: Published, redis_url: str) -> None:
+    env.publish("v000001", bias=0.0)
+    env.publish("v000002", bias=1.0)
+    env.publish("v000003", bias=2.0, corrupt=True)
+    env.publish("v000004", bias=3.0, corrupt=True)
+
+    async def main() -> None:
+        scorer = scorer_for(env, redis_url)
+        await scorer.start()  # used to exit: "could not serve reward model ...: corrupt"
+        client = ScorerClient(scorer.address)
+        try:
+            assert (await client.score([], ["x"], model=env.name)).model.version == "v000002"
+            assert set(env.registry.refused(env.name)) == {"v000004", "v000003"}
+            assert "corrupt" in env.registry.refused(env.name)["v000004"]
+            from services.errors import FailedPrecondition, InvalidArgument
+
+            with pytest.raises(FailedPrecondition, match="refused by serving"):
+                await client.pin(env.name, "v000003")
+            with pytest.raises(InvalidArgument, match="reason"):
+                await client.rollback(env.name, "")
+            rolled = await client.rollback(env.name, "v000004 is broken")  # to the newest servable: v000002
+            assert rolled.pinned_version == "v000002" and rolled.serving_version == "v000002"
+        finally:
+            await client.close()
+            await scorer.stop(grace_s=1)
+
+    asyncio.run(main())

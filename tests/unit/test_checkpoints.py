@@ -209,3 +209,12 @@ def test_next_version_is_part_of_the_interface_a_backend_must_implement(tmp_path
     with pytest.raises(NotImplementedError):
         Partial("mem://x").next_version("rm")
     assert CheckpointStore(str(tmp_path)).next_version("rm") == "v000001"
+
+
+def test_the_writer_discards_a_crashed_writes_leftovers_at_start_up(store: LocalCheckpointStore) -> None:
+    store.write("rm", "v000001", _writer({"w.bin": b"1"}), {"step": 1})
+    (store.root / "rm" / ".tmp-v000002-0123456789ab").mkdir()  # kill -9 mid-write: a fresh temp dir
+    (store.root / "rm" / "v000003").mkdir()  # a version directory without its manifest
+    assert store.discard_unfinished("rm") == [".tmp-v000002-0123456789ab", "v000003"]
+    assert sorted(p.name for p in (store.root / "rm").iterdir()) == ["v000001"]
+    assert [r.version for r in store.list("rm")] == ["v000001"] and store.discard_unfinished("none") == []

@@ -182,3 +182,15 @@ def test_a_policy_judges_with_its_yes_probability(tiny_base) -> None:  # noqa: F
 
 
 from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: E402,F401 (fixtures)
+
+
+@pytest.mark.parametrize("header, words", [
+    ("[" * 3000, "deeper"),
+    ('{"reward": ' * 3000, "deeper"),
+    ('["\\ud800"]', "surrogate"),
+    ('{"reward": 1e999999}', "weight"),
+])
+def test_hostile_op_criteria_headers_are_invalid_argument_naming_the_header(header: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_criteria_header(header)
+    assert err.value.field.startswith("op-criteria") and words in str(err.value), str(err.value)

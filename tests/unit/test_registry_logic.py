@@ -209,6 +209,20 @@ def test_rollback_needs_a_published_target_and_a_reason() -> None:
         plan_rollback(st, "")
 
 
+def test_versions_serving_refused_are_never_pinned_nor_rolled_back_to() -> None:
+    import dataclasses
+
+    st = ModelState(name="rm")
+    for v in ("v000001", "v000002", "v000003", "v000004"):
+        st = plan_publish(st, _v(v)).state
+    st = dataclasses.replace(st, refused={"v000003": "corrupt: checksum mismatch", "v000004": "nonfinite"})
+    with pytest.raises(RegistryConflict, match="refused by serving .corrupt"):
+        plan_pin(st, "v000003")
+    assert st.newest_published() == "v000004" and st.newest_published(servable=True) == "v000002"
+    rolled = plan_rollback(st, "v000004 is broken").state
+    assert rolled.pinned == "v000002" and rolled.versions["v000004"].state == "rolled_back"
+
+
 def test_version_validation_names_the_field() -> None:
     with pytest.raises(InvalidArgument, match="uri"):
         plan_publish(ModelState(name="rm"), ModelVersion(name="rm", version="v1", uri=""))
