@@ -39,6 +39,7 @@ from gateway import metrics
 from gateway.config import GatewayConfig
 from gateway.derive import Target, ThumbVote, derive, derive_criteria, derive_thumbs, target_of, thumb_vote
 from gateway.events import Completion, Feedback, Thumbs
+from gateway.kafka_writer import MAX_REQUEST_BYTES
 from gateway.validation import Limits, check_feedback_against, completion_from_proto, feedback_from_proto, parse_json
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
@@ -58,6 +59,10 @@ _PARKED = "prefstream:parked:{}"
 _PARKED_INDEX = "prefstream:parked_index"
 _THUMBS = "prefstream:thumbs:{}"
 _EMITTED = "prefstream:emitted:{}"
+#: The largest output record written (the producer's per-record limit less room for batch headers).
+MAX_OUTPUT_BYTES = MAX_REQUEST_BYTES - 4096
+#: How much of a dead-lettered record's payload the letter carries.
+MAX_DEAD_PAYLOAD_BYTES = 256 * 1024
 
 
 @dataclass
@@ -216,13 +221,13 @@ class Processor:
         batch.completions[c.completion_id] = c
         metrics.PROCESSED.labels("completion", "stored").inc()
         if c.criteria is not None:
-            self._criteria_feedback(c, batch)
+            self._criteria_feedback(c, batch, src)
         parked = self.redis.hgetall(_PARKED.format(c.completion_id))
         for _event_id, raw in sorted(parked.items()):
             src_parked, since = _unpark_entry(raw)
             self._on_feedback(src_parked, batch, parked_since=since, completion=c)
 
-    def _criteria_feedback(self, c: Completion, batch: _Batch) -> None:
+    def _criteria_feedback(self, c: Completion, batch: _Batch, src: _Source) -> None:
         """A completion ranked by named criteria is feedback in itself, unless switched off."""
         from services.criteria import split_ref
 
@@ -231,7 +236,7 @@ class Processor:
             metrics.PROCESSED.labels("criteria", "switched_off").inc()
             return
         record = derive_criteria(c, mode, now=time.time())
-        self._emit(batch, [record] if record is not None else [])
+        self._emit(batch, [record] if record is not None else [], src, c.event_id)
         metrics.PROCESSED.labels("criteria", "derived" if record is not None else "no_preference").inc()
 
     def _on_feedback(
@@ -274,7 +279,7 @@ class Processor:
             metrics.PROCESSED.labels("feedback", "dead_letter").inc()
             return
         records = self._derive(fb, target)
-        self._emit(batch, records)
+        self._emit(batch, records, src, fb.event_id)
         self._done_parked(batch, fb, parked_since)
         metrics.PROCESSED.labels("feedback", "derived" if records else "no_preference").inc()
 
@@ -346,22 +351,32 @@ class Processor:
     # ------------------------------------------------------------------------------------------
     # outputs
 
-    def _emit(self, batch: _Batch, records: list[PreferenceRecord]) -> None:
+    def _emit(self, batch: _Batch, records: list[PreferenceRecord], src: _Source, event_id: str) -> None:
         if not records:
             return
         seen = self.redis.mget([_EMITTED.format(r.record_id) for r in records])
         for r, was in zip(records, seen):
             if was is not None or any(r.record_id == b.record_id for b in batch.records):
                 continue
+            key, value = prompt_hash(r.project, r.prompt).encode(), r.to_kafka()
+            if len(key) + len(value) > MAX_OUTPUT_BYTES:
+                # Kafka would refuse it on every retry and hold up the partition behind it for good.
+                self._dead(batch, src, InvalidArgument("preference", f"the record derived from this event is "
+                           f"{len(key) + len(value)} bytes; Kafka takes at most {MAX_OUTPUT_BYTES} bytes per record: "
+                           "shorten the prompt or the outputs"), stage="too_large", event_id=event_id)
+                continue
             batch.records.append(r)
-            batch.outputs.append((self.t_preferences, prompt_hash(r.project, r.prompt).encode(), r.to_kafka()))
+            batch.outputs.append((self.t_preferences, key, value))
 
     def _dead(self, batch: _Batch, src: _Source, err: PrefstreamError, *, stage: str, event_id: str = "") -> None:
+        payload = src.value[:MAX_DEAD_PAYLOAD_BYTES].decode("utf-8", errors="replace")
+        if len(src.value) > MAX_DEAD_PAYLOAD_BYTES:  # the letter itself must fit in Kafka; the source keeps it all
+            payload += f"... [truncated: {len(src.value)} bytes; read {src.topic}[{src.partition}]@{src.offset}]"
         letter = DeadLetterProto(
             source_topic=src.topic,
             partition=src.partition,
             offset=src.offset,
-            payload=src.value.decode("utf-8", errors="replace"),
+            payload=payload,
             reason=err.message,
             field=err.field or "",
             event_id=event_id,

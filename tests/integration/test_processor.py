@@ -256,3 +256,29 @@ def test_a_completion_ranked_by_criteria_is_feedback_unless_switched_off(gw, cli
     assert sorted(r["source_kind"] for r in records) == ["FEEDBACK_KIND_CHOICE"] * 3 + ["FEEDBACK_KIND_CRITERIA"]
     time.sleep(2.0)
     assert len(preferences(gw, kafka_bootstrap, project, 5, timeout_s=2.0)) == 4  # nothing more came
+
+
+def test_a_record_too_large_to_derive_is_dead_lettered_and_the_partition_flows_on(gw, project, kafka_bootstrap) -> None:
+    """A compressed 2 MB feedback event passes the broker; its derived record would exceed the producer's
+    limit on every retry.  It goes to the dead letters with its reason; the pair behind it is derived."""
+    marker = uuid.uuid4().hex
+    ftopic = gw.topic(topics.FEEDBACK)
+    big = {"event_id": f"big-{marker}", "project": project,
+           "inline": {"prompt": [{"role": "ROLE_USER", "content": "q " * 45_000}] * 24, "outputs": ["yes", "no"]},
+           "choice": {"chosen_index": 0}}
+    good = {"event_id": f"after-{marker}", "project": project,
+            "inline": {"prompt": [{"role": "ROLE_USER", "content": f"Best pet? {marker}"}], "outputs": ["cat", "rock"]},
+            "choice": {"chosen_index": 0}}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", compression_type="gzip",
+                             max_request_size=16 * 1024 * 1024)
+    try:
+        key = b"one-partition"
+        producer.send(ftopic, json.dumps(big).encode(), key=key).get(30)
+        producer.send(ftopic, json.dumps(good).encode(), key=key).get(30)
+    finally:
+        producer.close()
+    (letter,) = dead_letters(gw, kafka_bootstrap, f"big-{marker}", 1)
+    assert letter["field"] == "preference" and "bytes" in letter["reason"] and "shorten" in letter["reason"], letter
+    assert "truncated" in letter["payload"] and letter["event_id"] == f"big-{marker}"
+    records = preferences(gw, kafka_bootstrap, project, 1)
+    assert summary(records) == [("FEEDBACK_KIND_CHOICE", ("cat", "rock"), "SPLIT_TRAIN")]
