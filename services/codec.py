@@ -92,6 +92,41 @@ def _check_text(value: str, where: str, what: str) -> None:
                                      "send valid Unicode (pair surrogates or use the character itself)") from None
 
 
+def _enum_prefix(enum: Any) -> str:
+    """``ROLE_`` for Role (ROLE_UNSPECIFIED, ROLE_USER, ...): the prefix every value name shares."""
+    names = [v.name for v in enum.values]
+    prefix = names[0]
+    for n in names[1:]:
+        while not n.startswith(prefix):
+            prefix = prefix[:-1]
+    return prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
+
+
+def _short_enum_names(obj: Any, descriptor: Any) -> None:
+    """Let people write enums as they say them (``"user"``, ``"assistant"``, ``"train"``) beside the
+    proto names (``"ROLE_USER"``): in place, a string that is no value name becomes ``PREFIX_VALUE``
+    when that is one.  Anything else is left for protobuf to refuse with its own message."""
+    if not isinstance(obj, dict):
+        return
+    fields = {**{f.json_name: f for f in descriptor.fields}, **{f.name: f for f in descriptor.fields}}
+    for key, value in obj.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if f.message_type is not None:
+            if f.message_type.GetOptions().map_entry:
+                continue
+            for item in values:
+                _short_enum_names(item, f.message_type)
+        elif f.enum_type is not None:
+            names = f.enum_type.values_by_name
+            fixed = [f"{_enum_prefix(f.enum_type)}{v.strip().upper()}"
+                     if isinstance(v, str) and v not in names and f"{_enum_prefix(f.enum_type)}{v.strip().upper()}" in names
+                     else v for v in values]
+            obj[key] = fixed if isinstance(value, list) else fixed[0]
+
+
 def decode_event(data: bytes | str, cls: type[M], *, what: str | None = None) -> M:
     """Parse proto3 JSON into ``cls``; malformed input raises InvalidArgument naming the problem.
 
@@ -101,6 +136,7 @@ def decode_event(data: bytes | str, cls: type[M], *, what: str | None = None) ->
     obj = load_json(data, what, kind="record is")
     if not isinstance(obj, dict):
         raise InvalidArgument(what, f"record must be a JSON object, got {type(obj).__name__}")
+    _short_enum_names(obj, cls.DESCRIPTOR)
     try:
         return json_format.ParseDict(obj, cls())
     except (json_format.ParseError, ValueError, TypeError, OverflowError) as e:

@@ -240,7 +240,7 @@ def test_http_batch_and_body_errors(gw, key, project) -> None:
     h = {"Authorization": f"Bearer {key}"}
     events = [
         {"seq": 1, "completion": {"project": project, "prompt": [{"role": "ROLE_USER", "content": "q"}], "candidates": ["a", "b"]}},
-        {"seq": 2, "completion": {"project": project, "prompt": [{"role": "user", "content": "q"}], "candidates": ["a"]}},
+        {"seq": 2, "completion": {"project": project, "prompt": [{"role": "usr", "content": "q"}], "candidates": ["a"]}},
         {"seq": 3, "feedback": {"project": project, "inline": {"prompt": [{"role": "ROLE_USER", "content": "q"}],
                                                                  "outputs": ["a", "b"]}, "ranking": {"ranked_indices": [1, 0]}}},
         {"seq": 4},

@@ -199,9 +199,15 @@ def test_checks_against_a_logged_completion() -> None:
 
 def test_parse_json_names_the_offending_path() -> None:
     with pytest.raises(InvalidArgument) as err:
-        parse_json(b'{"prompt": [{"role": "user"}]}', ev.Completion, root="completion")
+        parse_json(b'{"prompt": [{"role": "usr"}]}', ev.Completion, root="completion")
     assert err.value.field == "completion.prompt[0].role"
-    assert "Invalid enum value user" in err.value.message
+    assert "Invalid enum value usr" in err.value.message
+    # enums as people type them: the lowercase short name beside the proto name
+    said = parse_json(b'{"prompt": [{"role": "user", "content": "q"}, {"role": " Assistant", "content": "a"}], '
+                      b'"split": "test", "candidates": ["x"]}', ev.Completion, root="completion")
+    assert [m.role for m in said.prompt] == [ev.ROLE_USER, ev.ROLE_ASSISTANT] and said.split == ev.SPLIT_TEST
+    with pytest.raises(InvalidArgument, match="prompt.0..role"):
+        parse_json(b'{"prompt": [{"role": "unspecified_user"}]}', ev.Completion, root="completion")
     with pytest.raises(InvalidArgument) as err:
         parse_json(b'{"promt": []}', ev.Completion, root="completion")
     assert err.value.field == "completion" and "promt" in err.value.message
