@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "train-dpo": "bench.train_dpo",
     "freshness": "bench.freshness",
     "criteria-loop": "bench.criteria_loop",
+    "chaos": "bench.chaos",
 }
 
 

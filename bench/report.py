@@ -142,6 +142,12 @@ TARGETS: tuple[Target, ...] = (
     Target("criteria-loop", "failed_requests", "no failed request, >= 2 versions published", "-",
            lambda r: None if r.get("failed_requests") is None else r["failed_requests"] == 0 and (r.get("versions_published") or 0) >= 2,
            lambda r: f"{_fmt(r.get('failed_requests'))} failed, {_fmt(r.get('versions_published'))} published"),
+    Target("chaos", "lost_total", "kill -9 of broker, gateway, processor: 0 acked lost, 0 failed, all recover",
+           "every acked id found in the topic and derived once",
+           lambda r: r.get("target_met"),
+           lambda r: "; ".join(f"{s['name']}: {s['lost']} lost, {s['duplicates_derived']} derived twice, "
+                               f"{s['failed_requests']} failed, recovery {_fmt(s.get('recovery_s'))} s"
+                               for s in r.get("scenarios", []))),
     Target("freshness", "freshness_p50_s", "p50 feedback-to-serving < 30 s (MiniLM, 2 cores)", "Monolith: minute-level sync",
            lambda r: None if r.get("freshness_p50_s") is None else r["freshness_p50_s"] < 30,
            lambda r: f"p50 {_fmt(r.get('freshness_p50_s'))} s, p99 {_fmt(r.get('freshness_p99_s'))} s"),
