@@ -316,7 +316,9 @@ class OpenAICompat:
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
                 "finish_reason": "stop",
-                "logprobs": None,
+                # NIM reward models answer with the scores as logprobs: clients written for NIM read them there
+                "logprobs": {"content": [{"token": name, "logprob": value, "bytes": None, "top_logprobs": []}
+                                         for name, value in {"reward": s.reward, **s.attributes}.items()]},
                 "scores": {"reward": s.reward, **s.attributes},
             }],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},

@@ -100,6 +100,9 @@ def test_reward_model_scoring_answers_like_nim(harness: Harness, openai_client: 
     assert float(content.split(":", 1)[1]) == pytest.approx(direct.rewards[0], abs=1e-5)
     assert resp.model == "reward"
     assert resp.model_extra["model_version"] == "base"
+    # as NIM clients read it: the scores as logprobs, one entry per score
+    scored = {e.token: e.logprob for e in resp.choices[0].logprobs.content}
+    assert scored["reward"] == pytest.approx(direct.rewards[0], abs=1e-5)
 
 
 def test_models_lists_served_models(openai_client: Any) -> None:
