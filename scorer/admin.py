@@ -40,6 +40,12 @@ def _name(value: str, field: str = "name") -> str:
     return value
 
 
+#: The admin calls that change what is served or how feedback is made: they need the admin token.
+MUTATING_METHODS: tuple[str, ...] = tuple(
+    f"/{admin_pb2.DESCRIPTOR.services_by_name['ModelAdminService'].full_name}/{m}"
+    for m in ("PinVersion", "Unpin", "Rollback", "CreateCriterion", "DeleteCriterion", "SetCriteriaFeedback"))
+
+
 class ModelAdminServicer(admin_pb2_grpc.ModelAdminServiceServicer):
     """Registry-backed admin calls whose effect is applied through the scorer's swap path."""
 

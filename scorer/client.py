@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 
@@ -53,9 +54,12 @@ def to_messages(prompt: PromptLike, field: str = "prompt") -> tuple[ChatMessage,
 class ScorerClient:
     """Async client; one HTTP/2 channel, safe to share across tasks."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 60.0, admin_token: str | None = None) -> None:
+        """``admin_token`` (default ``$PREFSTREAM_SCORER_ADMIN_TOKEN``) is sent with every admin call."""
         self.address = address
         self.timeout_s = timeout_s
+        token = os.environ.get("PREFSTREAM_SCORER_ADMIN_TOKEN", "") if admin_token is None else admin_token
+        self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel: grpc.aio.Channel = make_channel(address, aio=True)  # type: ignore[assignment]
         self._scorer = scorer_pb2_grpc.ScorerServiceStub(self._channel)
         self._admin = admin_pb2_grpc.ModelAdminServiceStub(self._channel)
@@ -70,9 +74,13 @@ class ScorerClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+    async def _call_admin(self, method: Any, request: Any) -> Any:
+        return await self._call(method, request, metadata=self._admin_metadata)
+
+    async def _call(self, method: Any, request: Any, timeout_s: float | None = None,
+                    metadata: Any = None) -> Any:
         try:
-            return await method(request, timeout=timeout_s or self.timeout_s)
+            return await method(request, timeout=timeout_s or self.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise from_grpc_error(e) from None
 
@@ -158,51 +166,51 @@ class ScorerClient:
 
     async def list_models(self) -> list[ModelStatus]:
         """Every model the scorer serves or the registry knows, with its serving version."""
-        resp = await self._call(self._admin.ListModels, admin_pb2.ListModelsRequest())
+        resp = await self._call_admin(self._admin.ListModels, admin_pb2.ListModelsRequest())
         return [ModelStatus.from_proto(m) for m in resp.models]
 
     async def list_versions(self, name: str, *, include_rejected: bool = False) -> list[ModelVersion]:
-        resp = await self._call(self._admin.ListVersions,
+        resp = await self._call_admin(self._admin.ListVersions,
                                 admin_pb2.ListVersionsRequest(name=name, include_rejected=include_rejected))
         return [ModelVersion.from_proto(v, name) for v in resp.versions]
 
     async def pin(self, name: str, version: str) -> ModelStatus:
         """Serve exactly ``version`` until unpinned; returns the status once this scorer swapped."""
-        return ModelStatus.from_proto(await self._call(self._admin.PinVersion,
+        return ModelStatus.from_proto(await self._call_admin(self._admin.PinVersion,
                                                        admin_pb2.PinVersionRequest(name=name, version=version)))
 
     async def unpin(self, name: str) -> ModelStatus:
-        return ModelStatus.from_proto(await self._call(self._admin.Unpin, admin_pb2.UnpinRequest(name=name)))
+        return ModelStatus.from_proto(await self._call_admin(self._admin.Unpin, admin_pb2.UnpinRequest(name=name)))
 
     async def rollback(self, name: str, reason: str = "rolled back by an operator") -> ModelStatus:
         """Mark the served version rolled back and pin the previous published one."""
-        return ModelStatus.from_proto(await self._call(self._admin.Rollback,
+        return ModelStatus.from_proto(await self._call_admin(self._admin.Rollback,
                                                        admin_pb2.RollbackRequest(name=name, reason=reason)))
 
     async def create_criterion(self, definition: Mapping[str, Any], *, project: str = "",
                                skip_model_check: bool = False) -> dict[str, Any]:
         """Record a criterion definition (docs/criteria.md); returns it with its version and ``created``."""
-        resp = await self._call(self._admin.CreateCriterion, admin_pb2.CreateCriterionRequest(
+        resp = await self._call_admin(self._admin.CreateCriterion, admin_pb2.CreateCriterionRequest(
             project=project, definition_json=json.dumps(dict(definition)), skip_model_check=skip_model_check))
         return _criterion_info(resp)
 
     async def list_criteria(self, project: str = "") -> list[dict[str, Any]]:
-        resp = await self._call(self._admin.ListCriteria, admin_pb2.ListCriteriaRequest(project=project))
+        resp = await self._call_admin(self._admin.ListCriteria, admin_pb2.ListCriteriaRequest(project=project))
         return [_criterion_info(c) for c in resp.criteria]
 
     async def get_criterion(self, criterion: str, *, project: str = "") -> dict[str, Any]:
-        return _criterion_info(await self._call(self._admin.GetCriterion,
+        return _criterion_info(await self._call_admin(self._admin.GetCriterion,
                                                 admin_pb2.GetCriterionRequest(project=project, criterion=criterion)))
 
     async def delete_criterion(self, name: str, *, project: str = "", force: bool = False, reason: str = "") -> list[str]:
-        resp = await self._call(self._admin.DeleteCriterion, admin_pb2.DeleteCriterionRequest(
+        resp = await self._call_admin(self._admin.DeleteCriterion, admin_pb2.DeleteCriterionRequest(
             project=project, name=name, force=force, reason=reason))
         return list(resp.deleted_versions)
 
     async def set_criteria_feedback(self, enabled: bool, *, name: str = "", project: str = "",
                                     mode: str = "pair") -> dict[str, dict[str, Any]]:
         """Switch criteria feedback for one criterion (``name``) or the whole project; returns the settings."""
-        resp = await self._call(self._admin.SetCriteriaFeedback, admin_pb2.SetCriteriaFeedbackRequest(
+        resp = await self._call_admin(self._admin.SetCriteriaFeedback, admin_pb2.SetCriteriaFeedbackRequest(
             project=project, name=name, enabled=enabled, mode=mode))
         return {k: {"enabled": v.enabled, "mode": v.mode} for k, v in resp.settings.items()}
 

@@ -29,6 +29,12 @@ class ScorerConfig:
 
     host: str = field(default="127.0.0.1", metadata={"help": "interface the gRPC server binds"})
     port: int = field(default=50052, metadata={"help": "gRPC port (0 picks a free one)"})
+    admin_token: str = field(
+        default="", repr=False,
+        metadata={"help": "bearer token the admin calls that change serving need (pin, unpin, rollback, criteria "
+                          "create/delete/feedback); set it via PREFSTREAM_SCORER_ADMIN_TOKEN. Without one they are "
+                          "served only when host is loopback"},
+    )
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 disables the exporter"})
     stack_run_dir: str = field(
         default="",

@@ -28,7 +28,7 @@ from prefstream.scorer.v1.scorer_pb2 import GenerateRequest as GenerateRequestPr
 from prefstream.scorer.v1.scorer_pb2 import GenerateResponse as GenerateResponseProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreRequest as ScoreRequestProto
 from prefstream.scorer.v1.scorer_pb2 import ScoreResponse as ScoreResponseProto
-from scorer.admin import ModelAdminServicer
+from scorer.admin import MUTATING_METHODS, ModelAdminServicer
 from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
 from scorer.engine import ModelSlot, ServingEngine
@@ -38,7 +38,7 @@ from scorer.precision import cpu_bf16_support, resolve_dtype
 from scorer.runners import configure_torch_threads, plan_workers, resolve_device
 from scorer.swap import ModelManager
 from services.errors import PrefstreamError
-from services.grpc_server import ServerHandle, create_server, serve_until_signal, start
+from services.grpc_server import ServerHandle, TokenGuard, create_server, serve_until_signal, start
 from services.threads import named_executor
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ class Scorer:
             [SCORER_SERVICE, ADMIN_SERVICE],
             host=cfg.host,
             port=cfg.port,
+            interceptors=[TokenGuard(MUTATING_METHODS, cfg.admin_token, host=cfg.host,
+                                     setting="PREFSTREAM_SCORER_ADMIN_TOKEN (admin_token)")],
         )
         await start(self.handle)
         self.metrics.serve(cfg.metrics_port, cfg.host)

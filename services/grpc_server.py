@@ -9,10 +9,11 @@ caller marks them SERVING (the scorer does so only once a model is loaded).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -72,6 +73,54 @@ def _add_reflection_v1(service_names: Sequence[str], server: grpc.aio.Server) ->
         response_serializer=messages.ServerReflectionResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class TokenGuard(grpc.aio.ServerInterceptor):
+    """Methods that change state need ``authorization: Bearer <token>``.
+
+    Without a configured token they are served only to a server bound to loopback (a developer's
+    machine); a server listening on the network refuses them (PERMISSION_DENIED), so an admin API is
+    never open by accident.  Other methods pass untouched.
+    """
+
+    def __init__(self, guarded: Iterable[str], token: str, *, host: str, setting: str) -> None:
+        self.guarded = frozenset(guarded)
+        self.token = token.encode()
+        self.open_locally = not token and host in LOOPBACK_HOSTS
+        self.setting = setting
+
+    def _refusal(self, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        if self.open_locally:
+            return None
+        if not self.token:
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"this call changes what is served and this server listens beyond loopback without an admin token; "
+                    f"set {self.setting}")
+        given = ""
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                given = value[len("Bearer "):]
+        if not hmac.compare_digest(given.encode(), self.token):
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    "authorization: send the admin token as 'authorization: Bearer <token>'")
+        return None
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method not in self.guarded:
+            return handler
+        refusal = self._refusal(details.invocation_metadata)
+        if refusal is None:
+            return handler
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(*refusal)
+
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 def create_server(

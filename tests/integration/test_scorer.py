@@ -308,3 +308,30 @@ def test_a_scorer_started_after_bad_versions_serves_the_newest_good_one_and_the_
             await scorer.stop(grace_s=1)
 
     asyncio.run(main())
+
+
+def test_admin_calls_that_change_serving_need_the_admin_token(env: Published, redis_url: str) -> None:
+    env.publish("v000001", bias=0.0)
+    env.publish("v000002", bias=1.0)
+
+    async def main() -> None:
+        from services.errors import Unauthenticated
+
+        scorer = scorer_for(env, redis_url, admin_token="t0ken")
+        await scorer.start()
+        anonymous = ScorerClient(scorer.address, admin_token="")
+        admin = ScorerClient(scorer.address, admin_token="t0ken")
+        try:
+            assert {m.name for m in await anonymous.list_models()} >= {env.name}  # reading needs no token
+            with pytest.raises(Unauthenticated):
+                await anonymous.pin(env.name, "v000001")
+            async with ScorerClient(scorer.address, admin_token="wrong") as wrong:
+                with pytest.raises(Unauthenticated):
+                    await wrong.rollback(env.name, "bad")
+            assert (await admin.pin(env.name, "v000001")).serving_version == "v000001"
+        finally:
+            await anonymous.close()
+            await admin.close()
+            await scorer.stop(grace_s=1)
+
+    asyncio.run(main())

@@ -59,3 +59,39 @@ def test_bytes_protobuf_cannot_parse_are_invalid_argument_naming_the_type() -> N
             await handle.server.stop(0)
 
     asyncio.run(run())
+
+
+def test_guarded_methods_need_the_token_and_are_closed_on_the_network_without_one() -> None:
+    from services.grpc_server import TokenGuard
+
+    check = f"/{HEALTH}/Check"
+
+    async def call(host: str, token: str, sent: str | None) -> grpc.StatusCode:
+        guard = TokenGuard([check], token, host=host, setting="ADMIN_TOKEN")
+        handle = create_server([], [HEALTH], host=host, serving=True, interceptors=[guard])
+        await start(handle)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+                stub = ch.unary_unary(check, request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                      response_deserializer=health_pb2.HealthCheckResponse.FromString)
+                metadata = (("authorization", f"Bearer {sent}"),) if sent is not None else None
+                try:
+                    await stub(health_pb2.HealthCheckRequest(), metadata=metadata)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                        assert "ADMIN_TOKEN" in e.details()
+                    return e.code()
+        finally:
+            await handle.server.stop(0)
+
+    async def run() -> None:
+        assert await call("127.0.0.1", "", None) == grpc.StatusCode.OK  # a developer's loopback server
+        assert await call("0.0.0.0", "", None) == grpc.StatusCode.PERMISSION_DENIED  # never open by accident
+        assert await call("0.0.0.0", "", "anything") == grpc.StatusCode.PERMISSION_DENIED
+        assert await call("0.0.0.0", "s3cret", None) == grpc.StatusCode.UNAUTHENTICATED
+        assert await call("0.0.0.0", "s3cret", "wrong") == grpc.StatusCode.UNAUTHENTICATED
+        assert await call("127.0.0.1", "s3cret", None) == grpc.StatusCode.UNAUTHENTICATED  # a token binds loopback too
+        assert await call("0.0.0.0", "s3cret", "s3cret") == grpc.StatusCode.OK
+
+    asyncio.run(run())
