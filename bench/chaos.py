@@ -126,8 +126,7 @@ class Parts:
         _wait_port(self.http_port, self.gateway, log_file)
 
     def start_processor(self) -> None:
-        self.processor = _python_m(["process", "--pending-retry-s", "1", "--processor-instance-id", f"{self.prefix}p0",
-                                    *self._common()],
+        self.processor = _python_m(["process", "--pending-retry-s", "1", *self._common()],
                                    self.root / f"{self.prefix}processor.log")
 
     def kill(self, name: str) -> None:

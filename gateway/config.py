@@ -93,12 +93,6 @@ class GatewayConfig:
     # --- feedback processor ----------------------------------------------------------------------
     run_processor: bool = field(default=True, metadata={"help": "run the feedback->preference processor inside the gateway process"})
     processor_group: str = field(default="prefstream-processor", metadata={"help": "Kafka consumer group of the processor"})
-    processor_instance_id: str = field(
-        default="",
-        metadata={"help": "static group membership (KIP-345): a stable id unique per processor (the pod name) lets a "
-                          "restarted processor take its partitions back at once instead of after the session timeout; "
-                          "empty = dynamic member"},
-    )
     completion_ttl_s: float = field(default=7 * 24 * 3600.0, metadata={"help": "how long logged completions are kept in Redis for feedback to refer to"})
     pending_timeout_s: float = field(
         default=600.0,

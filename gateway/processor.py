@@ -117,9 +117,7 @@ class Processor:
         if self._producer is None:
             self._producer = make_producer(self.bootstrap)
         if self._consumer is None:
-            consumer = make_consumer(self.bootstrap, group_id=self.cfg.processor_group,
-                                     **({"group_instance_id": self.cfg.processor_instance_id}
-                                        if self.cfg.processor_instance_id else {}))
+            consumer = make_consumer(self.bootstrap, group_id=self.cfg.processor_group)
             wanted = {self.t_completions, self.t_feedback, self.t_preferences, self.t_dead}
             missing = sorted(wanted - set(consumer.topics()))
             if missing:
