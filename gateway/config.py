@@ -81,6 +81,14 @@ class GatewayConfig:
         default=DEFAULT_ATTRIBUTES,
         metadata={"help": "attribute names multi-attribute scores may use (HelpSteer's five by default)"},
     )
+    rate_limit_events_per_s: float = field(
+        default=0.0,
+        metadata={"help": "per-project ingest limit of this gateway replica, events per second (0 = none); over it an "
+                          "event is RESOURCE_EXHAUSTED / HTTP 429 with when to retry"},
+    )
+    rate_limit_burst: float = field(
+        default=0.0, metadata={"help": "events a project may send at once above the rate (default: one second's worth, at least 1)"},
+    )
     max_batch_events: int = field(default=1000, metadata={"help": "most events in one HTTP /v1/events:batch body or one StreamEvents EventBatch"})
 
     # --- dedup -----------------------------------------------------------------------------------
@@ -117,6 +125,8 @@ class GatewayConfig:
         require(-1 <= self.http_port <= 65535, "http_port", f"{self.http_port} is not a TCP port; use 0-65535, or -1 to disable HTTP")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
         require(self.kafka_ack_timeout_s > 0, "kafka_ack_timeout_s", "must be > 0 seconds")
+        require(self.rate_limit_events_per_s >= 0, "rate_limit_events_per_s", "must be >= 0 (0 turns the limit off)")
+        require(self.rate_limit_burst >= 0, "rate_limit_burst", "must be >= 0 (0 = one second's worth)")
         require(self.kafka_linger_ms >= 0, "kafka_linger_ms", "must be >= 0")
         require(
             self.kafka_compression in ("none", "gzip", "snappy", "lz4", "zstd"),

@@ -37,6 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.dedup import Claim, Deduper, dedup_key
 from gateway.events import Completion, Event, Feedback
 from gateway.kafka_writer import MAX_REQUEST_BYTES, KafkaWriter
+from gateway.ratelimit import RateLimiter
 from gateway.validation import check_feedback_indices
 from services import topics
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
@@ -105,6 +106,8 @@ class Ingestor:
         self._redis = client
         self.dedup = Deduper(client, pending_ttl_s=cfg.dedup_pending_ttl_s, done_ttl_s=cfg.dedup_ttl_s)
         self._shape_ms = int(cfg.completion_ttl_s * 1000)
+        rate = cfg.rate_limit_events_per_s
+        self.limiter = RateLimiter(rate, cfg.rate_limit_burst or max(1.0, rate))
         self._completions_topic = cfg.topic(topics.COMPLETIONS)
         self._feedback_topic = cfg.topic(topics.FEEDBACK)
         # Unary calls are coalesced: concurrent LogCompletion/LogFeedback calls share a batch.
@@ -166,10 +169,16 @@ class Ingestor:
             if isinstance(ev, PrefstreamError):
                 out[i] = ev
                 continue
+            where = "completion.project" if isinstance(ev, Completion) else "feedback.project"
             try:
-                principal.authorize(ev.project, "completion.project" if isinstance(ev, Completion) else "feedback.project")
+                principal.authorize(ev.project, where)
             except PrefstreamError as e:
                 out[i] = e
+                continue
+            over = self.limiter.take(ev.project, where)
+            if over is not None:
+                out[i] = over
+                metrics.RATE_LIMITED.inc()
                 continue
             live.append(i)
         try:

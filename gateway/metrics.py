@@ -32,6 +32,10 @@ KAFKA_FAILURES = Counter(
     "prefstream_gateway_kafka_failures_total",
     "Events Kafka did not acknowledge in time (answered UNAVAILABLE).",
 )
+RATE_LIMITED = Counter(
+    "prefstream_gateway_rate_limited_total",
+    "Events refused because their project was over its ingest limit (answered RESOURCE_EXHAUSTED).",
+)
 STREAMS = Gauge("prefstream_gateway_open_streams", "StreamEvents calls in progress.")
 
 PROCESSED = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Iterator
 
@@ -369,3 +370,29 @@ def test_hostile_bodies_get_a_400_naming_the_field_and_the_gateway_stays_healthy
             error = r.json()["error"]
             assert error["param"] == field and words in error["message"], (path, error)
         assert requests.get(f"{gw.http_url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_project_over_its_ingest_limit_gets_429_per_event_and_others_flow(kafka_bootstrap, redis_url, redis_client,
+                                                                            key, project) -> None:
+    other = f"{project}-b"
+    other_key, _ = create_key(redis_client, other, pepper="")
+    with GatewayHarness(kafka_bootstrap, redis_url, run_processor=False, rate_limit_events_per_s=2.0,
+                        rate_limit_burst=5) as gw:
+        def batch(p: str, k: str, n: int) -> list[int]:
+            events = [{"seq": i, "completion": {"project": p, "prompt": [{"role": "user", "content": f"q{i}"}],
+                                                "candidates": ["a"]}} for i in range(n)]
+            r = requests.post(f"{gw.http_url}/v1/events:batch", json={"events": events},
+                              headers={"Authorization": f"Bearer {k}"}, timeout=30)
+            assert r.status_code == 200, r.text
+            return [x["status"].get("code", 0) for x in r.json()["results"]]
+
+        codes = batch(project, key, 8)
+        assert codes == [0] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]] * 3  # the burst, in order
+        assert batch(other, other_key, 5) == [0] * 5  # another project has its own bucket
+        r = requests.post(f"{gw.http_url}/v1/completions/log", json={"completion": {
+            "project": project, "prompt": [{"role": "user", "content": "q"}], "candidates": ["a"]}},
+            headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["param"] == "completion.project"
+        assert "retry in" in r.json()["error"]["message"]
+        time.sleep(1.1)  # two tokens back
+        assert batch(project, key, 2) == [0, 0]
