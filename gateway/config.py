@@ -81,6 +81,11 @@ class GatewayConfig:
         default=DEFAULT_ATTRIBUTES,
         metadata={"help": "attribute names multi-attribute scores may use (HelpSteer's five by default)"},
     )
+    http_idle_timeout_s: float = field(
+        default=15.0,
+        metadata={"help": "an HTTP connection that has not sent a whole request within this many seconds of opening, or "
+                          "idles that long between requests, is closed (slow clients cannot hold connections open)"},
+    )
     rate_limit_events_per_s: float = field(
         default=0.0,
         metadata={"help": "per-project ingest limit of this gateway replica, events per second (0 = none); over it an "
@@ -125,6 +130,7 @@ class GatewayConfig:
         require(-1 <= self.http_port <= 65535, "http_port", f"{self.http_port} is not a TCP port; use 0-65535, or -1 to disable HTTP")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
         require(self.kafka_ack_timeout_s > 0, "kafka_ack_timeout_s", "must be > 0 seconds")
+        require(self.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0 seconds")
         require(self.rate_limit_events_per_s >= 0, "rate_limit_events_per_s", "must be >= 0 (0 turns the limit off)")
         require(self.rate_limit_burst >= 0, "rate_limit_burst", "must be >= 0 (0 = one second's worth)")
         require(self.kafka_linger_ms >= 0, "kafka_linger_ms", "must be >= 0")

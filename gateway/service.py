@@ -98,7 +98,10 @@ class Gateway:
             api = HttpApi(
                 ingestor, auth, limits, max_batch_events=cfg.max_batch_events, kafka_ready=self._writer.is_connected
             )
-            self._runner = web.AppRunner(build_app(api, scorer_client=self._scorer), access_log=None)
+            # keepalive_timeout also runs from the moment a connection opens: a client that trickles its
+            # request (or sends nothing) is closed after it, as is one idle between requests.
+            self._runner = web.AppRunner(build_app(api, scorer_client=self._scorer), access_log=None,
+                                         keepalive_timeout=cfg.http_idle_timeout_s)
             await self._runner.setup()
             site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
             await site.start()

@@ -396,3 +396,40 @@ def test_a_project_over_its_ingest_limit_gets_429_per_event_and_others_flow(kafk
         assert "retry in" in r.json()["error"]["message"]
         time.sleep(1.1)  # two tokens back
         assert batch(project, key, 2) == [0, 0]
+
+
+def test_slow_clients_are_cut_off_and_normal_requests_still_flow(kafka_bootstrap, redis_url, key, project) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    with GatewayHarness(kafka_bootstrap, redis_url, run_processor=False, http_idle_timeout_s=2.0) as gw:
+        port = urlparse(gw.http_url).port
+        slow = []
+        for _ in range(20):  # trickle a request one byte at a time, never finishing its headers
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"POST /v1/events:batch HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        closed = 0
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and closed < len(slow):
+            for s in slow:
+                if s.fileno() == -1:
+                    continue
+                try:
+                    s.sendall(b"X")
+                    s.settimeout(0.05)
+                    if s.recv(1) == b"":
+                        raise ConnectionResetError
+                except socket.timeout:
+                    pass
+                except OSError:
+                    s.close()
+                    closed += 1
+            time.sleep(0.5)
+        for s in slow:
+            s.close()
+        assert closed == len(slow), f"{len(slow) - closed} slow connections still open after 8 s"
+        r = requests.post(f"{gw.http_url}/v1/completions/log", json={"completion": {
+            "project": project, "prompt": [{"role": "user", "content": "q"}], "candidates": ["a"]}},
+            headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 200, r.text
