@@ -376,15 +376,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kills = args.kills or (1 if args.quick else 3)
     chosen = args.scenario or list(SCENARIOS)
     root = Path(tempfile.mkdtemp(prefix="prefstream-chaos-"))  # kept: the processes' logs are the evidence
-    if True:
-        stack = Stack(free_stack_config(root / "stack", components=("kafka", "redis")))
-        stack.up()
-        try:
-            project = "chaos"
-            key, _ = create_key(connect(stack.cfg.redis_url), project, pepper="")
-            scenarios = [_scenario(name, stack, root, key, project, kills, args, args.quick) for name in chosen]
-        finally:
-            stack.down()
+    stack = Stack(free_stack_config(root / "stack", components=("kafka", "redis")))
+    stack.up()
+    try:
+        project = "chaos"
+        key, _ = create_key(connect(stack.cfg.redis_url), project, pepper="")
+        scenarios = [_scenario(name, stack, root, key, project, kills, args, args.quick) for name in chosen]
+    finally:
+        stack.down()
     ok = all(s["lost"] == 0 and s["failed_requests"] == 0 and s["derived_missing"] == 0 and s["duplicates_derived"] == 0
              and s["recovery_s"] is not None for s in scenarios)
     return {

@@ -254,7 +254,8 @@ class Ingestor:
                 continue
             records.append(rec)
             kept.append(i)
-        too_large = [claim_of[i] for i in idx if i not in kept and i in claim_of]
+        kept_set = set(kept)
+        too_large = [claim_of[i] for i in idx if i not in kept_set and i in claim_of]
         if too_large:
             await self._release_quietly(too_large)
         idx = kept

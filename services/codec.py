@@ -85,6 +85,8 @@ def check_json(obj: Any, what: str) -> None:
 
 
 def _check_text(value: str, where: str, what: str) -> None:
+    if value.isascii():  # the common case: nothing to check
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -120,9 +122,9 @@ def _short_enum_names(obj: Any, descriptor: Any) -> None:
             for item in values:
                 _short_enum_names(item, f.message_type)
         elif f.enum_type is not None:
-            names = f.enum_type.values_by_name
-            fixed = [f"{_enum_prefix(f.enum_type)}{v.strip().upper()}"
-                     if isinstance(v, str) and v not in names and f"{_enum_prefix(f.enum_type)}{v.strip().upper()}" in names
+            names, prefix = f.enum_type.values_by_name, _enum_prefix(f.enum_type)
+            fixed = [f"{prefix}{v.strip().upper()}"
+                     if isinstance(v, str) and v not in names and f"{prefix}{v.strip().upper()}" in names
                      else v for v in values]
             obj[key] = fixed if isinstance(value, list) else fixed[0]
 
