@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import time
 
 import pytest
 import torch
@@ -179,8 +180,11 @@ class FakePolicy:
 
     dtype = "float32"
 
-    def __init__(self) -> None:
+    def __init__(self, wait_for_cancel_s: float = 0.0) -> None:
         self.cancelled_seen = False
+        # > 0: after its first token the decode waits (up to this long) for the caller to cancel, like a
+        # slow model; otherwise a fast fake can finish every token before the client closes its stream.
+        self.wait_for_cancel_s = wait_for_cancel_s
 
     def sample(self, prompt, params, on_delta=None, cancelled=None):
         rows = []
@@ -191,6 +195,9 @@ class FakePolicy:
                     break
                 if on_delta is not None:
                     on_delta(i, w)
+                deadline = time.monotonic() + self.wait_for_cancel_s
+                while cancelled is not None and not cancelled() and time.monotonic() < deadline:
+                    time.sleep(0.005)
             rows.append(Completion(i, [7] * 3, "a b c", finish_reason="length"))
         return Decoded(tuple(rows), prompt_tokens=4)
 
@@ -241,14 +248,14 @@ def test_engine_generates_and_streams_from_one_version() -> None:
 def test_engine_stream_closed_early_stops_and_releases() -> None:
     async def main() -> tuple[int, bool]:
         engine = _engine()
-        policy = FakePolicy()
+        policy = FakePolicy(wait_for_cancel_s=30.0)
         slot = engine.new_slot("policy", ModelKind.POLICY, "v1", "", policy)
         engine.install(slot)
         stream = engine.generate_stream(GenerateQuery(PROMPT, n=4))
         first = await stream.__anext__()
         assert first.delta == "a"
         await stream.aclose()
-        for _ in range(500):  # the generation thread notices the cancel at its next token (a loaded box: seconds)
+        for _ in range(3000):  # the generation thread notices the cancel at its next token (a loaded box: seconds)
             if slot.refs == 0:
                 break
             await asyncio.sleep(0.01)
