@@ -31,6 +31,11 @@ class ScorerMetrics:
         self.requests_total = Counter(
             "prefstream_scorer_requests_total", "RPCs by outcome (gRPC code name)", ["method", "code"], registry=r,
         )
+        # The autoscaling signal (k8s/: the scorer HPA scales on its per-pod average): requests being served
+        # now, queued ones included; CPU says little about a replica that waits on a GPU.
+        self.in_flight = Gauge(
+            "prefstream_scorer_requests_in_flight", "RPCs being handled now (queued included)", registry=r,
+        )
         self.batch_size = Histogram(
             "prefstream_scorer_batch_size_sequences", "sequences per model batch", ["model"],
             buckets=SIZE_BUCKETS, registry=r,

@@ -62,6 +62,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
     def _observe(self, method: str) -> Iterator[None]:
         t0 = time.perf_counter()
         code = "OK"
+        self.metrics.in_flight.inc()
         try:
             yield
         except PrefstreamError as e:
@@ -74,6 +75,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             code = "INTERNAL"
             raise
         finally:
+            self.metrics.in_flight.dec()
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
             self.metrics.requests_total.labels(method, code).inc()
 

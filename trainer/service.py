@@ -33,7 +33,7 @@ def serve(cfg: TrainerConfig, *, log_level: str = "INFO") -> int:
         return 0
     from trainer.runtime import run_in_process
 
-    serve_metrics(cfg.runtime.metrics_port)
+    serve_metrics(cfg.runtime.metrics_port, cfg.runtime.metrics_host)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

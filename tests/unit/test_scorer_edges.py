@@ -88,3 +88,26 @@ def test_chat_request_parsing_and_errors():
 def test_nim_style_content():
     assert format_scores(0.53, {}) == "reward:0.53"
     assert format_scores(0.1, {"helpfulness": 1.2, "correctness": -0.25}) == "helpfulness:1.2,correctness:-0.25"
+
+
+def test_requests_in_flight_is_the_scaling_signal_and_falls_back_on_errors() -> None:
+    """The scorer HPA scales on prefstream_scorer_requests_in_flight: up while an RPC runs, down after,
+    whether it succeeded or failed."""
+    from scorer.metrics import ScorerMetrics
+    from scorer.server import ScorerServicer
+    from services.errors import InvalidArgument
+
+    metrics = ScorerMetrics()
+    servicer = ScorerServicer(engine=None, metrics=metrics, limits=None, stream_window=1)  # type: ignore[arg-type]
+    gauge = lambda: metrics.registry.get_sample_value("prefstream_scorer_requests_in_flight")  # noqa: E731
+    with servicer._observe("Score"):
+        with servicer._observe("BestOfN"):
+            assert gauge() == 2
+    assert gauge() == 0
+    with pytest.raises(InvalidArgument):
+        with servicer._observe("Score"):
+            assert gauge() == 1
+            raise InvalidArgument("texts", "empty")
+    assert gauge() == 0
+    assert metrics.registry.get_sample_value("prefstream_scorer_requests_total",
+                                             {"method": "Score", "code": "INVALID_ARGUMENT"}) == 1
