@@ -16,8 +16,9 @@ a crash at any step leaves a directory without a manifest, which listings ignore
 Versions: any string of ``[A-Za-z0-9._-]`` works; :meth:`CheckpointStore.next_version` hands out
 ``v000001``, ``v000002``... and ordering sorts ``v<digits>`` numerically, others after them by name.
 
-Stores are chosen by URL scheme (``CheckpointStore("file:///ckpt")`` or a plain path); an object store
-backend registers itself in ``_SCHEMES`` and implements the same methods.
+Stores are chosen by URL scheme: ``CheckpointStore("file:///ckpt")`` or a plain path is this module's
+local store; ``s3://bucket/prefix`` is :mod:`services.checkpoints_s3` (the same protocol on objects, read
+through a local cache).  A backend registers itself in ``_SCHEMES`` and implements the same methods.
 """
 
 from __future__ import annotations
@@ -215,17 +216,49 @@ def path_from_uri(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path) if parsed.scheme else uri).expanduser()
-    raise InvalidArgument("uri", f"cannot open checkpoint URI scheme {parsed.scheme!r} locally; supported: file://")
+    raise InvalidArgument("uri", f"cannot open checkpoint URI scheme {parsed.scheme!r}; supported: file://, s3://")
+
+
+def _is_object_store(uri: str) -> bool:
+    return urlparse(str(uri)).scheme in _LAZY_SCHEMES
 
 
 def open_checkpoint(uri: str, *, verify: bool = True) -> Path:
-    """A verified local directory for a checkpoint URI, without knowing the store root (scorer side)."""
+    """A verified local directory for a checkpoint URI, without knowing the store root (scorer side);
+    an object-store checkpoint is downloaded into the local cache first."""
+    if _is_object_store(uri):
+        from services.checkpoints_s3 import open_uri
+
+        return open_uri(uri, verify=verify)
     path = path_from_uri(uri)
     if verify:
         verify_dir(path)
     elif not (path / MANIFEST).is_file():
         raise CorruptCheckpointError(path, f"no {MANIFEST} (the write did not finish)")
     return path
+
+
+def read_checkpoint_metadata(uri: str) -> dict[str, Any]:
+    """``metadata.json`` of a finished checkpoint, by URI, without downloading its files."""
+    if _is_object_store(uri):
+        from services.checkpoints_s3 import read_metadata_uri
+
+        return read_metadata_uri(uri)
+    return _read_metadata_dir(path_from_uri(uri))
+
+
+def _read_metadata_dir(path: Path) -> dict[str, Any]:
+    read_manifest(path)
+    try:
+        return json.loads((path / METADATA).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, f"missing {METADATA}") from None
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(path, f"{METADATA} is not valid JSON ({e.msg})") from None
+
+
+# Backends in modules of their own, imported on first use (their client libraries are heavy).
+_LAZY_SCHEMES = {"s3": "services.checkpoints_s3"}
 
 
 class CheckpointStore:
@@ -239,10 +272,14 @@ class CheckpointStore:
         scheme = urlparse(str(url)).scheme
         if len(scheme) == 1:  # a Windows drive letter, not a scheme
             scheme = ""
+        if scheme in _LAZY_SCHEMES and scheme not in cls._SCHEMES:
+            import importlib
+
+            importlib.import_module(_LAZY_SCHEMES[scheme])
         backend = cls._SCHEMES.get(scheme)
         if backend is None:
             raise InvalidArgument("checkpoint_url", f"unsupported checkpoint store scheme {scheme!r} in {url!r}; "
-                                  f"supported: a local path or {', '.join(s + '://' for s in cls._SCHEMES if s)}")
+                                  f"supported: a local path or {', '.join(s + '://' for s in sorted({*cls._SCHEMES, *_LAZY_SCHEMES}) if s)}")
         return super().__new__(backend)
 
     @classmethod
@@ -270,6 +307,9 @@ class CheckpointStore:
         raise NotImplementedError
 
     def read_metadata(self, ref: CheckpointRef) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def read_manifest(self, ref: CheckpointRef) -> Manifest:
         raise NotImplementedError
 
     def open(self, ref: CheckpointRef, *, verify: bool = True) -> Path:
@@ -416,15 +456,7 @@ class LocalCheckpointStore(CheckpointStore):
         return ref
 
     def read_metadata(self, ref: CheckpointRef | str | os.PathLike) -> dict[str, Any]:
-        path = self._path(ref)
-        read_manifest(path)
-        try:
-            data = json.loads((path / METADATA).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CorruptCheckpointError(path, f"missing {METADATA}") from None
-        except json.JSONDecodeError as e:
-            raise CorruptCheckpointError(path, f"{METADATA} is not valid JSON ({e.msg})") from None
-        return data
+        return _read_metadata_dir(self._path(ref))
 
     def read_manifest(self, ref: CheckpointRef | str | os.PathLike) -> Manifest:
         return read_manifest(self._path(ref))

@@ -230,7 +230,8 @@ class CheckpointSettings:
     """When and where checkpoints are written."""
 
     checkpoint_url: str = field(default=".run/checkpoints", metadata=_help(
-        "checkpoint store (a folder or file:// URL) shared with the scorer"))
+        "checkpoint store shared with the scorer: a folder, a file:// URL, or s3://<bucket>/<prefix> (endpoint "
+        "and credentials from AWS_ENDPOINT_URL_S3 / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"))
     checkpoint_every_records: int = field(default=512, metadata=_help(
         "checkpoint after this many new records (0 = only by time)"))
     checkpoint_every_s: float = field(default=10.0, metadata=_help(
@@ -302,6 +303,8 @@ class RuntimeSettings:
     idle_exit_s: float = field(default=0.0, metadata=_help(
         "stop after this many seconds without new records, checkpointing first (0 = never)"))
     metrics_port: int = field(default=0, metadata=_help("Prometheus /metrics port (0 disables)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_help(
+        "interface the /metrics exporter binds (0.0.0.0 in a pod, so Prometheus can scrape it)"))
 
     def validate(self) -> None:
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = in-process, no Ray)")

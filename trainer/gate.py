@@ -16,14 +16,14 @@ rejecting go through :class:`services.registry.ModelRegistry`, whose announcer
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, path_from_uri
+from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, read_checkpoint_metadata
+from services.errors import PrefstreamError
 from services.registry import ModelRegistry, ModelVersion
 from trainer import metrics
 from trainer.config import TrainerConfig
@@ -156,8 +156,8 @@ class Gate:
 
     def _served_from_metadata(self, uri: str, fp: str) -> EvalResult | None:
         try:
-            meta = json.loads((path_from_uri(uri) / "metadata.json").read_text())
-        except (OSError, ValueError):
+            meta = read_checkpoint_metadata(uri)
+        except (OSError, ValueError, PrefstreamError):
             return None
         ev = meta.get("eval") if isinstance(meta, dict) else None
         if not isinstance(ev, dict) or ev.get("eval_fingerprint") != fp:

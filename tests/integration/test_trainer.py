@@ -220,22 +220,21 @@ def run_trainer_to_the_end(env: dict[str, str], log_path: Path, timeout_s: float
     assert proc.returncode == 0, log_path.read_text()[-3000:]
 
 
-def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
-    tmp_path: Path, kafka_bootstrap: str, redis_url: str
-) -> None:
+def kill_9_then_resume(tmp_path: Path, kafka_bootstrap: str, redis_url: str, checkpoint_url: str) -> tuple[str, CheckpointStore]:
+    """A trainer killed -9 after its first durable checkpoint resumes from it and trains every record
+    exactly once (this checkout's file store here; the object store in test_checkpoints_s3.py)."""
     topic = new_topic(kafka_bootstrap)
     first, second = records(40, tag="k"), records(20, start=40, tag="k")
     produce(kafka_bootstrap, topic, first)
     name = f"kill-{uuid.uuid4().hex[:6]}"
-    ckpt = tmp_path / "ckpt"
     env = trainer_env(
         base_model=tiny_model(tmp_path / "tiny"), model_name=name, max_length=64, batch_size=4, lr="1e-3",
         topic=topic, group_id=f"g-{name}", kafka_bootstrap=kafka_bootstrap, redis_url=redis_url,
-        checkpoint_url=ckpt, checkpoint_every_records=8, checkpoint_every_s=0, max_batch_wait_s=0.1,
+        checkpoint_url=checkpoint_url, checkpoint_every_records=8, checkpoint_every_s=0, max_batch_wait_s=0.1,
         max_records=60, idle_exit_s=120, torch_threads=1,
     )
     log_path = tmp_path / "trainer.log"
-    store = CheckpointStore(ckpt)
+    store = CheckpointStore(checkpoint_url)
     kill_9_after_first_checkpoint(env, log_path, store, name)
     before = trained_ids(store, name)
     assert 0 < len(before) < len(first), "the kill must land mid-stream"
@@ -254,6 +253,13 @@ def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
     assert committed(kafka_bootstrap, topic, f"g-{name}") == final_offsets
     registry = ModelRegistry(__import__("redis").Redis.from_url(redis_url))
     assert registry.target(name).version == store.list(name)[-1].version
+    return name, store
+
+
+def test_kill_9_mid_stream_then_resume_trains_every_record_exactly_once(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    kill_9_then_resume(tmp_path, kafka_bootstrap, redis_url, str(tmp_path / "ckpt"))
 
 
 # --- the evaluation gate -------------------------------------------------------------------------
