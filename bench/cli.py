@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "bench.freshness",
     "criteria-loop": "bench.criteria_loop",
     "chaos": "bench.chaos",
+    "scale": "bench.scale",
 }
 
 

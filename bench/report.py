@@ -148,6 +148,12 @@ TARGETS: tuple[Target, ...] = (
            lambda r: "; ".join(f"{s['name']}: {s['lost']} lost, {s['duplicates_derived']} derived twice, "
                                f"{s['failed_requests']} failed, recovery {_fmt(s.get('recovery_s'))} s"
                                for s in r.get("scenarios", []))),
+    Target("scale", "convergence_p99_s", "2 gateways, 2 trainer workers, 3 scorers: 0 lost, 0 failed, publish -> all replicas p99 <= 10 s",
+           "-", lambda r: r.get("target_met"),
+           lambda r: f"{_fmt(r.get('acked_events'))} acked, {_fmt(r.get('lost_events'))} lost, "
+                     f"{_fmt(r.get('failed_requests'))} failed of {_fmt(r.get('scorer_requests'))}; "
+                     f"{_fmt(r.get('versions_published'))} versions, convergence p50 {_fmt(r.get('convergence_p50_s'))} s, "
+                     f"p99 {_fmt(r.get('convergence_p99_s'))} s"),
     Target("freshness", "freshness_p50_s", "p50 feedback-to-serving < 30 s (MiniLM, 2 cores)", "Monolith: minute-level sync",
            lambda r: None if r.get("freshness_p50_s") is None else r["freshness_p50_s"] < 30,
            lambda r: f"p50 {_fmt(r.get('freshness_p50_s'))} s, p99 {_fmt(r.get('freshness_p99_s'))} s"),

@@ -9,6 +9,7 @@ the demo can account for every acked event at the end (the event ledger).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -61,11 +62,15 @@ def completion_and_choice(
 
 
 class SimulatedApp:
-    """Replays preference records as live completions + user choices at ``rate`` pairs per second."""
+    """Replays preference records as live completions + user choices at ``rate`` pairs per second.
+
+    With several gateway addresses (replicas behind one Service in k8s/), pair ``i`` logs its completion
+    through replica ``i % G`` and the user's choice through the next one, so the processors must join
+    events that entered through different replicas."""
 
     def __init__(
         self,
-        gateway_address: str,
+        gateway_address: str | Sequence[str],
         records: Sequence[PreferenceRecord],
         *,
         api_key: str | None,
@@ -75,7 +80,7 @@ class SimulatedApp:
         seed: int = 0,
         run_id: str | None = None,
     ) -> None:
-        self.address = gateway_address
+        self.addresses = [gateway_address] if isinstance(gateway_address, str) else list(gateway_address)
         self.records = list(records)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.project = project
@@ -86,7 +91,8 @@ class SimulatedApp:
         self.stats = AppStats()
         self.done = asyncio.Event()
 
-    async def _one(self, stub: gateway_pb2_grpc.GatewayServiceStub, index: int, record: PreferenceRecord) -> None:
+    async def _one(self, stubs: Sequence[gateway_pb2_grpc.GatewayServiceStub], index: int, record: PreferenceRecord) -> None:
+        stub, feedback_stub = stubs[index % len(stubs)], stubs[(index + 1) % len(stubs)]
         completion, chosen = completion_and_choice(record, project=self.project, rng=self.rng, run_id=self.run_id, index=index)
         for attempt in range(5):  # a real app retries transient failures with the same event ids
             try:
@@ -103,7 +109,7 @@ class SimulatedApp:
                     choice=events_pb2.Choice(chosen_index=chosen),
                     split=events_pb2.SPLIT_TRAIN,
                 )
-                fresp = await stub.LogFeedback(
+                fresp = await feedback_stub.LogFeedback(
                     gateway_pb2.LogFeedbackRequest(feedback=feedback), metadata=self.metadata, timeout=30
                 )
                 if feedback.event_id not in self.stats.feedback_acks:
@@ -120,8 +126,9 @@ class SimulatedApp:
     async def run(self) -> AppStats:
         sem = asyncio.Semaphore(self.concurrency)
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
-        async with channel(self.address) as ch:
-            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        async with contextlib.AsyncExitStack() as channels:
+            stubs = [gateway_pb2_grpc.GatewayServiceStub(await channels.enter_async_context(channel(a)))
+                     for a in self.addresses]
             tasks = []
             start = time.monotonic()
             for i, rec in enumerate(self.records):
@@ -130,7 +137,7 @@ class SimulatedApp:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await sem.acquire()
-                task = asyncio.create_task(self._one(stub, i, rec))
+                task = asyncio.create_task(self._one(stubs, i, rec))
                 task.add_done_callback(lambda _t: sem.release())
                 tasks.append(task)
             await asyncio.gather(*tasks)

@@ -101,3 +101,45 @@ def summarize(samples: Sequence[FreshnessSample]) -> dict[str, float | int | Non
         "freshness_max_s": max(secs) if secs else None,
         "freshness_samples": len(secs),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# convergence: publish -> every scorer replica serving it
+
+
+def convergence(published: Mapping[str, float],
+                first_seen: Mapping[int, Mapping[str, float]]) -> tuple[dict[str, float], list[str]]:
+    """Seconds from each version's publish until the last replica served it.
+
+    ``published``: version -> publish time; ``first_seen``: replica -> version -> first time that
+    replica reported serving it.  A replica that went straight past a version (a newer one was published
+    before it swapped) counts from the first time it served that version or a later published one.
+    Returns ({version: seconds}, [versions some replica never reached]), versions in publish order.
+    """
+    from services.checkpoints import version_sort_key
+
+    out: dict[str, float] = {}
+    never: list[str] = []
+    for v, t_pub in sorted(published.items(), key=lambda kv: version_sort_key(kv[0])):
+        key = version_sort_key(v)
+        per_replica = []
+        for seen in first_seen.values():
+            times = [t for sv, t in seen.items() if sv in published and version_sort_key(sv) >= key]
+            per_replica.append(min(times) if times else None)
+        if not per_replica or any(t is None for t in per_replica):
+            never.append(v)
+        else:
+            out[v] = max(0.0, max(per_replica) - t_pub)  # type: ignore[type-var]
+    return out, never
+
+
+def summarize_convergence(published: Mapping[str, float], first_seen: Mapping[int, Mapping[str, float]]) -> dict:
+    by_version, never = convergence(published, first_seen)
+    secs = list(by_version.values())
+    return {
+        "convergence_p50_s": percentile(secs, 50),
+        "convergence_p99_s": percentile(secs, 99),
+        "convergence_max_s": max(secs) if secs else None,
+        "convergence_by_version": {v: round(s, 3) for v, s in by_version.items()},
+        "unconverged_versions": never,
+    }

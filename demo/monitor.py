@@ -33,6 +33,7 @@ class CheckpointInfo:
     records_seen: int
     # record_id -> source_acked_at of the records this checkpoint added
     added: dict[str, float]
+    world_size: int = 1  # trainer processes (Ray Train workers) that made it
 
 
 @dataclass
@@ -58,7 +59,8 @@ class LoopMonitor:
                 continue
             added = {r["record_id"]: float(r.get("source_acked_at") or 0.0) for r in meta.get("records", [])}
             self.checkpoints[ref.version] = CheckpointInfo(
-                ref.version, len(self.checkpoints), int(meta.get("records_seen", 0)), added
+                ref.version, len(self.checkpoints), int(meta.get("records_seen", 0)), added,
+                int((meta.get("trainer") or {}).get("world_size", 1)),
             )
 
     def versions(self) -> dict[str, str]:

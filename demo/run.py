@@ -22,13 +22,13 @@ from typing import Any
 
 from demo.app_sim import SimulatedApp
 from demo.config import DemoConfig
-from demo.freshness import compute, first_served_times, summarize
-from demo.load import ScorerLoad
+from demo.freshness import compute, first_served_times, summarize, summarize_convergence
+from demo.load import ReplicaWatch, ScorerLoad
 from demo.monitor import LoopMonitor, build_ledger
 from demo.report import Timeline, write_report
 from gateway.auth import create_key
 from gateway.config import load_gateway_config
-from services.checkpoints import CheckpointStore
+from services.checkpoints import CheckpointStore, version_sort_key
 from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_data_dir
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
@@ -61,26 +61,29 @@ class Loop:
                                                fresh=self.cfg.fresh, say=_out)
         return stack_dir
 
-    def start_services(self, stack_dir: Path) -> tuple[str, str]:
+    def start_services(self, stack_dir: Path) -> tuple[list[str], list[str]]:
+        """Start the scorer and gateway replicas and the trainer; returns (gateway, scorer) gRPC addresses."""
         logs = self.run_dir / "logs"
-        gw_port, gw_http, sc_port = free_port(), free_port(), free_port()
         checkpoints = self.run_dir / "checkpoints"
         common = {"PREFSTREAM_STACK_RUN_DIR": str(stack_dir)}
-        scorer = ServiceProcess("scorer", "scorer", {
+        sc_ports = [free_port() for _ in range(self.cfg.scorer_replicas)]
+        gw_ports = [(free_port(), free_port()) for _ in range(self.cfg.gateway_replicas)]
+        scorers = [ServiceProcess(f"scorer-{i}" if len(sc_ports) > 1 else "scorer", "scorer", {
             **common,
             "PREFSTREAM_SCORER_STACK_RUN_DIR": str(stack_dir),
-            "PREFSTREAM_SCORER_PORT": str(sc_port),
+            "PREFSTREAM_SCORER_PORT": str(port),
             "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5",
             "PREFSTREAM_SCORER_MAX_LENGTH": str(self.cfg.max_length),
             "PREFSTREAM_SCORER_REWARD_MODELS": MODEL_NAME,
-        }, logs / "scorer.log")
-        gateway = ServiceProcess("gateway", "gateway", {
+        }, logs / (f"scorer-{i}.log" if len(sc_ports) > 1 else "scorer.log")) for i, port in enumerate(sc_ports)]
+        gateways = [ServiceProcess(f"gateway-{i}" if len(gw_ports) > 1 else "gateway", "gateway", {
             **common,
             "PREFSTREAM_GATEWAY_STACK_RUN_DIR": str(stack_dir),
-            "PREFSTREAM_GATEWAY_GRPC_PORT": str(gw_port),
-            "PREFSTREAM_GATEWAY_HTTP_PORT": str(gw_http),
-            "PREFSTREAM_GATEWAY_SCORER_ADDRESS": f"127.0.0.1:{sc_port}",
-        }, logs / "gateway.log")
+            "PREFSTREAM_GATEWAY_GRPC_PORT": str(grpc_port),
+            "PREFSTREAM_GATEWAY_HTTP_PORT": str(http_port),
+            "PREFSTREAM_GATEWAY_SCORER_ADDRESS": f"127.0.0.1:{sc_ports[i % len(sc_ports)]}",
+        }, logs / (f"gateway-{i}.log" if len(gw_ports) > 1 else "gateway.log"))
+            for i, (grpc_port, http_port) in enumerate(gw_ports)]
         trainer = ServiceProcess("trainer", "trainer", {
             **common,
             "PREFSTREAM_TRAINER_STACK_RUN_DIR": str(stack_dir),
@@ -98,15 +101,17 @@ class Loop:
             "PREFSTREAM_TRAINER_REPLAY_RATIO": str(self.cfg.replay_ratio),
             "PREFSTREAM_TRAINER_AUTOCAST": "auto",
         }, logs / "trainer.log")
-        self.services = [scorer, gateway, trainer]
+        self.services = [*scorers, *gateways, trainer]
         for s in self.services:
             s.start()
         _out(f"services starting; logs in {logs}")
-        gateway.wait_grpc(f"127.0.0.1:{gw_port}", self.cfg.startup_timeout_s)
-        scorer.wait_grpc(f"127.0.0.1:{sc_port}", self.cfg.startup_timeout_s)
+        gw_addrs = [f"127.0.0.1:{grpc_port}" for grpc_port, _ in gw_ports]
+        sc_addrs = [f"127.0.0.1:{port}" for port in sc_ports]
+        for proc, addr in [*zip(gateways, gw_addrs), *zip(scorers, sc_addrs)]:
+            proc.wait_grpc(addr, self.cfg.startup_timeout_s)
         self.checkpoints = checkpoints
-        self.http_port = gw_http
-        return f"127.0.0.1:{gw_port}", f"127.0.0.1:{sc_port}"
+        self.http_port = gw_ports[0][1]
+        return gw_addrs, sc_addrs
 
     @property
     def train_file(self) -> str:
@@ -141,19 +146,21 @@ def _freshness(mon: LoopMonitor, load: ScorerLoad) -> tuple[list, list[str], dic
     return samples, unserved, summarize(samples)
 
 
-async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints: Any) -> dict[str, Any]:
+async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: str, endpoints: Any) -> dict[str, Any]:
     cfg = loop.cfg
     records = load_openpipe_jsonl(loop.train_file)[: cfg.events]
     held_out = load_openpipe_jsonl(loop.eval_file)
     redis_client = connect(endpoints.redis_url)
     mon = LoopMonitor(ModelRegistry(redis_client), CheckpointStore(str(loop.checkpoints)), endpoints.kafka_bootstrap,
                       model_name=MODEL_NAME)
-    app = SimulatedApp(gw_addr, records, api_key=api_key, project=cfg.project, rate=cfg.rate,
+    app = SimulatedApp(gw_addrs, records, api_key=api_key, project=cfg.project, rate=cfg.rate,
                        concurrency=cfg.app_concurrency, seed=cfg.seed)
-    load = ScorerLoad(sc_addr, held_out, rate=cfg.load_rate, n=cfg.candidates, model=MODEL_NAME, seed=cfg.seed + 1)
+    load = ScorerLoad(sc_addrs, held_out, rate=cfg.load_rate, n=cfg.candidates, model=MODEL_NAME, seed=cfg.seed + 1)
+    watch = ReplicaWatch(sc_addrs, MODEL_NAME)
     timeline = Timeline()
     t_start = time.time()
     load_task = asyncio.create_task(load.run())
+    watch_task = asyncio.create_task(watch.run())
     app_task = asyncio.create_task(app.run())
     _out(f"streaming {len(records)} preference pairs at {cfg.rate}/s as live completions + user choices; "
          f"best-of-N load at {cfg.load_rate}/s")
@@ -201,6 +208,14 @@ async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints
             break
     load.stop()
     await load_task
+    # Every replica reports the newest published version before the watch stops (or 30 s pass: then
+    # the version counts as unconverged).
+    newest = max((v for v, s in mon.versions().items() if s == "published"), key=version_sort_key, default=None)
+    deadline = time.monotonic() + 30.0
+    while newest and time.monotonic() < deadline and not all(newest in seen for seen in watch.first_seen.values()):
+        await asyncio.sleep(0.2)
+    watch.stop()
+    first_seen = await watch_task
     app_stats = await app_task
     mon.poll_checkpoints()
     samples, unserved, fresh = _freshness(mon, load)
@@ -210,6 +225,8 @@ async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints
     trained_ids = {rid for c in mon.checkpoints.values() for rid in c.added}
     ledger = build_ledger(endpoints.kafka_bootstrap, feedback_events=app_stats.feedback_acks,
                           completion_events=app_stats.completion_ids, trained_record_ids=trained_ids)
+    published_at = {v.version: v.created_at for v in mon.registry.versions(MODEL_NAME)} if states else {}
+    converged = summarize_convergence(published_at, first_seen)
     mon.close()
     lat_ms = sorted(s[1] * 1000 for s in load.stats.samples if s[3])
     return {
@@ -231,6 +248,12 @@ async def _drive(loop: Loop, gw_addr: str, sc_addr: str, api_key: str, endpoints
         "scorer_p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms else None,
         **fresh,
         "unserved_records": len(unserved),
+        "gateway_replicas": len(gw_addrs),
+        "trainer_world_sizes": sorted({c.world_size for c in mon.checkpoints.values()}),
+        "scorer_replicas": len(sc_addrs),
+        **converged,
+        "per_replica_served": {str(i): dict(sorted(v.items())) for i, v in sorted(load.stats.per_replica.items())},
+        "replica_first_served": {str(i): {v: round(t - t_start, 2) for v, t in seen.items()} for i, seen in first_seen.items()},
         "ledger": ledger.to_dict(),
         "ledger_complete": ledger.complete,
         "_timeline": timeline,
@@ -265,11 +288,12 @@ def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
     try:
         stack_dir = loop.start_stack()
         endpoints = load_stack_endpoints(stack_dir)
-        gw_addr, sc_addr = loop.start_services(stack_dir)
+        gw_addrs, sc_addrs = loop.start_services(stack_dir)
         gw_cfg = load_gateway_config(overrides={"stack_run_dir": str(stack_dir)})
         api_key, _ = create_key(connect(endpoints.redis_url), cfg.project, pepper=gw_cfg.auth_pepper, label="demo")
-        _out(f"gateway {gw_addr} (HTTP :{loop.http_port}), scorer {sc_addr}; project {cfg.project!r} API key created")
-        summary = asyncio.run(_drive(loop, gw_addr, sc_addr, api_key, endpoints))
+        _out(f"gateway {', '.join(gw_addrs)} (HTTP :{loop.http_port}), scorer {', '.join(sc_addrs)}; "
+             f"project {cfg.project!r} API key created")
+        summary = asyncio.run(_drive(loop, gw_addrs, sc_addrs, api_key, endpoints))
         loop.check_services()
     finally:
         loop.stop()
@@ -295,6 +319,8 @@ def print_summary(summary: dict[str, Any]) -> None:
          f"on {summary.get('final_eval_pairs', 0)} HH test pairs")
     _out(f"freshness             p50 {f(summary.get('freshness_p50_s'), '{:.1f}')} s, p99 {f(summary.get('freshness_p99_s'), '{:.1f}')} s "
          f"over {summary.get('freshness_samples', 0)} records")
+    _out(f"swap convergence      p50 {f(summary.get('convergence_p50_s'), '{:.1f}')} s, p99 {f(summary.get('convergence_p99_s'), '{:.1f}')} s "
+         f"from publish to all {summary.get('scorer_replicas', 1)} scorer replica(s) serving")
     _out(f"scorer                {summary['scorer_requests']} best-of-N requests, {summary['failed_requests']} failed, "
          f"p50 {f(summary.get('scorer_p50_ms'), '{:.0f}')} ms, p99 {f(summary.get('scorer_p99_ms'), '{:.0f}')} ms")
     _out(f"ledger                {summary['ledger']} -> {'every acked event accounted for' if summary['ledger_complete'] else 'INCOMPLETE'}")

@@ -1,8 +1,9 @@
 """The whole loop against the real stack: events in, trained, published, swapped in, served, accounted.
 
-A short run of the demo's own code path: a simulated app logs completions and choices through a real
-gateway process, a real trainer process trains and publishes gated versions, a real scorer process
-swaps them in under best-of-N load.  Then: a new version was published and served (a response carries
+A short run of the demo's own code path, scaled out (the short version of ``bench scale``): a simulated
+app logs completions and choices through two real gateway processes (a pair's completion through one,
+its choice through the other; their processors share one consumer group), a real trainer process trains
+and publishes gated versions, two real scorer replicas swap them in under best-of-N load spread over both.  Then: a new version was published and served (a response carries
 it), no scorer request failed, and the event ledger accounts for every acked event (trained,
 evaluated or dead-lettered with a reason).
 """
@@ -29,6 +30,8 @@ def test_short_loop_end_to_end(stack, tmp_path):
         "final_eval_records": 0,
         "drain_timeout_s": 120.0,
         "progress_every_s": 2.0,
+        "gateway_replicas": 2,
+        "scorer_replicas": 2,
     })
     summary = run_demo(cfg, write_html=False)
 
@@ -44,3 +47,8 @@ def test_short_loop_end_to_end(stack, tmp_path):
     assert summary["ledger_complete"], summary["ledger"]
     assert summary["ledger"]["trained"] + summary["ledger"]["evaluated"] + summary["ledger"]["dead_lettered"] == 80
     assert summary["freshness_samples"] == 40 and summary["freshness_p50_s"] > 0
+    # both replicas answered, and each published version reached both of them
+    assert (summary["gateway_replicas"], summary["scorer_replicas"]) == (2, 2)
+    assert set(summary["per_replica_served"]) == {"0", "1"}
+    assert all(summary["final_version"] in summary["replica_first_served"][r] for r in ("0", "1"))
+    assert summary["unconverged_versions"] == [] and summary["convergence_p99_s"] is not None

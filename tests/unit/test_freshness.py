@@ -38,3 +38,24 @@ def test_percentiles():
     assert percentile([1, 2, 3, 4, 5], 99) == 4.96
     s = summarize([])
     assert s["freshness_p50_s"] is None and s["freshness_samples"] == 0
+
+
+def test_convergence_waits_for_the_slowest_replica_and_counts_skipped_versions() -> None:
+    from demo.freshness import convergence, summarize_convergence
+
+    published = {"v000001": 100.0, "v000002": 110.0, "v000003": 120.0}
+    first_seen = {
+        0: {"base": 50.0, "v000001": 101.0, "v000002": 111.0, "v000003": 121.5},
+        1: {"base": 50.0, "v000001": 103.0, "v000003": 122.0},  # swapped straight past v000002
+        2: {"base": 50.0, "v000001": 102.0, "v000002": 114.0},  # never reached v000003
+    }
+    by_version, never = convergence(published, first_seen)
+    # v000001: the slowest replica (1) served it 3 s after publish; v000002: replica 1 only served a newer
+    # version at 122 (12 s), replica 2 at 114; v000003: replica 2 never served it.
+    assert by_version == {"v000001": 3.0, "v000002": 12.0}
+    assert never == ["v000003"]
+    summary = summarize_convergence(published, first_seen)
+    assert summary["convergence_max_s"] == 12.0 and summary["unconverged_versions"] == ["v000003"]
+    assert summary["convergence_p50_s"] == 7.5
+    assert convergence({}, first_seen) == ({}, [])
+    assert convergence(published, {}) == ({}, ["v000001", "v000002", "v000003"])
