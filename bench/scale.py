@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gateway_replicas": args.gateways,
             "scorer_replicas": args.scorers,
             "trainer_workers": args.trainer_workers,
-        "trainer_world_sizes": s["trainer_world_sizes"],  # read back from the checkpoints' metadata
             "checkpoint_every_s": args.checkpoint_every_s,
             "final_eval_records": 0,
         })
