@@ -35,7 +35,9 @@ class TopicSpec:
     name: str
     partitions: int
     configs: Mapping[str, str] = field(default_factory=dict)
-    replication_factor: int = 1
+    # 0: the cluster's own: 3 copies with min.insync.replicas 2 on a cluster of 3 or more brokers (an
+    # acks=all write then survives a broker's death), 1 on a smaller one.
+    replication_factor: int = 0
     doc: str = ""
 
 
@@ -110,6 +112,15 @@ def topic(name: str) -> TopicSpec:
     raise KeyError(f"unknown topic {name!r}; known topics: {', '.join(TOPIC_NAMES)}")
 
 
+def creation_settings(spec: TopicSpec, brokers: int) -> dict:
+    """How ``spec`` is created on a cluster of ``brokers`` brokers (see ``TopicSpec.replication_factor``)."""
+    rf = spec.replication_factor or min(3, brokers)
+    configs = dict(spec.configs)
+    if rf >= 3:
+        configs.setdefault("min.insync.replicas", "2")
+    return {"num_partitions": spec.partitions, "replication_factor": rf, "configs": configs}
+
+
 def ensure_topics(
     bootstrap: str,
     specs: Iterable[TopicSpec] = TOPICS,
@@ -133,15 +144,8 @@ def ensure_topics(
     created: list[str] = []
     try:
         existing = set(admin.list_topics())
-        missing = {
-            s.name: {
-                "num_partitions": s.partitions,
-                "replication_factor": s.replication_factor,
-                "configs": dict(s.configs),
-            }
-            for s in specs
-            if s.name not in existing
-        }
+        brokers = len(admin.describe_cluster().get("brokers") or []) or 1
+        missing = {s.name: creation_settings(s, brokers) for s in specs if s.name not in existing}
         if missing:
             result = admin.create_topics(missing, timeout_ms=timeout_ms, raise_errors=False)
             for t in result["topics"]:

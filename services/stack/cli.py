@@ -17,7 +17,7 @@ from services.stack.config import StackConfig, load_stack_config
 
 #: The StackConfig fields every subcommand takes as flags (all default None so lower layers win).
 _FIELD_FLAGS: tuple[str, ...] = (
-    "run_dir", "components", "kafka_port", "kafka_controller_port", "kafka_heap", "redis_port", "ray_port",
+    "run_dir", "components", "kafka_port", "kafka_controller_port", "kafka_brokers", "kafka_heap", "redis_port", "ray_port",
     "ray_client_port", "ray_dashboard_port", "ray_dashboard_agent_port", "ray_num_cpus", "start_timeout_s",
 )
 

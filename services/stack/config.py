@@ -62,6 +62,12 @@ class StackConfig:
     )
     kafka_port: int = field(default=9092, metadata={"help": "Kafka broker (PLAINTEXT) listener port on 127.0.0.1"})
     kafka_controller_port: int = field(default=9093, metadata={"help": "KRaft controller listener port on 127.0.0.1"})
+    kafka_brokers: int = field(default=1, metadata={"help": (
+        "Kafka nodes (each broker+controller, one KRaft quorum); with 3 or more, the project topics get "
+        "replication factor 3 and min.insync.replicas 2, so a broker can die without losing an acked event")})
+    kafka_extra_ports: tuple[int, ...] = field(default=(), metadata={"help": (
+        "listener,controller port pairs of brokers 2..N (flattened); empty: kafka_port + 2k and "
+        "kafka_controller_port + 2k for broker k+1")})
     kafka_heap: str = field(default="512m", metadata={"help": "JVM heap of the broker (-Xmx and -Xms), e.g. 512m, 1g"})
     kafka_tool_heap: str = field(default="256m", metadata={"help": "JVM heap of Kafka CLI tools run through kafka-tool"})
     create_topics: bool = field(default=True, metadata={"help": "create the prefstream topics after Kafka starts"})
@@ -103,6 +109,17 @@ class StackConfig:
                 continue
             require(port not in seen, name, f"port {port} is also {seen.get(port)}; give each listener its own port")
             seen[port] = name
+        require(1 <= self.kafka_brokers <= 5, "kafka_brokers", f"{self.kafka_brokers} is not 1..5")
+        require(not self.kafka_extra_ports or len(self.kafka_extra_ports) == 2 * (self.kafka_brokers - 1),
+                "kafka_extra_ports", f"give {2 * (self.kafka_brokers - 1)} ports (listener, controller for each of "
+                f"brokers 2..{self.kafka_brokers}) or none")
+        if "kafka" in self.components:
+            for k, (lp, cp) in enumerate(self.kafka_node_ports[1:], start=2):
+                for port in (lp, cp):
+                    require(_port_ok(port), "kafka_extra_ports", f"{port} (broker {k}) is not a TCP port")
+                    require(port not in seen, "kafka_extra_ports",
+                            f"port {port} of broker {k} is also {seen.get(port)}; give each listener its own port")
+                    seen[port] = f"broker {k}"
         require(_parse_heap(self.kafka_heap) is not None, "kafka_heap", f"{self.kafka_heap!r} is not a JVM size like 512m or 1g")
         require(_parse_heap(self.kafka_tool_heap) is not None, "kafka_tool_heap", f"{self.kafka_tool_heap!r} is not a JVM size like 256m")
         require(self.ray_num_cpus is None or self.ray_num_cpus >= 0, "ray_num_cpus", "must be >= 0 (or unset for all CPUs)")
@@ -145,8 +162,16 @@ class StackConfig:
         return Path("/tmp") / f"prefstream-ray-{digest}"
 
     @property
+    def kafka_node_ports(self) -> tuple[tuple[int, int], ...]:
+        """(listener, controller) port of every Kafka node, node 1 first."""
+        extra = self.kafka_extra_ports or tuple(
+            p for k in range(1, self.kafka_brokers) for p in (self.kafka_port + 2 * k, self.kafka_controller_port + 2 * k))
+        return ((self.kafka_port, self.kafka_controller_port),
+                *((extra[2 * i], extra[2 * i + 1]) for i in range(self.kafka_brokers - 1)))
+
+    @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return ",".join(f"127.0.0.1:{lp}" for lp, _ in self.kafka_node_ports)
 
     @property
     def redis_url(self) -> str:
@@ -208,11 +233,13 @@ def free_stack_config(run_dir: str | os.PathLike, **overrides: Any) -> StackConf
     """
     from services.stack.procs import free_port
 
+    brokers = int(overrides.get("kafka_brokers", 1))
     values: dict[str, Any] = {
         "run_dir": str(run_dir),
         "ray_object_store_mb": 512,
         "start_timeout_s": 180.0,
         **{name: free_port() for name in PORT_FIELDS},
+        "kafka_extra_ports": tuple(free_port() for _ in range(2 * (brokers - 1))),
         **overrides,
     }
     return load_stack_config(overrides=values, env={k: v for k, v in os.environ.items() if k == "PREFSTREAM_CACHE_DIR"})

@@ -1,4 +1,5 @@
-"""A real single-node Apache Kafka 4.1.1 broker (KRaft, broker+controller in one JVM) and its CLI tools.
+"""A real Apache Kafka 4.1.1 cluster (KRaft, broker+controller in one JVM per node; one node by default,
+``kafka_brokers`` for more) and its CLI tools.
 
 There is no Kafka distribution on the machines we develop on, but there is a JVM and Maven, so the
 pinned jars are resolved from Maven Central once into a cache outside the repo (``mvn
@@ -123,28 +124,40 @@ def ensure_tools_log4j(cfg: StackConfig) -> Path:
 # Rendering (pure)
 
 
-def render_server_properties(cfg: StackConfig, data_dir: Path) -> str:
-    """server.properties for one combined broker+controller with a static single-voter quorum."""
+def render_server_properties(cfg: StackConfig, data_dir: Path, node: int = 1) -> str:
+    """server.properties of Kafka node ``node`` (1-based): broker+controller in one JVM, every node a
+    voter of a static KRaft quorum.  With 3 or more nodes, internal topics and defaults replicate 3 ways
+    with min.insync.replicas 2 (an acks=all write survives one broker's death); one node replicates once."""
+    ports = cfg.kafka_node_ports
+    listener, controller = ports[node - 1]
+    rf = min(3, len(ports))
+    min_isr = 2 if rf >= 3 else 1
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@127.0.0.1:{cfg.kafka_controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.kafka_controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{cfg.kafka_port}",
+        "node.id": str(node),
+        "controller.quorum.voters": ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, start=1)),
+        "listeners": f"PLAINTEXT://127.0.0.1:{listener},CONTROLLER://127.0.0.1:{controller}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{listener}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(data_dir),
         "num.partitions": "1",
-        "default.replication.factor": "1",
+        "default.replication.factor": str(rf),
         # A single node can never satisfy the default replication factor of 3 for internal topics.
-        "offsets.topic.replication.factor": "1",
+        "offsets.topic.replication.factor": str(rf),
         "offsets.topic.num.partitions": "4",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
-        "min.insync.replicas": "1",
+        "transaction.state.log.replication.factor": str(rf),
+        "transaction.state.log.min.isr": str(min_isr),
+        "share.coordinator.state.topic.replication.factor": str(rf),
+        "share.coordinator.state.topic.min.isr": str(min_isr),
+        "min.insync.replicas": str(min_isr),
+        # A replica that was out of the ISR must never become leader: that would drop acked records.
+        "unclean.leader.election.enable": "false",
+        # A killed node loses its leaderships once the controller misses its heartbeats for this long
+        # (default 9 s; on loopback 4 s is safe), so writes move to a surviving replica sooner.
+        "broker.heartbeat.interval.ms": "1000",
+        "broker.session.timeout.ms": "4000",
         # Consumers in tests and the demo join alone; do not make them wait 3s for company.
         "group.initial.rebalance.delay.ms": "0",
         # Topics come from services.topics only, so a misspelt name fails instead of appearing.
@@ -258,18 +271,38 @@ class KafkaLayout:
         return self.root / "kafka.pid"
 
 
-def prepare_broker(cfg: StackConfig) -> tuple[list[str], KafkaLayout]:
-    """Write configs, format storage when new; return the broker's argv and file layout."""
+def node_component(node: int) -> str:
+    """The run-dir component (and pidfile owner) of Kafka node ``node``: kafka, kafka-2, kafka-3..."""
+    return "kafka" if node == 1 else f"kafka-{node}"
+
+
+def cluster_id(cfg: StackConfig) -> str:
+    """The KRaft cluster id every node of this run dir is formatted with (made once, kept)."""
+    path = cfg.component_dir("kafka") / "cluster.id"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        # Node 1 of a run dir from before this file existed was formatted with an id of its own: keep it.
+        meta = KafkaLayout(cfg.component_dir("kafka")).data / "meta.properties"
+        found = [line.split("=", 1)[1] for line in meta.read_text().splitlines()
+                 if line.startswith("cluster.id=")] if meta.exists() else []
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(found[0].strip() if found else new_cluster_id())
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+def prepare_broker(cfg: StackConfig, node: int = 1) -> tuple[list[str], KafkaLayout]:
+    """Write node ``node``'s configs, format its storage when new; return its argv and file layout."""
     libs = ensure_kafka_jars(cfg)
-    lay = KafkaLayout(cfg.component_dir("kafka"))
+    lay = KafkaLayout(cfg.component_dir(node_component(node)))
     lay.data.mkdir(parents=True, exist_ok=True)
     lay.server_log.parent.mkdir(parents=True, exist_ok=True)
-    lay.properties.write_text(render_server_properties(cfg, lay.data))
+    lay.properties.write_text(render_server_properties(cfg, lay.data, node))
     lay.log4j.write_text(render_log4j2(lay.server_log))
     if not (lay.data / "meta.properties").exists():
         argv = java_argv(
             libs, "kafka.tools.StorageTool",
-            ["format", "-t", new_cluster_id(), "-c", str(lay.properties)],
+            ["format", "-t", cluster_id(cfg), "-c", str(lay.properties)],
             heap=cfg.kafka_tool_heap, log4j=ensure_tools_log4j(cfg),
         )
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -332,3 +365,27 @@ def produce_consume_check(bootstrap: str, timeout_s: float = 30.0) -> None:
     finally:
         consumer.close()
     raise StackError(f"kafka: produced a record to {_HEALTH_TOPIC} at offset {meta.offset} but could not consume it back")
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    leader: int  # node id, -1 while none is elected
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+def describe_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int, PartitionState]:
+    """Leader, replicas and in-sync replicas of every partition of ``topic`` (chaos tests pick whom to kill)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                             client_id="prefstream-stack-describe")
+    try:
+        out = {}
+        for t in admin.describe_topics([topic]):
+            for p in t["partitions"]:
+                out[int(p["partition_index"])] = PartitionState(int(p["leader_id"]), tuple(sorted(p["replica_nodes"])),
+                                                                tuple(sorted(p["isr_nodes"])))
+        return out
+    finally:
+        admin.close()

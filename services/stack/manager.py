@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from services.endpoints import StackEndpoints, load_stack_endpoints
 from services.stack import kafka as kafka_mod
@@ -123,11 +123,11 @@ class Stack:
             return stopped
         with self._locked():
             state = self._read_state()
-            for name in reversed(COMPONENTS):
+            def stop(name: str) -> None:
                 comp = self._component(name)
                 rec = read_pidfile(comp.pidfile)
                 if rec is None:
-                    continue
+                    return
                 if record_alive(rec):
                     stopped.append(name)
                 extra = None
@@ -136,6 +136,16 @@ class Stack:
                     extra = lambda td=temp_dir: pids_with_cmdline(td)  # noqa: E731
                 stop_record(rec, name=name, timeout_s=self.cfg.stop_timeout_s, extra=extra)
                 comp.pidfile.unlink(missing_ok=True)
+
+            names = list(reversed(self._names(state)))
+            kafka_nodes = [n for n in names if n.startswith("kafka")]
+            for name in names:
+                if not name.startswith("kafka"):
+                    stop(name)
+            # Kafka nodes all at once: stopped one by one, the last ones lose their quorum and wait
+            # out the SIGKILL timeout in a controlled shutdown that cannot finish.
+            with ThreadPoolExecutor(max_workers=max(1, len(kafka_nodes)), thread_name_prefix="stack-down") as pool:
+                list(pool.map(stop, kafka_nodes))
             self.cfg.state_file.unlink(missing_ok=True)
         return stopped
 
@@ -150,7 +160,7 @@ class Stack:
         # What `up` started in this run dir, when it recorded that; else what the config asks for.
         listed = set(recorded) if state else set(self.cfg.components)
         out = []
-        for name in COMPONENTS:
+        for name in self._names(state):
             comp = self._component(name)
             rec = read_pidfile(comp.pidfile)
             if rec is None and name not in listed:
@@ -172,11 +182,32 @@ class Stack:
     # ---------------------------------------------------------------------------------- starting
 
     def _up_kafka(self) -> None:
-        comp = self._component("kafka")
-        if not self._running(comp, self._kafka_healthy):
-            argv, lay = kafka_mod.prepare_broker(self.cfg)
-            self._ports_free(comp, self.cfg.kafka_controller_port)
-            self._launch(comp, argv, None, self._kafka_healthy, lambda: kafka_mod.log_tail(lay))
+        """Every Kafka node: all are spawned before any is awaited, since a KRaft quorum of several
+        voters elects no leader (and no node turns healthy) until a majority runs."""
+        nodes = range(1, self.cfg.kafka_brokers + 1)
+        started: list[tuple[_Component, Any, PidRecord, Any]] = []
+        for node in nodes:
+            comp = self._component(kafka_mod.node_component(node))
+            healthy = lambda a=comp.address: self._healthy("kafka", a)  # noqa: E731
+            if self.cfg.kafka_brokers == 1 and self._running(comp, healthy):
+                continue
+            rec = read_pidfile(comp.pidfile)
+            if rec is not None and record_alive(rec):
+                continue  # awaited below with the others
+            comp.pidfile.unlink(missing_ok=True)
+            argv, lay = kafka_mod.prepare_broker(self.cfg, node)
+            self._ports_free(comp, self.cfg.kafka_node_ports[node - 1][1])
+            log.info("%s: starting on %s (log %s)", comp.name, comp.address, comp.log)
+            proc = spawn(argv, log_path=comp.stdout, cwd=comp.pidfile.parent, env=None)
+            started.append((comp, proc, write_pidfile(comp.pidfile, proc.pid), lay))
+        for node in nodes:
+            comp = self._component(kafka_mod.node_component(node))
+            mine = next((s for s in started if s[0].name == comp.name), None)
+            lay = mine[3] if mine else kafka_mod.KafkaLayout(comp.pidfile.parent)
+            self._await_healthy(comp, mine[1] if mine else None, read_pidfile(comp.pidfile),
+                                lambda a=comp.address: self._healthy("kafka", a), lambda lay=lay: kafka_mod.log_tail(lay))
+        if started:
+            lay = started[0][3]
             try:
                 kafka_mod.produce_consume_check(self.cfg.kafka_bootstrap, timeout_s=self.cfg.start_timeout_s)
             except Exception as e:  # noqa: BLE001 - reported with the broker's log
@@ -246,17 +277,23 @@ class Stack:
         log.info("%s: starting on %s (log %s)", comp.name, comp.address, comp.log)
         proc = spawn(argv, log_path=comp.stdout, cwd=comp.pidfile.parent, env=env)
         rec = write_pidfile(comp.pidfile, proc.pid)
+        return self._await_healthy(comp, proc, rec, healthy, log_tail)
+
+    def _await_healthy(self, comp: _Component, proc: Any, rec: PidRecord | None, healthy: Callable[[], bool],
+                       log_tail: Callable[[], str]) -> PidRecord:
+        """Wait until ``comp`` is healthy; a process that exits or stays unhealthy is an error with its log."""
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while True:
-            code = proc.poll()
+            code = proc.poll() if proc is not None else (None if rec is not None and record_alive(rec) else -1)
             if code is not None:
                 comp.pidfile.unlink(missing_ok=True)
                 raise StackError(f"{comp.name}: exited with code {code} while starting; last log lines:\n{log_tail()}")
             if healthy():
-                log.info("%s: healthy (pid %s)", comp.name, proc.pid)
-                return rec
+                log.info("%s: healthy (pid %s)", comp.name, rec.pid if rec else "?")
+                return rec  # type: ignore[return-value]
             if time.monotonic() > deadline:
-                stop_record(rec, name=comp.name, timeout_s=5.0)
+                if rec is not None:
+                    stop_record(rec, name=comp.name, timeout_s=5.0)
                 comp.pidfile.unlink(missing_ok=True)
                 raise StackError(
                     f"{comp.name}: not healthy after {self.cfg.start_timeout_s:.0f}s (raise start_timeout_s if "
@@ -266,12 +303,21 @@ class Stack:
 
     # ---------------------------------------------------------------------------------- helpers
 
+    def _names(self, state: dict | None = None) -> list[str]:
+        """Components in start order: every Kafka node (configured, or recorded by ``up``), Redis, Ray."""
+        recorded = (state or {}).get("components", {})
+        nodes = max([self.cfg.kafka_brokers] + [int(n.split("-")[1]) for n in recorded if n.startswith("kafka-")])
+        return [*(kafka_mod.node_component(n) for n in range(1, nodes + 1)), *COMPONENTS[1:]]
+
     def _component(self, name: str) -> _Component:
         c = self.cfg
         d = c.component_dir(name)
-        if name == "kafka":
+        if name.startswith("kafka"):
+            node = 1 if name == "kafka" else int(name.split("-")[1])
+            ports = c.kafka_node_ports
+            listener = ports[node - 1][0] if node <= len(ports) else 0
             lay = kafka_mod.KafkaLayout(d)
-            return _Component(name, lay.pidfile, lay.server_log, c.kafka_bootstrap, c.kafka_port, lay.stdout_log)
+            return _Component(name, lay.pidfile, lay.server_log, f"127.0.0.1:{listener}", listener, lay.stdout_log)
         if name == "redis":
             rl = redis_mod.RedisLayout(d)
             return _Component(name, rl.pidfile, rl.log, c.redis_url, c.redis_port, rl.stdout_log)
@@ -280,13 +326,10 @@ class Stack:
             return _Component(name, yl.pidfile, yl.stdout_log, c.ray_address, c.ray_port, yl.stdout_log)
         raise ValueError(f"unknown component {name!r}")
 
-    def _kafka_healthy(self) -> bool:
-        return self._healthy("kafka", self.cfg.kafka_bootstrap)
-
     @staticmethod
     def _healthy(name: str, address: str) -> bool:
         """Health of the component listening at ``address`` (as written in stack.json)."""
-        if name == "kafka":
+        if name.startswith("kafka"):
             port = int(address.rsplit(":", 1)[1])
             return port_open(port) and kafka_mod.probe(address)
         if name == "redis":
@@ -308,7 +351,7 @@ class Stack:
 
     def _write_state(self) -> None:
         components = {}
-        for name in COMPONENTS:
+        for name in self._names(self._read_state()):
             comp = self._component(name)
             rec = read_pidfile(comp.pidfile)
             if rec is not None and record_alive(rec):
@@ -324,6 +367,7 @@ class Stack:
                 "ray_address": ep.ray_address if "ray" in components else None,
             },
             "components": components,
+            "kafka_brokers": self.cfg.kafka_brokers,
             "ray_temp_dir": str(self.cfg.ray_temp_dir),
             "ray_client_address": f"ray://127.0.0.1:{self.cfg.ray_client_port}" if "ray" in components else None,
         }

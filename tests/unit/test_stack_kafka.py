@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.config import StackConfig
+from services.config import ConfigError
+from services.stack.config import StackConfig, load_stack_config
 from services.stack.kafka import jars_ready, new_cluster_id, render_log4j2, render_pom, render_server_properties
 from services.stack.kafka_tools import KAFKA_TOOLS, resolve_tool
 
@@ -103,3 +104,21 @@ def test_cached_jars_are_not_fetched_again(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(subprocess, "run", no_maven)
     assert kafka.ensure_kafka_jars(cfg) == cfg.kafka_libs
+
+
+def test_three_nodes_form_one_quorum_and_replicate_three_ways(tmp_path) -> None:
+    cfg = load_stack_config(overrides={"run_dir": str(tmp_path), "kafka_brokers": 3,
+                                       "kafka_extra_ports": "9200,9201,9300,9301"}, env={})
+    assert cfg.kafka_node_ports == ((9092, 9093), (9200, 9201), (9300, 9301))
+    assert cfg.kafka_bootstrap == "127.0.0.1:9092,127.0.0.1:9200,127.0.0.1:9300"
+    p2 = _props(render_server_properties(cfg, tmp_path / "d2", 2))
+    assert p2["node.id"] == "2"
+    assert p2["controller.quorum.voters"] == "1@127.0.0.1:9093,2@127.0.0.1:9201,3@127.0.0.1:9301"
+    assert p2["listeners"] == "PLAINTEXT://127.0.0.1:9200,CONTROLLER://127.0.0.1:9201"
+    assert (p2["default.replication.factor"], p2["min.insync.replicas"], p2["offsets.topic.replication.factor"]) == ("3", "2", "3")
+    assert p2["unclean.leader.election.enable"] == "false"
+    # default ports: kafka_port + 2k, kafka_controller_port + 2k
+    d = load_stack_config(overrides={"run_dir": str(tmp_path), "kafka_brokers": 3}, env={})
+    assert d.kafka_node_ports == ((9092, 9093), (9094, 9095), (9096, 9097))
+    with pytest.raises(ConfigError, match="kafka_extra_ports"):
+        load_stack_config(overrides={"run_dir": str(tmp_path), "kafka_brokers": 3, "kafka_extra_ports": "9200"}, env={})

@@ -39,3 +39,14 @@ def test_gateway_and_scorer_configs_validate_the_prefix() -> None:
     assert load_scorer_config(env={}, overrides={"topic_prefix": "a."}).topic_prefix == "a."
     with pytest.raises(ConfigError, match="topic_prefix"):
         load_scorer_config(env={}, overrides={"topic_prefix": "bad/prefix"})
+
+
+def test_topics_replicate_three_ways_with_two_in_sync_on_a_cluster_of_three() -> None:
+    from services.topics import FEEDBACK, MODEL_UPDATES, creation_settings
+
+    assert creation_settings(FEEDBACK, 1)["replication_factor"] == 1
+    assert "min.insync.replicas" not in creation_settings(FEEDBACK, 1)["configs"]
+    three = creation_settings(FEEDBACK, 3)
+    assert three["replication_factor"] == 3 and three["configs"]["min.insync.replicas"] == "2"
+    assert creation_settings(FEEDBACK, 5)["replication_factor"] == 3
+    assert creation_settings(MODEL_UPDATES, 3)["configs"]["min.insync.replicas"] == "1"  # its own setting wins
