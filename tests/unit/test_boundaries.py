@@ -64,6 +64,13 @@ def test_the_scorer_client_sdk_needs_neither_kafka_nor_torch() -> None:
     assert _under(loaded, ("kafka", "torch", "transformers")) == []
 
 
+def test_the_gateway_image_needs_neither_torch_nor_ray() -> None:
+    """The Dockerfile's gateway target installs neither (a much smaller image); this keeps that true."""
+    loaded = _loaded("gateway.server,gateway.service,gateway.processor,gateway.http,gateway.importer,"
+                     "gateway.openai_compat,gateway.cli")
+    assert _under(loaded, ("torch", "ray", "transformers", "peft", "accelerate", "safetensors", "boto3")) == []
+
+
 def test_event_schemas_do_not_need_kafka() -> None:
     assert _under(_loaded("services.schemas"), ("kafka",)) == []
 
