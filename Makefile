@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup protos check-protos test unit integration demo loop bench stack-up stack-down clean
+.PHONY: setup protos check-protos test unit integration k8s-check demo loop bench stack-up stack-down clean
 
 # The venv is rebuilt when the pinned dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 	bash scripts/ensure_redis.sh
+	bash scripts/ensure_k8s_tools.sh
 
 protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
@@ -36,8 +37,13 @@ unit: setup
 integration: setup
 	$(PY) -m pytest tests/integration -q
 
+# PREFSTREAM_REQUIRE_K8S_TOOLS: the k8s/ checks fail (never skip) when a tool is missing.
 test: setup
-	$(PY) -m pytest tests -q -ra
+	PREFSTREAM_REQUIRE_K8S_TOOLS=1 $(PY) -m pytest tests -q -ra
+
+# Render every k8s/ overlay and validate it (schemas, kube-score) and lint the Dockerfile.
+k8s-check: setup
+	$(PY) scripts/k8s_check.py
 
 demo: setup
 	$(PY) -m prefstream demo
