@@ -36,6 +36,7 @@ from services.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition
                              PermissionDenied, PrefstreamError, ResourceExhausted, Unauthenticated, Unavailable,
                              from_grpc_error)
 from services.grpc_server import channel
+from services.tls import ClientTls
 
 #: Events per StreamEvents batch (the gateway accepts up to its max_batch_events, 1000 by default).
 DEFAULT_BATCH_EVENTS = 256
@@ -119,8 +120,9 @@ def _messages(prompt: Sequence[Mapping[str, str]] | str) -> list[events_pb2.Chat
 class GatewayClient:
     """Blocking calls to one gateway with one API key (see the module docstring)."""
 
-    def __init__(self, address: str, *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
-        self._channel = channel(address, aio=False)
+    def __init__(self, address: str, *, api_key: str | None = None, timeout_s: float = 30.0,
+                 tls: ClientTls | None = None) -> None:
+        self._channel = channel(address, aio=False, tls=tls)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._timeout = timeout_s

@@ -63,7 +63,7 @@ class Gateway:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.cfg.host}:{self.http_port}"
+        return f"{'https' if self.cfg.tls_cert_file else 'http'}://{self.cfg.host}:{self.http_port}"
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -84,8 +84,10 @@ class Gateway:
         ingestor = Ingestor(cfg, self._writer, self._redis)
 
         servicer = GatewayServicer(ingestor, auth, limits, max_batch_events=cfg.max_batch_events)
+        tls = cfg.server_tls()
         self._handle = grpc_server.create_server(
-            [lambda s: add_to_server(servicer, s)], [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port, serving=True
+            [lambda s: add_to_server(servicer, s)], [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port, serving=True,
+            tls=tls,
         )
         await grpc_server.start(self._handle)
         self.grpc_port = self._handle.port
@@ -94,7 +96,10 @@ class Gateway:
             if cfg.scorer_address:
                 from scorer.client import ScorerClient
 
-                self._scorer = ScorerClient(cfg.scorer_address)
+                from services.tls import ClientTls
+
+                self._scorer = ScorerClient(cfg.scorer_address,
+                                            tls=ClientTls(cfg.scorer_tls_ca_file) if cfg.scorer_tls_ca_file else None)
             api = HttpApi(
                 ingestor, auth, limits, max_batch_events=cfg.max_batch_events, kafka_ready=self._writer.is_connected
             )
@@ -103,7 +108,7 @@ class Gateway:
             self._runner = web.AppRunner(build_app(api, scorer_client=self._scorer), access_log=None,
                                          keepalive_timeout=cfg.http_idle_timeout_s)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+            site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=tls.ssl_context() if tls else None)
             await site.start()
             self.http_port = self._runner.addresses[0][1]
             log.info("HTTP API listening on %s", self.http_url)

@@ -22,6 +22,7 @@ AREAS: tuple[str, ...] = (
     "trainer.cli",
     "scorer.cli",
     "services.criteria_cli",
+    "services.tls",
     "bench.cli",
     "demo.cli",
     "loop.cli",

@@ -37,6 +37,7 @@ from services.errors import DeadlineExceeded, PrefstreamError, Unavailable, from
 from services.grpc_server import channel as make_channel
 from services.registry import ModelStatus, ModelVersion
 from services.schemas import ChatMessage
+from services.tls import ClientTls
 
 
 PromptLike = Sequence[ChatMessage | Mapping[str, str]]
@@ -54,13 +55,15 @@ def to_messages(prompt: PromptLike, field: str = "prompt") -> tuple[ChatMessage,
 class ScorerClient:
     """Async client; one HTTP/2 channel, safe to share across tasks."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, admin_token: str | None = None) -> None:
-        """``admin_token`` (default ``$PREFSTREAM_SCORER_ADMIN_TOKEN``) is sent with every admin call."""
+    def __init__(self, address: str, *, timeout_s: float = 60.0, admin_token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
+        """``admin_token`` (default ``$PREFSTREAM_SCORER_ADMIN_TOKEN``) is sent with every admin call;
+        ``tls`` (a :class:`services.tls.ClientTls`) when the scorer speaks TLS."""
         self.address = address
         self.timeout_s = timeout_s
         token = os.environ.get("PREFSTREAM_SCORER_ADMIN_TOKEN", "") if admin_token is None else admin_token
         self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel: grpc.aio.Channel = make_channel(address, aio=True)  # type: ignore[assignment]
+        self._channel: grpc.aio.Channel = make_channel(address, aio=True, tls=tls)  # type: ignore[assignment]
         self._scorer = scorer_pb2_grpc.ScorerServiceStub(self._channel)
         self._admin = admin_pb2_grpc.ModelAdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

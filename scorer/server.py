@@ -238,6 +238,7 @@ class Scorer:
             port=cfg.port,
             interceptors=[TokenGuard(MUTATING_METHODS, cfg.admin_token, host=cfg.host,
                                      setting="PREFSTREAM_SCORER_ADMIN_TOKEN (admin_token)")],
+            tls=cfg.server_tls(),
         )
         await start(self.handle)
         self.metrics.serve(cfg.metrics_port, cfg.host)

@@ -13,13 +13,16 @@ import hmac
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.errors import AioErrorInterceptor
+
+if TYPE_CHECKING:
+    from services.tls import ClientTls, ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +135,14 @@ def create_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
     serving: bool = False,
+    tls: "ServerTls | None" = None,
 ) -> ServerHandle:
     """Build (not start) an aio server.
 
     ``adders`` are callables that register servicers (``lambda s: add_FooServicer_to_server(x, s)``);
     ``service_names`` are the full proto service names, used for health and reflection.  ``port=0``
-    picks a free port; the bound port is returned in the handle.
+    picks a free port; the bound port is returned in the handle.  ``tls`` serves TLS (mutual TLS when it
+    has a client CA) instead of plaintext.
     """
     server = grpc.aio.server(interceptors=(AioErrorInterceptor(), *interceptors), options=list(options))
     for add in adders:
@@ -148,7 +153,8 @@ def create_server(
              reflection.SERVICE_NAME, REFLECTION_V1)
     reflection.enable_server_reflection(names, server)
     _add_reflection_v1(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.grpc_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}; choose a free port")
     return ServerHandle(
@@ -192,7 +198,10 @@ async def serve_until_signal(
     log.info("server stopped")
 
 
-def channel(address: str, *, aio: bool = True) -> grpc.Channel | grpc.aio.Channel:
-    """A client channel with the same message limits as the servers."""
+def channel(address: str, *, aio: bool = True, tls: "ClientTls | None" = None) -> grpc.Channel | grpc.aio.Channel:
+    """A client channel with the same message limits as the servers; TLS when ``tls`` is given."""
     opts = [(k, v) for k, v in DEFAULT_OPTIONS if k.startswith("grpc.max_")]
+    if tls is not None:
+        creds = tls.grpc_credentials()
+        return grpc.aio.secure_channel(address, creds, options=opts) if aio else grpc.secure_channel(address, creds, options=opts)
     return grpc.aio.insecure_channel(address, options=opts) if aio else grpc.insecure_channel(address, options=opts)
