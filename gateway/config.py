@@ -51,7 +51,7 @@ class GatewayConfig:
                           "unset; empty = PREFSTREAM_STACK_RUN_DIR or .run/stack"},
     )
     kafka_bootstrap: str | None = field(default=None, metadata={"help": "Kafka bootstrap servers host:port[,host:port]"})
-    redis_url: str | None = field(default=None, metadata={"help": "Redis URL for dedup, API keys and processor state"})
+    redis_url: str | None = field(default=None, repr=False, metadata={"help": "Redis URL for dedup, API keys and processor state"})
     kafka_ack_timeout_s: float = field(
         default=10.0,
         metadata={"help": "longest a caller waits for Kafka's acks=all before getting UNAVAILABLE (the producer gives up on the record at the same time)"},

@@ -54,7 +54,7 @@ class ScorerConfig:
                           "models without one)"},
     )
     redis_url: str | None = field(
-        default=None,
+        default=None, repr=False,
         metadata={"help": "model registry Redis URL; unset: from stack_run_dir's stack.json, else serve base models only"},
     )
     kafka_bootstrap: str | None = field(

@@ -23,7 +23,7 @@ from services.config import add_config_flags, fill_endpoints, load_config, overr
 class CriteriaCliConfig:
     """Where the criteria live."""
 
-    redis_url: str = field(default="", metadata={"help": "Redis of the registry (empty: the local stack's)"})
+    redis_url: str = field(default="", repr=False, metadata={"help": "Redis of the registry (empty: the local stack's)"})
     stack_run_dir: str = field(default="", metadata={
         "help": "run dir of the local stack used to fill an empty redis_url "
                 "(empty: PREFSTREAM_STACK_RUN_DIR or .run/stack)"})

@@ -269,7 +269,7 @@ class GateSettings:
     publish_without_eval: bool = field(default=True, metadata=_help(
         "publish checkpoints while there are no evaluation records (else hold them as rejected)"))
     publish: bool = field(default=True, metadata=_help("gate and publish checkpoints to the registry"))
-    redis_url: str = field(default="", metadata=_help("model registry Redis; empty = from the local stack"))
+    redis_url: str = field(default="", repr=False, metadata=_help("model registry Redis; empty = from the local stack"))
     announce: bool = field(default=True, metadata=_help(
         "announce published/rejected versions on the model-updates topic"))
 

@@ -72,6 +72,9 @@ class StackConfig:
     kafka_tool_heap: str = field(default="256m", metadata={"help": "JVM heap of Kafka CLI tools run through kafka-tool"})
     create_topics: bool = field(default=True, metadata={"help": "create the prefstream topics after Kafka starts"})
     redis_port: int = field(default=6379, metadata={"help": "Redis port on 127.0.0.1"})
+    redis_auth: bool = field(default=True, metadata={"help": (
+        "Redis requires a password: made once per run dir (<run_dir>/redis/password, mode 0600) and carried in "
+        "stack.json's redis_url, which every service reads")})
     redis_server: str = field(default="redis-server", metadata={"help": "redis-server executable (name on PATH or path)"})
     ray_port: int = field(default=6380, metadata={"help": "Ray GCS port; the address others pass to ray.init"})
     ray_client_port: int = field(default=10001, metadata={"help": "Ray client server port (ray:// address)"})

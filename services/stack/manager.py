@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,7 @@ class Stack:
         c = self.cfg
         return StackEndpoints(
             kafka_bootstrap=c.kafka_bootstrap if "kafka" in c.components else None,
-            redis_url=c.redis_url if "redis" in c.components else None,
+            redis_url=redis_mod.client_url(c) if "redis" in c.components else None,
             ray_address=c.ray_address if "ray" in c.components else None,
         )
 
@@ -219,7 +220,7 @@ class Stack:
 
     def _up_redis(self) -> None:
         comp = self._component("redis")
-        healthy = lambda: redis_mod.ping(self.cfg.redis_url)  # noqa: E731
+        healthy = lambda: redis_mod.ping(redis_mod.client_url(self.cfg))  # noqa: E731
         if self._running(comp, healthy):
             return
         argv, lay = redis_mod.redis_argv(self.cfg)
@@ -372,7 +373,9 @@ class Stack:
             "ray_client_address": f"ray://127.0.0.1:{self.cfg.ray_client_port}" if "ray" in components else None,
         }
         tmp = self.cfg.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # its redis_url carries the password
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.cfg.state_file)
 
 

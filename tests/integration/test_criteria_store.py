@@ -117,10 +117,8 @@ def test_models_are_checked_against_the_registry(redis_client: redis.Redis) -> N
         assert e.value.field == field
 
 
-def test_concurrent_creates_of_one_definition_make_one_version(store: CriteriaStore,
-                                                               redis_client: redis.Redis) -> None:
-    kw = redis_client.connection_pool.connection_kwargs
-    url = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+def test_concurrent_creates_of_one_definition_make_one_version(store: CriteriaStore, redis_url: str) -> None:
+    url = redis_url
     results: list[tuple[str, bool]] = []
     lock = threading.Lock()
 

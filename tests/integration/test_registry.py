@@ -52,8 +52,10 @@ def test_publish_pin_rollback_on_real_redis(redis_client: redis.Redis, ns: str) 
 
 
 def _url(client: redis.Redis) -> str:
+    """The URL of ``client``'s server, its password included (the stack's Redis requires one)."""
     kw = client.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+    auth = f":{kw['password']}@" if kw.get("password") else ""
+    return f"redis://{auth}{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
 def test_concurrent_publishers_lose_nothing(redis_client: redis.Redis, ns: str) -> None:
