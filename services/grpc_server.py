@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.errors import AioErrorInterceptor
+from services.errors import AioErrorInterceptor, PrefstreamError
 
 if TYPE_CHECKING:
     from services.tls import ClientTls, ServerTls
@@ -81,8 +82,25 @@ def _add_reflection_v1(service_names: Sequence[str], server: grpc.aio.Server) ->
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+audit_log = logging.getLogger("prefstream.audit")
+#: Request fields an audit line may carry: names and short operator text, never payloads or secrets.
+_AUDITED_FIELDS = ("name", "version", "reason", "project", "criterion", "enabled", "force")
+
+
+def audit(method: str, peer: str, outcome: str, request: Any = None) -> None:
+    """One JSON line on the ``prefstream.audit`` logger per call that changes state (allowed or not)."""
+    target = {}
+    for f in _AUDITED_FIELDS:
+        value = getattr(request, f, None) if request is not None else None
+        if value not in (None, ""):
+            target[f] = value if isinstance(value, bool) else str(value)[:200]
+    audit_log.info(json.dumps({"audit": method.rsplit("/", 1)[-1], "service": method.rsplit("/", 2)[-2] if "/" in method
+                               else "", "peer": peer, "outcome": outcome, "target": target}, sort_keys=True))
+
+
 class TokenGuard(grpc.aio.ServerInterceptor):
-    """Methods that change state need ``authorization: Bearer <token>``.
+    """Methods that change state need ``authorization: Bearer <token>``, and each call of one, allowed or
+    refused, leaves an audit line (:func:`audit`).
 
     Without a configured token they are served only to a server bound to loopback (a developer's
     machine); a server listening on the network refuses them (PERMISSION_DENIED), so an admin API is
@@ -115,11 +133,29 @@ class TokenGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method not in self.guarded:
             return handler
+        method = details.method
         refusal = self._refusal(details.invocation_metadata)
         if refusal is None:
-            return handler
+            behavior = handler.unary_unary
+
+            async def audited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                outcome = "OK"
+                try:
+                    return await behavior(request, context)
+                except PrefstreamError as e:
+                    outcome = e.grpc_code.name
+                    raise
+                except BaseException:
+                    outcome = "ERROR"
+                    raise
+                finally:
+                    audit(method, context.peer(), outcome, request)
+
+            return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            audit(method, context.peer(), f"REFUSED {refusal[0].name}", request)
             await context.abort(*refusal)
 
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,

@@ -310,7 +310,11 @@ def test_a_scorer_started_after_bad_versions_serves_the_newest_good_one_and_the_
     asyncio.run(main())
 
 
-def test_admin_calls_that_change_serving_need_the_admin_token(env: Published, redis_url: str) -> None:
+def test_admin_calls_that_change_serving_need_the_admin_token(env: Published, redis_url: str, caplog) -> None:
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="prefstream.audit")
     env.publish("v000001", bias=0.0)
     env.publish("v000002", bias=1.0)
 
@@ -335,3 +339,10 @@ def test_admin_calls_that_change_serving_need_the_admin_token(env: Published, re
             await scorer.stop(grace_s=1)
 
     asyncio.run(main())
+    # Every call that changes serving left one audit line, refused or not; reads left none; no token in them.
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "prefstream.audit"]
+    assert [(a["audit"], a["outcome"]) for a in lines] == [
+        ("PinVersion", "REFUSED UNAUTHENTICATED"), ("Rollback", "REFUSED UNAUTHENTICATED"), ("PinVersion", "OK")]
+    assert lines[-1]["target"] == {"name": env.name, "version": "v000001"} and lines[-1]["peer"]
+    assert lines[1]["target"]["reason"] == "bad"
+    assert not any("t0ken" in r.getMessage() or "wrong" in r.getMessage() for r in caplog.records)
