@@ -38,6 +38,7 @@ from scorer.config import BASE_VERSION, ScorerConfig
 from scorer.engine import ServingEngine
 from scorer.metrics import ScorerMetrics
 from scorer.runners import CheckpointRefused, load_policy, load_reward, open_published
+from services.errors import Unavailable
 from services.kinds import ModelKind
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,10 @@ class ModelManager:
             runner = await loop.run_in_executor(self._load, self._load_runner, target)
         except CheckpointRefused as e:
             return await self._refuse(target, previous, e.reason, str(e))
+        except Unavailable as e:  # the checkpoint store is briefly unreachable: nothing is wrong with the version
+            log.warning("could not fetch %s@%s (%s); still serving %s, retrying at the next sync",
+                        target.name, target.version, e, previous or "nothing")
+            return SyncOutcome(target.name, previous)
         except Exception as e:  # noqa: BLE001 - never let a bad checkpoint take the scorer down
             log.exception("unexpected error loading %s@%s", target.name, target.version)
             return await self._refuse(target, previous, "load_failed", f"{type(e).__name__}: {e}")

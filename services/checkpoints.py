@@ -266,7 +266,7 @@ class CheckpointStore:
 
     _SCHEMES: ClassVar[dict[str, type["CheckpointStore"]]] = {}
 
-    def __new__(cls, url: str | os.PathLike) -> "CheckpointStore":
+    def __new__(cls, url: str | os.PathLike, **_backend_options: Any) -> "CheckpointStore":
         if cls is not CheckpointStore:
             return super().__new__(cls)
         scheme = urlparse(str(url)).scheme

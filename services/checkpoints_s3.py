@@ -23,6 +23,7 @@ or pod roles, ``AWS_DEFAULT_REGION``), so nothing S3-specific enters the service
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -32,7 +33,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from services.checkpoints import (MANIFEST, METADATA, _NUMBERED_RE, _TMP_PREFIX, CheckpointExistsError,
@@ -75,6 +76,26 @@ def _client(endpoint: str | None):
 
 def _error_code(e: Exception) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                    "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
+
+
+@contextlib.contextmanager
+def _transient(url: str) -> Iterator[None]:
+    """An unreachable or overloaded object store is Unavailable (retry later), never a corrupt checkpoint:
+    the scorer must not refuse a good version because S3 hiccuped."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except BotoCoreError as e:
+        raise Unavailable(f"object store for {url} is unreachable ({type(e).__name__}: {e}); retry later") from None
+    except ClientError as e:
+        if _error_code(e) in _TRANSIENT_CODES:
+            raise Unavailable(f"object store for {url} answered {_error_code(e)}; retry later") from None
+        raise
 
 
 class S3CheckpointStore(CheckpointStore):
@@ -305,20 +326,22 @@ class S3CheckpointStore(CheckpointStore):
     def verify(self, ref_or_path: CheckpointRef | str | os.PathLike) -> Manifest:
         """Check the remote objects against the manifest and re-hash a fresh download (left in the cache)."""
         ref = self._ref_of(ref_or_path)
-        manifest, body = self._remote_manifest(ref)
-        self._check_objects(ref, manifest)
-        self._download(ref, manifest, body, verify=True)
+        with _transient(self.url):
+            manifest, body = self._remote_manifest(ref)
+            self._check_objects(ref, manifest)
+            self._download(ref, manifest, body, verify=True)
         return manifest
 
     def open(self, ref: CheckpointRef | str | os.PathLike, *, verify: bool = True) -> Path:
         """A local directory holding the version: the cached copy while it matches, else a fresh download."""
         ref = self._ref_of(ref)
-        manifest, body = self._remote_manifest(ref)
-        if verify:
-            self._check_objects(ref, manifest)
-        if self._cached(ref, body, verify=verify):
-            return ref.path
-        return self._download(ref, manifest, body, verify=verify)
+        with _transient(self.url):
+            manifest, body = self._remote_manifest(ref)
+            if verify:
+                self._check_objects(ref, manifest)
+            if self._cached(ref, body, verify=verify):
+                return ref.path
+            return self._download(ref, manifest, body, verify=verify)
 
     def names(self) -> list[str]:
         prefix = self._key() + "/" if self.prefix else ""

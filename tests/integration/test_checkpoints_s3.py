@@ -179,3 +179,18 @@ def test_trainer_killed_9_resumes_from_the_object_store_and_the_scorer_loads_wha
     prompt = [{"role": "user", "content": "question number 1"}]
     got = served.model.score([prompt], ["sure , this works well"])[0].reward
     assert got == pytest.approx(offline.model.score([prompt], ["sure , this works well"])[0].reward, abs=1e-6)
+
+
+def test_an_unreachable_store_is_unavailable_not_a_corrupt_checkpoint(local_s3: LocalS3, tmp_path: Path) -> None:
+    """The scorer refuses (and records in the registry) corrupt versions only; an S3 outage is a retry."""
+    from services.errors import Unavailable
+
+    with LocalS3(tmp_path / "s3") as s3:
+        s3.create_bucket("outage")
+        s = S3CheckpointStore("s3://outage/x", endpoint_url=s3.endpoint, cache_dir=tmp_path / "cache")
+        ref = s.write("rm", "v000001", _writer(FILES), {})
+    # the server is gone now
+    with pytest.raises(Unavailable, match="unreachable"):
+        s.open(ref)
+    with pytest.raises(Unavailable):
+        S3CheckpointStore("s3://outage/x", endpoint_url=s3.endpoint)

@@ -245,7 +245,7 @@ def test_open_published_verifies_through_the_shared_opener_and_names_the_refusal
             open_published(uri)
         return e.value.reason
 
-    assert refusal("s3://bucket/reward/v000001") == "unsupported_uri"
+    assert refusal("gs://bucket/reward/v000001") == "unsupported_uri"
     assert refusal((tmp_path / "reward" / "v000009").as_uri()) == "corrupt"  # no such directory
     (ref.path / "weights.bin").write_bytes(b"\x02" * 64)
     assert refusal(ref.uri) == "corrupt"
