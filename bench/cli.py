@@ -42,9 +42,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run (minutes) for smoke checks and CI")
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     p.add_argument("--out", type=Path, default=None, help="where to write the result (default bench/results/<name>.json)")
+    p.add_argument("--verbose", action="store_true", help="also print third-party INFO logs (kafka-python, Ray...)")
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
+    from services.entry import quiet_third_party
+
+    if not getattr(args, "verbose", False):
+        quiet_third_party()
     module = _load(name)
     started = time.time()
     result = module.run(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from services.config import add_config_flags, overrides_from_args
-from services.entry import sigterm_unwinds
+from services.entry import quiet_third_party, sigterm_unwinds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="stream feedback, train continually, hot-swap, report (the main job)")
     p.add_argument("--config", default=None, help="YAML/JSON file with demo settings")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print third-party INFO logs (kafka-python, Ray...) on the console")
     add_config_flags(p, DemoConfig)
     p.set_defaults(handler=_run)
 
@@ -23,6 +25,8 @@ def _run(args: argparse.Namespace) -> int:
     from demo.config import DemoConfig, load_demo_config
 
     sigterm_unwinds()  # the demo stops the services and the stack it started
+    if not args.verbose:
+        quiet_third_party()
     from demo.run import print_summary, run_demo
 
     cfg = load_demo_config(args.config, overrides=overrides_from_args(args, DemoConfig))

@@ -74,3 +74,14 @@ def run_area(prog: str, register: Register, command: Sequence[str], argv: Sequen
     if argv[:1] == [command[-1]]:
         argv = argv[1:]
     return run_command(parser, [*command, *argv])
+
+
+#: Libraries whose INFO lines (a line per Kafka connection, per HTTP request...) drown a console.
+THIRD_PARTY_LOGGERS = ("kafka", "urllib3", "filelock", "ray", "botocore", "asyncio", "httpx")
+
+
+def quiet_third_party(level: int = logging.WARNING) -> None:
+    """Console commands show prefstream's own progress; third-party loggers only warn (``--verbose``
+    keeps them).  The services' own log files are untouched: they run in their own processes."""
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
