@@ -307,7 +307,7 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
 
     prefix = f"chaos{uuid.uuid4().hex[:6]}."
     create_prefixed_topics(stack.cfg.kafka_bootstrap, prefix)
-    parts = Parts(root, stack.cfg.kafka_bootstrap, stack.cfg.redis_url, prefix, free_port())
+    parts = Parts(root, stack.cfg.kafka_bootstrap, stack.endpoints.redis_url, prefix, free_port())
     parts.start_processor()
     parts.start_gateway()
     watch = _Watch(stack.cfg.kafka_bootstrap, topics.topic_name(topics.PREFERENCES, prefix))
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack = Stack(free_stack_config(root / f"stack-{brokers}", components=("kafka", "redis"), kafka_brokers=brokers))
         stack.up()
         try:
-            key, _ = create_key(connect(stack.cfg.redis_url), project, pepper="")
+            key, _ = create_key(connect(stack.endpoints.redis_url), project, pepper="")
             # Leader kills cost no outage, so the full run does 5 of them (one after another, each broker may be hit).
             scenarios += [_scenario(name, stack, root, key, project,
                                     args.kills or (1 if args.quick else 5) if name == "leader-kill" else kills,
