@@ -18,11 +18,12 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import redis
 import redis.asyncio as aioredis
 
+from services.audit import audit
 from services.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,37 @@ MISSING_KEY_HELP = (
 )
 
 
+#: What a key may do: ``ingest`` (log completions and feedback, batches, imports) and ``score`` (the
+#: OpenAI-compatible scoring and generation routes the gateway forwards to the scorer).  Changing what is
+#: served (pin, rollback, criteria) is the scorer's admin token, not a project key.
+SCOPES: tuple[str, ...] = ("ingest", "score")
+
+
+def check_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise InvalidArgument("scope", f"{', '.join(unknown) or 'none given'}: a key's scopes are some of "
+                              f"{', '.join(SCOPES)}")
+    return tuple(sorted(set(scopes)))
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the project its key belongs to (None when auth is disabled: any project)."""
+    """Who is calling: the project its key belongs to (None when auth is disabled: any project) and
+    what the key may do."""
 
     project: str | None
     key_id: str = ""
+    scopes: frozenset[str] = frozenset(SCOPES)
+
+    def require(self, scope: str) -> None:
+        """PERMISSION_DENIED unless the key has ``scope``."""
+        if scope not in self.scopes:
+            raise PermissionDenied(
+                f"the API key {self.key_id or ''} may not {scope} (its scopes: {', '.join(sorted(self.scopes)) or 'none'}); "
+                f"create one that may with `prefstream keys create --project {self.project} --scope {scope}`",
+                field="authorization",
+            )
 
     def authorize(self, project: str, field: str) -> None:
         """PERMISSION_DENIED unless this principal may write events of ``project``."""
@@ -64,6 +90,7 @@ class KeyInfo:
     created_at: float
     label: str = ""
     revoked_at: float = 0.0
+    scopes: tuple[str, ...] = SCOPES
 
     @property
     def active(self) -> bool:
@@ -105,11 +132,13 @@ def _decode(h: Mapping[bytes, bytes]) -> dict[str, str]:
 # Key management (sync: the CLI and tests)
 
 
-def create_key(client: redis.Redis, project: str, *, pepper: str, label: str = "") -> tuple[str, KeyInfo]:
-    """Create a key for ``project``; returns the full key (shown once) and its info."""
+def create_key(client: redis.Redis, project: str, *, pepper: str, label: str = "",
+               scopes: Sequence[str] = SCOPES) -> tuple[str, KeyInfo]:
+    """Create a key for ``project`` that may do ``scopes``; returns the full key (shown once) and its info."""
     from gateway.validation import Limits, check_project
 
     check_project(project, "project", Limits())
+    scopes = check_scopes(scopes)
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
@@ -121,13 +150,16 @@ def create_key(client: redis.Redis, project: str, *, pepper: str, label: str = "
         "created_at": repr(now),
         "label": label,
         "revoked_at": "0",
+        "scopes": ",".join(scopes),
     }
     pipe = client.pipeline(transaction=True)
     pipe.hset(_REDIS_KEY.format(key_id), mapping=record)
     pipe.sadd(_PROJECT_SET.format(project), key_id)
     pipe.execute()
-    log.info("created API key %s for project %s", key_id, project)
-    return f"{KEY_PREFIX}_{key_id}_{secret}", KeyInfo(key_id=key_id, project=project, created_at=now, label=label)
+    log.info("created API key %s for project %s (scopes %s)", key_id, project, ",".join(scopes))
+    audit("keys.create", "cli", "OK", {"project": project, "name": key_id, "scopes": ",".join(scopes)})
+    return f"{KEY_PREFIX}_{key_id}_{secret}", KeyInfo(key_id=key_id, project=project, created_at=now, label=label,
+                                                      scopes=scopes)
 
 
 def revoke_key(client: redis.Redis, key_or_id: str) -> KeyInfo:
@@ -142,6 +174,7 @@ def revoke_key(client: redis.Redis, key_or_id: str) -> KeyInfo:
     client.hset(name, "revoked_at", repr(time.time()))
     info = _info(key_id, _decode(h))
     log.info("revoked API key %s of project %s", key_id, info.project)
+    audit("keys.revoke", "cli", "OK", {"project": info.project, "name": key_id})
     return info
 
 
@@ -166,7 +199,14 @@ def _info(key_id: str, h: Mapping[str, str]) -> KeyInfo:
         created_at=float(h.get("created_at", 0) or 0),
         label=h.get("label", ""),
         revoked_at=float(h.get("revoked_at", 0) or 0),
+        scopes=_scopes(h),
     )
+
+
+def _scopes(h: Mapping[str, str]) -> tuple[str, ...]:
+    """A key's scopes; keys made before scopes existed may do everything they always could."""
+    raw = h.get("scopes")
+    return tuple(s for s in raw.split(",") if s) if raw is not None else SCOPES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +225,14 @@ class Authenticator:
         self._cache_s = cache_s
         self._cache: dict[str, tuple[Principal, float]] = {}
 
-    async def authenticate(self, metadata: Mapping[str, str]) -> Principal:
+    async def authenticate(self, metadata: Mapping[str, str], scope: str | None = None) -> Principal:
+        """The caller's principal; with ``scope``, PERMISSION_DENIED unless its key has that scope."""
+        principal = await self._authenticate(metadata)
+        if scope is not None:
+            principal.require(scope)
+        return principal
+
+    async def _authenticate(self, metadata: Mapping[str, str]) -> Principal:
         if not self.enabled:
             return ANONYMOUS
         key = key_from_metadata(metadata)
@@ -218,4 +265,4 @@ class Authenticator:
             raise Unauthenticated("invalid API key")
         if float(rec.get("revoked_at", 0) or 0):
             raise Unauthenticated("this API key was revoked; create a new one with `prefstream keys create`")
-        return Principal(project=rec["project"], key_id=key_id)
+        return Principal(project=rec["project"], key_id=key_id, scopes=frozenset(_scopes(rec)))

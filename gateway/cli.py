@@ -93,12 +93,14 @@ def _redis(args: argparse.Namespace) -> tuple[Any, GatewayConfig]:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from gateway.auth import create_key
+    from gateway.auth import SCOPES, create_key
 
     client, cfg = _redis(args)
-    key, info = create_key(client, args.project, pepper=cfg.auth_pepper, label=args.label or "")
+    key, info = create_key(client, args.project, pepper=cfg.auth_pepper, label=args.label or "",
+                           scopes=args.scope or SCOPES)
     print(key)
-    print(f"created key {info.key_id} for project {info.project}; it is shown only once, store it now", file=sys.stderr)
+    print(f"created key {info.key_id} for project {info.project} (may {', '.join(info.scopes)}); it is shown only "
+          "once, store it now", file=sys.stderr)
     return 0
 
 
@@ -124,10 +126,11 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     if not keys:
         print("no keys" + (f" for project {args.project}" if args.project else ""))
         return 0
-    print(f"{'KEY ID':<14}{'PROJECT':<24}{'CREATED':<22}{'STATUS':<10}LABEL")
+    print(f"{'KEY ID':<14}{'PROJECT':<24}{'CREATED':<22}{'STATUS':<10}{'SCOPES':<14}LABEL")
     for k in keys:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created_at))
-        print(f"{k.key_id:<14}{k.project:<24}{created:<22}{'active' if k.active else 'revoked':<10}{k.label}")
+        print(f"{k.key_id:<14}{k.project:<24}{created:<22}{'active' if k.active else 'revoked':<10}"
+              f"{','.join(k.scopes):<14}{k.label}")
     return 0
 
 
@@ -172,6 +175,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = ksub.add_parser("create", parents=[common], help="create a key for a project and print it (once)")
     p.add_argument("--project", required=True)
     p.add_argument("--label", default="", help="a note shown by `keys list` (e.g. which app uses it)")
+    p.add_argument("--scope", action="append", choices=("ingest", "score"), default=None,
+                   help="what the key may do (repeatable): ingest = log completions and feedback, score = the "
+                        "OpenAI-compatible scoring and generation routes; default both")
     p.set_defaults(handler=_friendly("keys create", cmd_keys_create))
     p = ksub.add_parser("revoke", parents=[common], help="revoke a key by its id (or the key itself)")
     p.add_argument("key", help="key id as shown by `keys list`, or the full psk_... key")

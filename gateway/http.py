@@ -47,6 +47,7 @@ LogCompletionFn = Callable[[Completion], Awaitable[str]]
 #: Where the auth middleware leaves the caller's project for the OpenAI-compatible routes
 #: (the key gateway.openai_compat reads).
 PROJECT_KEY = "prefstream.project"
+MAY_INGEST_KEY = "prefstream.may_ingest"
 
 
 def _json(msg: Message, status: int = 200) -> web.Response:
@@ -73,7 +74,7 @@ class HttpApi:
         self._kafka_ready = kafka_ready
 
     async def log_completion(self, request: web.Request) -> web.Response:
-        principal = await self._auth.authenticate(request.headers)
+        principal = await self._auth.authenticate(request.headers, scope="ingest")
         req = parse_json(await request.read(), LogCompletionRequestProto)
         outcome = await self._ingestor.write_one(edge.completion_item(req.completion, self._limits), principal)
         edge.count("completion", "http", outcome)
@@ -82,7 +83,7 @@ class HttpApi:
         return _json(edge.completion_response(outcome))
 
     async def log_feedback(self, request: web.Request) -> web.Response:
-        principal = await self._auth.authenticate(request.headers)
+        principal = await self._auth.authenticate(request.headers, scope="ingest")
         req = parse_json(await request.read(), LogFeedbackRequestProto)
         outcome = await self._ingestor.write_one(edge.feedback_item(req.feedback, self._limits), principal)
         edge.count("feedback", "http", outcome)
@@ -91,7 +92,7 @@ class HttpApi:
         return _json(edge.feedback_response(outcome))
 
     async def events_batch(self, request: web.Request) -> web.Response:
-        principal = await self._auth.authenticate(request.headers)
+        principal = await self._auth.authenticate(request.headers, scope="ingest")
         body = load_json(await request.read() or b"null", "body")
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise InvalidArgument("events", 'the body must be {"events": [StreamEventsRequest, ...]}')
@@ -153,8 +154,9 @@ class HttpApi:
         @web.middleware
         async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
             if request.path in paths:
-                principal = await self._auth.authenticate(request.headers)
+                principal = await self._auth.authenticate(request.headers, scope="score")
                 request[PROJECT_KEY] = principal.project
+                request[MAY_INGEST_KEY] = "ingest" in principal.scopes
             return await handler(request)
 
         return middleware

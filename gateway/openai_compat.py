@@ -46,7 +46,7 @@ from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
 from services.codec import load_json
-from services.errors import InvalidArgument, NotFound, PrefstreamError, error_body
+from services.errors import InvalidArgument, NotFound, PermissionDenied, PrefstreamError, error_body
 from services.kinds import ModelKind, Split
 from services.schemas import ChatMessage, messages_from_dicts
 
@@ -59,6 +59,8 @@ SPLIT_METADATA_KEY = "prefstream.split"
 COMPLETION_ID_HEADER = "op-completion-id"
 #: aiohttp request key under which the gateway's auth middleware may store the caller's project.
 PROJECT_KEY = "prefstream.project"
+#: Whether the caller's key has the ``ingest`` scope (``store: true`` needs it); absent: no auth.
+MAY_INGEST_KEY = "prefstream.may_ingest"
 
 _MAX_N = 16
 _MAX_TOKENS = 4096
@@ -332,8 +334,7 @@ class OpenAICompat:
                                             f"stream; omit stream, or drop the {CRITERIA_HEADER} header")
         if req.stop:
             raise InvalidArgument("stop", f"is not supported with best-of-N ({CRITERIA_HEADER}); remove stop")
-        if req.store and self.log_completion is None:
-            raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        self._check_store(request, req)
         project = str(request.get(PROJECT_KEY) or "default")
         result = await self.scorer.best_of_n(
             req.messages, n=req.n, criteria=criteria, sampling=req.sampling, policy_model=req.model,
@@ -377,6 +378,16 @@ class OpenAICompat:
         )
 
 
+    def _check_store(self, request: web.Request, req: ChatRequest) -> None:
+        """Before any work: can this request's ``store`` be honoured, and may its key ingest?"""
+        if not req.store:
+            return
+        if self.log_completion is None:
+            raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        if request.get(MAY_INGEST_KEY) is False:
+            raise PermissionDenied("store: this API key may not ingest (scopes); drop store or use a key created "
+                                   "with `--scope ingest`", field="store")
+
     async def _store(self, request: web.Request, req: ChatRequest, texts: list[str], version: str,
                      extra: Mapping[str, str], criteria: Any = None) -> tuple[str, dict[str, str]]:
         """(completion id, headers): logged through ``log_completion`` when the request says ``store``."""
@@ -400,8 +411,7 @@ class OpenAICompat:
         return completion_id, {COMPLETION_ID_HEADER: completion_id}
 
     async def _generate(self, request: web.Request, req: ChatRequest) -> web.Response:
-        if req.store and self.log_completion is None:
-            raise InvalidArgument("store", "this endpoint cannot store completions (no completion log configured)")
+        self._check_store(request, req)
         result = await self.scorer.generate(req.messages, model=req.model, n=req.n, sampling=req.sampling,
                                             stop=req.stop)
         version = result.model.version

@@ -56,7 +56,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._max_batch_events = max_batch_events
 
     async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        return await self._auth.authenticate(dict(context.invocation_metadata() or ()))
+        return await self._auth.authenticate(dict(context.invocation_metadata() or ()), scope="ingest")
 
     async def _one(self, kind: str, item: Item, principal: Principal) -> Accepted:
         outcome = await self._ingestor.write_one(item, principal)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.audit import audit
 from services.errors import AioErrorInterceptor, PrefstreamError
 
 if TYPE_CHECKING:
@@ -80,22 +80,6 @@ def _add_reflection_v1(service_names: Sequence[str], server: grpc.aio.Server) ->
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-audit_log = logging.getLogger("prefstream.audit")
-#: Request fields an audit line may carry: names and short operator text, never payloads or secrets.
-_AUDITED_FIELDS = ("name", "version", "reason", "project", "criterion", "enabled", "force")
-
-
-def audit(method: str, peer: str, outcome: str, request: Any = None) -> None:
-    """One JSON line on the ``prefstream.audit`` logger per call that changes state (allowed or not)."""
-    target = {}
-    for f in _AUDITED_FIELDS:
-        value = getattr(request, f, None) if request is not None else None
-        if value not in (None, ""):
-            target[f] = value if isinstance(value, bool) else str(value)[:200]
-    audit_log.info(json.dumps({"audit": method.rsplit("/", 1)[-1], "service": method.rsplit("/", 2)[-2] if "/" in method
-                               else "", "peer": peer, "outcome": outcome, "target": target}, sort_keys=True))
 
 
 class TokenGuard(grpc.aio.ServerInterceptor):

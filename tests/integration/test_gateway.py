@@ -433,3 +433,33 @@ def test_slow_clients_are_cut_off_and_normal_requests_still_flow(kafka_bootstrap
             "project": project, "prompt": [{"role": "user", "content": "q"}], "candidates": ["a"]}},
             headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200, r.text
+
+
+def test_key_scopes_limit_what_a_key_may_do(kafka_bootstrap: str, redis_url: str, redis_client, project: str) -> None:
+    """An ingest-only key logs events but may not call the scoring routes; a score-only key may not log;
+    a key made before scopes existed keeps doing both."""
+    from gateway.auth import _REDIS_KEY, parse_key
+
+    ingest_only, _ = create_key(redis_client, project, pepper="", scopes=["ingest"])
+    score_only, _ = create_key(redis_client, project, pepper="", scopes=["score"])
+    legacy, _ = create_key(redis_client, project, pepper="")
+    redis_client.hdel(_REDIS_KEY.format(parse_key(legacy)[0]), "scopes")
+    # A scorer address makes the gateway mount the OpenAI-compatible routes (nothing listens there:
+    # a refused key never gets that far).
+    with GatewayHarness(kafka_bootstrap, redis_url, run_processor=False, scorer_address="127.0.0.1:9") as h:
+        url = h.http_url
+        with grpc.insecure_channel(h.address) as ch:
+            stub = gg.GatewayServiceStub(ch)
+            stub.LogCompletion(g.LogCompletionRequest(completion=completion(project)), metadata=md(ingest_only))
+            stub.LogCompletion(g.LogCompletionRequest(completion=completion(project)), metadata=md(legacy))
+            with pytest.raises(grpc.RpcError) as e:
+                stub.LogCompletion(g.LogCompletionRequest(completion=completion(project)), metadata=md(score_only))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may not ingest" in e.value.details()
+        body = {"completion": {"project": project, "prompt": [{"role": "user", "content": "hi"}], "candidates": ["a"]}}
+        r = requests.post(f"{url}/v1/completions/log", json=body, headers={"Authorization": f"Bearer {score_only}"}, timeout=10)
+        assert r.status_code == 403 and "--scope ingest" in r.text
+        for path in ("/v1/models",):
+            r = requests.get(f"{url}{path}", headers={"Authorization": f"Bearer {ingest_only}"}, timeout=10)
+            assert r.status_code == 403 and "may not score" in r.text, r.text
+            r = requests.get(f"{url}{path}", headers={"Authorization": f"Bearer {legacy}"}, timeout=30)
+            assert r.status_code != 403  # allowed (the scorer behind it is not there: 503)
