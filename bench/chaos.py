@@ -10,6 +10,12 @@ topics:
 * ``broker-kill``: the only broker dies; the gateway must resume acking on its own once it is back;
 * ``gateway-kill``: the gateway dies; a new one on the same port takes over (clients retry);
 * ``processor-kill``: the feedback processor dies mid-batch; a new one resumes from committed offsets;
+* ``hot-swaps``: a scorer process under a steady closed-loop Score load, first without swaps, then while
+  the registry moves to a new version every ``--swap-every-s`` until ``--swaps`` swaps were answered;
+  ``failed_requests`` must be 0 and ``swap_p99_increase`` is p99 latency during swaps over p99 without
+  them, minus 1 (the issue's target: <= 0.10).  Four checkpoints are written up front and published
+  round-robin under new version names, so the measured cost is the scorer's (verify, load, warm up,
+  swap), not the bench writing checkpoints on the same cores;
 * ``leader-kill``: on a 3-node KRaft cluster (topics with 3 replicas, min.insync.replicas 2), the broker
   leading the first feedback partition dies; the others take over while it is down, then it rejoins.
 
@@ -30,6 +36,7 @@ best-of-N load on a scorer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -48,10 +55,12 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("broker-kill", "gateway-kill", "processor-kill", "leader-kill")
+SCENARIOS = ("broker-kill", "gateway-kill", "processor-kill", "leader-kill", "hot-swaps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--swaps", type=int, default=None, help="hot-swaps scenario: swaps (default 10 quick, 100 full)")
+    parser.add_argument("--swap-every-s", type=float, default=2.0, help="hot-swaps scenario: seconds between versions")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, default=None,
                         help="run only these scenarios (repeatable; default all)")
     parser.add_argument("--kills", type=int, default=None,
@@ -386,6 +395,83 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
     }
 
 
+def _hot_swaps(root: Path, swaps: int, every_s: float, quick: bool, concurrency: int = 4) -> dict[str, Any]:
+    """The ``hot-swaps`` scenario (see the module docstring)."""
+    from bench.scorer import _score_requests, drive, load_inputs
+    from bench.scorer_process import percentile, start_redis, start_scorer
+    from services.checkpoints import CheckpointStore
+    from services.kinds import ModelKind
+    from services.registry import ModelRegistry, ModelVersion
+    from services.reward_model import RewardModel
+
+    redis_proc, client, url = start_redis()
+    scorer = None
+    try:
+        import torch
+
+        store, registry = CheckpointStore(str(root / "swap-checkpoints")), ModelRegistry(client)
+        model = RewardModel.from_pretrained(max_length=128)
+        uris = []
+        for i in range(4):  # the same backbone with a different head bias: answers tell versions apart
+            with torch.no_grad():
+                model.hf_model.classifier.bias.fill_(float(i))
+            uris.append(store.write("reward", f"c{i}", lambda d: model.save(d), {"bench": "hot-swaps"}).uri)
+
+        def publish(n: int) -> None:
+            registry.publish(ModelVersion(name="reward", version=f"v{n:06d}", uri=uris[n % len(uris)], kind=ModelKind.REWARD))
+
+        publish(1)
+        scorer, address = start_scorer(root, "scorer-hot-swaps", {
+            "PREFSTREAM_SCORER_REDIS_URL": url, "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.2",
+            "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "128"})
+        requests = _score_requests(load_inputs(200))
+        asyncio.run(drive(address, requests, concurrency, 3.0))  # warm
+        # Without swaps before and after the swaps, so a noisy neighbour does not fall on one side only.
+        steady_s = 5.0 if quick else 20.0
+        before = asyncio.run(drive(address, requests, concurrency, steady_s, keep_latencies=True))
+        stop = threading.Event()
+        published = [1]
+
+        def publisher() -> None:
+            while not stop.wait(every_s):
+                published.append(published[-1] + 1)
+                publish(published[-1])
+
+        th = threading.Thread(target=publisher, daemon=True)
+        th.start()
+        during = asyncio.run(drive(address, requests, concurrency, swaps * every_s + every_s))
+        stop.set()
+        th.join(10)
+        time.sleep(3.0)  # the last swap finishes before the second quiet window
+        after = asyncio.run(drive(address, requests, concurrency, steady_s, keep_latencies=True))
+        quiet = before["latencies_s"] + after["latencies_s"]
+        steady = {"failed_requests": before["failed_requests"] + after["failed_requests"],
+                  "failures": {**before["failures"], **after["failures"]}, "requests": len(quiet),
+                  "p50_ms": round(1000 * (percentile(quiet, 50) or 0), 2),
+                  "p99_ms": round(1000 * (percentile(quiet, 99) or 0), 2),
+                  "throughput_rps": round((before["throughput_rps"] + after["throughput_rps"]) / 2, 2)}
+        answered = sorted(v for v in during["versions"] if v != "v000001")  # each new version served once swapped
+        p99_steady, p99_swaps = steady["p99_ms"], during["p99_ms"]
+        return {
+            "name": "hot-swaps",
+            "swaps": len(answered),
+            "published": len(published) - 1,
+            "failed_requests": steady["failed_requests"] + during["failed_requests"],
+            "failures": {**steady["failures"], **during["failures"]},
+            "requests": steady["requests"] + during["requests"],
+            "p50_ms_steady": steady["p50_ms"], "p99_ms_steady": p99_steady,
+            "p50_ms_swaps": during["p50_ms"], "p99_ms_swaps": p99_swaps,
+            "throughput_rps_steady": steady["throughput_rps"], "throughput_rps_swaps": during["throughput_rps"],
+            "swap_p99_increase": round(p99_swaps / p99_steady - 1, 3) if p99_steady else None,
+            "concurrency": concurrency,
+        }
+    finally:
+        if scorer is not None:
+            scorer.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gateway.auth import create_key
     from services.redis_client import connect
@@ -398,7 +484,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     project = "chaos"
     scenarios = []
     # One stack per cluster shape: a single broker, and 3 brokers for the leader kills.
-    for brokers, names in ((1, [n for n in chosen if n != "leader-kill"]), (3, [n for n in chosen if n == "leader-kill"])):
+    for brokers, names in ((1, [n for n in chosen if n not in ("leader-kill", "hot-swaps")]),
+                           (3, [n for n in chosen if n == "leader-kill"])):
         if not names:
             continue
         stack = Stack(free_stack_config(root / f"stack-{brokers}", components=("kafka", "redis"), kafka_brokers=brokers))
@@ -411,14 +498,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     args, args.quick) for name in names]
         finally:
             stack.down()
+    if "hot-swaps" in chosen:
+        scenarios.append(_hot_swaps(root, args.swaps or (10 if args.quick else 100), args.swap_every_s, args.quick))
+    ledgers = [s for s in scenarios if "lost" in s]
+    swaps = next((s for s in scenarios if s["name"] == "hot-swaps"), None)
     ok = all(s["lost"] == 0 and s["failed_requests"] == 0 and s["derived_missing"] == 0 and s["duplicates_derived"] == 0
-             and s["recovery_s"] is not None for s in scenarios)
+             and s["recovery_s"] is not None for s in ledgers)
     return {
         "scenarios": scenarios,
-        "lost_total": sum(s["lost"] for s in scenarios),
+        "scenarios_run": [s["name"] for s in scenarios],
+        "lost_total": sum(s["lost"] for s in ledgers),
+        "acked_lost_total": sum(s["lost"] for s in ledgers),
         "failed_requests_total": sum(s["failed_requests"] for s in scenarios),
-        "all_recovered": all(s["recovery_s"] is not None for s in scenarios),
-        "target_met": ok,
+        "all_recovered": all(s["recovery_s"] is not None for s in ledgers),
+        "swaps": swaps["swaps"] if swaps else 0,
+        "swap_p99_increase": swaps["swap_p99_increase"] if swaps else None,
+        # the ledger scenarios' targets; the swap latency target (<= 0.10) is reported on its own
+        "target_met": ok and (swaps is None or swaps["failed_requests"] == 0),
         "logs": str(root),
         "settings": {"writers": args.writers, "batch": args.batch, "kills_per_scenario": kills,
                      "kafka_ack_timeout_s": 3,

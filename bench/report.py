@@ -148,7 +148,13 @@ TARGETS: tuple[Target, ...] = (
            lambda r: "; ".join(f"{s['name']}: {s['lost']} lost, {s['duplicates_derived']} derived twice, "
                                f"{s['failed_requests']} failed, recovery {_fmt(s.get('recovery_s'))} s"
                                + (f", longest ack gap {_fmt(s['ack_gap_s'])} s" if s.get("ack_gap_s") is not None else "")
-                               for s in r.get("scenarios", []))),
+                               for s in r.get("scenarios", []) if "lost" in s)),
+    Target("chaos", "swap_p99_increase", ">= 100 hot swaps under load: 0 failed, p99 within 10% of no swaps", "p99 of the same load without swaps",
+           lambda r: None if r.get("swap_p99_increase") is None else (r["swaps"] >= 100 and r["swap_p99_increase"] <= 0.10
+                                                                      and all(s["failed_requests"] == 0 for s in r["scenarios"] if s["name"] == "hot-swaps")),
+           lambda r: "; ".join(f"{s['swaps']} swaps, {s['failed_requests']} failed of {s['requests']}, p99 {_fmt(s['p99_ms_steady'])} -> "
+                               f"{_fmt(s['p99_ms_swaps'])} ms ({_fmt(s['swap_p99_increase'])})"
+                               for s in r.get("scenarios", []) if s["name"] == "hot-swaps") or "not run"),
     Target("scale", "convergence_p99_s", "2 gateways, 2 trainer workers, 3 scorers: 0 lost, 0 failed, publish -> all replicas p99 <= 10 s",
            "-", lambda r: r.get("target_met"),
            lambda r: f"{_fmt(r.get('acked_events'))} acked, {_fmt(r.get('lost_events'))} lost, "

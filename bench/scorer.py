@@ -109,8 +109,10 @@ def model_flops_per_sequence(hf_model: Any, tokens: int) -> float:
 # ---------------------------------------------------------------------------------------------- load
 
 
-async def drive(address: str, requests: Sequence[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
-    """``concurrency`` closed-loop clients sending Score for ``duration_s``; latency and outcomes."""
+async def drive(address: str, requests: Sequence[Any], concurrency: int, duration_s: float, *,
+                keep_latencies: bool = False) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients sending Score for ``duration_s``; latency and outcomes
+    (``latencies_s``, every one, with ``keep_latencies``)."""
     import grpc
 
     from prefstream.scorer.v1 import scorer_pb2_grpc
@@ -149,6 +151,7 @@ async def drive(address: str, requests: Sequence[Any], concurrency: int, duratio
         "p50_ms": round(1000 * (percentile(latencies, 50) or 0), 2),
         "p99_ms": round(1000 * (percentile(latencies, 99) or 0), 2),
         "versions": dict(versions),
+        **({"latencies_s": latencies} if keep_latencies else {}),
     }
 
 
