@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from services.config import fill_endpoints, load_config, require
-from services.errors import InvalidArgument
+from services.tls import TlsSettings
 from services.topics import TopicSpec, check_prefix, topic_name
 
 #: HelpSteer attribute names that multi-attribute scores may use.
 DEFAULT_ATTRIBUTES: tuple[str, ...] = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 
-if TYPE_CHECKING:
-    from services.tls import ServerTls
-
-
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(TlsSettings):
     """How one gateway process listens, authenticates, validates, writes to Kafka and processes feedback."""
 
     # --- listeners -------------------------------------------------------------------------------
@@ -35,12 +31,6 @@ class GatewayConfig:
     http_port: int = field(default=8080, metadata={"help": "HTTP/JSON port (0 picks a free one; -1 disables HTTP)"})
     metrics_port: int = field(default=0, metadata={"help": "separate Prometheus exporter port; 0: /metrics on the HTTP port only"})
     drain_grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight RPCs get to finish on SIGTERM"})
-    tls_cert_file: str = field(default="", metadata={"help": (
-        "PEM certificate chain: with tls_key_file, the servers speak TLS only (`prefstream tls dev-ca` makes a "
-        "development CA)")})
-    tls_key_file: str = field(default="", repr=False, metadata={"help": "PEM private key of tls_cert_file"})
-    tls_client_ca_file: str = field(default="", metadata={"help": (
-        "PEM CA: set, clients must present a certificate it signed (mutual TLS)")})
     scorer_tls_ca_file: str = field(default="", metadata={"help": (
         "PEM CA that signed the scorer's certificate, when the scorer at scorer_address speaks TLS")})
 
@@ -135,17 +125,8 @@ class GatewayConfig:
         metadata={"help": "JSON object: weights that turn multi-attribute scores into the ranking score when no scalar score is given"},
     )
 
-    def server_tls(self) -> "ServerTls | None":
-        """The servers' TLS settings, or None for plaintext."""
-        from services.tls import ServerTls
-
-        return ServerTls.from_fields(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
-
     def validate(self) -> None:
-        try:
-            self.server_tls()
-        except InvalidArgument as e:
-            require(False, e.field or "tls_cert_file", e.message)
+        self.validate_tls()
         for name in ("grpc_port",):
             port = getattr(self, name)
             require(0 <= port <= 65535, name, f"{port} is not a TCP port; use 0-65535 (0 picks a free port)")

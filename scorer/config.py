@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from services.config import load_config, require
-from services.errors import InvalidArgument
+from services.tls import TlsSettings
 from services.topics import check_prefix
 
 #: Registry name under which the scorer serves its reward model when nothing else is configured.
@@ -24,12 +24,8 @@ DEFAULT_POLICY_MODEL = "policy"
 BASE_VERSION = "base"
 
 
-if TYPE_CHECKING:
-    from services.tls import ServerTls
-
-
 @dataclass(frozen=True)
-class ScorerConfig:
+class ScorerConfig(TlsSettings):
     """How one scorer process serves reward scoring and best-of-N."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "interface the gRPC server binds"})
@@ -41,12 +37,6 @@ class ScorerConfig:
                           "served only when host is loopback"},
     )
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 disables the exporter"})
-    tls_cert_file: str = field(default="", metadata={"help": (
-        "PEM certificate chain: with tls_key_file, the servers speak TLS only (`prefstream tls dev-ca` makes a "
-        "development CA)")})
-    tls_key_file: str = field(default="", repr=False, metadata={"help": "PEM private key of tls_cert_file"})
-    tls_client_ca_file: str = field(default="", metadata={"help": (
-        "PEM CA: set, clients must present a certificate it signed (mutual TLS)")})
     stack_run_dir: str = field(
         default="",
         metadata={"help": "run dir of `prefstream stack up` whose stack.json gives the registry's Redis when redis_url "
@@ -145,17 +135,8 @@ class ScorerConfig:
     swap_wait_s: float = field(default=60.0, metadata={"help": "how long an admin pin/rollback waits for its swap"})
     grace_s: float = field(default=10.0, metadata={"help": "SIGTERM drain period for in-flight RPCs"})
 
-    def server_tls(self) -> "ServerTls | None":
-        """The servers' TLS settings, or None for plaintext."""
-        from services.tls import ServerTls
-
-        return ServerTls.from_fields(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
-
     def validate(self) -> None:
-        try:
-            self.server_tls()
-        except InvalidArgument as e:
-            require(False, e.field or "tls_cert_file", e.message)
+        self.validate_tls()
         require(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port; use 0-65535")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
         require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))

@@ -301,7 +301,17 @@ class CheckpointStore:
         raise NotImplementedError
 
     def latest(self, name: str, *, verify: bool = False) -> CheckpointRef | None:
-        raise NotImplementedError
+        """The highest finished version; with ``verify``, the highest one whose checksums also match
+        (written once here, from ``list`` and ``verify``)."""
+        for ref in reversed(self.list(name)):
+            if not verify:
+                return ref
+            try:
+                self.verify(ref)
+                return ref
+            except CorruptCheckpointError as e:
+                log.error("skipping corrupt checkpoint: %s", e)
+        return None
 
     def get(self, name: str, version: str) -> CheckpointRef:
         raise NotImplementedError
@@ -435,18 +445,6 @@ class LocalCheckpointStore(CheckpointStore):
                 continue
             out.append(self.ref(name, child.name))
         return sorted(out, key=lambda r: version_sort_key(r.version))
-
-    def latest(self, name: str, *, verify: bool = False) -> CheckpointRef | None:
-        """The highest finished version; with ``verify``, the highest one whose checksums also match."""
-        for ref in reversed(self.list(name)):
-            if not verify:
-                return ref
-            try:
-                verify_dir(ref.path)
-                return ref
-            except CorruptCheckpointError as e:
-                log.error("skipping corrupt checkpoint: %s", e)
-        return None
 
     def get(self, name: str, version: str) -> CheckpointRef:
         """The ref of a finished checkpoint, or NotFound."""

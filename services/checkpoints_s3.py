@@ -356,17 +356,6 @@ class S3CheckpointStore(CheckpointStore):
                 if MANIFEST in files and not v.startswith(".")]
         return sorted(refs, key=lambda r: version_sort_key(r.version))
 
-    def latest(self, name: str, *, verify: bool = False) -> CheckpointRef | None:
-        for ref in reversed(self.list(name)):
-            if not verify:
-                return ref
-            try:
-                self.verify(ref)
-                return ref
-            except CorruptCheckpointError as e:
-                log.error("skipping corrupt checkpoint: %s", e)
-        return None
-
     def get(self, name: str, version: str) -> CheckpointRef:
         ref = self.ref(name, version)
         if self._get(self._key(name, version, MANIFEST)) is None:

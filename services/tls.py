@@ -16,7 +16,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -70,6 +70,31 @@ class ServerTls:
             ctx.load_verify_locations(self.client_ca_file)
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The three TLS fields every server's config has (GatewayConfig and ScorerConfig inherit them)."""
+
+    tls_cert_file: str = field(default="", metadata={"help": (
+        "PEM certificate chain: with tls_key_file, the servers speak TLS only (`prefstream tls dev-ca` makes a "
+        "development CA)")})
+    tls_key_file: str = field(default="", repr=False, metadata={"help": "PEM private key of tls_cert_file"})
+    tls_client_ca_file: str = field(default="", metadata={"help": (
+        "PEM CA: set, clients must present a certificate it signed (mutual TLS)")})
+
+    def server_tls(self) -> ServerTls | None:
+        """The servers' TLS settings, or None for plaintext."""
+        return ServerTls.from_fields(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+    def validate_tls(self) -> None:
+        """ConfigError naming the TLS field to fix (what every config's ``validate`` calls)."""
+        from services.config import require
+
+        try:
+            self.server_tls()
+        except InvalidArgument as e:
+            require(False, e.field or "tls_cert_file", e.message)
 
 
 @dataclass(frozen=True)

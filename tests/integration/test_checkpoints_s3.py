@@ -91,7 +91,7 @@ def tamper(store: S3CheckpointStore) -> S3Tamper:
 
 def test_the_s3_backend_implements_the_whole_interface() -> None:
     declared = {n for n, v in vars(CheckpointStore).items() if callable(v) and not n.startswith("_")}
-    for name in declared - {"register_scheme"}:
+    for name in declared - {"register_scheme", "latest"}:  # latest is the interface's own, from list + verify
         assert getattr(S3CheckpointStore, name) is not getattr(CheckpointStore, name), name
 
 
