@@ -323,7 +323,8 @@ class OpenAICompat:
                                          for name, value in {"reward": s.reward, **s.attributes}.items()]},
                 "scores": {"reward": s.reward, **s.attributes},
             }],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            # The reward model reads the whole conversation and writes nothing.
+            "usage": {"prompt_tokens": result.input_tokens, "completion_tokens": 0, "total_tokens": result.input_tokens},
         })
 
     async def _best_of_n(self, request: web.Request, req: ChatRequest, info: ModelStatus) -> web.Response:

@@ -160,6 +160,7 @@ class ScoreResult:
     scores: tuple[ResponseScore, ...]
     model: ModelRef
     request_id: str = ""
+    input_tokens: int = 0  # tokens the model read, every scored sequence summed
 
     @property
     def rewards(self) -> list[float]:
@@ -167,7 +168,8 @@ class ScoreResult:
 
     def to_proto(self) -> ScoreResponseProto:
         return ScoreResponseProto(
-            scores=[s.to_proto() for s in self.scores], model=self.model.to_proto(), request_id=self.request_id
+            scores=[s.to_proto() for s in self.scores], model=self.model.to_proto(), request_id=self.request_id,
+            input_tokens=self.input_tokens,
         )
 
     @classmethod
@@ -176,6 +178,7 @@ class ScoreResult:
             scores=tuple(ResponseScore.from_proto(s) for s in msg.scores),
             model=ModelRef.from_proto(msg.model),
             request_id=msg.request_id,
+            input_tokens=msg.input_tokens,
         )
 
 

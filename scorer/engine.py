@@ -248,7 +248,8 @@ class ServingEngine:
         finally:
             self._release(slot)
         scores = tuple(ResponseScore(i, float(r), dict(attrs)) for i, (r, attrs) in enumerate(outputs))
-        return ScoreResult(scores=scores, model=slot.ref, request_id=query.request_id)
+        return ScoreResult(scores=scores, model=slot.ref, request_id=query.request_id,
+                           input_tokens=sum(len(e) for e in encodings))
 
     async def _acquire_policy(self, name: str, where: str) -> ModelSlot:
         """The live slot of policy ``name`` (default: the first policy), loaded on first use; acquired."""

@@ -15,6 +15,7 @@ from gateway.openai_compat import COMPLETION_ID_HEADER, add_routes
 from scorer.client import ScorerClient
 from scorer.config import load_scorer_config
 from scorer.server import Scorer
+from services.schemas import ChatMessage
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +104,10 @@ def test_reward_model_scoring_answers_like_nim(harness: Harness, openai_client: 
     # as NIM clients read it: the scores as logprobs, one entry per score
     scored = {e.token: e.logprob for e in resp.choices[0].logprobs.content}
     assert scored["reward"] == pytest.approx(direct.rewards[0], abs=1e-5)
+    # usage counts the tokens the reward model read (the conversation as one sequence), as the scorer does
+    tokens = len(harness.scorer.engine.serving("reward").runner.encode(tuple(ChatMessage(**m) for m in PROMPT), [ANSWER])[0])
+    assert direct.input_tokens == tokens > 10
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (tokens, 0, tokens)
 
 
 def test_models_lists_served_models(openai_client: Any) -> None:

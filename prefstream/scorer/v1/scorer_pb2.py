@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prefstream.events.v1 import events_pb2 as prefstream_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!prefstream/scorer/v1/scorer.proto\x12\x14prefstream.scorer.v1\x1a!prefstream/events/v1/events.proto\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\x11\n\tresponses\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xaa\x01\n\rResponseScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12G\n\nattributes\x18\x03 \x03(\x0b\x32\x33.prefstream.scorer.v1.ResponseScore.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\rScoreResponse\x12\x33\n\x06scores\x18\x01 \x03(\x0b\x32#.prefstream.scorer.v1.ResponseScore\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x9c\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"*\n\tCriterion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x9f\x02\n\x0e\x42\x65stOfNRequest\x12\x31\n\x06prompt\x18\x01 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.prefstream.scorer.v1.SamplingParams\x12\x31\n\x08\x63riteria\x18\x05 \x03(\x0b\x32\x1f.prefstream.scorer.v1.Criterion\x12\x14\n\x0cpolicy_model\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcriteria_refs\x18\x08 \x03(\t\x12\x0f\n\x07project\x18\t \x01(\t\"\x9c\x01\n\x0f\x43riterionResult\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x03 \x01(\t\x12\x13\n\x06passed\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\traw_score\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_passedB\x0c\n\n_raw_score\"\x9b\x04\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12N\n\rper_criterion\x18\x04 \x03(\x0b\x32\x37.prefstream.scorer.v1.RankedCandidate.PerCriterionEntry\x12I\n\nattributes\x18\x05 \x03(\x0b\x32\x35.prefstream.scorer.v1.RankedCandidate.AttributesEntry\x12T\n\x10\x63riteria_results\x18\x06 \x03(\x0b\x32:.prefstream.scorer.v1.RankedCandidate.CriteriaResultsEntry\x12\x16\n\ttie_break\x18\x07 \x01(\x01H\x00\x88\x01\x01\x1a\x33\n\x11PerCriterionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a]\n\x14\x43riteriaResultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x34\n\x05value\x18\x02 \x01(\x0b\x32%.prefstream.scorer.v1.CriterionResult:\x02\x38\x01\x42\x0c\n\n_tie_break\"\x81\x02\n\x0f\x42\x65stOfNResponse\x12\x35\n\x06ranked\x18\x01 \x03(\x0b\x32%.prefstream.scorer.v1.RankedCandidate\x12\x35\n\rreward_models\x18\x02 \x03(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12.\n\x06policy\x18\x03 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x10\n\x08\x63riteria\x18\x06 \x03(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x0fGenerateRequest\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.prefstream.scorer.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\t\n\x01n\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\nGeneration\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".prefstream.scorer.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x31\n\x07\x63hoices\x18\x01 \x03(\x0b\x32 .prefstream.scorer.v1.Generation\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xd7\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".prefstream.scorer.v1.FinishReason\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd0\x03\n\rScorerService\x12P\n\x05Score\x12\".prefstream.scorer.v1.ScoreRequest\x1a#.prefstream.scorer.v1.ScoreResponse\x12V\n\x07\x42\x65stOfN\x12$.prefstream.scorer.v1.BestOfNRequest\x1a%.prefstream.scorer.v1.BestOfNResponse\x12Z\n\x0bScoreStream\x12\".prefstream.scorer.v1.ScoreRequest\x1a#.prefstream.scorer.v1.ScoreResponse(\x01\x30\x01\x12Y\n\x08Generate\x12%.prefstream.scorer.v1.GenerateRequest\x1a&.prefstream.scorer.v1.GenerateResponse\x12^\n\x0eGenerateStream\x12%.prefstream.scorer.v1.GenerateRequest\x1a#.prefstream.scorer.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!prefstream/scorer/v1/scorer.proto\x12\x14prefstream.scorer.v1\x1a!prefstream/events/v1/events.proto\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\x11\n\tresponses\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xaa\x01\n\rResponseScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12G\n\nattributes\x18\x03 \x03(\x0b\x32\x33.prefstream.scorer.v1.ResponseScore.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x01\n\rScoreResponse\x12\x33\n\x06scores\x18\x01 \x03(\x0b\x32#.prefstream.scorer.v1.ResponseScore\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\"\x9c\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"*\n\tCriterion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x9f\x02\n\x0e\x42\x65stOfNRequest\x12\x31\n\x06prompt\x18\x01 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.prefstream.scorer.v1.SamplingParams\x12\x31\n\x08\x63riteria\x18\x05 \x03(\x0b\x32\x1f.prefstream.scorer.v1.Criterion\x12\x14\n\x0cpolicy_model\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcriteria_refs\x18\x08 \x03(\t\x12\x0f\n\x07project\x18\t \x01(\t\"\x9c\x01\n\x0f\x43riterionResult\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x03 \x01(\t\x12\x13\n\x06passed\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\traw_score\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_passedB\x0c\n\n_raw_score\"\x9b\x04\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12N\n\rper_criterion\x18\x04 \x03(\x0b\x32\x37.prefstream.scorer.v1.RankedCandidate.PerCriterionEntry\x12I\n\nattributes\x18\x05 \x03(\x0b\x32\x35.prefstream.scorer.v1.RankedCandidate.AttributesEntry\x12T\n\x10\x63riteria_results\x18\x06 \x03(\x0b\x32:.prefstream.scorer.v1.RankedCandidate.CriteriaResultsEntry\x12\x16\n\ttie_break\x18\x07 \x01(\x01H\x00\x88\x01\x01\x1a\x33\n\x11PerCriterionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a]\n\x14\x43riteriaResultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x34\n\x05value\x18\x02 \x01(\x0b\x32%.prefstream.scorer.v1.CriterionResult:\x02\x38\x01\x42\x0c\n\n_tie_break\"\x81\x02\n\x0f\x42\x65stOfNResponse\x12\x35\n\x06ranked\x18\x01 \x03(\x0b\x32%.prefstream.scorer.v1.RankedCandidate\x12\x35\n\rreward_models\x18\x02 \x03(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12.\n\x06policy\x18\x03 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x10\n\x08\x63riteria\x18\x06 \x03(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x0fGenerateRequest\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.prefstream.events.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.prefstream.scorer.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\t\n\x01n\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\nGeneration\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".prefstream.scorer.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x31\n\x07\x63hoices\x18\x01 \x03(\x0b\x32 .prefstream.scorer.v1.Generation\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xd7\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".prefstream.scorer.v1.FinishReason\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.prefstream.scorer.v1.ModelRef\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.prefstream.scorer.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd0\x03\n\rScorerService\x12P\n\x05Score\x12\".prefstream.scorer.v1.ScoreRequest\x1a#.prefstream.scorer.v1.ScoreResponse\x12V\n\x07\x42\x65stOfN\x12$.prefstream.scorer.v1.BestOfNRequest\x1a%.prefstream.scorer.v1.BestOfNResponse\x12Z\n\x0bScoreStream\x12\".prefstream.scorer.v1.ScoreRequest\x1a#.prefstream.scorer.v1.ScoreResponse(\x01\x30\x01\x12Y\n\x08Generate\x12%.prefstream.scorer.v1.GenerateRequest\x1a&.prefstream.scorer.v1.GenerateResponse\x12^\n\x0eGenerateStream\x12%.prefstream.scorer.v1.GenerateRequest\x1a#.prefstream.scorer.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKEDCANDIDATE_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._loaded_options = None
   _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2801
-  _globals['_FINISHREASON']._serialized_end=2896
+  _globals['_FINISHREASON']._serialized_start=2823
+  _globals['_FINISHREASON']._serialized_end=2918
   _globals['_MODELREF']._serialized_start=94
   _globals['_MODELREF']._serialized_end=135
   _globals['_SCOREREQUEST']._serialized_start=137
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSESCORE_ATTRIBUTESENTRY']._serialized_start=380
   _globals['_RESPONSESCORE_ATTRIBUTESENTRY']._serialized_end=429
   _globals['_SCORERESPONSE']._serialized_start=432
-  _globals['_SCORERESPONSE']._serialized_end=567
-  _globals['_SAMPLINGPARAMS']._serialized_start=570
-  _globals['_SAMPLINGPARAMS']._serialized_end=726
-  _globals['_CRITERION']._serialized_start=728
-  _globals['_CRITERION']._serialized_end=770
-  _globals['_BESTOFNREQUEST']._serialized_start=773
-  _globals['_BESTOFNREQUEST']._serialized_end=1060
-  _globals['_CRITERIONRESULT']._serialized_start=1063
-  _globals['_CRITERIONRESULT']._serialized_end=1219
-  _globals['_RANKEDCANDIDATE']._serialized_start=1222
-  _globals['_RANKEDCANDIDATE']._serialized_end=1761
-  _globals['_RANKEDCANDIDATE_PERCRITERIONENTRY']._serialized_start=1550
-  _globals['_RANKEDCANDIDATE_PERCRITERIONENTRY']._serialized_end=1601
+  _globals['_SCORERESPONSE']._serialized_end=589
+  _globals['_SAMPLINGPARAMS']._serialized_start=592
+  _globals['_SAMPLINGPARAMS']._serialized_end=748
+  _globals['_CRITERION']._serialized_start=750
+  _globals['_CRITERION']._serialized_end=792
+  _globals['_BESTOFNREQUEST']._serialized_start=795
+  _globals['_BESTOFNREQUEST']._serialized_end=1082
+  _globals['_CRITERIONRESULT']._serialized_start=1085
+  _globals['_CRITERIONRESULT']._serialized_end=1241
+  _globals['_RANKEDCANDIDATE']._serialized_start=1244
+  _globals['_RANKEDCANDIDATE']._serialized_end=1783
+  _globals['_RANKEDCANDIDATE_PERCRITERIONENTRY']._serialized_start=1572
+  _globals['_RANKEDCANDIDATE_PERCRITERIONENTRY']._serialized_end=1623
   _globals['_RANKEDCANDIDATE_ATTRIBUTESENTRY']._serialized_start=380
   _globals['_RANKEDCANDIDATE_ATTRIBUTESENTRY']._serialized_end=429
-  _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._serialized_start=1654
-  _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._serialized_end=1747
-  _globals['_BESTOFNRESPONSE']._serialized_start=1764
-  _globals['_BESTOFNRESPONSE']._serialized_end=2021
-  _globals['_USAGE']._serialized_start=2023
-  _globals['_USAGE']._serialized_end=2080
-  _globals['_GENERATEREQUEST']._serialized_start=2083
-  _globals['_GENERATEREQUEST']._serialized_end=2269
-  _globals['_GENERATION']._serialized_start=2271
-  _globals['_GENERATION']._serialized_end=2398
-  _globals['_GENERATERESPONSE']._serialized_start=2401
-  _globals['_GENERATERESPONSE']._serialized_end=2581
-  _globals['_GENERATECHUNK']._serialized_start=2584
-  _globals['_GENERATECHUNK']._serialized_end=2799
-  _globals['_SCORERSERVICE']._serialized_start=2899
-  _globals['_SCORERSERVICE']._serialized_end=3363
+  _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._serialized_start=1676
+  _globals['_RANKEDCANDIDATE_CRITERIARESULTSENTRY']._serialized_end=1769
+  _globals['_BESTOFNRESPONSE']._serialized_start=1786
+  _globals['_BESTOFNRESPONSE']._serialized_end=2043
+  _globals['_USAGE']._serialized_start=2045
+  _globals['_USAGE']._serialized_end=2102
+  _globals['_GENERATEREQUEST']._serialized_start=2105
+  _globals['_GENERATEREQUEST']._serialized_end=2291
+  _globals['_GENERATION']._serialized_start=2293
+  _globals['_GENERATION']._serialized_end=2420
+  _globals['_GENERATERESPONSE']._serialized_start=2423
+  _globals['_GENERATERESPONSE']._serialized_end=2603
+  _globals['_GENERATECHUNK']._serialized_start=2606
+  _globals['_GENERATECHUNK']._serialized_end=2821
+  _globals['_SCORERSERVICE']._serialized_start=2921
+  _globals['_SCORERSERVICE']._serialized_end=3385
 # @@protoc_insertion_point(module_scope)

@@ -55,14 +55,16 @@ class ResponseScore(_message.Message):
     def __init__(self, index: _Optional[int] = ..., reward: _Optional[float] = ..., attributes: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model", "request_id")
+    __slots__ = ("scores", "model", "request_id", "input_tokens")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ResponseScore]
     model: ModelRef
     request_id: str
-    def __init__(self, scores: _Optional[_Iterable[_Union[ResponseScore, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    input_tokens: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ResponseScore, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., input_tokens: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "max_tokens", "seed")
