@@ -463,3 +463,39 @@ def test_key_scopes_limit_what_a_key_may_do(kafka_bootstrap: str, redis_url: str
             assert r.status_code == 403 and "may not score" in r.text, r.text
             r = requests.get(f"{url}{path}", headers={"Authorization": f"Bearer {legacy}"}, timeout=30)
             assert r.status_code != 403  # allowed (the scorer behind it is not there: 503)
+
+
+def test_no_key_password_or_payload_in_any_log_line(kafka_bootstrap: str, redis_url: str, redis_client, project: str,
+                                                     caplog) -> None:
+    """INFO and above, the gateway and its processor log what happened, never a key, a password or a user's text."""
+    import logging
+
+    from gateway.client import GatewayClient
+
+    caplog.set_level(logging.INFO)
+    key, _ = create_key(redis_client, project, pepper="")
+    marker = f"private-user-text-{uuid.uuid4().hex}"
+    with GatewayHarness(kafka_bootstrap, redis_url) as h:
+        client = GatewayClient(h.address, api_key=key)
+        try:
+            cid = client.log_completion(project, f"my secret question {marker}?", [f"answer A {marker}", f"answer B {marker}"])
+            client.log_feedback(project, cid, choice=1)
+            bad = GatewayClient(h.address, api_key=key[:-4] + "AAAA")  # a wrong key is refused, and not logged either
+            with pytest.raises(Exception):
+                bad.log_completion(project, marker, ["x"])
+            bad.close()
+        finally:
+            client.close()
+        deadline = time.monotonic() + 60
+        derived = []
+        while not derived and time.monotonic() < deadline:
+            derived = [r for r in read_topic(kafka_bootstrap, h.topic(topics.PREFERENCES)) if marker.encode() in r.value]
+            time.sleep(0.5)
+        assert derived, "the pair was not derived: nothing was processed, so the check below would be empty"
+    secret = key.rsplit("_", 1)[1]
+    password = redis_url.split("@")[0].rsplit(":", 1)[-1] if "@" in redis_url else None
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) > 5
+    for line in lines:
+        assert marker not in line and secret not in line, line
+        assert password is None or password not in line, line
