@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup protos check-protos test unit integration k8s-check demo loop bench stack-up stack-down clean
+.PHONY: setup k8s-tools protos check-protos test unit integration k8s-check demo loop bench stack-up stack-down clean
 
 # The venv is rebuilt when the pinned dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 	bash scripts/ensure_redis.sh
+
+# kustomize, kubeconform, kube-score (built with Go, cached): what the k8s/ checks of `make test` run.
+k8s-tools:
 	bash scripts/ensure_k8s_tools.sh
 
 protos: $(VENV)/.installed
@@ -38,11 +41,11 @@ integration: setup
 	$(PY) -m pytest tests/integration -q
 
 # PREFSTREAM_REQUIRE_K8S_TOOLS: the k8s/ checks fail (never skip) when a tool is missing.
-test: setup
+test: setup k8s-tools
 	PREFSTREAM_REQUIRE_K8S_TOOLS=1 $(PY) -m pytest tests -q -ra
 
 # Render every k8s/ overlay and validate it (schemas, kube-score) and lint the Dockerfile.
-k8s-check: setup
+k8s-check: setup k8s-tools
 	$(PY) scripts/k8s_check.py
 
 demo: setup
