@@ -167,7 +167,10 @@ class Scorer:
         # carry its name as their OS name (infer_0, infer_1, tokenize_0, ...: `top -H`, the bench).
         self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
         sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": 1, "load": 1, "registry": 2}
-        self._executors = {name: named_executor(n, name) for name, n in sizes.items()}
+        # Loading a new version (hashing, from_pretrained) runs niced: on a shared CPU the serving threads
+        # come first, so a hot swap delays requests less.
+        self._executors = {name: named_executor(n, name, niceness=10 if name == "load" else 0)
+                           for name, n in sizes.items()}
         self.engine: ServingEngine | None = None
         self.manager: ModelManager | None = None
         self.handle: ServerHandle | None = None

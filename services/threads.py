@@ -14,6 +14,7 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 import threading
 
@@ -44,16 +45,23 @@ def set_os_thread_name(name: str) -> bool:
         return False
 
 
-def _name_from_python() -> None:
+def _name_from_python(niceness: int = 0) -> None:
     set_os_thread_name(threading.current_thread().name)
+    if niceness and sys.platform.startswith("linux"):
+        try:  # Linux schedules threads on their own: PRIO_PROCESS with a thread id sets that thread's nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        except OSError:
+            log.debug("cannot renice thread %s", threading.current_thread().name, exc_info=True)
 
 
-def named_executor(workers: int, prefix: str) -> concurrent.futures.ThreadPoolExecutor:
-    """A thread pool whose threads carry their Python name, ``<prefix>_<i>``, as their OS name too.
+def named_executor(workers: int, prefix: str, *, niceness: int = 0) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool whose threads carry their Python name, ``<prefix>_<i>``, as their OS name too, and
+    run ``niceness`` lower in the scheduler's eyes (background work that must not delay requests).
 
     Threads a worker starts (OpenMP's, for instance) inherit the name from it on Linux.
     """
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=_name_from_python)
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=_name_from_python,
+                                                 initargs=(niceness,))
 
 
 __all__ = ["OS_NAME_BYTES", "named_executor", "os_thread_name", "set_os_thread_name"]

@@ -30,3 +30,23 @@ def test_named_executor_threads_have_os_names():
     finally:
         ex.shutdown()
     assert names == {"infer_0", "infer_1"}
+
+
+def test_a_pool_can_run_niced_below_the_rest_of_the_process() -> None:
+    import os
+    import sys
+    import threading
+
+    import pytest
+
+    from services.threads import named_executor
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice is Linux's")
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with named_executor(1, "bg", niceness=5) as ex:
+        niced = ex.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    with named_executor(1, "fg") as ex:
+        plain = ex.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert (niced, plain) == (min(19, base + 5), base)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
