@@ -74,37 +74,32 @@ def test_any_body_parses_or_is_refused_by_name(data: bytes) -> None:
         _refusal_names_a_field(e)
 
 
-@SETTINGS
-@given(completion_docs | valid_completion_docs)
-def test_a_completion_is_accepted_and_round_trips_or_is_refused_by_name(doc: dict) -> None:
+def _accepted_and_round_trips_or_refused_by_name(body: bytes, request_cls, item_of, validate) -> None:
     try:
-        req = parse_json(_body(doc, "completion"), LogCompletionRequest)
+        req = parse_json(body, request_cls)
     except InvalidArgument as e:
         _refusal_names_a_field(e)
         return
-    item = completion_item(req.completion, LIMITS)
+    item = item_of(req)
     if isinstance(item.event, PrefstreamError):
         _refusal_names_a_field(item.event)
         return
     # accepted: its wire form validates again to the very same event
-    again = completion_from_proto(item.event.to_proto(), LIMITS)
-    assert again == item.event
+    assert validate(item.event.to_proto(), LIMITS) == item.event
+
+
+@SETTINGS
+@given(completion_docs | valid_completion_docs)
+def test_a_completion_is_accepted_and_round_trips_or_is_refused_by_name(doc: dict) -> None:
+    _accepted_and_round_trips_or_refused_by_name(_body(doc, "completion"), LogCompletionRequest,
+                                                 lambda r: completion_item(r.completion, LIMITS), completion_from_proto)
 
 
 @SETTINGS
 @given(feedback_docs)
 def test_feedback_is_accepted_and_round_trips_or_is_refused_by_name(doc: dict) -> None:
-    try:
-        req = parse_json(_body(doc, "feedback"), LogFeedbackRequest)
-    except InvalidArgument as e:
-        _refusal_names_a_field(e)
-        return
-    item = feedback_item(req.feedback, LIMITS)
-    if isinstance(item.event, PrefstreamError):
-        _refusal_names_a_field(item.event)
-        return
-    again = feedback_from_proto(item.event.to_proto(), LIMITS)
-    assert again == item.event
+    _accepted_and_round_trips_or_refused_by_name(_body(doc, "feedback"), LogFeedbackRequest,
+                                                 lambda r: feedback_item(r.feedback, LIMITS), feedback_from_proto)
 
 
 @settings(max_examples=100, deadline=None)
