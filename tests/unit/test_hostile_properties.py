@@ -54,6 +54,15 @@ feedback_docs = st.fixed_dictionaries({}, optional={
 })
 
 
+valid_feedback_docs = st.fixed_dictionaries({
+    "project": st.sampled_from(["p", "proj-1"]),
+    "inline": st.fixed_dictionaries({
+        "prompt": st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": words}), min_size=1, max_size=2),
+        "outputs": st.lists(words, min_size=2, max_size=4, unique=True)}),
+    "choice": st.fixed_dictionaries({"chosen_index": st.integers(0, 1)}),
+})
+
+
 def _refusal_names_a_field(err: BaseException) -> None:
     assert isinstance(err, PrefstreamError), f"{type(err).__name__}: {err}"
     assert err.field, f"a refusal without a field: {err}"
@@ -96,19 +105,20 @@ def test_a_completion_is_accepted_and_round_trips_or_is_refused_by_name(doc: dic
 
 
 @SETTINGS
-@given(feedback_docs)
+@given(feedback_docs | valid_feedback_docs)
 def test_feedback_is_accepted_and_round_trips_or_is_refused_by_name(doc: dict) -> None:
     _accepted_and_round_trips_or_refused_by_name(_body(doc, "feedback"), LogFeedbackRequest,
                                                  lambda r: feedback_item(r.feedback, LIMITS), feedback_from_proto)
 
 
 @settings(max_examples=100, deadline=None)
-@given(valid_completion_docs)
-def test_well_formed_completions_are_accepted(doc: dict) -> None:
-    """The round trip above is not vacuous: well-formed documents get through (whatever their text)."""
-    req = parse_json(_body(doc, "completion"), LogCompletionRequest)
-    item = completion_item(req.completion, LIMITS)
-    assert not isinstance(item.event, PrefstreamError), item.event
+@given(valid_completion_docs, valid_feedback_docs)
+def test_well_formed_events_are_accepted(completion: dict, feedback: dict) -> None:
+    """The round trips above are not vacuous: well-formed documents get through (whatever their text)."""
+    c = completion_item(parse_json(_body(completion, "completion"), LogCompletionRequest).completion, LIMITS)
+    f = feedback_item(parse_json(_body(feedback, "feedback"), LogFeedbackRequest).feedback, LIMITS)
+    assert not isinstance(c.event, PrefstreamError), c.event
+    assert not isinstance(f.event, PrefstreamError), f.event
 
 
 def test_the_properties_reach_both_outcomes() -> None:
