@@ -189,13 +189,11 @@ class Stack:
         started: list[tuple[_Component, Any, PidRecord, Any]] = []
         for node in nodes:
             comp = self._component(kafka_mod.node_component(node))
-            healthy = lambda a=comp.address: self._healthy("kafka", a)  # noqa: E731
-            if self.cfg.kafka_brokers == 1 and self._running(comp, healthy):
-                continue
             rec = read_pidfile(comp.pidfile)
             if rec is not None and record_alive(rec):
+                log.info("%s: already running (pid %s); leaving it", comp.name, rec.pid)
                 continue  # awaited below with the others
-            comp.pidfile.unlink(missing_ok=True)
+            comp.pidfile.unlink(missing_ok=True)  # none, or a stale one
             argv, lay = kafka_mod.prepare_broker(self.cfg, node)
             self._ports_free(comp, self.cfg.kafka_node_ports[node - 1][1])
             log.info("%s: starting on %s (log %s)", comp.name, comp.address, comp.log)
