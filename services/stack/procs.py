@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -224,8 +225,32 @@ def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> boo
         return False
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nothing listens on right now, below the kernel's ephemeral range.
+
+    A port the OS hands out for ``bind(0)`` comes from the ephemeral range, which every outgoing
+    connection also draws its local port from: on a busy machine one of them can take the port between
+    this call and the server's bind ("Address already in use", seen with Kafka under the test suite).
+    Ports below that range are never given to outgoing connections, so they stay ours; from 20000 up,
+    above the ports Ray gives its workers (10002-19999).
+    """
+    lo, _ = _ephemeral_range()
+    for _ in range(200 if lo > 20000 else 0):
+        port = random.randint(20000, lo - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded machine: let the OS pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -129,3 +129,13 @@ def test_unit_tests_cannot_connect_sockets() -> None:
     with socket.socket() as s:
         with pytest.raises(ConnectionRefusedError, match="unit tests must not"):
             s.connect(("127.0.0.1", 9))
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """Outgoing connections take their local ports from the ephemeral range; a free port picked there
+    can be gone by the time a server binds it."""
+    from services.stack.procs import _ephemeral_range, free_port
+
+    lo, _ = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < lo for p in ports) and len(ports) > 1
