@@ -129,6 +129,12 @@ class ScorerConfig(TlsSettings):
     poll_interval_s: float = field(default=1.0, metadata={"help": "seconds between registry generation polls"})
     discover_interval_s: float = field(default=10.0, metadata={"help": "seconds between registry model listings"})
     warmup: bool = field(default=True, metadata={"help": "run a forward pass on a new checkpoint before swapping it in"})
+    swap_in_place: bool = field(
+        default=True,
+        metadata={"help": "keep a replaced reward model's copy and load the next version's weights into it when "
+                          "its config, tokenizer and spec are unchanged (no from_pretrained, no re-conversion: "
+                          "~0.3 s of CPU less per swap on the dev box); costs one more resident copy per reward model"},
+    )
     drain_timeout_s: float = field(
         default=60.0, metadata={"help": "longest a replaced model is kept for in-flight batches before it is freed"}
     )

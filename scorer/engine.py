@@ -131,6 +131,8 @@ class ServingEngine:
         self._generate = generate_executor
         self._live: dict[str, ModelSlot] = {}
         self._retiring: set[asyncio.Task] = set()
+        #: per reward model name, a retired (drained) runner kept for the next in-place reload
+        self._spares: dict[str, Any] = {}
         self._listeners: list[Callable[[ModelSlot], None]] = []
         #: Named criteria for best-of-N; the server gives it the criteria store when it has Redis.
         self.criteria = NamedCriteria(None, holder=f"scorer-{os.getpid()}")
@@ -203,8 +205,20 @@ class ServingEngine:
                             slot.name, slot.version, slot.refs, self.cfg.drain_timeout_s)
         if slot.batcher is not None:
             await slot.batcher.close()
+        if self.cfg.swap_in_place and slot.kind == ModelKind.REWARD and getattr(slot.runner, "signature", ""):
+            # Drained: nothing uses it any more.  Kept for the next version's weights (scorer/swap.py).
+            previous = self._spares.pop(slot.name, None)
+            self._spares[slot.name] = slot.runner
+            if previous is not None:
+                await asyncio.get_running_loop().run_in_executor(self._infer, previous.close)
+            log.info("retired %s %s version %s (kept for the next swap)", slot.kind, slot.name, slot.version)
+            return
         await asyncio.get_running_loop().run_in_executor(self._infer, slot.runner.close)
         log.info("freed %s %s version %s", slot.kind, slot.name, slot.version)
+
+    def take_spare(self, name: str) -> Any | None:
+        """The retired runner kept for ``name`` (now the caller's to reload or close), or None."""
+        return self._spares.pop(name, None)
 
     def _acquire(self, name: str, kind: ModelKind) -> ModelSlot:
         slot = self._live.get(name)
@@ -234,6 +248,9 @@ class ServingEngine:
         await asyncio.gather(*(self._retire(s) for s in slots), return_exceptions=True)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        spares, self._spares = list(self._spares.values()), {}
+        for spare in spares:
+            spare.close()
 
     # ------------------------------------------------------------------------------ requests
 

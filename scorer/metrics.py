@@ -16,6 +16,7 @@ from services.metrics import LATENCY_BUCKETS_S, SIZE_BUCKETS
 
 _TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _SWAP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ScorerMetrics:
@@ -68,6 +69,16 @@ class ScorerMetrics:
         self.swap_seconds = Histogram(
             "prefstream_scorer_swap_duration_seconds", "verify + load + warm-up + swap time", ["model"],
             buckets=_SWAP_BUCKETS, registry=r,
+        )
+        self.swap_phase_seconds = Histogram(
+            "prefstream_scorer_swap_phase_seconds",
+            "time of each phase of a swap: fetch_verify (open and check the checkpoint), load, warmup, install",
+            ["model", "phase"], buckets=_PHASE_BUCKETS, registry=r,
+        )
+        self.swap_loads = Counter(
+            "prefstream_scorer_swap_loads_total",
+            "versions loaded, by path: in_place (weights copied into a retired copy) or full (from_pretrained)",
+            ["model", "path"], registry=r,
         )
         self.swaps_total = Counter(
             "prefstream_scorer_swaps_total", "checkpoint swaps completed", ["model"], registry=r,

@@ -70,14 +70,17 @@ def cast_for_serving(hf_model: nn.Module, dtype: str) -> nn.Module:
     """
     target = TORCH_DTYPES[dtype]
     heads = head_linears(hf_model) if target != torch.float32 else []
+    # the heads' exact weights, kept aside: a round trip through ``target`` would round them
+    exact = [{k: v.detach().float().clone() for k, v in head.state_dict().items()} for head in heads]
     hf_model.to(target)
     if target == torch.float32:
         return hf_model
     if not heads:
         log.warning("%s: no head Linear with %d outputs found; logits stay %s",
                     type(hf_model).__name__, hf_model.config.num_labels, dtype)
-    for head in heads:
+    for head, weights in zip(heads, exact):
         head.float()
+        head.load_state_dict(weights)
         head.register_forward_pre_hook(_fp32_inputs)
     return hf_model
 

@@ -9,7 +9,10 @@ topic so a publish is picked up at once.  On a change it reads the target (pinne
 published), and if that differs from what is served:
 
 1. verifies the checkpoint's manifest checksums, loads it beside the live model on the loader
-   thread (serving continues) and warms it up (non-finite outputs refuse it);
+   thread (serving continues) and warms it up (non-finite outputs refuse it).  A reward model whose
+   config, tokenizer and spec are unchanged is loaded by copying the new weights into the copy the
+   previous swap retired (``swap_in_place``: no module construction, no re-conversion); the phases
+   (fetch_verify, load, warmup, install) are metrics;
 2. installs it with :meth:`scorer.engine.ServingEngine.install`: one reference swap; in-flight requests
    finish on the old version, which is then freed.
 
@@ -37,7 +40,7 @@ from typing import Any, Callable
 from scorer.config import BASE_VERSION, ScorerConfig
 from scorer.engine import ServingEngine
 from scorer.metrics import ScorerMetrics
-from scorer.runners import CheckpointRefused, load_policy, load_reward, open_published
+from scorer.runners import CheckpointRefused, NotReloadable, load_policy, load_reward, open_published
 from services.errors import Unavailable
 from services.kinds import ModelKind
 
@@ -209,8 +212,12 @@ class ModelManager:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         log.info("loading %s %s version %s (serving %s)", target.kind, target.name, target.version, previous)
+        phases: dict[str, float] = {}
         try:
-            runner = await loop.run_in_executor(self._load, self._load_runner, target)
+            path = await loop.run_in_executor(self._load, self._open, target)
+            phases["fetch_verify"] = time.perf_counter() - t0
+            spare = self.engine.take_spare(target.name) if target.kind == ModelKind.REWARD else None
+            runner = await loop.run_in_executor(self._load, self._load_runner, target, path, spare, phases)
         except CheckpointRefused as e:
             return await self._refuse(target, previous, e.reason, str(e))
         except Unavailable as e:  # the checkpoint store is briefly unreachable: nothing is wrong with the version
@@ -220,28 +227,53 @@ class ModelManager:
         except Exception as e:  # noqa: BLE001 - never let a bad checkpoint take the scorer down
             log.exception("unexpected error loading %s@%s", target.name, target.version)
             return await self._refuse(target, previous, "load_failed", f"{type(e).__name__}: {e}")
+        t_install = time.perf_counter()
         slot = self.engine.new_slot(target.name, target.kind, target.version, target.uri, runner)
         self.engine.install(slot)
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        phases["install"] = now - t_install
+        elapsed = now - t0
+        for phase, seconds in phases.items():
+            self.metrics.swap_phase_seconds.labels(target.name, phase).observe(seconds)
         self.metrics.swap_seconds.labels(target.name).observe(elapsed)
         if previous is not None:
             self.metrics.swaps_total.labels(target.name).inc()
-        log.info("swapped %s from %s to %s in %.2fs", target.name, previous, target.version, elapsed)
+        log.info("swapped %s from %s to %s in %.2fs (%s)", target.name, previous, target.version, elapsed,
+                 ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
         return SyncOutcome(target.name, target.version, swapped=True)
 
-    def _load_runner(self, target: Target) -> Any:
+    def _open(self, target: Target) -> str:
+        """The local, verified folder of the target (fetched first where its URI is remote)."""
         cfg = self.cfg
         if target.kind == ModelKind.POLICY:
-            path = open_published(target.uri) if target.uri else cfg.policy_base_path
-            return load_policy(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup)
+            return open_published(target.uri) if target.uri else cfg.policy_base_path
         if target.uri:
-            path = open_published(target.uri)
-        else:
-            from services.reward_model import default_reward_model_path
+            return open_published(target.uri)
+        from services.reward_model import default_reward_model_path
 
-            path = cfg.reward_base_path or default_reward_model_path()
+        return cfg.reward_base_path or default_reward_model_path()
+
+    def _load_runner(self, target: Target, path: str, spare: Any = None, phases: dict[str, float] | None = None) -> Any:
+        """Load the opened checkpoint at ``path``: into ``spare`` (a retired copy of the same model)
+        when only its weights differ, else in full.  ``phases`` gets the load and warm-up seconds."""
+        cfg = self.cfg
+        if target.kind == ModelKind.POLICY:
+            self.metrics.swap_loads.labels(target.name, "full").inc()
+            return load_policy(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup)
+        if spare is not None:
+            try:
+                runner = spare.reload(path, warmup=cfg.warmup, timings=phases)
+                self.metrics.swap_loads.labels(target.name, "in_place").inc()
+                return runner
+            except NotReloadable as e:
+                log.info("%s@%s needs a full load: %s", target.name, target.version, e)
+                spare.close()
+            except BaseException:
+                spare.close()  # its weights are half-replaced or failed the warm-up: never serve it
+                raise
+        self.metrics.swap_loads.labels(target.name, "full").inc()
         return load_reward(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup,
-                           max_length=cfg.max_length or None, cpu_fast_path=cfg.cpu_fast_path)
+                           max_length=cfg.max_length or None, cpu_fast_path=cfg.cpu_fast_path, timings=phases)
 
     async def _refuse(self, target: Target, previous: str | None, reason: str, message: str) -> SyncOutcome:
         self._refused[(target.name, target.version)] = reason

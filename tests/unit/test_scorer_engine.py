@@ -193,13 +193,14 @@ class FakeRegistry:
 def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monkeypatch):
     loads = []
 
-    def fake_load(self, target):
+    def fake_load(self, target, path, spare=None, phases=None):
         loads.append(target.version)
         if "corrupt" in target.uri:
             raise CheckpointRefused("corrupt", f"{target.uri}: weights.safetensors does not match its sha256")
         return FakeReward({"base": 0.0, "v1": 100.0, "v3": 300.0}[target.version])
 
     monkeypatch.setattr(ModelManager, "_load_runner", fake_load)
+    monkeypatch.setattr(ModelManager, "_open", lambda self, target: target.uri)
 
     async def main():
         engine, cfg = make_engine(policy_models=[], poll_interval_s=0.05)
@@ -230,6 +231,67 @@ def test_manager_serves_base_then_follows_the_registry_and_refuses_corrupt(monke
     assert 'prefstream_scorer_swaps_total{model="reward"} 2.0' in metrics
     assert 'prefstream_scorer_serving_version_info{dtype="bfloat16",kind="reward",model="reward",version="v3"} 1.0' in metrics
     assert 'version="v1"' not in metrics.split("prefstream_scorer_serving_version_info")[-1].split("#")[0]
+
+
+class ReloadableReward(FakeReward):
+    """A fake with the in-place reload of scorer/runners.RewardRunner: the offset is its "weights"."""
+
+    signature = "same-architecture"
+    reloads = 0
+
+    def reload(self, path, *, warmup, timings=None):
+        assert not self.closed.is_set()
+        if "other-architecture" in path:
+            from scorer.runners import NotReloadable
+
+            raise NotReloadable(path)
+        ReloadableReward.reloads += 1
+        self.offset = float(path.rsplit("/", 1)[-1][1:]) * 100
+        if timings is not None:
+            timings.update(load=0.001, warmup=0.001)
+        return self
+
+
+def test_manager_loads_new_weights_into_the_retired_copy_once_it_drained(monkeypatch):
+    full = []
+
+    def fake_load(self, target, path, spare=None, phases=None):
+        if spare is not None:
+            try:
+                return spare.reload(path, warmup=True, timings=phases)
+            except Exception:
+                spare.close()
+        full.append(target.version)
+        return ReloadableReward(float(target.version[1:]) * 100 if target.version != "base" else 0.0)
+
+    monkeypatch.setattr(ModelManager, "_load_runner", fake_load)
+    monkeypatch.setattr(ModelManager, "_open", lambda self, target: target.uri)
+    ReloadableReward.reloads = 0
+
+    async def main():
+        engine, cfg = make_engine(policy_models=[], poll_interval_s=0.05)
+        reg = FakeRegistry()
+        ex = concurrent.futures.ThreadPoolExecutor(2)
+        mgr = ModelManager(cfg, engine, engine.metrics, reg, load_executor=ex, registry_executor=ex)
+        await mgr.start()
+        seen = []
+        for v, uri in (("v1", "/ckpt/v1"), ("v2", "/ckpt/v2"), ("v3", "/ckpt/v3"), ("v4", "/other-architecture/v4")):
+            reg.publish("reward", v, uri)
+            await asyncio.sleep(0.3)
+            res = await engine.score(ScoreQuery(PROMPT, ("a",)))
+            seen.append((res.model.version, res.rewards[0]))
+        live = engine.serving("reward").runner
+        await mgr.stop()
+        await engine.close()
+        return seen, live
+
+    seen, live = asyncio.run(main())
+    # every version answers with its own weights, whichever path loaded it
+    assert seen == [("v1", 101.0), ("v2", 201.0), ("v3", 301.0), ("v4", 401.0)]
+    # base and v1 load in full (no retired copy yet); v2 and v3 go into the copy v1 and v2 left behind;
+    # v4 changed architecture: a full load, and the copy it could not use is closed
+    assert full == ["base", "v1", "v4"] and ReloadableReward.reloads == 2
+    assert live.closed.is_set()  # engine.close frees the live copy and the kept one
 
 
 def test_open_published_verifies_through_the_shared_opener_and_names_the_refusal(tmp_path) -> None:

@@ -52,6 +52,8 @@ def test_bf16_serving_keeps_an_fp32_head_and_stays_close_to_fp32(family):
         ref, half = _pair(LlamaForSequenceClassification, cfg)
     heads = head_linears(half)
     assert len(heads) == 1 and heads[0].weight.dtype == torch.float32
+    # the head's weights are the fp32 ones, not rounded through bf16 on the way
+    assert torch.equal(heads[0].weight, head_linears(ref)[0].weight)
     assert half.get_input_embeddings().weight.dtype == torch.bfloat16
     ids = torch.randint(1, 64, (16, 12), generator=torch.Generator().manual_seed(1))  # (B, T)
     mask = torch.ones_like(ids)
