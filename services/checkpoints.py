@@ -23,6 +23,7 @@ through a local cache).  A backend registers itself in ``_SCHEMES`` and implemen
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -128,6 +129,24 @@ def validate_name(value: str, field_name: str) -> str:
         raise InvalidArgument(field_name, f"{value!r} is not a valid {field_name}; use 1-128 characters of "
                               "letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC}", f"os error {errno.EDQUOT}")
+
+
+def is_store_full(exc: BaseException) -> bool:
+    """Whether a write failed because the store's filesystem or quota is full: an OSError with ENOSPC or
+    EDQUOT, or a library's error wrapping one (safetensors raises ``SafetensorError('... No space left
+    on device (os error 28)')``, with no errno), anywhere in its cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        if any(w in str(seen) for w in _FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def sha256_file(path: Path) -> str:

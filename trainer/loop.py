@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from services.checkpoints import CheckpointStore
+from services.checkpoints import CheckpointStore, is_store_full
 from services.errors import Unavailable
 from services.schemas import PreferenceRecord
 from trainer import metrics
@@ -37,6 +37,10 @@ from trainer.stream import Source, StreamItem
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[Sequence[PreferenceRecord], Sequence[float] | None], StepStats]
+
+
+#: First wait after a checkpoint write refused by a full store; doubles up to 30 s.
+FULL_STORE_FIRST_RETRY_S = 1.0
 
 
 @dataclass
@@ -260,11 +264,11 @@ class ContinualTrainer:
                 eval_result=result, replay=self.replay, eval_set=self.eval_set,
                 world_size=self.learner.world_size, train_summary=summary,
             )
-            ref = write_checkpoint(
+            ref = self._write_when_there_is_room(lambda: write_checkpoint(
                 self.store, self.cfg, objective=self.learner.objective, model=self.learner.model, metadata=meta, replay=self.replay,
                 eval_set=self.eval_set, optimizer_state=self.learner.optimizer_state() if exact else None,
                 live_weights=live,
-            )
+            ))
         # Durable: only now may Kafka forget these records.
         self.source.commit(positions)
         self._checkpointed_positions = dict(positions)
@@ -297,6 +301,30 @@ class ContinualTrainer:
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         self._collect_garbage(ref.version)
         return ref.version
+
+    def _write_when_there_is_room(self, write: Callable[[], Any]) -> Any:
+        """``write()``; while the store is full, pause training and retry (1 s, doubling to 30 s).
+
+        A full store leaves no trace (the store removes a partial write; nothing is committed or
+        published), so a retry writes the same checkpoint.  Kafka keeps the group membership meanwhile
+        (the consumer heartbeats on its own thread; ``on_idle`` runs between tries).  A stop request
+        while paused raises: the records since the last checkpoint are then trained again by the next
+        run, never twice into the lineage.
+        """
+        delay = FULL_STORE_FIRST_RETRY_S
+        while True:
+            try:
+                return write()
+            except Exception as e:
+                if not is_store_full(e) or self.should_stop():
+                    raise
+                metrics.CHECKPOINT_STORE_FULL.inc()
+                log.error("checkpoint store is full (%s): training paused, nothing published; retrying in %.0fs", e, delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not self.should_stop():
+                self.on_idle()
+                time.sleep(min(0.5, delay))
+            delay = min(delay * 2, 30.0)
 
     def _collect_garbage(self, newest: str) -> None:
         """Keep the newest ``keep_checkpoints`` plus whatever the registry may serve."""

@@ -27,6 +27,10 @@ CHECKPOINTS = Counter(
     "Checkpoints written, by gate outcome (published, rejected, held: not gated).",
     ["outcome"],
 )
+CHECKPOINT_STORE_FULL = Counter(
+    "prefstream_trainer_checkpoint_store_full_total",
+    "Checkpoint writes refused by a full store (the trainer pauses, nothing is published, it retries).",
+)
 CHECKPOINT_SECONDS = Histogram(
     "prefstream_trainer_checkpoint_seconds", "Time to evaluate, write and commit one checkpoint.",
     buckets=LATENCY_BUCKETS_S,

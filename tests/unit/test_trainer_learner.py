@@ -343,3 +343,51 @@ def test_autocast_setting_is_validated(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="autocast"):
         config(tmp_path, "x", autocast="fp8").validate()
+
+
+def test_a_full_checkpoint_store_pauses_training_and_nothing_is_lost_or_trained_twice(tmp_path, monkeypatch) -> None:
+    import trainer.loop as loop_module
+    from trainer import metrics
+
+    monkeypatch.setattr(loop_module, "FULL_STORE_FIRST_RETRY_S", 0.01)
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=12, checkpoint_every_records=4)
+    stream = make_records(12)
+    loop = _loop(cfg, ListSource(stream))
+    real, refusals = loop.store.write, []
+
+    def full_twice(name, version, writer, metadata):
+        if len(refusals) < 2 and version == "v000002":
+            refusals.append(version)
+            # what safetensors raises on a full disk, word for word (it carries no errno)
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(name, version, writer, metadata)
+
+    monkeypatch.setattr(loop.store, "write", full_twice)
+    before = metrics.CHECKPOINT_STORE_FULL._value.get()
+    summary = loop.run()
+    assert refusals == ["v000002", "v000002"] and metrics.CHECKPOINT_STORE_FULL._value.get() == before + 2
+    store = CheckpointStore(cfg.checkpoint.checkpoint_url)
+    assert [r.version for r in store.list(cfg.model.model_name)] == summary.checkpoints == ["v000001", "v000002", "v000003"]
+    ids = [e["record_id"] for ref in store.list(cfg.model.model_name) for e in store.read_metadata(ref)["records"]]
+    assert ids == [r.record_id for r in stream]  # the paused checkpoint was written once, later, complete
+
+
+def test_other_write_errors_are_not_taken_for_a_full_store(tmp_path, monkeypatch) -> None:
+    from services.checkpoints import is_store_full
+
+    assert is_store_full(OSError(28, "No space left on device"))
+    assert is_store_full(Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)"))
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("saving failed") from e
+    except RuntimeError as wrapped:
+        assert is_store_full(wrapped)
+    assert not is_store_full(PermissionError(13, "Permission denied"))
+    assert not is_store_full(RuntimeError("worker lost"))
+    cfg = config(tmp_path, tiny_model(tmp_path), max_records=8, checkpoint_every_records=4)
+    loop = _loop(cfg, ListSource(make_records(8)))
+    monkeypatch.setattr(loop.store, "write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(PermissionError):
+        loop.run()
