@@ -69,6 +69,8 @@ class ResumePoint:
     live_weights_path: str = ""
     parent: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""
+    #: ids trained by this lineage's newest checkpoints, oldest first (``stream.dedup_window`` at most)
+    recent_record_ids: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.source == "checkpoint":
@@ -84,11 +86,32 @@ def _same_lineage(meta: dict[str, Any], cfg: TrainerConfig) -> bool:
     return meta.get("format") == FORMAT and trainer.get("topic") == cfg.stream.topic and trainer.get("group_id") == cfg.stream.group_id
 
 
+def _recent_ids(store: CheckpointStore, refs: Sequence[CheckpointRef], newest: dict[str, Any], window: int) -> tuple[str, ...]:
+    """The record ids the newest checkpoints of ``refs`` (oldest first, ``newest``'s metadata last) say
+    they trained, up to ``window`` of them, oldest first.  Older checkpoints that cannot be read end the walk."""
+    chunks: list[list[str]] = []
+    total = 0
+    for i, ref in enumerate(reversed(refs)):
+        if total >= window:
+            break
+        try:
+            meta = newest if i == 0 else store.read_metadata(ref)
+        except Exception as e:  # noqa: BLE001 - a garbage-collected or unreadable older checkpoint
+            log.warning("duplicate check: stopped at %s (%s)", ref.version, e)
+            break
+        ids = [str(e["record_id"]) for e in meta.get("records", []) if e.get("record_id")]
+        chunks.append(ids)
+        total += len(ids)
+    flat = [i for chunk in reversed(chunks) for i in chunk]
+    return tuple(flat[-window:]) if window else ()
+
+
 def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registry: Any = None, *,
                       objective: Objective | None = None) -> ResumePoint:
     """Own latest durable checkpoint of this topic/group > the registry's served version > base model."""
     if store is not None:
-        for ref in reversed(store.list(cfg.model.model_name)):
+        refs = store.list(cfg.model.model_name)
+        for n, ref in reversed(list(enumerate(refs))):
             try:
                 store.verify(ref)
                 meta = store.read_metadata(ref)
@@ -116,6 +139,7 @@ def find_resume_point(cfg: TrainerConfig, store: CheckpointStore | None, registr
                 live_weights_path=str(path / LIVE_WEIGHTS_FILE) if (path / LIVE_WEIGHTS_FILE).exists() else "",
                 parent=dict(meta.get("parent") or {}),
                 base_model=str(meta.get("base_model", "")),
+                recent_record_ids=_recent_ids(store, refs[: n + 1], meta, cfg.stream.dedup_window),
             )
     if registry is not None:
         target = registry.target(cfg.model.model_name)  # None for a model never published

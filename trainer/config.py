@@ -211,6 +211,10 @@ class StreamSettings:
     replay_ratio: float = field(default=0.5, metadata=_help(
         "replayed past records mixed in per new record (0 disables replay)"))
     replay_capacity: int = field(default=2000, metadata=_help("reservoir size of the replay buffer, in records"))
+    dedup_window: int = field(default=100_000, metadata=_help(
+        "record ids remembered (the newest trained, restored from the lineage's checkpoints on resume); a record "
+        "whose id is among them is skipped: the processor delivers at least once with deterministic ids, so a "
+        "replayed batch (e.g. after Redis lost its last second of writes) is never trained twice.  0 = off"))
     replay_weight: float = field(default=0.25, metadata=_help(
         "loss weight of a replayed record relative to a new one (a weighted mean over the micro-batch); below 1, "
         "replay guards against forgetting without training a stream that does not shift a second time"))
@@ -221,6 +225,7 @@ class StreamSettings:
         require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
         require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
         require(self.replay_capacity >= 0, "replay_capacity", "must be >= 0")
+        require(self.dedup_window >= 0, "dedup_window", "must be >= 0 (0 turns the duplicate check off)")
         require(0 < self.replay_weight <= 1, "replay_weight",
                 "must be in (0, 1] (use replay_ratio 0 to turn replay off)")
 

@@ -32,7 +32,7 @@ from trainer.learner import Learner, StepStats
 from trainer.evaluation import EvalResult, EvalSet
 from trainer.gate import Gate
 from trainer.replay import ReservoirBuffer, replay_count
-from trainer.stream import Source, StreamItem
+from trainer.stream import RecentIds, Source, StreamItem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RunSummary:
     records: int = 0
     replayed: int = 0
     refused: int = 0
+    duplicates: int = 0  # records skipped because their id was trained already
     eval_records: int = 0
     checkpoints: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
@@ -77,6 +78,7 @@ class ContinualTrainer:
         should_stop: Callable[[], bool] = lambda: False,
         on_idle: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        recent_ids: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
         self.learner = learner
@@ -91,6 +93,8 @@ class ContinualTrainer:
         self.on_idle = on_idle
         self.clock = clock
         self.summary = RunSummary()
+        #: ids of the newest records trained (this run and, on resume, the lineage's last checkpoints)
+        self.recent = RecentIds(cfg.stream.dedup_window, recent_ids)
         self._pending: list[StreamItem] = []  # trained since the last checkpoint
         self._checkpointed_positions = dict(source.positions())
         self._last_checkpoint_at = clock()
@@ -154,7 +158,13 @@ class ContinualTrainer:
                     metrics.RECORDS.labels("eval").inc()
                     if not self.eval_set.offer(item.record):
                         log.debug("evaluation set full; TEST record %s not kept", item.record.record_id)
+                elif item.record.record_id in self.recent:
+                    # delivered again (at least once, same id): its offset advances, it is not trained twice
+                    self.summary.duplicates += 1
+                    metrics.RECORDS.labels("duplicate").inc()
+                    log.debug("record %s was trained already; skipped", item.record.record_id)
                 else:
+                    self.recent.add(item.record.record_id)
                     batch.append(item)
             if batch and first_at is None:
                 first_at = self.clock()

@@ -12,7 +12,7 @@ from services.metrics import LATENCY_BUCKETS_S
 
 RECORDS = Counter(
     "prefstream_trainer_records_total",
-    "Preference records consumed, by use (train, eval, replay, dead_letter).",
+    "Preference records consumed, by use (train, eval, replay, dead_letter, refused, duplicate: its id was trained already).",
     ["use"],
 )
 STEPS = Counter("prefstream_trainer_steps_total", "Optimiser steps taken.")

@@ -124,7 +124,7 @@ def run_leader(
     log.info("trainer %s: %s", cfg.model.model_name, point.describe())
     loop = ContinualTrainer(cfg, learner, source, lineage=lineage, replay=replay, eval_set=eval_set,
                             store=services.store, gate=gate, step_fn=step_fn, should_stop=should_stop,
-                            on_idle=on_idle)
+                            on_idle=on_idle, recent_ids=point.recent_record_ids)
     try:
         return loop.run()
     finally:

@@ -34,6 +34,30 @@ class StreamItem:
     offset: int
 
 
+class RecentIds:
+    """The newest ``capacity`` record ids, oldest forgotten first (a bounded set, insertion ordered)."""
+
+    def __init__(self, capacity: int, ids: Sequence[str] = ()) -> None:
+        self.capacity = capacity
+        self._ids: dict[str, None] = {}
+        for i in ids:
+            self.add(i)
+
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, record_id: str) -> None:
+        if self.capacity <= 0:
+            return
+        self._ids.pop(record_id, None)
+        self._ids[record_id] = None
+        while len(self._ids) > self.capacity:
+            del self._ids[next(iter(self._ids))]
+
+
 class Source(Protocol):
     """What the continual loop consumes from."""
 
