@@ -25,9 +25,10 @@ import torch
 from services.config import replace as config_replace
 from services.checkpoints import CheckpointStore
 from services.registry import ModelRegistry
-from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
+from services.reward_model import RewardModel
 from services.schemas import ChatMessage, ModelUpdate, PreferenceRecord
 from services.topics import MODEL_UPDATES, PREFERENCES, ensure_topics
+from trainer.testing import tiny_reward_model
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +41,7 @@ BAD = ["no", "i do not know", "go away"]
 
 
 def tiny_model(folder: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig
-
-    tok = AutoTokenizer.from_pretrained(default_reward_model_path())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    RewardModel.from_config(cfg, tok, RewardModelSpec(base_model="tiny", max_length=64)).save(folder)
-    return str(folder)
+    return tiny_reward_model(folder)
 
 
 def records(n: int, *, start: int = 0, split: str = "train", tag: str = "") -> list[PreferenceRecord]:

@@ -11,11 +11,11 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from services.config import replace as config_replace
 from services.checkpoints import CheckpointStore
-from services.reward_model import RewardModel, RewardModelSpec, default_reward_model_path
+from services.reward_model import RewardModel
 from services.schemas import ChatMessage, PreferenceRecord
 from trainer.checkpointing import LineageState, find_resume_point
 from trainer.runtime import build_learner
@@ -26,21 +26,14 @@ from trainer.gate import decide
 from trainer.loop import ContinualTrainer
 from trainer.replay import ReservoirBuffer
 from trainer.stream import ListSource
+from trainer.testing import tiny_reward_model
 
 GOOD = ["yes , here is a clear and helpful answer", "sure , this works well", "great question , the answer is simple"]
 BAD = ["no", "i do not know", "go away"]
 
 
 def tiny_model(tmp_path, attributes: tuple[str, ...] = ()) -> str:
-    """Save a 2-layer, 32-wide BERT reward model with the MiniLM tokenizer; returns its folder."""
-    tok = AutoTokenizer.from_pretrained(default_reward_model_path())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = RewardModel.from_config(cfg, tok, RewardModelSpec(base_model="tiny", max_length=64, attributes=attributes))
-    out = tmp_path / "tiny"
-    model.save(out)
-    return str(out)
+    return tiny_reward_model(tmp_path / "tiny", attributes)
 
 
 def make_records(n: int, k: int = 2, seed: int = 0, split: str = "train", start: int = 0) -> list[PreferenceRecord]:
