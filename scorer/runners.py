@@ -16,6 +16,7 @@ rows from many requests; generate) so that it never touches torch.  This module 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -57,23 +58,32 @@ class NotReloadable(Exception):
     tokenizer or spec, or a different set of tensors): it needs a full load.  Nothing is wrong with it."""
 
 
-#: Weight files: what an in-place reload copies.  Everything else in a checkpoint folder (config,
-#: tokenizer, spec) must be byte-equal to what the built model was loaded from.
-_WEIGHTS_SUFFIX = ".safetensors"
+#: A Hugging Face model folder's weights: one file, or shards listed by an index.
+_WEIGHTS_FILE, _WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding a model folder's weights (not, e.g., a trainer's live weights)."""
+    root = Path(path)
+    if (root / _WEIGHTS_INDEX).is_file():
+        return [root / f for f in sorted(set(json.loads((root / _WEIGHTS_INDEX).read_text())["weight_map"].values()))]
+    return [root / _WEIGHTS_FILE] if (root / _WEIGHTS_FILE).is_file() else []
 
 
 def checkpoint_signature(path: str | os.PathLike) -> str:
-    """A hash of every file of a model folder except its weights and the checkpoint manifest (which
-    names the version): equal signatures mean the same architecture, tokenizer and spec."""
+    """A hash of every file of a model folder except its weights, the checkpoint manifest and the
+    trainer's per-checkpoint state (services.checkpoints.TRAINING_STATE_FILES): equal signatures mean
+    the same architecture, tokenizer and spec."""
     import hashlib
 
-    from services.checkpoints import MANIFEST
+    from services.checkpoints import MANIFEST, TRAINING_STATE_FILES
 
     root = Path(path)
+    skip = {MANIFEST, *TRAINING_STATE_FILES, *(f.name for f in weight_files(root))}
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
-        if rel == MANIFEST or rel.endswith(_WEIGHTS_SUFFIX):
+        if rel in skip:
             continue
         h.update(rel.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
@@ -90,9 +100,9 @@ def load_weights_in_place(hf_model: torch.nn.Module, path: str | os.PathLike) ->
     """
     from safetensors.torch import load_file
 
-    files = sorted(Path(path).glob(f"*{_WEIGHTS_SUFFIX}"))
+    files = weight_files(path)
     if not files:
-        raise NotReloadable(f"{path} has no {_WEIGHTS_SUFFIX} weights")
+        raise NotReloadable(f"{path} has no {_WEIGHTS_FILE} (or shards listed in {_WEIGHTS_INDEX})")
     saved: dict[str, torch.Tensor] = {}
     for f in files:
         saved.update(load_file(str(f)))
@@ -359,5 +369,5 @@ def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool) -> P
 __all__ = [
     "CheckpointRefused", "NotReloadable", "PolicyRunner", "RewardRunner", "Row", "checkpoint_signature",
     "configure_torch_threads", "load_policy", "load_reward", "load_weights_in_place", "open_published",
-    "resolve_device", "resolve_dtype",
+    "resolve_device", "resolve_dtype", "weight_files",
 ]

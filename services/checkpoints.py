@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
 MANIFEST_FORMAT = 1
+#: Files a trainer writes into a checkpoint that record how it was trained, not what the model is
+#: (metadata, optimizer moments, live weights, replay reservoir, evaluation records, the offline run's
+#: summary).  They differ between every two checkpoints of a lineage; the scorer ignores them when it
+#: decides whether a new version is the same model with other weights (scorer/runners.py).  The
+#: trainer's own names for them are checked against this set in tests/unit/test_scorer_reload.py.
+TRAINING_STATE_FILES = frozenset({METADATA, "optimizer.pt", "live_weights.safetensors", "replay.jsonl",
+                                  "replay_counts.json", "eval_topic.jsonl", "prefstream_training.json"})
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -124,3 +124,38 @@ def test_a_closed_model_is_freed_at_once_without_a_garbage_collection(published)
         assert model() is None and param() is None  # no reference cycle keeps it alive
     finally:
         gc.enable()
+
+
+def test_trainer_checkpoints_reload_in_place_despite_their_per_checkpoint_state(published, tmp_path):
+    """A trainer's checkpoints differ in metadata, replay and live weights every time; only the model
+    files decide (and live_weights.safetensors is never taken for the served weights)."""
+    from safetensors.torch import save_file
+
+    store, uris, model = published
+    folders = []
+    for i in range(2):
+        d = tmp_path / f"trainer-v{i}"
+        with torch.no_grad():
+            model.hf_model.classifier.bias.fill_(10.0 + i)
+        model.save(d)
+        (d / "metadata.json").write_text(json.dumps({"step": i, "records": [{"record_id": f"r{i}"}]}))
+        (d / "replay.jsonl").write_text(f'{{"n": {i}}}\n')
+        # live weights with the model's own names: were they loaded, the bias below would be served
+        save_file({k: torch.full_like(v, 99.0) for k, v in model.hf_model.state_dict().items()},
+                  str(d / "live_weights.safetensors"))
+        folders.append(d)
+    assert checkpoint_signature(folders[0]) == checkpoint_signature(folders[1])
+    runner = load_reward(str(folders[0]), device="cpu", dtype="auto", warmup=True, max_length=128)
+    runner.reload(str(folders[1]), warmup=True)
+    assert scores(runner) == scores(load_reward(str(folders[1]), device="cpu", dtype="auto", warmup=True, max_length=128))
+
+
+def test_the_scorer_ignores_exactly_the_files_the_trainer_writes_as_training_state():
+    from services.checkpoints import METADATA, TRAINING_STATE_FILES
+    from trainer.checkpointing import LIVE_WEIGHTS_FILE, OPTIMIZER_FILE
+    from trainer.evaluation import EVAL_FILE
+    from trainer.offline import TRAINING_FILE
+    from trainer.replay import REPLAY_COUNTS_FILE, REPLAY_FILE
+
+    assert TRAINING_STATE_FILES == {METADATA, OPTIMIZER_FILE, LIVE_WEIGHTS_FILE, EVAL_FILE, TRAINING_FILE,
+                                    REPLAY_FILE, REPLAY_COUNTS_FILE}
