@@ -110,7 +110,7 @@ def train_model(args: argparse.Namespace) -> int:
     eval_records = load_openpipe_jsonl(args.eval_data) if args.eval_data else []
     with learner.serving_weights():  # the weight average (ema_decay) is the trained model
         if eval_records:
-            result.eval = learner.objective.evaluate(learner.model, eval_records)
+            result.eval = learner.evaluate(eval_records)
         out = save_offline(learner, cfg, result, args.out, args.data)
         if args.publish:
             from trainer.offline import publish_offline

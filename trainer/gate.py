@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any, Callable
 
 from services.checkpoints import CheckpointRef, CorruptCheckpointError, open_checkpoint, read_checkpoint_metadata
 from services.errors import PrefstreamError
@@ -124,9 +126,13 @@ def decide(
 class Gate:
     """Evaluates checkpoints against the served model and records the verdict in the registry."""
 
-    def __init__(self, cfg: TrainerConfig, registry: ModelRegistry, eval_set: EvalSet, objective: Objective) -> None:
+    def __init__(self, cfg: TrainerConfig, registry: ModelRegistry, eval_set: EvalSet, objective: Objective,
+                 precision: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        """``precision()``: the context the candidates were evaluated in (Learner.precision), so that the
+        served version, when it has to be evaluated here, is scored the same way for the paired rule."""
         self.cfg = cfg
         self.objective = objective
+        self.precision = precision
         self.registry = registry
         self.eval_set = eval_set
         self._served_cache: dict[tuple[str, str], EvalResult] = {}
@@ -176,7 +182,8 @@ class Gate:
         except (CorruptCheckpointError, OSError, ValueError) as e:
             log.error("cannot load the served version %s (%s) to gate against it: %s", target.version, target.uri, e)
             return None
-        result = self.objective.evaluate(model, self.eval_set.records)
+        with self.precision():
+            result = self.objective.evaluate(model, self.eval_set.records)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         log.info("served version %s: pairwise accuracy %.4f on %d pairs (%.1fs)", target.version, result.accuracy,
                  result.pairs, time.perf_counter() - started)

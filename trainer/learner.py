@@ -175,11 +175,20 @@ class Learner:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def precision(self) -> AbstractContextManager[Any]:
+        """``with learner.precision():`` forwards run as training runs them (bf16 autocast or not)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def evaluate(self, records: Sequence[PreferenceRecord]) -> Any:
+        """The objective's evaluation of the model as it is now, in the training precision."""
+        with self.precision():
+            return self.objective.evaluate(self.model, records)
+
     def admit(self, records: Sequence[PreferenceRecord]) -> dict[str, str]:
         """The objective's admission of ``records`` (record id -> why it is refused), under the same
         precision as the training forward: what admission computes for a record (a policy's reference
         log-probs) is then on the scale of what the step compares it with."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with self.precision():
             return self.objective.admit(self.model, records)
 
     def prepare(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None) -> Batch:

@@ -244,7 +244,7 @@ class ContinualTrainer:
         if len(self.eval_set) == 0:
             return None
         started = time.perf_counter()
-        result = self.learner.objective.evaluate(self.learner.model, self.eval_set.records)
+        result = self.learner.evaluate(self.eval_set.records)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         metrics.EVAL_ACCURACY.labels("candidate").set(result.accuracy)
         return result

@@ -139,7 +139,7 @@ def publish_offline(cfg: TrainerConfig, learner: Learner, result: OfflineResult,
         store: CheckpointStore = services.store
         eval_set = EvalSet(cfg.gate.eval_max_records, eval_records, seed=cfg.optim.seed)
         objective = learner.objective
-        candidate = objective.evaluate(learner.model, eval_set.records) if len(eval_set) else None
+        candidate = learner.evaluate(eval_set.records) if len(eval_set) else None
         metadata = {
             "format": FORMAT, "kind": objective.kind.value, "model_name": cfg.model.model_name,
             "base_model": objective.base_of(learner.model), "spec": objective.spec(learner.model),
@@ -150,7 +150,7 @@ def publish_offline(cfg: TrainerConfig, learner: Learner, result: OfflineResult,
         }
         ref = store.write(cfg.model.model_name, store.next_version(cfg.model.model_name),
                           lambda d: objective.save(learner.model, d), metadata)
-        gate = Gate(cfg, services.registry, eval_set, objective)
+        gate = Gate(cfg, services.registry, eval_set, objective, learner.precision)
         decision = gate.judge(ref, candidate, records_seen=result.records, base_model=objective.base_of(learner.model),
                               extra_metrics={"step": float(result.steps)})
         return ref.version, ("published: " if decision.publish else "rejected: ") + decision.reason

@@ -109,12 +109,13 @@ def run_leader(
     if point.replay_records:
         replay.restore(point.replay_records, point.replay_seen, point.replay_counts)
     eval_set = build_eval_set(cfg, point)
-    gate = Gate(cfg, services.registry, eval_set, learner.objective) if services.registry is not None else None
+    gate = (Gate(cfg, services.registry, eval_set, learner.objective, learner.precision)
+            if services.registry is not None else None)
     if gate is not None and point.source == "checkpoint" and point.records_count and not gate.recorded(point.version):
         # The previous run died between making this checkpoint durable and gating it.
         ref = CheckpointRef(cfg.model.model_name, point.version, point.uri, Path(point.model_path))
         with learner.serving_weights():
-            result = learner.objective.evaluate(learner.model, eval_set.records) if len(eval_set) else None
+            result = learner.evaluate(eval_set.records) if len(eval_set) else None
         gate.judge(ref, result, records_seen=point.records_seen, base_model=point.base_model)
     source = KafkaSource(cfg.stream.kafka_bootstrap, cfg.stream.topic, cfg.stream.group_id, start_offsets=point.offsets,
                          dead_letter_topic=topic_name(DEAD_LETTER, cfg.stream.topic_prefix), producer=services.producer)

@@ -320,7 +320,8 @@ def test_cpu_bf16_training_uses_eager_attention_and_checkpoints_stay_default(tmp
     base = tiny_model(tmp_path)
     stock = RewardModel.from_pretrained(base)
     assert stock.hf_model.config._attn_implementation == "sdpa"
-    assert Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base)).model.hf_model.config._attn_implementation == "sdpa"
+    fp32 = config(tmp_path, base, autocast="none")
+    assert Learner.of(RewardModel.from_pretrained(base), fp32).model.hf_model.config._attn_implementation == "sdpa"
     learner = Learner.of(RewardModel.from_pretrained(base), config(tmp_path, base, autocast="bf16"))
     assert learner.model.hf_model.config._attn_implementation == "eager"
     batch = stock.encode([[ChatMessage("user", "hi there")]] * 2, ["a short answer", "a much longer answer than that"])
