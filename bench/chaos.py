@@ -256,6 +256,13 @@ class Load:
                 time.sleep(0.2)
                 continue
             now = time.time()
+            if r.status_code == 503:  # the whole batch UNAVAILABLE (e.g. Redis down for the key check): retry
+                with self._lock:
+                    self.sent += 1
+                    self.unavailable += len(todo)
+                pending[:0] = todo
+                time.sleep(0.2)
+                continue
             with self._lock:
                 self.sent += 1
                 if r.status_code != 200:
@@ -411,6 +418,19 @@ def _wait_trained(parts: Parts, watch: "_Watch", timeout_s: float) -> float | No
     return None
 
 
+def _start_bestofn(root: Path, parts: Parts, redis_url: str) -> tuple[Any, Any]:
+    """A scorer serving the scenario's trainer model (hot-swapping each version it publishes) and a
+    best-of-N load on it (bench/chaos_scorer.py's retrying clients, 2 of them, 5 requests/s each)."""
+    from bench.chaos_scorer import BestOfNLoad, bestofn_requests
+    from bench.scorer_process import start_scorer
+
+    scorer, address = start_scorer(root, f"{parts.prefix}scorer", {
+        "PREFSTREAM_SCORER_REDIS_URL": redis_url, "PREFSTREAM_SCORER_REWARD_MODELS": parts.model,
+        "PREFSTREAM_SCORER_REWARD_BASE_PATH": parts.base_model, "PREFSTREAM_SCORER_DISCOVER_MODELS": "false",
+        "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5", "PREFSTREAM_SCORER_MAX_LENGTH": "64"})
+    return scorer, BestOfNLoad([address], bestofn_requests(), clients=2, interval_s=0.2)
+
+
 def _checkpoint_after(parts: Parts, t: float, timeout_s: float) -> float | None:
     """Seconds from ``t`` to the first checkpoint finished after it (its manifest's mtime), or None."""
     deadline = time.monotonic() + timeout_s
@@ -510,6 +530,7 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
     parts.start_processor()
     parts.start_gateway()
     parts.start_trainer()
+    scorer, bestofn = _start_bestofn(root, parts, stack.endpoints.redis_url)
     watch = _Watch(stack.cfg.kafka_bootstrap, topics.topic_name(topics.PREFERENCES, prefix))
     load = Load(f"http://127.0.0.1:{parts.http_port}", key, project, f"{name}{uuid.uuid4().hex[:4]}", args.writers, args.batch)
     steady_s = 4.0 if quick else 10.0
@@ -519,6 +540,7 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
     trained: list[str] = []
     try:
         load.start()
+        bestofn.start()
         time.sleep(steady_s)
         for k in range(kills):
             t_kill = time.time()
@@ -539,6 +561,7 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
             log.info("chaos %s #%d: down %.1fs, recovered %s s after it was back", name, k + 1, t_back - t_kill, recovered)
             time.sleep(steady_s)
         unacked = load.stop(drain_s=60.0)
+        bestofn.stop(drain_s=30.0)
         acked = set(load.acked)
         # wait for the processor to derive what was acked (or stop changing)
         deadline, last, last_change = time.monotonic() + 120, -1, time.monotonic()
@@ -556,6 +579,8 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
         book = ledger(acked, in_topic, list(watch.sources))
         caught_up_s = _wait_trained(parts, watch, 600.0)
     finally:
+        bestofn.stop(drain_s=0.0)
+        scorer.stop()
         parts.stop()  # the trainer stops with a final checkpoint (SIGTERM)
         watch.close()
         trained = parts.trained()
@@ -574,8 +599,9 @@ def _scenario(name: str, stack: Any, root: Path, key: str, project: str, kills: 
         "trainer_caught_up_s": caught_up_s,
         "checkpoints": len(parts.checkpoints()) if disk is None else None,
         "unfinished_checkpoints_at_end": len(leftover),
-        "failed_requests": len(load.failed),
-        "failures": load.failed[:5],
+        "failed_requests": len(load.failed) + len(bestofn.failed),
+        "failures": load.failed[:5] + bestofn.failed[:5],
+        "bestofn": {**bestofn.summary(), "versions_served": len(bestofn.versions())},
         "unacked_at_end": unacked,
         "unavailable_answers": load.unavailable,
         "refused_while_down": load.refused,
