@@ -220,6 +220,20 @@ def format_scores(reward: float, attributes: Mapping[str, float]) -> str:
     return ",".join(f"{k}:{round(float(v), 6)!r}" for k, v in pairs)
 
 
+def _named_as_sent(exc: BaseException, last: int) -> BaseException:
+    """The scorer names the messages of its own request (``prompt[0].content``, ``responses[0]``); name
+    what this request sent instead: ``messages`` (the scorer's prompt is all of them, or all but the
+    ``last``, the reply a reward model scores)."""
+    if not isinstance(exc, InvalidArgument) or not exc.field:
+        return exc
+    name = exc.field
+    if name == "responses[0]":
+        name = f"messages[{last}].content"
+    elif name == "prompt" or name.startswith("prompt["):
+        name = "messages" + name[len("prompt"):]
+    return exc if name == exc.field else InvalidArgument(name, exc.message)
+
+
 def _error_response(exc: BaseException) -> web.Response:
     status, body = error_body(exc)
     return web.json_response(body, status=status)
@@ -276,9 +290,11 @@ class OpenAICompat:
             return _error_response(e)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        last = 0
         try:
             body = load_json(await request.read(), "body")
             req = parse_chat_request(body)
+            last = len(req.messages) - 1
             info = await self._model(req.model)
             if info.kind == ModelKind.POLICY:
                 if request.headers.get(CRITERIA_HEADER) is None:
@@ -287,10 +303,12 @@ class OpenAICompat:
                     return await self._generate(request, req)
                 return await self._best_of_n(request, req, info)
             return await self._score(request, req)
+        except web.HTTPException:
+            raise  # the HTTP server's own answers, e.g. 413 for a body over client_max_size
         except Exception as e:  # noqa: BLE001 - mapped by the shared error mapping
             if not isinstance(e, PrefstreamError):
                 log.exception("chat completion failed")
-            return _error_response(e)
+            return _error_response(_named_as_sent(e, last))
 
     async def _score(self, request: web.Request, req: ChatRequest) -> web.Response:
         if req.messages[-1].role != "assistant":
