@@ -86,6 +86,23 @@ def redis_url(stack_endpoints: Endpoints) -> str:
 
 
 @pytest.fixture
+def project() -> str:
+    """A fresh project name per test (keys, rate limits and criteria are per project)."""
+    import uuid
+
+    return f"proj-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def key(redis_client, project: str) -> str:
+    """An API key of ``project`` with every scope."""
+    from gateway.auth import create_key
+
+    k, _ = create_key(redis_client, project, pepper="")
+    return k
+
+
+@pytest.fixture
 def redis_client(redis_url: str):
     """A ``redis.Redis`` on the session server (db 0, not flushed: namespace your keys per test)."""
     import redis

@@ -33,17 +33,6 @@ def gw(kafka_bootstrap: str, redis_url: str) -> Iterator[GatewayHarness]:
 
 
 @pytest.fixture
-def project() -> str:
-    return f"proj-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def key(redis_client, project: str) -> str:
-    k, _ = create_key(redis_client, project, pepper="")
-    return k
-
-
-@pytest.fixture
 def stub(gw: GatewayHarness) -> Iterator[gg.GatewayServiceStub]:
     with grpc.insecure_channel(gw.address) as ch:
         yield gg.GatewayServiceStub(ch)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from typing import Any, Iterator
 
 import pytest
 
 from bench.hostile import run_corpus
-from gateway.auth import create_key
 from gateway.testing import GatewayHarness, read_topic
 from services import topics
 
@@ -53,17 +51,6 @@ def scorer() -> Iterator[Scorer]:
         yield s.scorer
     finally:
         s.close()
-
-
-@pytest.fixture
-def project() -> str:
-    return f"proj-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def key(redis_client, project: str) -> str:
-    k, _ = create_key(redis_client, project, pepper="")
-    return k
 
 
 def test_the_whole_corpus_is_refused_by_name_and_every_service_stays_healthy(kafka_bootstrap, redis_url, scorer,

@@ -35,11 +35,6 @@ def gw(kafka_bootstrap: str, redis_url: str) -> Iterator[GatewayHarness]:
 
 
 @pytest.fixture
-def project() -> str:
-    return f"proj-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
 def client(gw: GatewayHarness, redis_client, project: str) -> Iterator[tuple[gg.GatewayServiceStub, tuple]]:
     key, _ = create_key(redis_client, project, pepper="")
     with grpc.insecure_channel(gw.address) as ch:
