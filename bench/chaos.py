@@ -126,6 +126,7 @@ class Parts:
     redis_url: str
     prefix: str
     http_port: int
+    grpc_port: int = 0
     gateway: subprocess.Popen | None = None
     processor: subprocess.Popen | None = None
     trainer: subprocess.Popen | None = None
@@ -138,9 +139,9 @@ class Parts:
         return ["--kafka-bootstrap", self.bootstrap, "--redis-url", self.redis_url, "--topic-prefix", self.prefix,
                 "--processor-group", f"{self.prefix}processor"]
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, *extra: str) -> None:
         log_file = self.root / f"{self.prefix}gateway.log"
-        self.gateway = _python_m(["serve", "--grpc-port", "0", "--http-port", str(self.http_port), "--run-processor",
+        self.gateway = _python_m(["serve", "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), *extra, "--run-processor",
                                   "false", "--kafka-ack-timeout-s", "3", "--dedup-pending-ttl-s", "4", *self._common()],
                                  log_file)
         _wait_port(self.http_port, self.gateway, log_file)
@@ -703,12 +704,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="prefstream-chaos-"))  # kept: the processes' logs are the evidence
     project = "chaos"
     scenarios = []
-    if any(n in INGEST_FAULTS or n in CLUSTER_FAULTS for n in chosen):
+    if any(n in INGEST_FAULTS or n in CLUSTER_FAULTS or n == "malformed" for n in chosen):
         from trainer.testing import tiny_reward_model
 
         tiny_reward_model(root / "tiny-reward")
     # One stack per cluster shape: a single broker, and 3 brokers for the leader and all-broker kills.
-    for brokers, names in ((1, [n for n in chosen if n in INGEST_FAULTS]), (3, [n for n in chosen if n in CLUSTER_FAULTS])):
+    single = [n for n in chosen if n in INGEST_FAULTS or n == "malformed"]
+    for brokers, names in ((1, single), (3, [n for n in chosen if n in CLUSTER_FAULTS])):
         if not names:
             continue
         stack = Stack(free_stack_config(root / f"stack-{brokers}", components=("kafka", "redis"), kafka_brokers=brokers))
@@ -717,7 +719,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key, _ = create_key(connect(stack.endpoints.redis_url), project, pepper="")
             time.sleep(1.5)  # the key is in the AOF (fsync every second) before anything kills Redis
             # Leader kills cost no outage, so the full run does 5 of them (one after another, each broker may be hit).
-            scenarios += [_scenario(name, stack, root, key, project,
+            scenarios += [_malformed(stack, root, key, project, args) if name == "malformed" else
+                          _scenario(name, stack, root, key, project,
                                     args.kills or (1 if args.quick else 5) if name == "leader-kill" else kills,
                                     args, args.quick) for name in names]
         finally:
@@ -732,8 +735,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from bench.chaos_scorer import corrupt_checkpoint
 
         scenarios.append(corrupt_checkpoint(root, args.quick))
-    if "malformed" in chosen:
-        scenarios.append(_malformed(root))
     return summarize(scenarios, root=root, args=args, kills=kills)
 
 
@@ -780,6 +781,35 @@ def summarize(scenarios: list[dict[str, Any]], *, root: Path, args: argparse.Nam
     }
 
 
-def _malformed(root: Path) -> dict[str, Any]:
-    """The hostile corpus (bench/hostile.py) against a live gateway (HTTP and gRPC) and scorer."""
-    raise NotImplementedError("wired once bench/hostile.py lands")
+def _malformed(stack: Any, root: Path, key: str, project: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The hostile corpus (bench/hostile.py) against a live gateway (HTTP, gRPC, the OpenAI routes) and a
+    scorer while clients stream well-formed feedback: nothing hostile may get a 500 / INTERNAL, every
+    service must still be healthy after, and the well-formed stream keeps being acknowledged."""
+    from bench.hostile import run_corpus
+    from bench.scorer_process import start_scorer
+    from gateway.testing import create_prefixed_topics
+    from services.stack import free_port
+
+    prefix = f"chaos{uuid.uuid4().hex[:6]}."
+    create_prefixed_topics(stack.cfg.kafka_bootstrap, prefix)
+    scorer, scorer_address = start_scorer(root, f"{prefix}scorer", {
+        "PREFSTREAM_SCORER_REDIS_URL": stack.endpoints.redis_url, "PREFSTREAM_SCORER_REWARD_BASE_PATH": str(root / "tiny-reward"),
+        "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "64"})
+    parts = Parts(root, stack.cfg.kafka_bootstrap, stack.endpoints.redis_url, prefix, free_port(), grpc_port=free_port())
+    load = Load(f"http://127.0.0.1:{parts.http_port}", key, project, f"malformed{uuid.uuid4().hex[:4]}", args.writers, args.batch)
+    try:
+        parts.start_processor()
+        parts.start_gateway("--scorer-address", scorer_address)
+        load.start()
+        time.sleep(2.0)
+        acked_before = len(load.acked)
+        result = run_corpus(gateway_http=f"http://127.0.0.1:{parts.http_port}", gateway_grpc=f"127.0.0.1:{parts.grpc_port}",
+                            scorer_grpc=scorer_address, api_key=key, project=project)
+        acked_during = len(load.acked) - acked_before
+        unacked = load.stop(drain_s=30.0)
+    finally:
+        parts.stop()
+        scorer.stop()
+    return {"name": "malformed", **result, "failed_requests": len(load.failed), "acked_while_hostile": acked_during,
+            "unacked_at_end": unacked, "ok": result["malformed_internal_errors"] == 0 and result["unhealthy_after"] == 0
+            and result.get("malformed_unexpected", 0) == 0 and acked_during > 0}
