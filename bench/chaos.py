@@ -1,36 +1,44 @@
-"""``prefstream bench chaos``: kill -9 each part of the ingest path under load and keep the ledger.
+"""``prefstream bench chaos``: kill -9 each part of the loop under load and keep the ledger.
 
-On its own loopback stack (a Kafka broker and Redis, started in a temporary run dir), a gateway
-process and a feedback-processor process take a steady stream of feedback events from client threads
-that behave as clients should: an event answered UNAVAILABLE (or lost with a dropped connection) is
-retried with the same event id until it is acknowledged.  Each scenario kills one part with SIGKILL
-while batches are in flight, brings it back, and then checks every acknowledged event against the
-topics:
+On its own loopback stack (Kafka and a password-protected Redis with AOF, started in a temporary run
+dir) each ingest scenario runs the whole loop as processes: a gateway and a feedback processor take a
+steady stream of feedback events from client threads that behave as clients should (an event answered
+UNAVAILABLE, or lost with a dropped connection, is retried with the same event id until acknowledged);
+a continual trainer (``python -m trainer``, a tiny BERT so that it keeps up on 2 cores) trains on the
+derived preference records and publishes a version every few seconds; a scorer hot-swaps each version
+under a best-of-N load of retrying clients (bench/chaos_scorer.py).  Each scenario does one fault
+``kills`` times, brings the part back, and then follows every acknowledged event to the topics and to
+the trainer's checkpoints:
 
 * ``broker-kill``: the only broker dies; the gateway must resume acking on its own once it is back;
 * ``gateway-kill``: the gateway dies; a new one on the same port takes over (clients retry);
 * ``processor-kill``: the feedback processor dies mid-batch; a new one resumes from committed offsets;
-* ``hot-swaps``: a scorer process under a steady closed-loop Score load, first without swaps, then while
-  the registry moves to a new version every ``--swap-every-s`` until ``--swaps`` swaps were answered;
-  ``failed_requests`` must be 0 and ``swap_p99_increase`` is p99 latency during swaps over p99 without
-  them, minus 1 (the issue's target: <= 0.10).  Four checkpoints are written up front and published
-  round-robin under new version names, so the measured cost is the scorer's (verify, load, warm up,
-  swap), not the bench writing checkpoints on the same cores;
-* ``leader-kill``: on a 3-node KRaft cluster (topics with 3 replicas, min.insync.replicas 2), the broker
-  leading the first feedback partition dies; the others take over while it is down, then it rejoins.
+* ``redis-restart``: Redis dies (kill -9; the AOF keeps what was fsynced, every second) and restarts;
+* ``trainer-kill``: the trainer dies while a checkpoint is being written (its temporary directory
+  exists); the restarted trainer removes it and resumes from its newest durable checkpoint;
+* ``disk-full``: the trainer's checkpoints live on a small tmpfs that the bench fills up; the trainer
+  must pause (nothing published or left half-written) and go on once space is freed (needs root to mount);
+* ``leader-kill`` and ``all-brokers-kill``: on a 3-node KRaft cluster (topics with 3 replicas,
+  min.insync.replicas 2) the broker leading the first feedback partition dies, the others take over
+  while it is down; or all three die and restart;
+* ``malformed``: bench/hostile.py's corpus against a live gateway (HTTP, gRPC, OpenAI routes) and scorer
+  while the well-formed stream goes on;
+* ``hot-swaps``: a scorer under a steady closed-loop Score load, first without swaps, then while the
+  registry moves to a new version every ``--swap-every-s`` until ``--swaps`` swaps were answered;
+  ``swap_p99_increase`` is p99 during swaps over p99 without them, minus 1 (the target: <= 0.10);
+* ``scorer-kill`` and ``corrupt-checkpoint``: bench/chaos_scorer.py.
 
-Per scenario: ``acked`` (distinct events acknowledged), ``found`` (of those, in the feedback topic),
-``lost`` (acked, not found: must be 0), ``duplicates_in_topic`` (events written more than once:
+Per ingest scenario: ``acked`` (distinct events acknowledged), ``found`` (of those, in the feedback
+topic), ``lost`` (acked, not found: must be 0), ``duplicates_in_topic`` (events written more than once:
 retries of writes that had landed; at-least-once allows them), ``derived`` / ``derived_missing`` /
-``duplicates_derived`` (preference records per acked event: exactly one each is the processor's
-exactly-once effect), ``failed_requests`` (answers that were neither OK nor a retryable
-UNAVAILABLE, e.g. a 500: must be 0), ``refused_while_down`` (requests that could not connect while the
-gateway was dead), ``outage_s`` and ``recovery_s`` (from the part's return to the first
-acknowledgement, or for the processor the first derived record, after it; for ``leader-kill`` the
-longest gap between acknowledgements around the kill, ``ack_gap_s``, since the cluster keeps serving).
-
-Not covered here (see the issue notes): a trainer under the same faults (``duplicates_trained``) and
-best-of-N load on a scorer.
+``duplicates_derived`` (preference records per acked event; the processor delivers at least once with
+deterministic record ids, so a replay after Redis lost its newest writes derives a record twice),
+``trained`` / ``trained_missing`` / ``duplicates_trained`` (record ids in the trainer's checkpoints:
+every derived record in exactly one of them is the exactly-once training effect), ``failed_requests``
+(ingest and best-of-N answers that were neither OK nor a retryable UNAVAILABLE: must be 0),
+``refused_while_down``, ``outage_s`` and ``recovery_s`` (from the part's return to the first
+acknowledgement; for the processor the first derived record; for the trainer its next checkpoint; for
+``leader-kill`` also ``ack_gap_s``, the longest gap between acknowledgements around the kill).
 """
 
 from __future__ import annotations
