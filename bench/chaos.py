@@ -802,7 +802,9 @@ def _malformed(stack: Any, root: Path, key: str, project: str, args: argparse.Na
     create_prefixed_topics(stack.cfg.kafka_bootstrap, prefix)
     scorer, scorer_address = start_scorer(root, f"{prefix}scorer", {
         "PREFSTREAM_SCORER_REDIS_URL": stack.endpoints.redis_url, "PREFSTREAM_SCORER_REWARD_BASE_PATH": str(root / "tiny-reward"),
-        "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "64"})
+        "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "64",
+        # the chat route's cases name the policy; each is refused before anything generates, so it is not loaded
+        "PREFSTREAM_SCORER_POLICY_MODELS": "policy", "PREFSTREAM_SCORER_POLICY_PRELOAD": "false"})
     parts = Parts(root, stack.cfg.kafka_bootstrap, stack.endpoints.redis_url, prefix, free_port(), grpc_port=free_port())
     load = Load(f"http://127.0.0.1:{parts.http_port}", key, project, f"malformed{uuid.uuid4().hex[:4]}", args.writers, args.batch)
     try:
