@@ -18,7 +18,10 @@ from services.schemas import ModelUpdate
 class KafkaAnnouncer:
     """Writes each update to ``topic``, keyed by model name (one model's updates stay in order)."""
 
-    def __init__(self, producer: Any, topic: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Any, topic: str, *, timeout_s: float = 5.0) -> None:
+        """``timeout_s`` is short: an announcement only saves the scorers a registry poll, and a
+        publish must not hold up its trainer while Kafka is down (a 30 s wait per checkpoint once
+        slowed a trainer to one step per 30 s)."""
         self.producer = producer
         self.topic = topic
         self.timeout_s = timeout_s

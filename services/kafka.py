@@ -11,6 +11,7 @@ their own outputs are durable.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -18,6 +19,8 @@ from kafka.errors import KafkaError
 from kafka.producer.future import RecordMetadata
 
 from services.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 #: Producer settings that make an acknowledgement mean the record is on every in-sync replica.
 DURABLE_PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -73,15 +76,58 @@ def make_consumer(
     return consumer
 
 
+class RenewingProducer:
+    """A durable producer that replaces itself when a write is not acknowledged in time.
+
+    kafka-python's idempotent producer can stay stuck once every broker it knew died at once: after the
+    chaos bench killed all three brokers and restarted them, every later write of a trainer's producer
+    timed out for good while new producers worked at once.  :func:`send_sync` calls :meth:`renew` after
+    a failed write, so the next one goes through a fresh producer (the gateway's writer has its own
+    watchdog for the same reason, gateway/kafka_writer.py).  ``send``, ``flush`` and ``close`` are the
+    current producer's.
+    """
+
+    def __init__(self, bootstrap: str | list[str], **overrides: Any) -> None:
+        self._bootstrap, self._overrides = bootstrap, overrides
+        self._producer = make_producer(bootstrap, **overrides)
+        self.renewed = 0
+
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        return self._producer.send(topic, value=value, key=key)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._producer.close(timeout=timeout)
+
+    def renew(self) -> None:
+        """Drop the current producer (what it still holds is lost: callers only renew after a write
+        they will report as failed) and connect a new one; keeps the old one if none can be made."""
+        try:
+            fresh = make_producer(self._bootstrap, **self._overrides)
+        except Unavailable as e:
+            log.warning("could not replace a stalled Kafka producer (%s); keeping it", e)
+            return
+        old, self._producer = self._producer, fresh
+        self.renewed += 1
+        try:
+            old.close(timeout=0)
+        except Exception:  # noqa: BLE001 - a stuck producer may fail to close; it is dropped either way
+            log.debug("closing the stalled producer failed", exc_info=True)
+        log.warning("replaced a Kafka producer that stopped acknowledging (%d so far)", self.renewed)
+
+
 def send_sync(
-    producer: KafkaProducer,
+    producer: KafkaProducer | RenewingProducer,
     topic: str,
     value: bytes,
     *,
     key: bytes | None = None,
     timeout_s: float = 30.0,
 ) -> RecordMetadata:
-    """Send and wait for the broker's acknowledgement (acks=all); every failure is Unavailable."""
+    """Send and wait for the broker's acknowledgement (acks=all); every failure is Unavailable (and a
+    :class:`RenewingProducer` is renewed for the next write)."""
     try:
         future = producer.send(topic, value=value, key=key)
     except KafkaError as e:
@@ -89,4 +135,6 @@ def send_sync(
     try:
         return future.get(timeout=timeout_s)
     except KafkaError as e:
+        if isinstance(producer, RenewingProducer):
+            producer.renew()
         raise Unavailable(f"Kafka did not acknowledge the write to {topic}: {type(e).__name__}") from e

@@ -45,10 +45,10 @@ class Services:
 
 def connect_services(cfg: TrainerConfig) -> Services:
     """Checkpoint store; with ``publish``, the registry; with a Kafka address, a durable producer."""
-    from services.kafka import make_producer
+    from services.kafka import RenewingProducer
 
     store = CheckpointStore(cfg.checkpoint.checkpoint_url)
-    producer = make_producer(cfg.stream.kafka_bootstrap) if cfg.stream.kafka_bootstrap else None
+    producer = RenewingProducer(cfg.stream.kafka_bootstrap) if cfg.stream.kafka_bootstrap else None
     registry = None
     if cfg.gate.publish:
         from services.announce import KafkaAnnouncer
