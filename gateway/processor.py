@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from gateway import metrics
@@ -48,7 +48,7 @@ from services import topics
 from services.codec import encode_event
 from services.criteria_store import CriteriaStore
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
-from services.kafka import make_consumer, make_producer
+from services.kafka import RenewingProducer, make_consumer
 from services.redis_client import connect
 from services.schemas import PreferenceRecord, float_to_ts, prompt_hash
 
@@ -106,7 +106,7 @@ class Processor:
         self.t_preferences = cfg.topic(topics.PREFERENCES)
         self.t_dead = cfg.topic(topics.DEAD_LETTER)
         self._consumer: KafkaConsumer | None = None
-        self._producer: KafkaProducer | None = None
+        self._producer: RenewingProducer | None = None
         self._last_sweep = 0.0
         self.assigned = threading.Event()
 
@@ -115,7 +115,7 @@ class Processor:
 
     def connect(self) -> None:
         if self._producer is None:
-            self._producer = make_producer(self.bootstrap)
+            self._producer = RenewingProducer(self.bootstrap)
         if self._consumer is None:
             consumer = make_consumer(self.bootstrap, group_id=self.cfg.processor_group)
             wanted = {self.t_completions, self.t_feedback, self.t_preferences, self.t_dead}
@@ -392,9 +392,14 @@ class Processor:
         if self._producer is None:
             raise RuntimeError("call connect() first")
         futures = [self._producer.send(t, key=k, value=v) for t, k, v in batch.outputs]
-        self._producer.flush(timeout=30)
+        try:
+            self._producer.flush(timeout=30)
+        except KafkaError:
+            self._producer.renew()  # a producer that stopped acknowledging never recovers (services/kafka.py)
+            raise
         failed = [f for f in futures if not f.succeeded()]
         if failed:
+            self._producer.renew()
             raise _OutputFailed(f"{len(failed)} of {len(futures)} output record(s) were not acknowledged by Kafka")
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)

@@ -82,8 +82,9 @@ class RenewingProducer:
     kafka-python's idempotent producer can stay stuck once every broker it knew died at once: after the
     chaos bench killed all three brokers and restarted them, every later write of a trainer's producer
     timed out for good while new producers worked at once.  :func:`send_sync` calls :meth:`renew` after
-    a failed write, so the next one goes through a fresh producer (the gateway's writer has its own
-    watchdog for the same reason, gateway/kafka_writer.py).  ``send``, ``flush`` and ``close`` are the
+    a failed write, and so does the feedback processor after a batch Kafka did not acknowledge, so the
+    next write goes through a fresh producer (the gateway's writer, a producer in a child process, has
+    its own watchdog for the same reason, gateway/kafka_writer.py).  ``send``, ``flush`` and ``close`` are the
     current producer's.
     """
 
