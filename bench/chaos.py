@@ -430,13 +430,12 @@ def _wait_trained(parts: Parts, watch: "_Watch", timeout_s: float) -> float | No
 def _start_bestofn(root: Path, parts: Parts, redis_url: str) -> tuple[Any, Any]:
     """A scorer serving the scenario's trainer model (hot-swapping each version it publishes) and a
     best-of-N load on it (bench/chaos_scorer.py's retrying clients, 2 of them, 5 requests/s each)."""
-    from bench.chaos_scorer import BestOfNLoad, bestofn_requests
+    from bench.chaos_scorer import BestOfNLoad, bestofn_requests, scorer_env
     from bench.scorer_process import start_scorer
 
-    scorer, address = start_scorer(root, f"{parts.prefix}scorer", {
-        "PREFSTREAM_SCORER_REDIS_URL": redis_url, "PREFSTREAM_SCORER_REWARD_MODELS": parts.model,
-        "PREFSTREAM_SCORER_REWARD_BASE_PATH": parts.base_model, "PREFSTREAM_SCORER_DISCOVER_MODELS": "false",
-        "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5", "PREFSTREAM_SCORER_MAX_LENGTH": "64"})
+    scorer, address = start_scorer(root, f"{parts.prefix}scorer", scorer_env(
+        redis_url, PREFSTREAM_SCORER_REWARD_MODELS=parts.model, PREFSTREAM_SCORER_REWARD_BASE_PATH=parts.base_model,
+        PREFSTREAM_SCORER_POLL_INTERVAL_S="0.5", PREFSTREAM_SCORER_MAX_LENGTH="64"))
     return scorer, BestOfNLoad([address], bestofn_requests(), clients=2, interval_s=0.2)
 
 
@@ -793,6 +792,7 @@ def _malformed(stack: Any, root: Path, key: str, project: str, args: argparse.Na
     """The hostile corpus (bench/hostile.py) against a live gateway (HTTP, gRPC, the OpenAI routes) and a
     scorer while clients stream well-formed feedback: nothing hostile may get a 500 / INTERNAL, every
     service must still be healthy after, and the well-formed stream keeps being acknowledged."""
+    from bench.chaos_scorer import scorer_env
     from bench.hostile import run_corpus
     from bench.scorer_process import start_scorer
     from gateway.testing import create_prefixed_topics
@@ -800,11 +800,11 @@ def _malformed(stack: Any, root: Path, key: str, project: str, args: argparse.Na
 
     prefix = f"chaos{uuid.uuid4().hex[:6]}."
     create_prefixed_topics(stack.cfg.kafka_bootstrap, prefix)
-    scorer, scorer_address = start_scorer(root, f"{prefix}scorer", {
-        "PREFSTREAM_SCORER_REDIS_URL": stack.endpoints.redis_url, "PREFSTREAM_SCORER_REWARD_BASE_PATH": str(root / "tiny-reward"),
-        "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "64",
+    scorer, scorer_address = start_scorer(root, f"{prefix}scorer", scorer_env(
+        stack.endpoints.redis_url, PREFSTREAM_SCORER_REWARD_BASE_PATH=str(root / "tiny-reward"),
+        PREFSTREAM_SCORER_MAX_LENGTH="64",
         # the chat route's cases name the policy; each is refused before anything generates, so it is not loaded
-        "PREFSTREAM_SCORER_POLICY_MODELS": "policy", "PREFSTREAM_SCORER_POLICY_PRELOAD": "false"})
+        PREFSTREAM_SCORER_POLICY_MODELS="policy", PREFSTREAM_SCORER_POLICY_PRELOAD="false"))
     parts = Parts(root, stack.cfg.kafka_bootstrap, stack.endpoints.redis_url, prefix, free_port(), grpc_port=free_port())
     load = Load(f"http://127.0.0.1:{parts.http_port}", key, project, f"malformed{uuid.uuid4().hex[:4]}", args.writers, args.batch)
     try:

@@ -214,7 +214,9 @@ class BestOfNLoad:
 # scorer processes
 
 
-def _scorer_env(redis_url: str, **extra: str) -> dict[str, str]:
+def scorer_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """A chaos scorer's environment: the registry at ``redis_url``, fast polling, no discovery; ``extra``
+    overrides (``PREFSTREAM_SCORER_*`` names)."""
     return {"PREFSTREAM_SCORER_REDIS_URL": redis_url, "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.2",
             "PREFSTREAM_SCORER_DISCOVER_MODELS": "false", "PREFSTREAM_SCORER_MAX_LENGTH": "128", **extra}
 
@@ -317,7 +319,7 @@ def scorer_kill(root: Path, kills: int, quick: bool) -> dict[str, Any]:
         ref = _write(store, RewardModel.from_pretrained(max_length=128), "c1", 0.0)
         registry.publish(ModelVersion(name=MODEL, version="v1", uri=ref.uri, kind=ModelKind.REWARD))
         threads = str(max(1, (os.cpu_count() or 2) // 2))  # two replicas share the cores
-        env = _scorer_env(url, PREFSTREAM_SCORER_TORCH_THREADS=threads, PREFSTREAM_SCORER_INFER_WORKERS="1")
+        env = scorer_env(url, PREFSTREAM_SCORER_TORCH_THREADS=threads, PREFSTREAM_SCORER_INFER_WORKERS="1")
         addresses = _start_scorers(root, ["scorer-kill-a", "scorer-kill-b"], env, replicas)
         requests = bestofn_requests()
         load = BestOfNLoad(addresses, requests)
@@ -392,7 +394,7 @@ def corrupt_checkpoint(root: Path, quick: bool) -> dict[str, Any]:
             registry.publish(ModelVersion(name=MODEL, version=version, uri=uri, kind=ModelKind.REWARD))
 
         publish("v1", good1.uri)
-        _start_scorers(root, ["scorer-corrupt"], _scorer_env(url), scorers)
+        _start_scorers(root, ["scorer-corrupt"], scorer_env(url), scorers)
         address = f"127.0.0.1:{scorers[0].env['PREFSTREAM_SCORER_PORT']}"
         requests = bestofn_requests()
         load = BestOfNLoad([address], requests)
