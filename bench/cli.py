@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "train-reward": "bench.train_reward",
     "train-dpo": "bench.train_dpo",
     "freshness": "bench.freshness",
+    "loop-quality": "bench.loop_quality",
     "criteria-loop": "bench.criteria_loop",
     "chaos": "bench.chaos",
     "scale": "bench.scale",

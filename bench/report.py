@@ -191,6 +191,11 @@ TARGETS: tuple[Target, ...] = (
            lambda r: f"p50 {_fmt(r.get('freshness_p50_s'))} s, p99 {_fmt(r.get('freshness_p99_s'))} s"),
     Target("freshness", "failed_requests", "no failed scorer request", "-",
            _le("failed_requests", 0), lambda r: _fmt(r.get("failed_requests"))),
+    Target("loop-quality", "accuracy_live", "the live loop (the demo through Kafka, 3 seeds) within 0.01 of offline "
+           "training on the same pairs, 500 HH test pairs", "offline training, same pairs and settings",
+           lambda r: None if r.get("accuracy_live") is None else r["accuracy_live"] >= r["accuracy_offline"] - 0.01,
+           lambda r: f"live {_fmt(r.get('accuracy_live'))} vs offline {_fmt(r.get('accuracy_offline'))} "
+                     f"(paired {_fmt(r.get('paired_diff'))} ± {_fmt(r.get('paired_se'))}, {_fmt(r.get('seeds'))} seeds)"),
 )
 
 

@@ -209,6 +209,11 @@ class StreamSettings:
     poll_timeout_s: float = field(default=0.5, metadata=_help("longest single Kafka poll"))
     max_batch_wait_s: float = field(default=1.0, metadata=_help(
         "train a partial micro-batch once its first record has waited this long (freshness over throughput)"))
+    max_step_wait_s: float = field(default=10.0, metadata=_help(
+        "an optimiser step takes batch_size new records: the gradients of smaller micro-batches are accumulated "
+        "until that many have arrived, so the timing of arrivals does not change what is learned (a step is the "
+        "offline trainer's step).  Once the step's first record has waited this long, the step is taken with what "
+        "has arrived, so a slow stream still reaches serving.  0 = step on every micro-batch, whatever its size"))
     replay_ratio: float = field(default=0.5, metadata=_help(
         "replayed past records mixed in per new record (0 disables replay)"))
     replay_capacity: int = field(default=2000, metadata=_help("reservoir size of the replay buffer, in records"))
@@ -224,6 +229,7 @@ class StreamSettings:
         require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
         require(self.poll_timeout_s > 0, "poll_timeout_s", "must be > 0 seconds")
         require(self.max_batch_wait_s >= 0, "max_batch_wait_s", "must be >= 0 seconds")
+        require(self.max_step_wait_s >= 0, "max_step_wait_s", "must be >= 0 seconds (0 = no accumulation)")
         require(self.replay_ratio >= 0, "replay_ratio", "must be >= 0 (0 disables replay)")
         require(self.replay_capacity >= 0, "replay_capacity", "must be >= 0")
         require(self.dedup_window >= 0, "dedup_window", "must be >= 0 (0 turns the duplicate check off)")

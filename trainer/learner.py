@@ -6,6 +6,12 @@ collate -> one forward of the objective's module (the unit DDP wraps) -> loss ->
 step.  It does not know which kind of model it trains.  Under DDP each rank trains on its slice of
 the same micro-batch with its loss scaled so that DDP's gradient average equals the gradient of the
 whole micro-batch's mean loss.
+
+A step may be split over several micro-batches (gradient accumulation): ``train(records, share=s,
+apply=False)`` adds ``s`` times the gradient of the micro-batch's mean loss, and ``apply()`` takes the
+optimiser step on the sum.  With shares ``n_i / batch_size`` the accumulated gradient is the gradient of
+the mean loss over all ``batch_size`` records, so a step on micro-batches of 3, 5 and 8 records is the
+step on the 16 of them (the continual loop relies on this to make arrival timing irrelevant).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class StepStats:
     sequences: int
     padded_tokens: int
     seconds: float
+    applied: bool = True  # False: the gradient was accumulated, the optimiser step is still to come
 
 
 def shard(
@@ -146,6 +153,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, start_step)
         self.step = start_step
+        self._accumulated = False
         #: the weight average that is evaluated, saved and served (None: the live weights are)
         self.average = WeightAverage(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
@@ -196,10 +204,13 @@ class Learner:
         return self.objective.batch(self.model, records, weights)
 
     def train(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None, *,
-              sharded: bool = True) -> StepStats:
-        """One optimiser step on ``records`` with their loss ``weights`` (None: all equal; under DDP: on
-        this rank's slice of them)."""
+              sharded: bool = True, share: float = 1.0, apply: bool = True) -> StepStats:
+        """Backward of ``share`` x the mean loss of ``records`` with their loss ``weights`` (None: all
+        equal; under DDP: on this rank's slice of them), then, with ``apply``, the optimiser step on every
+        gradient accumulated since the last one."""
         started = time.perf_counter()
+        if not share > 0:
+            raise ValueError(f"share must be > 0, got {share}")
         scale = 1.0
         if self.world_size > 1 and sharded:
             records, weights, scale = shard(records, self.rank, self.world_size, weights)
@@ -209,17 +220,11 @@ class Learner:
             loss, parts = self.objective.loss(self.module, batch)
         if not math.isfinite(float(loss.detach())):
             self.optimizer.zero_grad(set_to_none=True)
+            self._accumulated = False
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower lr or check the data")
-        (loss * scale).backward()
-        if self.cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-        lr = self.lr
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.average is not None:
-            self.average.update(self.step)
-        self.step += 1
+        (loss * (scale * share)).backward()
+        self._accumulated = True
+        lr = self.apply() if apply else self.lr
         return StepStats(
             step=self.step,
             loss=float(loss.detach()),
@@ -230,7 +235,30 @@ class Learner:
             sequences=batch.sequences,
             padded_tokens=batch.padded_tokens,
             seconds=time.perf_counter() - started,
+            applied=apply,
         )
+
+    @property
+    def accumulating(self) -> bool:
+        """Gradients were accumulated that no optimiser step has used yet."""
+        return self._accumulated
+
+    def apply(self) -> float:
+        """The optimiser step on the accumulated gradients (clip, AdamW, schedule, weight average);
+        returns the learning rate it stepped with."""
+        if not self._accumulated:
+            raise RuntimeError("no accumulated gradient to apply; call train() first")
+        if self.cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        lr = self.lr
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = False
+        if self.average is not None:
+            self.average.update(self.step)
+        self.step += 1
+        return lr
 
     # Optimizer state travels with checkpoints only when configured (it doubles their size).
 

@@ -1,18 +1,25 @@
 """The continual training loop: micro-batches from the stream, replay, checkpoints, gate, commit.
 
-One iteration: collect up to ``batch_size`` new records (or fewer once the first has waited
-``max_batch_wait_s``), send TEST-split records to the evaluation set, mix in ``replay_ratio`` past
-records from the reservoir, take one optimiser step, then add the new records to the reservoir.
-Every ``checkpoint_every_records`` records or ``checkpoint_every_s`` seconds: evaluate, write the
-checkpoint (manifest last), commit the offsets it includes, then let the gate publish or reject it.
+One iteration: collect a micro-batch of new records (up to what the current step still needs, or
+fewer once the first has waited ``max_batch_wait_s``), send TEST-split records to the evaluation set,
+mix in ``replay_ratio`` past records from the reservoir, accumulate the micro-batch's gradient, then
+add the new records to the reservoir.  The optimiser step is taken once ``batch_size`` new records
+are in (or ``max_step_wait_s`` after the step's first one), so every step is the offline trainer's
+step on ``batch_size`` records whether they arrived together or one by one: the timing of arrivals
+changes when the model learns, not what it learns.  Every ``checkpoint_every_records`` records or
+``checkpoint_every_s`` seconds, between steps: evaluate, write the checkpoint (manifest last), commit
+the offsets it includes, then let the gate publish or reject it.
 
 Exactly-once effect: a record's offset is committed only after a durable checkpoint includes it, and
 a restart seeks to the offsets of the latest durable checkpoint, so every record ends up in exactly
 one checkpoint's ``records`` list whatever the crash point.  Checkpoints happen only between steps,
-when every record handed out by the source has been trained on (or put in the evaluation set).
+when every record handed out by the source has been trained on (or put in the evaluation set) and no
+accumulated gradient is waiting for its step.
 
 The loop does not know whether the step runs in this process or on a group of DDP workers: it calls
-``step_fn(records)``; ``trainer.ray_train`` passes one that shards the batch over the workers.
+a :class:`Stepper` (the :class:`~trainer.learner.Learner` itself, or ``trainer.ray_train``'s Commander,
+which shards each micro-batch over the workers).  ``report(metrics)`` receives each checkpoint's
+numbers (the Ray path hands them to ``ray.train.report`` for the Ray dashboard).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from services.checkpoints import CheckpointStore, is_store_full
 from services.errors import Unavailable
@@ -36,7 +43,13 @@ from trainer.stream import RecentIds, Source, StreamItem
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Sequence[PreferenceRecord], Sequence[float] | None], StepStats]
+class Stepper(Protocol):
+    """What trains: :class:`~trainer.learner.Learner` in-process, the Commander on Ray (same signature)."""
+
+    def train(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None, *,
+              share: float = 1.0, apply: bool = True) -> StepStats: ...
+
+    def apply(self) -> float: ...
 
 
 #: First wait after a checkpoint write refused by a full store; doubles up to 30 s.
@@ -74,11 +87,12 @@ class ContinualTrainer:
         eval_set: EvalSet,
         store: CheckpointStore | None = None,
         gate: Gate | None = None,
-        step_fn: StepFn | None = None,
+        stepper: Stepper | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_idle: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         recent_ids: Sequence[str] = (),
+        report: Callable[[dict[str, float | str]], None] = lambda metrics: None,
     ) -> None:
         self.cfg = cfg
         self.learner = learner
@@ -88,7 +102,8 @@ class ContinualTrainer:
         self.eval_set = eval_set
         self.store = store
         self.gate = gate
-        self.step_fn: StepFn = step_fn or learner.train
+        self.stepper: Stepper = stepper or learner
+        self.report = report
         self.should_stop = should_stop
         self.on_idle = on_idle
         self.clock = clock
@@ -101,6 +116,8 @@ class ContinualTrainer:
         self._loss_sum = 0.0
         self._acc_sum = 0.0
         self._steps_since = 0
+        self._accumulated = 0  # new records whose gradient waits for the step
+        self._step_started_at = 0.0  # when the first of them was trained
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -124,6 +141,8 @@ class ContinualTrainer:
                 idle_since = self.clock()
             else:
                 self.on_idle()
+            if self._accumulated and self.clock() - self._step_started_at >= self.cfg.stream.max_step_wait_s:
+                self.apply_step()  # a slow stream: step with what arrived
             if self._checkpoint_due():
                 self.checkpoint(reason="interval")
             if self.cfg.runtime.idle_exit_s and not train_items and self.clock() - idle_since >= self.cfg.runtime.idle_exit_s:
@@ -139,11 +158,12 @@ class ContinualTrainer:
         return self.summary
 
     def _collect(self) -> list[StreamItem]:
-        """Up to batch_size TRAIN records; TEST records go to the evaluation set on the way."""
+        """Up to the TRAIN records the current step still needs; TEST records go to the evaluation set."""
         batch: list[StreamItem] = []
         first_at: float | None = None
-        while len(batch) < self.cfg.optim.batch_size:
-            budget = self.cfg.optim.batch_size - len(batch)
+        wanted = self.cfg.optim.batch_size - self._accumulated
+        while len(batch) < wanted:
+            budget = wanted - len(batch)
             if self.cfg.runtime.max_records:
                 budget = min(budget, self.cfg.runtime.max_records - self.lineage.records_seen - len(batch))
                 if budget <= 0:
@@ -197,35 +217,58 @@ class ContinualTrainer:
         return kept
 
     def train(self, items: Sequence[StreamItem]) -> StepStats | None:
-        """One optimiser step on ``items`` plus replayed records; then the new ones join the reservoir."""
+        """Accumulate the gradient of ``items`` plus replayed records, stepping once the step has its
+        ``batch_size`` new records (at once without accumulation); then the new ones join the reservoir."""
         items = self.admit(items)
         if not items:
             return None
         new = [i.record for i in items]
         replayed = self.replay.sample(replay_count(len(new), self.cfg.stream.replay_ratio))
         weights = [1.0] * len(new) + [self.cfg.stream.replay_weight] * len(replayed) if replayed else None
-        stats = self.step_fn(new + replayed, weights)
+        batch_size = self.cfg.optim.batch_size
+        if self.cfg.stream.max_step_wait_s > 0:  # this micro-batch's share of the step's mean loss
+            share, apply = len(new) / batch_size, self._accumulated + len(new) >= batch_size
+        else:
+            share, apply = 1.0, True
+        if not self._accumulated:
+            self._step_started_at = self.clock()
+        stats = self.stepper.train(new + replayed, weights, share=share, apply=apply)
         self.replay.extend(new)
         self._pending.extend(items)
-        self.lineage.step += 1
+        self._accumulated += len(new)
+        if apply:
+            self._stepped()
         self.lineage.records_seen += len(new)
         self.lineage.replayed_records += len(replayed)
-        self.summary.steps += 1
         self.summary.records += len(new)
         self.summary.replayed += len(replayed)
         self._loss_sum += stats.loss
         self._acc_sum += stats.pair_accuracy
         self._steps_since += 1
-        metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(stats.seconds)
         metrics.LOSS.set(stats.loss)
         metrics.LEARNING_RATE.set(stats.lr)
         metrics.RECORDS.labels("train").inc(len(new))
         metrics.RECORDS.labels("replay").inc(len(replayed))
         metrics.RECORDS_SEEN.set(self.lineage.records_seen)
-        log.debug("step %d: loss %.4f acc %.3f lr %.2e, %d new + %d replayed, %.2fs", self.lineage.step, stats.loss,
-                  stats.pair_accuracy, stats.lr, len(new), len(replayed), stats.seconds)
+        log.debug("step %d%s: loss %.4f acc %.3f lr %.2e, %d new + %d replayed, %.2fs", self.lineage.step,
+                  "" if apply else " (accumulating)", stats.loss, stats.pair_accuracy, stats.lr, len(new),
+                  len(replayed), stats.seconds)
         return stats
+
+    def apply_step(self) -> None:
+        """Take the optimiser step on what has accumulated (a partial step: its gradient is the mean
+        loss's scaled by the share of ``batch_size`` that arrived, so a record's weight in the update
+        does not depend on when it came)."""
+        if self._accumulated:
+            self.stepper.apply()
+            self._stepped()
+
+    def _stepped(self) -> None:
+        self._accumulated = 0
+        self.lineage.step += 1
+        self.summary.steps += 1
+        metrics.STEPS.inc()
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -233,7 +276,7 @@ class ContinualTrainer:
         return self.source.positions() != self._checkpointed_positions
 
     def _checkpoint_due(self) -> bool:
-        if not self._pending:
+        if not self._pending or self._accumulated:  # a checkpoint waits for the step its records are in
             return False
         if self.cfg.checkpoint.checkpoint_every_records and len(self._pending) >= self.cfg.checkpoint.checkpoint_every_records:
             return True
@@ -251,6 +294,7 @@ class ContinualTrainer:
 
     def checkpoint(self, reason: str) -> str | None:
         """Evaluate, write (durable), commit offsets, then gate; returns the version (None without a store)."""
+        self.apply_step()  # records are checkpointed with the step they are in, never before it
         if self.store is None:
             self._pending.clear()
             self._checkpointed_positions = dict(self.source.positions())
@@ -262,7 +306,7 @@ class ContinualTrainer:
         summary = {
             "loss_avg": self._loss_sum / self._steps_since if self._steps_since else 0.0,
             "pair_accuracy_avg": self._acc_sum / self._steps_since if self._steps_since else 0.0,
-            "steps": float(self._steps_since),
+            "micro_batches": float(self._steps_since),
             "lr": self.learner.lr,
         }
         exact = self.cfg.checkpoint.save_optimizer_state
@@ -309,6 +353,14 @@ class ContinualTrainer:
         else:
             metrics.CHECKPOINTS.labels("held").inc()
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+        report = {
+            "version": ref.version, "step": self.lineage.step, "records_seen": self.lineage.records_seen,
+            "records": len(trained), "loss_avg": summary["loss_avg"], "lr": summary["lr"],
+            "published": int(ref.version in self.summary.published), "checkpoint_s": time.perf_counter() - started,
+        }
+        if result is not None:
+            report["eval_accuracy"] = result.accuracy
+        self.report(report)
         self._collect_garbage(ref.version)
         return ref.version
 

@@ -11,6 +11,12 @@ How a continual Kafka stream feeds DDP workers while keeping offsets exact:
   gradient (see :func:`trainer.learner.shard`).
 * Offsets therefore never leave rank 0: a checkpoint written there contains exactly the records of the
   micro-batches broadcast before it, and the commit-after-durable rule is the in-process one.
+* A step accumulated over several micro-batches is the same on every rank: each ``train`` command
+  carries the micro-batch's share of the step and whether to step after it; ``apply`` steps on what has
+  accumulated (a slow stream's partial step).
+* After each checkpoint rank 0 sends ``report`` with its numbers and every rank calls
+  ``ray.train.report`` with them (Ray Train wants every worker to report, the same number of times), so
+  the run's progress shows in the Ray dashboard and in ``Result.metrics``.
 * The other ranks block in the broadcast; rank 0 sends a heartbeat while the stream is idle so the
   collective never reaches the process-group timeout, and a ``stop`` (with the run summary) at the end.
 * A worker failure makes Ray Train restart the group (``ray_max_failures``); the new rank 0 resumes
@@ -47,10 +53,12 @@ STOP_POLL_S = 1.0
 
 
 class Commander:
-    """Rank 0's side of the protocol: broadcast a command, then do its own share."""
+    """Rank 0's side of the protocol: broadcast a command, then do its own share (a loop Stepper)."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, learner: Learner, world_size: int, report: Any = None) -> None:
+        self.learner = learner
         self.world_size = world_size
+        self._report = report
         self._last = time.monotonic()
 
     def _send(self, command: str, payload: Any) -> None:
@@ -61,10 +69,20 @@ class Commander:
         dist.broadcast_object_list([(command, payload)], src=0)
         self._last = time.monotonic()
 
-    def train(self, learner: Learner, records: Sequence[PreferenceRecord], weights: Sequence[float] | None) -> StepStats:
+    def train(self, records: Sequence[PreferenceRecord], weights: Sequence[float] | None = None, *,
+              share: float = 1.0, apply: bool = True) -> StepStats:
         self._send("train", (list(records), list(weights) if weights is not None else None,
-                             learner.objective.side_data(records)))
-        return learner.train(records, weights)
+                             self.learner.objective.side_data(records), share, apply))
+        return self.learner.train(records, weights, share=share, apply=apply)
+
+    def apply(self) -> float:
+        self._send("apply", None)
+        return self.learner.apply()
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        self._send("report", metrics)
+        if self._report is not None:
+            self._report(metrics)
 
     def heartbeat(self) -> None:
         if time.monotonic() - self._last >= HEARTBEAT_S:
@@ -77,8 +95,9 @@ class Commander:
         self._send("abort", reason)
 
 
-def follow(learner: Learner) -> dict[str, Any]:
-    """Ranks > 0: train on every broadcast micro-batch until rank 0 says stop."""
+def follow(learner: Learner, report: Any = None) -> dict[str, Any]:
+    """Ranks > 0: train on every broadcast micro-batch (and report what rank 0 reports) until rank 0
+    says stop."""
     import torch.distributed as dist
 
     while True:
@@ -86,9 +105,14 @@ def follow(learner: Learner) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         command, payload = box[0]
         if command == "train":
-            records, weights, side = payload
+            records, weights, side, share, apply = payload
             learner.objective.accept_side_data(side)
-            learner.train(records, weights)
+            learner.train(records, weights, share=share, apply=apply)
+        elif command == "apply":
+            learner.apply()
+        elif command == "report":
+            if report is not None:
+                report(payload)
         elif command == "stop":
             return payload
         elif command == "abort":
@@ -137,10 +161,10 @@ def worker_main(config: dict[str, Any]) -> None:
     )
     log.info("rank %d of %d on %s, training module %s", rank, world, learner.device, type(learner.module).__name__)
     if rank != 0:
-        follow(learner)
+        follow(learner, report=ray.train.report)
         return
 
-    commander = Commander(world)
+    commander = Commander(learner, world, report=ray.train.report)
     control = ray.get_actor(config["control_actor"]) if config.get("control_actor") else None
     last_check = [0.0, False]
 
@@ -155,8 +179,8 @@ def worker_main(config: dict[str, Any]) -> None:
 
     try:
         result = run_leader(cfg, services, point, learner,
-                            step_fn=lambda recs, weights: commander.train(learner, recs, weights),
-                            should_stop=should_stop, on_idle=commander.heartbeat)
+                            stepper=commander, should_stop=should_stop, on_idle=commander.heartbeat,
+                            report=commander.report)
     except BaseException as e:
         commander.abort(f"{type(e).__name__}")
         raise
@@ -236,8 +260,10 @@ def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]
                 failure_config=FailureConfig(max_failures=cfg.runtime.ray_max_failures),
             ),
         )
-        trainer.fit()
-        return dict(ray.get(control.summary.remote()))
+        result = trainer.fit()
+        summary = dict(ray.get(control.summary.remote()))
+        summary["ray_metrics"] = dict(result.metrics or {})  # the last ray.train.report: the last checkpoint
+        return summary
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

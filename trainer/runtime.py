@@ -23,7 +23,7 @@ from trainer.evaluation import EvalSet
 from trainer.gate import Gate
 from trainer.learner import Learner
 from trainer.objectives import Objective, objective_for
-from trainer.loop import ContinualTrainer, RunSummary, StepFn
+from trainer.loop import ContinualTrainer, RunSummary, Stepper
 from trainer.replay import ReservoirBuffer
 from trainer.stream import KafkaSource
 
@@ -100,9 +100,10 @@ def run_leader(
     point: ResumePoint,
     learner: Learner,
     *,
-    step_fn: StepFn | None = None,
+    stepper: Stepper | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_idle: Callable[[], None] = lambda: None,
+    report: Callable[[dict[str, Any]], None] = lambda metrics: None,
 ) -> RunSummary:
     """Rank 0 (or the only process): consume, train, checkpoint, gate."""
     replay: ReservoirBuffer = ReservoirBuffer(cfg.stream.replay_capacity, seed=cfg.optim.seed + point.step)
@@ -124,8 +125,8 @@ def run_leader(
                            parent=point.parent, base_model=point.base_model)
     log.info("trainer %s: %s", cfg.model.model_name, point.describe())
     loop = ContinualTrainer(cfg, learner, source, lineage=lineage, replay=replay, eval_set=eval_set,
-                            store=services.store, gate=gate, step_fn=step_fn, should_stop=should_stop,
-                            on_idle=on_idle, recent_ids=point.recent_record_ids)
+                            store=services.store, gate=gate, stepper=stepper, should_stop=should_stop,
+                            on_idle=on_idle, recent_ids=point.recent_record_ids, report=report)
     try:
         return loop.run()
     finally:

@@ -167,6 +167,10 @@ def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     assert [v.version for v in versions] == [r.version for r in refs]
     assert registry.target(name) is not None
     assert {u.version for u in announcements(kafka_bootstrap, name)} == {r.version for r in refs}
+    # every rank reported each checkpoint to Ray Train; the run's last metrics are the last checkpoint's
+    reported = summary["ray_metrics"]
+    assert reported["version"] == refs[-1].version and reported["records_seen"] == 24, reported
+    assert reported["step"] == metas[-1]["step"] and 0.0 <= reported["eval_accuracy"] <= 1.0
 
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
