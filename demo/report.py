@@ -11,7 +11,7 @@ import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -31,9 +31,32 @@ class Timeline:
     latency: list[tuple[float, float, str, bool]] = field(default_factory=list)
     # (t, version): the first response served by each new version
     swaps: list[tuple[float, str]] = field(default_factory=list)
+    # (events_acked when first served, accuracy, version): a few served versions judged after the run on
+    # every held-out pair (the gate's accuracy above uses its small evaluation set)
+    heldout: list[tuple[int, float, str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def spaced(xs: Sequence[float], max_labels: int = 6) -> list[int]:
+    """Indices of at most ``max_labels`` points to label, first and last included, the rest as evenly
+    spread over the x range as the points allow: a label per version turns a run with a hundred
+    versions into an unreadable band."""
+    if not xs or max_labels <= 0:
+        return []
+    if len(xs) <= max_labels:
+        return list(range(len(xs)))
+    lo, hi = min(xs), max(xs)
+    chosen: list[int] = []
+    for j in range(max_labels):
+        target = lo + (hi - lo) * j / (max_labels - 1)
+        best = min(range(len(xs)), key=lambda i: (abs(xs[i] - target), i))
+        if best not in chosen:
+            chosen.append(best)
+    if len(xs) - 1 not in chosen:
+        chosen[-1] = len(xs) - 1
+    return sorted(set(chosen))
 
 
 def _plot_accuracy(tl: Timeline, path: Path) -> None:
@@ -41,13 +64,22 @@ def _plot_accuracy(tl: Timeline, path: Path) -> None:
     if tl.accuracy:
         xs = [a[1] for a in tl.accuracy]
         ys = [a[2] * 100 for a in tl.accuracy]
-        ax.step(xs, ys, where="post", marker="o", ms=3)
-        for _, x, y, v in tl.accuracy:
-            ax.annotate(v, (x, y * 100), fontsize=6, xytext=(2, 3), textcoords="offset points")
+        ax.step(xs, ys, where="post", marker="o", ms=2, lw=1, label="gate's evaluation set, every version")
+        for i in spaced(xs):
+            ax.annotate(tl.accuracy[i][3], (xs[i], ys[i]), fontsize=7, xytext=(0, 6), textcoords="offset points",
+                        ha="center")
+    if tl.heldout:
+        hx, hy = [h[0] for h in tl.heldout], [h[1] * 100 for h in tl.heldout]
+        ax.plot(hx, hy, "s-", color="tab:green", ms=5, lw=1.5, label="all held-out pairs, a few versions")
+        for x, y, (_, _, v) in zip(hx, hy, tl.heldout):
+            ax.annotate(f"{y:.1f}", (x, y), fontsize=7, xytext=(0, -11), textcoords="offset points", ha="center",
+                        color="tab:green")
     ax.set_xlabel("feedback events ingested (acked)")
     ax.set_ylabel("held-out pairwise accuracy (%)")
     ax.set_title("Served reward model accuracy vs events ingested")
     ax.grid(alpha=0.3)
+    if tl.accuracy or tl.heldout:
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

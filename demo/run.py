@@ -260,23 +260,48 @@ async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: 
     }
 
 
-def final_accuracy(loop: Loop, version: str, n: int) -> dict[str, float | None]:
-    """Base vs final served model on the first ``n`` held-out pairs (the same pairs for both)."""
+def heldout_versions(served: list[tuple[float, int, float, str]], final: str, points: int) -> list[tuple[int, str]]:
+    """(events acked when first served, version) of the final version and of ``points`` served versions
+    spread evenly between the start and it over the events ingested (``Timeline.accuracy`` rows)."""
+    rows = [(x, v) for _, x, _, v in served if v != "base" and version_sort_key(v) <= version_sort_key(final)]
+    if not rows or rows[-1][1] != final:
+        return []
+    last_x = rows[-1][0]
+    chosen: list[tuple[int, str]] = []
+    for j in range(1, points + 1):
+        target = last_x * j / (points + 1)
+        x, v = min(rows[:-1] or rows, key=lambda r: abs(r[0] - target))
+        if (x, v) not in chosen and v != final:
+            chosen.append((x, v))
+    return sorted(chosen) + [rows[-1]]
+
+
+def final_accuracy(loop: Loop, version: str, n: int, timeline: Timeline | None = None,
+                   points: int = 0) -> dict[str, Any]:
+    """Base vs final served model on the first ``n`` held-out pairs (the same pairs for all), and
+    ``points`` served versions between them for the accuracy plot (into ``timeline.heldout``)."""
     if n <= 0:
         return {}
     from services.reward_model import RewardModel
     from trainer.evaluation import evaluate
 
     held_out = load_openpipe_jsonl(loop.eval_file)[:n]
-    out: dict[str, float | None] = {"final_eval_pairs": len(held_out)}
+    out: dict[str, Any] = {"final_eval_pairs": len(held_out)}
     base = RewardModel.from_pretrained(max_length=loop.cfg.max_length)
     out["accuracy_base"] = evaluate(base, held_out).accuracy
     del base
     if version != "base":
         store = CheckpointStore(str(loop.checkpoints))
-        path = store.open(store.get(MODEL_NAME, version))
-        final = RewardModel.from_pretrained(str(path), max_length=loop.cfg.max_length)
-        out["accuracy_final"] = evaluate(final, held_out).accuracy
+        judged = heldout_versions(timeline.accuracy, version, points) if timeline is not None else []
+        for events, v in judged or [(0, version)]:
+            path = store.open(store.get(MODEL_NAME, v))
+            accuracy = evaluate(RewardModel.from_pretrained(str(path), max_length=loop.cfg.max_length), held_out).accuracy
+            if timeline is not None and judged:
+                timeline.heldout.append((events, accuracy, v))
+            if v == version:
+                out["accuracy_final"] = accuracy
+        if timeline is not None and timeline.heldout:
+            out["accuracy_heldout_points"] = [list(h) for h in timeline.heldout]
     return out
 
 
@@ -298,7 +323,7 @@ def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
     finally:
         loop.stop()
     timeline: Timeline = summary.pop("_timeline")
-    summary.update(final_accuracy(loop, summary["final_version"], cfg.final_eval_records))
+    summary.update(final_accuracy(loop, summary["final_version"], cfg.final_eval_records, timeline, cfg.heldout_points))
     summary["wall_s"] = round(time.time() - started, 1)
     if write_html:
         report_dir = Path(cfg.report_dir or Path("reports") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()

@@ -134,7 +134,10 @@ def train_model(args: argparse.Namespace) -> int:
 
 def eval_model(args: argparse.Namespace) -> int:
     """``prefstream eval reward|dpo``: the gate's evaluation of a model folder on a file."""
+    from contextlib import nullcontext
+
     from services.data import load_openpipe_jsonl
+    from trainer.evaluation import progress_bar
     from trainer.offline import evaluate_file
 
     kind = COMMANDS[args.eval_command]
@@ -142,7 +145,8 @@ def eval_model(args: argparse.Namespace) -> int:
     records = load_openpipe_jsonl(args.data)
     if args.max_records:
         records = records[: args.max_records]
-    result = evaluate_file(args.model, records, cfg)
+    with nullcontext() if args.no_progress else progress_bar(f"eval {args.eval_command}"):
+        result = evaluate_file(args.model, records, cfg)
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **result.to_dict(outcomes=False), "n": result.pairs},
                          indent=2))
@@ -191,5 +195,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
         p.add_argument("--config", default=None, help="YAML/JSON file with trainer fields")
         p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_config_flags(p, TrainerConfig, EVAL_FIELDS[kind])
         p.set_defaults(handler=_clean_errors(eval_model))

@@ -14,9 +14,11 @@ far smaller than that of two independent accuracies.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +29,35 @@ from services.schemas import PreferenceRecord
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval_topic.jsonl"
+#: Responses scored per progress-bar tick when a bar is shown.
+PROGRESS_CHUNK = 64
+
+_progress: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefstream_eval_progress", default=None)
+
+
+@contextmanager
+def progress_bar(description: str):
+    """``with progress_bar("eval reward"):`` evaluations inside show a tqdm bar over the responses they
+    score (the CLI's ``prefstream eval``; the trainer's gate stays silent)."""
+    token = _progress.set(description)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _score_all(score: "ScoreFn", prompts: list, responses: list[str]) -> list[float]:
+    description = _progress.get()
+    if description is None or len(responses) <= PROGRESS_CHUNK:
+        return list(score(prompts, responses))
+    from tqdm import tqdm
+
+    scores: list[float] = []
+    with tqdm(total=len(responses), desc=description, unit="response") as bar:
+        for i in range(0, len(responses), PROGRESS_CHUNK):
+            scores.extend(score(prompts[i:i + PROGRESS_CHUNK], responses[i:i + PROGRESS_CHUNK]))
+            bar.update(len(responses[i:i + PROGRESS_CHUNK]))
+    return scores
 
 
 @dataclass(frozen=True)
@@ -120,7 +151,7 @@ def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
         for resp in rec.ranked_responses:
             prompts.append(rec.prompt)
             responses.append(resp)
-    scores = list(score(prompts, responses))
+    scores = _score_all(score, prompts, responses)
     outcomes: list[str] = []
     margin_sum = 0.0
     for start, k in spans:

@@ -20,3 +20,32 @@ def test_report_files(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert png in html
     assert json.loads((tmp_path / "timeline.json").read_text())["swaps"] == [[20.5, "v000001"]]
+
+
+def test_a_hundred_versions_get_a_few_spread_labels():
+    from demo.report import spaced
+
+    xs = [i * 30 for i in range(137)]  # the demo's 137 versions over 4000 events
+    labels = spaced(xs, 6)
+    assert labels[0] == 0 and labels[-1] == 136 and len(labels) == 6
+    gaps = [xs[b] - xs[a] for a, b in zip(labels, labels[1:])]
+    assert min(gaps) >= 0.8 * (xs[-1] / 5)  # evenly spread, none crowding its neighbour
+    assert spaced([5, 7], 6) == [0, 1] and spaced([], 6) == [] and spaced([1, 2, 3], 0) == []
+
+
+def test_heldout_points_are_spread_over_the_events_and_end_with_the_final_version(tmp_path):
+    from demo.run import heldout_versions
+
+    served = [(1.0, 0, 0.5, "base")] + [(float(i), 40 * i, 0.5, f"v{i:06d}") for i in range(1, 101)]
+    assert heldout_versions(served[1:], "v000100", 2) == [(1320, "v000033"), (2680, "v000067"), (4000, "v000100")]
+    assert heldout_versions(served[1:], "v000100", 0) == [(4000, "v000100")]
+    assert heldout_versions(served[1:], "v000050", 1) == [(1000, "v000025"), (2000, "v000050")]  # later ones ignored
+    assert heldout_versions(served[1:2], "v000001", 3) == [(40, "v000001")]
+    assert heldout_versions(served[1:10], "v000099", 2) == []  # the final version was never seen served: none
+
+
+def test_report_plots_heldout_points(tmp_path):
+    tl = Timeline(accuracy=[(float(i), 30 * i, 0.5 + i / 1000, f"v{i:06d}") for i in range(1, 138)],
+                  heldout=[(1000, 0.55, "v000033"), (4000, 0.62, "v000137")])
+    write_report(tmp_path, tl, {})
+    assert json.loads((tmp_path / "timeline.json").read_text())["heldout"][1] == [4000, 0.62, "v000137"]

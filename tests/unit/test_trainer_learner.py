@@ -496,3 +496,23 @@ def test_a_record_delivered_twice_is_trained_once_across_a_restart(tmp_path) -> 
     assert second.run().duplicates == 4
     ids = [e["record_id"] for ref in store.list(cfg.model.model_name) for e in store.read_metadata(ref)["records"]]
     assert ids == [r.record_id for r in recs]  # each exactly once, in stream order
+
+
+def test_evaluation_under_a_progress_bar_scores_in_chunks_with_the_same_result(capsys) -> None:
+    from trainer.evaluation import PROGRESS_CHUNK, pairwise_result, progress_bar
+
+    records = make_records(100, k=2)
+    calls: list[int] = []
+
+    def score(prompts, responses):
+        calls.append(len(responses))
+        return [float(len(r)) for r in responses]  # the longer GOOD answers win
+
+    plain = pairwise_result(records, score)
+    assert calls == [200]
+    calls.clear()
+    with progress_bar("eval test"):
+        shown = pairwise_result(records, score)
+    assert calls == [PROGRESS_CHUNK] * 3 + [200 - 3 * PROGRESS_CHUNK]
+    assert shown == plain and plain.accuracy > 0.5
+    assert "eval test" in capsys.readouterr().err
