@@ -48,7 +48,11 @@ class DemoConfig:
     final_eval_records: int = field(default=500, metadata={"help": "held-out pairs for the final base-vs-served accuracy (0 skips)"})
     heldout_points: int = field(default=2, metadata={"help": "served versions between the start and the final one "
                                                              "also judged on those held-out pairs, for the report's "
-                                                             "accuracy plot (about 25 s each on 2 cores)"})
+                                                             "accuracy plot (copied when first served; about 25 s "
+                                                             "each to judge on 2 cores)"})
+    keep_checkpoints: int = field(default=40, metadata={"help": "checkpoints the trainer keeps (~90 MB each); the "
+                                                                "demo reads every checkpoint's metadata as it appears, "
+                                                                "so history survives their removal"})
     drain_timeout_s: float = field(default=150.0, metadata={"help": "after the app finishes, how long to wait for the last events to be trained and served"})
     startup_timeout_s: float = field(default=240.0, metadata={"help": "how long services get to become ready"})
     progress_every_s: float = field(default=3.0, metadata={"help": "seconds between progress lines"})
@@ -67,6 +71,8 @@ class DemoConfig:
         require(self.eval_max_records >= 1, "eval_max_records", "must be >= 1")
         require(self.final_eval_records >= 0, "final_eval_records", "must be >= 0")
         require(self.heldout_points >= 0, "heldout_points", "must be >= 0")
+        require(self.keep_checkpoints >= 5, "keep_checkpoints",
+                "keep at least 5, so the demo reads each checkpoint's metadata before it is removed")
 
 
 def load_demo_config(

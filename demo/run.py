@@ -95,7 +95,9 @@ class Loop:
             "PREFSTREAM_TRAINER_EVAL_MAX_RECORDS": str(self.cfg.eval_max_records),
             "PREFSTREAM_TRAINER_MAX_LENGTH": str(self.cfg.max_length),
             "PREFSTREAM_TRAINER_NUM_WORKERS": str(self.cfg.trainer_workers),
-            "PREFSTREAM_TRAINER_KEEP_CHECKPOINTS": "1000",
+            # the monitor caches each checkpoint's metadata within seconds, and HeldoutSnapshots keeps
+            # the report's few versions, so the trainer's default retention bounds the demo's disk use
+            "PREFSTREAM_TRAINER_KEEP_CHECKPOINTS": str(self.cfg.keep_checkpoints),
             "PREFSTREAM_TRAINER_RAY_STORAGE_PATH": str(self.run_dir / "ray_train"),
             "PREFSTREAM_TRAINER_SEED": str(self.cfg.seed),
             "PREFSTREAM_TRAINER_REPLAY_RATIO": str(self.cfg.replay_ratio),
@@ -158,6 +160,8 @@ async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: 
     load = ScorerLoad(sc_addrs, held_out, rate=cfg.load_rate, n=cfg.candidates, model=MODEL_NAME, seed=cfg.seed + 1)
     watch = ReplicaWatch(sc_addrs, MODEL_NAME)
     timeline = Timeline()
+    kept = HeldoutSnapshots(mon.store, loop.run_dir / "heldout", 2 * len(records),
+                            cfg.heldout_points if cfg.final_eval_records else 0)
     t_start = time.time()
     load_task = asyncio.create_task(load.run())
     watch_task = asyncio.create_task(watch.run())
@@ -183,6 +187,7 @@ async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: 
                 acc = mon.accuracy_of(v) if v != "base" else None
                 if acc is not None:
                     timeline.accuracy.append((t - t_start, app.stats.events_acked, acc, v))
+                kept.offer(v, app.stats.events_acked)
         served = max(seen_versions, key=lambda v: (v != "base", v), default="")
         acc_now = mon.accuracy_of(served) if served and served != "base" else None
         _, _, fresh = _freshness(mon, load)
@@ -257,29 +262,47 @@ async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: 
         "ledger": ledger.to_dict(),
         "ledger_complete": ledger.complete,
         "_timeline": timeline,
+        "_kept": kept,
     }
 
 
-def heldout_versions(served: list[tuple[float, int, float, str]], final: str, points: int) -> list[tuple[int, str]]:
-    """(events acked when first served, version) of the final version and of ``points`` served versions
-    spread evenly between the start and it over the events ingested (``Timeline.accuracy`` rows)."""
-    rows = [(x, v) for _, x, _, v in served if v != "base" and version_sort_key(v) <= version_sort_key(final)]
-    if not rows or rows[-1][1] != final:
-        return []
-    last_x = rows[-1][0]
-    chosen: list[tuple[int, str]] = []
-    for j in range(1, points + 1):
-        target = last_x * j / (points + 1)
-        x, v = min(rows[:-1] or rows, key=lambda r: abs(r[0] - target))
-        if (x, v) not in chosen and v != final:
-            chosen.append((x, v))
-    return sorted(chosen) + [rows[-1]]
+class HeldoutSnapshots:
+    """Copies of a few served versions, spread over the stream, kept for the report's accuracy on every
+    held-out pair: the trainer keeps only its newest checkpoints, so the demo keeps these itself.
+
+    ``offer(version, events)`` is called with each version when it is first served; the first version
+    served at or after each of ``points`` evenly spaced event counts (``total × j / (points + 1)``) is
+    copied under ``folder``."""
+
+    def __init__(self, store: CheckpointStore, folder: Path, total_events: int, points: int) -> None:
+        self.store = store
+        self.folder = folder
+        self.thresholds = [total_events * j / (points + 1) for j in range(1, points + 1)]
+        self.kept: list[tuple[int, str, Path]] = []  # (events acked when first served, version, copy)
+        self._next = 0  # the first threshold no kept version stands for yet
+
+    def offer(self, version: str, events: int) -> bool:
+        if version == "base" or self._next >= len(self.thresholds) or events < self.thresholds[self._next]:
+            return False
+        import shutil
+
+        try:
+            source = self.store.open(self.store.get(MODEL_NAME, version))
+            target = self.folder / version
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        except Exception as e:  # noqa: BLE001 - only the report's extra points depend on it
+            log.warning("could not keep %s for the held-out accuracy plot: %s", version, e)
+            return False
+        self.kept.append((events, version, target))
+        while self._next < len(self.thresholds) and events >= self.thresholds[self._next]:
+            self._next += 1  # one version may stand for several points it was served past
+        return True
 
 
 def final_accuracy(loop: Loop, version: str, n: int, timeline: Timeline | None = None,
-                   points: int = 0) -> dict[str, Any]:
-    """Base vs final served model on the first ``n`` held-out pairs (the same pairs for all), and
-    ``points`` served versions between them for the accuracy plot (into ``timeline.heldout``)."""
+                   kept: HeldoutSnapshots | None = None) -> dict[str, Any]:
+    """Base vs final served model on the first ``n`` held-out pairs (the same pairs for all), and the
+    versions ``kept`` along the way, for the accuracy plot (into ``timeline.heldout``)."""
     if n <= 0:
         return {}
     from services.reward_model import RewardModel
@@ -292,15 +315,15 @@ def final_accuracy(loop: Loop, version: str, n: int, timeline: Timeline | None =
     del base
     if version != "base":
         store = CheckpointStore(str(loop.checkpoints))
-        judged = heldout_versions(timeline.accuracy, version, points) if timeline is not None else []
-        for events, v in judged or [(0, version)]:
-            path = store.open(store.get(MODEL_NAME, v))
+        final_events = next((x for _, x, _, v in (timeline.accuracy if timeline else []) if v == version), None)
+        judged = [(x, v, p) for x, v, p in (kept.kept if kept else []) if version_sort_key(v) < version_sort_key(version)]
+        judged.append((final_events, version, store.open(store.get(MODEL_NAME, version))))
+        for events, v, path in judged:
             accuracy = evaluate(RewardModel.from_pretrained(str(path), max_length=loop.cfg.max_length), held_out).accuracy
-            if timeline is not None and judged:
+            if timeline is not None and events is not None:
                 timeline.heldout.append((events, accuracy, v))
-            if v == version:
-                out["accuracy_final"] = accuracy
-        if timeline is not None and timeline.heldout:
+        out["accuracy_final"] = accuracy
+        if timeline is not None and len(timeline.heldout) > 1:
             out["accuracy_heldout_points"] = [list(h) for h in timeline.heldout]
     return out
 
@@ -323,7 +346,7 @@ def run_demo(cfg: DemoConfig, *, write_html: bool = True) -> dict[str, Any]:
     finally:
         loop.stop()
     timeline: Timeline = summary.pop("_timeline")
-    summary.update(final_accuracy(loop, summary["final_version"], cfg.final_eval_records, timeline, cfg.heldout_points))
+    summary.update(final_accuracy(loop, summary["final_version"], cfg.final_eval_records, timeline, summary.pop("_kept")))
     summary["wall_s"] = round(time.time() - started, 1)
     if write_html:
         report_dir = Path(cfg.report_dir or Path("reports") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()

@@ -33,15 +33,24 @@ def test_a_hundred_versions_get_a_few_spread_labels():
     assert spaced([5, 7], 6) == [0, 1] and spaced([], 6) == [] and spaced([1, 2, 3], 0) == []
 
 
-def test_heldout_points_are_spread_over_the_events_and_end_with_the_final_version(tmp_path):
-    from demo.run import heldout_versions
+def test_heldout_snapshots_copy_the_first_version_served_past_each_point(tmp_path):
+    from demo.run import MODEL_NAME, HeldoutSnapshots
+    from services.checkpoints import CheckpointStore
 
-    served = [(1.0, 0, 0.5, "base")] + [(float(i), 40 * i, 0.5, f"v{i:06d}") for i in range(1, 101)]
-    assert heldout_versions(served[1:], "v000100", 2) == [(1320, "v000033"), (2680, "v000067"), (4000, "v000100")]
-    assert heldout_versions(served[1:], "v000100", 0) == [(4000, "v000100")]
-    assert heldout_versions(served[1:], "v000050", 1) == [(1000, "v000025"), (2000, "v000050")]  # later ones ignored
-    assert heldout_versions(served[1:2], "v000001", 3) == [(40, "v000001")]
-    assert heldout_versions(served[1:10], "v000099", 2) == []  # the final version was never seen served: none
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for i in range(1, 8):
+        store.write(MODEL_NAME, f"v{i:06d}", lambda d, i=i: (d / "weights.bin").write_text(f"w{i}"), {"records": []})
+    kept = HeldoutSnapshots(store, tmp_path / "kept", total_events=3000, points=2)  # points at 1000, 2000
+    assert not kept.offer("base", 1500)
+    assert not kept.offer("v000001", 400)
+    assert kept.offer("v000003", 1100) and not kept.offer("v000004", 1900)
+    assert kept.offer("v000006", 2600) and not kept.offer("v000007", 2900)
+    assert [(x, v) for x, v, _ in kept.kept] == [(1100, "v000003"), (2600, "v000006")]
+    assert (tmp_path / "kept" / "v000006" / "weights.bin").read_text() == "w6"
+    late = HeldoutSnapshots(store, tmp_path / "late", total_events=3000, points=2)
+    assert late.offer("v000007", 2500)  # one version past both points stands for both
+    assert [v for _, v, _ in late.kept] == ["v000007"] and not late.offer("v000007", 2950)
+    assert not HeldoutSnapshots(store, tmp_path / "none", 3000, 0).offer("v000007", 2900)
 
 
 def test_report_plots_heldout_points(tmp_path):
