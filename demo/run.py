@@ -73,6 +73,8 @@ class Loop:
             "PREFSTREAM_SCORER_STACK_RUN_DIR": str(stack_dir),
             "PREFSTREAM_SCORER_PORT": str(port),
             "PREFSTREAM_SCORER_POLL_INTERVAL_S": "0.5",
+            # as k8s/base/scorer.yaml: a version is fetched when its announcement arrives, not at the next poll
+            "PREFSTREAM_SCORER_KAFKA_BOOTSTRAP": load_stack_endpoints(stack_dir).kafka_bootstrap,
             "PREFSTREAM_SCORER_MAX_LENGTH": str(self.cfg.max_length),
             "PREFSTREAM_SCORER_REWARD_MODELS": MODEL_NAME,
         }, logs / (f"scorer-{i}.log" if len(sc_ports) > 1 else "scorer.log")) for i, port in enumerate(sc_ports)]
