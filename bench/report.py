@@ -195,7 +195,8 @@ TARGETS: tuple[Target, ...] = (
            "training on the same pairs, 500 HH test pairs", "offline training, same pairs and settings",
            lambda r: None if r.get("accuracy_live") is None else r["accuracy_live"] >= r["accuracy_offline"] - 0.01,
            lambda r: f"live {_fmt(r.get('accuracy_live'))} vs offline {_fmt(r.get('accuracy_offline'))} "
-                     f"(paired {_fmt(r.get('paired_diff'))} ± {_fmt(r.get('paired_se'))}, {_fmt(r.get('seeds'))} seeds)"),
+                     + (f"(paired {100 * r['paired_diff']:+.1f} ± {100 * r['paired_se']:.1f} pts, "
+                        f"{_fmt(r.get('seeds'))} seeds)" if r.get("paired_diff") is not None else "")),
 )
 
 
