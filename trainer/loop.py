@@ -354,7 +354,7 @@ class ContinualTrainer:
             metrics.CHECKPOINTS.labels("held").inc()
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         report = {
-            "version": ref.version, "step": self.lineage.step, "records_seen": self.lineage.records_seen,
+            "version": ref.version, "uri": ref.uri, "step": self.lineage.step, "records_seen": self.lineage.records_seen,
             "records": len(trained), "loss_avg": summary["loss_avg"], "lr": summary["lr"],
             "published": int(ref.version in self.summary.published), "checkpoint_s": time.perf_counter() - started,
         }

@@ -16,7 +16,10 @@ How a continual Kafka stream feeds DDP workers while keeping offsets exact:
   accumulated (a slow stream's partial step).
 * After each checkpoint rank 0 sends ``report`` with its numbers and every rank calls
   ``ray.train.report`` with them (Ray Train wants every worker to report, the same number of times), so
-  the run's progress shows in the Ray dashboard and in ``Result.metrics``.
+  the run's progress shows in the Ray dashboard.  Rank 0 attaches a Ray checkpoint that is only a
+  pointer (``prefstream_checkpoint.json``: the version and its URI in prefstream's store, which stays
+  the one place weights live): Ray Train keeps the metrics of checkpointed reports, so ``Result.metrics``
+  and ``Result.checkpoint`` name the last version, and the run keeps ``RAY_POINTERS_KEPT`` pointers.
 * The other ranks block in the broadcast; rank 0 sends a heartbeat while the stream is idle so the
   collective never reaches the process-group timeout, and a ``stop`` (with the run summary) at the end.
 * A worker failure makes Ray Train restart the group (``ray_max_failures``); the new rank 0 resumes
@@ -32,6 +35,7 @@ DDP's initial broadcast makes the weights identical anyway.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -50,6 +54,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Seconds of stream idleness after which rank 0 pings the other ranks (far below the 30-min timeout).
 HEARTBEAT_S = 60.0
 STOP_POLL_S = 1.0
+#: The file of the pointer checkpoint rank 0 reports to Ray Train, and how many of them Ray keeps.
+POINTER_FILE = "prefstream_checkpoint.json"
+RAY_POINTERS_KEPT = 5
+
+
+def report_with_pointer(metrics: dict[str, Any]) -> None:
+    """Rank 0's ``ray.train.report``: the metrics plus a pointer checkpoint naming the version."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="prefstream-pointer-") as d:
+        pointer = {k: metrics[k] for k in ("version", "uri") if k in metrics}
+        (Path(d) / POINTER_FILE).write_text(json.dumps(pointer))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 class Commander:
@@ -164,7 +184,7 @@ def worker_main(config: dict[str, Any]) -> None:
         follow(learner, report=ray.train.report)
         return
 
-    commander = Commander(learner, world, report=ray.train.report)
+    commander = Commander(learner, world, report=report_with_pointer)
     control = ray.get_actor(config["control_actor"]) if config.get("control_actor") else None
     last_check = [0.0, False]
 
@@ -234,7 +254,7 @@ def runtime_env() -> dict[str, Any]:
 def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]:
     """Launch the continual trainer as a Ray Train run and wait for it; returns rank 0's summary."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_ray = not ray.is_initialized()
@@ -258,11 +278,15 @@ def run_on_ray(cfg: TrainerConfig, *, log_level: str = "INFO") -> dict[str, Any]
                 name=f"prefstream-trainer-{cfg.model.model_name}-{uuid.uuid4().hex[:6]}",
                 storage_path=str(Path(cfg.runtime.ray_storage_path).expanduser().resolve()),
                 failure_config=FailureConfig(max_failures=cfg.runtime.ray_max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=RAY_POINTERS_KEPT),
             ),
         )
         result = trainer.fit()
         summary = dict(ray.get(control.summary.remote()))
-        summary["ray_metrics"] = dict(result.metrics or {})  # the last ray.train.report: the last checkpoint
+        summary["ray_metrics"] = dict(result.metrics or {})  # the last checkpoint's report
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                summary["ray_checkpoint"] = json.loads((Path(d) / POINTER_FILE).read_text())
         return summary
     finally:
         for s, h in previous.items():

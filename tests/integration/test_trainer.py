@@ -171,6 +171,7 @@ def test_ray_train_ddp_two_workers_consumes_checkpoints_and_publishes(
     reported = summary["ray_metrics"]
     assert reported["version"] == refs[-1].version and reported["records_seen"] == 24, reported
     assert reported["step"] == metas[-1]["step"] and 0.0 <= reported["eval_accuracy"] <= 1.0
+    assert summary["ray_checkpoint"] == {"version": refs[-1].version, "uri": refs[-1].uri}  # Ray's pointer
 
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
