@@ -320,6 +320,8 @@ def final_accuracy(loop: Loop, version: str, n: int, timeline: Timeline | None =
         final_events = next((x for _, x, _, v in (timeline.accuracy if timeline else []) if v == version), None)
         judged = [(x, v, p) for x, v, p in (kept.kept if kept else []) if version_sort_key(v) < version_sort_key(version)]
         judged.append((final_events, version, store.open(store.get(MODEL_NAME, version))))
+        if timeline is not None:
+            timeline.heldout.append((0, out["accuracy_base"], "base"))
         for events, v, path in judged:
             accuracy = evaluate(RewardModel.from_pretrained(str(path), max_length=loop.cfg.max_length), held_out).accuracy
             if timeline is not None and events is not None:
