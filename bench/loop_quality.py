@@ -73,7 +73,7 @@ def _offline_arm(demo_cfg: Any, seed: int, pairs: Sequence[Any], held_out: Seque
 
     cfg = _offline_config(demo_cfg, seed)
     started = time.perf_counter()
-    learner, result = train_offline(cfg, pairs)
+    learner, result = train_offline(cfg, pairs, progress=f"offline arm, seed {seed}")
     with learner.serving_weights():
         learner.objective.save(learner.model, out)
     judged = _judge(out, held_out, demo_cfg.max_length)

@@ -206,7 +206,7 @@ def offline_arm(cfg: Any, train: Sequence[Any], out: str) -> dict[str, Any]:
 
     learner = fresh_learner(cfg)
     started = time.perf_counter()
-    learner, res = train_offline(cfg, train, learner=learner)
+    learner, res = train_offline(cfg, train, learner=learner, progress="offline arm")
     seconds = time.perf_counter() - started
     peak = peak_rss_mb()
     learner.model.save_adapter(Path(out) / ADAPTER_DIR)

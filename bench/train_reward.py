@@ -147,7 +147,7 @@ def run_streaming(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
 def run_offline(cfg, train: Sequence, test: Sequence) -> dict[str, Any]:
     from trainer.offline import train_offline
 
-    learner, res = train_offline(cfg, train, learner=fresh_learner(cfg))
+    learner, res = train_offline(cfg, train, learner=fresh_learner(cfg), progress="offline arm")
     return {**_evaluate_arm(learner, test, cfg), "records": res.records, "steps": res.steps, "seconds": res.seconds,
             "records_per_s": res.records_per_s,
             "final_loss": res.losses[-1]}

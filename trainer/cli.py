@@ -90,8 +90,6 @@ def run_service(args: argparse.Namespace) -> int:
 
 def train_model(args: argparse.Namespace) -> int:
     """``prefstream train reward|dpo``: epochs over a file through the continual trainer's own step."""
-    from tqdm import tqdm
-
     from services.data import load_openpipe_jsonl
     from trainer.offline import save_offline, train_offline
 
@@ -100,13 +98,7 @@ def train_model(args: argparse.Namespace) -> int:
     records = load_openpipe_jsonl(args.data)
     train = [r for r in records if not r.is_eval]
     log.info("training a %s model on %d records from %s (%d epochs)", kind, len(train), args.data, cfg.optim.epochs)
-    steps = cfg.optim.epochs * -(-len(train) // cfg.optim.batch_size)
-    with tqdm(total=steps, desc=f"train {args.train_command}", unit="step", disable=args.no_progress) as bar:
-        def on_step(stats) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.pair_accuracy:.2f}")
-
-        learner, result = train_offline(cfg, records, on_step=on_step)
+    learner, result = train_offline(cfg, records, progress=None if args.no_progress else f"train {args.train_command}")
     eval_records = load_openpipe_jsonl(args.eval_data) if args.eval_data else []
     with learner.serving_weights():  # the weight average (ema_decay) is the trained model
         if eval_records:

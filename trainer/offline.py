@@ -58,8 +58,10 @@ def train_offline(
     *,
     learner: Learner | None = None,
     on_step: Callable[[StepStats], None] | None = None,
+    progress: str | None = None,
 ) -> tuple[Learner, OfflineResult]:
-    """``cfg.optim.epochs`` shuffled passes over ``records`` (TEST-split records are skipped)."""
+    """``cfg.optim.epochs`` shuffled passes over ``records`` (TEST-split records are skipped); with
+    ``progress``, a tqdm bar of that name over the steps (loss and batch accuracy beside it)."""
     train = [r for r in records if not r.is_eval]
     if not train:
         from services.errors import InvalidArgument
@@ -76,17 +78,24 @@ def train_offline(
         log.warning("%d records cannot be trained on and are skipped, e.g. %s", len(admitted),
                     next(iter(admitted.values())))
         train = [r for r in train if r.record_id not in admitted]
+    from tqdm import tqdm
+
     result = OfflineResult()
     started = time.perf_counter()
-    for epoch in range(cfg.optim.epochs):
-        for batch in batches(train, cfg.optim.batch_size, cfg.optim.seed + epoch):
-            stats = learner.train(batch)
-            result.steps += 1
-            result.records += len(batch)
-            result.losses.append(stats.loss)
-            if on_step is not None:
-                on_step(stats)
-        log.info("epoch %d/%d done: %d steps, last loss %.4f", epoch + 1, cfg.optim.epochs, result.steps, result.losses[-1])
+    steps = cfg.optim.epochs * -(-len(train) // cfg.optim.batch_size)
+    with tqdm(total=steps, desc=progress, unit="step", disable=progress is None) as bar:
+        for epoch in range(cfg.optim.epochs):
+            for batch in batches(train, cfg.optim.batch_size, cfg.optim.seed + epoch):
+                stats = learner.train(batch)
+                result.steps += 1
+                result.records += len(batch)
+                result.losses.append(stats.loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.pair_accuracy:.2f}", refresh=False)
+                if on_step is not None:
+                    on_step(stats)
+            log.info("epoch %d/%d done: %d steps, last loss %.4f", epoch + 1, cfg.optim.epochs, result.steps,
+                     result.losses[-1])
     result.seconds = time.perf_counter() - started
     return learner, result
 
