@@ -391,16 +391,9 @@ class Processor:
         """Write the batch's outputs, wait for acks=all, then apply its bookkeeping."""
         if self._producer is None:
             raise RuntimeError("call connect() first")
-        futures = [self._producer.send(t, key=k, value=v) for t, k, v in batch.outputs]
-        try:
-            self._producer.flush(timeout=30)
-        except KafkaError:
-            self._producer.renew()  # a producer that stopped acknowledging never recovers (services/kafka.py)
-            raise
-        failed = [f for f in futures if not f.succeeded()]
+        failed = self._producer.send_all(batch.outputs, timeout=30)  # renews a producer that stopped acking
         if failed:
-            self._producer.renew()
-            raise _OutputFailed(f"{len(failed)} of {len(futures)} output record(s) were not acknowledged by Kafka")
+            raise _OutputFailed(f"{failed} of {len(batch.outputs)} output record(s) were not acknowledged by Kafka")
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for r in batch.records:

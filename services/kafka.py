@@ -81,11 +81,11 @@ class RenewingProducer:
 
     kafka-python's idempotent producer can stay stuck once every broker it knew died at once: after the
     chaos bench killed all three brokers and restarted them, every later write of a trainer's producer
-    timed out for good while new producers worked at once.  :func:`send_sync` calls :meth:`renew` after
-    a failed write, and so does the feedback processor after a batch Kafka did not acknowledge, so the
-    next write goes through a fresh producer (the gateway's writer, a producer in a child process, has
-    its own watchdog for the same reason, gateway/kafka_writer.py).  ``send``, ``flush`` and ``close`` are the
-    current producer's.
+    timed out for good while new producers worked at once.  :func:`send_sync` (one write) and
+    :meth:`send_all` (a batch, the feedback processor's) call :meth:`renew` after a write Kafka did not
+    acknowledge, so the next write goes through a fresh producer (the gateway's writer, a producer in a
+    child process, has its own watchdog for the same reason, gateway/kafka_writer.py).  ``send``,
+    ``flush`` and ``close`` are the current producer's.
     """
 
     def __init__(self, bootstrap: str | list[str], **overrides: Any) -> None:
@@ -101,6 +101,21 @@ class RenewingProducer:
 
     def close(self, timeout: float | None = None) -> None:
         self._producer.close(timeout=timeout)
+
+    def send_all(self, records: Iterable[tuple[str, bytes | None, bytes]], timeout: float) -> int:
+        """Send every ``(topic, key, value)`` and wait for Kafka's acknowledgements; returns how many
+        were not acknowledged (0: all durable).  A flush that fails, or any write left unacknowledged,
+        renews the producer for the next batch; the flush's ``KafkaError`` propagates."""
+        futures = [self._producer.send(topic, key=key, value=value) for topic, key, value in records]
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError:
+            self.renew()
+            raise
+        failed = sum(1 for f in futures if not f.succeeded())
+        if failed:
+            self.renew()
+        return failed
 
     def renew(self) -> None:
         """Drop the current producer (what it still holds is lost: callers only renew after a write

@@ -14,6 +14,9 @@ class _Future:
     def __init__(self, error: Exception | None) -> None:
         self.error = error
 
+    def succeeded(self) -> bool:
+        return self.error is None
+
     def get(self, timeout: float) -> str:
         if self.error is not None:
             raise self.error
@@ -37,6 +40,9 @@ class FakeProducer:
 
     def close(self, timeout=None):
         self.closed = True
+
+    def flush(self, timeout=None):
+        pass
 
 
 def test_a_stalled_producer_is_replaced_and_the_next_write_goes_through(monkeypatch) -> None:
@@ -66,3 +72,15 @@ def test_without_a_broker_to_connect_to_the_old_producer_is_kept(monkeypatch) ->
     with pytest.raises(Unavailable):
         send_sync(producer, "t", b"a", timeout_s=0.01)
     assert producer.renewed == 0 and not FakeProducer.made[0].closed
+
+
+def test_a_batch_left_unacknowledged_renews_the_producer_for_the_next_batch(monkeypatch) -> None:
+    FakeProducer.made = []
+    monkeypatch.setattr(kafka_module, "make_producer", lambda bootstrap, **kw: FakeProducer(stuck=not FakeProducer.made))
+    producer = RenewingProducer("127.0.0.1:9")
+    batch = [("prefs", b"k1", b"a"), ("dead", None, b"b")]
+    assert producer.send_all(batch, timeout=0.01) == 2  # the caller reports the batch failed and retries it
+    first, second = FakeProducer.made
+    assert producer.renewed == 1 and first.closed
+    assert producer.send_all(batch, timeout=0.01) == 0 and second.sent == [("prefs", b"a"), ("dead", b"b")]
+    assert producer.renewed == 1
