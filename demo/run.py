@@ -44,6 +44,12 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
+def trainer_learning_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The trainer leaves (flat names) the demo sets that decide what its trainer learns; the rest are
+    the trainer's defaults.  ``bench loop-quality`` trains its offline arm with exactly these."""
+    return {"max_length": cfg.max_length, "seed": cfg.seed, "replay_ratio": cfg.replay_ratio, "autocast": "auto"}
+
+
 class Loop:
     """The processes and clients of one demo run."""
 
@@ -95,15 +101,12 @@ class Loop:
             "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": str(self.cfg.checkpoint_every_records),
             "PREFSTREAM_TRAINER_EVAL_DATA": self.eval_file,
             "PREFSTREAM_TRAINER_EVAL_MAX_RECORDS": str(self.cfg.eval_max_records),
-            "PREFSTREAM_TRAINER_MAX_LENGTH": str(self.cfg.max_length),
+            **{f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in trainer_learning_settings(self.cfg).items()},
             "PREFSTREAM_TRAINER_NUM_WORKERS": str(self.cfg.trainer_workers),
             # the monitor caches each checkpoint's metadata within seconds, and HeldoutSnapshots keeps
             # the report's few versions, so the trainer's default retention bounds the demo's disk use
             "PREFSTREAM_TRAINER_KEEP_CHECKPOINTS": str(self.cfg.keep_checkpoints),
             "PREFSTREAM_TRAINER_RAY_STORAGE_PATH": str(self.run_dir / "ray_train"),
-            "PREFSTREAM_TRAINER_SEED": str(self.cfg.seed),
-            "PREFSTREAM_TRAINER_REPLAY_RATIO": str(self.cfg.replay_ratio),
-            "PREFSTREAM_TRAINER_AUTOCAST": "auto",
         }, logs / "trainer.log")
         self.services = [*scorers, *gateways, trainer]
         for s in self.services:
@@ -189,7 +192,8 @@ async def _drive(loop: Loop, gw_addrs: list[str], sc_addrs: list[str], api_key: 
                 acc = mon.accuracy_of(v) if v != "base" else None
                 if acc is not None:
                     timeline.accuracy.append((t - t_start, app.stats.events_acked, acc, v))
-                kept.offer(v, app.stats.events_acked)
+                # copying ~90 MB blocks: off the event loop that also drives the best-of-N load
+                await asyncio.to_thread(kept.offer, v, app.stats.events_acked)
         served = max(seen_versions, key=lambda v: (v != "base", v), default="")
         acc_now = mon.accuracy_of(served) if served and served != "base" else None
         _, _, fresh = _freshness(mon, load)

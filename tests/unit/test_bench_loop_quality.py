@@ -24,3 +24,20 @@ def test_paired_stats_of_identical_arms_is_zero() -> None:
 def test_paired_stats_refuses_mismatched_outcomes(live, offline) -> None:
     with pytest.raises(ValueError):
         paired_stats(live, offline)
+
+
+def test_the_offline_arm_trains_with_the_settings_the_demo_gives_its_trainer() -> None:
+    from bench.loop_quality import _offline_config
+    from demo.config import load_demo_config
+    from demo.run import trainer_learning_settings
+    from trainer.config import load_trainer_config
+
+    demo_cfg = load_demo_config(overrides={"seed": 2, "replay_ratio": 0.5, "max_length": 96})
+    env = {f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in trainer_learning_settings(demo_cfg).items()}
+    live = load_trainer_config(env=env).to_dict()  # what `python -m trainer` builds from the demo's env
+    offline = _offline_config(demo_cfg).to_dict()
+    assert {k: offline[k] for k in ("seed", "replay_ratio", "max_length", "autocast")} == \
+        {"seed": 2, "replay_ratio": 0.5, "max_length": 96, "autocast": "auto"}
+    learning = ("batch_size", "lr", "warmup_steps", "ema_decay", "schedule", "max_grad_norm", "weight_decay",
+                "replay_weight", "loss", "seed", "replay_ratio", "max_length", "autocast")
+    assert {k: live[k] for k in learning} == {k: offline[k] for k in learning}
