@@ -115,7 +115,7 @@ class ContinualTrainer:
         self._last_checkpoint_at = clock()
         self._loss_sum = 0.0
         self._acc_sum = 0.0
-        self._steps_since = 0
+        self._micro_batches_since = 0
         self._accumulated = 0  # new records whose gradient waits for the step
         self._step_started_at = 0.0  # when the first of them was trained
 
@@ -244,7 +244,7 @@ class ContinualTrainer:
         self.summary.replayed += len(replayed)
         self._loss_sum += stats.loss
         self._acc_sum += stats.pair_accuracy
-        self._steps_since += 1
+        self._micro_batches_since += 1
         metrics.STEP_SECONDS.observe(stats.seconds)
         metrics.LOSS.set(stats.loss)
         metrics.LEARNING_RATE.set(stats.lr)
@@ -304,9 +304,9 @@ class ContinualTrainer:
         positions = self.source.positions()
         trained = list(self._pending)
         summary = {
-            "loss_avg": self._loss_sum / self._steps_since if self._steps_since else 0.0,
-            "pair_accuracy_avg": self._acc_sum / self._steps_since if self._steps_since else 0.0,
-            "micro_batches": float(self._steps_since),
+            "loss_avg": self._loss_sum / self._micro_batches_since if self._micro_batches_since else 0.0,
+            "pair_accuracy_avg": self._acc_sum / self._micro_batches_since if self._micro_batches_since else 0.0,
+            "micro_batches": float(self._micro_batches_since),
             "lr": self.learner.lr,
         }
         exact = self.cfg.checkpoint.save_optimizer_state
@@ -328,7 +328,7 @@ class ContinualTrainer:
         self._checkpointed_positions = dict(positions)
         self._pending.clear()
         self._loss_sum = self._acc_sum = 0.0
-        self._steps_since = 0
+        self._micro_batches_since = 0
         self._last_checkpoint_at = self.clock()
         self.lineage.previous_version = ref.version
         self.summary.checkpoints.append(ref.version)

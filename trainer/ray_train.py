@@ -42,7 +42,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from services.schemas import PreferenceRecord
 from trainer.config import SECTION, TrainerConfig
@@ -61,7 +61,6 @@ RAY_POINTERS_KEPT = 5
 
 def report_with_pointer(metrics: dict[str, Any]) -> None:
     """Rank 0's ``ray.train.report``: the metrics plus a pointer checkpoint naming the version."""
-    import json
     import tempfile
 
     import ray.train
@@ -75,7 +74,8 @@ def report_with_pointer(metrics: dict[str, Any]) -> None:
 class Commander:
     """Rank 0's side of the protocol: broadcast a command, then do its own share (a loop Stepper)."""
 
-    def __init__(self, learner: Learner, world_size: int, report: Any = None) -> None:
+    def __init__(self, learner: Learner, world_size: int,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.learner = learner
         self.world_size = world_size
         self._report = report
@@ -115,7 +115,7 @@ class Commander:
         self._send("abort", reason)
 
 
-def follow(learner: Learner, report: Any = None) -> dict[str, Any]:
+def follow(learner: Learner, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Ranks > 0: train on every broadcast micro-batch (and report what rank 0 reports) until rank 0
     says stop."""
     import torch.distributed as dist
