@@ -114,6 +114,41 @@ def resolve_criteria(store: CriteriaStore, refs: Sequence[str], project: str) ->
     return out
 
 
+def feedback_mode_for(dpo_loss: str) -> str:
+    """What criteria feedback the policy's loss trains on: the whole ranking for Plackett-Luce, else the
+    best reply over the worst (sigmoid and IPO read only those two, so more would cost forwards for nothing)."""
+    return "ranking" if dpo_loss == "plackett_luce" else "pair"
+
+
+class FeedbackModes:
+    """The loop's criteria build the feedback its loss needs for as long as it runs, then get back
+    whatever explicit setting they had (or none)."""
+
+    def __init__(self, store: CriteriaStore, criteria: Sequence[Criterion], dpo_loss: str) -> None:
+        self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss)
+        self.before: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def __enter__(self) -> "FeedbackModes":
+        for c in self.criteria:  # every check before any change: a refused run changes nothing
+            if self.store.feedback_mode(c.project, [c.name]) is None:
+                from services.errors import InvalidArgument
+
+                raise InvalidArgument("criteria", f"criteria feedback is switched off for {c.ref} in project "
+                                      f"{c.project}, so the loop would train on nothing; switch it on with "
+                                      f"`prefstream criteria feedback on --name {c.name} --project {c.project}`")
+        for c in self.criteria:
+            self.before[(c.project, c.name)] = self.store.feedback_settings(c.project).get(c.name)
+            self.store.set_feedback(c.project, c.name, enabled=True, mode=self.mode)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for (project, name), old in self.before.items():
+            if old is None:
+                self.store.clear_feedback(project, name)
+            else:
+                self.store.set_feedback(project, name, enabled=old.get("enabled", True), mode=old.get("mode", "pair"))
+
+
 def reward_checkpoint(cfg: LoopConfig) -> Path | None:
     """The reward model folder to publish: given, or trained once on ``reward_data`` and cached."""
     if not cfg.reward_model or not cfg.reward_checkpoint:
@@ -535,9 +570,11 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
         for c in criteria:
             store.mark_in_use(c.project, c.name, holder)
         try:
-            loop = CriteriaLoop(cfg, procs, criteria, plan)
-            loop.t0 = started
-            summary = asyncio.run(loop.run())
+            with FeedbackModes(store, criteria, cfg.dpo_loss) as modes:
+                _out(f"criteria feedback builds a {modes.mode} per best-of-N (dpo_loss {cfg.dpo_loss})")
+                loop = CriteriaLoop(cfg, procs, criteria, plan)
+                loop.t0 = started
+                summary = asyncio.run(loop.run())
         finally:
             for c in criteria:
                 store.release(c.project, c.name, holder)
@@ -573,5 +610,5 @@ def print_summary(s: dict[str, Any]) -> None:
         _out(f"  report: {s['report']}")
 
 
-__all__ = ["CriteriaLoop", "Evaluation", "LoopProcesses", "make_plan", "print_summary", "resolve_criteria",
+__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan", "print_summary", "resolve_criteria",
            "run_criteria_loop"]

@@ -375,6 +375,14 @@ class CriteriaStore:
         with self._errors():
             self._r.hset(self._feedback_key(project), name, json.dumps({"enabled": bool(enabled), "mode": mode}))
 
+    def clear_feedback(self, project: str, name: str = ALL) -> None:
+        """Drop the explicit setting of one criterion (or the project's ``*``): the default applies again."""
+        validate_name(project, "project")
+        if name != ALL:
+            validate_name(name, "name")
+        with self._errors():
+            self._r.hdel(self._feedback_key(project), name)
+
     def feedback_settings(self, project: str) -> dict[str, dict[str, Any]]:
         """Every explicit setting of ``project``: name (or ``*``) -> {"enabled", "mode"}."""
         with self._errors():

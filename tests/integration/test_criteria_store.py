@@ -164,3 +164,25 @@ def test_the_cli_creates_lists_shows_and_deletes(redis_url: str, capsys: pytest.
     assert main(["criteria", "delete", "no-boilerplate", "--force", "--reason", "test", *common]) == 0
     assert main(["criteria", "list", *common]) == 0
     assert "no criteria in project default" in capsys.readouterr().out
+
+
+def test_the_loop_sets_the_feedback_its_loss_needs_and_gives_back_the_old_settings(store: CriteriaStore) -> None:
+    from loop.run import FeedbackModes, feedback_mode_for
+
+    assert feedback_mode_for("plackett_luce") == "ranking"
+    assert feedback_mode_for("sigmoid") == feedback_mode_for("ipo") == "pair"
+    concise, _ = store.create(parse_criterion(CONCISE))
+    tone, _ = store.create(parse_criterion({"name": "tone", "project": "acme",
+                                            "rules": [{"regex_must_not_match": "you"}]}))
+    store.set_feedback("acme", "tone", enabled=True, mode="pair")  # an explicit setting of the user's
+    with FeedbackModes(store, [concise, tone], "plackett_luce") as modes:
+        assert modes.mode == "ranking"
+        assert store.feedback_mode("acme", ["concise"]) == store.feedback_mode("acme", ["tone"]) == "ranking"
+    assert store.feedback_settings("acme") == {"tone": {"enabled": True, "mode": "pair"}}  # concise had none
+
+    store.set_feedback("acme", "concise", enabled=False)
+    with pytest.raises(InvalidArgument, match="criteria feedback on --name concise"):
+        with FeedbackModes(store, [tone, concise], "plackett_luce"):
+            pass
+    assert store.feedback_settings("acme") == {"tone": {"enabled": True, "mode": "pair"},  # a refused run
+                                               "concise": {"enabled": False, "mode": "pair"}}  # changes nothing
