@@ -50,6 +50,7 @@ class StepStats:
     padded_tokens: int
     seconds: float
     applied: bool = True  # False: the gradient was accumulated, the optimiser step is still to come
+    pieces: int = 1  # backward passes the micro-batch took (max_tokens_per_backward)
 
 
 def shard(
@@ -214,29 +215,59 @@ class Learner:
         scale = 1.0
         if self.world_size > 1 and sharded:
             records, weights, scale = shard(records, self.rank, self.world_size, weights)
-        batch = self.prepare(records, weights).to(self.device)
+        pieces = self._pieces(list(records), list(weights) if weights is not None else None)
+        total = sum(w for _, w in pieces)
         self.module.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, parts = self.objective.loss(self.module, batch)
-        if not math.isfinite(float(loss.detach())):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._accumulated = False
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower lr or check the data")
-        (loss * (scale * share)).backward()
-        self._accumulated = True
+        loss_sum, parts_sum, sequences, tokens = 0.0, {}, 0, 0
+        for i, (batch, weight) in enumerate(pieces):
+            fraction = weight / total if total else 1.0 / len(pieces)
+            with self._sync(last=i == len(pieces) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss, parts = self.objective.loss(self.module, batch.to(self.device))
+                if not math.isfinite(float(loss.detach())):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._accumulated = False
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower lr or check "
+                                             "the data")
+                (loss * (scale * share * fraction)).backward()
+            self._accumulated = True
+            loss_sum += float(loss.detach()) * fraction
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * fraction
+            sequences += batch.sequences
+            tokens += batch.padded_tokens
         lr = self.apply() if apply else self.lr
         return StepStats(
             step=self.step,
-            loss=float(loss.detach()),
-            pair_accuracy=parts.get("pair_accuracy", 0.0),
-            parts={k: v for k, v in parts.items() if k != "pair_accuracy"},
+            loss=loss_sum,
+            pair_accuracy=parts_sum.get("pair_accuracy", 0.0),
+            parts={k: v for k, v in parts_sum.items() if k != "pair_accuracy"},
             lr=lr,
             records=len(records) if scale else 0,
-            sequences=batch.sequences,
-            padded_tokens=batch.padded_tokens,
+            sequences=sequences,
+            padded_tokens=tokens,
             seconds=time.perf_counter() - started,
             applied=apply,
+            pieces=len(pieces),
         )
+
+    def _pieces(self, records: list[PreferenceRecord], weights: list[float] | None) -> list[tuple[Batch, float]]:
+        """The micro-batch as batches of at most ``max_tokens_per_backward`` padded tokens (halved until
+        they fit; a single record always goes alone), each with its records' total loss weight."""
+        batch = self.prepare(records, weights)
+        budget = self.cfg.optim.max_tokens_per_backward
+        if not budget or batch.padded_tokens <= budget or len(records) == 1:
+            return [(batch, float(sum(weights)) if weights is not None else float(len(records)))]
+        mid = len(records) // 2
+        return (self._pieces(records[:mid], weights[:mid] if weights is not None else None)
+                + self._pieces(records[mid:], weights[mid:] if weights is not None else None))
+
+    def _sync(self, *, last: bool) -> AbstractContextManager[Any]:
+        """Under DDP, every piece but the micro-batch's last keeps its gradient local (``no_sync``): each
+        rank then all-reduces once per micro-batch, however many pieces its own records made."""
+        if last or not hasattr(self.module, "no_sync"):
+            return nullcontext()
+        return self.module.no_sync()
 
     @property
     def accumulating(self) -> bool:

@@ -119,6 +119,29 @@ def test_bf16_autocast_trains_the_policy(tmp_path, tiny_base) -> None:
     assert losses[-1] < losses[0]
 
 
+def test_a_micro_batch_over_the_backward_budget_trains_in_pieces_to_the_same_gradient(tmp_path, tiny_base) -> None:
+    """max_tokens_per_backward bounds the activations one backward keeps; the weighted pieces add up to
+    the whole micro-batch's gradient (Plackett-Luce over rankings of 3, replay-style weights)."""
+    batch, weights = records(6, k=3), [1.0, 0.25, 1.0, 1.0, 0.25, 1.0]
+    grads, stats = [], []
+    for budget in (0, 96):
+        cfg = config(tmp_path, tiny_base, dpo_loss="plackett_luce", autocast="none", max_tokens_per_backward=budget)
+        objective = objective_for(cfg)
+        torch.manual_seed(0)
+        learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+        learner.admit(batch)
+        stats.append(learner.train(batch, weights, apply=False))
+        grads.append([p.grad.clone() for p in learner.params])
+    whole, pieces = stats
+    assert whole.pieces == 1 and pieces.pieces > 1
+    assert pieces.padded_tokens <= whole.padded_tokens * 2 and pieces.sequences == whole.sequences == 18
+    assert pieces.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert pieces.pair_accuracy == pytest.approx(whole.pair_accuracy)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_reference_logps_are_computed_once_per_record(tmp_path, tiny_base, monkeypatch) -> None:
     cfg = config(tmp_path, tiny_base)
     objective = objective_for(cfg)
