@@ -611,5 +611,6 @@ def print_summary(s: dict[str, Any]) -> None:
         _out(f"  report: {s['report']}")
 
 
-__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan", "print_summary", "resolve_criteria",
+__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan",
+           "print_summary", "resolve_criteria",
            "run_criteria_loop"]

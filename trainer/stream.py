@@ -123,7 +123,8 @@ class KafkaSource:
                     pos = source._positions.get(tp.partition)
                     if pos is not None:
                         source._consumer.seek(tp, pos)
-                        log.info("partition %s[%d]: resuming at offset %d (checkpoint)", topic, tp.partition, pos)
+                        log.info("partition %s[%d]: resuming at offset %d (after this trainer's checkpoint or "
+                                 "last record)", topic, tp.partition, pos)
                     else:
                         log.info("partition %s[%d]: no checkpointed offset; starting at the group's committed "
                                  "offset or the earliest", topic, tp.partition)
