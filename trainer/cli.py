@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 #: The TrainerConfig fields that matter to offline training of any kind.
 COMMON_OFFLINE_FIELDS: tuple[str, ...] = (
     "base_model", "max_length", "dtype", "autocast", "lr", "weight_decay", "schedule", "warmup_steps",
-    "max_grad_norm", "ema_decay", "disable_dropout", "batch_size", "max_tokens_per_forward", "max_tokens_per_backward",
-    "epochs", "seed",
-    "device", "torch_threads", "eval_batch_size",
+    "max_grad_norm", "ema_decay", "disable_dropout", "batch_size", "max_tokens_per_forward",
+    "max_tokens_per_backward", "epochs", "seed", "device", "torch_threads", "eval_batch_size",
 )
 #: ... of a reward model, and of a DPO policy.
 REWARD_FIELDS: tuple[str, ...] = ("attributes", "loss", "use_margin", "center_rewards_coefficient",

@@ -220,7 +220,7 @@ class Learner:
         self.module.train()
         loss_sum, parts_sum, sequences, tokens = 0.0, {}, 0, 0
         for i, (batch, weight) in enumerate(pieces):
-            fraction = weight / total if total else 1.0 / len(pieces)
+            fraction = weight / total  # > 0: shard() gives an empty rank weight 1, replay_weight > 0
             with self._sync(last=i == len(pieces) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     loss, parts = self.objective.loss(self.module, batch.to(self.device))

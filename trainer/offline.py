@@ -13,12 +13,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
 from trainer.evaluation import EvalResult
-from trainer.learner import Learner, StepStats
+from trainer.learner import Learner
 from trainer.objectives import Objective, objective_for
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ def train_offline(
     records: Sequence[PreferenceRecord],
     *,
     learner: Learner | None = None,
-    on_step: Callable[[StepStats], None] | None = None,
     progress: str | None = None,
 ) -> tuple[Learner, OfflineResult]:
     """``cfg.optim.epochs`` shuffled passes over ``records`` (TEST-split records are skipped); with
@@ -92,8 +91,6 @@ def train_offline(
                 result.losses.append(stats.loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.pair_accuracy:.2f}", refresh=False)
-                if on_step is not None:
-                    on_step(stats)
             log.info("epoch %d/%d done: %d steps, last loss %.4f", epoch + 1, cfg.optim.epochs, result.steps,
                      result.losses[-1])
     result.seconds = time.perf_counter() - started
