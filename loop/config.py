@@ -45,7 +45,8 @@ class LoopConfig:
     max_tokens: int = field(default=128, metadata={"help": "new tokens per reply, training and evaluation"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
-    concurrency: int = field(default=2, metadata={"help": "best-of-N requests in flight"})
+    concurrency: int = field(
+        default=4, metadata={"help": "best-of-N requests in flight (the scorer decodes their candidates as one batch)"})
     topic_prefix: str = field(default="", metadata={"help": (
         "prefix of this run's Kafka topics (created if missing), so a loop on a shared stack keeps its "
         "completions, feedback and preferences to itself; empty = the stack's own topics")})

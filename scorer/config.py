@@ -125,6 +125,12 @@ class ScorerConfig(TlsSettings):
     max_n: int = field(default=16, metadata={"help": "largest n for best-of-N sampling"})
     max_new_tokens: int = field(default=256, metadata={"help": "largest max_tokens a best-of-N request may ask for"})
     default_new_tokens: int = field(default=64, metadata={"help": "max_tokens when a best-of-N request gives none"})
+    decode_batch_rows: int = field(
+        default=32,
+        metadata={"help": "most completion rows a policy decodes together across concurrent requests (continuous "
+                          "batching: a request joins between decode steps, leaves when its last row ends; "
+                          "scorer/decoding.py); 1 = one request at a time"},
+    )
     stream_window: int = field(default=256, metadata={"help": "ScoreStream requests in flight per stream (backpressure)"})
     poll_interval_s: float = field(default=1.0, metadata={"help": "seconds between registry generation polls"})
     discover_interval_s: float = field(default=10.0, metadata={"help": "seconds between registry model listings"})
@@ -169,6 +175,7 @@ class ScorerConfig(TlsSettings):
         require(self.max_responses >= 1, "max_responses", "must be >= 1")
         require(self.max_text_chars >= 1, "max_text_chars", "must be >= 1")
         require(self.max_n >= 1, "max_n", "must be >= 1")
+        require(self.decode_batch_rows >= 1, "decode_batch_rows", "must be >= 1 (1 = one request at a time)")
         require(1 <= self.default_new_tokens <= self.max_new_tokens, "default_new_tokens",
                 f"must be within 1..max_new_tokens ({self.max_new_tokens})")
         require(self.stream_window >= 1, "stream_window", "must be >= 1")

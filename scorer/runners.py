@@ -314,11 +314,18 @@ def load_reward(path: str, *, device: str, dtype: str, warmup: bool,
 
 
 class PolicyRunner:
-    """A loaded causal-LM policy: ``generate`` n completions for one prompt (generation thread)."""
+    """A loaded causal-LM policy: ``sample`` completions through its batch decoder (scorer/decoding.py).
 
-    def __init__(self, model: Any) -> None:
+    ``batch_rows``: the most completion rows decoded together across concurrent requests (1 = one
+    request at a time).  The decoder's thread starts with the runner and stops at :meth:`close`.
+    """
+
+    def __init__(self, model: Any, *, batch_rows: int = 1, name: str = "decode") -> None:
+        from scorer.decoding import BatchDecoder
+
         self.model = model
         self.dtype: str = str(model.spec.dtype)
+        self.decoder = BatchDecoder(model.hf_model, model.tokenizer, max_rows=batch_rows, name=name).start()
 
     def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]:
         # Unset parameters fall back to the policy's own defaults.
@@ -328,11 +335,10 @@ class PolicyRunner:
             return list(self.model.generate(list(prompt), n=n, **{k: v for k, v in given.items() if v is not None}))
 
     def sample(self, prompt: Sequence[ChatMessage], params: Any, on_delta: Any = None, cancelled: Any = None) -> Any:
-        """scorer/decoding.py's loop over this policy: ``params`` a DecodeParams; returns a Decoded."""
-        from scorer.decoding import decode
-
+        """One request through the batch decoder (blocks the calling thread until its last row ends):
+        ``params`` a DecodeParams; returns a Decoded."""
         ids = self.model.prompt_ids(list(prompt))
-        return decode(self.model.hf_model, self.model.tokenizer, ids, params, on_delta=on_delta, cancelled=cancelled)
+        return self.decoder.submit(ids, params, on_delta=on_delta, cancelled=cancelled).result()
 
     def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
         """A judge's P(yes) after each conversation (generation thread)."""
@@ -344,13 +350,17 @@ class PolicyRunner:
             raise CheckpointRefused("warmup_failed", f"policy warm-up returned {len(out)} completions for n=1")
 
     def close(self) -> None:
+        self.decoder.close()
+        del self.decoder
         del self.model  # freed by reference counting, as a reward model is
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool) -> PolicyRunner:
-    """Load and warm up a policy (a directory from :func:`open_published`, or None = the embedded SmolLM2)."""
+def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool, batch_rows: int = 1,
+                name: str = "decode") -> PolicyRunner:
+    """Load and warm up a policy (a directory from :func:`open_published`, or None = the embedded SmolLM2);
+    ``batch_rows`` and ``name`` (its decoder thread's) as :class:`PolicyRunner` takes them."""
     from services.policy_model import PolicyModel
 
     dev = resolve_device(device)
@@ -360,7 +370,7 @@ def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool) -> P
         log.warning("loading policy %s failed", path, exc_info=True)
         raise CheckpointRefused("load_failed", f"could not load policy from {path or 'the embedded SmolLM2'}: "
                                 f"{type(e).__name__}: {e}") from e
-    runner = PolicyRunner(model)
+    runner = PolicyRunner(model, batch_rows=batch_rows, name=name)
     if warmup:
         runner.warmup()
     return runner

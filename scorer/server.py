@@ -167,7 +167,10 @@ class Scorer:
         # reads each get their own thread so none of them waits behind another.  Each pool's threads
         # carry its name as their OS name (infer_0, infer_1, tokenize_0, ...: `top -H`, the bench).
         self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
-        sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": 1, "load": 1, "registry": 2}
+        # A generation request waits on its generate thread while the policy's decoder (scorer/decoding.py)
+        # decodes it together with the others, so there is a thread per request the decoder can hold.
+        sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": min(64, cfg.decode_batch_rows),
+                 "load": 1, "registry": 2}
         # Loading a new version (hashing, from_pretrained) runs niced: on a shared CPU the serving threads
         # come first, so a hot swap delays requests less.
         self._executors = {name: named_executor(n, name, niceness=10 if name == "load" else 0)

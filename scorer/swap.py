@@ -259,7 +259,8 @@ class ModelManager:
         cfg = self.cfg
         if target.kind == ModelKind.POLICY:
             self.metrics.swap_loads.labels(target.name, "full").inc()
-            return load_policy(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup)
+            return load_policy(path, device=cfg.device, dtype=cfg.dtype, warmup=cfg.warmup,
+                               batch_rows=cfg.decode_batch_rows, name=f"decode_{target.name}"[:15])
         if spare is not None:
             try:
                 runner = spare.reload(path, warmup=cfg.warmup, timings=phases)

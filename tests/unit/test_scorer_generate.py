@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from prefstream.scorer.v1 import scorer_pb2
 from scorer.config import load_scorer_config
-from scorer.decoding import Completion, DecodeParams, Decoded, decode, first_stop, held_back, nucleus_filter
+from scorer.decoding import BatchDecoder, Completion, DecodeParams, Decoded, decode, first_stop, held_back, nucleus_filter
 from scorer.domain import RequestLimits, SamplingParams
 from scorer.engine import ServingEngine
 from services.kinds import ModelKind
@@ -137,6 +138,98 @@ def test_cancel_stops_decoding_early(tiny) -> None:
     out = decode(model, tokenizer, ids, DecodeParams(temperature=1.0, max_tokens=50, seed=1),
                  on_delta=lambda i, d: steps.append(d), cancelled=lambda: len(steps) >= 2)
     assert out.completions[0].completion_tokens < 50
+
+
+# ------------------------------------------------------------------------------------ batched decoding
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def test_concurrent_requests_decode_as_one_batch_and_each_gets_what_it_gets_alone(tiny) -> None:
+    model, tokenizer, _ = tiny
+    jobs = [(_ids(tokenizer, "hello w1 w2 w3"), DecodeParams(n=3, temperature=1.0, max_tokens=9, seed=1)),
+            (_ids(tokenizer, "hello w5 w6 w7 w8 w9 w10 w11"), DecodeParams(n=2, temperature=0.8, max_tokens=6, seed=2)),
+            (_ids(tokenizer, "w4"), DecodeParams(n=2, temperature=0.0, max_tokens=7))]
+    alone = [decode(model, tokenizer, ids, p) for ids, p in jobs]
+    decoder = BatchDecoder(model, tokenizer, max_rows=16)
+    futures = [decoder.submit(ids, p) for ids, p in jobs]
+    decoder.run()
+    together = [f.result() for f in futures]
+    assert decoder.peak_rows == 3 + 2 + 1  # one step decoded every row (greedy: one row shown twice)
+    for a, b in zip(alone, together):  # different prompt lengths: left-padded, positions kept
+        assert b.texts == a.texts
+        assert [c.token_ids for c in b.completions] == [c.token_ids for c in a.completions]
+        assert [c.finish_reason for c in b.completions] == [c.finish_reason for c in a.completions]
+        assert b.prompt_tokens == a.prompt_tokens
+
+
+def test_a_request_joins_a_running_batch_between_steps(tiny) -> None:
+    model, tokenizer, ids = tiny
+    first = DecodeParams(n=2, temperature=1.0, max_tokens=12, seed=5)
+    late = (_ids(tokenizer, "hello w9 w8 w7 w6 w5"), DecodeParams(n=2, temperature=1.0, max_tokens=8, seed=6))
+    decoder = BatchDecoder(model, tokenizer, max_rows=16)
+    a = decoder.submit(ids, first)
+    for _ in range(4):  # the first request is 4 tokens in when the second arrives
+        decoder._tick()
+    b = decoder.submit(*late)
+    decoder.run()
+    assert decoder.peak_rows == 4
+    assert a.result().texts == decode(model, tokenizer, ids, first).texts
+    assert b.result().texts == decode(model, tokenizer, *late).texts
+
+
+def test_a_short_request_resolves_while_a_long_one_still_decodes(tiny) -> None:
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=16)
+    long = decoder.submit(ids, DecodeParams(n=2, temperature=1.0, max_tokens=40, seed=1))
+    short = decoder.submit(ids, DecodeParams(n=2, temperature=1.0, max_tokens=3, seed=2))
+    steps = 0
+    while not short.done():
+        decoder._tick()
+        steps += 1
+    assert steps <= 3 and not long.done()  # rows leave the batch when they end
+    assert all(c.completion_tokens <= 3 for c in short.result().completions)
+    decoder.run()
+    assert long.result().completions[0].completion_tokens > 3
+
+
+def test_cancelling_one_request_leaves_the_others_decoding(tiny) -> None:
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=16)
+    stop = threading.Event()
+    p = DecodeParams(n=1, temperature=1.0, max_tokens=30, seed=3)
+    gone = decoder.submit(ids, p, on_delta=lambda i, d: stop.set(), cancelled=stop.is_set)
+    kept = decoder.submit(ids, p)
+    decoder.run()
+    assert gone.result().completions[0].completion_tokens < kept.result().completions[0].completion_tokens
+    assert kept.result().texts == decode(model, tokenizer, ids, p).texts
+
+
+def test_max_rows_caps_the_batch_and_a_wider_request_runs_alone(tiny) -> None:
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=4)
+    p = DecodeParams(n=3, temperature=1.0, max_tokens=5, seed=1)
+    wide = DecodeParams(n=6, temperature=1.0, max_tokens=5, seed=1)
+    futures = [decoder.submit(ids, p), decoder.submit(ids, p), decoder.submit(ids, wide)]
+    decoder.run()
+    assert decoder.peak_rows == 6  # 3 + 3 > 4: one request at a time; the 6-row one alone
+    assert [len(f.result().completions) for f in futures] == [3, 3, 6]
+    with pytest.raises(ValueError, match="max_rows"):
+        BatchDecoder(model, tokenizer, max_rows=0)
+
+
+def test_the_decoder_thread_serves_concurrent_callers_and_close_fails_what_is_left(tiny) -> None:
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=16, name="decode_test").start()
+    p = DecodeParams(n=2, temperature=1.0, max_tokens=6, seed=9)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: decoder.submit(ids, p).result(timeout=60), range(4)))
+    assert all(r.texts == results[0].texts for r in results)  # same seed, same prompt: same rows
+    decoder.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        decoder.submit(ids, p)
 
 
 # ------------------------------------------------------------------------------------ validation
