@@ -505,8 +505,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result.update({"failed_requests_during_policy_swaps": None, "policy_swaps": 0,
                            "policy_run": "skipped (--no-policy)"})
         else:
-            from bench.scorer_policy import run_policy_swaps
+            from bench.scorer_policy import generation_prompts, measure_decode_batching, run_policy_swaps
+            from services.data import TEST_FILE, load_openpipe_jsonl, shared_data_dir
+            from services.policy_model import ensure_plain_checkpoint
 
+            result.update(measure_decode_batching(
+                str(ensure_plain_checkpoint(getattr(args, "policy_path", None))), scorer_cfg.dtype,
+                generation_prompts(load_openpipe_jsonl(shared_data_dir() / TEST_FILE), 16),
+                requests=2 if quick else 4, max_tokens=24 if quick else 128, singles=4 if quick else 8,
+                rounds=1 if quick else 2))
             swaps = getattr(args, "policy_swaps", None) or (3 if quick else 6)
             clients = getattr(args, "policy_clients", 1)
             result.update(run_policy_swaps(

@@ -6,8 +6,14 @@ that decode, so the questions are whether any generation request fails while ver
 what the swaps cost the requests that keep arriving.  This phase answers both on one real scorer
 process following a real Redis registry:
 
+* decode batching, in this process before the scorer starts (:func:`measure_decode_batching`): the
+  same concurrent requests through the policy's ``BatchDecoder`` one at a time (``max_rows`` 1, what
+  the scorer did before it batched) and together, alternating which goes first, on one thread as the
+  scorer decodes on 2 cores.  Keys ``decode_tokens_per_s_one_at_a_time``, ``decode_tokens_per_s_batched``
+  and ``decode_batching_speedup`` (4 concurrent best-of-6 requests at 128 tokens, the criteria loop's
+  load; target >= 1.5), and ``decode_batching_speedup_n1`` (8 single completions, the loop's evaluation);
 * a steady window: closed-loop clients, as many unary ``Generate`` as ``GenerateStream`` (default one
-  each: the scorer decodes one request at a time, so more clients only queue), on short HH test
+  each, so latencies stay those of a request decoding alone), on short HH test
   prompts with a fixed seed per request and a short ``max_tokens`` (so it fits 2 cores), no publishes;
 * a swap window: the same load while a policy version is published every few seconds, until every
   version is answered.  The versions are the base policy (default the embedded SmolLM2 as a plain HF
@@ -188,6 +194,64 @@ def generation_prompts(records: Iterable[Any], limit: int, max_chars: int = 300)
 
 
 # ---------------------------------------------------------------------------------------------- load
+
+
+def measure_decode_batching(base_path: str, dtype: str, prompts: Sequence[Sequence[Any]], *, requests: int = 4,
+                            n: int = 6, max_tokens: int = 128, singles: int = 8, rounds: int = 2) -> dict[str, Any]:
+    """Tokens/s of the same concurrent requests decoded one at a time and as one batch (module docstring).
+
+    Each round runs both arms on the same seeded requests, in alternating order; the speedup is the
+    median of the rounds' ratios, so load drifting during the run cancels out of it."""
+    import statistics
+
+    import torch
+
+    from scorer.decoding import BatchDecoder, DecodeParams
+    from scorer.precision import resolve_dtype
+    from services.policy_model import PolicyModel
+
+    model = PolicyModel.from_pretrained(base_path, device="cpu", dtype=resolve_dtype(dtype, torch.device("cpu")))
+    ids = [model.prompt_ids(list(p)) for p in prompts]
+
+    def arm(jobs: Sequence[tuple[list[int], DecodeParams]], rows: int) -> tuple[float, int]:
+        decoder = BatchDecoder(model.hf_model, model.tokenizer, max_rows=rows)
+        t = time.perf_counter()
+        futures = [decoder.submit(i, p) for i, p in jobs]
+        decoder.run()
+        tokens = sum(f.result().completion_tokens for f in futures)
+        return time.perf_counter() - t, tokens
+
+    def compare(width: int, count: int) -> dict[str, Any]:
+        jobs = [(ids[i % len(ids)], DecodeParams(n=width, temperature=1.0, max_tokens=max_tokens, seed=SEED_BASE + i))
+                for i in range(count)]
+        arm(jobs[:1], 1)  # warm-up
+        alone, together, ratios = [], [], []
+        for r in range(rounds):
+            order = (1, 64) if r % 2 == 0 else (64, 1)
+            got = {rows: arm(jobs, rows) for rows in order}
+            alone.append(got[1][1] / got[1][0])
+            together.append(got[64][1] / got[64][0])
+            ratios.append(together[-1] / alone[-1])
+        return {"one_at_a_time": round(statistics.median(alone), 1), "batched": round(statistics.median(together), 1),
+                "speedup": round(statistics.median(ratios), 3)}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best_of_n = compare(n, requests)
+        single = compare(1, singles)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("decode batching: %d x best-of-%d %.0f -> %.0f tokens/s (%.2fx); %d x n=1 %.2fx", requests, n,
+             best_of_n["one_at_a_time"], best_of_n["batched"], best_of_n["speedup"], singles, single["speedup"])
+    return {
+        "decode_tokens_per_s_one_at_a_time": best_of_n["one_at_a_time"],
+        "decode_tokens_per_s_batched": best_of_n["batched"],
+        "decode_batching_speedup": best_of_n["speedup"],
+        "decode_batching_speedup_n1": single["speedup"],
+        "decode_batching": {"requests": requests, "n": n, "max_tokens": max_tokens, "singles": singles,
+                            "rounds": rounds, "torch_threads": 1, "best_of_n": best_of_n, "single": single},
+    }
 
 
 async def _one(client: Any, mode: str, prompt: Sequence[Any], seed: int, max_tokens: int) -> GenSample:

@@ -16,7 +16,8 @@ Rules (``a > b`` means a record with ``ranked_responses == (a, b)``):
                    (see :func:`derive_thumbs`).
 * criteria      -> a completion whose candidates named criteria ranked (best-of-N with ``store``):
                    best > worst, or the whole ranking, by the combined score with ties broken by
-                   the tie breaker and never paired (see :func:`derive_criteria`); no feedback event
+                   the tie breaker and never paired (``pairs``: also best > the worst of its own
+                   criteria class) (see :func:`derive_criteria`); no feedback event
                    is needed, and human feedback on the same completion derives its own records.
 
 Every record carries the source kind (``import`` when the feedback came from a dataset import),
@@ -299,18 +300,19 @@ def derive_thumbs(
     return out
 
 
-def derive_criteria(c: Completion, mode: str, *, now: float) -> PreferenceRecord | None:
-    """The criteria preference of a completion ranked by named criteria, or None (all replies tie).
+def derive_criteria(c: Completion, mode: str, *, now: float) -> list[PreferenceRecord]:
+    """The criteria preferences of a completion ranked by named criteria (none when all replies tie;
+    two with ``pairs``: see :func:`services.criteria_eval.preferences_from_scores`).
 
     Its sources are the completion's event id and ``criterion:name@version`` of every criterion, so the
     record id is deterministic (a replayed completion gives the same record) and differs from any record
     human feedback on the same completion derives."""
-    from services.criteria_eval import preference_from_scores
+    from services.criteria_eval import preferences_from_scores
 
     cs = c.criteria
     if cs is None:
-        return None
-    return preference_from_scores(
+        return []
+    return preferences_from_scores(
         c.prompt, c.candidates, cs.scores, cs.tie_break or None, mode=mode, criteria=cs.refs, project=c.project,
         completion_id=c.completion_id, source_event_ids=(c.event_id,), split=c.split,
         attributes=cs.per_criterion or None, now=now, acked_at=c.acked_at)

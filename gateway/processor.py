@@ -235,9 +235,9 @@ class Processor:
         if mode is None:
             metrics.PROCESSED.labels("criteria", "switched_off").inc()
             return
-        record = derive_criteria(c, mode, now=time.time())
-        self._emit(batch, [record] if record is not None else [], src, c.event_id)
-        metrics.PROCESSED.labels("criteria", "derived" if record is not None else "no_preference").inc()
+        records = derive_criteria(c, mode, now=time.time())
+        self._emit(batch, records, src, c.event_id)
+        metrics.PROCESSED.labels("criteria", "derived" if records else "no_preference").inc()
 
     def _on_feedback(
         self,

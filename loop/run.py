@@ -115,18 +115,22 @@ def resolve_criteria(store: CriteriaStore, refs: Sequence[str], project: str) ->
     return out
 
 
-def feedback_mode_for(dpo_loss: str) -> str:
-    """What criteria feedback the policy's loss trains on: the whole ranking for Plackett-Luce, else the
-    best reply over the worst (sigmoid and IPO read only those two, so more would cost forwards for nothing)."""
-    return "ranking" if dpo_loss == "plackett_luce" else "pair"
+def feedback_mode_for(dpo_loss: str, class_pairs: bool = True) -> str:
+    """What criteria feedback the policy's loss trains on: the whole ranking for Plackett-Luce, else
+    pairs (sigmoid and IPO read two replies a record): the best over the worst and, with
+    ``class_pairs``, the best over the worst of its own criteria class (``pairs``), else only the first."""
+    if dpo_loss == "plackett_luce":
+        return "ranking"
+    return "pairs" if class_pairs else "pair"
 
 
 class FeedbackModes:
     """The loop's criteria build the feedback its loss needs for as long as it runs, then get back
     whatever explicit setting they had (or none)."""
 
-    def __init__(self, store: CriteriaStore, criteria: Sequence[Criterion], dpo_loss: str) -> None:
-        self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss)
+    def __init__(self, store: CriteriaStore, criteria: Sequence[Criterion], dpo_loss: str,
+                 class_pairs: bool = True) -> None:
+        self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss, class_pairs)
         self.before: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     def __enter__(self) -> "FeedbackModes":
@@ -572,8 +576,10 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
         for c in criteria:
             store.mark_in_use(c.project, c.name, holder)
         try:
-            with FeedbackModes(store, criteria, cfg.dpo_loss) as modes:
-                _out(f"criteria feedback builds a {modes.mode} per best-of-N (dpo_loss {cfg.dpo_loss})")
+            with FeedbackModes(store, criteria, cfg.dpo_loss, cfg.class_pairs) as modes:
+                what = {"pair": "best over worst", "pairs": "best over worst, and best over the worst of its class",
+                        "ranking": "the whole ranking"}[modes.mode]
+                _out(f"criteria feedback per best-of-N: {what} (mode {modes.mode}, dpo_loss {cfg.dpo_loss})")
                 loop = CriteriaLoop(cfg, procs, criteria, plan)
                 loop.t0 = started
                 summary = asyncio.run(loop.run())

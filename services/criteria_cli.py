@@ -203,6 +203,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "without on/off, show the settings", cmd_feedback)
     p.add_argument("state", nargs="?", choices=("on", "off"), help="switch it on or off")
     p.add_argument("--name", default="", help="one criterion; empty = every criterion of the project")
-    p.add_argument("--mode", default="pair", choices=("pair", "ranking"),
-                   help="what a best-of-N becomes: best vs worst, or the whole ranking (Plackett-Luce DPO)")
+    from services.criteria_store import FEEDBACK_MODES
+
+    p.add_argument("--mode", default="pair", choices=FEEDBACK_MODES,
+                   help="what a best-of-N becomes: best vs worst (pair); that and best vs the worst of its own "
+                        "criteria class, which teaches the tie breaker too (pairs); the whole ranking (Plackett-Luce DPO)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -351,6 +351,23 @@ def preference_from_scores(
     tie_break_scores: Sequence[float] | None = None,
     *,
     mode: str = "pair",
+    **kw: Any,
+) -> PreferenceRecord | None:
+    """The one preference record of ``mode`` ``pair`` or ``ranking`` (see :func:`preferences_from_scores`),
+    or None when the replies state no preference."""
+    if mode not in ("pair", "ranking"):
+        raise ValueError(f"mode must be 'pair' or 'ranking', got {mode!r}")
+    out = preferences_from_scores(prompt, replies, scores, tie_break_scores, mode=mode, **kw)
+    return out[0] if out else None
+
+
+def preferences_from_scores(
+    prompt: Sequence[ChatMessage],
+    replies: Sequence[str],
+    scores: Sequence[float],
+    tie_break_scores: Sequence[float] | None = None,
+    *,
+    mode: str = "pair",
     criteria: Sequence[str] = (),
     project: str = "default",
     completion_id: str = "",
@@ -359,24 +376,33 @@ def preference_from_scores(
     attributes: Sequence[Mapping[str, float]] | None = None,
     now: float | None = None,
     acked_at: float = 0.0,
-) -> PreferenceRecord | None:
-    """A preference record from scored replies, or None when they state no preference.
+) -> list[PreferenceRecord]:
+    """The preference records scored replies state (none when every reply ties).
 
     ``mode="pair"``: the best reply over the worst.  ``mode="ranking"``: every distinct reply best
-    first, for the Plackett-Luce loss.  Identical reply texts collapse to their first occurrence.
-    Two replies whose score AND tie-break score are equal (within TIE_EPS) never form a pair: in a
-    pair the best and worst must differ; in a ranking only the first reply of each tied group is kept,
-    so the ranking asserts no order the criteria did not see.
+    first, for the Plackett-Luce loss.  ``mode="pairs"``: the best over the worst, and also the best
+    over the worst reply of its own class, the replies with the best's combined criteria score (for
+    a rule, the other passing replies): the first pair teaches the criteria, the second what the
+    tie breaker prefers among replies the criteria cannot tell apart.  Why: with only the first, every
+    pair of a word limit has a shorter chosen reply than its rejected one, and DPO learns "shorter"
+    without bound (measured: replies fell from 51 to 12 words and the reward model's score by two
+    thirds); the second pair, whose chosen reply the reward model prefers among passing ones, pulls
+    the other way.  It is skipped when it would repeat the first (every reply in one class).
+
+    Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
+    score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
+    a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
+    criteria did not see.
 
     ``criteria`` are the ``name@version`` refs that produced the scores; they are recorded in
     ``source_event_ids`` as ``criterion:name@version`` (after the completion's event ids), so the
     record says which definition made it without a new field, and they enter the record id, which is
-    deterministic: the same completion scored by the same criteria gives the same id.
+    deterministic: the same completion scored by the same criteria gives the same ids.
     ``attributes`` (per reply, e.g. each criterion's score) travel as ``response_attributes``;
-    ``margin`` is the best reply's combined score minus the worst's.
+    ``margin`` is the chosen reply's combined score minus the rejected one's.
     """
-    if mode not in ("pair", "ranking"):
-        raise ValueError(f"mode must be 'pair' or 'ranking', got {mode!r}")
+    if mode not in ("pair", "pairs", "ranking"):
+        raise ValueError(f"mode must be 'pair', 'pairs' or 'ranking', got {mode!r}")
     n = len(replies)
     if len(scores) != n or (tie_break_scores is not None and len(tie_break_scores) != n):
         raise ValueError(f"{n} replies need {n} scores and tie-break scores")
@@ -390,37 +416,48 @@ def preference_from_scores(
     order = rank([scores[i] for i in distinct], [tb[i] for i in distinct])
     ranked = [distinct[j] for j in order]
     key = {i: (_q(scores[i]), _q(tb[i])) for i in ranked}
-    if mode == "pair":
-        chosen = [ranked[0], ranked[-1]] if len(ranked) >= 2 and key[ranked[0]] != key[ranked[-1]] else []
-    else:
+    groups: list[list[int]] = []
+    if mode == "ranking":
         chosen, seen = [], set()
         for i in ranked:
             if key[i] not in seen:
                 seen.add(key[i])
                 chosen.append(i)
-    if len(chosen) < 2:
-        return None
-    texts = tuple(replies[i] for i in chosen)
+        groups.append(chosen)
+    elif len(ranked) >= 2:
+        best, worst = ranked[0], ranked[-1]
+        if key[best] != key[worst]:
+            groups.append([best, worst])
+        if mode == "pairs":
+            same = [i for i in ranked if key[i][0] == key[best][0]]
+            if same[-1] != worst and key[same[-1]] != key[best]:
+                groups.append([best, same[-1]])
     sources = tuple(source_event_ids) + tuple(criterion_source(c) for c in criteria)
-    return PreferenceRecord(
-        record_id=make_record_id(sources, texts),
-        prompt=tuple(prompt),
-        ranked_responses=texts,
-        source_kind=FeedbackKind.CRITERIA,
-        project=project,
-        source_event_ids=sources,
-        completion_id=completion_id,
-        split=split,
-        response_attributes=tuple(dict(attributes[i]) for i in chosen) if attributes is not None else (),
-        margin=float(scores[chosen[0]] - scores[chosen[-1]]),
-        created_at=time.time() if now is None else now,
-        source_acked_at=acked_at,
-    )
+    out = []
+    for chosen in groups:
+        if len(chosen) < 2:
+            continue
+        texts = tuple(replies[i] for i in chosen)
+        out.append(PreferenceRecord(
+            record_id=make_record_id(sources, texts),
+            prompt=tuple(prompt),
+            ranked_responses=texts,
+            source_kind=FeedbackKind.CRITERIA,
+            project=project,
+            source_event_ids=sources,
+            completion_id=completion_id,
+            split=split,
+            response_attributes=tuple(dict(attributes[i]) for i in chosen) if attributes is not None else (),
+            margin=float(scores[chosen[0]] - scores[chosen[-1]]),
+            created_at=time.time() if now is None else now,
+            source_acked_at=acked_at,
+        ))
+    return out
 
 
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "rank",
+    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "preferences_from_scores", "rank",
     "regex_must_match", "regex_must_not_match", "usable",
 ]

@@ -114,7 +114,7 @@ def _s(value: Any) -> str:
 
 #: ``set_feedback`` name meaning every criterion of the project.
 ALL = "*"
-FEEDBACK_MODES = ("pair", "ranking")
+FEEDBACK_MODES = ("pair", "pairs", "ranking")
 
 
 def resolve_feedback(settings: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str | None:

@@ -136,15 +136,35 @@ def completion(scores, tie_break=(), mode="pair", split="train") -> Completion:
 
 
 def test_a_completion_ranked_by_criteria_becomes_a_record_tagged_with_the_criterion_version() -> None:
-    r = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=10.0)
+    [r] = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=10.0)
     assert r.ranked_responses == ("C", "B") and r.source_kind == FeedbackKind.CRITERIA
     assert r.source_event_ids == ("e1", "criterion:concise@v2") and r.completion_id == "cmp_1"
     assert r.source_acked_at == 5.0 and r.margin == pytest.approx(1.0)
-    assert derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=99.0).record_id == r.record_id
-    ranking = derive_criteria(completion([1.0, 0.0, 0.5]), "ranking", now=10.0)
+    assert derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pair", now=99.0)[0].record_id == r.record_id
+    [ranking] = derive_criteria(completion([1.0, 0.0, 0.5]), "ranking", now=10.0)
     assert ranking.ranked_responses == ("A", "C", "B")
-    assert derive_criteria(completion([1.0, 1.0, 1.0]), "pair", now=10.0) is None  # all tie: no preference
-    assert derive_criteria(completion([1.0, 0.0, 0.0], split="test"), "pair", now=1.0).split == "test"
+    assert derive_criteria(completion([1.0, 1.0, 1.0]), "pair", now=10.0) == []  # all tie: no preference
+    assert derive_criteria(completion([1.0, 0.0, 0.0], split="test"), "pair", now=1.0)[0].split == "test"
+
+
+def test_pairs_also_pair_the_best_with_the_worst_of_its_own_criteria_class() -> None:
+    # A and C pass (1.0), B fails: best C (tie break 0.7) over B, and C over A, the weaker passing reply.
+    rule, within = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pairs", now=10.0)
+    assert rule.ranked_responses == ("C", "B") and rule.margin == pytest.approx(1.0)
+    assert within.ranked_responses == ("C", "A") and within.margin == pytest.approx(0.0)
+    assert rule.record_id != within.record_id and within.source_event_ids == rule.source_event_ids
+    assert within.response_attributes == ({"concise": 1.0}, {"concise": 1.0})
+    again = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "pairs", now=99.0)
+    assert [r.record_id for r in again] == [rule.record_id, within.record_id]  # deterministic
+    # Only the best passes: nothing to pair inside its class.
+    assert [r.ranked_responses for r in derive_criteria(completion([1.0, 0.0, 0.0], tie_break=[0.5, 0.9, 0.1]),
+                                                         "pairs", now=1.0)] == [("A", "C")]
+    # Every reply in one class: the class pair would repeat the first.
+    assert [r.ranked_responses for r in derive_criteria(completion([1.0, 1.0, 1.0], tie_break=[0.5, 0.9, 0.1]),
+                                                         "pairs", now=1.0)] == [("B", "C")]
+    # The best's class mate ties it on the tie breaker too: never a pair.
+    assert [r.ranked_responses for r in derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.7, 0.1, 0.7]),
+                                                         "pairs", now=1.0)] == [("A", "B")]
 
 
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
