@@ -129,10 +129,6 @@ TARGETS: tuple[Target, ...] = (
            _le("failed_requests_during_swaps", 0), lambda r: f"{_fmt(r.get('failed_requests_during_swaps'))} over {_fmt(r.get('swaps'))} swaps"),
     Target("scorer", "failed_requests_during_policy_swaps", "zero failed generation requests during policy hot swaps",
            "-", _zero_failed_over_swaps("failed_requests_during_policy_swaps", "policy_swaps"), _policy_swaps),
-    Target("scorer", "decode_batching_speedup", "4 concurrent best-of-6 decoded together >= 1.5x one at a time",
-           "the same requests through the same decoder, one at a time", _ge("decode_batching_speedup", 1.5),
-           lambda r: f"{_fmt(r.get('decode_batching_speedup'))} (8 single completions: "
-                     f"{_fmt(r.get('decode_batching_speedup_n1'))})"),
     Target("criteria-loop", "relative_reduction", "served policy's word-limit violations cut >= 77%",
            "OpenPipe: 31% -> 7% (offline, by hand)", _ge("relative_reduction", 0.77),
            lambda r: f"{_fmt(r.get('relative_reduction'))} ({_fmt(r.get('violation_rate_base'))} -> "

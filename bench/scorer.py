@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default quick 3, full 6)")
     p.add_argument("--policy-max-tokens", type=int, default=8, help="max_tokens of each generation request")
     p.add_argument("--policy-clients", type=int, default=1, help="closed-loop unary Generate clients, and as many "
-                   "GenerateStream clients (the scorer decodes one request at a time: more only queue)")
+                   "GenerateStream clients (more decode together as one batch; the latencies reported are then "
+                   "those of a shared batch)")
     p.add_argument("--policy-path", default=None, help="policy the versions are copied from (HF folder or "
                    ".gguf; default: the embedded SmolLM2)")
 

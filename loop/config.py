@@ -64,10 +64,11 @@ class LoopConfig:
     lr: float = field(default=5e-4, metadata={"help": "policy learning rate (LoRA)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     dpo_loss: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo or plackett_luce"})
-    class_pairs: bool = field(default=True, metadata={"help": (
+    class_pairs: bool = field(default=False, metadata={"help": (
         "with sigmoid or ipo, each best-of-N also pairs its best reply with the worst one the criteria score "
         "the same (feedback mode 'pairs'): the tie breaker's preference among passing replies is taught "
-        "beside the rule, which keeps a word limit from teaching 'shorter' without bound")})
+        "beside the rule. Measured on the word-limit bench: it keeps reply quality (reward-model win rate 0.53 "
+        "vs base) but cuts violations only 19%; without it violations go to 0 and replies to 12 words")})
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})

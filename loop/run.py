@@ -115,7 +115,7 @@ def resolve_criteria(store: CriteriaStore, refs: Sequence[str], project: str) ->
     return out
 
 
-def feedback_mode_for(dpo_loss: str, class_pairs: bool = True) -> str:
+def feedback_mode_for(dpo_loss: str, class_pairs: bool = False) -> str:
     """What criteria feedback the policy's loss trains on: the whole ranking for Plackett-Luce, else
     pairs (sigmoid and IPO read two replies a record): the best over the worst and, with
     ``class_pairs``, the best over the worst of its own criteria class (``pairs``), else only the first."""
@@ -129,7 +129,7 @@ class FeedbackModes:
     whatever explicit setting they had (or none)."""
 
     def __init__(self, store: CriteriaStore, criteria: Sequence[Criterion], dpo_loss: str,
-                 class_pairs: bool = True) -> None:
+                 class_pairs: bool = False) -> None:
         self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss, class_pairs)
         self.before: dict[tuple[str, str], dict[str, Any] | None] = {}
 

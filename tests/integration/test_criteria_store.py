@@ -170,8 +170,8 @@ def test_the_loop_sets_the_feedback_its_loss_needs_and_gives_back_the_old_settin
     from loop.run import FeedbackModes, feedback_mode_for
 
     assert feedback_mode_for("plackett_luce") == "ranking"
-    assert feedback_mode_for("sigmoid") == feedback_mode_for("ipo") == "pairs"
-    assert feedback_mode_for("sigmoid", class_pairs=False) == "pair"
+    assert feedback_mode_for("sigmoid") == feedback_mode_for("ipo") == "pair"
+    assert feedback_mode_for("sigmoid", class_pairs=True) == "pairs"
     concise, _ = store.create(parse_criterion(CONCISE))
     tone, _ = store.create(parse_criterion({"name": "tone", "project": "acme",
                                             "rules": [{"regex_must_not_match": "you"}]}))
