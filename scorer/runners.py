@@ -372,7 +372,11 @@ def load_policy(path: str | None, *, device: str, dtype: str, warmup: bool, batc
                                 f"{type(e).__name__}: {e}") from e
     runner = PolicyRunner(model, batch_rows=batch_rows, name=name)
     if warmup:
-        runner.warmup()
+        try:
+            runner.warmup()
+        except BaseException:
+            runner.close()  # a refused version keeps no decoder thread (nor, through it, its weights)
+            raise
     return runner
 
 
