@@ -266,7 +266,7 @@ class BatchDecoder:
                     break
             self._tick()
         err = RuntimeError(f"{self.name}: the policy was unloaded")
-        self._fail(list({id(j): j for j, _ in self._rows}.values()) + list(self._pending), err)
+        self._fail(self._running_jobs() + list(self._pending), err)
         self._reset()
         self._pending.clear()
 
@@ -319,7 +319,7 @@ class BatchDecoder:
                 if not self._solo and not _mergeable(cache):
                     self._solo = True
                     log.info("%s: this model's KV cache cannot be merged; decoding one request at a time", self.name)
-            keep = self._advance(job, job.rows, self._choose(job, logits))
+            keep = self._append(job, job.rows, self._choose(job, logits))
             if not keep:
                 self._finish(job)
                 return
@@ -372,13 +372,13 @@ class BatchDecoder:
                 last = self._last.clone()
                 for job, idx in jobs.values():
                     tokens = self._choose(job, logits[idx])
-                    kept = self._advance(job, [self._rows[i][1] for i in idx], tokens)
+                    kept = self._append(job, [self._rows[i][1] for i in idx], tokens)
                     keep += [idx[k] for k in kept]
                     last[idx] = torch.tensor(tokens, dtype=torch.long, device=self.device)
                 self._last = last
         except Exception as e:  # noqa: BLE001 - every request in the batch fails, the decoder goes on
             log.warning("%s: decode step failed", self.name, exc_info=True)
-            self._fail(list({id(j): j for j, _ in self._rows}.values()), e)
+            self._fail(self._running_jobs(), e)
             self._reset()
             return
         ended = {id(j): j for j, r in self._rows if r.finish_reason is not None}
@@ -402,7 +402,7 @@ class BatchDecoder:
         filtered = nucleus_filter(logits / p.temperature, p.top_p)
         return torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=job.generator).squeeze(-1).tolist()
 
-    def _advance(self, job: _Job, rows: Sequence[Completion], tokens: Sequence[int]) -> list[int]:
+    def _append(self, job: _Job, rows: Sequence[Completion], tokens: Sequence[int]) -> list[int]:
         """Append each row's token, decode its text, stream what became final; the rows still running."""
         p = job.params
         running = []
@@ -439,6 +439,10 @@ class BatchDecoder:
             if not job.future.done():
                 if job.future.running() or job.future.set_running_or_notify_cancel():
                     job.future.set_exception(err)
+
+    def _running_jobs(self) -> list[_Job]:
+        """The requests with rows in the running batch, once each, in batch order."""
+        return list({id(j): j for j, _ in self._rows}.values())
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None

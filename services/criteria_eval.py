@@ -18,7 +18,7 @@ Scores.  Every criterion scores a reply in [0, 1]:
 
 Combination is the weighted mean of the criteria's scores, sum_c w_c s_c / sum_c w_c, also in [0, 1].
 Replies whose combined scores tie are ordered by the tie-breaker's score; replies that tie on both
-never form a pair (:func:`preference_from_scores`).
+never form a pair (:func:`preferences_from_scores`).
 
 Results follow OpenPipe's ``criteria_results`` shape: per reply, a mapping from criterion to
 ``{"status": "success" | "error", "score": float, "explanation": str}``; ours adds ``passed`` (for
@@ -344,23 +344,6 @@ def criterion_source(ref: str) -> str:
     return CRITERION_SOURCE_PREFIX + ref
 
 
-def preference_from_scores(
-    prompt: Sequence[ChatMessage],
-    replies: Sequence[str],
-    scores: Sequence[float],
-    tie_break_scores: Sequence[float] | None = None,
-    *,
-    mode: str = "pair",
-    **kw: Any,
-) -> PreferenceRecord | None:
-    """The one preference record of ``mode`` ``pair`` or ``ranking`` (see :func:`preferences_from_scores`),
-    or None when the replies state no preference."""
-    if mode not in ("pair", "ranking"):
-        raise ValueError(f"mode must be 'pair' or 'ranking', got {mode!r}")
-    out = preferences_from_scores(prompt, replies, scores, tie_break_scores, mode=mode, **kw)
-    return out[0] if out else None
-
-
 def preferences_from_scores(
     prompt: Sequence[ChatMessage],
     replies: Sequence[str],
@@ -458,6 +441,6 @@ def preferences_from_scores(
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preference_from_scores", "preferences_from_scores", "rank",
+    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preferences_from_scores", "rank",
     "regex_must_match", "regex_must_not_match", "usable",
 ]

@@ -22,7 +22,7 @@ from services.criteria_eval import (
     max_chars,
     max_words,
     min_words,
-    preference_from_scores,
+    preferences_from_scores,
     rank,
     regex_must_match,
     regex_must_not_match,
@@ -177,8 +177,10 @@ def test_rank_uses_the_tie_breaker_then_reply_order() -> None:
 
 def _pref(replies: list[str], scores: list[float], tb: list[float] | None = None,
           **kw: object) -> PreferenceRecord | None:
-    return preference_from_scores(PROMPT, replies, scores, tb, criteria=("concise@v1",), completion_id="cmpl-1",
+    out = preferences_from_scores(PROMPT, replies, scores, tb, criteria=("concise@v1",), completion_id="cmpl-1",
                                   source_event_ids=("evt-1",), now=100.0, **kw)  # type: ignore[arg-type]
+    assert len(out) <= 1  # pair and ranking state at most one record
+    return out[0] if out else None
 
 
 def test_pair_is_best_over_worst_tagged_with_the_criterion() -> None:
@@ -218,8 +220,8 @@ def test_ranking_keeps_one_reply_per_tied_group() -> None:
 def test_record_ids_are_deterministic_and_depend_on_the_criterion_version() -> None:
     a = _pref(["x", "y"], [1.0, 0.0])
     b = _pref(["x", "y"], [0.9, 0.1])  # same order, different scores: the same preference
-    other = preference_from_scores(PROMPT, ["x", "y"], [1.0, 0.0], criteria=("concise@v2",),
-                                   source_event_ids=("evt-1",), completion_id="cmpl-1")
+    [other] = preferences_from_scores(PROMPT, ["x", "y"], [1.0, 0.0], criteria=("concise@v2",),
+                                      source_event_ids=("evt-1",), completion_id="cmpl-1")
     assert a is not None and b is not None and other is not None
     assert a.record_id == b.record_id != other.record_id
     assert a.record_id.startswith("pr_")
