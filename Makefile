@@ -9,12 +9,20 @@ export TRANSFORMERS_OFFLINE := 1
 export PIP_CACHE_DIR ?= $(HOME)/.cache/prefstream/pip
 export PYTHONPATH := $(CURDIR)
 
+MIN_FREE_GIB ?= 8
+
 PROTOS := $(shell find proto -name '*.proto')
 
 .PHONY: setup k8s-tools protos check-protos test unit integration k8s-check demo loop bench stack-up stack-down clean
 
 # The venv is rebuilt when the pinned dependencies change.
+# torch's PyPI build for Linux brings the CUDA libraries (the venv is ~7 GiB), so a nearly full disk
+# is refused here with the numbers, not halfway through pip with ENOSPC.
 $(VENV)/.installed: pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(MIN_FREE_GIB) ]; then \
+	  echo "prefstream setup: $$free GiB free on $$(df -P . | awk 'NR==2 {print $$6}'), the venv needs $(MIN_FREE_GIB) GiB" \
+	       "(torch with its CUDA libraries, ~7 GiB, plus pip's download cache). Free space (old clones, /tmp/pytest-of-$$(id -un)) and rerun." >&2; \
+	  exit 1; fi
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]'
