@@ -69,6 +69,9 @@ class LoopConfig:
         "the same (feedback mode 'pairs'): the tie breaker's preference among passing replies is taught "
         "beside the rule. Measured on the word-limit bench: it keeps reply quality (reward-model win rate 0.53 "
         "vs base) but cuts violations only 19%; without it violations go to 0 and replies to 12 words")})
+    sft_weight: float = field(default=0.0, metadata={"help": (
+        "RPO's α: α times the per-token NLL of each pair's chosen reply is added to the DPO loss, so the policy "
+        "moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
@@ -105,6 +108,7 @@ class LoopConfig:
         require(self.concurrency >= 1, "concurrency", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.beta > 0, "beta", "must be > 0")
+        require(self.sft_weight >= 0, "sft_weight", "must be >= 0 (0 turns the NLL term off)")
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

@@ -16,6 +16,7 @@ defaults < ``--config`` file (flat keys, or grouped by section) < ``PREFSTREAM_T
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,10 @@ class DPOSettings:
     label_smoothing: float = field(default=0.0, metadata=_help(
         "conservative DPO: the probability ε that a preference label is flipped (with dpo_loss=sigmoid); "
         "0 = plain DPO"))
+    sft_weight: float = field(default=0.0, metadata=_help(
+        "α of RPO (Pang et al. 2024): α times the per-token NLL of each preferred response is added to the DPO-family "
+        "loss, so the policy moves toward the replies it is shown rather than only away from the rejected ones; "
+        "0 = the loss alone"))
     finetune: str = field(default="lora", metadata=_help(
         "lora: train a LoRA adapter; the reference policy is the same weights with the adapter disabled (no "
         "second model in memory); full: train every weight against a frozen copy of the start weights"))
@@ -143,6 +148,8 @@ class DPOSettings:
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "is a flip probability; use 0 <= ε < 0.5")
         require(self.label_smoothing == 0 or self.dpo_loss == "sigmoid", "label_smoothing",
                 f"applies to dpo_loss=sigmoid (conservative DPO), not to {self.dpo_loss}; set it to 0 or use sigmoid")
+        require(self.sft_weight >= 0 and math.isfinite(self.sft_weight), "sft_weight",
+                f"must be a finite number >= 0, got {self.sft_weight} (0 turns the NLL term off)")
         require(self.finetune in FINETUNE_MODES, "finetune", f"use one of {', '.join(FINETUNE_MODES)}")
         require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         require(self.lora_alpha > 0, "lora_alpha", "must be > 0")

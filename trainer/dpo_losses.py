@@ -150,6 +150,31 @@ def dpo_loss(
     )
 
 
+def chosen_nll(
+    policy_chosen: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The negative log-likelihood of the preferred response per token, RPO's second term.
+
+    ``nll = −log π(y_w|x) / |y_w|``, averaged over the batch (weighted as in :func:`dpo_loss`).
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization") adds ``α·nll`` to the DPO
+    loss.  DPO alone only asks the chosen response to gain on the rejected one *relative to the
+    reference*; it may get there by lowering both, and on pairs that always differ the same way
+    (the chosen reply is the shorter one under a word limit) it learns that difference without end.
+    The NLL term keeps the chosen responses themselves likely, so the policy moves toward replies
+    like them (best-of-N distillation) rather than past them.
+
+    policy_chosen: ``# (B,)`` summed log-probabilities of the chosen responses (:func:`sequence_logps`);
+    chosen_tokens: ``# (B,)`` their token counts, positive.
+    """
+    _check_same_shape(policy_chosen=policy_chosen, chosen_tokens=chosen_tokens)
+    if bool((chosen_tokens <= 0).any()):
+        raise ValueError("chosen_tokens must be positive: every chosen response needs a token")
+    return _weighted_mean(-policy_chosen / chosen_tokens, weights)
+
+
 def ipo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from trainer.dpo_losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, mean_token_kl,
+from trainer.dpo_losses import (IGNORE_INDEX, chosen_nll, dpo_loss, ipo_loss, kto_loss, kto_reference_point, mean_token_kl,
                                 plackett_luce_dpo_loss, sequence_logps)
 
 LN2 = 0.693147181
@@ -340,3 +340,26 @@ def test_packed_sequence_logps_equals_the_full_computation() -> None:
     assert torch.allclose(packed, full, atol=1e-6)
     with pytest.raises(ValueError, match=r"\(M, V\)"):
         packed_sequence_logps(logits, labels, labels, 2)
+
+
+# --- chosen_nll (RPO's NLL term) ------------------------------------------------------------------
+
+def test_chosen_nll_by_hand_per_token_and_weighted() -> None:
+    # rows: -6 nats over 3 tokens -> 2.0 per token; -2 nats over 4 tokens -> 0.5 per token
+    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0))) == pytest.approx(1.25, abs=1e-12)
+    # weights (1, 3): (1·2.0 + 3·0.5) / 4 = 0.875
+    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0), weights=t(1.0, 3.0))) == pytest.approx(0.875, abs=1e-12)
+
+
+def test_chosen_nll_gradient_raises_the_chosen_log_probability() -> None:
+    logps = t(-6.0, -2.0).requires_grad_(True)
+    chosen_nll(logps, t(3.0, 4.0)).backward()
+    # d/dlogp_b of mean_b(-logp_b / n_b) = -1 / (B·n_b): descending it raises every chosen log-prob
+    assert logps.grad.tolist() == pytest.approx([-1 / 6, -1 / 8], abs=1e-12)
+
+
+def test_chosen_nll_refuses_empty_responses_and_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="chosen_tokens must be positive"):
+        chosen_nll(t(-1.0), t(0.0))
+    with pytest.raises(ValueError, match="same shape"):
+        chosen_nll(t(-1.0, -2.0), t(1.0))

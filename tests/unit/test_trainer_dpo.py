@@ -69,6 +69,8 @@ def test_policy_kind_resolves_its_own_name_group_and_lr(tmp_path, tiny_base) -> 
     ({"dpo_loss": "hinge"}, "dpo_loss"),
     ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"),
     ({"label_smoothing": 0.6, "dpo_loss": "sigmoid"}, "label_smoothing"),
+    ({"sft_weight": -0.5}, "sft_weight"),
+    ({"sft_weight": float("inf")}, "sft_weight"),
     ({"finetune": "qlora"}, "finetune"),
     ({"attributes": "helpfulness"}, "attributes"),
 ])
@@ -117,6 +119,31 @@ def test_bf16_autocast_trains_the_policy(tmp_path, tiny_base) -> None:
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
     assert all(p.dtype == torch.float32 for p in learner.params)  # fp32 master weights
     assert losses[-1] < losses[0]
+
+
+def test_sft_weight_adds_the_chosen_nll_and_keeps_the_chosen_replies_likely(tmp_path, tiny_base) -> None:
+    """RPO: the loss is the DPO loss plus α·NLL(chosen); trained with it, the chosen responses end more
+    likely than DPO alone leaves them (DPO may widen the margin by lowering both)."""
+    batch = records(6)
+    chosen = ([r.prompt for r in batch], [r.ranked_responses[0] for r in batch])
+    losses, gains = {}, {}
+    for alpha in (0.0, 1.0):
+        cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", sft_weight=alpha)
+        objective = objective_for(cfg)
+        torch.manual_seed(0)
+        model = objective.load(str(tiny_base))
+        objective.admit(model, batch)
+        loss, metrics = objective.loss(objective.module(model), objective.batch(model, batch, None))
+        losses[alpha] = (float(loss.detach()), metrics)
+        before = model.logps(model.encode(*chosen)).detach()
+        learner = Learner(objective, model, cfg)
+        for _ in range(8):
+            learner.train(batch)
+        gains[alpha] = float((model.logps(model.encode(*chosen)).detach() - before).mean())
+    (plain, m0), (rpo, m1) = losses[0.0], losses[1.0]
+    assert "chosen_nll" not in m0 and m1["chosen_nll"] > 0
+    assert rpo == pytest.approx(plain + m1["chosen_nll"], rel=1e-5)
+    assert gains[1.0] > gains[0.0]
 
 
 def test_a_micro_batch_over_the_backward_budget_trains_in_pieces_to_the_same_gradient(tmp_path, tiny_base) -> None:

@@ -15,7 +15,7 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
   ``label_smoothing``) and ``ipo`` train the best response against the worst.  Unpaired feedback
   (a thumbs or score with no partner) never reaches this topic as a record: the gateway's processor
   turns feedback into rankings first.  :func:`trainer.dpo_losses.kto_loss` is there for a stream of
-  unpaired completions.
+  unpaired completions.  ``sft_weight`` > 0 adds RPO's NLL of the best response to any of them.
 * **The gate** measures the implicit-reward pairwise accuracy, β·(log π − log π_ref) per response,
   through the same :func:`trainer.evaluation.pairwise_result` as reward models, so the paired,
   noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples short replies
@@ -42,7 +42,7 @@ from services.kinds import ModelKind
 from services.policy_model import default_policy_path
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
-from trainer.dpo_losses import dpo_loss, ipo_loss, plackett_luce_dpo_loss
+from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
@@ -158,6 +158,7 @@ class DPOObjective(Objective):
         c, d = self.cfg, self.settings
         return {
             "objective": "dpo", "dpo_loss": d.dpo_loss, "beta": d.beta, "label_smoothing": d.label_smoothing,
+            "sft_weight": d.sft_weight,
             "finetune": d.finetune, "lora_rank": d.lora_rank, "lora_alpha": d.lora_alpha,
             "lora_dropout": d.lora_dropout, "lora_target_modules": list(d.lora_target_modules),
             "lr": c.optim.lr, "schedule": c.optim.schedule, "warmup_steps": c.optim.warmup_steps,
@@ -256,6 +257,11 @@ class DPOObjective(Objective):
         else:
             loss = ipo_loss(policy[:, 0], policy[b, worst], data.ref[:, 0], data.ref[b, worst], tokens[:, 0],
                             tokens[b, worst], beta=beta, weights=data.weights).loss
+        metrics: dict[str, float] = {}
+        if d.sft_weight:
+            nll = chosen_nll(policy[:, 0], tokens[:, 0].clamp(min=1), weights=data.weights)
+            loss = loss + d.sft_weight * nll
+            metrics["chosen_nll"] = float(nll.detach())
         with torch.no_grad():
             rewards = beta * (policy.detach() - data.ref)  # (B, Kmax)
             kmax = data.mask.shape[1]
@@ -264,7 +270,7 @@ class DPOObjective(Objective):
             correct = (rewards[:, i] > rewards[:, j]) & valid
             accuracy = float(correct.sum()) / max(int(valid.sum()), 1)
             margin = float((rewards[:, 0] - rewards[b, worst]).mean())
-        return loss, {"pair_accuracy": accuracy, "reward_margin": margin}
+        return loss, {"pair_accuracy": accuracy, "reward_margin": margin, **metrics}
 
     # -- checkpoint state ------------------------------------------------------------------------------
 
