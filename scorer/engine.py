@@ -10,8 +10,10 @@ during a swap and no request mixes two versions.
 
 The engine also runs requests: Score (tokenize off the loop, batch, forward in the model thread),
 best-of-N (optionally sample candidates from a policy slot, score them with every criterion, combine)
-and generation (scorer/decoding.py's loop on the generation thread; streamed text deltas cross back to
-the event loop through a queue, and a client that goes away stops the loop at its next token).
+and generation (the prompt is tokenized off the loop, then the policy's decoder thread decodes it with
+the other requests in flight, scorer/decoding.py, and the loop awaits its future; streamed text deltas
+cross back to the event loop through a queue, and a client that goes away stops its rows at the next
+step).
 """
 
 from __future__ import annotations
@@ -76,9 +78,17 @@ class RewardRunner(Protocol):
 class PolicyRunner(Protocol):
     dtype: str
 
-    def sample(self, prompt: Sequence[ChatMessage], params: DecodeParams, on_delta: OnDelta | None = None,
-               cancelled: Callable[[], bool] | None = None) -> Decoded:
-        """Completions with their token counts (scorer/decoding.py); called only from the generation thread."""
+    def prompt_ids(self, prompt: Sequence[ChatMessage]) -> list[int]:
+        """The prompt through the policy's chat template, as token ids (called on the tokenize thread)."""
+
+    def submit(self, prompt_ids: Sequence[int], params: DecodeParams, on_delta: OnDelta | None = None,
+               cancelled: Callable[[], bool] | None = None) -> concurrent.futures.Future:
+        """Queue one request on the policy's decoder (scorer/decoding.py) and return at once; the future
+        gives its Decoded (completions with token counts).  ``on_delta`` is called on the decoder thread;
+        ``cancelled`` is polled there between steps."""
+
+    def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
+        """A judge's P(yes) after each conversation (blocking; called on the judge thread)."""
 
     def close(self) -> None: ...
 
@@ -121,14 +131,14 @@ class ServingEngine:
         *,
         infer_executor: concurrent.futures.Executor,
         tokenize_executor: concurrent.futures.Executor,
-        generate_executor: concurrent.futures.Executor,
+        judge_executor: concurrent.futures.Executor,
         infer_workers: int = 1,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._infer = infer_executor
         self._tokenize = tokenize_executor
-        self._generate = generate_executor
+        self._judge = judge_executor
         self._live: dict[str, ModelSlot] = {}
         self._retiring: set[asyncio.Task] = set()
         #: per reward model name, a retired (drained) runner kept for the next in-place reload
@@ -294,12 +304,24 @@ class ServingEngine:
 
     async def _sample(self, slot: ModelSlot, prompt: Sequence[ChatMessage], params: DecodeParams,
                       on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None) -> Decoded:
-        """Run the decode loop on the generation thread (the caller holds ``slot``)."""
+        """Decode one request on the policy's decoder thread and await it (the caller holds ``slot``).
+
+        No thread waits for the decoder: the event loop awaits its future.  A request whose caller is
+        cancelled (the client went away) leaves the running batch at the decoder's next step."""
         t0 = time.perf_counter()
+        abandoned = threading.Event()
+
+        def stopped() -> bool:  # decoder thread
+            return abandoned.is_set() or (cancelled is not None and cancelled())
+
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._generate, slot.runner.sample, list(prompt), params, on_delta,
-                                              cancelled)
+            ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, slot.runner.prompt_ids, list(prompt))
+            future = slot.runner.submit(ids, params, on_delta=on_delta, cancelled=stopped)
+            try:
+                return await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                abandoned.set()
+                raise
         finally:
             self.metrics.generation_seconds.labels(slot.name).observe(time.perf_counter() - t0)
 
@@ -330,7 +352,7 @@ class ServingEngine:
 
         The policy version is fixed when the request starts (every chunk names it).  Closing the
         iterator early (the client went away) stops decoding at the next token; the slot is released
-        only once the generation thread is done with it.
+        only once the decoder is done with it.
         """
         slot = await self._acquire_policy(query.model, "model")
         loop = asyncio.get_running_loop()
@@ -338,7 +360,7 @@ class ServingEngine:
         stop = threading.Event()
         ref, rid = slot.ref, query.request_id
 
-        def on_delta(index: int, text: str) -> None:  # generation thread
+        def on_delta(index: int, text: str) -> None:  # decoder thread
             loop.call_soon_threadsafe(deltas.put_nowait, (index, text))
 
         params = self._decode_params(query.sampling, query.n, query.stop)
@@ -437,7 +459,7 @@ class ServingEngine:
             slot = await self._acquire_policy(spec.model, "criteria_refs")
             try:
                 convs = [list(judge_messages(spec, prompt, r)) for r in replies]
-                return await asyncio.get_running_loop().run_in_executor(self._generate, slot.runner.yes_probability, convs)
+                return await asyncio.get_running_loop().run_in_executor(self._judge, slot.runner.yes_probability, convs)
             finally:
                 self._release(slot)
 

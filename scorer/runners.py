@@ -15,6 +15,7 @@ rows from many requests; generate) so that it never touches torch.  This module 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from scorer.domain import SamplingParams
+from scorer.decoding import BatchDecoder, DecodeParams
 from scorer.fastpath import apply_cpu_fast_path
 from scorer.precision import cast_for_serving, resolve_dtype
 from services.schemas import ChatMessage
@@ -321,33 +322,29 @@ class PolicyRunner:
     """
 
     def __init__(self, model: Any, *, batch_rows: int = 1, name: str = "decode") -> None:
-        from scorer.decoding import BatchDecoder
-
         self.model = model
         self.dtype: str = str(model.spec.dtype)
         self.decoder = BatchDecoder(model.hf_model, model.tokenizer, max_rows=batch_rows, name=name).start()
 
-    def generate(self, prompt: Sequence[ChatMessage], n: int, params: SamplingParams) -> list[str]:
-        # Unset parameters fall back to the policy's own defaults.
-        given = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-                 "seed": params.seed}
-        with torch.inference_mode():
-            return list(self.model.generate(list(prompt), n=n, **{k: v for k, v in given.items() if v is not None}))
+    def prompt_ids(self, prompt: Sequence[ChatMessage]) -> list[int]:
+        """The prompt through the policy's chat template (the engine's tokenize thread)."""
+        return list(self.model.prompt_ids(list(prompt)))
 
-    def sample(self, prompt: Sequence[ChatMessage], params: Any, on_delta: Any = None, cancelled: Any = None) -> Any:
-        """One request through the batch decoder (blocks the calling thread until its last row ends):
-        ``params`` a DecodeParams; returns a Decoded."""
-        ids = self.model.prompt_ids(list(prompt))
-        return self.decoder.submit(ids, params, on_delta=on_delta, cancelled=cancelled).result()
+    def submit(self, prompt_ids: Sequence[int], params: Any, on_delta: Any = None,
+               cancelled: Any = None) -> concurrent.futures.Future:
+        """Queue one request on the batch decoder (``params`` a DecodeParams); the future gives its Decoded."""
+        return self.decoder.submit(prompt_ids, params, on_delta=on_delta, cancelled=cancelled)
 
     def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
-        """A judge's P(yes) after each conversation (generation thread)."""
+        """A judge's P(yes) after each conversation (the engine's judge thread)."""
         return self.model.yes_probability(conversations)
 
     def warmup(self) -> None:
-        out = self.generate([ChatMessage("user", "Hi")], 1, SamplingParams(temperature=0.0, max_tokens=2))
-        if len(out) != 1:
-            raise CheckpointRefused("warmup_failed", f"policy warm-up returned {len(out)} completions for n=1")
+        """Two greedy tokens through the same decoder that serves, so a version that cannot decode is refused."""
+        params = DecodeParams(n=1, temperature=0.0, top_p=1.0, max_tokens=2, seed=0)
+        out = self.submit(self.prompt_ids([ChatMessage("user", "Hi")]), params).result()
+        if len(out.completions) != 1:
+            raise CheckpointRefused("warmup_failed", f"policy warm-up returned {len(out.completions)} completions for n=1")
 
     def close(self) -> None:
         self.decoder.close()

@@ -167,10 +167,9 @@ class Scorer:
         # reads each get their own thread so none of them waits behind another.  Each pool's threads
         # carry its name as their OS name (infer_0, infer_1, tokenize_0, ...: `top -H`, the bench).
         self.infer_workers, self.torch_threads = plan_workers(cfg.device, cfg.infer_workers, cfg.torch_threads)
-        # A generation request waits on its generate thread while the policy's decoder (scorer/decoding.py)
-        # decodes it together with the others, so there is a thread per request the decoder can hold.
-        sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "generate": min(64, cfg.decode_batch_rows),
-                 "load": 1, "registry": 2}
+        # Generation needs no pool: each policy's decoder (scorer/decoding.py) has its own thread and the
+        # event loop awaits its futures.  Judge criteria (one forward of a policy each) run on "judge".
+        sizes = {INFER_THREADS: self.infer_workers, "tokenize": 1, "judge": 2, "load": 1, "registry": 2}
         # Loading a new version (hashing, from_pretrained) runs niced: on a shared CPU the serving threads
         # come first, so a hot swap delays requests less.
         self._executors = {name: named_executor(n, name, niceness=10 if name == "load" else 0)
@@ -218,7 +217,7 @@ class Scorer:
         ex = self._executors
         self.engine = ServingEngine(
             cfg, self.metrics,
-            infer_executor=ex[INFER_THREADS], tokenize_executor=ex["tokenize"], generate_executor=ex["generate"],
+            infer_executor=ex[INFER_THREADS], tokenize_executor=ex["tokenize"], judge_executor=ex["judge"],
             infer_workers=self.infer_workers,
         )
         registry = self._make_registry()

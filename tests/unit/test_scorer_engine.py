@@ -52,10 +52,15 @@ class FakeReward:
 class FakePolicy:
     dtype = "float32"
 
-    def sample(self, prompt, params, on_delta=None, cancelled=None):
+    def prompt_ids(self, prompt):
+        return [0] * 5
+
+    def submit(self, prompt_ids, params, on_delta=None, cancelled=None):
         rows = tuple(Completion(i, [0] * (i + 2), f"sample {i} " + "x" * i, finish_reason="stop")
                      for i in range(params.n))
-        return Decoded(rows, prompt_tokens=5)
+        done = concurrent.futures.Future()
+        done.set_result(Decoded(rows, prompt_tokens=len(prompt_ids)))
+        return done
 
     def close(self):
         pass
@@ -64,7 +69,7 @@ class FakePolicy:
 def make_engine(**overrides):
     cfg = load_scorer_config(overrides={"max_wait_ms": 2, "drain_timeout_s": 10, **overrides}, env={})
     ex = concurrent.futures.ThreadPoolExecutor(2)
-    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex), cfg
+    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, judge_executor=ex), cfg
 
 
 def test_score_reports_the_version_that_scored():

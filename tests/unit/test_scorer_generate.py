@@ -278,6 +278,13 @@ class FakePolicy:
         # > 0: after its first token the decode waits (up to this long) for the caller to cancel, like a
         # slow model; otherwise a fast fake can finish every token before the client closes its stream.
         self.wait_for_cancel_s = wait_for_cancel_s
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1)  # stands in for the decoder thread
+
+    def prompt_ids(self, prompt):
+        return [1, 2, 3, 4]
+
+    def submit(self, prompt_ids, params, on_delta=None, cancelled=None):
+        return self._decoder.submit(self.sample, prompt_ids, params, on_delta, cancelled)
 
     def sample(self, prompt, params, on_delta=None, cancelled=None):
         rows = []
@@ -312,7 +319,7 @@ class _Reward:
 def _engine() -> Engine:
     cfg = load_scorer_config(overrides={"policy_models": ["policy"], "default_new_tokens": 3}, env={})
     ex = concurrent.futures.ThreadPoolExecutor(2)
-    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, generate_executor=ex)
+    return ServingEngine(cfg, ScorerMetrics(), infer_executor=ex, tokenize_executor=ex, judge_executor=ex)
 
 
 def test_engine_generates_and_streams_from_one_version() -> None:
@@ -358,6 +365,33 @@ def test_engine_stream_closed_early_stops_and_releases() -> None:
 
     refs, cancelled = asyncio.run(main())
     assert refs == 0 and cancelled
+
+
+def test_engine_generation_whose_caller_is_cancelled_leaves_the_decoder() -> None:
+    """No thread waits per request: the loop awaits the decoder's future, and a cancelled caller (a
+    client that went away) makes its rows stop at the decoder's next step."""
+    async def main() -> tuple[int, bool, bool]:
+        engine = _engine()
+        policy = FakePolicy(wait_for_cancel_s=30.0)
+        slot = engine.new_slot("policy", ModelKind.POLICY, "v1", "", policy)
+        engine.install(slot)
+        task = asyncio.ensure_future(engine.generate_text(GenerateQuery(PROMPT, n=1)))
+        while slot.refs == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # decoding: waiting for a cancel
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3000):
+            if policy.cancelled_seen:
+                break
+            await asyncio.sleep(0.01)
+        refs = slot.refs
+        await engine.close()
+        return refs, policy.cancelled_seen, task.cancelled()
+
+    refs, seen, cancelled = asyncio.run(main())
+    assert refs == 0 and seen and cancelled
 
 
 def test_engine_refuses_a_reward_model_and_unknown_names() -> None:
