@@ -43,8 +43,9 @@ class LoopConfig:
     candidates: int = field(default=4, metadata={"help": "candidates per best-of-N request (N)"})
     temperature: float = field(default=0.7, metadata={"help": (
         "sampling temperature of the best-of-N candidates; the default is the evaluation's, so the policy learns "
-        "from replies drawn as it is served (measured on the word-limit bench: with RPO, 0.7 cut violations 62% at "
-        "35 words; 1.0 shortened replies to 16-20 words, docs/loop.md)")})
+        "from replies drawn as it is served. On the word-limit bench one run at 0.7 cut violations 62% at 35 words "
+        "and its replicate collapsed to 21 words, as both runs at 1.0 did (16-20 words): not yet told apart from "
+        "run-to-run variance (docs/loop.md)")})
     max_tokens: int = field(default=128, metadata={"help": "new tokens per reply, training and evaluation"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
