@@ -76,9 +76,16 @@ class LoopConfig:
     sft_weight: float = field(default=1.0, metadata={"help": (
         "RPO's α: α times the per-token NLL of each pair's chosen reply is added to the DPO loss, so the policy "
         "moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
+    max_backlog: int = field(default=16, metadata={"help": (
+        "on-policy pacing: hold new best-of-N requests while the policy trainer has this many preference "
+        "records or more it has not consumed, so the CPU goes to training when the queue is long and the pairs "
+        "are sampled from a recent served version, not from a stale queue (loop/pacing.py); 0 = send as fast "
+        "as the scorer answers")})
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
+    replay_weight: float = field(default=0.25, metadata={"help": (
+        "loss weight of a replayed record relative to a new one (the trainer's replay_weight)")})
     max_tokens_per_backward: int = field(default=2048, metadata={"help": (
         "padded policy tokens one backward keeps activations for (the trainer splits larger micro-batches): "
         "rankings of N candidates cost N rows each, and the trainer shares the machine with the scorer; "
@@ -110,6 +117,8 @@ class LoopConfig:
         require(0 <= self.eval_temperature <= 2, "eval_temperature", "must be within 0..2 (0 = greedy)")
         require(1 <= self.max_tokens <= 1024, "max_tokens", "must be within 1..1024")
         require(self.concurrency >= 1, "concurrency", "must be >= 1")
+        require(0 < self.replay_weight <= 1, "replay_weight", "must be within (0, 1]")
+        require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.beta > 0, "beta", "must be > 0")
         require(self.sft_weight >= 0, "sft_weight", "must be >= 0 (0 turns the NLL term off)")

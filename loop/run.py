@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import aiohttp
 
 from loop.config import LoopConfig
+from loop.pacing import Pacer, TrainerBacklog
 from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, plan_prompts, retention, violated,
                           win_rate)
 from services.checkpoints import CheckpointStore
@@ -78,6 +79,20 @@ class Evaluation:
 
 
 @dataclass
+class VersionCounts:
+    """What the best-of-N requests one served policy version answered looked like."""
+
+    requests: int = 0
+    candidates: int = 0
+    passing: int = 0  # candidates that met every criterion of the request
+    mixed: int = 0  # requests with passing and failing candidates: the ones whose pair teaches the rule
+
+    def row(self) -> dict[str, Any]:
+        return {**self.__dict__, "passing_share": self.passing / self.candidates if self.candidates else None,
+                "mixed_share": self.mixed / self.requests if self.requests else None}
+
+
+@dataclass
 class Counters:
     sent: int = 0
     failed: int = 0
@@ -86,6 +101,18 @@ class Counters:
     candidates_passing: int = 0
     candidates: int = 0
     errors: list[str] = field(default_factory=list)
+    per_version: dict[str, VersionCounts] = field(default_factory=dict)
+
+    def answered(self, version: str, passed: Sequence[bool]) -> None:
+        """Count one stored best-of-N: its candidates' pass/fail under the request's criteria."""
+        self.stored += 1
+        self.candidates += len(passed)
+        self.candidates_passing += sum(passed)
+        v = self.per_version.setdefault(version or "base", VersionCounts())
+        v.requests += 1
+        v.candidates += len(passed)
+        v.passing += sum(passed)
+        v.mixed += 0 < sum(passed) < len(passed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +221,7 @@ class LoopProcesses:
             _out(f"reward model {cfg.reward_model}@{version} published from {folder}")
         logs = self.run_dir / "logs"
         gw_port, gw_http, sc_port = free_port(), free_port(), free_port()
+        self.trainer_metrics_port = free_port()
         common = {"PREFSTREAM_STACK_RUN_DIR": str(self.stack_dir)}
         if cfg.topic_prefix:
             common.update({f"PREFSTREAM_{svc}_TOPIC_PREFIX": cfg.topic_prefix for svc in ("GATEWAY", "SCORER", "TRAINER")})
@@ -242,12 +270,20 @@ class LoopProcesses:
             "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
             "sft_weight": cfg.sft_weight,
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,
-            "replay_ratio": cfg.replay_ratio, "max_kl": cfg.max_kl,
+            "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
             "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
             "ray_storage_path": self.run_dir / "ray_train", "guard_max_new_tokens": 48,
+            "metrics_port": self.trainer_metrics_port,
             **({"base_model": cfg.policy_base} if cfg.policy_base else {}),
         }
+
+    def trainer_backlog(self) -> TrainerBacklog:
+        """The policy trainer's unconsumed records on this run's preference topic (loop/pacing.py)."""
+        from services.topics import PREFERENCES, topic_name
+
+        return TrainerBacklog(self.endpoints.kafka_bootstrap, topic_name(PREFERENCES, self.cfg.topic_prefix),
+                              f"http://127.0.0.1:{self.trainer_metrics_port}/metrics")
 
     def check(self) -> None:
         check_running(self.services)
@@ -273,6 +309,11 @@ class CriteriaLoop:
         self.phase_marks: list[tuple[float, str]] = []  # (t, label) where each phase began
         self.registry = ModelRegistry(procs.redis)
         self._evaluated: set[str] = set()
+        self.pacer: Pacer | None = None
+        self._backlog: TrainerBacklog | None = None
+        if cfg.max_backlog > 0:
+            self._backlog = procs.trainer_backlog()
+            self.pacer = Pacer(cfg.max_backlog, self._backlog.read)
 
     # -- the served policy, measured ----------------------------------------------------------
 
@@ -369,11 +410,9 @@ class CriteriaLoop:
             if len(self.counters.errors) < 5:
                 self.counters.errors.append(f"{type(e).__name__}: {e}"[:300])
             return
-        self.counters.stored += 1
-        for choice in data.get("choices", []):
-            results = choice.get("criteria_results") or {}
-            self.counters.candidates += 1
-            self.counters.candidates_passing += all(r.get("passed", r.get("score", 0) >= 0.5) for r in results.values())
+        self.counters.answered(data.get("model_version", ""), [
+            all(r.get("passed", r.get("score", 0) >= 0.5) for r in (choice.get("criteria_results") or {}).values())
+            for choice in data.get("choices", [])])
 
     async def _send_phase(self, http: aiohttp.ClientSession, prompts: Sequence[str], refs: list[str],
                           deadline: float) -> int:
@@ -381,10 +420,13 @@ class CriteriaLoop:
         for i, p in enumerate(prompts):
             queue.put_nowait((i, p))
         sent = 0
+        hold = asyncio.Lock()
 
         async def worker() -> None:
             nonlocal sent
             while time.time() < deadline:
+                async with hold:  # one worker polls the backlog; the others queue behind it
+                    await self._hold_while_behind(deadline)
                 try:
                     i, p = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -396,6 +438,16 @@ class CriteriaLoop:
 
         await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
         return sent
+
+    async def _hold_while_behind(self, deadline: float) -> None:
+        """Wait while the policy trainer has max_backlog or more records it has not consumed (loop/pacing.py)."""
+        pacer = self.pacer
+        if pacer is None:
+            return
+        started = time.time()
+        while time.time() < deadline and await asyncio.to_thread(pacer.should_hold):
+            await asyncio.sleep(pacer.every_s)
+        pacer.held_s += time.time() - started
 
     # -- versions ---------------------------------------------------------------------------------
 
@@ -453,8 +505,10 @@ class CriteriaLoop:
             rate = "" if last is None else " | served " + last.version + " " + ", ".join(
                 f"{k.split('@')[0]} {v:.2f}" for k, v in last.violation.items())
             share = f"{c.candidates_passing / c.candidates:.2f}" if c.candidates else "-"
+            behind = "" if self.pacer is None or self.pacer.last is None else (
+                f", trainer backlog {self.pacer.last} (held {self.pacer.held_s:.0f}s)")
             _out(f"[{time.time() - self.t0:6.0f}s] phase {self.phase + 1}: {c.sent}/{total} best-of-N sent "
-                 f"({c.failed} failed, {c.gate_prompts} for the gate), candidates passing {share}; "
+                 f"({c.failed} failed, {c.gate_prompts} for the gate), candidates passing {share}{behind}; "
                  f"policy versions {len(published)} published / {len(rejected)} rejected{rate}")
 
     async def run(self) -> dict[str, Any]:
@@ -484,6 +538,8 @@ class CriteriaLoop:
             finally:
                 stop.set()
                 await asyncio.gather(evaluator, progress, return_exceptions=True)
+                if self._backlog is not None:
+                    self._backlog.close()
             final = ends[-1]
             rewards_base = base.rewards
             quality = win_rate(final.rewards, rewards_base) if final.rewards and rewards_base else None
@@ -536,6 +592,10 @@ class CriteriaLoop:
             "gate_prompts": self.counters.gate_prompts,
             "candidates_passing_share": (self.counters.candidates_passing / self.counters.candidates
                                          if self.counters.candidates else None),
+            "candidates_per_version": {v: c.row() for v, c in self.counters.per_version.items()},
+            "max_backlog": self.cfg.max_backlog,
+            "held_for_trainer_s": None if self.pacer is None else round(self.pacer.held_s, 1),
+            "peak_trainer_backlog": None if self.pacer is None else self.pacer.peak,
             "versions_published": len(published),
             "versions_rejected": len(rejected),
             "rejections": [f"{v}: {why}" for v, why in rejected][:10],

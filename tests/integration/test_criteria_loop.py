@@ -53,6 +53,11 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
     assert summary["evaluations"][0]["version"] == "base"
     assert 0.0 <= summary["violation_rate_base"] <= 1.0 and 0.0 <= summary["violation_rate_final"] <= 1.0
     assert Path(summary["report"]).is_file()
+    # paced on the trainer's real backlog (Kafka end offsets minus its consumed counter), counted per version
+    assert summary["max_backlog"] == 16 and summary["peak_trainer_backlog"] is not None
+    per_version = summary["candidates_per_version"]
+    assert sum(v["requests"] for v in per_version.values()) == summary["best_of_n_stored"]
+    assert "base" in per_version and all(v["candidates"] == 4 * v["requests"] for v in per_version.values())
 
     # what the published version learnt from is criteria feedback, tagged with the criterion's version
     criterion = CriteriaStore(redis_client).get(f"p{tag}", name)

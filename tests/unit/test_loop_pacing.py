@@ -1,0 +1,103 @@
+"""On-policy pacing of the criteria loop (loop/pacing.py) and its per-version counters: pure parts."""
+
+from __future__ import annotations
+
+import pytest
+
+from loop.pacing import Pacer, TrainerBacklog, backlog, consumed_from_metrics
+from loop.run import Counters
+
+EXPOSITION = """\
+# HELP prefstream_trainer_records_total Preference records consumed, by use.
+# TYPE prefstream_trainer_records_total counter
+prefstream_trainer_records_total{use="train"} 40.0
+prefstream_trainer_records_total{use="eval"} 9.0
+prefstream_trainer_records_total{use="replay"} 20.0
+prefstream_trainer_records_total{use="refused"} 1.0
+prefstream_trainer_records_total{use="duplicate"} 2.0
+# HELP prefstream_trainer_steps_total Optimiser steps taken.
+# TYPE prefstream_trainer_steps_total counter
+prefstream_trainer_steps_total 6.0
+"""
+
+
+def test_consumed_counts_every_use_but_replay() -> None:
+    assert consumed_from_metrics(EXPOSITION) == 40 + 9 + 1 + 2
+    assert consumed_from_metrics("# TYPE prefstream_trainer_steps_total counter\nprefstream_trainer_steps_total 3.0\n") is None
+    assert consumed_from_metrics("") is None
+
+
+def test_the_real_trainer_counter_reads_back() -> None:
+    """The parser reads what the trainer's own counter exports (name and label as declared)."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    reg = CollectorRegistry()
+    c = Counter("prefstream_trainer_records", "records", ["use"], registry=reg)
+    c.labels("train").inc(5)
+    c.labels("replay").inc(7)
+    c.labels("eval").inc(2)
+    assert consumed_from_metrics(generate_latest(reg).decode()) == 7
+
+
+def test_backlog_is_produced_minus_consumed_never_negative() -> None:
+    assert backlog(60, 52.0) == 8
+    assert backlog(10, 12.0) == 0  # re-read after a rebalance: counted twice, never a negative backlog
+
+
+def test_backlog_reader_treats_an_unreadable_side_as_unknown_and_no_counter_as_nothing_consumed() -> None:
+    class Fixed(TrainerBacklog):
+        def produced(self) -> int:
+            return 30
+
+    assert Fixed("k", "t", "u", fetch=lambda url: EXPOSITION).read() == 0  # 52 consumed of 30: caught up
+    assert Fixed("k", "t", "u", fetch=lambda url: "").read() == 30  # trainer up, nothing consumed yet
+
+    def down(url: str) -> str:
+        raise ConnectionRefusedError(url)
+
+    assert Fixed("k", "t", "u", fetch=down).read() is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_pacer_holds_at_the_bound_shares_one_reading_per_interval_and_never_holds_on_unknown() -> None:
+    readings = iter([20, 15, None, 3])
+    calls = []
+
+    def read() -> int | None:
+        calls.append(1)
+        return next(readings)
+
+    clock = Clock()
+    p = Pacer(16, read, every_s=1.0, clock=clock)
+    assert p.should_hold() and p.last == 20
+    clock.t = 0.5
+    assert p.should_hold() and len(calls) == 1  # within the interval: the same reading
+    clock.t = 1.0
+    assert not p.should_hold() and p.last == 15  # below the bound
+    clock.t = 2.0
+    assert not p.should_hold() and p.last is None  # unknown: never held on it
+    clock.t = 3.0
+    assert not p.should_hold() and p.peak == 20
+
+
+def test_pacing_off_never_reads() -> None:
+    p = Pacer(0, lambda: pytest.fail("read with pacing off"))
+    assert not p.should_hold() and p.peak is None
+
+
+def test_counters_per_served_version_tell_rule_pairs_from_the_rest() -> None:
+    c = Counters()
+    c.answered("", [True, False, False])  # base: mixed, the pair teaches the rule
+    c.answered("v000001", [True, True, True])  # every candidate passes: no rule pair
+    c.answered("v000001", [False, True, True])
+    assert (c.stored, c.candidates, c.candidates_passing) == (3, 9, 6)
+    base, v1 = c.per_version["base"].row(), c.per_version["v000001"].row()
+    assert base["requests"] == 1 and base["mixed_share"] == 1.0 and base["passing_share"] == pytest.approx(1 / 3)
+    assert v1["requests"] == 2 and v1["mixed"] == 1 and v1["passing_share"] == pytest.approx(5 / 6)
