@@ -1,11 +1,10 @@
 """On-policy pacing of the criteria loop: send best-of-N only as fast as the policy trainer learns.
 
 Why: the scorer and the trainer share the machine.  Unpaced, the loop's best-of-N requests kept both
-cores decoding, the trainer made its first checkpoint after 11 minutes and 26 records, and a phase's
-600 seconds sent ~150 requests of which the trainer learnt from ~50: nearly every pair it trained on
-was sampled from the *base* policy, long after the served policy had moved.  Stale pairs of a word
-limit keep saying "shorter" after the served policy already keeps the limit, which is one way the
-loop overshoots into terse replies.  Paced, the loop holds new requests while the trainer has more
+cores decoding: in the bench run of 2026-12-04 the trainer wrote its first checkpoint (26 records)
+11.5 minutes after it started and trained 82 records in all while the loop sent 311 requests, so
+nearly every pair it trained on was sampled from the *base* policy, long after the served policy
+had moved, and the second phase spent its time on the first phase's queue.  Paced, the loop holds new requests while the trainer has more
 than ``max_backlog`` preference records it has not consumed, so the CPU goes to training when the
 queue is long and every pair is sampled from a recent served version (online DPO, not offline DPO
 on a stale queue).
