@@ -96,18 +96,25 @@ class VersionCounts:
 class Counters:
     sent: int = 0
     failed: int = 0
-    stored: int = 0
     gate_prompts: int = 0
-    candidates_passing: int = 0
-    candidates: int = 0
     errors: list[str] = field(default_factory=list)
     per_version: dict[str, VersionCounts] = field(default_factory=dict)
 
+    # Totals are sums over the served versions, never kept twice.
+    @property
+    def stored(self) -> int:
+        return sum(v.requests for v in self.per_version.values())
+
+    @property
+    def candidates(self) -> int:
+        return sum(v.candidates for v in self.per_version.values())
+
+    @property
+    def candidates_passing(self) -> int:
+        return sum(v.passing for v in self.per_version.values())
+
     def answered(self, version: str, passed: Sequence[bool]) -> None:
         """Count one stored best-of-N: its candidates' pass/fail under the request's criteria."""
-        self.stored += 1
-        self.candidates += len(passed)
-        self.candidates_passing += sum(passed)
         v = self.per_version.setdefault(version or "base", VersionCounts())
         v.requests += 1
         v.candidates += len(passed)
@@ -538,8 +545,8 @@ class CriteriaLoop:
             finally:
                 stop.set()
                 await asyncio.gather(evaluator, progress, return_exceptions=True)
-                if self._backlog is not None:
-                    self._backlog.close()
+                if self._backlog is not None:  # closing the Kafka consumer blocks: off the event loop
+                    await asyncio.to_thread(self._backlog.close)
             final = ends[-1]
             rewards_base = base.rewards
             quality = win_rate(final.rewards, rewards_base) if final.rewards and rewards_base else None
