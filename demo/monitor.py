@@ -20,6 +20,7 @@ from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from services import topics
 from services.checkpoints import CheckpointStore
 from services.codec import decode_event
+from services.kafka import end_offsets
 from services.registry import ModelRegistry
 from services.schemas import PreferenceRecord
 
@@ -104,10 +105,8 @@ class LoopMonitor:
                 # Reads the group's committed offsets without joining it (no subscribe, no rebalance).
                 self._consumer = KafkaConsumer(bootstrap_servers=self.kafka_bootstrap, group_id=self.trainer_group,
                                                enable_auto_commit=False)
-            parts = self._consumer.partitions_for_topic(topics.PREFERENCES.name) or set()
-            tps = [TopicPartition(topics.PREFERENCES.name, p) for p in parts]
-            ends = self._consumer.end_offsets(tps)
-            return sum(max(0, ends[tp] - (self._consumer.committed(tp) or 0)) for tp in tps)
+            ends = end_offsets(self._consumer, topics.PREFERENCES.name)
+            return sum(max(0, end - (self._consumer.committed(tp) or 0)) for tp, end in ends.items())
         except Exception as e:  # noqa: BLE001 - progress display only
             log.debug("lag unavailable: %s", e)
             return None

@@ -58,13 +58,13 @@ class TrainerBacklog:
         self._consumer = None
 
     def produced(self) -> int:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import KafkaConsumer
+
+        from services.kafka import end_offsets
 
         if self._consumer is None:  # no group: reads end offsets without joining or committing anything
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
-        parts = self._consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in parts]
-        return sum(self._consumer.end_offsets(tps).values()) if tps else 0
+        return sum(end_offsets(self._consumer, self.topic).values())
 
     def consumed(self) -> float | None:
         return consumed_from_metrics(self._fetch(self.metrics_url))

@@ -154,3 +154,13 @@ def send_sync(
         if isinstance(producer, RenewingProducer):
             producer.renew()
         raise Unavailable(f"Kafka did not acknowledge the write to {topic}: {type(e).__name__}") from e
+
+
+def end_offsets(consumer: KafkaConsumer, topic: str) -> dict[Any, int]:
+    """The next offset of every partition of ``topic`` (TopicPartition -> offset), read without joining
+    a group; empty when the topic does not exist (yet)."""
+    from kafka import TopicPartition
+
+    parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    return consumer.end_offsets(tps) if tps else {}

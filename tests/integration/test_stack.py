@@ -215,3 +215,28 @@ def test_failed_component_names_itself_with_its_log(tmp_path_factory: pytest.Tem
         cfg = free_stack_config(run_dir, components=("redis",), redis_port=s.getsockname()[1])
         with pytest.raises(StackError, match="redis: port .* already in use"):
             Stack(cfg).up()
+
+
+def test_end_offsets_sum_what_was_written_and_are_empty_for_a_missing_topic(kafka_bootstrap: str) -> None:
+    """services.kafka.end_offsets, which the loop's pacing and the demo's lag read, against the real broker."""
+    import uuid
+
+    from kafka import KafkaConsumer
+
+    from services.kafka import end_offsets, make_producer
+    from services.topics import PREFERENCES, ensure_topics, prefixed
+
+    spec = prefixed([PREFERENCES], f"ends{uuid.uuid4().hex[:8]}.")[0]
+    ensure_topics(kafka_bootstrap, [spec])
+    producer = make_producer(kafka_bootstrap)
+    for i in range(5):
+        producer.send(spec.name, value=b"x", key=str(i).encode())
+    producer.flush(timeout=60)
+    producer.close(timeout=10)
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        ends = end_offsets(consumer, spec.name)
+        assert len(ends) == spec.partitions and sum(ends.values()) == 5
+        assert end_offsets(consumer, f"missing{uuid.uuid4().hex[:8]}") == {}
+    finally:
+        consumer.close()
