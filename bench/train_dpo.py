@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-cache-steps", type=int, default=None, help="timed steps per arm of the reference-cache measurement (quick 1, full 3)")
     p.add_argument("--skip-trl", action="store_true", help="leave out the TRL DPOTrainer arm")
     p.add_argument("--no-kafka", action="store_true", help="stream from memory instead of a local Kafka broker")
+    p.add_argument("--stream-partitions", type=int, default=1,
+                   help="partitions of the streaming arm's topic; 1 (default) keeps the offline arm's record order, "
+                        "so the arms differ in the machinery only; more interleave the records by key "
+                        "(the stack's preference topic has 4), which changes which records share a step")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +100,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "ref_cache_steps": args.ref_cache_steps or (1 if quick else 3),
         "seeds": [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",") if x.strip()],
         "kafka": not args.no_kafka,
+        "stream_partitions": args.stream_partitions,
         "trl": not args.skip_trl,
     }
 
@@ -357,11 +362,14 @@ class _Kafka:
         self.stack = Stack(free_stack_config(run_dir, components=("kafka",)))
         self.bootstrap = self.stack.up().kafka_bootstrap or ""
 
-    def topic_with(self, records: Sequence[Any]) -> str:
+    def topic_with(self, records: Sequence[Any], partitions: int) -> str:
+        """A fresh preference topic of ``partitions`` partitions holding ``records`` in this order."""
+        from dataclasses import replace
+
         from services.kafka import make_producer
         from services.topics import PREFERENCES, ensure_topics, prefixed
 
-        spec = prefixed([PREFERENCES], f"bench-dpo-{uuid.uuid4().hex[:8]}.")[0]
+        spec = replace(prefixed([PREFERENCES], f"bench-dpo-{uuid.uuid4().hex[:8]}.")[0], partitions=partitions)
         ensure_topics(self.bootstrap, [spec])
         producer = make_producer(self.bootstrap)
         try:
@@ -438,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 arms["offline"].append(dict(judged(_in_process(offline_arm, seeded, train, out)), seed=seed))
                 if kafka is not None:
                     streamed = config_replace(
-                        seeded, kafka_bootstrap=kafka.bootstrap, topic=kafka.topic_with(order),
+                        seeded, kafka_bootstrap=kafka.bootstrap, topic=kafka.topic_with(order, s["stream_partitions"]),
                         group_id=f"bench-dpo-{seed}", max_records=len(train), idle_exit_s=20.0,
                         checkpoint_every_records=10 ** 6, checkpoint_url=str(Path(tmp) / f"ckpt-{seed}"),
                         keep_checkpoints=0, eval_max_records=0)
@@ -511,6 +519,10 @@ def _notes(s: dict[str, Any], source: str) -> list[str]:
         "forwards only over replay and further epochs: ref_cache_speedup measures what a step saves",
         f"records_per_s_streaming: the continual loop through {source}, with the trainer's replay (replayed records "
         "on top of every new one) and a final checkpoint (merged folder) inside its time",
+        f"the streaming topic has {s['stream_partitions']} partition(s) and gets the records in the offline arm's "
+        "batch order; with 1 the trainer sees that order, so the arms differ in the machinery (Kafka, consumer "
+        "group, replay, checkpoint) only; a 4-partition topic interleaves the records by key, and which records "
+        "share a step then moves the accuracy by several points (docs/trainer.md)",
         "TRL gets our policy's own token ids (chat template, response up to its EOS, cut keep_start) "
         "pre-tokenized; each pair's prompt is the shorter of our two left-truncated cuts, so TRL sees at most as "
         "much context as our arms",
