@@ -107,7 +107,10 @@ TARGETS: tuple[Target, ...] = (
            lambda r: None if r.get("accuracy_streaming") is None or r.get("accuracy_offline") is None
            else r["accuracy_streaming"] >= r["accuracy_offline"] - 0.01,
            lambda r: f"{_fmt(r.get('accuracy_streaming'))} vs {_fmt(r.get('accuracy_offline'))}{_seeds(r)}"
-                     f"{_paired(r, 'streaming_minus_offline')} (source: {r.get('streaming_source', '?')})"),
+                     f"{_paired(r, 'streaming_minus_offline')} (source: {r.get('streaming_source', '?')})"
+                     + (f"; with the trainer's default replay {_fmt(r['accuracy_streaming_replay'])}"
+                        f"{_paired(r, 'streaming_replay_minus_offline')}"
+                        if r.get("accuracy_streaming_replay") is not None else "")),
     Target("train-dpo", "speedup_vs_trl", "DPO records/s >= 1.5x TRL", "TRL DPOTrainer, precompute_ref_log_probs=False",
            _ge("speedup_vs_trl", 1.5),
            lambda r: f"{_fmt(r.get('speedup_vs_trl'))} ({_fmt(r.get('records_per_s'))} vs "

@@ -7,10 +7,12 @@ pairwise accuracy β·(log π − log π_ref), ties wrong, plus the guard's KL a
 same test pairs, in this process, with one evaluator whose cached reference log-probs every arm shares.
 
 * ``offline``: :func:`trainer.offline.train_offline` (shuffled epochs through the Learner step);
-* ``streaming``: the pairs produced as PreferenceRecords to a fresh topic of a real local Kafka
-  broker and trained by :func:`trainer.runtime.run_in_process` (KafkaSource, ContinualTrainer with
-  its replay, a checkpoint at the end), whose final checkpoint is evaluated.  When Kafka cannot be
-  started the same loop runs over an in-memory source and the result says ``streaming_source: memory``;
+* ``streaming``: the pairs produced as PreferenceRecords, in the offline arm's batch order, to a fresh
+  1-partition topic of a real local Kafka broker and trained by :func:`trainer.runtime.run_in_process`
+  (KafkaSource, ContinualTrainer, a checkpoint at the end) with replay off, so that it makes one pass
+  like every other arm; its final checkpoint is evaluated.  ``streaming_replay`` is the same loop with
+  the trainer's default replay on top.  When Kafka cannot be started the same loops run over an
+  in-memory source and the result says ``streaming_source: memory``;
 * ``trl``: TRL's ``DPOTrainer`` with a peft LoRA of the same settings, given the very token ids our
   policy trains on (a pre-tokenized dataset: TRL's own preprocessing would render and cut the text
   differently), then its adapter weights copied into one of our policies and evaluated like the others.
@@ -429,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     kafka: _Kafka | None = None
     source, kafka_error = "memory", ""
-    arms: dict[str, list[dict[str, Any]]] = {"offline": [], "streaming": [], "trl": []}
+    arms: dict[str, list[dict[str, Any]]] = {"offline": [], "streaming": [], "streaming_replay": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="prefstream-bench-dpo-") as tmp:
         if s["kafka"]:
             try:
@@ -444,16 +446,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 order = [r for b in batches(train, cfg.optim.batch_size, seed) for r in b]
                 out = str(Path(tmp) / f"offline-{seed}")
                 arms["offline"].append(dict(judged(_in_process(offline_arm, seeded, train, out)), seed=seed))
-                if kafka is not None:
-                    streamed = config_replace(
-                        seeded, kafka_bootstrap=kafka.bootstrap, topic=kafka.topic_with(order, s["stream_partitions"]),
-                        group_id=f"bench-dpo-{seed}", max_records=len(train), idle_exit_s=20.0,
-                        checkpoint_every_records=10 ** 6, checkpoint_url=str(Path(tmp) / f"ckpt-{seed}"),
-                        keep_checkpoints=0, eval_max_records=0)
-                    run_s = _in_process(streaming_arm, streamed, order, "")
-                else:
-                    run_s = _in_process(memory_streaming_arm, seeded, order, str(Path(tmp) / f"stream-{seed}"))
-                arms["streaming"].append(dict(judged(run_s), seed=seed))
+                topic = kafka.topic_with(order, s["stream_partitions"]) if kafka is not None else ""
+                # "streaming": one pass, as every other arm; "streaming_replay": the trainer's default replay on top.
+                for arm, replay in (("streaming", {"replay_ratio": 0.0}), ("streaming_replay", {})):
+                    looped = config_replace(seeded, **replay)
+                    if kafka is not None:
+                        streamed = config_replace(
+                            looped, kafka_bootstrap=kafka.bootstrap, topic=topic, group_id=f"bench-dpo-{arm}-{seed}",
+                            max_records=len(train), idle_exit_s=20.0, checkpoint_every_records=10 ** 6,
+                            checkpoint_url=str(Path(tmp) / f"ckpt-{arm}-{seed}"), keep_checkpoints=0, eval_max_records=0)
+                        run_s = _in_process(streaming_arm, streamed, order, "")
+                    else:
+                        run_s = _in_process(memory_streaming_arm, looped, order, str(Path(tmp) / f"{arm}-{seed}"))
+                    arms[arm].append(dict(judged(run_s), seed=seed, replay_ratio=looped.stream.replay_ratio,
+                                          replay_weight=looped.stream.replay_weight))
                 if s["trl"]:
                     out = str(Path(tmp) / f"trl-{seed}")
                     arms["trl"].append(dict(judged(_in_process(trl_arm, seeded, train, out)), seed=seed))
@@ -462,6 +468,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 kafka.close()
     ref = _in_process(ref_cache_arm, cfg, ref_pairs, s["ref_cache_steps"])
     offline, streaming = arm_summary(arms["offline"]), arm_summary(arms["streaming"])
+    replayed = arm_summary(arms["streaming_replay"])
     trl = arm_summary(arms["trl"]) if arms["trl"] else None
     load = os.getloadavg()
     return {
@@ -470,26 +477,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy_trl": trl["accuracy"] if trl else None,
         "accuracy_base": base_eval["accuracy"],
         "streaming_minus_offline": paired_diff(streaming["accuracy_per_seed"], offline["accuracy_per_seed"]),
+        "accuracy_streaming_replay": replayed["accuracy"],
+        "streaming_replay_minus_offline": paired_diff(replayed["accuracy_per_seed"], offline["accuracy_per_seed"]),
         "offline_minus_trl": paired_diff(offline["accuracy_per_seed"], trl["accuracy_per_seed"]) if trl else None,
         "streaming_source": source,
         "kafka_error": kafka_error or None,
         "seeds": s["seeds"],
         "records_per_s": offline["records_per_s"],
         "records_per_s_streaming": streaming["records_per_s"],
+        "records_per_s_streaming_replay": replayed["records_per_s"],
         "records_per_s_trl": trl["records_per_s"] if trl else None,
         "speedup_vs_trl": offline["records_per_s"] / trl["records_per_s"] if trl else None,
         "ref_cache_speedup": ref["speedup"],
         "ref_cache": ref,
         "peak_rss_mb": offline["peak_rss_mb"],
         "peak_rss_mb_streaming": streaming["peak_rss_mb"],
+        "peak_rss_mb_streaming_replay": replayed["peak_rss_mb"],
         "peak_rss_mb_trl": trl["peak_rss_mb"] if trl else None,
         "kl_to_ref": offline["kl_to_ref"],
         "kl_to_ref_trl": trl["kl_to_ref"] if trl else None,
+        "kl_to_ref_streaming_replay": replayed["kl_to_ref"],
         "mean_words_base": base_eval.get("mean_words"),
         "mean_words_final": offline["mean_words"],
         "base_eval": base_eval,
         "offline": offline,
         "streaming": streaming,
+        "streaming_replay": replayed,
         "trl": trl,
         "settings": s,
         "torch_threads": torch.get_num_threads(),
@@ -517,12 +530,16 @@ def _notes(s: dict[str, Any], source: str) -> list[str]:
         "trainer.train() (reference forward with the adapter disabled in every step, precompute_ref_log_probs="
         "False, its default); with one epoch both do one reference forward per response, so caching saves "
         "forwards only over replay and further epochs: ref_cache_speedup measures what a step saves",
-        f"records_per_s_streaming: the continual loop through {source}, with the trainer's replay (replayed records "
-        "on top of every new one) and a final checkpoint (merged folder) inside its time",
+        f"streaming: the continual loop through {source} (consumer group, admission with cached reference "
+        "log-probs, the Learner step, a final checkpoint as a merged folder inside its time) with replay off, so "
+        "it makes one pass over the pairs as every other arm does (the issue's 'same epochs'); streaming_replay: "
+        "the same loop with the trainer's default replay (replay_ratio 0.5 at replay_weight 0.25: about 0.5 "
+        "replayed record on top of every new one), which is what it runs in production to keep earlier data learnt, "
+        "and on a stream that does not shift amounts to part of a second epoch",
         f"the streaming topic has {s['stream_partitions']} partition(s) and gets the records in the offline arm's "
-        "batch order; with 1 the trainer sees that order, so the arms differ in the machinery (Kafka, consumer "
-        "group, replay, checkpoint) only; a 4-partition topic interleaves the records by key, and which records "
-        "share a step then moves the accuracy by several points (docs/trainer.md)",
+        "batch order; with 1 the trainer sees that order, so the arms differ in the machinery only; a 4-partition "
+        "topic interleaves the records by key, and which records share a step then moves the accuracy by several "
+        "points (docs/trainer.md)",
         "TRL gets our policy's own token ids (chat template, response up to its EOS, cut keep_start) "
         "pre-tokenized; each pair's prompt is the shorter of our two left-truncated cuts, so TRL sees at most as "
         "much context as our arms",

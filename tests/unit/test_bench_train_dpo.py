@@ -74,5 +74,11 @@ def test_report_rows_judge_the_dpo_targets():
     assert "paired diff -0.5 ± 1.0 pts" in rows["DPO offline >= TRL DPOTrainer - 1 point"]
     assert rows["DPO streaming (Kafka) within 1 point of offline"].endswith("**no**")
     assert "source: kafka" in rows["DPO streaming (Kafka) within 1 point of offline"]
+    assert "default replay" not in rows["DPO streaming (Kafka) within 1 point of offline"]
+    result.update(accuracy_streaming=0.595, accuracy_streaming_replay=0.58,
+                  streaming_replay_minus_offline={"mean": -0.02, "se": 0.005, "per_seed": [-0.015, -0.025]})
+    row = next(line for line in render_table({"train-dpo": result}).splitlines() if "DPO streaming" in line)
+    assert row.rstrip(" |").endswith("yes")
+    assert "with the trainer's default replay 0.58, paired diff -2.0 ± 0.5 pts" in row
     assert rows["DPO records/s >= 1.5x TRL"].endswith("**no**")
     assert rows["DPO peak RSS <= TRL's"].endswith("yes")
