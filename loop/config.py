@@ -73,6 +73,11 @@ class LoopConfig:
         "the same (feedback mode 'pairs'): the tie breaker's preference among passing replies is taught "
         "beside the rule. Measured on the word-limit bench: it keeps reply quality (reward-model win rate 0.53 "
         "vs base) but cuts violations only 19%; without it violations go to 0 and replies to 12 words")})
+    label_smoothing: float = field(default=0.0, metadata={"help": (
+        "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "
+        "its optimum at a finite margin, β·Δ = log((1-ε)/ε), instead of pushing the chosen reply up without "
+        "bound; a criterion's preference is deterministic (the shorter reply always wins a word limit), which "
+        "is where DPO without it drifts without bound whatever β (Azar et al. 2023, on deterministic preferences); 0 = plain DPO")})
     sft_weight: float = field(default=1.0, metadata={"help": (
         "RPO's α: α times the per-token NLL of each pair's chosen reply is added to the DPO loss, so the policy "
         "moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
@@ -121,6 +126,9 @@ class LoopConfig:
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.beta > 0, "beta", "must be > 0")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "is a flip probability; use 0 <= ε < 0.5")
+        require(self.label_smoothing == 0 or self.dpo_loss == "sigmoid", "label_smoothing",
+                "applies to dpo_loss sigmoid only; set it to 0 or use dpo_loss sigmoid")
         require(self.sft_weight >= 0, "sft_weight", "must be >= 0 (0 turns the NLL term off)")
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")

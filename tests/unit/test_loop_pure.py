@@ -114,7 +114,9 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
     assert cfg.candidates == 6 and cfg.criteria == ("a", "b@v2")
     for bad, field in [({"candidates": 1}, "candidates"), ({"gate_every": 1}, "gate_every"),
                        ({"temperature": 0}, "temperature"), ({"beta": 0}, "beta"), ({"criteria": []}, "criteria"),
-                       ({"max_tokens_per_backward": -1}, "max_tokens_per_backward"), ({"max_backlog": -1}, "max_backlog")]:
+                       ({"max_tokens_per_backward": -1}, "max_tokens_per_backward"), ({"max_backlog": -1}, "max_backlog"),
+                       ({"label_smoothing": 0.5}, "label_smoothing"),
+                       ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
