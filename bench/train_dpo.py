@@ -517,7 +517,7 @@ def _notes(s: dict[str, Any], source: str) -> list[str]:
     return [
         f"pairs: the first {s['train_records']} training and {s['test_records']} test pairs of the HH files the "
         f"policy accepts at max_length={s['max_length']} (a long response is cut to its first tokens, the prompt "
-        "from the left); the full size ran in 32 min on a 2-core Xeon with AMX bf16 (autocast auto); "
+        "from the left); the full size (four arms) ran in 44 min on a 2-core Xeon with AMX bf16 (autocast auto); "
         "the earlier full run on a 2-core EPYC (fp32, autocast none) took 25 min for 48 pairs",
         "accuracy_* are means over the seeds (each seed: its own LoRA initialisation and data order, shared by the "
         "arms); *_minus_* are paired per-seed differences with their standard error (None with one seed); one "
