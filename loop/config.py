@@ -125,11 +125,11 @@ class LoopConfig:
         require(0 < self.replay_weight <= 1, "replay_weight", "must be within (0, 1]")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
-        require(self.beta > 0, "beta", "must be > 0")
-        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "is a flip probability; use 0 <= ε < 0.5")
-        require(self.label_smoothing == 0 or self.dpo_loss == "sigmoid", "label_smoothing",
-                "applies to dpo_loss sigmoid only; set it to 0 or use dpo_loss sigmoid")
-        require(self.sft_weight >= 0, "sft_weight", "must be >= 0 (0 turns the NLL term off)")
+        # The DPO leaves go to the trainer: checked here, before any service starts, by the trainer's own rules.
+        from trainer.config import DPOSettings
+
+        DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
+                    sft_weight=self.sft_weight).validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")
