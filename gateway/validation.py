@@ -41,8 +41,8 @@ from prefstream.events.v1.events_pb2 import ChatMessage as ChatMessageProto
 from prefstream.events.v1.events_pb2 import Completion as CompletionProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
 from services.codec import decode_event
+from services.criteria_eval import FEEDBACK_MODES
 from services.errors import InvalidArgument
-from services.codec import decode_event
 from services.kinds import Role, Split
 from services.schemas import ChatMessage, ts_to_float
 
@@ -229,8 +229,8 @@ def _criteria_scores(msg: Any, n: int, field: str) -> CriteriaScores:
                 raise InvalidArgument(f"{field}.{name}[{i}]", f"must be a finite number{' in [0, 1]' if hi == 1.0 else ''}, got {v}")
     if msg.per_criterion and len(msg.per_criterion) != n:
         raise InvalidArgument(f"{field}.per_criterion", f"has {len(msg.per_criterion)} entries for {n} candidates")
-    if msg.mode not in ("", "pair", "pairs", "ranking"):
-        raise InvalidArgument(f"{field}.mode", f"must be pair, pairs or ranking, got {msg.mode!r}")
+    if msg.mode and msg.mode not in FEEDBACK_MODES:
+        raise InvalidArgument(f"{field}.mode", f"must be one of {', '.join(FEEDBACK_MODES)}, got {msg.mode!r}")
     return CriteriaScores(refs=tuple(msg.refs), scores=tuple(msg.scores), tie_break=tuple(msg.tie_break),
                           per_criterion=tuple(dict(p.values) for p in msg.per_criterion), mode=msg.mode or "pair")
 

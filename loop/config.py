@@ -68,11 +68,14 @@ class LoopConfig:
     lr: float = field(default=5e-4, metadata={"help": "policy learning rate (LoRA)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     dpo_loss: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo or plackett_luce"})
-    class_pairs: bool = field(default=False, metadata={"help": (
-        "with sigmoid or ipo, each best-of-N also pairs its best reply with the worst one the criteria score "
-        "the same (feedback mode 'pairs'): the tie breaker's preference among passing replies is taught "
-        "beside the rule. Measured on the word-limit bench: it keeps reply quality (reward-model win rate 0.53 "
-        "vs base) but cuts violations only 19%; without it violations go to 0 and replies to 12 words")})
+    pairing: str = field(default="pair", metadata={"help": (
+        "with sigmoid or ipo, what each best-of-N becomes (the criteria's feedback mode for the run): 'pair', "
+        "the best reply over the worst; 'pairs', that and the best over the worst the criteria score the same "
+        "(the tie breaker's preference among passing replies is taught beside the rule); 'matched', one "
+        "length-matched pair: a reply of the best criteria class over the one of the worst class closest to it "
+        "in words, or, when all tie, the tie breaker's widest gap among replies of similar length, so a pair's "
+        "length difference teaches nothing the criteria did not ask for. plackett_luce always trains on the "
+        "whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "
         "its optimum at a finite margin, β·Δ = log((1-ε)/ε), instead of pushing the chosen reply up without "
@@ -125,6 +128,11 @@ class LoopConfig:
         require(0 < self.replay_weight <= 1, "replay_weight", "must be within (0, 1]")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
+        from services.criteria_eval import FEEDBACK_MODES
+
+        pair_modes = [m for m in FEEDBACK_MODES if m != "ranking"]
+        require(self.pairing in pair_modes, "pairing", f"must be one of {', '.join(pair_modes)}, got {self.pairing!r} "
+                "(the whole ranking is what dpo_loss plackett_luce trains on)")
         # The DPO leaves go to the trainer: checked here, before any service starts, by the trainer's own rules.
         from trainer.config import DPOSettings
 

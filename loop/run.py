@@ -149,13 +149,12 @@ def resolve_criteria(store: CriteriaStore, refs: Sequence[str], project: str) ->
     return out
 
 
-def feedback_mode_for(dpo_loss: str, class_pairs: bool = False) -> str:
+def feedback_mode_for(dpo_loss: str, pairing: str = "pair") -> str:
     """What criteria feedback the policy's loss trains on: the whole ranking for Plackett-Luce, else
-    pairs (sigmoid and IPO read two replies a record): the best over the worst and, with
-    ``class_pairs``, the best over the worst of its own criteria class (``pairs``), else only the first."""
+    the pairs ``pairing`` names (sigmoid and IPO read two replies a record; see LoopConfig.pairing)."""
     if dpo_loss == "plackett_luce":
         return "ranking"
-    return "pairs" if class_pairs else "pair"
+    return pairing
 
 
 class FeedbackModes:
@@ -163,8 +162,8 @@ class FeedbackModes:
     whatever explicit setting they had (or none)."""
 
     def __init__(self, store: CriteriaStore, criteria: Sequence[Criterion], dpo_loss: str,
-                 class_pairs: bool = False) -> None:
-        self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss, class_pairs)
+                 pairing: str = "pair") -> None:
+        self.store, self.criteria, self.mode = store, list(criteria), feedback_mode_for(dpo_loss, pairing)
         self.before: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     def __enter__(self) -> "FeedbackModes":
@@ -644,9 +643,9 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
         for c in criteria:
             store.mark_in_use(c.project, c.name, holder)
         try:
-            with FeedbackModes(store, criteria, cfg.dpo_loss, cfg.class_pairs) as modes:
+            with FeedbackModes(store, criteria, cfg.dpo_loss, cfg.pairing) as modes:
                 what = {"pair": "best over worst", "pairs": "best over worst, and best over the worst of its class",
-                        "ranking": "the whole ranking"}[modes.mode]
+                        "matched": "one length-matched pair", "ranking": "the whole ranking"}[modes.mode]
                 _out(f"criteria feedback per best-of-N: {what} (mode {modes.mode}, dpo_loss {cfg.dpo_loss})")
                 loop = CriteriaLoop(cfg, procs, criteria, plan)
                 loop.t0 = started

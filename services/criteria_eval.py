@@ -49,6 +49,12 @@ JudgeFn = Callable[[JudgeSpec, Sequence[ChatMessage], Sequence[str]], Sequence[f
 TIE_EPS = 1e-9
 #: The prefix that marks a criterion reference among a record's ``source_event_ids``.
 CRITERION_SOURCE_PREFIX = "criterion:"
+#: What a best-of-N ranked by criteria becomes (:func:`preferences_from_scores`); the store, the CLI
+#: and the gateway's validation all read this tuple.
+FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "ranking")
+#: ``matched``: two replies of one criteria class form a (tie breaker's) pair only when their word
+#: counts differ by at most this share of the longer one.
+MATCHED_LENGTH_TOLERANCE = 0.2
 
 SUCCESS = "success"
 ERROR = "error"
@@ -344,6 +350,35 @@ def criterion_source(ref: str) -> str:
     return CRITERION_SOURCE_PREFIX + ref
 
 
+def matched_pair(order: Sequence[int], keys: Sequence[tuple[float, float]], words: Sequence[int],
+                 tolerance: float = MATCHED_LENGTH_TOLERANCE) -> tuple[int, int] | None:
+    """The length-matched pair of ``mode="matched"``, as positions (chosen, rejected) in ``order``.
+
+    ``order`` lists replies best first, ``keys[k]`` is reply ``order[k]``'s (combined score, tie-break
+    score) on the TIE_EPS grid and ``words[k]`` its word count.  With more than one criteria class the
+    chosen reply is from the best class and the rejected one from the worst, the two closest in words
+    (relative difference |a - b| / max(a, b)), then the widest tie-break gap, then rank order.  With one
+    class, the pair with the widest tie-break gap among pairs within ``tolerance``; None when there is
+    no such pair or every reply ties on both scores.
+    """
+    n = len(order)
+    if n < 2:
+        return None
+
+    def gap(a: int, b: int) -> float:
+        return abs(words[a] - words[b]) / max(words[a], words[b], 1)
+
+    top = [k for k in range(n) if keys[k][0] == keys[0][0]]
+    if len(top) < n:
+        bottom = [k for k in range(n) if keys[k][0] == keys[-1][0]]
+        return min(((a, b) for a in top for b in bottom), key=lambda ab: (gap(*ab), keys[ab[1]][1] - keys[ab[0]][1], ab))
+    pairs = [(a, b) for a in range(n) for b in range(a + 1, n)
+             if keys[a][1] > keys[b][1] and gap(a, b) <= tolerance + TIE_EPS]
+    if not pairs:
+        return None
+    return min(pairs, key=lambda ab: (keys[ab[1]][1] - keys[ab[0]][1], gap(*ab), ab))
+
+
 def preferences_from_scores(
     prompt: Sequence[ChatMessage],
     replies: Sequence[str],
@@ -371,6 +406,13 @@ def preferences_from_scores(
     without bound (measured: replies fell from 51 to 12 words and the reward model's score by two
     thirds); the second pair, whose chosen reply the reward model prefers among passing ones, pulls
     the other way.  It is skipped when it would repeat the first (every reply in one class).
+    ``mode="matched"``: one length-matched pair (:func:`matched_pair`): a reply of the best criteria
+    class over the reply of the worst class closest to it in words; when every reply is in one class,
+    the tie breaker's widest gap among replies within MATCHED_LENGTH_TOLERANCE of each other in words.
+    Why: in both other pair modes the pair's length difference is whatever the ranking happens to
+    pick, and a policy learns it as surely as the criterion: a word limit's best-vs-worst pair teaches
+    "shorter" without bound, and a tie breaker that likes long replies (the HH reward model does)
+    teaches "longer" once most replies pass, undoing the rule (docs/loop.md measures both).
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -384,8 +426,8 @@ def preferences_from_scores(
     ``attributes`` (per reply, e.g. each criterion's score) travel as ``response_attributes``;
     ``margin`` is the chosen reply's combined score minus the rejected one's.
     """
-    if mode not in ("pair", "pairs", "ranking"):
-        raise ValueError(f"mode must be 'pair', 'pairs' or 'ranking', got {mode!r}")
+    if mode not in FEEDBACK_MODES:
+        raise ValueError(f"mode must be one of {', '.join(FEEDBACK_MODES)}, got {mode!r}")
     n = len(replies)
     if len(scores) != n or (tie_break_scores is not None and len(tie_break_scores) != n):
         raise ValueError(f"{n} replies need {n} scores and tie-break scores")
@@ -407,6 +449,10 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
+    elif mode == "matched":
+        pair = matched_pair(ranked, [key[i] for i in ranked], [count_words(replies[i]) for i in ranked])
+        if pair is not None:
+            groups.append([ranked[pair[0]], ranked[pair[1]]])
     elif len(ranked) >= 2:
         best, worst = ranked[0], ranked[-1]
         if key[best] != key[worst]:
@@ -439,8 +485,8 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "judge_messages", "json_valid", "max_chars", "max_words", "min_words", "preferences_from_scores", "rank",
+    "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores", "rank",
     "regex_must_match", "regex_must_not_match", "usable",
 ]

@@ -44,6 +44,7 @@ import redis
 
 from services.checkpoints import validate_name
 from services.criteria import Criterion, split_ref
+from services.criteria_eval import FEEDBACK_MODES
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.kinds import ModelKind
 from services.redis_client import RedisErrors
@@ -114,7 +115,6 @@ def _s(value: Any) -> str:
 
 #: ``set_feedback`` name meaning every criterion of the project.
 ALL = "*"
-FEEDBACK_MODES = ("pair", "pairs", "ranking")
 
 
 def resolve_feedback(settings: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str | None:
@@ -365,8 +365,10 @@ class CriteriaStore:
 
     def set_feedback(self, project: str, name: str = ALL, *, enabled: bool, mode: str = "pair") -> None:
         """Switch criteria feedback on or off for one criterion of ``project`` (``name``) or for all of
-        them (``ALL``), and choose what it builds: ``pair`` (best vs worst) or ``ranking`` (every
-        distinct reply, for the Plackett-Luce loss).  A criterion's own setting wins over the project's."""
+        them (``ALL``), and choose what it builds (one of FEEDBACK_MODES: ``pair``, best vs worst;
+        ``pairs``, that and best vs the worst of its class; ``matched``, one length-matched pair;
+        ``ranking``, every distinct reply, for the Plackett-Luce loss; see
+        :func:`services.criteria_eval.preferences_from_scores`).  A criterion's own setting wins over the project's."""
         validate_name(project, "project")
         if name != ALL:
             validate_name(name, "name")
@@ -390,7 +392,7 @@ class CriteriaStore:
         return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
 
     def feedback_mode(self, project: str, names: Sequence[str]) -> str | None:
-        """What criteria feedback a best-of-N ranked by ``names`` builds (``pair``/``ranking``), or None
+        """What criteria feedback a best-of-N ranked by ``names`` builds (one of FEEDBACK_MODES), or None
         when it is switched off for the project or for any of the criteria.  Default: on, ``pair``."""
         return resolve_feedback(self.feedback_settings(project), names)
 

@@ -171,7 +171,9 @@ def test_the_loop_sets_the_feedback_its_loss_needs_and_gives_back_the_old_settin
 
     assert feedback_mode_for("plackett_luce") == "ranking"
     assert feedback_mode_for("sigmoid") == feedback_mode_for("ipo") == "pair"
-    assert feedback_mode_for("sigmoid", class_pairs=True) == "pairs"
+    assert feedback_mode_for("sigmoid", "pairs") == "pairs"
+    assert feedback_mode_for("sigmoid", "matched") == feedback_mode_for("ipo", "matched") == "matched"
+    assert feedback_mode_for("plackett_luce", "matched") == "ranking"
     concise, _ = store.create(parse_criterion(CONCISE))
     tone, _ = store.create(parse_criterion({"name": "tone", "project": "acme",
                                             "rules": [{"regex_must_not_match": "you"}]}))

@@ -167,6 +167,54 @@ def test_pairs_also_pair_the_best_with_the_worst_of_its_own_criteria_class() -> 
                                                          "pairs", now=1.0)] == [("A", "B")]
 
 
+def _words(n: int, tag: str) -> str:
+    return " ".join([tag] * n)
+
+
+def test_matched_pairs_a_rule_across_classes_with_the_closest_lengths() -> None:
+    from services.criteria_eval import preferences_from_scores
+
+    # A word limit of 50: passing 10 and 48 words, failing 53 and 120. Best-vs-worst would be 48 over
+    # 120 (or, by the tie breaker, 10 over 120): matched pairs the two nearest the limit, 48 over 53.
+    replies = [_words(10, "a"), _words(48, "b"), _words(53, "c"), _words(120, "d")]
+    [r] = preferences_from_scores(PROMPT, replies, [1.0, 1.0, 0.0, 0.0], [0.9, 0.1, 0.5, 0.8], mode="matched")
+    assert r.ranked_responses == (replies[1], replies[2]) and r.margin == pytest.approx(1.0)
+    [plain] = preferences_from_scores(PROMPT, replies, [1.0, 1.0, 0.0, 0.0], [0.9, 0.1, 0.5, 0.8], mode="pair")
+    assert plain.ranked_responses == (replies[0], replies[2])  # best by tie breaker over worst: 10 vs 53 words
+    # Equal length gaps: the wider tie-break gap decides (chosen high, rejected low).
+    replies = [_words(40, "a"), _words(40, "b"), _words(60, "c"), _words(60, "d")]
+    [r] = preferences_from_scores(PROMPT, replies, [1.0, 1.0, 0.0, 0.0], [0.2, 0.9, 0.7, 0.1], mode="matched")
+    assert r.ranked_responses == (replies[1], replies[3])
+    # More than two classes: only the best and the worst class pair, never the middle one.
+    replies = [_words(30, "a"), _words(31, "b"), _words(60, "c")]
+    [r] = preferences_from_scores(PROMPT, replies, [1.0, 0.5, 0.0], mode="matched")
+    assert r.ranked_responses == (replies[0], replies[2])
+
+
+def test_matched_ties_pair_only_replies_of_similar_length_by_the_tie_breaker() -> None:
+    from services.criteria_eval import matched_pair, preferences_from_scores
+
+    # Every reply passes. The tie breaker likes the long one best; matched pairs within 20% of each
+    # other in words: 30 and 33 (gap 0.2 - 0.6), not 80 over 30 (a gap that would teach "longer").
+    replies = [_words(80, "a"), _words(30, "b"), _words(33, "c")]
+    [r] = preferences_from_scores(PROMPT, replies, [1.0, 1.0, 1.0], [0.9, 0.2, 0.6], mode="matched")
+    assert r.ranked_responses == (replies[2], replies[1]) and r.margin == pytest.approx(0.0)
+    # No two replies of similar length, or they tie on the tie breaker: no pair at all.
+    assert preferences_from_scores(PROMPT, [_words(10, "a"), _words(50, "b")], [1.0, 1.0], [0.9, 0.1],
+                                   mode="matched") == []
+    assert preferences_from_scores(PROMPT, [_words(40, "a"), _words(41, "b")], [0.0, 0.0], [0.5, 0.5],
+                                   mode="matched") == []
+    assert preferences_from_scores(PROMPT, [_words(40, "a"), _words(41, "b")], [0.0, 0.0], mode="matched") == []
+    # The tolerance bound is inclusive: 40 vs 50 words differ by exactly 20% of the longer.
+    assert matched_pair([0, 1], [(1.0, 0.9), (1.0, 0.1)], [40, 50]) == (0, 1)
+    assert matched_pair([0, 1], [(1.0, 0.9), (1.0, 0.1)], [40, 51]) is None
+    assert matched_pair([0], [(1.0, 0.0)], [10]) is None
+    # Deterministic, through the processor's path too: the same completion gives the same record.
+    a = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "matched", now=1.0)
+    b = derive_criteria(completion([1.0, 0.0, 1.0], tie_break=[0.2, 0.1, 0.7]), "matched", now=9.0)
+    assert len(a) == 1 and [r.record_id for r in a] == [r.record_id for r in b]
+
+
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
     from gateway.config import load_gateway_config
     from gateway.validation import Limits, completion_from_proto

@@ -116,11 +116,13 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
                        ({"temperature": 0}, "temperature"), ({"beta": 0}, "beta"), ({"criteria": []}, "criteria"),
                        ({"max_tokens_per_backward": -1}, "max_tokens_per_backward"), ({"max_backlog": -1}, "max_backlog"),
                        ({"label_smoothing": 0.5}, "label_smoothing"),
-                       ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"), ({"dpo_loss": "nope"}, "dpo_loss")]:
+                       ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"), ({"dpo_loss": "nope"}, "dpo_loss"),
+                       ({"pairing": "ranking"}, "pairing"), ({"pairing": "best"}, "pairing")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
     assert LoopConfig().system_prompt == "Answer in at most 50 words."
+    assert load_loop_config(env={}, overrides={"pairing": "matched"}).pairing == "matched"
 
 
 def test_report_has_every_figure_and_escapes_replies(tmp_path: Path) -> None:
