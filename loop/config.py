@@ -68,14 +68,15 @@ class LoopConfig:
     lr: float = field(default=5e-4, metadata={"help": "policy learning rate (LoRA)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     dpo_loss: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo or plackett_luce"})
-    pairing: str = field(default="pair", metadata={"help": (
+    pairing: str = field(default="matched", metadata={"help": (
         "with sigmoid or ipo, what each best-of-N becomes (the criteria's feedback mode for the run): 'pair', "
         "the best reply over the worst; 'pairs', that and the best over the worst the criteria score the same "
         "(the tie breaker's preference among passing replies is taught beside the rule); 'matched', one "
         "length-matched pair: a reply of the best criteria class over the one of the worst class closest to it "
         "in words, or, when all tie, the tie breaker's widest gap among replies of similar length, so a pair's "
-        "length difference teaches nothing the criteria did not ask for. plackett_luce always trains on the "
-        "whole ranking")})
+        "length difference teaches nothing the criteria did not ask for (the default: on the word-limit bench "
+        "the only mode that kept the length through a second criterion, docs/loop.md). plackett_luce always "
+        "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "
         "its optimum at a finite margin, β·Δ = log((1-ε)/ε), instead of pushing the chosen reply up without "
