@@ -75,7 +75,9 @@ class LoopConfig:
         "length-matched pair: a reply of the best criteria class over the one of the worst class closest to it "
         "in words, or, when all tie, the tie breaker's widest gap among replies of similar length, so a pair's "
         "length difference teaches nothing the criteria did not ask for (the default: on the word-limit bench "
-        "the only mode that kept the length through a second criterion, docs/loop.md). plackett_luce always "
+        "the only mode that kept the length through a second criterion, docs/loop.md); 'matched_pairs', that "
+        "pair and, from a request with more than one class, the best class's own length-matched pair, so the tie "
+        "breaker is taught at equal length beside the rule. plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "

@@ -645,7 +645,9 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
         try:
             with FeedbackModes(store, criteria, cfg.dpo_loss, cfg.pairing) as modes:
                 what = {"pair": "best over worst", "pairs": "best over worst, and best over the worst of its class",
-                        "matched": "one length-matched pair", "ranking": "the whole ranking"}[modes.mode]
+                        "matched": "one length-matched pair",
+                        "matched_pairs": "a length-matched pair, and the best class's own one",
+                        "ranking": "the whole ranking"}[modes.mode]
                 _out(f"criteria feedback per best-of-N: {what} (mode {modes.mode}, dpo_loss {cfg.dpo_loss})")
                 loop = CriteriaLoop(cfg, procs, criteria, plan)
                 loop.t0 = started

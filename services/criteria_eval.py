@@ -51,9 +51,9 @@ TIE_EPS = 1e-9
 CRITERION_SOURCE_PREFIX = "criterion:"
 #: What a best-of-N ranked by criteria becomes (:func:`preferences_from_scores`); the store, the CLI
 #: and the gateway's validation all read this tuple.
-FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "ranking")
-#: ``matched``: two replies of one criteria class form a (tie breaker's) pair only when their word
-#: counts differ by at most this share of the longer one.
+FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "matched_pairs", "ranking")
+#: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
+#: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
 
 SUCCESS = "success"
@@ -413,6 +413,10 @@ def preferences_from_scores(
     pick, and a policy learns it as surely as the criterion: a word limit's best-vs-worst pair teaches
     "shorter" without bound, and a tie breaker that likes long replies (the HH reward model does)
     teaches "longer" once most replies pass, undoing the rule (docs/loop.md measures both).
+    ``mode="matched_pairs"``: the matched pair and, when the replies span more than one criteria
+    class, also the best class's own length-matched pair (the tie breaker's widest gap among its
+    replies within the tolerance), so a request that teaches the rule also teaches what the tie
+    breaker prefers at equal length; ``matched`` teaches that only from requests all in one class.
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -449,10 +453,16 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
-    elif mode == "matched":
-        pair = matched_pair(ranked, [key[i] for i in ranked], [count_words(replies[i]) for i in ranked])
+    elif mode in ("matched", "matched_pairs"):
+        keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
+        pair = matched_pair(ranked, keys, words)
         if pair is not None:
             groups.append([ranked[pair[0]], ranked[pair[1]]])
+        top = [k for k in range(len(ranked)) if keys[k][0] == keys[0][0]]
+        if mode == "matched_pairs" and pair is not None and len(top) < len(ranked):
+            within = matched_pair([ranked[k] for k in top], [keys[k] for k in top], [words[k] for k in top])
+            if within is not None:
+                groups.append([ranked[top[within[0]]], ranked[top[within[1]]]])
     elif len(ranked) >= 2:
         best, worst = ranked[0], ranked[-1]
         if key[best] != key[worst]:

@@ -215,6 +215,30 @@ def test_matched_ties_pair_only_replies_of_similar_length_by_the_tie_breaker() -
     assert len(a) == 1 and [r.record_id for r in a] == [r.record_id for r in b]
 
 
+def test_matched_pairs_add_the_best_class_own_length_matched_pair() -> None:
+    from services.criteria_eval import preferences_from_scores
+
+    # A word limit of 50: passing 30, 33 and 48 words, failing 53. The rule's pair is 48 over 53; the
+    # second is the tie breaker's widest gap among passing replies of similar length: 33 over 30
+    # (48 is more than 20% longer than both, so it pairs with neither).
+    replies = [_words(30, "a"), _words(33, "b"), _words(48, "c"), _words(53, "d")]
+    scores, tb = [1.0, 1.0, 1.0, 0.0], [0.2, 0.6, 0.9, 0.5]
+    rule, within = preferences_from_scores(PROMPT, replies, scores, tb, mode="matched_pairs")
+    assert rule.ranked_responses == (replies[2], replies[3]) and rule.margin == pytest.approx(1.0)
+    assert within.ranked_responses == (replies[1], replies[0]) and within.margin == pytest.approx(0.0)
+    assert rule.record_id != within.record_id
+    # matched gives the first alone; with every reply in one class both modes give the same one pair.
+    assert [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="matched")] == [
+        rule.ranked_responses]
+    same = [1.0] * 4
+    assert ([r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched_pairs")]
+            == [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched")])
+    # A best class of one reply, or of replies too far apart in words, adds nothing.
+    assert len(preferences_from_scores(PROMPT, replies, [1.0, 0.0, 0.0, 0.0], tb, mode="matched_pairs")) == 1
+    assert len(preferences_from_scores(PROMPT, [_words(10, "a"), _words(40, "b"), _words(60, "c")],
+                                       [1.0, 1.0, 0.0], [0.9, 0.1, 0.5], mode="matched_pairs")) == 1
+
+
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
     from gateway.config import load_gateway_config
     from gateway.validation import Limits, completion_from_proto
