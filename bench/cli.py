@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "bench.freshness",
     "loop-quality": "bench.loop_quality",
     "criteria-loop": "bench.criteria_loop",
+    "criteria-ceiling": "bench.criteria_ceiling",
     "chaos": "bench.chaos",
     "scale": "bench.scale",
 }

@@ -142,6 +142,16 @@ TARGETS: tuple[Target, ...] = (
     Target("criteria-loop", "quality_win_rate_vs_base", "reward model prefers final over base >= 45%",
            "base policy, same prompts and seeds", _ge("quality_win_rate_vs_base", 0.45),
            lambda r: _fmt(r.get("quality_win_rate_vs_base"))),
+    Target("criteria-ceiling", "policies", "what the quality judge allows a reply that keeps the word limit "
+           "(no training; the reference for criteria-loop's 45%)", "the base policy's own reply, same prompts",
+           lambda r: None,
+           lambda r: "; ".join(f"{label} {_fmt(p.get('win_rate_vs_reference'))} at {_fmt(p.get('mean_words'), 2)} words, "
+                               f"{_fmt(p.get('violation_rate'))} violations"
+                               for label, p in ((f"criteria best-of-{r.get('candidates_per_prompt')}", r["policies"]["criteria_best_of_n"]),
+                                                ("judge's best passing", r["policies"]["judge_best_passing"]),
+                                                ("a random reply", r["policies"]["random_candidate"])))
+                     + f"; judge prefers the longer reply {_fmt(r.get('longer_preferred_share'))}"
+           if isinstance(r.get("policies"), dict) else "-"),
     Target("criteria-loop", "failed_requests", "no failed request, >= 2 versions published", "-",
            lambda r: None if r.get("failed_requests") is None else r["failed_requests"] == 0 and (r.get("versions_published") or 0) >= 2,
            lambda r: f"{_fmt(r.get('failed_requests'))} failed, {_fmt(r.get('versions_published'))} published"),
