@@ -13,7 +13,8 @@ bins) and whether they keep the criterion; the within-prompt correlation of leng
 and for a few ways to pick one candidate per prompt, what a policy that always answered like that
 would score -- win rate, violation rate, words: a random candidate (the base policy itself), the
 criteria's best-of-N winner (passing first, then the judge: what the loop's pairs teach), the judge's
-own pick, and the judge's best passing candidate (prompts where one passes).
+own pick, and the judge's best passing candidate (prompts where one passes); the same again among
+each prompt's first N candidates, N the loop's own best-of-N (``policies_first_k``).
 
 Quick mode is a smoke run (tiny sizes, the untrained reward backbone as judge: its numbers mean
 nothing and are reported as such).
@@ -61,11 +62,13 @@ def _correlation(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
 
 
-def ceiling_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def ceiling_stats(rows: Sequence[Mapping[str, Any]], first_k: Sequence[int] = ()) -> dict[str, Any]:
     """The judge's verdicts on candidates against each prompt's reference reply.
 
     Each row is one prompt: ``reference`` (the judge's score of the reference reply), ``scores``,
     ``words`` and ``passed`` (one per candidate).  Ties count half, as in ``quality_win_rate_vs_base``.
+    ``policies`` choose among all candidates; ``policies_first_k[k]`` among each prompt's first ``k``
+    (e.g. the loop's own N), for every k below the candidate count.
     """
     if not rows or any(not r["scores"] or not len(r["scores"]) == len(r["words"]) == len(r["passed"]) for r in rows):
         raise ValueError("every row needs >= 1 candidate with a score, a word count and a pass flag")
@@ -86,6 +89,24 @@ def ceiling_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     long_, short = (i, j) if r["words"][i] > r["words"][j] else (j, i)
                     longer.append(float(r["scores"][long_] > r["scores"][short]))
 
+    return {
+        "by_words": [{"words": f"{lo}-{lo + 9}" if lo < LAST_BIN else f"{LAST_BIN}+", "candidates": len(b["win"]),
+                      "win_rate_vs_reference": _mean(b["win"]), "passing_share": _mean(b["passed"])}
+                     for lo, b in sorted(bins.items())],
+        "words_score_correlation_within_prompt": _mean(correlations),
+        "longer_preferred_share": _mean(longer),
+        "policies": pick_policies(rows),
+        "policies_first_k": {str(k): pick_policies([{**r, **{f: r[f][:k] for f in ("scores", "words", "passed")}}
+                                                    for r in rows])
+                             for k in first_k if k < min(len(r["scores"]) for r in rows)},
+    }
+
+
+def pick_policies(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What a policy that always answered with one chosen candidate would score: win rate against
+    the reference, violation rate and words, for four ways to choose (prompts with nothing to choose
+    are left out and counted in ``prompts``)."""
+
     def policy(pick: Callable[[Mapping[str, Any]], int | None]) -> dict[str, Any]:
         chosen = [(r, pick(r)) for r in rows]
         chosen = [(r, k) for r, k in chosen if k is not None]
@@ -101,18 +122,11 @@ def ceiling_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return max(ks, key=key) if ks else None
 
     return {
-        "by_words": [{"words": f"{lo}-{lo + 9}" if lo < LAST_BIN else f"{LAST_BIN}+", "candidates": len(b["win"]),
-                      "win_rate_vs_reference": _mean(b["win"]), "passing_share": _mean(b["passed"])}
-                     for lo, b in sorted(bins.items())],
-        "words_score_correlation_within_prompt": _mean(correlations),
-        "longer_preferred_share": _mean(longer),
-        "policies": {
-            "random_candidate": policy(lambda r: 0),
-            "criteria_best_of_n": policy(lambda r: best(r, lambda k: (r["passed"][k], r["scores"][k]))),
-            "judge_best_of_n": policy(lambda r: best(r, lambda k: r["scores"][k])),
-            "judge_best_passing": policy(lambda r: best(r, lambda k: r["scores"][k],
-                                                        [k for k, ok in enumerate(r["passed"]) if ok])),
-        },
+        "random_candidate": policy(lambda r: 0),
+        "criteria_best_of_n": policy(lambda r: best(r, lambda k: (r["passed"][k], r["scores"][k]))),
+        "judge_best_of_n": policy(lambda r: best(r, lambda k: r["scores"][k])),
+        "judge_best_passing": policy(lambda r: best(r, lambda k: r["scores"][k],
+                                                    [k for k, ok in enumerate(r["passed"]) if ok])),
     }
 
 
@@ -160,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if (i + 1) % 8 == 0 or i + 1 == len(plan.eval_prompts):
             log.info("%d/%d prompts answered and judged (%.0f s)", i + 1, len(plan.eval_prompts),
                      time.perf_counter() - started)
-    stats = ceiling_stats(rows)
+    stats = ceiling_stats(rows, first_k=(LOOP_FULL["candidates"],))
     return {
         "criterion": f"{criterion.name} ({args.criterion})",
         "eval_prompts": len(rows),

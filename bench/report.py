@@ -148,6 +148,8 @@ TARGETS: tuple[Target, ...] = (
            lambda r: "; ".join(f"{label} {_fmt(p.get('win_rate_vs_reference'))} at {_fmt(p.get('mean_words'), 2)} words, "
                                f"{_fmt(p.get('violation_rate'))} violations"
                                for label, p in ((f"criteria best-of-{r.get('candidates_per_prompt')}", r["policies"]["criteria_best_of_n"]),
+                                                *((f"best-of-{k}", v["criteria_best_of_n"])
+                                                  for k, v in (r.get("policies_first_k") or {}).items()),
                                                 ("judge's best passing", r["policies"]["judge_best_passing"]),
                                                 ("a random reply", r["policies"]["random_candidate"])))
                      + f"; judge prefers the longer reply {_fmt(r.get('longer_preferred_share'))}"

@@ -35,6 +35,16 @@ def test_ceiling_stats_by_hand() -> None:
                                        "mean_words": 45.0}
 
 
+def test_ceiling_stats_choose_among_the_first_k_candidates_too() -> None:
+    rows = [{"reference": 0.5, "scores": [0.2, 0.6, 0.9], "words": [12, 45, 90], "passed": [True, True, False]}]
+    s = ceiling_stats(rows, first_k=(1, 2, 3))
+    assert set(s["policies_first_k"]) == {"1", "2"}  # 3 is every candidate: that is "policies"
+    assert s["policies_first_k"]["1"]["judge_best_of_n"] == {"prompts": 1, "win_rate_vs_reference": 0.0,
+                                                            "violation_rate": 0.0, "mean_words": 12.0}
+    assert s["policies_first_k"]["2"]["judge_best_of_n"]["mean_words"] == 45.0
+    assert s["policies"]["judge_best_of_n"]["mean_words"] == 90.0
+
+
 def test_ceiling_stats_refuses_ragged_rows() -> None:
     with pytest.raises(ValueError, match="candidate"):
         ceiling_stats([{"reference": 0.1, "scores": [0.2], "words": [3, 4], "passed": [True]}])
