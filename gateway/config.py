@@ -60,6 +60,12 @@ class GatewayConfig(TlsSettings):
         default=None,
         metadata={"help": "scorer gRPC host:port; when set, the OpenAI-compatible routes are mounted on the HTTP port"},
     )
+    scorer_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": ("longest an OpenAI-compatible request waits for the scorer before it is answered 504: a "
+                           "best-of-N decodes n replies and, on a busy scorer, waits behind other generations, so "
+                           "keep it at or above what your HTTP clients wait (the OpenAI SDK waits 600s)")},
+    )
 
     # --- auth ------------------------------------------------------------------------------------
     auth_enabled: bool = field(default=True, metadata={"help": "require a project API key on every call (disable only for local dev)"})
@@ -134,6 +140,7 @@ class GatewayConfig(TlsSettings):
         require(-1 <= self.http_port <= 65535, "http_port", f"{self.http_port} is not a TCP port; use 0-65535, or -1 to disable HTTP")
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port")
         require(self.kafka_ack_timeout_s > 0, "kafka_ack_timeout_s", "must be > 0 seconds")
+        require(self.scorer_timeout_s > 0, "scorer_timeout_s", "must be > 0 seconds")
         require(self.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0 seconds")
         require(self.rate_limit_events_per_s >= 0, "rate_limit_events_per_s", "must be >= 0 (0 turns the limit off)")
         require(self.rate_limit_burst >= 0, "rate_limit_burst", "must be >= 0 (0 = one second's worth)")

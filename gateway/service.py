@@ -98,7 +98,8 @@ class Gateway:
 
                 from services.tls import ClientTls
 
-                self._scorer = ScorerClient(cfg.scorer_address,
+                self._scorer = ScorerClient(cfg.scorer_address, timeout_s=cfg.scorer_timeout_s,
+                                            timeout_setting="gateway scorer_timeout_s",
                                             tls=ClientTls(cfg.scorer_tls_ca_file) if cfg.scorer_tls_ca_file else None)
             api = HttpApi(
                 ingestor, auth, limits, max_batch_events=cfg.max_batch_events, kafka_ready=self._writer.is_connected

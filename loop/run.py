@@ -47,7 +47,9 @@ CRITERIA_HEADER = "op-criteria"
 #: Evaluation requests in flight: the scorer decodes concurrent generations as one batch (a step over
 #: 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in together.
 EVAL_CONCURRENCY = 16
-#: Per-call deadline of the loop's scorer calls: a generation waits behind the app's best-of-N requests.
+#: Per-call deadline of the loop's scorer calls (a generation waits behind the app's best-of-N
+#: requests) and of the app's calls to the gateway, longer than the gateway's own wait for the scorer
+#: (``scorer_timeout_s``), so a slow best-of-N is reported with the gateway's 504 and its reason.
 SCORER_TIMEOUT_S = 600.0
 
 
@@ -407,7 +409,7 @@ class CriteriaLoop:
         self.counters.sent += 1
         try:
             async with http.post(f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
-                                 timeout=aiohttp.ClientTimeout(total=300)) as resp:
+                                 timeout=aiohttp.ClientTimeout(total=SCORER_TIMEOUT_S)) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}: {data}")

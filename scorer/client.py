@@ -56,11 +56,14 @@ class ScorerClient:
     """Async client; one HTTP/2 channel, safe to share across tasks."""
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, admin_token: str | None = None,
-                 tls: ClientTls | None = None) -> None:
-        """``admin_token`` (default ``$PREFSTREAM_SCORER_ADMIN_TOKEN``) is sent with every admin call;
-        ``tls`` (a :class:`services.tls.ClientTls`) when the scorer speaks TLS."""
+                 tls: ClientTls | None = None, timeout_setting: str = "timeout_s") -> None:
+        """``timeout_s`` is each call's deadline unless the call names its own; ``timeout_setting`` is
+        what the error of a call that outlived it tells the caller to raise (the gateway names its
+        config field). ``admin_token`` (default ``$PREFSTREAM_SCORER_ADMIN_TOKEN``) is sent with every
+        admin call; ``tls`` (a :class:`services.tls.ClientTls`) when the scorer speaks TLS."""
         self.address = address
         self.timeout_s = timeout_s
+        self.timeout_setting = timeout_setting
         token = os.environ.get("PREFSTREAM_SCORER_ADMIN_TOKEN", "") if admin_token is None else admin_token
         self._admin_metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel: grpc.aio.Channel = make_channel(address, aio=True, tls=tls)  # type: ignore[assignment]
@@ -82,10 +85,20 @@ class ScorerClient:
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None = None,
                     metadata: Any = None) -> Any:
+        timeout = timeout_s or self.timeout_s
         try:
-            return await method(request, timeout=timeout_s or self.timeout_s, metadata=metadata)
+            return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            raise from_grpc_error(e) from None
+            raise self._error(e, timeout) from None
+
+    def _error(self, e: grpc.aio.AioRpcError, timeout: float) -> PrefstreamError:
+        """The domain error of a failed call; a call that outlived its deadline says which deadline and
+        what to change (gRPC's own text is a bare "Deadline Exceeded")."""
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                f"the scorer at {self.address} did not answer within {timeout:g}s: it queues generations while "
+                f"it is busy (best-of-N decodes n replies); raise {self.timeout_setting} or ask for fewer candidates")
+        return from_grpc_error(e)
 
     # ------------------------------------------------------------------------------ scoring
 
@@ -156,12 +169,13 @@ class ScorerClient:
         """
         query = GenerateQuery(messages=to_messages(messages, "messages"), model=model,
                               sampling=sampling or SamplingParams(), stop=tuple(stop), n=n, request_id=request_id)
-        call = self._scorer.GenerateStream(query.to_proto(), timeout=timeout_s or self.timeout_s)
+        timeout = timeout_s or self.timeout_s
+        call = self._scorer.GenerateStream(query.to_proto(), timeout=timeout)
         try:
             async for msg in call:
                 yield GenerateChunk.from_proto(msg)
         except grpc.aio.AioRpcError as e:
-            raise from_grpc_error(e) from None
+            raise self._error(e, timeout) from None
         finally:
             call.cancel()
 

@@ -38,6 +38,7 @@ def test_defaults_env_and_overrides(tmp_path: Path) -> None:
         ({"max_prompt_messages": 0}, "max_prompt_messages"),
         ({"attribute_weights": '{"humor": 1}'}, "attribute_weights"),
         ({"pending_timeout_s": 0}, "pending_timeout_s"),
+        ({"scorer_timeout_s": 0}, "scorer_timeout_s"),
     ],
 )
 def test_invalid_values_fail_naming_the_field(overrides: dict, field: str) -> None:
