@@ -649,6 +649,7 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
                 what = {"pair": "best over worst", "pairs": "best over worst, and best over the worst of its class",
                         "matched": "one length-matched pair",
                         "matched_pairs": "a length-matched pair, and the best class's own one",
+                        "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
                         "ranking": "the whole ranking"}[modes.mode]
                 _out(f"criteria feedback per best-of-N: {what} (mode {modes.mode}, dpo_loss {cfg.dpo_loss})")
                 loop = CriteriaLoop(cfg, procs, criteria, plan)

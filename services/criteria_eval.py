@@ -51,7 +51,7 @@ TIE_EPS = 1e-9
 CRITERION_SOURCE_PREFIX = "criterion:"
 #: What a best-of-N ranked by criteria becomes (:func:`preferences_from_scores`); the store, the CLI
 #: and the gateway's validation all read this tuple.
-FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "matched_pairs", "ranking")
+FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "matched_pairs", "bracket", "ranking")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -417,6 +417,15 @@ def preferences_from_scores(
     class, also the best class's own length-matched pair (the tie breaker's widest gap among its
     replies within the tolerance), so a request that teaches the rule also teaches what the tie
     breaker prefers at equal length; ``matched`` teaches that only from requests all in one class.
+    ``mode="bracket"``: the matched pair and, when the replies span more than one class, also its
+    chosen reply over the reply of the same (best) class that the tie breaker ranks lowest, when the
+    tie breaker ranks the chosen one above it.  The chosen reply is then bracketed from both sides:
+    it beats the worst class's reply nearest to it in words on the criteria, and its own class's
+    weakest reply on the tie breaker.  Why: with a word limit every matched pair's chosen reply is
+    the shorter, and DPO moves the whole length distribution down (docs/loop.md); the second pair's
+    rejected reply is usually a much shorter passing one (the HH reward model prefers longer
+    replies), so it pulls replies far under the limit back up, and only while some replies still
+    break it: a request whose replies all pass gives the plain matched pair.
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -453,7 +462,7 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
-    elif mode in ("matched", "matched_pairs"):
+    elif mode in ("matched", "matched_pairs", "bracket"):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
         pair = matched_pair(ranked, keys, words)
         if pair is not None:
@@ -463,6 +472,10 @@ def preferences_from_scores(
             within = matched_pair([ranked[k] for k in top], [keys[k] for k in top], [words[k] for k in top])
             if within is not None:
                 groups.append([ranked[top[within[0]]], ranked[top[within[1]]]])
+        if mode == "bracket" and pair is not None and len(top) < len(ranked):
+            weakest = min((k for k in top if k != pair[0]), key=lambda k: (keys[k][1], -k), default=None)
+            if weakest is not None and keys[pair[0]][1] > keys[weakest][1]:
+                groups.append([ranked[pair[0]], ranked[weakest]])
     elif len(ranked) >= 2:
         best, worst = ranked[0], ranked[-1]
         if key[best] != key[worst]:

@@ -239,6 +239,32 @@ def test_matched_pairs_add_the_best_class_own_length_matched_pair() -> None:
                                        [1.0, 1.0, 0.0], [0.9, 0.1, 0.5], mode="matched_pairs")) == 1
 
 
+def test_bracket_adds_the_matched_chosen_reply_over_its_class_weakest() -> None:
+    from services.criteria_eval import preferences_from_scores
+
+    # A word limit of 50: passing 12, 30 and 48 words, failing 53 and 90. The rule's matched pair is
+    # 48 over 53; the tie breaker ranks the 12-word reply lowest among passing ones and below the
+    # 48-word one, so the second pair is 48 over 12: the same chosen reply, pulled from both sides.
+    replies = [_words(12, "a"), _words(30, "b"), _words(48, "c"), _words(53, "d"), _words(90, "e")]
+    scores, tb = [1.0, 1.0, 1.0, 0.0, 0.0], [0.1, 0.6, 0.7, 0.5, 0.9]
+    rule, up = preferences_from_scores(PROMPT, replies, scores, tb, mode="bracket")
+    assert rule.ranked_responses == (replies[2], replies[3]) and rule.margin == pytest.approx(1.0)
+    assert up.ranked_responses == (replies[2], replies[0]) and up.margin == pytest.approx(0.0)
+    assert rule.record_id != up.record_id
+    assert [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="matched")] == [
+        rule.ranked_responses]
+    # The matched chosen reply is its class's weakest by the tie breaker: no second pair (the tie
+    # breaker would not prefer it), and a best class of one reply has nobody to pull up.
+    assert len(preferences_from_scores(PROMPT, replies, scores, [0.8, 0.6, 0.1, 0.5, 0.9], mode="bracket")) == 1
+    assert len(preferences_from_scores(PROMPT, replies, [0.0, 0.0, 1.0, 0.0, 0.0], tb, mode="bracket")) == 1
+    # Passing replies that tie on the tie breaker state no preference either.
+    assert len(preferences_from_scores(PROMPT, replies, scores, [0.7, 0.7, 0.7, 0.5, 0.9], mode="bracket")) == 1
+    # All in one class: the plain matched pair, as in matched.
+    same = [1.0] * 5
+    assert ([r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="bracket")]
+            == [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched")])
+
+
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
     from gateway.config import load_gateway_config
     from gateway.validation import Limits, completion_from_proto
