@@ -32,7 +32,7 @@ from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, pl
                           win_rate)
 from services.checkpoints import CheckpointStore
 from services.criteria import Criterion, parse_criterion, split_ref
-from services.criteria_eval import CriterionResult, evaluate
+from services.criteria_eval import FEEDBACK_MODE_SUMMARIES, CriterionResult, evaluate
 from services.criteria_store import CriteriaStore
 from services.data import TEST_FILE, TRAIN_FILE, shared_data_dir
 from services.endpoints import load_stack_endpoints
@@ -646,11 +646,7 @@ def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, 
             store.mark_in_use(c.project, c.name, holder)
         try:
             with FeedbackModes(store, criteria, cfg.dpo_loss, cfg.pairing) as modes:
-                what = {"pair": "best over worst", "pairs": "best over worst, and best over the worst of its class",
-                        "matched": "one length-matched pair",
-                        "matched_pairs": "a length-matched pair, and the best class's own one",
-                        "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
-                        "ranking": "the whole ranking"}[modes.mode]
+                what = FEEDBACK_MODE_SUMMARIES[modes.mode]
                 _out(f"criteria feedback per best-of-N: {what} (mode {modes.mode}, dpo_loss {cfg.dpo_loss})")
                 loop = CriteriaLoop(cfg, procs, criteria, plan)
                 loop.t0 = started

@@ -51,7 +51,16 @@ TIE_EPS = 1e-9
 CRITERION_SOURCE_PREFIX = "criterion:"
 #: What a best-of-N ranked by criteria becomes (:func:`preferences_from_scores`); the store, the CLI
 #: and the gateway's validation all read this tuple.
-FEEDBACK_MODES: tuple[str, ...] = ("pair", "pairs", "matched", "matched_pairs", "bracket", "ranking")
+#: Each mode with the one-line summary progress lines print (``preferences_from_scores`` documents them).
+FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
+    "pair": "best over worst",
+    "pairs": "best over worst, and best over the worst of its class",
+    "matched": "one length-matched pair",
+    "matched_pairs": "a length-matched pair, and the best class's own one",
+    "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
+    "ranking": "the whole ranking",
+}
+FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -468,11 +477,12 @@ def preferences_from_scores(
         if pair is not None:
             groups.append([ranked[pair[0]], ranked[pair[1]]])
         top = [k for k in range(len(ranked)) if keys[k][0] == keys[0][0]]
-        if mode == "matched_pairs" and pair is not None and len(top) < len(ranked):
+        mixed = pair is not None and len(top) < len(ranked)  # the replies span more than one class
+        if mode == "matched_pairs" and mixed:
             within = matched_pair([ranked[k] for k in top], [keys[k] for k in top], [words[k] for k in top])
             if within is not None:
                 groups.append([ranked[top[within[0]]], ranked[top[within[1]]]])
-        if mode == "bracket" and pair is not None and len(top) < len(ranked):
+        if mode == "bracket" and mixed:
             weakest = min((k for k in top if k != pair[0]), key=lambda k: (keys[k][1], -k), default=None)
             if weakest is not None and keys[pair[0]][1] > keys[weakest][1]:
                 groups.append([ranked[pair[0]], ranked[weakest]])
@@ -508,7 +518,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores", "rank",
     "regex_must_match", "regex_must_not_match", "usable",

@@ -171,6 +171,12 @@ def _words(n: int, tag: str) -> str:
     return " ".join([tag] * n)
 
 
+def _pairs(replies: list[str], scores: list[float], tb: list[float], mode: str) -> list[tuple[str, ...]]:
+    from services.criteria_eval import preferences_from_scores
+
+    return [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode=mode)]
+
+
 def test_matched_pairs_a_rule_across_classes_with_the_closest_lengths() -> None:
     from services.criteria_eval import preferences_from_scores
 
@@ -228,11 +234,9 @@ def test_matched_pairs_add_the_best_class_own_length_matched_pair() -> None:
     assert within.ranked_responses == (replies[1], replies[0]) and within.margin == pytest.approx(0.0)
     assert rule.record_id != within.record_id
     # matched gives the first alone; with every reply in one class both modes give the same one pair.
-    assert [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="matched")] == [
-        rule.ranked_responses]
+    assert _pairs(replies, scores, tb, "matched") == [rule.ranked_responses]
     same = [1.0] * 4
-    assert ([r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched_pairs")]
-            == [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched")])
+    assert _pairs(replies, same, tb, "matched_pairs") == _pairs(replies, same, tb, "matched")
     # A best class of one reply, or of replies too far apart in words, adds nothing.
     assert len(preferences_from_scores(PROMPT, replies, [1.0, 0.0, 0.0, 0.0], tb, mode="matched_pairs")) == 1
     assert len(preferences_from_scores(PROMPT, [_words(10, "a"), _words(40, "b"), _words(60, "c")],
@@ -251,8 +255,7 @@ def test_bracket_adds_the_matched_chosen_reply_over_its_class_weakest() -> None:
     assert rule.ranked_responses == (replies[2], replies[3]) and rule.margin == pytest.approx(1.0)
     assert up.ranked_responses == (replies[2], replies[0]) and up.margin == pytest.approx(0.0)
     assert rule.record_id != up.record_id
-    assert [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="matched")] == [
-        rule.ranked_responses]
+    assert _pairs(replies, scores, tb, "matched") == [rule.ranked_responses]
     # The matched chosen reply is its class's weakest by the tie breaker: no second pair (the tie
     # breaker would not prefer it), and a best class of one reply has nobody to pull up.
     assert len(preferences_from_scores(PROMPT, replies, scores, [0.8, 0.6, 0.1, 0.5, 0.9], mode="bracket")) == 1
@@ -261,8 +264,7 @@ def test_bracket_adds_the_matched_chosen_reply_over_its_class_weakest() -> None:
     assert len(preferences_from_scores(PROMPT, replies, scores, [0.7, 0.7, 0.7, 0.5, 0.9], mode="bracket")) == 1
     # All in one class: the plain matched pair, as in matched.
     same = [1.0] * 5
-    assert ([r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="bracket")]
-            == [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, same, tb, mode="matched")])
+    assert _pairs(replies, same, tb, "bracket") == _pairs(replies, same, tb, "matched")
 
 
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
