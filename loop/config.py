@@ -85,8 +85,8 @@ class LoopConfig:
         "bound; a criterion's preference is deterministic (the shorter reply always wins a word limit), which "
         "is where DPO without it drifts without bound whatever β (Azar et al. 2023, on deterministic preferences); 0 = plain DPO")})
     sft_weight: float = field(default=1.0, metadata={"help": (
-        "RPO's α: α times the per-token NLL of each pair's chosen reply is added to the DPO loss, so the policy "
-        "moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
+        "RPO's α: α times the NLL per token of the pairs' chosen replies (every token alike) is added to the DPO "
+        "loss, so the policy moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
     max_backlog: int = field(default=16, metadata={"help": (
         "on-policy pacing: hold new best-of-N requests while the policy trainer has this many preference "
         "records or more it has not consumed, so the CPU goes to training when the queue is long and the pairs "

@@ -116,9 +116,10 @@ class DPOSettings:
         "conservative DPO: the probability ε that a preference label is flipped (with dpo_loss=sigmoid); "
         "0 = plain DPO"))
     sft_weight: float = field(default=0.0, metadata=_help(
-        "α of RPO (Pang et al. 2024): α times the per-token NLL of each preferred response is added to the DPO-family "
-        "loss, so the policy moves toward the replies it is shown rather than only away from the rejected ones; "
-        "0 = the loss alone"))
+        "α of RPO (Pang et al. 2024): α times the NLL per token of the preferred responses (one mean over all their "
+        "tokens, so a short response's tokens weigh no more than a long one's) is added to the DPO-family loss, so "
+        "the policy moves toward the replies it is shown rather than only away from the rejected ones; 0 = the loss "
+        "alone"))
     finetune: str = field(default="lora", metadata=_help(
         "lora: train a LoRA adapter; the reference policy is the same weights with the adapter disabled (no "
         "second model in memory); full: train every weight against a frozen copy of the start weights"))

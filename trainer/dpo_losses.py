@@ -156,9 +156,10 @@ def chosen_nll(
     *,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The negative log-likelihood of the preferred response per token, RPO's second term.
+    """The negative log-likelihood per token of the preferred responses, RPO's second term.
 
-    ``nll = −log π(y_w|x) / |y_w|``, averaged over the batch (weighted as in :func:`dpo_loss`).
+    ``nll = Σ_b w_b·(−log π(y_b|x_b)) / Σ_b w_b·|y_b|``: one mean over every chosen token of the batch
+    (as TRL's ``rpo_alpha`` computes it), not a mean of each response's own per-token NLL.
     RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization") adds ``α·nll`` to the DPO
     loss.  DPO alone only asks the chosen response to gain on the rejected one *relative to the
     reference*; it may get there by lowering both, and on pairs that always differ the same way
@@ -166,13 +167,23 @@ def chosen_nll(
     The NLL term keeps the chosen responses themselves likely, so the policy moves toward replies
     like them (best-of-N distillation) rather than past them.
 
+    Why per token of the batch: dividing each response by its own length (the paper's form) gives a
+    short response's tokens more weight than a long one's, its end-of-sequence token included, so the
+    fitted length distribution leans short of the chosen replies' own; trained on its own best-of-N
+    winners round after round, a policy then shortens with no preference for brevity in the data
+    (measured: docs/loop.md, "Distilling the winners").  Here every chosen token weighs the same.
+
     policy_chosen: ``# (B,)`` summed log-probabilities of the chosen responses (:func:`sequence_logps`);
     chosen_tokens: ``# (B,)`` their token counts, positive.
     """
     _check_same_shape(policy_chosen=policy_chosen, chosen_tokens=chosen_tokens)
     if bool((chosen_tokens <= 0).any()):
         raise ValueError("chosen_tokens must be positive: every chosen response needs a token")
-    return _weighted_mean(-policy_chosen / chosen_tokens, weights)
+    tokens = chosen_tokens.to(policy_chosen)
+    if weights is None:
+        return -policy_chosen.sum() / tokens.sum()
+    w = _check_weights(weights, policy_chosen.shape[0]).to(policy_chosen)
+    return -(w * policy_chosen).sum() / (w * tokens).sum()
 
 
 def ipo_loss(

@@ -344,18 +344,31 @@ def test_packed_sequence_logps_equals_the_full_computation() -> None:
 
 # --- chosen_nll (RPO's NLL term) ------------------------------------------------------------------
 
-def test_chosen_nll_by_hand_per_token_and_weighted() -> None:
-    # rows: -6 nats over 3 tokens -> 2.0 per token; -2 nats over 4 tokens -> 0.5 per token
-    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0))) == pytest.approx(1.25, abs=1e-12)
-    # weights (1, 3): (1·2.0 + 3·0.5) / 4 = 0.875
-    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0), weights=t(1.0, 3.0))) == pytest.approx(0.875, abs=1e-12)
+def test_chosen_nll_by_hand_per_token_of_the_batch_and_weighted() -> None:
+    # -6 nats over 3 tokens and -2 nats over 4 tokens: 8 nats over 7 tokens
+    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0))) == pytest.approx(8 / 7, abs=1e-12)
+    # weights (1, 3): (1·6 + 3·2) / (1·3 + 3·4) = 12 / 15
+    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0), weights=t(1.0, 3.0))) == pytest.approx(0.8, abs=1e-12)
+    # a zero weight removes a response, tokens included
+    assert float(chosen_nll(t(-6.0, -2.0), t(3.0, 4.0), weights=t(0.0, 1.0))) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_chosen_nll_gradient_raises_the_chosen_log_probability() -> None:
     logps = t(-6.0, -2.0).requires_grad_(True)
     chosen_nll(logps, t(3.0, 4.0)).backward()
-    # d/dlogp_b of mean_b(-logp_b / n_b) = -1 / (B·n_b): descending it raises every chosen log-prob
-    assert logps.grad.tolist() == pytest.approx([-1 / 6, -1 / 8], abs=1e-12)
+    # d/dlogp_b of -Σ logp / Σ n = -1 / 7 for every response: descending it raises each chosen log-prob
+    assert logps.grad.tolist() == pytest.approx([-1 / 7, -1 / 7], abs=1e-12)
+
+
+def test_chosen_nll_weighs_every_token_alike_whatever_its_response_length() -> None:
+    # One response of 5 tokens and one of 50, each token at log-prob -1.  Per token of the batch, a
+    # token of either weighs 1/55, the short reply's end-of-sequence token too.  Averaging each reply's
+    # own per-token NLL would give the short reply's tokens ten times the weight (1/10 against 1/100),
+    # which fits replies shorter than the chosen ones.
+    per_token = torch.full((55,), -1.0, dtype=torch.float64, requires_grad=True)
+    sums = torch.stack([per_token[:5].sum(), per_token[5:].sum()])
+    chosen_nll(sums, t(5.0, 50.0)).backward()
+    assert per_token.grad.tolist() == pytest.approx([-1 / 55] * 55, abs=1e-12)
 
 
 def test_chosen_nll_refuses_empty_responses_and_mismatched_shapes() -> None:
