@@ -171,7 +171,11 @@ def chosen_nll(
     short response's tokens more weight than a long one's, its end-of-sequence token included, so the
     fitted length distribution leans short of the chosen replies' own; trained on its own best-of-N
     winners round after round, a policy then shortens with no preference for brevity in the data
-    (measured: docs/loop.md, "Distilling the winners").  Here every chosen token weighs the same.
+    (measured: docs/loop.md, "Distilling the winners").  Here every chosen token of the batch weighs
+    the same.  The learner splits a micro-batch into backward pieces (``max_tokens_per_backward``) and
+    DDP into shards, and weighs each by its records' loss weight, not its tokens: across pieces a
+    piece of short replies still weighs its tokens more, a bias over groups of records, no longer
+    over single replies.
 
     policy_chosen: ``# (B,)`` summed log-probabilities of the chosen responses (:func:`sequence_logps`);
     chosen_tokens: ``# (B,)`` their token counts, positive.
@@ -179,11 +183,9 @@ def chosen_nll(
     _check_same_shape(policy_chosen=policy_chosen, chosen_tokens=chosen_tokens)
     if bool((chosen_tokens <= 0).any()):
         raise ValueError("chosen_tokens must be positive: every chosen response needs a token")
-    tokens = chosen_tokens.to(policy_chosen)
-    if weights is None:
-        return -policy_chosen.sum() / tokens.sum()
-    w = _check_weights(weights, policy_chosen.shape[0]).to(policy_chosen)
-    return -(w * policy_chosen).sum() / (w * tokens).sum()
+    w = (torch.ones_like(policy_chosen) if weights is None
+         else _check_weights(weights, policy_chosen.shape[0]).to(policy_chosen))
+    return -(w * policy_chosen).sum() / (w * chosen_tokens.to(policy_chosen)).sum()
 
 
 def ipo_loss(
