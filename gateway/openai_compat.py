@@ -22,6 +22,11 @@ Why it exists: applications already speak the OpenAI chat API.  With these route
 * ``store: true`` logs the prompt, the ranked candidates and ``metadata`` through ``log_completion``
   (the gateway's ingest path), so feedback can refer to the returned ``id`` (also in the
   ``op-completion-id`` header); choice ``index`` i is candidate i of the logged completion.
+  A sampled reply can be empty (the policy ended it at its first token).  An empty reply is no
+  answer: choices with text come first (best-of-N ranks empties last, plain generations list them
+  last), and only those are logged, so choice ``index`` i is still candidate i; the metadata key
+  ``prefstream.empty_candidates`` counts the rest.  When every choice is empty nothing is logged and
+  the ``op-not-stored`` header says why.
 
 ``GET /v1/models`` lists the served models.  Errors use OpenAI's JSON error shape with the HTTP status
 from :mod:`services.errors`.  The gateway mounts the routes with :func:`add_routes`; handlers only
@@ -41,7 +46,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from scorer.bestofn import parse_criteria_header
+from scorer.bestofn import is_empty_reply, parse_criteria_header
 from scorer.client import ModelStatus, ScorerClient
 from scorer.domain import SamplingParams, Usage
 from scorer.generation import validate_stop
@@ -57,6 +62,10 @@ CRITERIA_HEADER = "op-criteria"
 #: completion, criteria feedback included, is held out for the trainer's gate and never trained on.
 SPLIT_METADATA_KEY = "prefstream.split"
 COMPLETION_ID_HEADER = "op-completion-id"
+#: Header of a ``store: true`` response whose completion was not logged, with the reason.
+NOT_STORED_HEADER = "op-not-stored"
+#: Metadata key of a stored completion: how many empty choices were left out of its candidates.
+EMPTY_CANDIDATES_METADATA_KEY = "prefstream.empty_candidates"
 #: aiohttp request key under which the gateway's auth middleware may store the caller's project.
 PROJECT_KEY = "prefstream.project"
 #: Whether the caller's key has the ``ingest`` scope (``store: true`` needs it); absent: no auth.
@@ -112,18 +121,28 @@ def _content(value: Any, where: str) -> str:
     raise InvalidArgument(where, "must be a string or a list of text parts")
 
 
-def criteria_scores(result: Any) -> Any:
-    """The stored form of a best-of-N ranked by named criteria (candidates in ranked order), else None:
-    the processor turns it into criteria feedback (gateway/processor.py)."""
+def criteria_scores(result: Any, kept: int | None = None) -> Any:
+    """The stored form of a best-of-N ranked by named criteria (its first ``kept`` candidates in ranked
+    order, all by default), else None: the processor turns it into criteria feedback
+    (gateway/processor.py)."""
     if not result.criteria:
         return None
     from gateway.events import CriteriaScores
 
-    ranked = result.ranked
+    ranked = result.ranked[:kept]
     return CriteriaScores(
         refs=tuple(result.criteria), scores=tuple(c.score for c in ranked),
         tie_break=tuple(c.tie_break for c in ranked) if all(c.tie_break is not None for c in ranked) else (),
         per_criterion=tuple(dict(c.per_criterion) for c in ranked))
+
+
+def with_text(texts: list[str]) -> int:
+    """How many of ``texts`` have text; they must come before the empty ones (the order choices are
+    answered in), so that a stored completion's candidate i is choice i."""
+    kept = sum(not is_empty_reply(t) for t in texts)
+    if any(is_empty_reply(t) for t in texts[:kept]):
+        raise ValueError("empty choices must come after the choices with text")
+    return kept
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -374,10 +393,11 @@ class OpenAICompat:
             for rank, c in enumerate(result.ranked)
         ]
         policy_version = result.policy.version if result.policy else ""
+        texts = [c.text for c in result.ranked]
         completion_id, headers = await self._store(
-            request, req, [c.text for c in result.ranked], policy_version,
+            request, req, texts, policy_version,
             {"prefstream.criteria": ",".join(result.criteria or [f"{m.name}@{m.version}" for m in result.reward_models])},
-            criteria=criteria_scores(result),
+            criteria=criteria_scores(result, with_text(texts)),
         )
         return web.json_response(
             {
@@ -409,19 +429,26 @@ class OpenAICompat:
 
     async def _store(self, request: web.Request, req: ChatRequest, texts: list[str], version: str,
                      extra: Mapping[str, str], criteria: Any = None) -> tuple[str, dict[str, str]]:
-        """(completion id, headers): logged through ``log_completion`` when the request says ``store``."""
+        """(completion id, headers): logged through ``log_completion`` when the request says ``store``.
+
+        ``texts`` are the choices in response order, empty ones last; only those with text are logged
+        (``criteria``, when given, already scores just those)."""
         if not req.store:
             return f"chatcmpl-{uuid.uuid4().hex}", {}
         from gateway.events import Completion
 
+        kept = with_text(texts)
+        if kept == 0:
+            return f"chatcmpl-{uuid.uuid4().hex}", {NOT_STORED_HEADER: f"all {len(texts)} choices are empty"}
+        dropped = {EMPTY_CANDIDATES_METADATA_KEY: str(len(texts) - kept)} if kept < len(texts) else {}
         completion = Completion(
             event_id=str(uuid.uuid4()),
             project=str(request.get(PROJECT_KEY) or "default"),
             prompt=req.messages,
-            candidates=tuple(texts),
+            candidates=tuple(texts[:kept]),
             model=req.model,
             model_version=version,
-            metadata={**req.metadata, **extra},
+            metadata={**req.metadata, **extra, **dropped},
             split=req.metadata.get(SPLIT_METADATA_KEY, Split.TRAIN.value),
             criteria=criteria,
             created_at=time.time(),
@@ -434,7 +461,8 @@ class OpenAICompat:
         result = await self.scorer.generate(req.messages, model=req.model, n=req.n, sampling=req.sampling,
                                             stop=req.stop)
         version = result.model.version
-        completion_id, headers = await self._store(request, req, [c.text for c in result.choices], version, {})
+        choices = sorted(result.choices, key=lambda c: is_empty_reply(c.text))  # empties last, see _store
+        completion_id, headers = await self._store(request, req, [c.text for c in choices], version, {})
         return web.json_response(
             {
                 "id": completion_id,
@@ -445,12 +473,12 @@ class OpenAICompat:
                 "model_version": version,
                 "choices": [
                     {
-                        "index": c.index,
+                        "index": i,
                         "message": {"role": "assistant", "content": c.text},
                         "finish_reason": c.finish_reason,
                         "logprobs": None,
                     }
-                    for c in result.choices
+                    for i, c in enumerate(choices)
                 ],
                 "usage": usage_body(result.usage),
             },
@@ -518,5 +546,5 @@ def add_routes(app: web.Application, scorer: ScorerClient, log_completion: LogCo
     return api
 
 
-__all__ = ["COMPLETION_ID_HEADER", "CRITERIA_HEADER", "ChatRequest", "OpenAICompat", "PROJECT_KEY", "add_routes",
+__all__ = ["COMPLETION_ID_HEADER", "CRITERIA_HEADER", "EMPTY_CANDIDATES_METADATA_KEY", "NOT_STORED_HEADER", "ChatRequest", "OpenAICompat", "PROJECT_KEY", "add_routes",
            "format_scores", "parse_chat_request"]

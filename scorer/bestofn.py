@@ -69,6 +69,21 @@ def rank(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
+def is_empty_reply(text: str) -> bool:
+    """Whether a reply has no text (whitespace only): a policy may end a sample at its first token."""
+    return not text.strip()
+
+
+def empties_last(order: Sequence[int], texts: Sequence[str]) -> list[int]:
+    """``order`` with the empty replies moved after the others, each group keeping its order.
+
+    An empty reply is no answer, yet a word limit passes it and a reward model may score it anywhere,
+    so best-of-N never ranks it over a reply with text.  With empties last, the replies with text are
+    a prefix of the ranking, which is what a stored best-of-N keeps (gateway/openai_compat.py).
+    """
+    return sorted(order, key=lambda i: is_empty_reply(texts[i]))
+
+
 def validate_criteria(criteria: Sequence[Criterion], field: str = "criteria") -> list[Criterion]:
     """Check names and weights; the error names the offending entry."""
     seen: set[str] = set()
@@ -176,4 +191,4 @@ def parse_criteria_header(value: str, field: str = "op-criteria") -> tuple[list[
     return [], names
 
 
-__all__ = ["Criterion", "combine", "parse_criteria", "parse_criteria_header", "rank", "standardize", "validate_criteria"]
+__all__ = ["Criterion", "combine", "empties_last", "is_empty_reply", "parse_criteria", "parse_criteria_header", "rank", "standardize", "validate_criteria"]

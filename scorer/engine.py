@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from scorer.batcher import BatchLimits, DynamicBatcher
-from scorer.bestofn import Criterion, combine, rank
+from scorer.bestofn import Criterion, combine, empties_last, rank
 from scorer.config import ScorerConfig
 from scorer.criteria import NamedCriteria, per_reply
 from scorer.decoding import DecodeParams, Decoded, OnDelta
@@ -413,7 +413,7 @@ class ServingEngine:
         rewards = {c.model: r.rewards for c, r in zip(criteria, results)}
         combined = combine(rewards, criteria)
         ranked = []
-        for i in rank(combined):
+        for i in empties_last(rank(combined), texts):
             if len(criteria) == 1:
                 attributes = dict(results[0].scores[i].attributes)
             else:
@@ -469,7 +469,7 @@ class ServingEngine:
             per_criterion={name: rs[i].score for name, rs in outcome.results.items()},
             criteria_results=per_reply(outcome.results, i),
             tie_break=outcome.tie_break[i] if outcome.tie_break is not None else None,
-        ) for i in outcome.order)
+        ) for i in empties_last(outcome.order, texts))
         return BestOfNResult(ranked=ranked, reward_models=tuple(used[m] for m in sorted(used)), policy=policy_ref,
                              request_id=query.request_id, usage=usage, criteria=outcome.refs)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from scorer.bestofn import Criterion, combine, parse_criteria, rank, standardize
+from scorer.bestofn import Criterion, combine, empties_last, is_empty_reply, parse_criteria, rank, standardize
 from services.errors import InvalidArgument
 
 
@@ -49,6 +49,14 @@ def test_combine_rejects_mismatched_lengths():
 
 def test_rank_is_best_first_and_stable_on_ties():
     assert rank([0.5, 2.0, 0.5, -1.0]) == [1, 0, 2, 3]
+
+
+def test_empty_replies_rank_after_every_reply_with_text_each_group_in_order():
+    texts = ["long answer", "", "ok", " \n\t", "fine"]
+    assert [is_empty_reply(t) for t in texts] == [False, True, False, True, False]
+    # An empty reply first (a word limit passes it) still goes after every reply with text.
+    assert empties_last([3, 1, 2, 4, 0], texts) == [2, 4, 0, 3, 1]
+    assert empties_last([0, 2], texts) == [0, 2]
 
 
 @pytest.mark.parametrize(

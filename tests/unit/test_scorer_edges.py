@@ -111,3 +111,77 @@ def test_requests_in_flight_is_the_scaling_signal_and_falls_back_on_errors() -> 
     assert gauge() == 0
     assert metrics.registry.get_sample_value("prefstream_scorer_requests_total",
                                              {"method": "Score", "code": "INVALID_ARGUMENT"}) == 1
+
+
+class _Request(dict):
+    headers: dict = {}
+
+
+class _Scorer:
+    """Answers best-of-N and generation with one empty reply, as a policy may sample one."""
+
+    async def best_of_n(self, messages, **kwargs):
+        from scorer.domain import BestOfNResult, ModelRef, RankedCandidate
+
+        ranked = tuple(RankedCandidate(index=i, text=t, score=s, per_criterion={"short": s}, tie_break=-s)
+                       for i, (t, s) in enumerate((("ok", 1.0), ("a longer reply", 0.0), ("", 1.0))))
+        return BestOfNResult(ranked=ranked, reward_models=(ModelRef("reward", "v1"),), policy=ModelRef("policy", "v2"),
+                             criteria=("short@v1",))
+
+    async def generate(self, messages, **kwargs):
+        from scorer.domain import ModelRef, Usage
+        from scorer.generation import GenerateResult, GenerationChoice
+
+        choices = tuple(GenerationChoice(index=i, text=t, finish_reason="stop", completion_tokens=1)
+                        for i, t in enumerate(kwargs.get("texts_", ("", "first", " ", "second"))))
+        return GenerateResult(choices=choices, model=ModelRef("policy", "v2"), usage=Usage())
+
+
+def _api(logged: list):
+    from gateway.openai_compat import OpenAICompat
+
+    async def log_completion(completion):
+        logged.append(completion)
+        return "cmpl-1"
+
+    return OpenAICompat(_Scorer(), log_completion)  # type: ignore[arg-type]
+
+
+def test_a_stored_best_of_n_logs_only_its_replies_with_text_and_keeps_choice_i_as_candidate_i():
+    import asyncio
+    import json
+
+    from gateway.openai_compat import COMPLETION_ID_HEADER, EMPTY_CANDIDATES_METADATA_KEY
+
+    logged: list = []
+    req = parse_chat_request({"model": "policy", "n": 3, "store": True, "messages": [{"role": "user", "content": "hi"}]})
+    resp = asyncio.run(_api(logged)._best_of_n(_Request(), req, None))  # type: ignore[arg-type]
+    body = json.loads(resp.body)
+    assert [c["message"]["content"] for c in body["choices"]] == ["ok", "a longer reply", ""]
+    (c,) = logged
+    assert c.candidates == ("ok", "a longer reply")
+    assert c.metadata[EMPTY_CANDIDATES_METADATA_KEY] == "1"
+    assert (c.criteria.scores, c.criteria.tie_break) == ((1.0, 0.0), (-1.0, -0.0))  # scores of the kept ones
+    assert resp.headers[COMPLETION_ID_HEADER] == "cmpl-1"
+
+
+def test_stored_generations_list_empty_choices_last_and_all_empty_is_not_stored():
+    import asyncio
+    import json
+
+    from gateway.openai_compat import NOT_STORED_HEADER
+
+    logged: list = []
+    api = _api(logged)
+    req = parse_chat_request({"model": "policy", "n": 4, "store": True, "messages": [{"role": "user", "content": "hi"}]})
+    body = json.loads(asyncio.run(api._generate(_Request(), req)).body)  # type: ignore[arg-type]
+    assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [(0, "first"), (1, "second"), (2, ""), (3, " ")]
+    assert logged[0].candidates == ("first", "second")
+
+    async def empty(messages, **kwargs):
+        return await _Scorer().generate(messages, texts_=("", "  "))
+
+    api.scorer.generate = empty  # type: ignore[method-assign]
+    resp = asyncio.run(api._generate(_Request(), req))  # type: ignore[arg-type]
+    assert len(logged) == 1 and "empty" in resp.headers[NOT_STORED_HEADER]
+    assert len(json.loads(resp.body)["choices"]) == 2

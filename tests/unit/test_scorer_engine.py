@@ -151,6 +151,21 @@ def test_best_of_n_ranks_candidates_by_combined_criteria():
     assert res.policy is None
 
 
+def test_best_of_n_never_ranks_an_empty_reply_over_one_with_text():
+    async def main():
+        engine, _ = make_engine()
+        engine.install(engine.new_slot("reward", ModelKind.REWARD, "v1", "", FakeReward(0.0)))
+        # A negative weight prefers the shortest reply, which is the empty one.
+        q = BestOfNQuery(prompt=PROMPT, candidates=("aaaa", "", "aa"), criteria=(Criterion("reward", -1.0),))
+        res = await engine.best_of_n(q)
+        await engine.close()
+        return res
+
+    res = asyncio.run(main())
+    assert [c.index for c in res.ranked] == [2, 0, 1]
+    assert res.ranked[-1].score == max(c.score for c in res.ranked)  # its score is reported as computed
+
+
 def test_best_of_n_samples_from_the_policy():
     async def main():
         engine, _ = make_engine()
