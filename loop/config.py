@@ -23,6 +23,10 @@ class LoopConfig:
     together: bool = field(default=False, metadata={"help": (
         "teach every criterion at once (one phase ranked by their weighted combination) instead of one "
         "after another")})
+    keep_earlier: bool = field(default=False, metadata={"help": (
+        "in phases one after another, rank each phase's best-of-N by its criterion together with the "
+        "earlier phases' criteria (a replay of the earlier rules), so a later criterion's winners also "
+        "keep them; retention is still measured on the first criterion")})
     prompts: str = field(default="", metadata={"help": (
         "training prompts: OpenPipe JSONL (first user turn), JSONL with 'prompt' or 'messages', or plain "
         "text, one prompt per line; default the shipped HH train set")})
@@ -119,6 +123,8 @@ class LoopConfig:
 
     def validate(self) -> None:
         require(len(self.criteria) >= 1, "criteria", "name at least one criterion (a name, name@version or a YAML file)")
+        require(not (self.together and self.keep_earlier), "keep_earlier",
+                "applies to phases one after another; drop it or drop together")
         require(self.train_prompts >= 1, "train_prompts", "must be >= 1")
         require(self.eval_count >= 1, "eval_count", "must be >= 1")
         require(self.phase_s > 0, "phase_s", "must be > 0 seconds")

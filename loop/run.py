@@ -7,7 +7,8 @@ criteria feedback--> Kafka --> processor --criteria preference pairs--> policy t
 Beside it the loop measures what a user came for: the *served* policy's own violation rate (n = 1, a
 fixed seed per prompt, on held-out prompts never trained on) right after every version it publishes,
 with the reward model's score of the same replies, their length and the gate's KL to the reference.
-Criteria are taught one after another (phases) or together; after the last phase it reports how
+Criteria are taught one after another (phases, each optionally keeping the earlier phases' criteria in
+its ranking) or together; after the last phase it reports how
 much of each earlier criterion's gain survived, and how often a reward model prefers the final
 policy's reply to the base policy's.
 """
@@ -523,7 +524,7 @@ class CriteriaLoop:
         from scorer.client import ScorerClient
 
         cfg = self.cfg
-        phases = [self.criteria] if cfg.together else [[c] for c in self.criteria]
+        phases = phase_criteria(self.criteria, together=cfg.together, keep_earlier=cfg.keep_earlier)
         async with ScorerClient(self.procs.scorer_address, timeout_s=SCORER_TIMEOUT_S) as scorer, \
                 aiohttp.ClientSession() as http:
             await scorer.wait_ready(cfg.startup_timeout_s)
@@ -624,6 +625,14 @@ class CriteriaLoop:
         return out
 
 
+def phase_criteria(criteria: Sequence[Criterion], *, together: bool, keep_earlier: bool) -> list[list[Criterion]]:
+    """The criteria each phase's best-of-N is ranked by: all at once in one phase (``together``), or
+    one phase per criterion, each also keeping the earlier ones (``keep_earlier``) or not."""
+    if together:
+        return [list(criteria)]
+    return [list(criteria[: k + 1]) if keep_earlier else [c] for k, c in enumerate(criteria)]
+
+
 def make_plan(cfg: LoopConfig, phases: int) -> PromptPlan:
     train = load_prompts(cfg.prompts or shared_data_dir() / TRAIN_FILE, field_name="prompts")
     held = load_prompts(cfg.eval_prompts or shared_data_dir() / TEST_FILE, field_name="eval_prompts")
@@ -686,6 +695,6 @@ def print_summary(s: dict[str, Any]) -> None:
         _out(f"  report: {s['report']}")
 
 
-__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan",
+__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan", "phase_criteria",
            "print_summary", "resolve_criteria",
            "run_criteria_loop"]

@@ -117,12 +117,22 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
                        ({"max_tokens_per_backward": -1}, "max_tokens_per_backward"), ({"max_backlog": -1}, "max_backlog"),
                        ({"label_smoothing": 0.5}, "label_smoothing"),
                        ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"), ({"dpo_loss": "nope"}, "dpo_loss"),
-                       ({"pairing": "ranking"}, "pairing"), ({"pairing": "best"}, "pairing")]:
+                       ({"pairing": "ranking"}, "pairing"), ({"pairing": "best"}, "pairing"),
+                       ({"together": True, "keep_earlier": True}, "keep_earlier")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
     assert LoopConfig().system_prompt == "Answer in at most 50 words."
     assert load_loop_config(env={}, overrides={"pairing": "matched"}).pairing == "matched"
+
+
+def test_phases_rank_by_their_criterion_alone_with_the_earlier_ones_or_all_at_once() -> None:
+    from loop.run import phase_criteria
+
+    a, b, c = (parse_criterion({"name": n, "rules": [{"max_words": 5}]}, project="default") for n in "abc")
+    assert phase_criteria([a, b, c], together=False, keep_earlier=False) == [[a], [b], [c]]
+    assert phase_criteria([a, b, c], together=False, keep_earlier=True) == [[a], [a, b], [a, b, c]]
+    assert phase_criteria([a, b, c], together=True, keep_earlier=False) == [[a, b, c]]
 
 
 def test_report_has_every_figure_and_escapes_replies(tmp_path: Path) -> None:
