@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "evaluations": summary["evaluations"],
         "mean_reward_base": summary["mean_reward_base"],
         "mean_reward_final": summary["mean_reward_final"],
+        "words_spread_base": summary["words_spread_base"],
+        "words_spread_final": summary["words_spread_final"],
         "examples": summary["examples"][:3],
         "errors": summary["errors"],
         "settings": summary["settings"],

@@ -155,7 +155,17 @@ def mean_words(texts: Sequence[str]) -> float:
     return sum(count_words(t) for t in texts) / len(texts) if texts else math.nan
 
 
+def word_spread(texts: Sequence[str]) -> dict[str, float]:
+    """The 10th, 50th and 90th percentile of the replies' word counts (nearest rank): whether a policy
+    narrowed its lengths under a limit or moved all of them down shows here, not in the mean."""
+    counts = sorted(count_words(t) for t in texts)
+    if not counts:
+        return {}
+    return {f"p{q}": float(counts[min(len(counts) - 1, max(0, math.ceil(q / 100 * len(counts)) - 1))])
+            for q in (10, 50, 90)}
+
+
 __all__ = [
     "PromptPlan", "conversation", "load_prompts", "mean_words", "parse_prompt_line", "plan_prompts", "retention",
-    "violated", "violation_rate", "win_rate",
+    "violated", "violation_rate", "win_rate", "word_spread",
 ]

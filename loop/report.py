@@ -78,13 +78,27 @@ def _plot_one(key: str, title: str, ylabel: str) -> Callable[[dict[str, Any], Pa
     return plot
 
 
+def _plot_length(summary: dict[str, Any], path: Path) -> None:
+    """The mean words per reply, and the 10th-90th percentile band: a narrowing shows as a thinner band."""
+    fig, ax = _axes(summary, "Words per held-out reply: mean, and the 10th-90th percentile band", "words")
+    xs, ys = _series(summary, lambda e: e.get("mean_words"))
+    ax.plot(xs, ys, marker="o", ms=4, label="mean")
+    band = [(e["t"], e["words"]["p10"], e["words"]["p90"]) for e in summary.get("evaluations", []) if e.get("words")]
+    if band:
+        ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], alpha=0.2, label="p10-p90")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 FIGURES: dict[str, tuple[str, Callable[[dict[str, Any], Path], None]]] = {
     "violation.png": ("Violation rate vs time and versions", _plot_violation),
     "reward.png": ("Reward-model score of the served replies", _plot_one(
         "mean_reward", "Reward model's mean score of the held-out replies", "mean reward")),
     "kl.png": ("KL to the reference policy", _plot_one(
         "kl_to_ref", "Mean per-token KL to the reference (the gate's drift measure)", "KL (nats/token)")),
-    "length.png": ("Reply length", _plot_one("mean_words", "Mean words per held-out reply", "words")),
+    "length.png": ("Reply length", _plot_length),
 }
 
 

@@ -30,7 +30,7 @@ import aiohttp
 from loop.config import LoopConfig
 from loop.pacing import Pacer, TrainerBacklog
 from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, plan_prompts, retention, violated,
-                          win_rate)
+                          win_rate, word_spread)
 from services.checkpoints import CheckpointStore
 from services.criteria import Criterion, parse_criterion, split_ref
 from services.criteria_eval import FEEDBACK_MODE_SUMMARIES, CriterionResult, evaluate
@@ -74,6 +74,7 @@ class Evaluation:
     mean_words: float
     mean_reward: float | None
     kl_to_ref: float | None
+    words: dict[str, float] = field(default_factory=dict)  # p10, p50, p90 of the replies' word counts
     replies: list[str] = field(repr=False, default_factory=list)
     rewards: list[float] = field(repr=False, default_factory=list)
 
@@ -386,13 +387,14 @@ class CriteriaLoop:
                 kl = None
         ev = Evaluation(t=round(time.time() - self.t0, 1), phase=self.phase, version=version, versions=versions,
                         violation={ref: sum(violated(r) for r in rs) / len(rs) for ref, rs in results.items()},
-                        mean_words=mean_words(replies),
+                        mean_words=mean_words(replies), words=word_spread(replies),
                         mean_reward=(sum(rewards) / len(rewards)) if rewards else None, kl_to_ref=kl,
                         replies=replies, rewards=rewards)
         self.evaluations.append(ev)
         self._evaluated.add(version)
         rates = ", ".join(f"{ref} {v:.2f}" for ref, v in ev.violation.items())
         _out(f"[{ev.t:6.0f}s] eval {label}: policy {version} violation {rates}; {ev.mean_words:.0f} words"
+             + _spread(ev.words)
              + (f"; reward {ev.mean_reward:.3f}" if ev.mean_reward is not None else "")
              + (f"; KL {kl:.3f}" if kl is not None else ""))
         return ev
@@ -613,6 +615,8 @@ class CriteriaLoop:
             "kl_to_ref": final.kl_to_ref,
             "mean_words_base": base.mean_words,
             "mean_words_final": final.mean_words,
+            "words_spread_base": base.words,
+            "words_spread_final": final.words,
             "mean_reward_base": base.mean_reward,
             "mean_reward_final": final.mean_reward,
             "final_version": final.version,
@@ -623,6 +627,10 @@ class CriteriaLoop:
                          for p, b, f in list(zip(self.plan.eval_prompts, base.replies, final.replies))[:6]],
         }
         return out
+
+
+def _spread(words: dict[str, float] | None) -> str:
+    return f" (p10-p50-p90 {words['p10']:.0f}-{words['p50']:.0f}-{words['p90']:.0f})" if words else ""
 
 
 def phase_criteria(criteria: Sequence[Criterion], *, together: bool, keep_earlier: bool) -> list[list[Criterion]]:
@@ -687,7 +695,8 @@ def print_summary(s: dict[str, Any]) -> None:
     if s.get("first_criterion_retention") is not None:
         _out(f"  first criterion's gain kept after the later phases: {f(s['first_criterion_retention'])}")
     _out(f"  reward model prefers the final reply to the base reply on {f(s['quality_win_rate_vs_base'])} of prompts")
-    _out(f"  words per reply {f(s['mean_words_base'], '{:.1f}')} -> {f(s['mean_words_final'], '{:.1f}')}; "
+    _out(f"  words per reply {f(s['mean_words_base'], '{:.1f}')} -> {f(s['mean_words_final'], '{:.1f}')}"
+         f"{_spread(s.get('words_spread_final'))}; "
          f"KL to reference {f(s['kl_to_ref'])}")
     _out(f"  policy versions: {s['versions_published']} published, {s['versions_rejected']} rejected; "
          f"best-of-N: {s['best_of_n_sent']} sent, {s['failed_requests']} failed")

@@ -10,7 +10,7 @@ import pytest
 
 from loop.config import LoopConfig, load_loop_config
 from loop.prompts import (conversation, load_prompts, mean_words, parse_prompt_line, plan_prompts, retention, violated,
-                          violation_rate, win_rate)
+                          violation_rate, win_rate, word_spread)
 from services.config import ConfigError
 from services.criteria import parse_criterion
 from services.criteria_eval import CriterionResult, evaluate
@@ -105,6 +105,9 @@ def test_win_rate_counts_ties_half_and_retention_is_the_share_of_the_cut_kept() 
     assert retention(0.6, 0.1, 0.7) == pytest.approx(-0.2)
     assert math.isnan(retention(0.3, 0.3, 0.1))
     assert mean_words(["a b", "c d e f"]) == 3.0
+    ten = [" ".join(["w"] * n) for n in (10, 1, 9, 2, 8, 3, 7, 4, 6, 5)]
+    assert word_spread(ten) == {"p10": 1.0, "p50": 5.0, "p90": 9.0}
+    assert word_spread(["one two"]) == {"p10": 2.0, "p50": 2.0, "p90": 2.0} and word_spread([]) == {}
 
 
 def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
@@ -145,7 +148,8 @@ def test_report_has_every_figure_and_escapes_replies(tmp_path: Path) -> None:
             {"t": 5.0, "phase": 0, "version": "base", "versions": {"base": 4}, "violation": {"concise@v1": 0.56, "impersonal@v1": 0.4},
              "mean_words": 62.0, "mean_reward": 0.1, "kl_to_ref": None},
             {"t": 200.0, "phase": 0, "version": "v000002", "versions": {"v000002": 4},
-             "violation": {"concise@v1": 0.1, "impersonal@v1": 0.35}, "mean_words": 30.0, "mean_reward": 0.2, "kl_to_ref": 0.05},
+             "violation": {"concise@v1": 0.1, "impersonal@v1": 0.35}, "mean_words": 30.0, "mean_reward": 0.2, "kl_to_ref": 0.05,
+             "words": {"p10": 12.0, "p50": 29.0, "p90": 47.0}},
         ],
         "examples": [{"prompt": "<b>q</b>", "base": "long", "final": "short"}], "final_version": "v000002",
     }
