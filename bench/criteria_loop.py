@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_reward_final": summary["mean_reward_final"],
         "words_spread_base": summary["words_spread_base"],
         "words_spread_final": summary["words_spread_final"],
+        "cut_off_base": summary["cut_off_base"],
+        "cut_off_final": summary["cut_off_final"],
         "examples": summary["examples"][:3],
         "errors": summary["errors"],
         "settings": summary["settings"],

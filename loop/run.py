@@ -75,6 +75,8 @@ class Evaluation:
     mean_reward: float | None
     kl_to_ref: float | None
     words: dict[str, float] = field(default_factory=dict)  # p10, p50, p90 of the replies' word counts
+    #: share of the replies that max_tokens cut off (they ran on instead of ending; None: not known)
+    cut_off: float | None = None
     replies: list[str] = field(repr=False, default_factory=list)
     rewards: list[float] = field(repr=False, default_factory=list)
 
@@ -327,23 +329,28 @@ class CriteriaLoop:
 
     # -- the served policy, measured ----------------------------------------------------------
 
-    async def _generate_eval(self, scorer: Any) -> tuple[list[str], dict[str, int]]:
+    async def _generate_eval(self, scorer: Any) -> tuple[list[str], dict[str, int], float]:
+        """The served policy's replies to the held-out prompts, the versions that wrote them, and the share
+        of replies ``max_tokens`` cut off."""
         from scorer.domain import SamplingParams
 
         sem = asyncio.Semaphore(EVAL_CONCURRENCY)
         versions: dict[str, int] = {}
+        cut = 0
 
         async def one(i: int, prompt: str) -> str:
+            nonlocal cut
             async with sem:
                 res = await scorer.generate(
                     [m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)], model=self.cfg.policy_model,
                     sampling=SamplingParams(temperature=self.cfg.eval_temperature, max_tokens=self.cfg.max_tokens,
                                             seed=self.cfg.seed + i))
                 versions[res.model.version] = versions.get(res.model.version, 0) + 1
+                cut += res.choices[0].finish_reason == "length"
                 return res.choices[0].text
 
         texts = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.plan.eval_prompts)))
-        return list(texts), versions
+        return list(texts), versions, cut / len(texts)
 
     async def _rewards(self, scorer: Any, replies: Sequence[str]) -> list[float]:
         if not self.cfg.reward_model:
@@ -375,7 +382,7 @@ class CriteriaLoop:
         return out
 
     async def evaluate_served(self, scorer: Any, label: str) -> Evaluation:
-        replies, versions = await self._generate_eval(scorer)
+        replies, versions, cut_off = await self._generate_eval(scorer)
         results = await self.judge(scorer, replies)
         rewards = await self._rewards(scorer, replies)
         version = max(versions, key=versions.get)
@@ -387,14 +394,14 @@ class CriteriaLoop:
                 kl = None
         ev = Evaluation(t=round(time.time() - self.t0, 1), phase=self.phase, version=version, versions=versions,
                         violation={ref: sum(violated(r) for r in rs) / len(rs) for ref, rs in results.items()},
-                        mean_words=mean_words(replies), words=word_spread(replies),
+                        mean_words=mean_words(replies), words=word_spread(replies), cut_off=cut_off,
                         mean_reward=(sum(rewards) / len(rewards)) if rewards else None, kl_to_ref=kl,
                         replies=replies, rewards=rewards)
         self.evaluations.append(ev)
         self._evaluated.add(version)
         rates = ", ".join(f"{ref} {v:.2f}" for ref, v in ev.violation.items())
         _out(f"[{ev.t:6.0f}s] eval {label}: policy {version} violation {rates}; {ev.mean_words:.0f} words"
-             + _spread(ev.words)
+             + _spread(ev.words) + f", {ev.cut_off:.2f} cut off by max_tokens"
              + (f"; reward {ev.mean_reward:.3f}" if ev.mean_reward is not None else "")
              + (f"; KL {kl:.3f}" if kl is not None else ""))
         return ev
@@ -617,6 +624,8 @@ class CriteriaLoop:
             "mean_words_final": final.mean_words,
             "words_spread_base": base.words,
             "words_spread_final": final.words,
+            "cut_off_base": base.cut_off,
+            "cut_off_final": final.cut_off,
             "mean_reward_base": base.mean_reward,
             "mean_reward_final": final.mean_reward,
             "final_version": final.version,

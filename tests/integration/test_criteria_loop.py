@@ -51,6 +51,8 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
     final = summary["final_version"]
     assert final != "base" and summary["evaluations"][-1]["versions"] == {final: 4}  # the served version was measured
     assert summary["evaluations"][0]["version"] == "base"
+    for e in summary["evaluations"]:  # every reading has the length spread and the share max_tokens cut off
+        assert set(e["words"]) == {"p10", "p50", "p90"} and 0.0 <= e["cut_off"] <= 1.0
     assert 0.0 <= summary["violation_rate_base"] <= 1.0 and 0.0 <= summary["violation_rate_final"] <= 1.0
     assert Path(summary["report"]).is_file()
     # paced on the trainer's real backlog (Kafka end offsets minus its consumed counter), counted per version
