@@ -546,5 +546,5 @@ def add_routes(app: web.Application, scorer: ScorerClient, log_completion: LogCo
     return api
 
 
-__all__ = ["COMPLETION_ID_HEADER", "CRITERIA_HEADER", "EMPTY_CANDIDATES_METADATA_KEY", "NOT_STORED_HEADER", "ChatRequest", "OpenAICompat", "PROJECT_KEY", "add_routes",
-           "format_scores", "parse_chat_request"]
+__all__ = ["COMPLETION_ID_HEADER", "CRITERIA_HEADER", "EMPTY_CANDIDATES_METADATA_KEY", "NOT_STORED_HEADER", "ChatRequest",
+           "OpenAICompat", "PROJECT_KEY", "add_routes", "format_scores", "parse_chat_request"]

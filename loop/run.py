@@ -332,6 +332,7 @@ class CriteriaLoop:
     async def _generate_eval(self, scorer: Any) -> tuple[list[str], dict[str, int], float]:
         """The served policy's replies to the held-out prompts, the versions that wrote them, and the share
         of replies ``max_tokens`` cut off."""
+        from scorer.decoding import LENGTH
         from scorer.domain import SamplingParams
 
         sem = asyncio.Semaphore(EVAL_CONCURRENCY)
@@ -346,7 +347,7 @@ class CriteriaLoop:
                     sampling=SamplingParams(temperature=self.cfg.eval_temperature, max_tokens=self.cfg.max_tokens,
                                             seed=self.cfg.seed + i))
                 versions[res.model.version] = versions.get(res.model.version, 0) + 1
-                cut += res.choices[0].finish_reason == "length"
+                cut += res.choices[0].finish_reason == LENGTH
                 return res.choices[0].text
 
         texts = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.plan.eval_prompts)))
@@ -713,6 +714,5 @@ def print_summary(s: dict[str, Any]) -> None:
         _out(f"  report: {s['report']}")
 
 
-__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan", "phase_criteria",
-           "print_summary", "resolve_criteria",
-           "run_criteria_loop"]
+__all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan",
+           "phase_criteria", "print_summary", "resolve_criteria", "run_criteria_loop"]
