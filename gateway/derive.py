@@ -30,7 +30,7 @@ responses, so reprocessing the same events yields the same ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from gateway.events import Choice, Completion, Edit, Feedback, OutputScore, Ranking, Regeneration, Scores, Thumbs
 from services.kinds import FeedbackKind
@@ -300,9 +300,11 @@ def derive_thumbs(
     return out
 
 
-def derive_criteria(c: Completion, mode: str, *, now: float) -> list[PreferenceRecord]:
+def derive_criteria(c: Completion, mode: str, *, now: float,
+                    trim: Callable[[str], str | None] | None = None) -> list[PreferenceRecord]:
     """The criteria preferences of a completion ranked by named criteria (none when all replies tie;
-    two with ``pairs``: see :func:`services.criteria_eval.preferences_from_scores`).
+    two with ``pairs``: see :func:`services.criteria_eval.preferences_from_scores`, which also says
+    what ``trim`` is for mode ``trim``).
 
     Its sources are the completion's event id and ``criterion:name@version`` of every criterion, so the
     record id is deterministic (a replayed completion gives the same record) and differs from any record
@@ -315,4 +317,4 @@ def derive_criteria(c: Completion, mode: str, *, now: float) -> list[PreferenceR
     return preferences_from_scores(
         c.prompt, c.candidates, cs.scores, cs.tie_break or None, mode=mode, criteria=cs.refs, project=c.project,
         completion_id=c.completion_id, source_event_ids=(c.event_id,), split=c.split,
-        attributes=cs.per_criterion or None, now=now, acked_at=c.acked_at)
+        attributes=cs.per_criterion or None, now=now, acked_at=c.acked_at, trim=trim)

@@ -46,7 +46,9 @@ from prefstream.events.v1.events_pb2 import DeadLetter as DeadLetterProto
 from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
 from services import topics
 from services.codec import encode_event
-from services.criteria_store import CriteriaStore
+from services.criteria import Criterion
+from services.criteria_eval import prefix_trimmer
+from services.criteria_store import CriteriaStore, CriterionNotFound
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.kafka import RenewingProducer, make_consumer
 from services.redis_client import connect
@@ -101,6 +103,7 @@ class Processor:
         self.bootstrap = kafka_bootstrap
         self.redis = connect(redis_url)
         self.criteria = CriteriaStore(self.redis)  # the criteria feedback switch (per project, per criterion)
+        self._definitions: dict[tuple[str, str], Criterion] = {}  # (project, name@version): immutable
         self.t_completions = cfg.topic(topics.COMPLETIONS)
         self.t_feedback = cfg.topic(topics.FEEDBACK)
         self.t_preferences = cfg.topic(topics.PREFERENCES)
@@ -235,9 +238,24 @@ class Processor:
         if mode is None:
             metrics.PROCESSED.labels("criteria", "switched_off").inc()
             return
-        records = derive_criteria(c, mode, now=time.time())
+        trim = prefix_trimmer(self._criteria_of(c)) if mode == "trim" else None
+        records = derive_criteria(c, mode, now=time.time(), trim=trim)
         self._emit(batch, records, src, c.event_id)
         metrics.PROCESSED.labels("criteria", "derived" if records else "no_preference").inc()
+
+    def _criteria_of(self, c: Completion) -> list[Criterion]:
+        """The definitions that ranked ``c`` (a ``name@version`` never changes, so each is read once);
+        empty when one was deleted since, and mode ``trim`` then builds its length-matched pair."""
+        found = []
+        for ref in c.criteria.refs:
+            k = (c.project, ref)
+            if k not in self._definitions:
+                try:
+                    self._definitions[k] = self.criteria.get(c.project, ref)
+                except CriterionNotFound:
+                    return []
+            found.append(self._definitions[k])
+        return found
 
     def _on_feedback(
         self,

@@ -81,7 +81,10 @@ class LoopConfig:
         "length difference teaches nothing the criteria did not ask for (the default: on the word-limit bench "
         "the only mode that kept the length through a second criterion, docs/loop.md); 'matched_pairs', that "
         "pair and, from a request with more than one class, the best class's own length-matched pair, so the tie "
-        "breaker is taught at equal length beside the rule; 'bracket', the matched pair and, from a request with more than one class, its chosen reply over the best class's reply the tie breaker ranks lowest (a word limit's short passing replies are pulled back up while some replies still fail). plackett_luce always "
+        "breaker is taught at equal length beside the rule; 'bracket', the matched pair and, from a request with more than one class, its chosen reply over the best class's reply the tie breaker ranks lowest (a word limit's short passing replies are pulled back up while some replies still fail); 'trim', a failing reply's "
+        "longest prefix ending at a sentence that passes every criterion over the reply itself, so the pair shares every "
+        "token up to the cut and teaches where to stop, not a shorter reply everywhere (rule criteria only; else, and when no "
+        "failing reply has such a prefix, the matched pair). plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "

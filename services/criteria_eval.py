@@ -58,12 +58,18 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
     "matched": "one length-matched pair",
     "matched_pairs": "a length-matched pair, and the best class's own one",
     "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
+    "trim": "a failing reply's longest passing sentence prefix over it, else one length-matched pair",
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
+#: ``trim``: where a reply may be cut.  A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing
+#: quotes or brackets) that whitespace follows; a line ends at a line break.
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s)")
+#: A line that ends in one of these introduces what follows (``Tips:``), so it is no place to stop.
+_OPEN_LINE_ENDS = (":", ",", ";", "-", "(")
 
 SUCCESS = "success"
 ERROR = "error"
@@ -351,6 +357,54 @@ def judge_messages(spec: JudgeSpec, prompt: Sequence[ChatMessage], reply: str) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Trimming: the passing reply hidden in a failing one.
+
+
+def sentence_prefixes(text: str) -> list[str]:
+    """Every proper prefix of ``text`` that ends where a sentence or a line ends, shortest first.
+
+    Prefixes lose their trailing whitespace.  Not a sentence end: the dot of a list marker or an
+    initial (``1.``, ``A.``: the word before it is digits or one character).  Not a line end: a line
+    that introduces what follows (it ends in ``:``, ``,``, ``;``, ``-`` or ``(``), or a blank one.
+    """
+    whole = text.rstrip()
+    cuts: set[int] = set()
+    for m in _SENTENCE_END.finditer(text):
+        word = text[:m.start()].rsplit(None, 1)[-1] if text[:m.start()].strip() else ""
+        if word.isdigit() or len(word) <= 1:
+            continue
+        cuts.add(m.end())
+    for m in re.finditer(r"\n", text):
+        line = text[:m.start()].rstrip()
+        if line and not line.endswith(_OPEN_LINE_ENDS):
+            cuts.add(len(line))
+    out = {text[:c].rstrip() for c in cuts}
+    return sorted((p for p in out if p.strip() and len(p) < len(whole)), key=len)
+
+
+def trim_to_pass(text: str, passes: Callable[[str], bool]) -> str | None:
+    """The longest of :func:`sentence_prefixes` that ``passes``, or None when none does."""
+    return next((p for p in reversed(sentence_prefixes(text)) if passes(p)), None)
+
+
+def prefix_trimmer(criteria: Sequence[Criterion]) -> Callable[[str], str | None] | None:
+    """``trim(reply)``: the reply's longest sentence prefix that passes every one of ``criteria``.
+
+    None when a criterion is not a rule criterion: a reward model or a judge would have to score the
+    prefix, which only the scorer can, so mode ``trim`` then builds its length-matched pair instead.
+    A passing prefix scores 1 on every rule criterion (in ``mode: mean`` too), so its combined score
+    is 1 whatever the weights.
+    """
+    if not criteria or any(c.kind != "rules" for c in criteria):
+        return None
+
+    def passes(text: str) -> bool:
+        return all(_rules_result(c, text).score == 1.0 for c in criteria)
+
+    return lambda text: trim_to_pass(text, passes)
+
+
+# ---------------------------------------------------------------------------------------------
 # From scores to a preference record.
 
 
@@ -388,6 +442,19 @@ def matched_pair(order: Sequence[int], keys: Sequence[tuple[float, float]], word
     return min(pairs, key=lambda ab: (keys[ab[1]][1] - keys[ab[0]][1], gap(*ab), ab))
 
 
+def _trimmed(ranked: Sequence[int], key: Mapping[int, tuple[float, float]], replies: Sequence[str],
+             trim: Callable[[str], str | None] | None) -> tuple[int, str] | None:
+    """Mode ``trim``'s cut: (reply, its passing prefix) for the best-ranked reply that has one."""
+    if trim is None:
+        return None
+    for i in ranked:
+        if key[i][0] < _q(1.0):
+            prefix = trim(replies[i])
+            if prefix:
+                return i, prefix
+    return None
+
+
 def preferences_from_scores(
     prompt: Sequence[ChatMessage],
     replies: Sequence[str],
@@ -403,6 +470,7 @@ def preferences_from_scores(
     attributes: Sequence[Mapping[str, float]] | None = None,
     now: float | None = None,
     acked_at: float = 0.0,
+    trim: Callable[[str], str | None] | None = None,
 ) -> list[PreferenceRecord]:
     """The preference records scored replies state (none when every reply ties).
 
@@ -435,6 +503,14 @@ def preferences_from_scores(
     rejected reply is usually a much shorter passing one (the HH reward model prefers longer
     replies), so it pulls replies far under the limit back up, and only while some replies still
     break it: a request whose replies all pass gives the plain matched pair.
+    ``mode="trim"``: one pair whose chosen reply is cut from its rejected one: the best-ranked reply
+    that does not pass every criterion (combined score below 1), over ``trim(reply)``, its longest
+    prefix ending at a sentence that does (:func:`prefix_trimmer` builds ``trim`` from rule
+    criteria).  The two replies share every token up to the cut, so the pair teaches one thing:
+    stop there, where the criteria still pass (for a word limit, at the last sentence under it, on
+    the prompts where the policy runs on), instead of moving every reply's length as a pair of two
+    sampled replies does.  When no failing reply has such a prefix, or ``trim`` is None (a reward or
+    judge criterion, which only the scorer can score), the ``matched`` pair.
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -456,6 +532,8 @@ def preferences_from_scores(
     if attributes is not None and len(attributes) != n:
         raise ValueError(f"{n} replies need {n} attribute maps")
     tb = list(tie_break_scores) if tie_break_scores is not None else [0.0] * n
+    texts, margins_of = list(replies), list(scores)
+    attrs = [dict(a) for a in attributes] if attributes is not None else None
     first: dict[str, int] = {}
     for i, text in enumerate(replies):
         first.setdefault(text, i)
@@ -471,7 +549,14 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
-    elif mode in ("matched", "matched_pairs", "bracket"):
+    elif mode == "trim" and (cut := _trimmed(ranked, key, replies, trim)) is not None:
+        reply, prefix = cut
+        texts.append(prefix)  # the prefix passes every criterion: combined score 1, each criterion 1
+        margins_of.append(1.0)
+        if attrs is not None:
+            attrs.append({k: 1.0 for k in attrs[reply]})
+        groups.append([n, reply])
+    elif mode in ("matched", "matched_pairs", "bracket", "trim"):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
         pair = matched_pair(ranked, keys, words)
         if pair is not None:
@@ -499,18 +584,18 @@ def preferences_from_scores(
     for chosen in groups:
         if len(chosen) < 2:
             continue
-        texts = tuple(replies[i] for i in chosen)
+        ranked_texts = tuple(texts[i] for i in chosen)
         out.append(PreferenceRecord(
-            record_id=make_record_id(sources, texts),
+            record_id=make_record_id(sources, ranked_texts),
             prompt=tuple(prompt),
-            ranked_responses=texts,
+            ranked_responses=ranked_texts,
             source_kind=FeedbackKind.CRITERIA,
             project=project,
             source_event_ids=sources,
             completion_id=completion_id,
             split=split,
-            response_attributes=tuple(dict(attributes[i]) for i in chosen) if attributes is not None else (),
-            margin=float(scores[chosen[0]] - scores[chosen[-1]]),
+            response_attributes=tuple(dict(attrs[i]) for i in chosen) if attrs is not None else (),
+            margin=float(margins_of[chosen[0]] - margins_of[chosen[-1]]),
             created_at=time.time() if now is None else now,
             source_acked_at=acked_at,
         ))
@@ -520,6 +605,6 @@ def preferences_from_scores(
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores", "rank",
-    "regex_must_match", "regex_must_not_match", "usable",
+    "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores",
+    "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "trim_to_pass", "usable",
 ]

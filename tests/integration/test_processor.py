@@ -253,6 +253,29 @@ def test_a_completion_ranked_by_criteria_is_feedback_unless_switched_off(gw, cli
     assert len(preferences(gw, kafka_bootstrap, project, 5, timeout_s=2.0)) == 4  # nothing more came
 
 
+def test_trim_feedback_pairs_a_failing_reply_with_its_passing_prefix_by_the_stored_definition(
+        gw, client, project, kafka_bootstrap, redis_client) -> None:
+    from services.criteria import parse_criterion
+    from services.criteria_store import CriteriaStore
+
+    stub, md = client
+    store = CriteriaStore(redis_client)
+    stored, _ = store.create(parse_criterion({"name": "brief", "rules": [{"max_words": 8}]}, project=project))
+    store.set_feedback(project, enabled=True, mode="trim")
+    runaway = "Cats purr a lot. They nap all day. They chase mice at night."
+    cands = ["Cats purr.", runaway, "Cats are small, soft and sleep a lot, mostly."]
+    scores = ev.CriteriaScores(refs=[stored.ref], scores=[1.0, 0.0, 0.0], tie_break=[0.1, 0.9, 0.2])
+    log_completion(stub, md, project, candidates=cands, criteria=scores)
+    # A definition the store does not hold any more (or never did): the length-matched pair instead.
+    gone = ev.CriteriaScores(refs=["deleted@v7"], scores=[1.0, 0.0, 0.0], tie_break=[0.1, 0.9, 0.2])
+    log_completion(stub, md, project, candidates=cands, criteria=gone)
+    records = preferences(gw, kafka_bootstrap, project, 2)
+    by_ref = {next(s for s in r["source_event_ids"] if s.startswith("criterion:")): tuple(r["ranked_responses"])
+              for r in records}
+    assert by_ref == {f"criterion:{stored.ref}": ("Cats purr a lot. They nap all day.", runaway),
+                      "criterion:deleted@v7": ("Cats purr.", cands[2])}
+
+
 def test_a_record_too_large_to_derive_is_dead_lettered_and_the_partition_flows_on(gw, project, kafka_bootstrap) -> None:
     """A compressed 2 MB feedback event passes the broker; its derived record would exceed the producer's
     limit on every retry.  It goes to the dead letters with its reason; the pair behind it is derived."""

@@ -267,6 +267,81 @@ def test_bracket_adds_the_matched_chosen_reply_over_its_class_weakest() -> None:
     assert _pairs(replies, same, tb, "bracket") == _pairs(replies, same, tb, "matched")
 
 
+def test_sentence_prefixes_stop_only_where_a_sentence_or_a_line_ends() -> None:
+    from services.criteria_eval import sentence_prefixes, trim_to_pass
+
+    text = "Sure! Here are tips:\n1. Use a pan. It heats fast.\n2. Salt it (a lot).\n- Stir often\nDone"
+    assert sentence_prefixes(text) == [
+        "Sure!",
+        "Sure! Here are tips:\n1. Use a pan.",  # not after "tips:" (it opens a list) nor after "1."
+        "Sure! Here are tips:\n1. Use a pan. It heats fast.",
+        "Sure! Here are tips:\n1. Use a pan. It heats fast.\n2. Salt it (a lot).",
+        "Sure! Here are tips:\n1. Use a pan. It heats fast.\n2. Salt it (a lot).\n- Stir often",  # a line end
+    ]
+    # Closing quotes stay with their sentence; an initial is no sentence end; the whole text is no prefix.
+    assert sentence_prefixes('He said "go." Then J. Smith left. ') == ['He said "go."']
+    assert sentence_prefixes("One sentence only.") == [] and sentence_prefixes("") == []
+    assert sentence_prefixes("no end in sight and no\n\n") == []
+    assert trim_to_pass("Aa bb. Cc dd ee. Ff gg hh ii.", lambda t: len(t.split()) <= 5) == "Aa bb. Cc dd ee."
+    assert trim_to_pass("Aa bb cc dd ee ff. Gg.", lambda t: len(t.split()) <= 5) is None
+
+
+def test_a_trimmer_keeps_every_rule_criterion_and_refuses_model_backed_ones() -> None:
+    from services.criteria_eval import prefix_trimmer
+
+    concise = parse_criterion({"name": "concise", "rules": [{"max_words": 6}]})
+    impersonal = parse_criterion({"name": "impersonal", "rules": [{"regex_must_not_match": r"\byou\b", "flags": "i"}]})
+    trim = prefix_trimmer([concise, impersonal])
+    assert trim is not None
+    assert trim("Tea is hot. Cats purr. Dogs bark loudly.") == "Tea is hot. Cats purr."  # the word limit
+    assert trim("Tea is hot. You should try it. Now.") == "Tea is hot."  # both: cut before "You"
+    assert trim("You know tea. It is hot.") is None  # no passing prefix
+    assert prefix_trimmer([concise, parse_criterion({"name": "helpful", "reward": {"model": "reward"}})]) is None
+    assert prefix_trimmer([]) is None
+
+
+def test_trim_pairs_a_failing_reply_with_its_own_passing_prefix_else_the_matched_pair() -> None:
+    from services.criteria_eval import prefix_trimmer, preferences_from_scores
+
+    trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
+    runaway = "Boil water first. Then add the pasta and salt. Stir it now and then. Drain it after ten minutes."
+    replies = ["Boil it.", "Boil water, add pasta, wait ten minutes and drain it well please now.", runaway,
+               "Cook the pasta in a big pot of salted boiling water for ten minutes or so."]
+    scores, tb = [1.0, 1.0, 0.0, 0.0], [0.1, 0.3, 0.9, 0.5]
+    attrs = [{"concise": s} for s in scores]
+    [r] = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim, attributes=attrs)
+    # The best-ranked failing reply (tie breaker 0.9) over its longest sentence prefix under 12 words.
+    assert r.ranked_responses == ("Boil water first. Then add the pasta and salt.", runaway)
+    assert runaway.startswith(r.ranked_responses[0]) and r.margin == pytest.approx(1.0)
+    assert r.response_attributes == ({"concise": 1.0}, {"concise": 0.0})
+    again = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim, attributes=attrs)
+    assert [x.record_id for x in again] == [r.record_id]  # deterministic
+    # The best failing reply has no passing prefix: the next one's is used.
+    one_sentence = "Cook the pasta in a big pot of salted boiling water for ten minutes or so"
+    [r] = preferences_from_scores(PROMPT, [replies[0], one_sentence, runaway], [1.0, 0.0, 0.0], [0.1, 0.9, 0.2],
+                                  mode="trim", trim=trim)
+    assert r.ranked_responses[1] == runaway
+    # No failing reply trims, or no trimmer (a reward or judge criterion): the matched pair.
+    no_cut = [replies[0], replies[1], replies[3]]
+    assert _trim_or_matched(no_cut, [1.0, 1.0, 0.0], [0.1, 0.3, 0.5], trim) == _pairs(
+        no_cut, [1.0, 1.0, 0.0], [0.1, 0.3, 0.5], "matched")
+    assert _trim_or_matched(replies, scores, tb, None) == _pairs(replies, scores, tb, "matched")
+    # Every reply passes: nothing to trim, the matched ties rule.
+    assert _trim_or_matched(replies[:2], [1.0, 1.0], [0.1, 0.3], trim) == _pairs(replies[:2], [1.0, 1.0], [0.1, 0.3], "matched")
+    # Through the processor's path.
+    c = Completion(event_id="e1", project="default", prompt=PROMPT, candidates=tuple(replies), completion_id="cmp_1",
+                   criteria=CriteriaScores(refs=("concise@v1",), scores=tuple(scores), tie_break=tuple(tb)))
+    [r] = derive_criteria(c, "trim", now=1.0, trim=trim)
+    assert r.ranked_responses[1] == runaway and r.source_event_ids == ("e1", "criterion:concise@v1")
+    assert derive_criteria(c, "trim", now=1.0)[0].ranked_responses == _pairs(replies, scores, tb, "matched")[0]
+
+
+def _trim_or_matched(replies, scores, tb, trim) -> list[tuple[str, ...]]:
+    from services.criteria_eval import preferences_from_scores
+
+    return [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim)]
+
+
 def test_stored_criteria_scores_are_validated_naming_the_field() -> None:
     from gateway.config import load_gateway_config
     from gateway.validation import Limits, completion_from_proto
