@@ -203,11 +203,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "without on/off, show the settings", cmd_feedback)
     p.add_argument("state", nargs="?", choices=("on", "off"), help="switch it on or off")
     p.add_argument("--name", default="", help="one criterion; empty = every criterion of the project")
-    from services.criteria_eval import FEEDBACK_MODES
+    from services.criteria_eval import FEEDBACK_MODE_SUMMARIES
 
-    p.add_argument("--mode", default="pair", choices=FEEDBACK_MODES,
-                   help="what a best-of-N becomes: best vs worst (pair); that and best vs the worst of its own "
-                        "criteria class, which teaches the tie breaker too (pairs); one length-matched pair, so the "
-                        "pair's length difference teaches nothing the criteria did not ask for (matched); the whole "
-                        "ranking (Plackett-Luce DPO)")
+    p.add_argument("--mode", default="pair", choices=tuple(FEEDBACK_MODE_SUMMARIES),
+                   help="what a best-of-N becomes (docs/criteria.md): " + "; ".join(
+                       f"{mode}, {what}" for mode, what in FEEDBACK_MODE_SUMMARIES.items()))
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -25,3 +25,37 @@ def test_update_readme(tmp_path):
     other = tmp_path / "other.md"
     other.write_text("no markers")
     assert not update_readme(other, "x")
+
+
+def test_a_terminated_benchmark_unwinds_so_it_stops_what_it_started(tmp_path, monkeypatch):
+    """SIGTERM during a benchmark raises KeyboardInterrupt in it, so its ``finally`` blocks stop the
+    stack and the services it started (measured: a terminated criteria-loop bench left them running)."""
+    import argparse
+    import os
+    import signal
+    import types
+
+    import bench.cli
+
+    stopped = []
+
+    def run(_args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return {"never": "reached"}
+        finally:
+            stopped.append(True)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(bench.cli, "_load", lambda _name: types.SimpleNamespace(run=run))
+    args = argparse.Namespace(quick=True, json=False, out=tmp_path / "r.json", verbose=True)
+    try:
+        try:
+            bench.cli.run_one("fake", args)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("SIGTERM did not unwind the benchmark")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped == [True] and not (tmp_path / "r.json").exists()
