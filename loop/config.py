@@ -99,6 +99,11 @@ class LoopConfig:
         "records or more it has not consumed, so the CPU goes to training when the queue is long and the pairs "
         "are sampled from a recent served version, not from a stale queue (loop/pacing.py); 0 = send as fast "
         "as the scorer answers")})
+    train_temperature: float = field(default=0.0, metadata={"help": (
+        "temperature the policy trainer reads log-probs at (its dpo temperature): 0 = the candidates' sampling "
+        "temperature, so the NLL fits the distribution the replies were drawn from and the policy is served at; 1 = "
+        "the model's own distribution, which fitted to replies sampled at 0.7 sharpens the policy every round "
+        "(docs/loop.md)")})
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
@@ -140,6 +145,7 @@ class LoopConfig:
         require(0 < self.replay_weight <= 1, "replay_weight", "must be within (0, 1]")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
+        require(0 <= self.train_temperature <= 10, "train_temperature", "must be within 0..10 (0 = the sampling temperature)")
         from services.criteria_eval import FEEDBACK_MODES
 
         pair_modes = [m for m in FEEDBACK_MODES if m != "ranking"]
@@ -149,13 +155,19 @@ class LoopConfig:
         from trainer.config import DPOSettings
 
         DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                    sft_weight=self.sft_weight).validate()
+                    sft_weight=self.sft_weight, temperature=self.trainer_temperature).validate()
+
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")
         from services.topics import check_prefix
 
         require(check_prefix(self.topic_prefix) is None, "topic_prefix", str(check_prefix(self.topic_prefix)))
+
+    @property
+    def trainer_temperature(self) -> float:
+        """The policy trainer's ``temperature``: train_temperature, or the candidates' sampling one."""
+        return self.train_temperature or self.temperature
 
 
 def load_loop_config(

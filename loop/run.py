@@ -280,7 +280,7 @@ class LoopProcesses:
             "stack_run_dir": self.stack_dir, "model_kind": "policy", "model_name": cfg.policy_model,
             "checkpoint_url": self.checkpoints, "checkpoint_every_records": cfg.checkpoint_every_records,
             "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
-            "sft_weight": cfg.sft_weight, "label_smoothing": cfg.label_smoothing,
+            "sft_weight": cfg.sft_weight, "label_smoothing": cfg.label_smoothing, "temperature": cfg.trainer_temperature,
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,
             "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",

@@ -120,6 +120,12 @@ class DPOSettings:
         "tokens, so a short response's tokens weigh no more than a long one's) is added to the DPO-family loss, so "
         "the policy moves toward the replies it is shown rather than only away from the rejected ones; 0 = the loss "
         "alone"))
+    temperature: float = field(default=1.0, metadata=_help(
+        "the temperature the trained replies were sampled at: every log-prob (policy and reference, so the DPO "
+        "margin and the NLL term) is read from softmax(logits / temperature), as TRL's online trainers read them at "
+        "their sampling temperature. Fitting the NLL to replies sampled at T < 1 with the model's own (T = 1) "
+        "log-probs sharpens it, and served at T again it samples sharper still: on the criteria loop, copies of its "
+        "own best-of-N replies got shorter version after version (docs/loop.md); 1 = the model's own distribution"))
     finetune: str = field(default="lora", metadata=_help(
         "lora: train a LoRA adapter; the reference policy is the same weights with the adapter disabled (no "
         "second model in memory); full: train every weight against a frozen copy of the start weights"))
@@ -151,6 +157,9 @@ class DPOSettings:
                 f"applies to dpo_loss=sigmoid (conservative DPO), not to {self.dpo_loss}; set it to 0 or use sigmoid")
         require(self.sft_weight >= 0 and math.isfinite(self.sft_weight), "sft_weight",
                 f"must be a finite number >= 0, got {self.sft_weight} (0 turns the NLL term off)")
+        require(0 < self.temperature <= 10 and math.isfinite(self.temperature), "temperature",
+                f"must be within (0, 10], got {self.temperature} (the sampling temperature of the trained replies; "
+                "greedy replies have none: use 1)")
         require(self.finetune in FINETUNE_MODES, "finetune", f"use one of {', '.join(FINETUNE_MODES)}")
         require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         require(self.lora_alpha > 0, "lora_alpha", "must be > 0")

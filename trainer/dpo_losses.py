@@ -53,7 +53,7 @@ class RewardLossOutput:
 
 
 def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's label tokens under a causal LM, and how many there are.
 
@@ -68,6 +68,10 @@ def sequence_logps(
     separate softmax).  Half-precision logits are upcast to float32 first: a sum over hundreds of
     tokens in bf16 loses the differences DPO is made of.
 
+    ``temperature`` reads the log-probabilities of the distribution sampled at that temperature,
+    ``log softmax(z / T)``, the one the trained replies were drawn from (see
+    :attr:`trainer.config.DPOSettings.temperature`); 1 is the model's own distribution.
+
     logits: ``# (B, T, V)``; labels, loss_mask: ``# (B, T)``.
     Returns ``(sum_logps # (B,), n_tokens # (B,))``; ``n_tokens`` is in the dtype of ``sum_logps``
     so it can divide it (the per-token mean of :func:`ipo_loss`).
@@ -79,7 +83,7 @@ def sequence_logps(
         )
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
+    logps = torch.log_softmax(_tempered(logits[:, :-1], temperature), dim=-1)  # (B, T-1, V): t predicts t+1
     mask = loss_mask[:, 1:].bool()  # (B, T-1)
     targets = torch.where(mask, labels[:, 1:], 0)  # (B, T-1): any valid id where masked out
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
@@ -87,8 +91,14 @@ def sequence_logps(
     return token_logps.sum(dim=-1), mask.sum(dim=-1).to(token_logps.dtype)
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def packed_sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int
+    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int, temperature: float = 1.0
 ) -> torch.Tensor:
     """:func:`sequence_logps` for logits computed only where they are needed.
 
@@ -96,14 +106,15 @@ def packed_sequence_logps(
     (``logits_to_keep``), which skips the prompt's share of the largest matrix and of the
     ``log_softmax``.  Those logits arrive packed, one per completion token: ``logits # (M, V)``, the
     token each predicts ``labels # (M,)`` and its row ``rows # (M,)``.  Returns the per-row sums
-    ``# (num_rows,)``, equal to :func:`sequence_logps` on the full logits (tested).
+    ``# (num_rows,)``, equal to :func:`sequence_logps` on the full logits (tested), at the same
+    ``temperature``.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1] or rows.shape != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be (M, V) with labels {tuple(labels.shape)} and rows "
                          f"{tuple(rows.shape)} both (M,)")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (M,)
+    token_logps = torch.log_softmax(_tempered(logits, temperature), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (M,)
     return torch.zeros(num_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
 
 

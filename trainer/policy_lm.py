@@ -201,13 +201,15 @@ class SequenceLogps(nn.Module):
     The model projects to the vocabulary only at the positions that predict a response token
     (``logits_to_keep``): the prompt's positions never reach the LM head nor the ``log_softmax``, which
     on a 49k vocabulary are most of a small model's activation memory.  A model without
-    ``logits_to_keep`` falls back to full logits.
+    ``logits_to_keep`` falls back to full logits.  ``temperature``: the log-probs are those of
+    ``softmax(logits / temperature)`` (:func:`trainer.dpo_losses.sequence_logps`).
     """
 
-    def __init__(self, model: nn.Module, max_tokens_per_forward: int) -> None:
+    def __init__(self, model: nn.Module, max_tokens_per_forward: int, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.max_tokens_per_forward = max_tokens_per_forward
+        self.temperature = temperature
         self._packed = True
 
     def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
@@ -222,9 +224,10 @@ class SequenceLogps(nn.Module):
             else:
                 labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
                 rows = keep.nonzero()[:, 0]  # (M,)
-                return packed_sequence_logps(logits.reshape(labels.shape[0], -1), labels, rows, ids.shape[0])
+                return packed_sequence_logps(logits.reshape(labels.shape[0], -1), labels, rows, ids.shape[0],
+                                             self.temperature)
         logits = self.model(input_ids=ids, attention_mask=att).logits  # (b, t, V)
-        return sequence_logps(logits, ids, resp)[0]
+        return sequence_logps(logits, ids, resp, self.temperature)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +279,17 @@ class TrainablePolicy:
         # Serving's own formatting and sampling, over the live (adapter-on) model.
         self._serving = PolicyModel(model, tokenizer, PolicySpec(
             base_model=spec.base_model, dtype=spec.dtype, max_prompt_tokens=spec.max_prompt_tokens))
+
+    @property
+    def logit_temperature(self) -> float:
+        """The temperature :meth:`logps` and :meth:`reference_logps` read log-probs at (1 = the model's own)."""
+        return self._logps.temperature
+
+    @logit_temperature.setter
+    def logit_temperature(self, value: float) -> None:
+        if not value > 0:
+            raise InvalidArgument("temperature", f"must be > 0, got {value}")
+        self._logps.temperature = float(value)
 
     @property
     def _chat(self) -> bool:
@@ -482,7 +496,7 @@ class TrainablePolicy:
         """Summed response-token log-probs under the reference, without gradient. # (B,)"""
         batch = batch.to(self.device)
         with torch.no_grad(), self._reference_model() as ref:
-            return SequenceLogps(ref, self.spec.max_tokens_per_forward)(
+            return SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature)(
                 batch.input_ids, batch.attention_mask, batch.response_mask)[0]
 
     def token_kl(self, prompts: Sequence[Sequence[Any]], replies: Sequence[str]) -> float:

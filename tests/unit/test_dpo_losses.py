@@ -340,6 +340,24 @@ def test_packed_sequence_logps_equals_the_full_computation() -> None:
     assert torch.allclose(packed, full, atol=1e-6)
     with pytest.raises(ValueError, match=r"\(M, V\)"):
         packed_sequence_logps(logits, labels, labels, 2)
+    # At a sampling temperature both read log softmax(z / T), and still agree.
+    hot, _ = sequence_logps(logits, labels, mask, temperature=0.7)
+    by_hand, _ = sequence_logps(logits / 0.7, labels, mask)
+    assert torch.allclose(hot, by_hand, atol=1e-6) and not torch.allclose(hot, full)
+    packed_hot = packed_sequence_logps(logits[keep], labels[:, 1:][mask[:, 1:]], keep.nonzero()[:, 0], 2, 0.7)
+    assert torch.allclose(packed_hot, hot, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        sequence_logps(logits, labels, mask, temperature=0.0)
+
+
+def test_a_temperature_below_one_makes_the_likeliest_token_likelier_and_the_rest_less_so() -> None:
+    # What the NLL fits at T: the tempered distribution.  A reply sampled at 0.7 whose tokens were the
+    # likely ones reads likelier at 0.7 than at 1, so fitting it at 1 over-sharpens the model.
+    logits = torch.tensor([[[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]]])  # (1, 2, 3)
+    mask = torch.tensor([[0, 1]], dtype=torch.bool)
+    top, rare = torch.tensor([[0, 0]]), torch.tensor([[0, 2]])
+    assert float(sequence_logps(logits, top, mask, 0.7)[0]) > float(sequence_logps(logits, top, mask)[0])
+    assert float(sequence_logps(logits, rare, mask, 0.7)[0]) < float(sequence_logps(logits, rare, mask)[0])
 
 
 # --- chosen_nll (RPO's NLL term) ------------------------------------------------------------------

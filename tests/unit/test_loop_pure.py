@@ -121,12 +121,17 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
                        ({"label_smoothing": 0.5}, "label_smoothing"),
                        ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"), ({"dpo_loss": "nope"}, "dpo_loss"),
                        ({"pairing": "ranking"}, "pairing"), ({"pairing": "best"}, "pairing"),
-                       ({"together": True, "keep_earlier": True}, "keep_earlier")]:
+                       ({"together": True, "keep_earlier": True}, "keep_earlier"),
+                       ({"train_temperature": -1}, "train_temperature")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
     assert LoopConfig().system_prompt == "Answer in at most 50 words."
     assert load_loop_config(env={}, overrides={"pairing": "matched"}).pairing == "matched"
+    assert load_loop_config(env={}, overrides={"pairing": "trim"}).pairing == "trim"
+    # The trainer reads log-probs at the candidates' sampling temperature unless told otherwise.
+    assert load_loop_config(env={}, overrides={"temperature": 0.9}).trainer_temperature == 0.9
+    assert load_loop_config(env={}, overrides={"train_temperature": 1.0}).trainer_temperature == 1.0
 
 
 def test_phases_rank_by_their_criterion_alone_with_the_earlier_ones_or_all_at_once() -> None:

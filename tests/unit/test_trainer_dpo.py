@@ -72,6 +72,8 @@ def test_policy_kind_resolves_its_own_name_group_and_lr(tmp_path, tiny_base) -> 
     ({"sft_weight": -0.5}, "sft_weight"),
     ({"sft_weight": float("inf")}, "sft_weight"),
     ({"finetune": "qlora"}, "finetune"),
+    ({"temperature": 0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
     ({"attributes": "helpfulness"}, "attributes"),
 ])
 def test_bad_dpo_settings_name_the_field(overrides, field) -> None:
@@ -281,3 +283,31 @@ def test_checkpoint_serves_a_merged_folder_and_resumes_adapter_and_cache(tmp_pat
         resumed.model.model.eval()
         assert torch.allclose(resumed.model.model(input_ids=ids).logits, live, atol=1e-5)
     assert set(resumed.objective.reference) == {r.record_id for r in replay.items()}
+
+
+def test_log_probs_are_read_at_the_sampling_temperature_and_the_cache_remembers_it(tmp_path, tiny_base) -> None:
+    """``temperature`` reads the policy's and the reference's log-probs from logits / T; the reference
+    cache a checkpoint keeps says which T it was read at, and is recomputed rather than reused at another."""
+    cold, hot = objective_for(config(tmp_path, tiny_base)), objective_for(config(tmp_path, tiny_base, temperature=0.7))
+    m_cold, m_hot = cold.load(str(tiny_base)), hot.load(str(tiny_base))
+    assert (m_cold.logit_temperature, m_hot.logit_temperature) == (1.0, 0.7)
+    batch = records(2)
+    cold.admit(m_cold, batch)
+    hot.admit(m_hot, batch)
+    r = batch[0].record_id
+    assert cold.reference[r] != pytest.approx(hot.reference[r], abs=1e-3)
+    rows = m_hot.encode([batch[0].prompt] * 2, list(batch[0].ranked_responses))
+    assert torch.allclose(m_hot.logps(rows).detach(), torch.tensor(hot.reference[r]), atol=1e-5)  # fresh adapter
+    assert hot.loss_config()["temperature"] == 0.7
+    with pytest.raises(InvalidArgument, match="temperature"):
+        m_hot.logit_temperature = 0.0
+    hot.save_state(tmp_path, batch)
+    again = objective_for(config(tmp_path, tiny_base, temperature=0.7))
+    again.load_state(tmp_path)
+    assert again.reference == hot.reference
+    other = objective_for(config(tmp_path, tiny_base))
+    other.load_state(tmp_path)  # read at 0.7, configured 1: not reused
+    assert other.reference == {}
+    (tmp_path / REF_FILE).write_text(json.dumps({r: list(cold.reference[r])}))  # the format before temperatures
+    other.load_state(tmp_path)
+    assert other.reference == {r: cold.reference[r]}

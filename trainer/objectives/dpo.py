@@ -117,17 +117,21 @@ class DPOObjective(Objective):
                             target_modules=tuple(d.lora_target_modules))
 
     def load(self, path: str) -> TrainablePolicy:
-        """Our own checkpoint (adapter + the base it names), a fully fine-tuned checkpoint, or a base."""
+        """Our own checkpoint (adapter + the base it names), a fully fine-tuned checkpoint, or a base; its
+        log-probs are read at the configured ``temperature`` (a training setting, not the checkpoint's)."""
         p = Path(path)
         m = self.cfg.model
         if (p / ADAPTER_DIR / TRAIN_SPEC_FILE).exists():
-            return TrainablePolicy.from_checkpoint(p / ADAPTER_DIR, base_model=self._base_if_moved(p / ADAPTER_DIR))
-        if (p / TRAIN_SPEC_FILE).exists() and self.settings.finetune == "full":
-            return TrainablePolicy.from_checkpoint(p, base_model=self._base_if_moved(p))
-        return TrainablePolicy.from_base(path, lora=self._lora(), dtype=m.dtype, max_length=m.max_length,
-                                         max_prompt_tokens=m.max_length,
-                                         max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward,
-                                         max_response_tokens=self.settings.max_response_tokens)
+            model = TrainablePolicy.from_checkpoint(p / ADAPTER_DIR, base_model=self._base_if_moved(p / ADAPTER_DIR))
+        elif (p / TRAIN_SPEC_FILE).exists() and self.settings.finetune == "full":
+            model = TrainablePolicy.from_checkpoint(p, base_model=self._base_if_moved(p))
+        else:
+            model = TrainablePolicy.from_base(path, lora=self._lora(), dtype=m.dtype, max_length=m.max_length,
+                                              max_prompt_tokens=m.max_length,
+                                              max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward,
+                                              max_response_tokens=self.settings.max_response_tokens)
+        model.logit_temperature = self.settings.temperature
+        return model
 
     def _base_if_moved(self, folder: Path) -> str | None:
         """The configured base when the base folder recorded in a checkpoint is not on this machine."""
@@ -158,7 +162,7 @@ class DPOObjective(Objective):
         c, d = self.cfg, self.settings
         return {
             "objective": "dpo", "dpo_loss": d.dpo_loss, "beta": d.beta, "label_smoothing": d.label_smoothing,
-            "sft_weight": d.sft_weight,
+            "sft_weight": d.sft_weight, "temperature": d.temperature,
             "finetune": d.finetune, "lora_rank": d.lora_rank, "lora_alpha": d.lora_alpha,
             "lora_dropout": d.lora_dropout, "lora_target_modules": list(d.lora_target_modules),
             "lr": c.optim.lr, "schedule": c.optim.schedule, "warmup_steps": c.optim.warmup_steps,
@@ -278,12 +282,23 @@ class DPOObjective(Objective):
         """The reference log-probs of the records the reservoir keeps (the cache is trimmed to them)."""
         ids = {r.record_id for r in keep}
         self.reference = {k: v for k, v in self.reference.items() if k in ids}
-        (Path(directory) / REF_FILE).write_text(json.dumps({k: list(v) for k, v in self.reference.items()}))
+        (Path(directory) / REF_FILE).write_text(json.dumps({
+            "temperature": self.settings.temperature, "logps": {k: list(v) for k, v in self.reference.items()}}))
 
     def load_state(self, directory: Path) -> None:
+        """The cached reference log-probs, unless they were read at another temperature than the one
+        configured now (they are then recomputed, once per record, as for a new record)."""
         path = Path(directory) / REF_FILE
-        if path.exists():
-            self.reference.update({k: tuple(float(x) for x in v) for k, v in json.loads(path.read_text()).items()})
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        if "logps" not in saved:  # written before the temperature was recorded: read at 1
+            saved = {"temperature": 1.0, "logps": saved}
+        if float(saved["temperature"]) != self.settings.temperature:
+            log.info("reference log-probs in %s were read at temperature %s, not %s: recomputing them",
+                     path, saved["temperature"], self.settings.temperature)
+            return
+        self.reference.update({k: tuple(float(x) for x in v) for k, v in saved["logps"].items()})
 
     # -- the gate ------------------------------------------------------------------------------------
 
