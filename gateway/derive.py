@@ -301,7 +301,7 @@ def derive_thumbs(
 
 
 def derive_criteria(c: Completion, mode: str, *, now: float,
-                    trim: Callable[[str], str | None] | None = None) -> list[PreferenceRecord]:
+                    trim: Callable[[str], list[str]] | None = None) -> list[PreferenceRecord]:
     """The criteria preferences of a completion ranked by named criteria (none when all replies tie;
     two with ``pairs``: see :func:`services.criteria_eval.preferences_from_scores`, which also says
     what ``trim`` is for mode ``trim``).

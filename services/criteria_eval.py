@@ -58,7 +58,7 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
     "matched": "one length-matched pair",
     "matched_pairs": "a length-matched pair, and the best class's own one",
     "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
-    "trim": "a failing reply's longest passing sentence prefix over it, else one length-matched pair",
+    "trim": "a failing reply's longest passing sentence prefix over it and over its shortest, else one length-matched pair",
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
@@ -382,13 +382,13 @@ def sentence_prefixes(text: str) -> list[str]:
     return sorted((p for p in out if p.strip() and len(p) < len(whole)), key=len)
 
 
-def trim_to_pass(text: str, passes: Callable[[str], bool]) -> str | None:
-    """The longest of :func:`sentence_prefixes` that ``passes``, or None when none does."""
-    return next((p for p in reversed(sentence_prefixes(text)) if passes(p)), None)
+def passing_prefixes(text: str, passes: Callable[[str], bool]) -> list[str]:
+    """The :func:`sentence_prefixes` that ``passes``, shortest first (empty when none does)."""
+    return [p for p in sentence_prefixes(text) if passes(p)]
 
 
-def prefix_trimmer(criteria: Sequence[Criterion]) -> Callable[[str], str | None] | None:
-    """``trim(reply)``: the reply's longest sentence prefix that passes every one of ``criteria``.
+def prefix_trimmer(criteria: Sequence[Criterion]) -> Callable[[str], list[str]] | None:
+    """``trim(reply)``: the reply's sentence prefixes that pass every one of ``criteria``, shortest first.
 
     None when a criterion is not a rule criterion: a reward model or a judge would have to score the
     prefix, which only the scorer can, so mode ``trim`` then builds its length-matched pair instead.
@@ -401,7 +401,7 @@ def prefix_trimmer(criteria: Sequence[Criterion]) -> Callable[[str], str | None]
     def passes(text: str) -> bool:
         return all(_rules_result(c, text).score == 1.0 for c in criteria)
 
-    return lambda text: trim_to_pass(text, passes)
+    return lambda text: passing_prefixes(text, passes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,15 +443,15 @@ def matched_pair(order: Sequence[int], keys: Sequence[tuple[float, float]], word
 
 
 def _trimmed(ranked: Sequence[int], key: Mapping[int, tuple[float, float]], replies: Sequence[str],
-             trim: Callable[[str], str | None] | None) -> tuple[int, str] | None:
-    """Mode ``trim``'s cut: (reply, its passing prefix) for the best-ranked reply that has one."""
+             trim: Callable[[str], list[str]] | None) -> tuple[int, list[str]] | None:
+    """Mode ``trim``'s cut: (reply, its passing prefixes) for the best-ranked failing reply that has any."""
     if trim is None:
         return None
     for i in ranked:
         if key[i][0] < _q(1.0):
-            prefix = trim(replies[i])
-            if prefix:
-                return i, prefix
+            prefixes = trim(replies[i])
+            if prefixes:
+                return i, prefixes
     return None
 
 
@@ -470,7 +470,7 @@ def preferences_from_scores(
     attributes: Sequence[Mapping[str, float]] | None = None,
     now: float | None = None,
     acked_at: float = 0.0,
-    trim: Callable[[str], str | None] | None = None,
+    trim: Callable[[str], list[str]] | None = None,
 ) -> list[PreferenceRecord]:
     """The preference records scored replies state (none when every reply ties).
 
@@ -503,14 +503,18 @@ def preferences_from_scores(
     rejected reply is usually a much shorter passing one (the HH reward model prefers longer
     replies), so it pulls replies far under the limit back up, and only while some replies still
     break it: a request whose replies all pass gives the plain matched pair.
-    ``mode="trim"``: one pair whose chosen reply is cut from its rejected one: the best-ranked reply
-    that does not pass every criterion (combined score below 1), over ``trim(reply)``, its longest
-    prefix ending at a sentence that does (:func:`prefix_trimmer` builds ``trim`` from rule
-    criteria).  The two replies share every token up to the cut, so the pair teaches one thing:
-    stop there, where the criteria still pass (for a word limit, at the last sentence under it, on
-    the prompts where the policy runs on), instead of moving every reply's length as a pair of two
-    sampled replies does.  When no failing reply has such a prefix, or ``trim`` is None (a reward or
-    judge criterion, which only the scorer can score), the ``matched`` pair.
+    ``mode="trim"``: two pairs cut from one reply, the best-ranked reply that does not pass every
+    criterion (combined score below 1).  ``trim(reply)`` lists its prefixes that end at a sentence
+    and pass (:func:`prefix_trimmer` builds it from rule criteria); the longest is chosen over the
+    reply itself (stop here, where the criteria still pass, rather than run on) and over the
+    shortest (do not stop sooner than that: the repair keeps as much of the reply as the criteria
+    allow; margin 0, a preference the criteria do not make).  The replies of a pair share every
+    token up to the earlier of their two ends, so in DPO's margin all before it cancels and the
+    pairs teach where to stop, from both sides, instead of moving every reply's length as pairs of
+    two sampled replies do; with only the first pair, DPO learnt to stop after the first sentence
+    (docs/loop.md).  One pair when the reply has one passing prefix.  When no failing reply has
+    one, or ``trim`` is None (a reward or judge criterion, which only the scorer can score), the
+    ``matched`` pair.
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -550,12 +554,15 @@ def preferences_from_scores(
                 chosen.append(i)
         groups.append(chosen)
     elif mode == "trim" and (cut := _trimmed(ranked, key, replies, trim)) is not None:
-        reply, prefix = cut
-        texts.append(prefix)  # the prefix passes every criterion: combined score 1, each criterion 1
-        margins_of.append(1.0)
-        if attrs is not None:
-            attrs.append({k: 1.0 for k in attrs[reply]})
+        reply, prefixes = cut
+        for prefix in {prefixes[-1]: None, prefixes[0]: None}:  # the longest, then the shortest
+            texts.append(prefix)  # a passing prefix scores 1 on every criterion, so 1 combined
+            margins_of.append(1.0)
+            if attrs is not None:
+                attrs.append({k: 1.0 for k in attrs[reply]})
         groups.append([n, reply])
+        if len(prefixes) > 1:
+            groups.append([n, n + 1])
     elif mode in ("matched", "matched_pairs", "bracket", "trim"):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
         pair = matched_pair(ranked, keys, words)
@@ -606,5 +613,5 @@ __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores",
-    "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "trim_to_pass", "usable",
+    "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",
 ]

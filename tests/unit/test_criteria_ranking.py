@@ -268,7 +268,7 @@ def test_bracket_adds_the_matched_chosen_reply_over_its_class_weakest() -> None:
 
 
 def test_sentence_prefixes_stop_only_where_a_sentence_or_a_line_ends() -> None:
-    from services.criteria_eval import sentence_prefixes, trim_to_pass
+    from services.criteria_eval import passing_prefixes, sentence_prefixes
 
     text = "Sure! Here are tips:\n1. Use a pan. It heats fast.\n2. Salt it (a lot).\n- Stir often\nDone"
     assert sentence_prefixes(text) == [
@@ -282,8 +282,9 @@ def test_sentence_prefixes_stop_only_where_a_sentence_or_a_line_ends() -> None:
     assert sentence_prefixes('He said "go." Then J. Smith left. ') == ['He said "go."']
     assert sentence_prefixes("One sentence only.") == [] and sentence_prefixes("") == []
     assert sentence_prefixes("no end in sight and no\n\n") == []
-    assert trim_to_pass("Aa bb. Cc dd ee. Ff gg hh ii.", lambda t: len(t.split()) <= 5) == "Aa bb. Cc dd ee."
-    assert trim_to_pass("Aa bb cc dd ee ff. Gg.", lambda t: len(t.split()) <= 5) is None
+    assert passing_prefixes("Aa bb. Cc dd ee. Ff gg hh ii.", lambda t: len(t.split()) <= 5) == [
+        "Aa bb.", "Aa bb. Cc dd ee."]
+    assert passing_prefixes("Aa bb cc dd ee ff. Gg.", lambda t: len(t.split()) <= 5) == []
 
 
 def test_a_trimmer_keeps_every_rule_criterion_and_refuses_model_backed_ones() -> None:
@@ -293,14 +294,14 @@ def test_a_trimmer_keeps_every_rule_criterion_and_refuses_model_backed_ones() ->
     impersonal = parse_criterion({"name": "impersonal", "rules": [{"regex_must_not_match": r"\byou\b", "flags": "i"}]})
     trim = prefix_trimmer([concise, impersonal])
     assert trim is not None
-    assert trim("Tea is hot. Cats purr. Dogs bark loudly.") == "Tea is hot. Cats purr."  # the word limit
-    assert trim("Tea is hot. You should try it. Now.") == "Tea is hot."  # both: cut before "You"
-    assert trim("You know tea. It is hot.") is None  # no passing prefix
+    assert trim("Tea is hot. Cats purr. Dogs bark loudly.") == ["Tea is hot.", "Tea is hot. Cats purr."]  # the limit
+    assert trim("Tea is hot. You should try it. Now.") == ["Tea is hot."]  # both: cut before "You"
+    assert trim("You know tea. It is hot.") == []  # no passing prefix
     assert prefix_trimmer([concise, parse_criterion({"name": "helpful", "reward": {"model": "reward"}})]) is None
     assert prefix_trimmer([]) is None
 
 
-def test_trim_pairs_a_failing_reply_with_its_own_passing_prefix_else_the_matched_pair() -> None:
+def test_trim_pairs_a_failing_reply_with_its_own_passing_prefixes_else_the_matched_pair() -> None:
     from services.criteria_eval import prefix_trimmer, preferences_from_scores
 
     trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
@@ -309,18 +310,22 @@ def test_trim_pairs_a_failing_reply_with_its_own_passing_prefix_else_the_matched
                "Cook the pasta in a big pot of salted boiling water for ten minutes or so."]
     scores, tb = [1.0, 1.0, 0.0, 0.0], [0.1, 0.3, 0.9, 0.5]
     attrs = [{"concise": s} for s in scores]
-    [r] = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim, attributes=attrs)
-    # The best-ranked failing reply (tie breaker 0.9) over its longest sentence prefix under 12 words.
-    assert r.ranked_responses == ("Boil water first. Then add the pasta and salt.", runaway)
-    assert runaway.startswith(r.ranked_responses[0]) and r.margin == pytest.approx(1.0)
+    r, early = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim, attributes=attrs)
+    # The best-ranked failing reply (tie breaker 0.9): its longest sentence prefix under 12 words over
+    # the reply (stop here, not later) and over its shortest passing prefix (not sooner).
+    longest = "Boil water first. Then add the pasta and salt."
+    assert r.ranked_responses == (longest, runaway) and early.ranked_responses == (longest, "Boil water first.")
+    assert runaway.startswith(longest) and r.margin == pytest.approx(1.0) and early.margin == pytest.approx(0.0)
     assert r.response_attributes == ({"concise": 1.0}, {"concise": 0.0})
+    assert early.response_attributes == ({"concise": 1.0}, {"concise": 1.0})
     again = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim, attributes=attrs)
-    assert [x.record_id for x in again] == [r.record_id]  # deterministic
-    # The best failing reply has no passing prefix: the next one's is used.
+    assert [x.record_id for x in again] == [r.record_id, early.record_id]  # deterministic
+    # The best failing reply has no passing prefix: the next one's is used; one passing prefix, one pair.
     one_sentence = "Cook the pasta in a big pot of salted boiling water for ten minutes or so"
-    [r] = preferences_from_scores(PROMPT, [replies[0], one_sentence, runaway], [1.0, 0.0, 0.0], [0.1, 0.9, 0.2],
+    short_run = "Boil water first. Then add the pasta, salt it and stir it now and then."
+    [r] = preferences_from_scores(PROMPT, [replies[0], one_sentence, short_run], [1.0, 0.0, 0.0], [0.1, 0.9, 0.2],
                                   mode="trim", trim=trim)
-    assert r.ranked_responses[1] == runaway
+    assert r.ranked_responses == ("Boil water first.", short_run)
     # No failing reply trims, or no trimmer (a reward or judge criterion): the matched pair.
     no_cut = [replies[0], replies[1], replies[3]]
     assert _trim_or_matched(no_cut, [1.0, 1.0, 0.0], [0.1, 0.3, 0.5], trim) == _pairs(
@@ -331,7 +336,7 @@ def test_trim_pairs_a_failing_reply_with_its_own_passing_prefix_else_the_matched
     # Through the processor's path.
     c = Completion(event_id="e1", project="default", prompt=PROMPT, candidates=tuple(replies), completion_id="cmp_1",
                    criteria=CriteriaScores(refs=("concise@v1",), scores=tuple(scores), tie_break=tuple(tb)))
-    [r] = derive_criteria(c, "trim", now=1.0, trim=trim)
+    r, _ = derive_criteria(c, "trim", now=1.0, trim=trim)
     assert r.ranked_responses[1] == runaway and r.source_event_ids == ("e1", "criterion:concise@v1")
     assert derive_criteria(c, "trim", now=1.0)[0].ranked_responses == _pairs(replies, scores, tb, "matched")[0]
 

@@ -129,9 +129,9 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
     assert LoopConfig().system_prompt == "Answer in at most 50 words."
     assert load_loop_config(env={}, overrides={"pairing": "matched"}).pairing == "matched"
     assert load_loop_config(env={}, overrides={"pairing": "trim"}).pairing == "trim"
-    # The trainer reads log-probs at the candidates' sampling temperature unless told otherwise.
-    assert load_loop_config(env={}, overrides={"temperature": 0.9}).trainer_temperature == 0.9
-    assert load_loop_config(env={}, overrides={"train_temperature": 1.0}).trainer_temperature == 1.0
+    # The trainer reads log-probs at the model's own temperature, or (0) at the candidates' sampling one.
+    assert load_loop_config(env={}, overrides={"temperature": 0.9}).trainer_temperature == 1.0
+    assert load_loop_config(env={}, overrides={"temperature": 0.9, "train_temperature": 0}).trainer_temperature == 0.9
 
 
 def test_phases_rank_by_their_criterion_alone_with_the_earlier_ones_or_all_at_once() -> None:
