@@ -26,6 +26,16 @@ def _get(r: dict[str, Any], key: str) -> Any:
     return r.get(key)
 
 
+def _hazards(r: dict) -> str:
+    """P(end of turn) of each policy after 10-19, 40-49 and 80+ words."""
+    rows = {row["words"]: row for row in r.get("hazard_by_words") or []}
+    shown = [w for w in ("10-19", "40-49", "80+") if w in rows]
+    if not shown:
+        return "-"
+    return "; ".join(f"{m} " + " / ".join(_fmt(rows[w].get(m)) for w in shown) for m in r.get("models", [])) + \
+        f" (after {', '.join(shown)} words)"
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "n/a"
@@ -154,6 +164,9 @@ TARGETS: tuple[Target, ...] = (
                                                 ("a random reply", r["policies"]["random_candidate"])))
                      + f"; judge prefers the longer reply {_fmt(r.get('longer_preferred_share'))}"
            if isinstance(r.get("policies"), dict) else "-"),
+    Target("stop-hazard", "hazard_by_words", "where a policy ends its turn, by its reply's words so far (no target; "
+           "why criteria-loop's policies got shorter everywhere)", "the base policy, at the same places of its own replies",
+           lambda r: None, _hazards),
     Target("criteria-loop", "failed_requests", "no failed request, >= 2 versions published", "-",
            lambda r: None if r.get("failed_requests") is None else r["failed_requests"] == 0 and (r.get("versions_published") or 0) >= 2,
            lambda r: f"{_fmt(r.get('failed_requests'))} failed, {_fmt(r.get('versions_published'))} published"),

@@ -536,7 +536,7 @@ def preferences_from_scores(
     if attributes is not None and len(attributes) != n:
         raise ValueError(f"{n} replies need {n} attribute maps")
     tb = list(tie_break_scores) if tie_break_scores is not None else [0.0] * n
-    texts, margins_of = list(replies), list(scores)
+    texts, combined = list(replies), list(scores)
     attrs = [dict(a) for a in attributes] if attributes is not None else None
     first: dict[str, int] = {}
     for i, text in enumerate(replies):
@@ -557,7 +557,7 @@ def preferences_from_scores(
         reply, prefixes = cut
         for prefix in {prefixes[-1]: None, prefixes[0]: None}:  # the longest, then the shortest
             texts.append(prefix)  # a passing prefix scores 1 on every criterion, so 1 combined
-            margins_of.append(1.0)
+            combined.append(1.0)
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         groups.append([n, reply])
@@ -602,7 +602,7 @@ def preferences_from_scores(
             completion_id=completion_id,
             split=split,
             response_attributes=tuple(dict(attrs[i]) for i in chosen) if attrs is not None else (),
-            margin=float(margins_of[chosen[0]] - margins_of[chosen[-1]]),
+            margin=float(combined[chosen[0]] - combined[chosen[-1]]),
             created_at=time.time() if now is None else now,
             source_acked_at=acked_at,
         ))
