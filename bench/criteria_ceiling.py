@@ -131,11 +131,9 @@ def pick_policies(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.criteria_loop import FULL as LOOP_FULL
-    from loop.config import LoopConfig
+    from bench.criteria_loop import FULL as LOOP_FULL, held_out
     from loop.prompts import conversation, violated
     from loop.reward import cached_reward_model
-    from loop.run import make_plan
     from services.criteria import parse_criterion
     from services.criteria_cli import read_definitions
     from services.criteria_eval import count_words, evaluate
@@ -154,8 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if criterion.kind != "rules":
         raise InvalidArgument("criterion", f"{criterion.name} is a {criterion.kind} criterion; this bench checks "
                                            "rule criteria offline: give a definition file with rules")
-    loop = LoopConfig(eval_count=sizes["eval_count"], train_prompts=LOOP_FULL["train_prompts"], seed=args.seed)
-    plan = make_plan(loop, 1)
+    loop, plan = held_out(sizes["eval_count"], args.seed)
     judge_path = str(cached_reward_model(str(shared_data_dir() / TRAIN_FILE))) if not args.quick \
         else default_reward_model_path()
     started = time.perf_counter()

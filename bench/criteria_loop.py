@@ -29,6 +29,16 @@ QUICK = {"train_prompts": 16, "eval_count": 8, "phase_s": 150.0, "max_tokens": 4
 CRITERIA = ("docs/criteria/concise.yaml", "docs/criteria/impersonal.yaml")
 
 
+def held_out(eval_count: int, seed: int) -> tuple[Any, Any]:
+    """The loop's configuration and prompt plan with ``eval_count`` held-out prompts: the prompts the
+    loop evaluates on, for the benches that read policies offline (criteria-ceiling, stop-hazard)."""
+    from loop.config import LoopConfig
+    from loop.run import make_plan
+
+    loop = LoopConfig(eval_count=eval_count, train_prompts=FULL["train_prompts"], seed=seed)
+    return loop, make_plan(loop, 1)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criteria", default=",".join(CRITERIA),
                    help="comma-separated criteria taught one after another (names or definition files); "

@@ -74,10 +74,8 @@ def hazard_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> li
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from bench.criteria_loop import FULL as LOOP_FULL
-    from loop.config import LoopConfig
+    from bench.criteria_loop import held_out
     from loop.prompts import conversation
-    from loop.run import make_plan
     from services.errors import InvalidArgument
     from services.policy_model import PolicyModel, SamplingParams
 
@@ -89,8 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for v in args.versions:
         if not Path(v).is_dir():
             raise InvalidArgument("versions", f"{v} is not a folder; give published policy folders")
-    loop = LoopConfig(eval_count=sizes["eval_count"], train_prompts=LOOP_FULL["train_prompts"], seed=args.seed)
-    plan = make_plan(loop, 1)
+    loop, plan = held_out(sizes["eval_count"], args.seed)
     started = time.perf_counter()
     base = PolicyModel.from_pretrained()
     models = {"base": base, **{Path(v).name: PolicyModel.from_pretrained(v) for v in args.versions}}
