@@ -49,9 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
-    from services.entry import quiet_third_party, sigterm_unwinds
+    from services.entry import quiet_third_party
 
-    sigterm_unwinds()  # a benchmark stops the stacks and services it started when it is terminated
     if not getattr(args, "verbose", False):
         quiet_third_party()
     module = _load(name)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from services.config import add_config_flags, overrides_from_args
-from services.entry import quiet_third_party, sigterm_unwinds
+from services.entry import quiet_third_party
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from demo.config import DemoConfig, load_demo_config
 
-    sigterm_unwinds()  # the demo stops the services and the stack it started
     if not args.verbose:
         quiet_third_party()
     from demo.run import print_summary, run_demo

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from services.config import add_config_flags, overrides_from_args
-from services.entry import sigterm_unwinds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +28,6 @@ def _run(args: argparse.Namespace) -> int:
     from loop.config import LoopConfig, load_loop_config
     from loop.run import print_summary, run_criteria_loop
 
-    sigterm_unwinds()  # the services and the stack this run started are stopped
     overrides = overrides_from_args(args, LoopConfig)
     if args.criterion:
         overrides["criteria"] = list(args.criterion)

@@ -82,9 +82,10 @@ class LoopConfig:
         "the only mode that kept the length through a second criterion, docs/loop.md); 'matched_pairs', that "
         "pair and, from a request with more than one class, the best class's own length-matched pair, so the tie "
         "breaker is taught at equal length beside the rule; 'bracket', the matched pair and, from a request with more than one class, its chosen reply over the best class's reply the tie breaker ranks lowest (a word limit's short passing replies are pulled back up while some replies still fail); 'trim', a failing reply's "
-        "longest prefix ending at a sentence that passes every criterion over the reply itself, so the pair shares every "
-        "token up to the cut and teaches where to stop, not a shorter reply everywhere (rule criteria only; else, and when no "
-        "failing reply has such a prefix, the matched pair). plackett_luce always "
+        "longest prefix ending at a sentence that passes every criterion over the reply itself and over its shortest such "
+        "prefix, so each pair shares every token up to the earlier end and teaches where to stop (rule criteria only; else, "
+        "and when no failing reply has such a prefix, the matched pair; on the word-limit bench the policy still learnt to "
+        "stop sooner at every length, docs/loop.md). plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "
@@ -156,7 +157,6 @@ class LoopConfig:
 
         DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
                     sft_weight=self.sft_weight, temperature=self.trainer_temperature).validate()
-
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

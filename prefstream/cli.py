@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from services.entry import new_parser, run_command
+from services.entry import new_parser, run_command, sigterm_unwinds
 
 # Every area that contributes subcommands.  A module that is not present is skipped so a partial
 # checkout still runs what it has.
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``prefstream`` command.  SIGTERM unwinds it like Ctrl-C, so the stacks and services a
+    command started (the demo, the loop, a benchmark) are stopped by its ``finally`` blocks; a command
+    that serves installs its own handler over this one."""
+    sigterm_unwinds()
     return run_command(build_parser(), sys.argv[1:] if argv is None else argv)
 
 

@@ -65,8 +65,8 @@ FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
-#: ``trim``: where a reply may be cut.  A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing
-#: quotes or brackets) that whitespace follows; a line ends at a line break.
+#: ``trim``: where a sentence ends (one place a reply may be cut; a line break is the other): at ``.``,
+#: ``!``, ``?`` or ``…``, with any closing quotes or brackets, that whitespace follows.
 _SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s)")
 #: A line that ends in one of these introduces what follows (``Tips:``), so it is no place to stop.
 _OPEN_LINE_ENDS = (":", ",", ";", "-", "(")
@@ -370,7 +370,8 @@ def sentence_prefixes(text: str) -> list[str]:
     whole = text.rstrip()
     cuts: set[int] = set()
     for m in _SENTENCE_END.finditer(text):
-        word = text[:m.start()].rsplit(None, 1)[-1] if text[:m.start()].strip() else ""
+        words = text[:m.start()].split()
+        word = words[-1] if words else ""
         if word.isdigit() or len(word) <= 1:
             continue
         cuts.add(m.end())

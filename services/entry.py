@@ -42,7 +42,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     """Parse ``argv``, configure logging and run the chosen subcommand's ``handler``; the exit code.
 
     No subcommand prints the help (2); a ConfigError prints its message, which names the setting to
-    change (2); Ctrl-C, and SIGTERM in a command that called :func:`sigterm_unwinds`, exit with 130.
+    change (2); Ctrl-C, and SIGTERM once :func:`sigterm_unwinds` was called (``prefstream`` does), exit with 130.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -28,14 +28,15 @@ def test_update_readme(tmp_path):
 
 
 def test_a_terminated_benchmark_unwinds_so_it_stops_what_it_started(tmp_path, monkeypatch):
-    """SIGTERM during a benchmark raises KeyboardInterrupt in it, so its ``finally`` blocks stop the
-    stack and the services it started (measured: a terminated criteria-loop bench left them running)."""
-    import argparse
+    """SIGTERM during a ``prefstream`` command (here a benchmark) raises KeyboardInterrupt in it, so its
+    ``finally`` blocks stop the stack and the services it started (measured: a terminated
+    criteria-loop bench left them running); the command exits 130 and writes no result."""
     import os
     import signal
     import types
 
     import bench.cli
+    from prefstream.cli import main
 
     stopped = []
 
@@ -47,15 +48,11 @@ def test_a_terminated_benchmark_unwinds_so_it_stops_what_it_started(tmp_path, mo
             stopped.append(True)
 
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(bench.cli, "_load", lambda _name: types.SimpleNamespace(run=run))
-    args = argparse.Namespace(quick=True, json=False, out=tmp_path / "r.json", verbose=True)
+    monkeypatch.setitem(bench.cli.BENCHMARKS, "fake", "bench.fake")
+    monkeypatch.setattr(bench.cli, "_load", lambda _name: types.SimpleNamespace(run=run, add_arguments=lambda p: None))
+    out = tmp_path / "r.json"
     try:
-        try:
-            bench.cli.run_one("fake", args)
-        except KeyboardInterrupt:
-            pass
-        else:
-            raise AssertionError("SIGTERM did not unwind the benchmark")
+        assert main(["bench", "fake", "--quick", "--verbose", "--out", str(out)]) == 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert stopped == [True] and not (tmp_path / "r.json").exists()
+    assert stopped == [True] and not out.exists()
