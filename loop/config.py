@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import load_config, require
+from trainer.config import DPOSettings
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,14 @@ class LoopConfig:
         "temperature, so the NLL fits the distribution the replies were drawn from (TRL's online trainers do so). "
         "1, the model's own distribution, is the default: on the word-limit bench, distilling trimmed replies read "
         "at 0.7 shortened the policy faster than at 1 (the steps are 1/T larger), not slower (docs/loop.md)")})
+    finetune: str = field(default=DPOSettings.finetune, metadata={"help": (
+        "what of the policy trains: 'lora', an adapter on lora_target_modules (the reference is the same weights "
+        "with it disabled), or 'full', every weight against a frozen copy")})
+    lora_rank: int = field(default=DPOSettings.lora_rank, metadata={"help": "LoRA rank r of the policy's adapter"})
+    lora_alpha: float = field(default=DPOSettings.lora_alpha, metadata={"help": "LoRA α (the update is scaled by α/r)"})
+    lora_target_modules: tuple[str, ...] = field(default=DPOSettings.lora_target_modules, metadata={"help": (
+        "linear modules (name suffixes) that get the adapter, comma-separated; SmolLM2's are q_proj, k_proj, v_proj, "
+        "o_proj (attention) and gate_proj, up_proj, down_proj (MLP); a name the policy lacks is refused at start")})
     batch_size: int = field(default=8, metadata={"help": "new records per policy optimiser step"})
     replay_ratio: float = field(default=0.5, metadata={"help": (
         "share of replayed past records in each policy batch: what keeps an earlier criterion learnt")})
@@ -153,10 +162,10 @@ class LoopConfig:
         require(self.pairing in pair_modes, "pairing", f"must be one of {', '.join(pair_modes)}, got {self.pairing!r} "
                 "(the whole ranking is what dpo_loss plackett_luce trains on)")
         # The DPO leaves go to the trainer: checked here, before any service starts, by the trainer's own rules.
-        from trainer.config import DPOSettings
-
         DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                    sft_weight=self.sft_weight, temperature=self.trainer_temperature).validate()
+                    sft_weight=self.sft_weight, temperature=self.trainer_temperature, finetune=self.finetune,
+                    lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                    lora_target_modules=self.lora_target_modules).validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

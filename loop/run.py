@@ -281,6 +281,8 @@ class LoopProcesses:
             "checkpoint_url": self.checkpoints, "checkpoint_every_records": cfg.checkpoint_every_records,
             "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
             "sft_weight": cfg.sft_weight, "label_smoothing": cfg.label_smoothing, "temperature": cfg.trainer_temperature,
+            "finetune": cfg.finetune, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "lora_target_modules": ",".join(cfg.lora_target_modules),
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,
             "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",

@@ -134,6 +134,29 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
     assert load_loop_config(env={}, overrides={"temperature": 0.9, "train_temperature": 0}).trainer_temperature == 0.9
 
 
+def test_the_policy_trainer_gets_the_loops_adapter_settings_through_its_environment(tmp_path: Path) -> None:
+    from loop.run import LoopProcesses
+    from trainer.config import load_trainer_config
+
+    def trainer_dpo(**overrides):
+        procs = LoopProcesses(load_loop_config(env={}, overrides=overrides))
+        procs.stack_dir, procs.checkpoints, procs.trainer_metrics_port = tmp_path, tmp_path / "ckpt", 9
+        return load_trainer_config(env={f"PREFSTREAM_TRAINER_{k.upper()}": str(v)
+                                        for k, v in procs.trainer_leaves().items()}).dpo
+
+    mlp = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    dpo = trainer_dpo(lora_target_modules=",".join(mlp), lora_rank=32, lora_alpha=64)
+    assert (dpo.finetune, dpo.lora_rank, dpo.lora_alpha, dpo.lora_target_modules) == ("lora", 32, 64.0, mlp)
+    assert trainer_dpo(finetune="full").finetune == "full"
+    dpo = trainer_dpo()  # the loop's defaults are the trainer's own
+    assert (dpo.lora_rank, dpo.lora_target_modules) == (16, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    for bad, field in [({"lora_rank": 0}, "lora_rank"), ({"lora_target_modules": ""}, "lora_target_modules"),
+                       ({"finetune": "qlora"}, "finetune"), ({"lora_alpha": 0}, "lora_alpha")]:
+        with pytest.raises((ConfigError, InvalidArgument)) as e:
+            load_loop_config(env={}, overrides=bad)
+        assert field in str(e.value)
+
+
 def test_phases_rank_by_their_criterion_alone_with_the_earlier_ones_or_all_at_once() -> None:
     from loop.run import phase_criteria
 
