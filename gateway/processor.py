@@ -238,7 +238,7 @@ class Processor:
         if mode is None:
             metrics.PROCESSED.labels("criteria", "switched_off").inc()
             return
-        trim = prefix_trimmer(self._criteria_of(c)) if mode == "trim" else None
+        trim = prefix_trimmer(self._criteria_of(c)) if mode in ("trim", "trim_next") else None
         records = derive_criteria(c, mode, now=time.time(), trim=trim)
         self._emit(batch, records, src, c.event_id)
         metrics.PROCESSED.labels("criteria", "derived" if records else "no_preference").inc()

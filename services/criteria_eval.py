@@ -59,6 +59,8 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
     "matched_pairs": "a length-matched pair, and the best class's own one",
     "bracket": "a length-matched pair, and its chosen reply over its class's weakest",
     "trim": "a failing reply's longest passing sentence prefix over it and over its shortest, else one length-matched pair",
+    "trim_next": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later and over "
+                  "its shortest, else one length-matched pair"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
@@ -516,6 +518,14 @@ def preferences_from_scores(
     (docs/loop.md).  One pair when the reply has one passing prefix.  When no failing reply has
     one, or ``trim`` is None (a reward or judge criterion, which only the scorer can score), the
     ``matched`` pair.
+    ``mode="trim_next"``: ``trim`` with the first pair's rejected reply cut one sentence later (the
+    reply's shortest sentence prefix longer than the chosen one; the reply itself when it has none),
+    so every pair compares two ends of one reply, both ending the turn, and differs only in where.
+    Why: in ``trim``'s first pair only the chosen reply ends there, so raising the end-of-turn
+    probability after every sentence alike wins it, and that is what the policy learnt (docs/loop.md);
+    here that uniform rise lifts both ends of every pair and cancels, so what is left to learn is
+    where an end is better, that is, one that depends on the length.  The later cut is not scored
+    (its ``response_attributes`` are empty); its combined score is taken as the reply's.
 
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
@@ -554,17 +564,26 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
-    elif mode == "trim" and (cut := _trimmed(ranked, key, replies, trim)) is not None:
+    elif mode in ("trim", "trim_next") and (cut := _trimmed(ranked, key, replies, trim)) is not None:
         reply, prefixes = cut
         for prefix in {prefixes[-1]: None, prefixes[0]: None}:  # the longest, then the shortest
             texts.append(prefix)  # a passing prefix scores 1 on every criterion, so 1 combined
             combined.append(1.0)
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
-        groups.append([n, reply])
+        later = reply
+        if mode == "trim_next":
+            longer = [p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])]
+            if longer:
+                later = len(texts)
+                texts.append(longer[0])
+                combined.append(combined[reply])
+                if attrs is not None:
+                    attrs.append({})
+        groups.append([n, later])
         if len(prefixes) > 1:
             groups.append([n, n + 1])
-    elif mode in ("matched", "matched_pairs", "bracket", "trim"):
+    elif mode in ("matched", "matched_pairs", "bracket", "trim", "trim_next"):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
         pair = matched_pair(ranked, keys, words)
         if pair is not None:

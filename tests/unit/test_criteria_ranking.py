@@ -341,6 +341,29 @@ def test_trim_pairs_a_failing_reply_with_its_own_passing_prefixes_else_the_match
     assert derive_criteria(c, "trim", now=1.0)[0].ranked_responses == _pairs(replies, scores, tb, "matched")[0]
 
 
+def test_trim_next_rejects_the_same_reply_cut_one_sentence_later_so_both_ends_stop() -> None:
+    from services.criteria_eval import prefix_trimmer, preferences_from_scores
+
+    trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
+    runaway = "Boil water first. Then add the pasta and salt. Stir it now and then. Drain it after ten minutes."
+    replies, scores, tb = ["Boil it.", runaway], [1.0, 0.0], [0.1, 0.9]
+    attrs = [{"concise": s} for s in scores]
+    later, early = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_next", trim=trim, attributes=attrs)
+    longest = "Boil water first. Then add the pasta and salt."
+    # The reply's shortest sentence prefix past the limit, not the reply: both replies of a pair end the turn.
+    assert later.ranked_responses == (longest, longest + " Stir it now and then.")
+    assert early.ranked_responses == (longest, "Boil water first.")  # as trim's second pair
+    assert later.margin == pytest.approx(1.0) and later.response_attributes == ({"concise": 1.0}, {})  # not scored
+    assert later.record_id != preferences_from_scores(PROMPT, replies, scores, tb, mode="trim", trim=trim)[0].record_id
+    # The sentence that crosses the limit is the reply's last (or unfinished): the reply itself is the later end.
+    crossing = "Boil water first. Then add the pasta, salt it and stir it now and then"
+    [r] = preferences_from_scores(PROMPT, [replies[0], crossing], scores, tb, mode="trim_next", trim=trim)
+    assert r.ranked_responses == ("Boil water first.", crossing)
+    # Nothing to trim: the matched pair, as trim.
+    assert [x.ranked_responses for x in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_next")] == \
+        _pairs(replies, scores, tb, "matched")
+
+
 def _trim_or_matched(replies, scores, tb, trim) -> list[tuple[str, ...]]:
     from services.criteria_eval import preferences_from_scores
 
