@@ -70,6 +70,9 @@ MATCHED_LENGTH_TOLERANCE = 0.2
 #: ``trim``: where a sentence ends (one place a reply may be cut; a line break is the other): at ``.``,
 #: ``!``, ``?`` or ``…``, with any closing quotes or brackets, that whitespace follows.
 _SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s)")
+#: ``trim``: the rules a cut repairs.  A reply that breaks any other rule (a pattern, a banned word) is
+#: not cut: its repair is rewording, and a cut before the offending sentence teaches stopping there.
+LENGTH_LIMITS = ("max_words", "max_chars")
 #: A line that ends in one of these introduces what follows (``Tips:``), so it is no place to stop.
 _OPEN_LINE_ENDS = (":", ",", ";", "-", "(")
 
@@ -396,15 +399,23 @@ def prefix_trimmer(criteria: Sequence[Criterion]) -> Callable[[str], list[str]] 
     None when a criterion is not a rule criterion: a reward model or a judge would have to score the
     prefix, which only the scorer can, so mode ``trim`` then builds its length-matched pair instead.
     A passing prefix scores 1 on every rule criterion (in ``mode: mean`` too), so its combined score
-    is 1 whatever the weights.
+    is 1 whatever the weights.  Empty for a reply that breaks a rule other than a length limit
+    (:data:`LENGTH_LIMITS`): a cut is how a reply too long is repaired, not one that says the wrong
+    thing; cutting before its offending sentence teaches the policy to stop there (docs/loop.md).
     """
     if not criteria or any(c.kind != "rules" for c in criteria):
         return None
+    content = [r for c in criteria for r in c.rules if r.kind not in LENGTH_LIMITS]
 
     def passes(text: str) -> bool:
         return all(_rules_result(c, text).score == 1.0 for c in criteria)
 
-    return lambda text: passing_prefixes(text, passes)
+    def trim(text: str) -> list[str]:
+        if any(check_rule(r, text).score != 1.0 for r in content):
+            return []
+        return passing_prefixes(text, passes)
+
+    return trim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +641,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",

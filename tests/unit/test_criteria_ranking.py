@@ -287,7 +287,7 @@ def test_sentence_prefixes_stop_only_where_a_sentence_or_a_line_ends() -> None:
     assert passing_prefixes("Aa bb cc dd ee ff. Gg.", lambda t: len(t.split()) <= 5) == []
 
 
-def test_a_trimmer_keeps_every_rule_criterion_and_refuses_model_backed_ones() -> None:
+def test_a_trimmer_cuts_only_replies_that_break_nothing_but_a_length_limit_and_refuses_model_backed_ones() -> None:
     from services.criteria_eval import prefix_trimmer
 
     concise = parse_criterion({"name": "concise", "rules": [{"max_words": 6}]})
@@ -295,8 +295,11 @@ def test_a_trimmer_keeps_every_rule_criterion_and_refuses_model_backed_ones() ->
     trim = prefix_trimmer([concise, impersonal])
     assert trim is not None
     assert trim("Tea is hot. Cats purr. Dogs bark loudly.") == ["Tea is hot.", "Tea is hot. Cats purr."]  # the limit
-    assert trim("Tea is hot. You should try it. Now.") == ["Tea is hot."]  # both: cut before "You"
-    assert trim("You know tea. It is hot.") == []  # no passing prefix
+    # A reply that breaks a content rule is not cut, however long: its repair is rewording, not stopping.
+    assert trim("Tea is hot. You should try it. Now.") == []
+    assert trim("Tea is hot. Cats purr and purr and purr. You know.") == []
+    wordy = parse_criterion({"name": "wordy", "rules": [{"max_chars": 20}, {"min_words": 2}], "mode": "mean"})
+    assert prefix_trimmer([wordy])("Tea is hot. Cats purr.") == ["Tea is hot."]  # max_chars is a length limit
     assert prefix_trimmer([concise, parse_criterion({"name": "helpful", "reward": {"model": "reward"}})]) is None
     assert prefix_trimmer([]) is None
 
