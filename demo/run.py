@@ -29,6 +29,7 @@ from demo.report import Timeline, write_report
 from gateway.auth import create_key
 from gateway.config import load_gateway_config
 from services.checkpoints import CheckpointStore, version_sort_key
+from services.config import env_vars
 from services.data import TEST_FILE, TRAIN_FILE, load_openpipe_jsonl, shared_data_dir
 from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
@@ -101,7 +102,7 @@ class Loop:
             "PREFSTREAM_TRAINER_CHECKPOINT_EVERY_RECORDS": str(self.cfg.checkpoint_every_records),
             "PREFSTREAM_TRAINER_EVAL_DATA": self.eval_file,
             "PREFSTREAM_TRAINER_EVAL_MAX_RECORDS": str(self.cfg.eval_max_records),
-            **{f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in trainer_learning_settings(self.cfg).items()},
+            **env_vars("trainer", trainer_learning_settings(self.cfg)),
             "PREFSTREAM_TRAINER_NUM_WORKERS": str(self.cfg.trainer_workers),
             # the monitor caches each checkpoint's metadata within seconds, and HeldoutSnapshots keeps
             # the report's few versions, so the trainer's default retention bounds the demo's disk use

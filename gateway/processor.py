@@ -47,7 +47,7 @@ from prefstream.events.v1.events_pb2 import Feedback as FeedbackProto
 from services import topics
 from services.codec import encode_event
 from services.criteria import Criterion
-from services.criteria_eval import prefix_trimmer
+from services.criteria_eval import TRIM_MODES, prefix_trimmer
 from services.criteria_store import CriteriaStore, CriterionNotFound
 from services.errors import InvalidArgument, PrefstreamError, Unavailable
 from services.kafka import RenewingProducer, make_consumer
@@ -238,7 +238,7 @@ class Processor:
         if mode is None:
             metrics.PROCESSED.labels("criteria", "switched_off").inc()
             return
-        trim = prefix_trimmer(self._criteria_of(c)) if mode in ("trim", "trim_next") else None
+        trim = prefix_trimmer(self._criteria_of(c)) if mode in TRIM_MODES else None
         records = derive_criteria(c, mode, now=time.time(), trim=trim)
         self._emit(batch, records, src, c.event_id)
         metrics.PROCESSED.labels("criteria", "derived" if records else "no_preference").inc()

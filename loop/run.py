@@ -32,6 +32,7 @@ from loop.pacing import Pacer, TrainerBacklog
 from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, plan_prompts, retention, violated,
                           win_rate, word_spread)
 from services.checkpoints import CheckpointStore
+from services.config import env_vars
 from services.criteria import Criterion, parse_criterion, split_ref
 from services.criteria_eval import FEEDBACK_MODE_SUMMARIES, CriterionResult, evaluate
 from services.criteria_store import CriteriaStore
@@ -258,7 +259,7 @@ class LoopProcesses:
         }, logs / "gateway.log")
         trainer = ServiceProcess("trainer", "trainer", {
             **common,
-            **{f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in self.trainer_leaves().items()},
+            **env_vars("trainer", self.trainer_leaves()),
         }, logs / "trainer.log")
         self.services = [scorer, gateway, trainer]
         for s in self.services:
@@ -282,7 +283,7 @@ class LoopProcesses:
             "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
             "sft_weight": cfg.sft_weight, "label_smoothing": cfg.label_smoothing, "temperature": cfg.trainer_temperature,
             "finetune": cfg.finetune, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-            "lora_target_modules": ",".join(cfg.lora_target_modules),
+            "lora_target_modules": cfg.lora_target_modules,
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,
             "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",

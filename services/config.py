@@ -188,6 +188,15 @@ def flat_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def env_vars(section: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """``PREFSTREAM_<SECTION>_<LEAF>`` variables that ``load_config`` reads back as ``values`` (flat leaf
+    names): what a process passes the service it starts.  A list or tuple is comma-separated."""
+    def text(v: Any) -> str:
+        return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+    return {f"{ENV_PREFIX}{section.upper()}_{k.upper()}": text(v) for k, v in values.items()}
+
+
 def load_config(
     cls: type[T],
     *,

@@ -64,6 +64,8 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
+#: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -575,7 +577,7 @@ def preferences_from_scores(
                 seen.add(key[i])
                 chosen.append(i)
         groups.append(chosen)
-    elif mode in ("trim", "trim_next") and (cut := _trimmed(ranked, key, replies, trim)) is not None:
+    elif mode in TRIM_MODES and (cut := _trimmed(ranked, key, replies, trim)) is not None:
         reply, prefixes = cut
         for prefix in {prefixes[-1]: None, prefixes[0]: None}:  # the longest, then the shortest
             texts.append(prefix)  # a passing prefix scores 1 on every criterion, so 1 combined
@@ -583,18 +585,17 @@ def preferences_from_scores(
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         later = reply
-        if mode == "trim_next":
-            longer = [p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])]
-            if longer:
-                later = len(texts)
-                texts.append(longer[0])
-                combined.append(combined[reply])
-                if attrs is not None:
-                    attrs.append({})
+        if mode == "trim_next" and (cut_later := next(
+                (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
+            later = len(texts)
+            texts.append(cut_later)
+            combined.append(combined[reply])
+            if attrs is not None:
+                attrs.append({})
         groups.append([n, later])
         if len(prefixes) > 1:
             groups.append([n, n + 1])
-    elif mode in ("matched", "matched_pairs", "bracket", "trim", "trim_next"):
+    elif mode in ("matched", "matched_pairs", "bracket", *TRIM_MODES):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
         pair = matched_pair(ranked, keys, words)
         if pair is not None:
@@ -641,7 +642,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",

@@ -186,7 +186,9 @@ def _start_trainer(env: dict[str, str], log_path: Path) -> subprocess.Popen:
 
 def trainer_env(**leaves: object) -> dict[str, str]:
     """``PREFSTREAM_TRAINER_<LEAF>`` variables for ``python -m trainer`` from flat config leaves."""
-    return {f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in leaves.items()}
+    from services.config import env_vars
+
+    return env_vars("trainer", leaves)
 
 
 def kill_9_after_first_checkpoint(env: dict[str, str], log_path: Path, store: CheckpointStore, name: str,

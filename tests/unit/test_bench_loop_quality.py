@@ -30,10 +30,11 @@ def test_the_offline_arm_trains_with_the_settings_the_demo_gives_its_trainer() -
     from bench.loop_quality import _offline_config
     from demo.config import load_demo_config
     from demo.run import trainer_learning_settings
+    from services.config import env_vars
     from trainer.config import load_trainer_config
 
     demo_cfg = load_demo_config(overrides={"seed": 2, "replay_ratio": 0.5, "max_length": 96})
-    env = {f"PREFSTREAM_TRAINER_{k.upper()}": str(v) for k, v in trainer_learning_settings(demo_cfg).items()}
+    env = env_vars("trainer", trainer_learning_settings(demo_cfg))
     live = load_trainer_config(env=env).to_dict()  # what `python -m trainer` builds from the demo's env
     offline = _offline_config(demo_cfg).to_dict()
     assert {k: offline[k] for k in ("seed", "replay_ratio", "max_length", "autocast")} == \

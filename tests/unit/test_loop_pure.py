@@ -136,13 +136,13 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
 
 def test_the_policy_trainer_gets_the_loops_adapter_settings_through_its_environment(tmp_path: Path) -> None:
     from loop.run import LoopProcesses
+    from services.config import env_vars
     from trainer.config import load_trainer_config
 
     def trainer_dpo(**overrides):
         procs = LoopProcesses(load_loop_config(env={}, overrides=overrides))
         procs.stack_dir, procs.checkpoints, procs.trainer_metrics_port = tmp_path, tmp_path / "ckpt", 9
-        return load_trainer_config(env={f"PREFSTREAM_TRAINER_{k.upper()}": str(v)
-                                        for k, v in procs.trainer_leaves().items()}).dpo
+        return load_trainer_config(env=env_vars("trainer", procs.trainer_leaves())).dpo
 
     mlp = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
     dpo = trainer_dpo(lora_target_modules=",".join(mlp), lora_rank=32, lora_alpha=64)
