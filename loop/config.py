@@ -125,7 +125,15 @@ class LoopConfig:
         "rankings of N candidates cost N rows each, and the trainer shares the machine with the scorer; "
         "a single record always trains whole; 0 = no limit")})
     checkpoint_every_records: int = field(default=32, metadata={"help": "records between policy checkpoints (each one gated, published if it passes)"})
-    max_kl: float = field(default=0.5, metadata={"help": "the policy gate's drift guard: mean per-token KL to the reference"})
+    max_kl: float = field(default=DPOSettings.max_kl, metadata={"help": (
+        "the policy gate's drift guard: mean per-token KL to the reference")})
+    max_shrink: float = field(default=DPOSettings.max_shrink, metadata={"help": (
+        "the policy gate's length guard: refuse a version whose replies to the gate's held-out prompts are more than "
+        "this share shorter than the served version's (training then goes on from the served version's weights); "
+        "1 = off")})
+    guard_max_new_tokens: int = field(default=96, metadata={"help": (
+        "tokens of the greedy replies the gate's guards read (KL, length, degeneration); long enough that a reply "
+        "over the word limit is seen whole")})
     max_length: int = field(default=256, metadata={"help": "tokens per (prompt, response) in training"})
     # Where it runs.
     run_dir: Path = field(default=Path(".run/loop"), metadata={"help": "stack, checkpoints and service logs"})
@@ -166,7 +174,8 @@ class LoopConfig:
         DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
                     sft_weight=self.sft_weight, temperature=self.trainer_temperature, finetune=self.finetune,
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                    lora_target_modules=self.lora_target_modules).validate()
+                    lora_target_modules=self.lora_target_modules, max_kl=self.max_kl, max_shrink=self.max_shrink,
+                    guard_max_new_tokens=self.guard_max_new_tokens).validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

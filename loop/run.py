@@ -288,7 +288,8 @@ class LoopProcesses:
             "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
             "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
-            "ray_storage_path": self.run_dir / "ray_train", "guard_max_new_tokens": 48,
+            "max_shrink": cfg.max_shrink, "guard_max_new_tokens": cfg.guard_max_new_tokens,
+            "ray_storage_path": self.run_dir / "ray_train",
             "metrics_port": self.trainer_metrics_port,
             **({"base_model": cfg.policy_base} if cfg.policy_base else {}),
         }

@@ -147,6 +147,11 @@ class DPOSettings:
         "gate degeneration guard: reject when more than this share of the sampled replies is empty"))
     max_repetition_rate: float = field(default=0.5, metadata=_help(
         "gate degeneration guard: reject when the mean share of repeated 3-grams in the replies exceeds this"))
+    max_shrink: float = field(default=0.3, metadata=_help(
+        "gate length guard: reject a version whose replies to the held-out prompts are, on average, more than this "
+        "share shorter in words than the served version's replies to the same prompts. Saying less is DPO's cheap way "
+        "to satisfy a preference: on the criteria loop one version cut the replies from 35 to 20 words and lost the "
+        "reward model's quality (docs/loop.md); a slower cut, version by version, passes. 1 disables"))
 
     def validate(self) -> None:
         require(self.dpo_loss in DPO_LOSSES, "dpo_loss",
@@ -171,6 +176,9 @@ class DPOSettings:
         require(self.guard_max_new_tokens >= 1, "guard_max_new_tokens", "must be >= 1")
         require(0 <= self.max_empty_rate <= 1, "max_empty_rate", "is a share; use 0..1")
         require(0 <= self.max_repetition_rate <= 1, "max_repetition_rate", "is a share; use 0..1")
+        require(0 < self.max_shrink <= 1, "max_shrink",
+                f"is a share of the served version's reply length, got {self.max_shrink}; use 0 < max_shrink <= 1 "
+                "(1 disables the length guard)")
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,12 @@ class GateSettings:
     redis_url: str = field(default="", repr=False, metadata=_help("model registry Redis; empty = from the local stack"))
     announce: bool = field(default=True, metadata=_help(
         "announce published/rejected versions on the model-updates topic"))
+    rollback_on_guard: bool = field(default=True, metadata=_help(
+        "when the objective's guard (a policy's drift, degeneration or length guard) rejects a version, training goes "
+        "on from the last published version's weights, weight average and optimizer moments (the start's until one "
+        "is published) instead of from the weights the guard refused; the records trained since stay in the replay "
+        "reservoir. Costs one copy of the trainable weights and their optimizer moments in memory (a LoRA adapter's "
+        "are small); objectives without a guard keep none"))
 
     def validate(self) -> None:
         require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")

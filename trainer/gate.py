@@ -41,6 +41,8 @@ class Decision:
     reason: str
     served_version: str = ""
     served_accuracy: float | None = None
+    #: rejected by the objective's guard (drift, degeneration, length), not by its accuracy
+    guarded: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,10 @@ class Gate:
             tolerance=self.cfg.gate.gate_tolerance, confidence=self.cfg.gate.gate_confidence,
             publish_without_eval=self.cfg.gate.publish_without_eval,
         )
-        guard = self.objective.guard(result)
-        if guard and decision.publish:
-            decision = Decision(False, guard, decision.served_version, decision.served_accuracy)
+        guard = self.objective.guard(result, served)
+        if guard:
+            reason = guard if decision.publish else f"{decision.reason}; {guard}"
+            decision = Decision(False, reason, decision.served_version, decision.served_accuracy, guarded=True)
         numbers: dict[str, float] = dict(extra_metrics or {})
         if result is not None and result.pairs:
             numbers.update({"accuracy": result.accuracy, "eval_pairs": float(result.pairs),

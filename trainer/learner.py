@@ -16,6 +16,7 @@ step on the 16 of them (the continual loop relies on this to make arrival timing
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -157,6 +158,8 @@ class Learner:
         self._accumulated = False
         #: the weight average that is evaluated, saved and served (None: the live weights are)
         self.average = WeightAverage(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        #: what :meth:`roll_back` returns to (set by :meth:`keep_weights`)
+        self._kept: tuple[list[torch.Tensor], list[torch.Tensor] | None, dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, model: Any, cfg: TrainerConfig, **kw: Any) -> "Learner":
@@ -290,6 +293,31 @@ class Learner:
             self.average.update(self.step)
         self.step += 1
         return lr
+
+    # A version the gate's guard refuses is not trained on: the learner goes back to the last kept one.
+
+    def keep_weights(self) -> None:
+        """Remember the live weights, the weight average and the optimizer moments, for :meth:`roll_back`."""
+        with torch.no_grad():
+            self._kept = ([p.detach().clone() for p in self.params],
+                          [s.clone() for s in self.average.shadow] if self.average is not None else None,
+                          copy.deepcopy(self.optimizer.state_dict()))
+
+    def roll_back(self) -> None:
+        """Go on from what :meth:`keep_weights` remembered; the step count and the schedule go on."""
+        if self._kept is None:
+            raise RuntimeError("no kept weights to roll back to; call keep_weights() first")
+        params, shadow, optimizer = self._kept
+        with torch.no_grad():
+            for p, kept in zip(self.params, params):
+                p.copy_(kept)
+            if shadow is not None and self.average is not None:
+                for s, kept in zip(self.average.shadow, shadow):
+                    s.copy_(kept)
+        # load_state_dict keeps same-device tensors as they are: hand it a copy, so stepping cannot alter the kept one
+        self.load_optimizer_state(copy.deepcopy(optimizer))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = False
 
     # Optimizer state travels with checkpoints only when configured (it doubles their size).
 

@@ -51,6 +51,10 @@ class Stepper(Protocol):
 
     def apply(self) -> float: ...
 
+    def keep_weights(self) -> None: ...
+
+    def roll_back(self) -> None: ...
+
 
 #: First wait after a checkpoint write refused by a full store; doubles up to 30 s.
 FULL_STORE_FIRST_RETRY_S = 1.0
@@ -69,6 +73,7 @@ class RunSummary:
     checkpoints: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)  # rejected by the guard; training went back before them
     seconds: float = 0.0
     stop_reason: str = ""
 
@@ -118,6 +123,9 @@ class ContinualTrainer:
         self._micro_batches_since = 0
         self._accumulated = 0  # new records whose gradient waits for the step
         self._step_started_at = 0.0  # when the first of them was trained
+        #: a version the objective's guard refuses is rolled back to the last published one (or the start)
+        self._rollback = gate is not None and cfg.gate.rollback_on_guard and learner.objective.guards
+        self._kept_version = lineage.previous_version
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -126,6 +134,8 @@ class ContinualTrainer:
             self.store.discard_unfinished(self.cfg.model.model_name)
         started = self.clock()
         idle_since = self.clock()
+        if self._rollback:
+            self.stepper.keep_weights()
         while True:
             if self.should_stop():
                 self.summary.stop_reason = "stop requested"
@@ -346,6 +356,11 @@ class ContinualTrainer:
                     extra_metrics={"step": float(self.lineage.step), "records_seen": float(self.lineage.records_seen)},
                 )
                 (self.summary.published if decision.publish else self.summary.rejected).append(ref.version)
+                if self._rollback and decision.publish:
+                    self.stepper.keep_weights()
+                    self._kept_version = ref.version
+                elif self._rollback and decision.guarded:
+                    self.roll_back(ref.version)
             except Unavailable as e:
                 # The checkpoint is durable and its offsets committed; the next one gets gated instead.
                 log.error("could not gate %s: %s; training goes on", ref.version, e)
@@ -357,12 +372,26 @@ class ContinualTrainer:
             "version": ref.version, "uri": ref.uri, "step": self.lineage.step, "records_seen": self.lineage.records_seen,
             "records": len(trained), "loss_avg": summary["loss_avg"], "lr": summary["lr"],
             "published": int(ref.version in self.summary.published), "checkpoint_s": time.perf_counter() - started,
+            "rolled_back": int(ref.version in self.summary.rolled_back),
         }
         if result is not None:
             report["eval_accuracy"] = result.accuracy
         self.report(report)
         self._collect_garbage(ref.version)
         return ref.version
+
+    def roll_back(self, refused: str) -> None:
+        """Train on from the last published version's weights (or the start's) instead of ``refused``'s.
+
+        The records trained since stay in the replay reservoir and their offsets stay committed: the next
+        checkpoint is written from the kept weights, with the kept version as its previous version.  A
+        crash before that checkpoint resumes from ``refused``'s weights, the newest checkpoint's: the
+        guard still keeps them from being served, but the rollback then only returns to them."""
+        self.stepper.roll_back()
+        self.summary.rolled_back.append(refused)
+        self.lineage.previous_version = self._kept_version
+        metrics.ROLLBACKS.inc()
+        log.warning("training goes on from %s's weights, not %s's", self._kept_version or "the start", refused)
 
     def _write_when_there_is_room(self, write: Callable[[], Any]) -> Any:
         """``write()``; while the store is full, pause training and retry (1 s, doubling to 30 s).

@@ -27,6 +27,10 @@ CHECKPOINTS = Counter(
     "Checkpoints written, by gate outcome (published, rejected, held: not gated).",
     ["outcome"],
 )
+ROLLBACKS = Counter(
+    "prefstream_trainer_rollbacks_total",
+    "Versions the objective's guard refused, after which training went back to the last published weights.",
+)
 CHECKPOINT_STORE_FULL = Counter(
     "prefstream_trainer_checkpoint_store_full_total",
     "Checkpoint writes refused by a full store (the trainer pauses, nothing is published, it retries).",

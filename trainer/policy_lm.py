@@ -521,11 +521,16 @@ class TrainablePolicy:
     # -- sampling -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[Any]], max_new_tokens: int = 128, seed: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-        """One reply per prompt from the live policy, sampled as the scorer samples (greedy at 0)."""
+                 temperature: float = 0.0, top_p: float = 1.0, *, reference: bool = False) -> list[str]:
+        """One reply per prompt from the live policy (``reference``: from the reference policy), sampled as
+        the scorer samples (greedy at 0)."""
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-        with _eval_mode(self.model):
-            return [g[0] for g in self._serving.generate_batch(prompts, params)]
+        if not reference:
+            with _eval_mode(self.model):
+                return [g[0] for g in self._serving.generate_batch(prompts, params)]
+        with torch.no_grad(), self._reference_model() as ref:
+            serving = self._serving if ref is self.model else PolicyModel(ref, self.tokenizer, self._serving.spec)
+            return [g[0] for g in serving.generate_batch(prompts, params)]
 
     # -- saving -------------------------------------------------------------------------------------
 

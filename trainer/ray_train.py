@@ -99,6 +99,14 @@ class Commander:
         self._send("apply", None)
         return self.learner.apply()
 
+    def keep_weights(self) -> None:
+        self._send("keep_weights", None)
+        self.learner.keep_weights()
+
+    def roll_back(self) -> None:
+        self._send("roll_back", None)
+        self.learner.roll_back()
+
     def report(self, metrics: dict[str, Any]) -> None:
         self._send("report", metrics)
         if self._report is not None:
@@ -130,6 +138,10 @@ def follow(learner: Learner, report: Callable[[dict[str, Any]], None] | None = N
             learner.train(records, weights, share=share, apply=apply)
         elif command == "apply":
             learner.apply()
+        elif command == "keep_weights":
+            learner.keep_weights()
+        elif command == "roll_back":
+            learner.roll_back()
         elif command == "report":
             if report is not None:
                 report(payload)

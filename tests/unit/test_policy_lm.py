@@ -253,6 +253,16 @@ def test_generate_answers_every_prompt_greedily_and_reproducibly(tiny_base: Path
     assert policy.module.training  # generation ran in eval mode and restored the mode
 
 
+@pytest.mark.parametrize("lora", [LoraSettings(rank=4, alpha=8.0), None], ids=["lora", "full"])
+def test_generate_from_the_reference_answers_as_the_base_does_after_training(tiny_base: Path, lora) -> None:
+    policy, _ = _trained(tiny_base, steps=3, lora=lora)
+    sampled = dict(max_new_tokens=6, seed=3, temperature=1.0)  # the tiny random model's greedy replies are empty
+    base = TrainablePolicy.from_base(tiny_base, max_length=128).generate(PROMPTS, **sampled)
+    assert any(base) and policy.generate(PROMPTS, reference=True, **sampled) == base
+    assert policy.generate(PROMPTS, **sampled) != base  # the live policy moved
+    assert policy.module.training
+
+
 def test_an_hf_folder_is_used_as_it_is(tiny_base: Path, tmp_path: Path) -> None:
     assert ensure_plain_checkpoint(tiny_base, cache_dir=tmp_path) == tiny_base
     assert not any(tmp_path.iterdir())

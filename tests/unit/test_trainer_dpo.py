@@ -22,11 +22,12 @@ from services.schemas import ChatMessage, PreferenceRecord
 from tests.unit.test_policy_lm import smollm_tokenizer_dir, tiny_base  # noqa: F401 (fixtures)
 from trainer.checkpointing import LineageState, find_resume_point
 from trainer.config import trainer_config
-from trainer.evaluation import EvalSet
+from trainer.evaluation import EvalResult, EvalSet
+from trainer.gate import Decision
 from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
-from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate
+from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -75,6 +76,8 @@ def test_policy_kind_resolves_its_own_name_group_and_lr(tmp_path, tiny_base) -> 
     ({"temperature": 0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"attributes": "helpfulness"}, "attributes"),
+    ({"max_shrink": 0}, "max_shrink"),
+    ({"max_shrink": 1.5}, "max_shrink"),
 ])
 def test_bad_dpo_settings_name_the_field(overrides, field) -> None:
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -234,18 +237,119 @@ def test_evaluate_measures_implicit_reward_accuracy_and_the_guards(tmp_path, tin
     assert before.pairs == 6 and len(before.outcomes) == 6
     assert before.accuracy == 0.0  # policy == reference: every implicit reward is 0, ties count as wrong
     assert before.metrics["kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and before.metrics["guard_prompts"] == 2
+    assert before.metrics["reference_mean_words"] == before.metrics["mean_words"]  # policy == reference
     train = records(12)
     objective.admit(learner.model, train)
     for _ in range(15):
         learner.train(train)
     after = objective.evaluate(learner.model, held_out)
     assert after.accuracy > 0.5 and after.metrics["kl_to_ref"] > 0
+    assert after.metrics["reference_mean_words"] == before.metrics["reference_mean_words"]
     assert objective.guard(after) == ""
     strict = DPOObjective(config(tmp_path, tiny_base, max_kl=1e-9, max_repetition_rate=1.0))
     assert strict.guard(after).startswith("drift guard: mean per-token KL")
     repetitive = DPOObjective(config(tmp_path, tiny_base, max_repetition_rate=0.1))
     assert repetitive.guard(after).startswith("degeneration guard: repetition rate") == (
         after.metrics["repetition_rate"] > 0.1)
+
+
+def guarded(mean_words: float, prompts: float = 8, tokens: float = 96) -> EvalResult:
+    return EvalResult(accuracy=0.6, pairs=10, records=10, mean_margin=0.1, fingerprint="f", metrics={
+        "kl_to_ref": 0.1, "empty_rate": 0.0, "repetition_rate": 0.0, "mean_words": mean_words,
+        "guard_prompts": prompts, "guard_max_new_tokens": tokens})
+
+
+def test_reply_shrink_compares_replies_sampled_alike() -> None:
+    assert reply_shrink(guarded(20).metrics, guarded(40).metrics) == pytest.approx(0.5)
+    assert reply_shrink(guarded(50).metrics, guarded(40).metrics) == pytest.approx(-0.25)
+    assert reply_shrink(guarded(20).metrics, guarded(40, prompts=16).metrics) is None  # other prompts
+    assert reply_shrink(guarded(20).metrics, guarded(40, tokens=48).metrics) is None  # other reply budget
+    assert reply_shrink(guarded(20).metrics, guarded(0).metrics) is None  # the served replies were empty
+    assert reply_shrink(guarded(20).metrics, {"mean_words": 40.0}) is None  # served metrics from before the guard
+
+
+def test_length_guard_refuses_a_version_that_says_much_less_than_the_served_one(tmp_path, tiny_base) -> None:
+    objective = DPOObjective(config(tmp_path, tiny_base, max_shrink=0.3))
+    assert objective.guards
+    assert objective.guard(guarded(25), guarded(35)) == ""  # 29% shorter: a cut, not a collapse
+    assert objective.guard(guarded(40), guarded(35)) == ""
+    assert objective.guard(guarded(19.5), None) == ""  # nothing served, no reference measured: nothing to compare
+    first = guarded(19.5)
+    first.metrics["reference_mean_words"] = 36.0  # nothing served yet: the reference policy's replies are the bar
+    assert objective.guard(first, None) == ("length guard: the replies to 8 held-out prompts average 19.5 words, "
+                                            "46% fewer than the reference policy's 36.0 (max_shrink 0.3)")
+    assert objective.guard(first, guarded(25)) == ""  # a served version is the bar once there is one
+    reason = objective.guard(guarded(19.5), guarded(35.5))
+    assert reason == ("length guard: the replies to 8 held-out prompts average 19.5 words, 45% fewer than the "
+                      "served version's 35.5 (max_shrink 0.3)")
+    assert DPOObjective(config(tmp_path, tiny_base, max_shrink=1.0)).guard(guarded(1), guarded(35)) == ""
+
+
+class ScriptedGate:
+    """Decides as scripted and notes the learner's live weights at each verdict (a unit test's gate)."""
+
+    def __init__(self, learner: Learner, decisions: list[Decision]) -> None:
+        self.learner, self.decisions, self.seen = learner, list(decisions), []
+
+    def judge(self, ref, result, **kw) -> Decision:
+        self.seen.append([p.detach().clone() for p in self.learner.params])
+        return self.decisions.pop(0)
+
+    def protected_versions(self) -> set[str]:
+        return set()
+
+
+@pytest.mark.parametrize("guarded_refusal", [True, False])
+def test_a_guard_refusal_rolls_training_back_to_the_published_weights(tmp_path, tiny_base, guarded_refusal) -> None:
+    cfg = config(tmp_path, tiny_base, checkpoint_every_records=4, publish=True)
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    start = [p.detach().clone() for p in learner.params]
+    gate = ScriptedGate(learner, [Decision(True, "first version"),
+                                  Decision(False, "length guard: ..." if guarded_refusal else "accuracy drop",
+                                           guarded=guarded_refusal),
+                                  Decision(False, "drift guard: ...", guarded=True)])
+    source = ListSource(records(12))
+    loop = ContinualTrainer(cfg, learner, source, lineage=LineageState(), replay=ReservoirBuffer(16),
+                            eval_set=EvalSet(8), store=CheckpointStore(cfg.checkpoint.checkpoint_url), gate=gate,
+                            should_stop=lambda: source.exhausted())
+    summary = loop.run()
+    assert summary.published == ["v000001"] and summary.rejected == ["v000002", "v000003"]
+    published, refused, last = gate.seen
+    assert not all(torch.equal(a, b) for a, b in zip(start, published))  # it trained
+    now = [p.detach() for p in learner.params]
+    # the drift-guard refusal of v3 always goes back to v1's weights; v3 trained from v1's or from v2's
+    assert all(torch.equal(a, b) for a, b in zip(now, published))
+    assert summary.rolled_back == (["v000002", "v000003"] if guarded_refusal else ["v000003"])
+    from_published = all(torch.equal(a, b) for a, b in zip(refused, published))
+    assert not from_published  # v2 trained on
+    assert loop.lineage.previous_version == "v000001"
+    state = learner.optimizer.state_dict()["state"]
+    assert state and all(torch.isfinite(s["exp_avg"]).all() for s in state.values())
+
+
+def test_roll_back_restores_weights_and_optimizer_moments_and_goes_on(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base)
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    train = records(8)
+    objective.admit(learner.model, train)
+    learner.train(train[:4])
+    learner.keep_weights()
+    kept = [p.detach().clone() for p in learner.params]
+    moments = {k: v["exp_avg"].clone() for k, v in learner.optimizer.state_dict()["state"].items()}
+    learner.train(train[4:])
+    learner.train(train[:4])
+    learner.roll_back()
+    assert all(torch.equal(a, b) for a, b in zip(learner.params, kept))
+    assert all(torch.equal(learner.optimizer.state_dict()["state"][k]["exp_avg"], m) for k, m in moments.items())
+    step = learner.step
+    learner.train(train[4:])  # training goes on from the kept weights, and rolling back again still returns there
+    assert learner.step == step + 1
+    learner.roll_back()
+    assert all(torch.equal(a, b) for a, b in zip(learner.params, kept))
+    with pytest.raises(RuntimeError, match="keep_weights"):
+        Learner(objective, objective.load(str(tiny_base)), cfg).roll_back()
 
 
 def test_repetition_rate() -> None:

@@ -129,6 +129,10 @@ class Objective(ABC):
         """Pairwise accuracy with per-pair outcomes in canonical order (the gate pairs on them), plus the
         numbers :meth:`guard` reads in ``EvalResult.metrics``."""
 
-    def guard(self, result: EvalResult | None) -> str:
-        """A reason to reject the version whatever its accuracy (drift, degeneration); "" = none."""
+    #: Whether :meth:`guard` can refuse a version (the learner then keeps weights to roll back to).
+    guards: bool = False
+
+    def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
+        """A reason to reject the version whatever its accuracy (drift, degeneration, shrinking replies);
+        "" = none.  ``served``: the served version's evaluation on the same held-out set, when there is one."""
         return ""

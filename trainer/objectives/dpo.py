@@ -81,6 +81,19 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def reply_shrink(candidate: dict[str, float], served: dict[str, float]) -> float | None:
+    """How much shorter, as a share of the served version's mean reply length in words, the candidate's
+    replies to the gate's held-out prompts are (negative: longer); None when the two were not sampled
+    alike (other prompt count or reply budget) or the served replies were empty."""
+    keys = ("mean_words", "guard_prompts", "guard_max_new_tokens")
+    if any(k not in candidate or k not in served for k in keys):
+        return None
+    if candidate["guard_prompts"] != served["guard_prompts"] or \
+            candidate["guard_max_new_tokens"] != served["guard_max_new_tokens"] or served["mean_words"] <= 0:
+        return None
+    return 1.0 - candidate["mean_words"] / served["mean_words"]
+
+
 def duplicate_reason(record: PreferenceRecord) -> str:
     """Why a ranking cannot train a policy ("" if it can): a response given twice is a tie."""
     seen: set[str] = set()
@@ -103,6 +116,8 @@ class DPOObjective(Objective):
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
+        #: the reference policy's mean reply words per guard prompt set (record ids, reply budget)
+        self._reference_words: dict[tuple[tuple[str, ...], int], float] = {}
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -328,7 +343,9 @@ class DPOObjective(Objective):
                                metrics)
 
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
-        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates.
+        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates,
+        mean words, and the reference policy's mean words on the same prompts (what the length guard
+        compares with while no version is served; computed once per prompt set).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
@@ -342,15 +359,24 @@ class DPOObjective(Objective):
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
         kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
+        key = (tuple(r.record_id for r in held), self.settings.guard_max_new_tokens)
+        if key not in self._reference_words:
+            base = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed,
+                                  reference=True)
+            self._reference_words[key] = sum(len(r.split()) for r in base) / len(base)
         return {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),
             "repetition_rate": sum(repetition_rate(r) for r in replies) / len(replies),
             "mean_words": sum(len(r.split()) for r in replies) / len(replies),
             "guard_prompts": float(len(replies)),
+            "guard_max_new_tokens": float(self.settings.guard_max_new_tokens),
+            "reference_mean_words": self._reference_words[key],
         }
 
-    def guard(self, result: EvalResult | None) -> str:
+    guards = True
+
+    def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
         if result is None or not result.metrics:
             return ""
         m, d = result.metrics, self.settings
@@ -363,4 +389,13 @@ class DPOObjective(Objective):
         if m.get("repetition_rate", 0.0) > d.max_repetition_rate:
             return (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
                     f"prompts exceeds max_repetition_rate {d.max_repetition_rate}")
+        # Against the served version's replies; while none is served (or its were sampled otherwise), the reference's.
+        against, whose = (served.metrics if served is not None else {}), "the served version's"
+        if reply_shrink(m, against) is None and "reference_mean_words" in m:
+            against, whose = {**m, "mean_words": m["reference_mean_words"]}, "the reference policy's"
+        shrink = reply_shrink(m, against)
+        if shrink is not None and shrink > d.max_shrink + 1e-12:
+            return (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
+                    f"{m['mean_words']:.1f} words, {shrink:.0%} fewer than {whose} "
+                    f"{against['mean_words']:.1f} (max_shrink {d.max_shrink})")
         return ""
