@@ -325,6 +325,10 @@ class GateSettings:
         "is published) instead of from the weights the guard refused; the records trained since stay in the replay "
         "reservoir. Costs one copy of the trainable weights and their optimizer moments in memory (a LoRA adapter's "
         "are small); objectives without a guard keep none"))
+    rollback_lr_factor: float = field(default=0.5, metadata=_help(
+        "each rollback also scales the learning rate by this from then on (OPT-175B's logbook: restart from before "
+        "the divergence at a lower rate), so steps that overshot once are not retaken at the same size; a restarted "
+        "trainer starts again from the configured lr; 1 = unchanged"))
 
     def validate(self) -> None:
         require(self.eval_max_records >= 0, "eval_max_records", "must be >= 0")
@@ -333,6 +337,9 @@ class GateSettings:
         require(0.5 <= self.gate_confidence < 1, "gate_confidence",
                 f"is a confidence level, got {self.gate_confidence}; use 0.5 <= gate_confidence < 1 "
                 "(0.5 = plain accuracy comparison, 0.9 = the default)")
+        require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",
+                f"scales the learning rate after a rollback, got {self.rollback_lr_factor}; use 0 < factor <= 1 "
+                "(1 = unchanged)")
         if self.eval_data:
             require(Path(self.eval_data).expanduser().is_file(), "eval_data",
                     f"{self.eval_data} is not a file; give an OpenPipe JSONL file or leave it empty")

@@ -303,8 +303,9 @@ class Learner:
                           [s.clone() for s in self.average.shadow] if self.average is not None else None,
                           copy.deepcopy(self.optimizer.state_dict()))
 
-    def roll_back(self) -> None:
-        """Go on from what :meth:`keep_weights` remembered; the step count and the schedule go on."""
+    def roll_back(self, lr_factor: float = 1.0) -> None:
+        """Go on from what :meth:`keep_weights` remembered, the learning rate from now on scaled by
+        ``lr_factor``; the step count and the schedule go on."""
         if self._kept is None:
             raise RuntimeError("no kept weights to roll back to; call keep_weights() first")
         params, shadow, optimizer = self._kept
@@ -314,6 +315,7 @@ class Learner:
             if shadow is not None and self.average is not None:
                 for s, kept in zip(self.average.shadow, shadow):
                     s.copy_(kept)
+        self.scheduler.base_lrs = [lr * lr_factor for lr in self.scheduler.base_lrs]
         # load_state_dict keeps same-device tensors as they are: hand it a copy, so stepping cannot alter the kept one
         self.load_optimizer_state(copy.deepcopy(optimizer))
         self.optimizer.zero_grad(set_to_none=True)
@@ -326,5 +328,5 @@ class Learner:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
-        for group in self.optimizer.param_groups:  # the schedule, not the saved lr, decides the lr
-            group["lr"] = self.cfg.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # the schedule decides

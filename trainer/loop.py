@@ -53,7 +53,7 @@ class Stepper(Protocol):
 
     def keep_weights(self) -> None: ...
 
-    def roll_back(self) -> None: ...
+    def roll_back(self, lr_factor: float = 1.0) -> None: ...
 
 
 #: First wait after a checkpoint write refused by a full store; doubles up to 30 s.
@@ -387,11 +387,12 @@ class ContinualTrainer:
         checkpoint is written from the kept weights, with the kept version as its previous version.  A
         crash before that checkpoint resumes from ``refused``'s weights, the newest checkpoint's: the
         guard still keeps them from being served, but the rollback then only returns to them."""
-        self.stepper.roll_back()
+        self.stepper.roll_back(self.cfg.gate.rollback_lr_factor)
         self.summary.rolled_back.append(refused)
         self.lineage.previous_version = self._kept_version
         metrics.ROLLBACKS.inc()
-        log.warning("training goes on from %s's weights, not %s's", self._kept_version or "the start", refused)
+        log.warning("training goes on from %s's weights, not %s's, at learning rate %.3g", self._kept_version or "the start",
+                    refused, self.learner.lr)
 
     def _write_when_there_is_room(self, write: Callable[[], Any]) -> Any:
         """``write()``; while the store is full, pause training and retry (1 s, doubling to 30 s).

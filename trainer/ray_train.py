@@ -103,9 +103,9 @@ class Commander:
         self._send("keep_weights", None)
         self.learner.keep_weights()
 
-    def roll_back(self) -> None:
-        self._send("roll_back", None)
-        self.learner.roll_back()
+    def roll_back(self, lr_factor: float = 1.0) -> None:
+        self._send("roll_back", lr_factor)
+        self.learner.roll_back(lr_factor)
 
     def report(self, metrics: dict[str, Any]) -> None:
         self._send("report", metrics)
@@ -141,7 +141,7 @@ def follow(learner: Learner, report: Callable[[dict[str, Any]], None] | None = N
         elif command == "keep_weights":
             learner.keep_weights()
         elif command == "roll_back":
-            learner.roll_back()
+            learner.roll_back(payload)
         elif command == "report":
             if report is not None:
                 report(payload)

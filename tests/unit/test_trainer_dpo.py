@@ -78,6 +78,8 @@ def test_policy_kind_resolves_its_own_name_group_and_lr(tmp_path, tiny_base) -> 
     ({"attributes": "helpfulness"}, "attributes"),
     ({"max_shrink": 0}, "max_shrink"),
     ({"max_shrink": 1.5}, "max_shrink"),
+    ({"rollback_lr_factor": 0}, "rollback_lr_factor"),
+    ({"rollback_lr_factor": 2}, "rollback_lr_factor"),
 ])
 def test_bad_dpo_settings_name_the_field(overrides, field) -> None:
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -324,6 +326,7 @@ def test_a_guard_refusal_rolls_training_back_to_the_published_weights(tmp_path, 
     from_published = all(torch.equal(a, b) for a, b in zip(refused, published))
     assert not from_published  # v2 trained on
     assert loop.lineage.previous_version == "v000001"
+    assert learner.lr == pytest.approx(cfg.optim.lr * 0.5 ** len(summary.rolled_back))  # rollback_lr_factor 0.5
     state = learner.optimizer.state_dict()["state"]
     assert state and all(torch.isfinite(s["exp_avg"]).all() for s in state.values())
 
@@ -343,11 +346,15 @@ def test_roll_back_restores_weights_and_optimizer_moments_and_goes_on(tmp_path, 
     learner.roll_back()
     assert all(torch.equal(a, b) for a, b in zip(learner.params, kept))
     assert all(torch.equal(learner.optimizer.state_dict()["state"][k]["exp_avg"], m) for k, m in moments.items())
+    assert learner.lr == cfg.optim.lr
     step = learner.step
     learner.train(train[4:])  # training goes on from the kept weights, and rolling back again still returns there
     assert learner.step == step + 1
-    learner.roll_back()
+    learner.roll_back(lr_factor=0.5)
     assert all(torch.equal(a, b) for a, b in zip(learner.params, kept))
+    assert learner.lr == pytest.approx(cfg.optim.lr * 0.5)
+    learner.train(train[4:])
+    assert learner.lr == pytest.approx(cfg.optim.lr * 0.5)  # the smaller rate stays
     with pytest.raises(RuntimeError, match="keep_weights"):
         Learner(objective, objective.load(str(tiny_base)), cfg).roll_back()
 
