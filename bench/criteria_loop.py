@@ -21,6 +21,12 @@ import argparse
 import time
 from typing import Any
 
+#: How the bench teaches (both modes): pairs cut from failing replies where both replies end the turn,
+#: the earlier phases' criteria kept in the later ranking, DPO alone (no NLL term, a uniform push to
+#: stop sooner), and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both
+#: replies stop").
+RECIPE = {"pairing": "trim_next", "keep_earlier": True, "sft_weight": 0.0,
+          "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 600.0, "max_tokens": 128, "checkpoint_every_records": 24,
         "candidates": 6, "reward_checkpoint": "auto"}
 QUICK = {"train_prompts": 16, "eval_count": 8, "phase_s": 150.0, "max_tokens": 48, "checkpoint_every_records": 6,
@@ -50,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    s: dict[str, Any] = dict(QUICK if args.quick else FULL)
+    s: dict[str, Any] = {**RECIPE, **(QUICK if args.quick else FULL)}
     s.update(criteria=[c for c in args.criteria.split(",") if c], run_dir=args.run_dir, seed=args.seed, fresh=True)
     for item in args.set:
         key, sep, value = item.partition("=")
