@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from services.criteria_eval import CriterionResult, count_words
+from services.criteria_eval import CriterionResult, count_words, mean_words
 from services.errors import InvalidArgument
 from services.schemas import ChatMessage
 
@@ -149,10 +149,6 @@ def retention(base: float, after_own_phase: float, after_later_phase: float) -> 
     if cut <= 0:
         return math.nan
     return (base - after_later_phase) / cut
-
-
-def mean_words(texts: Sequence[str]) -> float:
-    return sum(count_words(t) for t in texts) / len(texts) if texts else math.nan
 
 
 def word_spread(texts: Sequence[str]) -> dict[str, float]:

@@ -91,6 +91,11 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
+def mean_words(texts: Sequence[str]) -> float:
+    """Mean :func:`count_words` over ``texts`` (NaN for none): the length a policy's replies are judged by."""
+    return sum(count_words(t) for t in texts) / len(texts) if texts else math.nan
+
+
 def max_words(text: str, limit: int) -> int:
     return int(count_words(text) <= limit)
 
@@ -644,6 +649,6 @@ def preferences_from_scores(
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
-    "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "min_words", "preferences_from_scores",
+    "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "mean_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",
 ]

@@ -40,6 +40,7 @@ from torch import nn
 
 from services.kinds import ModelKind
 from services.policy_model import default_policy_path
+from services.criteria_eval import mean_words
 from services.schemas import PreferenceRecord
 from trainer.config import TrainerConfig
 from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
@@ -116,8 +117,9 @@ class DPOObjective(Objective):
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
-        #: the reference policy's mean reply words per guard prompt set (record ids, reply budget)
-        self._reference_words: dict[tuple[tuple[str, ...], int], float] = {}
+        #: the reference policy's mean reply words on the current guard prompt set: ((record ids, reply budget), words);
+        #: the candidate and the served version are evaluated on the same set, so one entry serves both
+        self._reference_words: tuple[tuple[tuple[str, ...], int], float] | None = None
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -360,18 +362,18 @@ class DPOObjective(Objective):
         kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
         kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
         key = (tuple(r.record_id for r in held), self.settings.guard_max_new_tokens)
-        if key not in self._reference_words:
+        if self._reference_words is None or self._reference_words[0] != key:
             base = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed,
                                   reference=True)
-            self._reference_words[key] = sum(len(r.split()) for r in base) / len(base)
+            self._reference_words = (key, mean_words(base))
         return {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),
             "repetition_rate": sum(repetition_rate(r) for r in replies) / len(replies),
-            "mean_words": sum(len(r.split()) for r in replies) / len(replies),
+            "mean_words": mean_words(replies),
             "guard_prompts": float(len(replies)),
             "guard_max_new_tokens": float(self.settings.guard_max_new_tokens),
-            "reference_mean_words": self._reference_words[key],
+            "reference_mean_words": self._reference_words[1],
         }
 
     guards = True
