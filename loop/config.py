@@ -131,6 +131,16 @@ class LoopConfig:
         "the policy gate's length guard: refuse a version whose replies to the gate's held-out prompts are more than "
         "this share shorter than the served version's (training then goes on from the served version's weights); "
         "1 = off")})
+    reward_guard: bool = field(default=True, metadata={"help": (
+        "the policy gate's reward guard: refuse a version whose replies to the gate's held-out prompts the served "
+        "reward model (reward_model) scores lower than the base policy's replies to the same prompts by more than "
+        "max_reward_drop, at the gate's confidence (paired over the prompts); a refused version sends training back "
+        "to the served weights, as the length guard's does. Off while no reward model is served")})
+    max_reward_drop: float = field(default=DPOSettings.max_reward_drop, metadata={"help": (
+        "the reward guard's tolerance, in the reward model's units")})
+    guard_prompts: int = field(default=16, metadata={"help": (
+        "held-out prompts the policy gate's guards reply to (KL, length, reward, degeneration): more cost a few "
+        "seconds each per checkpoint and make the guards' means less noisy")})
     guard_max_new_tokens: int = field(default=96, metadata={"help": (
         "tokens of the greedy replies the gate's guards read (KL, length, degeneration); long enough that a reply "
         "over the word limit is seen whole")})
@@ -175,7 +185,9 @@ class LoopConfig:
                     sft_weight=self.sft_weight, temperature=self.trainer_temperature, finetune=self.finetune,
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                     lora_target_modules=self.lora_target_modules, max_kl=self.max_kl, max_shrink=self.max_shrink,
-                    guard_max_new_tokens=self.guard_max_new_tokens).validate()
+                    guard_max_new_tokens=self.guard_max_new_tokens, guard_prompts=self.guard_prompts,
+                    max_reward_drop=self.max_reward_drop,
+                    reward_guard=self.reward_model if self.reward_guard else "").validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

@@ -289,6 +289,8 @@ class LoopProcesses:
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
             "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
             "max_shrink": cfg.max_shrink, "guard_max_new_tokens": cfg.guard_max_new_tokens,
+            "guard_prompts": cfg.guard_prompts, "max_reward_drop": cfg.max_reward_drop,
+            "reward_guard": cfg.reward_model if cfg.reward_guard else "",
             "ray_storage_path": self.run_dir / "ray_train",
             "metrics_port": self.trainer_metrics_port,
             **({"base_model": cfg.policy_base} if cfg.policy_base else {}),

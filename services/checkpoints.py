@@ -131,8 +131,13 @@ def version_sort_key(version: str) -> tuple[int, int, str]:
     return (0, int(m.group(1)), version) if m else (1, 0, version)
 
 
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` can name a model or version (a folder of the checkpoint store)."""
+    return isinstance(value, str) and bool(_NAME_RE.match(value)) and value not in (".", "..")
+
+
 def validate_name(value: str, field_name: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value) or value in (".", ".."):
+    if not is_valid_name(value):
         raise InvalidArgument(field_name, f"{value!r} is not a valid {field_name}; use 1-128 characters of "
                               "letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from services.checkpoints import is_valid_name
 from services.config import fill_endpoints, flat_dict, load_config, require
 from services.kinds import ModelKind
 from services.topics import PREFERENCES, check_prefix, topic_name
@@ -152,6 +153,15 @@ class DPOSettings:
         "share shorter in words than the served version's replies to the same prompts. Saying less is DPO's cheap way "
         "to satisfy a preference: on the criteria loop one version cut the replies from 35 to 20 words and lost the "
         "reward model's quality (docs/loop.md); a slower cut, version by version, passes. 1 disables"))
+    reward_guard: str = field(default="", metadata=_help(
+        "gate reward guard: the registry name of a reward model. The version of it the registry serves scores the "
+        "guard's replies and the reference policy's replies to the same prompts, and a version whose mean score is, at "
+        "gate_confidence (paired over the prompts), more than max_reward_drop below the reference's is refused, so "
+        "no drift is served that the reward model calls worse than where the policy started, however slowly it came; "
+        "empty = off (also while no version of that model is served)"))
+    max_reward_drop: float = field(default=0.0, metadata=_help(
+        "gate reward guard: the largest drop of the mean reward below the reference policy's replies that is "
+        "tolerated, in the reward model's own units (with reward_guard)"))
 
     def validate(self) -> None:
         require(self.dpo_loss in DPO_LOSSES, "dpo_loss",
@@ -179,6 +189,11 @@ class DPOSettings:
         require(0 < self.max_shrink <= 1, "max_shrink",
                 f"is a share of the served version's reply length, got {self.max_shrink}; use 0 < max_shrink <= 1 "
                 "(1 disables the length guard)")
+        require(math.isfinite(self.max_reward_drop) and self.max_reward_drop >= 0, "max_reward_drop",
+                f"must be a finite number >= 0 in the reward model's units, got {self.max_reward_drop}")
+        require(not self.reward_guard or is_valid_name(self.reward_guard), "reward_guard",
+                f"{self.reward_guard!r} is not a model name; give the registry name of a served reward model "
+                "(letters, digits, '.', '_' or '-') or leave it empty to turn the reward guard off")
 
 
 @dataclass(frozen=True)

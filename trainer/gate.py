@@ -138,6 +138,7 @@ class Gate:
         self.registry = registry
         self.eval_set = eval_set
         self._served_cache: dict[tuple[str, str], EvalResult] = {}
+        objective.use_registry(registry)
 
     def remember(self, version: str, result: EvalResult) -> None:
         self._served_cache[(version, result.fingerprint)] = result

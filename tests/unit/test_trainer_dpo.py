@@ -6,7 +6,9 @@ test_policy_lm.py), so these run in seconds on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 
 import json
 from pathlib import Path
@@ -28,7 +30,7 @@ from trainer.gate import Decision
 from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
-from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink
+from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -287,6 +289,116 @@ def test_length_guard_refuses_a_version_that_says_much_less_than_the_served_one(
     assert reason == ("length guard: the replies to 8 held-out prompts average 19.5 words, 45% fewer than the "
                       "served version's 35.5 (max_shrink 0.3)")
     assert DPOObjective(config(tmp_path, tiny_base, max_shrink=1.0)).guard(guarded(1), guarded(35)) == ""
+
+
+def test_reward_drop_is_the_mean_paired_difference_to_the_reference_with_its_standard_error() -> None:
+    drop, se = reward_drop([0.2, 0.3, 0.1, 0.4], [0.3, 0.5, 0.2, 0.4])  # differences 0.1, 0.2, 0.1, 0.0
+    assert drop == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.02 / 3 / 4))
+    assert reward_drop([0.5, 0.5], [0.4, 0.4]) == pytest.approx((-0.1, 0.0))  # better than the reference, no spread
+    assert reward_drop([0.5], [0.7]) == pytest.approx((0.2, 0.0))  # one prompt: no error estimate
+    with pytest.raises(ValueError, match="score the same prompts"):
+        reward_drop([0.1, 0.2], [0.1])
+
+
+def judged(drop: float, se: float, mean: float = 0.3) -> EvalResult:
+    result = guarded(30, prompts=16)
+    result.metrics.update(mean_reward=mean, reward_drop=drop, reward_drop_se=se)
+    return result
+
+
+def test_reward_guard_refuses_a_version_the_reward_model_calls_worse_than_the_reference(tmp_path, tiny_base) -> None:
+    objective = DPOObjective(config(tmp_path, tiny_base, reward_guard="judge", max_reward_drop=0.01, gate_confidence=0.9))
+    assert objective.guard(judged(0.02, 0.02)) == ""  # within its noise: 0.02 - 1.28 * 0.02 < 0.01
+    assert objective.guard(judged(-0.05, 0.01)) == ""  # better than the reference
+    assert objective.guard(judged(0.08, 0.02)) == (
+        "reward guard: judge scores the replies to 16 held-out prompts 0.0800 lower than the reference policy's "
+        "(mean 0.3000; SE 0.0200 paired, lower bound 0.0544 at gate_confidence 0.9); max_reward_drop is 0.01")
+    assert objective.guard(judged(0.08, 0.02), judged(0.0, 0.01)) != ""  # the bar is the reference, whatever is served
+    assert objective.guard(guarded(30)) == ""  # no judge's numbers (no reward model served): nothing to refuse on
+    lenient = DPOObjective(config(tmp_path, tiny_base, reward_guard="judge", max_reward_drop=0.1))
+    assert lenient.guard(judged(0.08, 0.02)) == ""
+
+
+class LengthJudge:
+    """A stand-in for the served reward model: longer replies score higher; its version can change."""
+
+    def __init__(self) -> None:
+        self.version, self.calls = "v1", []
+
+    def score(self, prompts, replies):
+        self.calls.append(list(replies))
+        return f"judge@{self.version}", [len(r.split()) / 10 for r in replies]
+
+
+def test_guard_metrics_score_the_replies_and_the_reference_s_with_the_served_reward_model(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, max_repetition_rate=1.0, reward_guard="judge", guard_prompts=3)
+    objective = objective_for(cfg)
+    assert objective.judge is None  # until the gate hands over its registry
+    from trainer.gate import Gate
+    from trainer.reward_judge import ServedReward
+
+    Gate(cfg, registry="the registry", eval_set=EvalSet(8), objective=objective)
+    assert isinstance(objective.judge, ServedReward) and objective.judge.registry == "the registry"
+    assert objective.judge.name == "judge"
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    objective.judge = judge = LengthJudge()
+    def distinct(n: int) -> list[PreferenceRecord]:  # one prompt each, and a second record for the first prompt
+        out = [dataclasses.replace(r, prompt=(ChatMessage("user", f"question {i}"),)) for i, r in
+               enumerate(records(n, start=100))]
+        return out + [dataclasses.replace(out[0], record_id="again", ranked_responses=("Hi.", "no"))]
+
+    held_out = distinct(4)
+    m = objective.evaluate(learner.model, held_out).metrics
+    assert m["guard_prompts"] == 3 and len({r.prompt for r in held_out if r.record_id in objective._guard_ids}) == 3
+    # the policy is still the reference: the same replies, the same scores, no drop
+    assert m["reward_drop"] == pytest.approx(0.0) and m["reward_drop_se"] == pytest.approx(0.0)
+    assert m["mean_reward"] == pytest.approx(m["mean_words"] / 10)
+    assert len(judge.calls) == 2  # the candidate's replies, then the reference's
+    objective.evaluate(learner.model, held_out)
+    assert len(judge.calls) == 3  # the reference's scores are kept for the same prompts and judge
+    judge.version = "v2"
+    objective.evaluate(learner.model, held_out)
+    assert len(judge.calls) == 5  # a new judge version scores the reference again
+    chosen = list(objective._guard_ids)
+    more = distinct(6)
+    objective.evaluate(learner.model, more)
+    assert objective._guard_ids == chosen  # the guard prompts stay put as the evaluation set grows
+    objective.evaluate(learner.model, [r for r in more if r.record_id != chosen[0]])
+    assert objective._guard_ids[:2] == chosen[1:] and len(objective._guard_ids) == 3  # a gone one is replaced
+
+
+def test_served_reward_judges_with_the_version_the_registry_serves(tmp_path) -> None:
+    from services.registry import ModelVersion
+    from tests.unit.test_trainer_learner import tiny_model
+    from trainer.reward_judge import ServedReward
+
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    folder = Path(tiny_model(tmp_path / "rm"))
+
+    def publish(version: str) -> ModelVersion:
+        ref = store.write("judge", version, lambda d: shutil.copytree(folder, d, dirs_exist_ok=True), {})
+        return ModelVersion(name="judge", version=version, uri=ref.uri)
+
+    class Registry:
+        served: ModelVersion | None = None
+
+        def target(self, name: str) -> ModelVersion | None:
+            assert name == "judge"
+            return self.served
+
+    registry = Registry()
+    judge = ServedReward(registry, "judge")
+    prompts, replies = [[ChatMessage("user", "hi")]] * 2, ["hello there", "go away"]
+    assert judge.score(prompts, replies) is None  # nothing served: the guard is off, not failing
+    registry.served = publish("v000001")
+    name, scores = judge.score(prompts, replies)
+    assert name == "judge@v000001" and len(scores) == 2 and all(math.isfinite(x) for x in scores)
+    first = judge._loaded[1]
+    assert judge.score(prompts, replies)[0] == "judge@v000001" and judge._loaded[1] is first  # loaded once
+    registry.served = publish("v000002")
+    assert judge.score(prompts, replies)[0] == "judge@v000002" and judge._loaded[1] is not first
+    registry.served = ModelVersion(name="judge", version="v000003", uri=(tmp_path / "missing").as_uri())
+    assert judge.score(prompts, replies) is None  # an unloadable version: off (logged), never a crash
 
 
 class ScriptedGate:

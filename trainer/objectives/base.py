@@ -129,6 +129,10 @@ class Objective(ABC):
         """Pairwise accuracy with per-pair outcomes in canonical order (the gate pairs on them), plus the
         numbers :meth:`guard` reads in ``EvalResult.metrics``."""
 
+    def use_registry(self, registry: Any) -> None:
+        """The registry the gate publishes to, for guards that judge with another served model (the policy's
+        reward guard); called once by the gate."""
+
     #: Whether :meth:`guard` can refuse a version (the learner then keeps weights to roll back to).
     guards: bool = False
 

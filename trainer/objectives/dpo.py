@@ -20,7 +20,9 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
   through the same :func:`trainer.evaluation.pairwise_result` as reward models, so the paired,
   noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples short replies
   (greedy, fixed) and records the mean per-token KL to the reference, the share of empty replies and
-  the repetition rate; :meth:`guard` rejects a version past the configured bounds.
+  the repetition rate, and how much shorter the replies are than the served version's (or the
+  reference's); with ``reward_guard``, a served reward model also scores them against the reference
+  policy's replies to the same prompts.  :meth:`guard` rejects a version past the configured bounds.
 * **Checkpoints** hold a merged Hugging Face causal-LM folder (what the scorer serves, loadable with
   ``AutoModelForCausalLM`` and ``pipeline("text-generation")``) and, for LoRA, the adapter alone in
   ``adapter/`` (what a resumed trainer puts back on the base).
@@ -33,7 +35,8 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +50,9 @@ from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
+
+if TYPE_CHECKING:
+    from trainer.reward_judge import ServedReward
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,21 @@ def reply_shrink(candidate: dict[str, float], served: dict[str, float]) -> float
     return 1.0 - candidate["mean_words"] / served["mean_words"]
 
 
+def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
+    """How much lower the reward of a version's replies is than the reference policy's replies to the
+    same prompts, on average (negative: higher), and the standard error of that mean difference, paired
+    prompt by prompt (0 with fewer than two prompts)."""
+    if len(rewards) != len(reference) or not rewards:
+        raise ValueError(f"{len(rewards)} rewards for {len(reference)} reference rewards; score the same prompts")
+    diffs = [b - a for a, b in zip(rewards, reference)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in diffs) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def duplicate_reason(record: PreferenceRecord) -> str:
     """Why a ranking cannot train a policy ("" if it can): a response given twice is a tie."""
     seen: set[str] = set()
@@ -117,9 +138,15 @@ class DPOObjective(Objective):
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
-        #: the reference policy's mean reply words on the current guard prompt set: ((record ids, reply budget), words);
+        #: the reference policy's replies to the current guard prompt set: ((record ids, reply budget), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
-        self._reference_words: tuple[tuple[tuple[str, ...], int], float] | None = None
+        self._reference_replies: tuple[tuple[tuple[str, ...], int], list[str]] | None = None
+        #: the records whose prompts the guards reply to (:meth:`_guard_records`)
+        self._guard_ids: list[str] = []
+        #: the reward guard's judge (set by :meth:`use_registry`) and its scores of the reference replies:
+        #: ((prompt set key, judge name@version), scores)
+        self.judge: ServedReward | None = None
+        self._reference_rewards: tuple[tuple[Any, str], list[float]] | None = None
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -344,10 +371,33 @@ class DPOObjective(Objective):
         return pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
                                metrics)
 
+    def use_registry(self, registry: Any) -> None:
+        if self.settings.reward_guard and self.settings.guard_prompts:
+            from trainer.reward_judge import ServedReward
+
+            self.judge = ServedReward(registry, self.settings.reward_guard)
+
+    def _guard_records(self, records: Sequence[PreferenceRecord], n: int) -> list[PreferenceRecord]:
+        """The ``n`` held-out records, of distinct prompts, the guards reply to: the ones chosen before while
+        the evaluation set still holds them, topped up in canonical order, so the prompts (and the
+        reference's replies to them) stay put as the set grows instead of shifting with every record that
+        sorts before them.  One prompt once: a best-of-N's criteria feedback is often two records."""
+        by_id = {r.record_id: r for r in records}
+        kept: list[PreferenceRecord] = []
+        prompts: set[tuple[Any, ...]] = set()
+        for r in [by_id[i] for i in self._guard_ids if i in by_id] + canonical_order(records):
+            if len(kept) < n and r.prompt not in prompts:
+                kept.append(r)
+                prompts.add(r.prompt)
+        self._guard_ids = [r.record_id for r in kept]
+        return kept
+
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
         """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates,
         mean words, and the reference policy's mean words on the same prompts (what the length guard
-        compares with while no version is served; computed once per prompt set).
+        compares with while no version is served; generated once per prompt set); with a reward guard,
+        the judge's mean score of the replies, of the reference's, and the paired standard error of the
+        difference (:func:`reward_drop`).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
@@ -355,26 +405,37 @@ class DPOObjective(Objective):
         n = self.settings.guard_prompts
         if n == 0 or not records:
             return {}
-        held = canonical_order(records)[:n]
+        held = self._guard_records(records, n)
         prompts = [r.prompt for r in held]
         replies = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed)
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
         kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
         key = (tuple(r.record_id for r in held), self.settings.guard_max_new_tokens)
-        if self._reference_words is None or self._reference_words[0] != key:
+        if self._reference_replies is None or self._reference_replies[0] != key:
             base = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed,
                                   reference=True)
-            self._reference_words = (key, mean_words(base))
-        return {
+            self._reference_replies = (key, base)
+        reference = self._reference_replies[1]
+        out = {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),
             "repetition_rate": sum(repetition_rate(r) for r in replies) / len(replies),
             "mean_words": mean_words(replies),
             "guard_prompts": float(len(replies)),
             "guard_max_new_tokens": float(self.settings.guard_max_new_tokens),
-            "reference_mean_words": self._reference_words[1],
+            "reference_mean_words": mean_words(reference),
         }
+        judged = self.judge.score(prompts, replies) if self.judge is not None else None
+        if judged is not None:
+            judge, rewards = judged
+            if self._reference_rewards is None or self._reference_rewards[0] != (key, judge):
+                again = self.judge.score(prompts, reference)
+                self._reference_rewards = ((key, again[0]), again[1]) if again is not None else None
+            if self._reference_rewards is not None and self._reference_rewards[0] == (key, judge):
+                drop, se = reward_drop(rewards, self._reference_rewards[1])
+                out.update(mean_reward=sum(rewards) / len(rewards), reward_drop=drop, reward_drop_se=se)
+        return out
 
     guards = True
 
@@ -400,4 +461,12 @@ class DPOObjective(Objective):
             return (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
                     f"{m['mean_words']:.1f} words, {shrink:.0%} fewer than {whose} "
                     f"{against['mean_words']:.1f} (max_shrink {d.max_shrink})")
+        if "reward_drop" in m:
+            z = NormalDist().inv_cdf(self.cfg.gate.gate_confidence)
+            bound = m["reward_drop"] - z * m["reward_drop_se"]
+            if bound > d.max_reward_drop + 1e-12:
+                return (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
+                        f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean "
+                        f"{m['mean_reward']:.4f}; SE {m['reward_drop_se']:.4f} paired, lower bound {bound:.4f} at "
+                        f"gate_confidence {self.cfg.gate.gate_confidence}); max_reward_drop is {d.max_reward_drop}")
         return ""
