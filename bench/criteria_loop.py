@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_of_n_sent": summary["best_of_n_sent"],
         "gate_prompts": summary["gate_prompts"],
         "rejections": summary["rejections"],
+        "gate_metrics": summary["gate_metrics"],
         "evaluations": summary["evaluations"],
         "mean_reward_base": summary["mean_reward_base"],
         "mean_reward_final": summary["mean_reward_final"],

@@ -290,6 +290,7 @@ class LoopProcesses:
             "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
             "max_shrink": cfg.max_shrink, "guard_max_new_tokens": cfg.guard_max_new_tokens,
             "guard_prompts": cfg.guard_prompts, "max_reward_drop": cfg.max_reward_drop,
+            "guard_temperature": cfg.eval_temperature,
             "reward_guard": cfg.reward_model if cfg.reward_guard else "",
             "ray_storage_path": self.run_dir / "ray_train",
             "metrics_port": self.trainer_metrics_port,
@@ -487,6 +488,16 @@ class CriteriaLoop:
         rejected = [(v.version, v.reason) for v in vs if v.state.value == "rejected"]
         return published, rejected
 
+    def gate_metrics(self) -> dict[str, dict[str, Any]]:
+        """What the policy gate measured of each version it judged (its guards' numbers), and its verdict."""
+        from services.registry import ModelNotFound
+
+        try:
+            vs = self.registry.versions(self.cfg.policy_model, include_rejected=True)
+        except ModelNotFound:
+            return {}
+        return {v.version: {"state": v.state.value, **{k: round(x, 4) for k, x in v.metrics.items()}} for v in vs}
+
     async def _wait_served(self, scorer: Any, version: str, timeout_s: float = 120.0) -> bool:
         from scorer.domain import SamplingParams
 
@@ -624,6 +635,7 @@ class CriteriaLoop:
             "versions_published": len(published),
             "versions_rejected": len(rejected),
             "rejections": [f"{v}: {why}" for v, why in rejected][:10],
+            "gate_metrics": self.gate_metrics(),
             "failed_requests": self.counters.failed,
             "errors": self.counters.errors,
             "kl_to_ref": final.kl_to_ref,

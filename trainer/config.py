@@ -144,6 +144,11 @@ class DPOSettings:
     guard_prompts: int = field(default=8, metadata=_help(
         "held-out prompts the gate samples replies for (KL, empty replies, repetition); 0 disables the guards"))
     guard_max_new_tokens: int = field(default=48, metadata=_help("reply length the gate samples, in tokens"))
+    guard_temperature: float = field(default=0.0, metadata=_help(
+        "temperature of the guard's replies (one per prompt, fixed seeds; the reference's are drawn alike); 0 = greedy. "
+        "Set it to the temperature the policy is served at so the guards see the replies users get: on the criteria "
+        "loop a version's greedy replies kept 36 words and the reference's reward while its replies sampled at 0.7 "
+        "fell to 28 words and lost a sixth of it (docs/loop.md)"))
     max_empty_rate: float = field(default=0.25, metadata=_help(
         "gate degeneration guard: reject when more than this share of the sampled replies is empty"))
     max_repetition_rate: float = field(default=0.5, metadata=_help(
@@ -155,13 +160,15 @@ class DPOSettings:
         "reward model's quality (docs/loop.md); a slower cut, version by version, passes. 1 disables"))
     reward_guard: str = field(default="", metadata=_help(
         "gate reward guard: the registry name of a reward model. The version of it the registry serves scores the "
-        "guard's replies and the reference policy's replies to the same prompts, and a version whose mean score is, at "
-        "gate_confidence (paired over the prompts), more than max_reward_drop below the reference's is refused, so "
-        "no drift is served that the reward model calls worse than where the policy started, however slowly it came; "
-        "empty = off (also while no version of that model is served)"))
+        "guard's replies and the reference policy's replies to the same prompts, and a version whose mean score is "
+        "more than max_reward_drop below the reference's is refused, so no drift is served that the reward model "
+        "calls worse than where the policy started, however slowly it came; empty = off (also while no version of "
+        "that model is served)"))
     max_reward_drop: float = field(default=0.0, metadata=_help(
         "gate reward guard: the largest drop of the mean reward below the reference policy's replies that is "
-        "tolerated, in the reward model's own units (with reward_guard)"))
+        "tolerated, in the reward model's own units (with reward_guard). The rule reads the mean, not a confidence "
+        "bound: its noise (the paired standard error, in the registry as reward_drop_se) is what this margin is for; "
+        "a bound would let a drop as large as the one it is meant to stop through on a few prompts"))
 
     def validate(self) -> None:
         require(self.dpo_loss in DPO_LOSSES, "dpo_loss",
@@ -184,6 +191,8 @@ class DPOSettings:
         require(self.max_kl > 0, "max_kl", "must be > 0 nats")
         require(self.guard_prompts >= 0, "guard_prompts", "must be >= 0 (0 disables the guards)")
         require(self.guard_max_new_tokens >= 1, "guard_max_new_tokens", "must be >= 1")
+        require(math.isfinite(self.guard_temperature) and 0 <= self.guard_temperature <= 2, "guard_temperature",
+                f"must be within [0, 2], got {self.guard_temperature} (0 = greedy replies)")
         require(0 <= self.max_empty_rate <= 1, "max_empty_rate", "is a share; use 0..1")
         require(0 <= self.max_repetition_rate <= 1, "max_repetition_rate", "is a share; use 0..1")
         require(0 < self.max_shrink <= 1, "max_shrink",

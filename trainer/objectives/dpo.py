@@ -18,11 +18,11 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
   unpaired completions.  ``sft_weight`` > 0 adds RPO's NLL of the best response to any of them.
 * **The gate** measures the implicit-reward pairwise accuracy, β·(log π − log π_ref) per response,
   through the same :func:`trainer.evaluation.pairwise_result` as reward models, so the paired,
-  noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples short replies
-  (greedy, fixed) and records the mean per-token KL to the reference, the share of empty replies and
-  the repetition rate, and how much shorter the replies are than the served version's (or the
-  reference's); with ``reward_guard``, a served reward model also scores them against the reference
-  policy's replies to the same prompts.  :meth:`guard` rejects a version past the configured bounds.
+  noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples replies (greedy
+  or at ``guard_temperature``, fixed seeds) and records the mean per-token KL to the reference, the
+  share of empty replies and the repetition rate, and how much shorter the replies are than the
+  served version's (or the reference's); with ``reward_guard``, a served reward model also scores
+  them against the reference policy's replies to the same prompts.  :meth:`guard` rejects a version past the configured bounds.
 * **Checkpoints** hold a merged Hugging Face causal-LM folder (what the scorer serves, loadable with
   ``AutoModelForCausalLM`` and ``pipeline("text-generation")``) and, for LoRA, the adapter alone in
   ``adapter/`` (what a resumed trainer puts back on the base).
@@ -35,7 +35,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -95,8 +94,8 @@ def reply_shrink(candidate: dict[str, float], served: dict[str, float]) -> float
     keys = ("mean_words", "guard_prompts", "guard_max_new_tokens")
     if any(k not in candidate or k not in served for k in keys):
         return None
-    if candidate["guard_prompts"] != served["guard_prompts"] or \
-            candidate["guard_max_new_tokens"] != served["guard_max_new_tokens"] or served["mean_words"] <= 0:
+    if any(candidate.get(k, 0.0) != served.get(k, 0.0) for k in (*keys[1:], "guard_temperature")) or \
+            served["mean_words"] <= 0:
         return None
     return 1.0 - candidate["mean_words"] / served["mean_words"]
 
@@ -138,9 +137,9 @@ class DPOObjective(Objective):
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
-        #: the reference policy's replies to the current guard prompt set: ((record ids, reply budget), replies);
+        #: the reference policy's replies to the current guard prompt set: ((record ids, budget, temperature), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
-        self._reference_replies: tuple[tuple[tuple[str, ...], int], list[str]] | None = None
+        self._reference_replies: tuple[tuple[tuple[str, ...], int, float], list[str]] | None = None
         #: the records whose prompts the guards reply to (:meth:`_guard_records`)
         self._guard_ids: list[str] = []
         #: the reward guard's judge (set by :meth:`use_registry`) and its scores of the reference replies:
@@ -393,10 +392,10 @@ class DPOObjective(Objective):
         return kept
 
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
-        """Replies to held-out prompts (greedy, fixed): KL to the reference, empty and repetition rates,
-        mean words, and the reference policy's mean words on the same prompts (what the length guard
-        compares with while no version is served; generated once per prompt set); with a reward guard,
-        the judge's mean score of the replies, of the reference's, and the paired standard error of the
+        """Replies to held-out prompts (greedy or at ``guard_temperature``, fixed seeds): KL to the
+        reference, empty and repetition rates, mean words, and the reference policy's mean words on the
+        same prompts (what the length guard compares with while no version is served; generated once
+        per prompt set); with a reward guard, the judge's mean score of the replies, of the reference's, and the paired standard error of the
         difference (:func:`reward_drop`).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
@@ -407,14 +406,15 @@ class DPOObjective(Objective):
             return {}
         held = self._guard_records(records, n)
         prompts = [r.prompt for r in held]
-        replies = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed)
+        d = self.settings
+        sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed, "temperature": d.guard_temperature}
+        replies = model.generate(prompts, **sampling)
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
         kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
-        key = (tuple(r.record_id for r in held), self.settings.guard_max_new_tokens)
+        key = (tuple(r.record_id for r in held), d.guard_max_new_tokens, d.guard_temperature)
         if self._reference_replies is None or self._reference_replies[0] != key:
-            base = model.generate(prompts, max_new_tokens=self.settings.guard_max_new_tokens, seed=self.cfg.optim.seed,
-                                  reference=True)
+            base = model.generate(prompts, **sampling, reference=True)
             self._reference_replies = (key, base)
         reference = self._reference_replies[1]
         out = {
@@ -423,7 +423,8 @@ class DPOObjective(Objective):
             "repetition_rate": sum(repetition_rate(r) for r in replies) / len(replies),
             "mean_words": mean_words(replies),
             "guard_prompts": float(len(replies)),
-            "guard_max_new_tokens": float(self.settings.guard_max_new_tokens),
+            "guard_max_new_tokens": float(d.guard_max_new_tokens),
+            "guard_temperature": float(d.guard_temperature),
             "reference_mean_words": mean_words(reference),
         }
         judged = self.judge.score(prompts, replies) if self.judge is not None else None
@@ -461,12 +462,8 @@ class DPOObjective(Objective):
             return (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
                     f"{m['mean_words']:.1f} words, {shrink:.0%} fewer than {whose} "
                     f"{against['mean_words']:.1f} (max_shrink {d.max_shrink})")
-        if "reward_drop" in m:
-            z = NormalDist().inv_cdf(self.cfg.gate.gate_confidence)
-            bound = m["reward_drop"] - z * m["reward_drop_se"]
-            if bound > d.max_reward_drop + 1e-12:
-                return (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
-                        f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean "
-                        f"{m['mean_reward']:.4f}; SE {m['reward_drop_se']:.4f} paired, lower bound {bound:.4f} at "
-                        f"gate_confidence {self.cfg.gate.gate_confidence}); max_reward_drop is {d.max_reward_drop}")
+        if "reward_drop" in m and m["reward_drop"] > d.max_reward_drop + 1e-12:
+            return (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
+                    f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
+                    f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}")
         return ""
