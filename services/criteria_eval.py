@@ -61,11 +61,13 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
     "trim": "a failing reply's longest passing sentence prefix over it and over its shortest, else one length-matched pair",
     "trim_next": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later and over "
                   "its shortest, else one length-matched pair"),
+    "trim_bracket": ("trim_next's pairs, and the passing reply the tie breaker ranks highest over the one it ranks "
+                     "lowest"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
-TRIM_MODES: tuple[str, ...] = ("trim", "trim_next")
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -545,6 +547,14 @@ def preferences_from_scores(
     where an end is better, that is, one that depends on the length.  The later cut is not scored
     (its ``response_attributes`` are empty); its combined score is taken as the reply's.
 
+    ``mode="trim_bracket"``: ``trim_next``'s pairs (or, with no reply to cut, its length-matched pair),
+    and from a request with two or more passing replies (combined score 1) the one the tie breaker
+    ranks highest over the one it ranks lowest.  Why: ``trim_next`` teaches where to stop and nothing
+    else, and the policies it trained still shortened at every length, losing the reward model's
+    quality (docs/loop.md); the second pair, two replies that both keep every rule, is a preference
+    the criteria leave to the tie breaker, and with the HH reward model it mostly prefers the fuller
+    reply, so replies far under a word limit are pulled back up while a cut stops them running over.
+
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
     a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
@@ -590,7 +600,7 @@ def preferences_from_scores(
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         later = reply
-        if mode == "trim_next" and (cut_later := next(
+        if mode in ("trim_next", "trim_bracket") and (cut_later := next(
                 (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
             later = len(texts)
             texts.append(cut_later)
@@ -615,7 +625,12 @@ def preferences_from_scores(
             weakest = min((k for k in top if k != pair[0]), key=lambda k: (keys[k][1], -k), default=None)
             if weakest is not None and keys[pair[0]][1] > keys[weakest][1]:
                 groups.append([ranked[pair[0]], ranked[weakest]])
-    elif len(ranked) >= 2:
+    if mode == "trim_bracket":
+        passing = [i for i in ranked if key[i][0] == _q(1.0)]  # best first: by the tie breaker
+        if len(passing) >= 2 and key[passing[0]][1] > key[passing[-1]][1] and \
+                [passing[0], passing[-1]] not in groups:
+            groups.append([passing[0], passing[-1]])
+    elif mode in ("pair", "pairs") and len(ranked) >= 2:
         best, worst = ranked[0], ranked[-1]
         if key[best] != key[worst]:
             groups.append([best, worst])

@@ -370,7 +370,8 @@ class CriteriaStore:
         ``matched_pairs``, that and the best class's own length-matched pair; ``bracket``, that and the matched
         pair's chosen reply over its class's tie-breaker-weakest one; ``trim``, a failing reply's longest passing sentence prefix
         over it and over its shortest one; ``trim_next``, the same with the first pair's rejected reply cut one
-        sentence later; ``ranking``, every distinct reply, for the Plackett-Luce loss; see
+        sentence later; ``trim_bracket``, those and the tie breaker's best passing reply over its worst;
+        ``ranking``, every distinct reply, for the Plackett-Luce loss; see
         :func:`services.criteria_eval.preferences_from_scores`).  A criterion's own setting wins over the project's."""
         validate_name(project, "project")
         if name != ALL:

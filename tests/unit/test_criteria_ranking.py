@@ -367,6 +367,30 @@ def test_trim_next_rejects_the_same_reply_cut_one_sentence_later_so_both_ends_st
         _pairs(replies, scores, tb, "matched")
 
 
+def test_trim_bracket_adds_the_tie_breaker_s_best_passing_reply_over_its_worst() -> None:
+    from services.criteria_eval import prefix_trimmer, preferences_from_scores
+
+    trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
+    runaway = "Boil water first. Then add the pasta and salt. Stir it now and then. Drain it after ten minutes."
+    full = "Boil salted water, add the pasta, and drain it after ten minutes."
+    replies, scores, tb = ["Boil it.", runaway, full], [1.0, 0.0, 1.0], [0.1, 0.9, 0.6]
+    out = [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_bracket", trim=trim)]
+    longest = "Boil water first. Then add the pasta and salt."
+    # trim_next's two pairs, then the passing replies: the tie breaker's best (0.6) over its worst (0.1)
+    assert out == [(longest, longest + " Stir it now and then."), (longest, "Boil water first."), (full, "Boil it.")]
+    # one passing reply, or passing replies the tie breaker cannot tell apart: trim_next's pairs alone
+    assert len(preferences_from_scores(PROMPT, replies[:2], scores[:2], tb[:2], mode="trim_bracket", trim=trim)) == 2
+    assert len(preferences_from_scores(PROMPT, replies, scores, [0.1, 0.9, 0.1], mode="trim_bracket", trim=trim)) == 2
+    # every reply passes: the matched fallback, and the bracket pair unless it is the same pair
+    allpass = ["Boil it.", full, "Boil the pasta for ten minutes in salted water."]
+    got = [r.ranked_responses for r in preferences_from_scores(PROMPT, allpass, [1.0] * 3, [0.1, 0.6, 0.5],
+                                                                mode="trim_bracket", trim=trim)]
+    assert got == [*_pairs(allpass, [1.0] * 3, [0.1, 0.6, 0.5], "matched"), (full, "Boil it.")]
+    two = [r.ranked_responses for r in preferences_from_scores(PROMPT, allpass[:2], [1.0] * 2, [0.1, 0.6],
+                                                                mode="trim_bracket", trim=trim)]
+    assert two == [(full, "Boil it.")]  # the matched pair needs similar lengths; the bracket pair does not
+
+
 def _trim_or_matched(replies, scores, tb, trim) -> list[tuple[str, ...]]:
     from services.criteria_eval import preferences_from_scores
 
