@@ -22,11 +22,11 @@ import time
 from typing import Any
 
 #: How the bench teaches (both modes): pairs cut from failing replies where both replies end the turn,
-#: with the tie breaker's best passing reply over its worst beside them (docs/loop.md, "A reward guard"),
-#: the earlier phases' criteria kept in the later ranking, DPO alone (no NLL term, a uniform push to
-#: stop sooner), and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both
-#: replies stop").
-RECIPE = {"pairing": "trim_bracket", "keep_earlier": True, "sft_weight": 0.0,
+#: with the tie breaker's best passing reply over its worst beside them, and the gate's reward guard on
+#: (without it those pairs took the policy past the limit: docs/loop.md, "A reward guard"); the earlier
+#: phases' criteria kept in the later ranking, DPO alone (no NLL term, a uniform push to stop sooner),
+#: and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both replies stop").
+RECIPE = {"pairing": "trim_bracket", "reward_guard": True, "keep_earlier": True, "sft_weight": 0.0,
           "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 600.0, "max_tokens": 128, "checkpoint_every_records": 24,
         "candidates": 6, "reward_checkpoint": "auto"}
