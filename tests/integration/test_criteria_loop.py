@@ -50,8 +50,8 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
     assert summary["versions_published"] >= 1, summary["rejections"]
     final = summary["final_version"]
     assert final != "base" and summary["evaluations"][-1]["versions"] == {final: 4}  # the served version was measured
-    gate = summary["gate_metrics"][final]  # with what the policy gate measured of it
-    assert gate["state"] == "published" and 0.0 <= gate["empty_rate"] <= 1.0 and gate["guard_prompts"] >= 1
+    # with the gate's verdict (gate_every 0: no held-out records, so no guard numbers beside it)
+    assert summary["gate_metrics"][final]["state"] == "published"
     assert summary["evaluations"][0]["version"] == "base"
     for e in summary["evaluations"]:  # every reading has the length spread and the share max_tokens cut off
         assert set(e["words"]) == {"p10", "p50", "p90"} and 0.0 <= e["cut_off"] <= 1.0
