@@ -22,7 +22,8 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
   or at ``guard_temperature``, fixed seeds) and records the mean per-token KL to the reference, the
   share of empty replies and the repetition rate, and how much shorter the replies are than the
   served version's (or the reference's); with ``reward_guard``, a served reward model also scores
-  them against the reference policy's replies to the same prompts.  :meth:`guard` rejects a version past the configured bounds.
+  them against the reference policy's replies to the same prompts.  :meth:`guard` rejects a version
+  past the configured bounds.
 * **Checkpoints** hold a merged Hugging Face causal-LM folder (what the scorer serves, loadable with
   ``AutoModelForCausalLM`` and ``pipeline("text-generation")``) and, for LoRA, the adapter alone in
   ``adapter/`` (what a resumed trainer puts back on the base).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -107,12 +109,8 @@ def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[f
     if len(rewards) != len(reference) or not rewards:
         raise ValueError(f"{len(rewards)} rewards for {len(reference)} reference rewards; score the same prompts")
     diffs = [b - a for a, b in zip(rewards, reference)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((x - mean) ** 2 for x in diffs) / (n - 1)
-    return mean, math.sqrt(var / n)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.fmean(diffs), se
 
 
 def duplicate_reason(record: PreferenceRecord) -> str:
@@ -142,10 +140,8 @@ class DPOObjective(Objective):
         self._reference_replies: tuple[tuple[tuple[str, ...], int, float], list[str]] | None = None
         #: the records whose prompts the guards reply to (:meth:`_guard_records`)
         self._guard_ids: list[str] = []
-        #: the reward guard's judge (set by :meth:`use_registry`) and its scores of the reference replies:
-        #: ((prompt set key, judge name@version), scores)
+        #: the reward guard's judge (set by :meth:`use_registry`)
         self.judge: ServedReward | None = None
-        self._reference_rewards: tuple[tuple[Any, str], list[float]] | None = None
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -395,8 +391,8 @@ class DPOObjective(Objective):
         """Replies to held-out prompts (greedy or at ``guard_temperature``, fixed seeds): KL to the
         reference, empty and repetition rates, mean words, and the reference policy's mean words on the
         same prompts (what the length guard compares with while no version is served; generated once
-        per prompt set); with a reward guard, the judge's mean score of the replies, of the reference's, and the paired standard error of the
-        difference (:func:`reward_drop`).
+        per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
+        than the reference's replies' and its paired standard error (:func:`reward_drop`).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
@@ -427,15 +423,13 @@ class DPOObjective(Objective):
             "guard_temperature": float(d.guard_temperature),
             "reference_mean_words": mean_words(reference),
         }
-        judged = self.judge.score(prompts, replies) if self.judge is not None else None
+        # Both sets of replies in one call, so one version of the judge scores them (a few ms for a small
+        # reward model; the reference's replies are kept, their scores are not).
+        judged = self.judge.score(prompts * 2, replies + reference) if self.judge is not None else None
         if judged is not None:
-            judge, rewards = judged
-            if self._reference_rewards is None or self._reference_rewards[0] != (key, judge):
-                again = self.judge.score(prompts, reference)
-                self._reference_rewards = ((key, again[0]), again[1]) if again is not None else None
-            if self._reference_rewards is not None and self._reference_rewards[0] == (key, judge):
-                drop, se = reward_drop(rewards, self._reference_rewards[1])
-                out.update(mean_reward=sum(rewards) / len(rewards), reward_drop=drop, reward_drop_se=se)
+            rewards = judged[1]
+            drop, se = reward_drop(rewards[:len(replies)], rewards[len(replies):])
+            out.update(mean_reward=statistics.fmean(rewards[:len(replies)]), reward_drop=drop, reward_drop_se=se)
         return out
 
     guards = True
