@@ -403,7 +403,8 @@ class DPOObjective(Objective):
         held = self._guard_records(records, n)
         prompts = [r.prompt for r in held]
         d = self.settings
-        sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed, "temperature": d.guard_temperature}
+        sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed,
+                    "temperature": d.guard_temperature}
         replies = model.generate(prompts, **sampling)
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
