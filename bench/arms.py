@@ -7,10 +7,10 @@ It sits below :mod:`bench.train_reward` (the accuracy and throughput arms) and :
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable, Sequence
 
 from services.config import replace as config_replace
+from services.stats import paired_difference
 
 
 def fresh_learner(cfg: Any) -> Any:
@@ -53,9 +53,8 @@ def stream_phases(cfg: Any, phases: Sequence[Sequence[Any]],
 
 def paired_diff(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Mean and standard error of the per-seed differences ``a - b`` (same seed = same init and order)."""
-    diffs = [x - y for x, y in zip(a, b)]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return {"mean": statistics.fmean(diffs), "se": se, "per_seed": diffs}
+    mean, se = paired_difference(a, b)
+    return {"mean": mean, "se": se, "per_seed": [x - y for x, y in zip(a, b)]}
 
 
 __all__ = ["fresh_learner", "paired_diff", "stream_phases"]

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from services.stats import paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,12 @@ def paired_stats(live: Sequence[str], offline: Sequence[str]) -> tuple[float, fl
     n = len(live[0])
     if n < 2 or any(len(s) != n for s in (*live, *offline)):
         raise ValueError("every outcome string must cover the same >= 2 test pairs")
-    d = [sum(int(a[i]) - int(b[i]) for a, b in zip(live, offline)) / len(live) for i in range(n)]
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1)
-    return mean, math.sqrt(var / n)
+
+    def per_pair(arm: Sequence[str]) -> list[float]:
+        return [sum(int(s[i]) for s in arm) / len(arm) for i in range(n)]
+
+    mean, se = paired_difference(per_pair(live), per_pair(offline))
+    return mean, se or 0.0
 
 
 def _offline_config(demo_cfg: Any) -> Any:
