@@ -144,6 +144,20 @@ class LoopConfig:
         "the reward guard's tolerance, in the reward model's units: on the word-limit bench the HH reward model's "
         "mean over 48 held-out replies fell 0.06-0.13 in versions that lost the quality target, and a version's mean "
         "over the guard's prompts has a standard error of about 0.03")})
+    criteria_guard: bool = field(default=False, metadata={"help": (
+        "the policy gate's criteria guard: refuse a version whose replies to the gate's held-out prompts break the "
+        "rule criteria of the loop more often than the base policy's replies to the same prompts, by more than "
+        "max_violation_rise; a refused version sends training back to the served weights. On the word-limit bench "
+        "with best-of-12 a version broke the limit in 88% of its replies (the base: 50%) and was served without it. "
+        "Off by default: its bar is the base policy, so it does not stop a later phase from giving back what an "
+        "earlier version learnt, and one bench run with it on refused nothing (docs/loop.md)")})
+    max_violation_rise: float = field(default=0.0, metadata={"help": (
+        "the criteria guard's tolerance: the share of the gate's prompts by which the version may break the rules "
+        "more often than the base policy")})
+    min_guard_prompts: int = field(default=0, metadata={"help": (
+        "a policy version judged by the guards on fewer held-out prompts than this is not published yet (nor rolled "
+        "back): the held-out set fills one best-of-N in gate_every, and the first version of a fresh loop was judged "
+        "on 2-3 prompts; 0 = judge on whatever there is")})
     guard_prompts: int = field(default=24, metadata={"help": (
         "held-out prompts the policy gate's guards reply to (KL, length, reward, degeneration): more cost a few "
         "seconds each per checkpoint and make the guards' means less noisy")})
@@ -193,7 +207,8 @@ class LoopConfig:
                     lora_target_modules=self.lora_target_modules, max_kl=self.max_kl, max_shrink=self.max_shrink,
                     guard_max_new_tokens=self.guard_max_new_tokens, guard_prompts=self.guard_prompts,
                     guard_temperature=self.eval_temperature,
-                    max_reward_drop=self.max_reward_drop,
+                    max_reward_drop=self.max_reward_drop, criteria_guard=self.criteria_guard,
+                    max_violation_rise=self.max_violation_rise, min_guard_prompts=self.min_guard_prompts,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")

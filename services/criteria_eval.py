@@ -436,6 +436,11 @@ def criterion_source(ref: str) -> str:
     return CRITERION_SOURCE_PREFIX + ref
 
 
+def record_criteria(source_event_ids: Sequence[str]) -> list[str]:
+    """The ``name@version`` refs of the criteria that built a record (:func:`criterion_source`'s inverse)."""
+    return [s[len(CRITERION_SOURCE_PREFIX):] for s in source_event_ids if s.startswith(CRITERION_SOURCE_PREFIX)]
+
+
 def matched_pair(order: Sequence[int], keys: Sequence[tuple[float, float]], words: Sequence[int],
                  tolerance: float = MATCHED_LENGTH_TOLERANCE) -> tuple[int, int] | None:
     """The length-matched pair of ``mode="matched"``, as positions (chosen, rejected) in ``order``.
@@ -663,7 +668,7 @@ def preferences_from_scores(
 
 __all__ = [
     "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
-    "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source",
+    "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source", "record_criteria",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "mean_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",
 ]

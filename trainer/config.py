@@ -155,7 +155,8 @@ class DPOSettings:
         "gate degeneration guard: reject when the mean share of repeated 3-grams in the replies exceeds this"))
     max_shrink: float = field(default=0.3, metadata=_help(
         "gate length guard: reject a version whose replies to the held-out prompts are, on average, more than this "
-        "share shorter in words than the served version's replies to the same prompts. Saying less is DPO's cheap way "
+        "share shorter in words than the served version's replies to the same prompts (than the reference policy's, "
+        "when those are shorter: a version that ran long may be cut back). Saying less is DPO's cheap way "
         "to satisfy a preference: on the criteria loop one version cut the replies from 35 to 20 words and lost the "
         "reward model's quality (docs/loop.md); a slower cut, version by version, passes. 1 disables"))
     reward_guard: str = field(default="", metadata=_help(
@@ -169,6 +170,21 @@ class DPOSettings:
         "tolerated, in the reward model's own units (with reward_guard). The rule reads the mean, not a confidence "
         "bound: its noise (the paired standard error, in the registry as reward_drop_se) is what this margin is for; "
         "a bound would let a drop as large as the one it is meant to stop through on a few prompts"))
+    criteria_guard: bool = field(default=False, metadata=_help(
+        "gate criteria guard: the rule criteria a held-out record names (criteria feedback records carry "
+        "criterion:name@version) judge the guard's reply to its prompt and the reference policy's, and a version "
+        "whose replies break them more often than the reference's, by more than max_violation_rise, is refused: the "
+        "criteria the policy is trained on must not get worse than where it started (on the criteria loop a version "
+        "broke the word limit in 88% of its replies against the base's 50% and was served, docs/loop.md). Reward and "
+        "judge criteria need a served model and are not read here"))
+    max_violation_rise: float = field(default=0.0, metadata=_help(
+        "gate criteria guard: the largest rise, as a share of the guard prompts, of the replies that break their "
+        "record's rule criteria over the reference policy's replies (with criteria_guard)"))
+    min_guard_prompts: int = field(default=0, metadata=_help(
+        "a version whose guards read fewer distinct held-out prompts than this is not published yet, and not rolled "
+        "back: training goes on and the next checkpoint is judged on more. The first checkpoints of a fresh stream "
+        "see a held-out set of a few records (the criteria loop's first version was judged on 2-3 prompts); "
+        "0 = judge on whatever there is"))
 
     def validate(self) -> None:
         require(self.dpo_loss in DPO_LOSSES, "dpo_loss",
@@ -198,6 +214,11 @@ class DPOSettings:
         require(0 < self.max_shrink <= 1, "max_shrink",
                 f"is a share of the served version's reply length, got {self.max_shrink}; use 0 < max_shrink <= 1 "
                 "(1 disables the length guard)")
+        require(math.isfinite(self.max_violation_rise) and 0 <= self.max_violation_rise <= 1, "max_violation_rise",
+                f"is a share of the guard prompts, got {self.max_violation_rise}; use 0 <= max_violation_rise <= 1")
+        require(0 <= self.min_guard_prompts <= self.guard_prompts, "min_guard_prompts",
+                f"must be within [0, guard_prompts={self.guard_prompts}], got {self.min_guard_prompts} (the guards "
+                "never read more prompts than guard_prompts)")
         require(math.isfinite(self.max_reward_drop) and self.max_reward_drop >= 0, "max_reward_drop",
                 f"must be a finite number >= 0 in the reward model's units, got {self.max_reward_drop}")
         require(not self.reward_guard or is_valid_name(self.reward_guard), "reward_guard",

@@ -203,8 +203,11 @@ class Gate:
             tolerance=self.cfg.gate.gate_tolerance, confidence=self.cfg.gate.gate_confidence,
             publish_without_eval=self.cfg.gate.publish_without_eval,
         )
-        guard = self.objective.guard(result, served)
-        if guard:
+        wait = self.objective.unjudged(result) if decision.publish else ""
+        guard = self.objective.guard(result, served) if not wait else ""
+        if wait:
+            decision = Decision(False, wait, decision.served_version, decision.served_accuracy)
+        elif guard:
             reason = guard if decision.publish else f"{decision.reason}; {guard}"
             decision = Decision(False, reason, decision.served_version, decision.served_accuracy, guarded=True)
         numbers: dict[str, float] = dict(extra_metrics or {})

@@ -30,7 +30,8 @@ from trainer.gate import Decision
 from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
-from trainer.objectives.dpo import ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop
+from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
+                                    violation_rise)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -289,6 +290,14 @@ def test_length_guard_refuses_a_version_that_says_much_less_than_the_served_one(
     assert objective.guard(first, None) == ("length guard: the replies to 8 held-out prompts average 19.5 words, "
                                             "46% fewer than the reference policy's 36.0 (max_shrink 0.3)")
     assert objective.guard(first, guarded(25)) == ""  # a served version is the bar once there is one
+    # ... unless it ran longer than the reference: cutting it back towards where the policy started is no collapse
+    # (the criteria loop refused a v2 of 49 words against a served v1's 76.5; the reference's were 34)
+    back = guarded(49.2)
+    back.metrics["reference_mean_words"] = 34.0
+    assert objective.guard(back, guarded(76.5)) == ""
+    back.metrics["mean_words"] = 20.0  # 41% under the reference: refused, against the reference
+    assert objective.guard(back, guarded(76.5)) == ("length guard: the replies to 8 held-out prompts average 20.0 "
+                                                    "words, 41% fewer than the reference policy's 34.0 (max_shrink 0.3)")
     reason = objective.guard(guarded(19.5), guarded(35.5))
     assert reason == ("length guard: the replies to 8 held-out prompts average 19.5 words, 45% fewer than the "
                       "served version's 35.5 (max_shrink 0.3)")
@@ -538,3 +547,140 @@ def test_log_probs_are_read_at_the_sampling_temperature_and_the_cache_remembers_
     (tmp_path / REF_FILE).write_text(json.dumps({r: list(cold.reference[r])}))  # the format before temperatures
     other.load_state(tmp_path)
     assert other.reference == {r: cold.reference[r]}
+
+
+# --- the criteria guard and the wait for enough guard prompts ------------------------------------------
+
+
+def test_violation_rise_counts_the_prompts_whose_records_name_rule_criteria() -> None:
+    m = violation_rise([(True, False), (False, False), (None, None), (True, True), (False, None)])
+    assert m == pytest.approx({"violation_rate": 2 / 3, "reference_violation_rate": 1 / 3, "violation_rise": 1 / 3,
+                               "criteria_prompts": 3.0})
+    assert violation_rise([(None, None)]) == {}  # no rule criterion on any guard prompt: nothing to guard
+
+
+def criteria_judged(rate: float, reference: float, prompts: int = 12) -> EvalResult:
+    result = guarded(30, prompts=16)
+    result.metrics.update(violation_rise([(i < rate * prompts, i < reference * prompts) for i in range(prompts)]))
+    return result
+
+
+def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_the_reference(tmp_path,
+                                                                                           tiny_base) -> None:
+    objective = DPOObjective(config(tmp_path, tiny_base, criteria_guard=True, max_violation_rise=0.1))
+    assert objective.guard(criteria_judged(0.25, 0.5)) == ""  # the rule learnt
+    assert objective.guard(criteria_judged(7 / 12, 0.5)) == ""  # within the tolerated rise
+    assert objective.guard(criteria_judged(0.75, 0.5)) == (
+        "criteria guard: 75% of the replies to 12 held-out prompts break their records' rule criteria, against 50% "
+        "of the reference policy's (max_violation_rise 0.1)")
+    assert objective.guard(guarded(30)) == ""  # no criteria numbers (no criteria records held out): nothing to refuse on
+
+
+def test_a_version_judged_on_too_few_guard_prompts_waits_and_is_not_rolled_back(tmp_path, tiny_base) -> None:
+    from services.registry import ModelVersion
+    from services.checkpoints import CheckpointRef
+    from trainer.gate import Gate
+
+    cfg = config(tmp_path, tiny_base, guard_prompts=8, min_guard_prompts=6, publish=True)
+    objective = objective_for(cfg)
+    assert objective.unjudged(guarded(30, prompts=5)).startswith(
+        "not judged yet: the guards read 5 held-out prompts, fewer than min_guard_prompts 6")
+    assert objective.unjudged(guarded(30, prompts=6)) == ""
+    assert objective.unjudged(None) == ""  # no held-out records at all: publish_without_eval decides, not a wait
+
+    class Registry:
+        def __init__(self) -> None:
+            self.published, self.rejected = [], []
+
+        def target(self, name: str) -> ModelVersion | None:
+            return None
+
+        def publish(self, version: ModelVersion) -> None:
+            self.published.append(version.version)
+
+        def reject(self, version: ModelVersion, reason: str) -> None:
+            self.rejected.append((version.version, reason))
+
+    registry = Registry()
+    gate = Gate(cfg, registry, EvalSet(8), objective)
+    early = guarded(1, prompts=3)  # would fail the length guard too: not judged, so not refused by it either
+    early.metrics["reference_mean_words"] = 30.0
+    decision = gate.judge(CheckpointRef("policy", "v000001", "file:///x", tmp_path), early, records_seen=8, base_model="b")
+    assert not decision.publish and not decision.guarded and decision.reason.startswith("not judged yet")
+    assert registry.rejected == [("v000001", decision.reason)] and registry.published == []
+    decision = gate.judge(CheckpointRef("policy", "v000002", "file:///x", tmp_path), guarded(30, prompts=6), records_seen=16,
+                          base_model="b")
+    assert decision.publish and registry.published == ["v000002"]
+    with pytest.raises(ConfigError, match="min_guard_prompts"):
+        config(tmp_path, tiny_base, guard_prompts=4, min_guard_prompts=5)
+
+
+class Store:
+    """The criteria store's one read: ``get(project, ref)``; one criterion stored, one unreachable call."""
+
+    def __init__(self) -> None:
+        from services.criteria import Criterion, Rule
+
+        self.criteria = {("default", "brief@v1"): Criterion(name="brief", version="v1",
+                                                            rules=(Rule("max_words", 4),)),
+                         ("default", "judged@v1"): Criterion.from_dict({"name": "judged", "version": "v1",
+                                                                        "judge": {"model": "policy",
+                                                                                  "question": "Is it kind?"}})}
+        self.calls, self.down = 0, False
+
+    def get(self, project: str, ref: str):
+        from services.criteria_store import CriterionNotFound
+
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("redis is down")
+        if (project, ref) not in self.criteria:
+            raise CriterionNotFound(project, ref)
+        return self.criteria[(project, ref)]
+
+
+def test_record_criteria_judge_a_reply_by_the_rule_criteria_its_record_names() -> None:
+    from trainer.criteria_judge import RecordCriteria
+
+    store = Store()
+    judge = RecordCriteria(store)
+    record = records(1)[0]
+    brief = dataclasses.replace(record, source_event_ids=("e1", "criterion:brief@v1"))
+    assert judge.breaks(brief, "one two three four") is False
+    assert judge.breaks(brief, "one two three four five") is True
+    assert store.calls == 1  # a stored version never changes: read once
+    assert judge.breaks(record, "anything at all, however long it runs") is None  # human feedback: no criteria
+    judged_only = dataclasses.replace(record, source_event_ids=("criterion:judged@v1",))
+    assert judge.breaks(judged_only, "a reply") is None  # a judge criterion needs a served model: not read here
+    gone = dataclasses.replace(record, source_event_ids=("criterion:deleted@v3", "criterion:brief@v1"))
+    assert judge.breaks(gone, "one two three four five") is True  # the criteria that can be read still judge
+    store.down = True
+    other = dataclasses.replace(record, source_event_ids=("criterion:other@v1",))
+    assert judge.breaks(other, "x") is None  # the store unreachable: not judged, and asked again next time
+    store.down = False
+    store.criteria[("default", "other@v1")] = store.criteria[("default", "brief@v1")]
+    assert judge.breaks(other, "one two three four five") is True
+
+
+def test_guard_metrics_count_the_rule_breaks_of_the_replies_and_the_reference_s(tmp_path, tiny_base) -> None:
+    from trainer.criteria_judge import RecordCriteria
+    from trainer.gate import Gate
+
+    cfg = config(tmp_path, tiny_base, max_repetition_rate=1.0, max_empty_rate=1.0, criteria_guard=True, guard_prompts=3)
+    objective = objective_for(cfg)
+
+    class Registry:
+        redis, namespace = "the redis", "ns"
+
+    Gate(cfg, registry=Registry(), eval_set=EvalSet(8), objective=objective)
+    assert isinstance(objective.criteria, RecordCriteria) and objective.criteria.store.namespace == "ns"
+    objective.criteria = RecordCriteria(Store())
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    held_out = [dataclasses.replace(r, prompt=(ChatMessage("user", f"question {i}"),),
+                                    source_event_ids=("criterion:brief@v1",) if i else ())
+                for i, r in enumerate(records(3, start=200))]
+    m = objective.evaluate(learner.model, held_out).metrics
+    assert m["criteria_prompts"] == 2.0  # the record without criteria is not counted
+    # the policy is still the reference: the same replies break the rule alike
+    assert m["violation_rate"] == m["reference_violation_rate"] and m["violation_rise"] == 0.0
+    assert objective.guard(objective.evaluate(learner.model, held_out)) == ""

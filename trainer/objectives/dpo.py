@@ -46,6 +46,7 @@ from services.kinds import ModelKind
 from services.policy_model import default_policy_path
 from services.criteria_eval import mean_words
 from services.schemas import PreferenceRecord
+from services.stats import paired_difference
 from trainer.config import TrainerConfig
 from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
@@ -53,6 +54,7 @@ from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
 
 if TYPE_CHECKING:
+    from trainer.criteria_judge import RecordCriteria
     from trainer.reward_judge import ServedReward
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,22 @@ def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[f
     prompt by prompt (0 with fewer than two prompts)."""
     if len(rewards) != len(reference) or not rewards:
         raise ValueError(f"{len(rewards)} rewards for {len(reference)} reference rewards; score the same prompts")
-    diffs = [b - a for a, b in zip(rewards, reference)]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return statistics.fmean(diffs), se
+    drop, se = paired_difference(reference, rewards)
+    return drop, se or 0.0
+
+
+def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[str, float]:
+    """The criteria guard's numbers from (candidate breaks, reference breaks) per guard prompt, None where the
+    prompt's record names no rule criterion: the share of the candidate's replies that break them
+    (``violation_rate``), the reference's (``reference_violation_rate``), their difference
+    (``violation_rise``) and the prompts counted (``criteria_prompts``); {} when no prompt has a rule criterion."""
+    judged = [(bool(a), bool(b)) for a, b in breaks if a is not None and b is not None]
+    if not judged:
+        return {}
+    violation = sum(a for a, _ in judged) / len(judged)
+    reference = sum(b for _, b in judged) / len(judged)
+    return {"violation_rate": violation, "reference_violation_rate": reference,
+            "violation_rise": violation - reference, "criteria_prompts": float(len(judged))}
 
 
 def duplicate_reason(record: PreferenceRecord) -> str:
@@ -142,6 +157,7 @@ class DPOObjective(Objective):
         self._guard_ids: list[str] = []
         #: the reward guard's judge (set by :meth:`use_registry`)
         self.judge: ServedReward | None = None
+        self.criteria: RecordCriteria | None = None
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -371,6 +387,10 @@ class DPOObjective(Objective):
             from trainer.reward_judge import ServedReward
 
             self.judge = ServedReward(registry, self.settings.reward_guard)
+        if self.settings.criteria_guard and self.settings.guard_prompts:
+            from trainer.criteria_judge import RecordCriteria
+
+            self.criteria = RecordCriteria.of(registry)
 
     def _guard_records(self, records: Sequence[PreferenceRecord], n: int) -> list[PreferenceRecord]:
         """The ``n`` held-out records, of distinct prompts, the guards reply to: the ones chosen before while
@@ -392,7 +412,9 @@ class DPOObjective(Objective):
         reference, empty and repetition rates, mean words, and the reference policy's mean words on the
         same prompts (what the length guard compares with while no version is served; generated once
         per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
-        than the reference's replies' and its paired standard error (:func:`reward_drop`).
+        than the reference's replies' and its paired standard error (:func:`reward_drop`); with a criteria
+        guard, the share of the replies, and of the reference's, that break their record's rule criteria,
+        over the prompts whose records name any (:func:`violation_rise`).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
@@ -431,9 +453,21 @@ class DPOObjective(Objective):
             rewards = judged[1]
             drop, se = reward_drop(rewards[:len(replies)], rewards[len(replies):])
             out.update(mean_reward=statistics.fmean(rewards[:len(replies)]), reward_drop=drop, reward_drop_se=se)
+        if self.criteria is not None:
+            out.update(violation_rise([(self.criteria.breaks(r, a), self.criteria.breaks(r, b))
+                                       for r, a, b in zip(held, replies, reference)]))
         return out
 
     guards = True
+
+    def unjudged(self, result: EvalResult | None) -> str:
+        if result is None or not result.pairs:  # no held-out records at all: publish_without_eval decides
+            return ""
+        n, d = int(result.metrics.get("guard_prompts", 0)), self.settings
+        if n < d.min_guard_prompts:
+            return (f"not judged yet: the guards read {n} held-out prompts, fewer than min_guard_prompts "
+                    f"{d.min_guard_prompts}; training goes on and the next checkpoint is judged on more")
+        return ""
 
     def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
         if result is None or not result.metrics:
@@ -448,9 +482,11 @@ class DPOObjective(Objective):
         if m.get("repetition_rate", 0.0) > d.max_repetition_rate:
             return (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
                     f"prompts exceeds max_repetition_rate {d.max_repetition_rate}")
-        # Against the served version's replies; while none is served (or its were sampled otherwise), the reference's.
+        # Against the served version's replies, or the reference's when they are shorter (a served version that
+        # ran long may be cut back to where the policy started) or the served ones were sampled otherwise.
         against, whose = (served.metrics if served is not None else {}), "the served version's"
-        if reply_shrink(m, against) is None and "reference_mean_words" in m:
+        if "reference_mean_words" in m and (reply_shrink(m, against) is None
+                                            or m["reference_mean_words"] < against["mean_words"]):
             against, whose = {**m, "mean_words": m["reference_mean_words"]}, "the reference policy's"
         shrink = reply_shrink(m, against)
         if shrink is not None and shrink > d.max_shrink + 1e-12:
@@ -461,4 +497,8 @@ class DPOObjective(Objective):
             return (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
                     f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
                     f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}")
+        if "violation_rise" in m and m["violation_rise"] > d.max_violation_rise + 1e-12:
+            return (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
+                    f"prompts break their records' rule criteria, against {m['reference_violation_rate']:.0%} of the "
+                    f"reference policy's (max_violation_rise {d.max_violation_rise})")
         return ""
