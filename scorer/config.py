@@ -142,7 +142,11 @@ class ScorerConfig(TlsSettings):
                           "~0.3 s of CPU less per swap on the dev box); costs one more resident copy per reward model"},
     )
     drain_timeout_s: float = field(
-        default=60.0, metadata={"help": "longest a replaced model is kept for in-flight batches before it is freed"}
+        default=300.0, metadata={"help": (
+            "longest a replaced model is kept for the requests still running on it before it is freed (freed at once "
+            "when they finish); a request still running then fails UNAVAILABLE, so keep it at or above the longest a "
+            "request may take: the gateway's scorer_timeout_s (300s). At 60s a criteria-loop run on 2 cores lost 4 "
+            "best-of-6 requests queued behind a busy trainer at a swap (docs/scorer.md)")}
     )
     swap_wait_s: float = field(default=60.0, metadata={"help": "how long an admin pin/rollback waits for its swap"})
     grace_s: float = field(default=10.0, metadata={"help": "SIGTERM drain period for in-flight RPCs"})

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from services.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 STOP = "stop"
@@ -265,7 +267,9 @@ class BatchDecoder:
                 if self._closed:
                     break
             self._tick()
-        err = RuntimeError(f"{self.name}: the policy was unloaded")
+        err = Unavailable(f"{self.name}: the policy version this request was decoding on was freed before it finished "
+                          "(replaced by a newer version, and still busy after the scorer's drain_timeout_s, or the "
+                          "scorer is stopping); retry the request, or raise drain_timeout_s above the longest request")
         self._fail(self._running_jobs() + list(self._pending), err)
         self._reset()
         self._pending.clear()

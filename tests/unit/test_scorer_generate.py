@@ -232,6 +232,17 @@ def test_the_decoder_thread_serves_concurrent_callers_and_close_fails_what_is_le
         decoder.submit(ids, p)
 
 
+def test_a_request_still_decoding_when_its_policy_is_freed_fails_unavailable_and_retryable(tiny) -> None:
+    from services.errors import Unavailable
+
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=16, name="decode_test").start()
+    running = decoder.submit(ids, DecodeParams(n=2, temperature=1.0, max_tokens=400, seed=9))
+    decoder.close()  # what the scorer does to a replaced version still busy after drain_timeout_s
+    with pytest.raises(Unavailable, match="freed before it finished.*retry"):
+        running.result(timeout=60)
+
+
 # ------------------------------------------------------------------------------------ validation
 
 
