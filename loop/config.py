@@ -154,6 +154,11 @@ class LoopConfig:
     max_violation_rise: float = field(default=0.0, metadata={"help": (
         "the criteria guard's tolerance: the share of the gate's prompts by which the version may break the rules "
         "more often than the base policy")})
+    max_violation_giveback: float = field(default=1.0, metadata={"help": (
+        "the criteria guard's bar against the served version (with criteria_guard): the share of the gate's prompts "
+        "by which a version may break the rules more often than the served version's replies to the same prompts, "
+        "so a later phase cannot give back what an earlier version learnt; one reply per prompt, so two versions "
+        "alike differ by about 0.15 on 20 prompts; 1 = off")})
     min_guard_prompts: int = field(default=0, metadata={"help": (
         "a policy version judged by the guards on fewer held-out prompts than this is not published yet (nor rolled "
         "back): the held-out set fills one best-of-N in gate_every, and the first version of a fresh loop was judged "
@@ -208,7 +213,8 @@ class LoopConfig:
                     guard_max_new_tokens=self.guard_max_new_tokens, guard_prompts=self.guard_prompts,
                     guard_temperature=self.eval_temperature,
                     max_reward_drop=self.max_reward_drop, criteria_guard=self.criteria_guard,
-                    max_violation_rise=self.max_violation_rise, min_guard_prompts=self.min_guard_prompts,
+                    max_violation_rise=self.max_violation_rise, max_violation_giveback=self.max_violation_giveback,
+                    min_guard_prompts=self.min_guard_prompts,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")

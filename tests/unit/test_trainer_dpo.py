@@ -31,7 +31,7 @@ from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
 from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    violation_rise)
+                                    violation_giveback, violation_rise)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -574,6 +574,33 @@ def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_
         "criteria guard: 75% of the replies to 12 held-out prompts break their records' rule criteria, against 50% "
         "of the reference policy's (max_violation_rise 0.1)")
     assert objective.guard(guarded(30)) == ""  # no criteria numbers (no criteria records held out): nothing to refuse on
+
+
+def test_violation_giveback_compares_rule_breaks_on_the_same_prompts_sampled_alike() -> None:
+    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5).metrics) == 0.25
+    assert violation_giveback(criteria_judged(0.25, 0.5).metrics, criteria_judged(0.5, 0.5).metrics) == -0.25
+    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, guarded(30, prompts=16).metrics) is None
+    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5, prompts=8).metrics) is None
+    other = criteria_judged(0.25, 0.5)
+    other.metrics["guard_temperature"] = 0.7  # the served replies were sampled, the candidate's greedy
+    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, other.metrics) is None
+
+
+def test_criteria_guard_refuses_a_version_that_gives_back_what_the_served_version_learnt(tmp_path,
+                                                                                         tiny_base) -> None:
+    # the bench's second phase: v4 served at 31% violations, v5 at 64%, still no worse than the reference's 64%
+    objective = DPOObjective(config(tmp_path, tiny_base, criteria_guard=True, max_violation_giveback=0.1))
+    served = criteria_judged(4 / 12, 8 / 12)
+    assert objective.guard(criteria_judged(5 / 12, 8 / 12), served) == ""  # within the tolerated giveback
+    assert objective.guard(criteria_judged(2 / 12, 8 / 12), served) == ""  # learnt more
+    assert objective.guard(criteria_judged(8 / 12, 8 / 12), served) == (
+        "criteria guard: 67% of the replies to 12 held-out prompts break their records' rule criteria, against 33% "
+        "of the served version's (max_violation_giveback 0.1)")
+    assert objective.guard(criteria_judged(8 / 12, 8 / 12), None) == ""  # nothing served: the reference is the bar
+    off = DPOObjective(config(tmp_path, tiny_base, criteria_guard=True))  # the default, 1, is off
+    assert off.guard(criteria_judged(8 / 12, 8 / 12), served) == ""
+    with pytest.raises(ValueError, match="max_violation_giveback"):
+        config(tmp_path, tiny_base, max_violation_giveback=1.5)
 
 
 def test_a_version_judged_on_too_few_guard_prompts_waits_and_is_not_rolled_back(tmp_path, tiny_base) -> None:

@@ -91,17 +91,32 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def sampled_alike(candidate: dict[str, float], served: dict[str, float], *keys: str) -> bool:
+    """Whether two versions' guard numbers ``keys`` were read from replies to the same held-out prompts,
+    sampled alike (prompt count, reply budget, temperature), so that they can be compared."""
+    same = ("guard_prompts", "guard_max_new_tokens")
+    if any(k not in candidate or k not in served for k in (*keys, *same)):
+        return False
+    return all(candidate.get(k, 0.0) == served.get(k, 0.0) for k in (*same, "guard_temperature"))
+
+
 def reply_shrink(candidate: dict[str, float], served: dict[str, float]) -> float | None:
     """How much shorter, as a share of the served version's mean reply length in words, the candidate's
     replies to the gate's held-out prompts are (negative: longer); None when the two were not sampled
-    alike (other prompt count or reply budget) or the served replies were empty."""
-    keys = ("mean_words", "guard_prompts", "guard_max_new_tokens")
-    if any(k not in candidate or k not in served for k in keys):
-        return None
-    if any(candidate.get(k, 0.0) != served.get(k, 0.0) for k in (*keys[1:], "guard_temperature")) or \
-            served["mean_words"] <= 0:
+    alike (:func:`sampled_alike`) or the served replies were empty."""
+    if not sampled_alike(candidate, served, "mean_words") or served["mean_words"] <= 0:
         return None
     return 1.0 - candidate["mean_words"] / served["mean_words"]
+
+
+def violation_giveback(candidate: dict[str, float], served: dict[str, float]) -> float | None:
+    """How much larger the share of the candidate's guard replies that break their records' rule criteria is
+    than the served version's on the same prompts (negative: smaller); None when either has no criteria
+    numbers, they counted other prompts, or the replies were not sampled alike (:func:`sampled_alike`)."""
+    if not sampled_alike(candidate, served, "violation_rate", "criteria_prompts") or \
+            candidate["criteria_prompts"] != served["criteria_prompts"]:
+        return None
+    return candidate["violation_rate"] - served["violation_rate"]
 
 
 def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
@@ -501,4 +516,10 @@ class DPOObjective(Objective):
             return (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
                     f"prompts break their records' rule criteria, against {m['reference_violation_rate']:.0%} of the "
                     f"reference policy's (max_violation_rise {d.max_violation_rise})")
+        # ... and against the served version: what an earlier version learnt is not given back
+        given = violation_giveback(m, served.metrics) if served is not None else None
+        if given is not None and given > d.max_violation_giveback + 1e-12:
+            return (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
+                    f"prompts break their records' rule criteria, against {served.metrics['violation_rate']:.0%} of the "
+                    f"served version's (max_violation_giveback {d.max_violation_giveback})")
         return ""
