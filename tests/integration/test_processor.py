@@ -19,6 +19,7 @@ from prefstream.events.v1 import events_pb2 as ev
 from prefstream.gateway.v1 import gateway_pb2 as g
 from prefstream.gateway.v1 import gateway_pb2_grpc as gg
 from services import topics
+from services.criteria_eval import record_criteria
 
 pytestmark = pytest.mark.integration
 
@@ -272,11 +273,11 @@ def test_trim_feedback_pairs_a_failing_reply_with_its_passing_prefix_by_the_stor
     records = preferences(gw, kafka_bootstrap, project, 3)
     by_ref: dict[str, list] = {}
     for r in records:
-        by_ref.setdefault(next(s for s in r["source_event_ids"] if s.startswith("criterion:")), []).append(
-            tuple(r["ranked_responses"]))
+        (ref,) = record_criteria(r["source_event_ids"])
+        by_ref.setdefault(ref, []).append(tuple(r["ranked_responses"]))
     longest = "Cats purr a lot. They nap all day."
-    assert sorted(by_ref[f"criterion:{stored.ref}"]) == [(longest, "Cats purr a lot."), (longest, runaway)]
-    assert by_ref["criterion:deleted@v7"] == [("Cats purr.", cands[2])]
+    assert sorted(by_ref[stored.ref]) == [(longest, "Cats purr a lot."), (longest, runaway)]
+    assert by_ref["deleted@v7"] == [("Cats purr.", cands[2])]
 
 
 def test_a_record_too_large_to_derive_is_dead_lettered_and_the_partition_flows_on(gw, project, kafka_bootstrap) -> None:
