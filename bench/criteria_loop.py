@@ -25,13 +25,17 @@ from typing import Any
 #: with the tie breaker's best passing reply over its worst beside them, and the gate's reward guard on
 #: (without it those pairs took the policy past the limit: docs/loop.md, "A reward guard"); the earlier
 #: phases' criteria kept in the later ranking, DPO alone (no NLL term, a uniform push to stop sooner),
-#: and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both replies stop").
+#: and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both replies stop");
+#: the gate's criteria guard against the reference and the served version, and no verdict on fewer than 6
+#: held-out prompts (docs/loop.md, "A criteria guard against the served version").
 RECIPE = {"pairing": "trim_bracket", "reward_guard": True, "keep_earlier": True, "sft_weight": 0.0,
-          "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+          "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+          "criteria_guard": True, "min_guard_prompts": 6, "max_violation_giveback": 0.1}
 FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 600.0, "max_tokens": 128, "checkpoint_every_records": 24,
         "candidates": 6, "reward_checkpoint": "auto"}
 QUICK = {"train_prompts": 16, "eval_count": 8, "phase_s": 150.0, "max_tokens": 48, "checkpoint_every_records": 6,
-         "reward_checkpoint": "", "candidates": 3, "min_versions": 1, "drain_timeout_s": 120.0}
+         "reward_checkpoint": "", "candidates": 3, "min_versions": 1, "drain_timeout_s": 120.0,
+         "min_guard_prompts": 0}  # a quick run holds out a handful of prompts: judge on what there is
 
 CRITERIA = ("docs/criteria/concise.yaml", "docs/criteria/impersonal.yaml")
 

@@ -149,8 +149,8 @@ class LoopConfig:
         "rule criteria of the loop more often than the base policy's replies to the same prompts, by more than "
         "max_violation_rise; a refused version sends training back to the served weights. On the word-limit bench "
         "with best-of-12 a version broke the limit in 88% of its replies (the base: 50%) and was served without it. "
-        "Off by default: its bar is the base policy, so it does not stop a later phase from giving back what an "
-        "earlier version learnt, and one bench run with it on refused nothing (docs/loop.md)")})
+        "With max_violation_giveback below 1 it also bars a version that gives back what the served one learnt. "
+        "Off by default in the loop, on in the bench (docs/loop.md)")})
     max_violation_rise: float = field(default=0.0, metadata={"help": (
         "the criteria guard's tolerance: the share of the gate's prompts by which the version may break the rules "
         "more often than the base policy")})
@@ -159,6 +159,11 @@ class LoopConfig:
         "by which a version may break the rules more often than the served version's replies to the same prompts, "
         "so a later phase cannot give back what an earlier version learnt; one reply per prompt, so two versions "
         "alike differ by about 0.15 on 20 prompts; 1 = off")})
+    rollback_lr_factor: float = field(default=0.5, metadata={"help": (
+        "what a version a guard refuses does to the policy trainer's learning rate from then on (the trainer's "
+        "rollback_lr_factor; 1 = unchanged). Each refusal also sends training back to the served weights, or to the "
+        "base policy's while nothing is served, so on the word-limit bench refusals before the first publication "
+        "compounded to an eighth of the rate and a first version that was the base policy again (docs/loop.md)")})
     min_guard_prompts: int = field(default=0, metadata={"help": (
         "a policy version judged by the guards on fewer held-out prompts than this is not published yet (nor rolled "
         "back): the held-out set fills one best-of-N in gate_every, and the first version of a fresh loop was judged "
@@ -216,6 +221,9 @@ class LoopConfig:
                     max_violation_rise=self.max_violation_rise, max_violation_giveback=self.max_violation_giveback,
                     min_guard_prompts=self.min_guard_prompts,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()
+        require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",
+                f"scales the policy's learning rate after a refused version, got {self.rollback_lr_factor}; use "
+                "0 < factor <= 1 (1 = unchanged)")
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")

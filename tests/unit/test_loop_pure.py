@@ -157,6 +157,28 @@ def test_the_policy_trainer_gets_the_loops_adapter_settings_through_its_environm
         assert field in str(e.value)
 
 
+def test_the_policy_trainer_gets_the_loops_gate_settings_through_its_environment(tmp_path: Path) -> None:
+    from loop.run import LoopProcesses
+    from services.config import env_vars
+    from trainer.config import load_trainer_config
+
+    def trainer(**overrides):
+        procs = LoopProcesses(load_loop_config(env={}, overrides=overrides))
+        procs.stack_dir, procs.checkpoints, procs.trainer_metrics_port = tmp_path, tmp_path / "ckpt", 9
+        return load_trainer_config(env=env_vars("trainer", procs.trainer_leaves()))
+
+    cfg = trainer(criteria_guard=True, max_violation_giveback=0.1, min_guard_prompts=6, rollback_lr_factor=1.0)
+    assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.dpo.min_guard_prompts) == (True, 0.1, 6)
+    assert cfg.gate.rollback_lr_factor == 1.0
+    cfg = trainer()  # off by default, and the trainer's own rollback factor
+    assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.gate.rollback_lr_factor) == (False, 1.0, 0.5)
+    for bad, field in [({"max_violation_giveback": 1.5}, "max_violation_giveback"),
+                       ({"rollback_lr_factor": 0}, "rollback_lr_factor")]:
+        with pytest.raises((ConfigError, InvalidArgument)) as e:
+            load_loop_config(env={}, overrides=bad)
+        assert field in str(e.value)
+
+
 def test_phases_rank_by_their_criterion_alone_with_the_earlier_ones_or_all_at_once() -> None:
     from loop.run import phase_criteria
 
