@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from services.config import load_config, require
-from trainer.config import DPOSettings
+from trainer.config import DPOSettings, GateSettings
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class LoopConfig:
         "by which a version may break the rules more often than the served version's replies to the same prompts, "
         "so a later phase cannot give back what an earlier version learnt; one reply per prompt, so two versions "
         "alike differ by about 0.15 on 20 prompts; 1 = off")})
-    rollback_lr_factor: float = field(default=0.5, metadata={"help": (
+    rollback_lr_factor: float = field(default=GateSettings.rollback_lr_factor, metadata={"help": (
         "what a version a guard refuses does to the policy trainer's learning rate from then on (the trainer's "
         "rollback_lr_factor; 1 = unchanged). Each refusal also sends training back to the served weights, or to the "
         "base policy's while nothing is served, so on the word-limit bench refusals before the first publication "
@@ -221,9 +221,7 @@ class LoopConfig:
                     max_violation_rise=self.max_violation_rise, max_violation_giveback=self.max_violation_giveback,
                     min_guard_prompts=self.min_guard_prompts,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()
-        require(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor",
-                f"scales the policy's learning rate after a refused version, got {self.rollback_lr_factor}; use "
-                "0 < factor <= 1 (1 = unchanged)")
+        GateSettings(rollback_lr_factor=self.rollback_lr_factor).validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")
         require(self.max_tokens_per_backward >= 0, "max_tokens_per_backward", "must be >= 0 (0 = no limit)")
         require(self.min_versions >= 0, "min_versions", "must be >= 0")
