@@ -156,7 +156,9 @@ class DPOSettings:
     max_shrink: float = field(default=0.3, metadata=_help(
         "gate length guard: reject a version whose replies to the held-out prompts are, on average, more than this "
         "share shorter in words than the served version's replies to the same prompts (than the reference policy's, "
-        "when those are shorter: a version that ran long may be cut back). Saying less is DPO's cheap way "
+        "when those are shorter: a version that ran long may be cut back; with the criteria guard and a max_words "
+        "criterion, each reference reply counts at most at its limit, since cutting a reply that ran over is what "
+        "the criterion asks). Saying less is DPO's cheap way "
         "to satisfy a preference: on the criteria loop one version cut the replies from 35 to 20 words and lost the "
         "reward model's quality (docs/loop.md); a slower cut, version by version, passes. 1 disables"))
     reward_guard: str = field(default="", metadata=_help(

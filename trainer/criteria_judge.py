@@ -55,11 +55,21 @@ class RecordCriteria:
             self._known[key] = c if c is not None and c.kind == "rules" else None
         return self._known[key]
 
+    def _record_rules(self, record: PreferenceRecord) -> list[Criterion]:
+        return [c for ref in record_criteria(record.source_event_ids)
+                if (c := self._rules(record.project, ref)) is not None]
+
+    def word_limit(self, record: PreferenceRecord) -> int | None:
+        """The most words the record's rule criteria allow a reply (their smallest ``max_words``; a reply over it
+        :meth:`breaks` them), None when none of them limits words."""
+        limits = [int(r.value) for c in self._record_rules(record)  # type: ignore[call-overload]
+                  for r in c.rules if r.kind == "max_words"]
+        return min(limits) if limits else None
+
     def breaks(self, record: PreferenceRecord, reply: str) -> bool | None:
         """True when ``reply`` fails one of the record's rule criteria (a score below 1), False when it keeps
         them all, None when the record names no rule criterion (or none can be read now)."""
-        rules = [c for ref in record_criteria(record.source_event_ids)
-                 if (c := self._rules(record.project, ref)) is not None]
+        rules = self._record_rules(record)
         if not rules:
             return None
         return any(evaluate(c, record.prompt, [reply])[0].score < 1.0 for c in rules)

@@ -31,7 +31,7 @@ from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
 from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    violation_giveback, violation_rise)
+                                    violation_giveback, violation_rise, words_within_limits)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -302,6 +302,28 @@ def test_length_guard_refuses_a_version_that_says_much_less_than_the_served_one(
     assert reason == ("length guard: the replies to 8 held-out prompts average 19.5 words, 45% fewer than the "
                       "served version's 35.5 (max_shrink 0.3)")
     assert DPOObjective(config(tmp_path, tiny_base, max_shrink=1.0)).guard(guarded(1), guarded(35)) == ""
+
+
+def test_words_within_limits_counts_each_reply_at_most_at_its_limit() -> None:
+    replies = ["one two three four five six", "one two", "a b c d e f g h"]
+    assert words_within_limits(replies, [4, 4, None]) == pytest.approx((4 + 2 + 8) / 3)  # None: no limit
+    assert words_within_limits(replies, [None] * 3) == mean_words(replies)
+    with pytest.raises(ValueError, match="one limit"):
+        words_within_limits(replies, [4])
+
+
+def test_length_guard_reads_the_reference_within_its_word_limit(tmp_path, tiny_base) -> None:
+    # A word-limit criterion asks for the cut: a reference that ran over the limit is no bar to a version that
+    # keeps it (the criteria loop refused a version at 40 words, 30% under the reference's 57, for what it learnt)
+    objective = DPOObjective(config(tmp_path, tiny_base, max_shrink=0.3))
+    first = guarded(40.0)
+    first.metrics.update(reference_mean_words=57.0, reference_words_within_limit=45.0)
+    assert objective.guard(first, None) == ""
+    first.metrics["mean_words"] = 30.0  # a third under what the reference would say within the limit: a collapse
+    assert objective.guard(first, None) == (
+        "length guard: the replies to 8 held-out prompts average 30.0 words, 33% fewer than the reference policy's "
+        "(each counted at most at its word limit) 45.0 (max_shrink 0.3)")
+    assert objective.guard(first, guarded(38.0)) == ""  # a served version shorter than that is the bar
 
 
 def test_reward_drop_is_the_mean_paired_difference_to_the_reference_with_its_standard_error() -> None:
@@ -667,6 +689,7 @@ class Store:
 
 
 def test_record_criteria_judge_a_reply_by_the_rule_criteria_its_record_names() -> None:
+    from services.criteria import Rule
     from trainer.criteria_judge import RecordCriteria
 
     store = Store()
@@ -687,6 +710,12 @@ def test_record_criteria_judge_a_reply_by_the_rule_criteria_its_record_names() -
     store.down = False
     store.criteria[("default", "other@v1")] = store.criteria[("default", "brief@v1")]
     assert judge.breaks(other, "one two three four five") is True
+    assert judge.word_limit(brief) == 4 and judge.word_limit(record) is None  # no criteria: no limit
+    assert judge.word_limit(judged_only) is None  # a judge criterion limits no words
+    store.criteria[("default", "briefer@v1")] = dataclasses.replace(store.criteria[("default", "brief@v1")],
+                                                                    name="briefer", rules=(Rule("max_words", 2),))
+    both = dataclasses.replace(record, source_event_ids=("criterion:brief@v1", "criterion:briefer@v1"))
+    assert judge.word_limit(both) == 2  # the tightest limit binds
 
 
 def test_guard_metrics_count_the_rule_breaks_of_the_replies_and_the_reference_s(tmp_path, tiny_base) -> None:
@@ -710,4 +739,5 @@ def test_guard_metrics_count_the_rule_breaks_of_the_replies_and_the_reference_s(
     assert m["criteria_prompts"] == 2.0  # the record without criteria is not counted
     # the policy is still the reference: the same replies break the rule alike
     assert m["violation_rate"] == m["reference_violation_rate"] and m["violation_rise"] == 0.0
+    assert m["reference_words_within_limit"] <= m["reference_mean_words"]  # brief's max_words 4 on two prompts
     assert objective.guard(objective.evaluate(learner.model, held_out)) == ""

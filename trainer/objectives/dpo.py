@@ -44,7 +44,7 @@ from torch import nn
 
 from services.kinds import ModelKind
 from services.policy_model import default_policy_path
-from services.criteria_eval import mean_words
+from services.criteria_eval import count_words, mean_words
 from services.schemas import PreferenceRecord
 from services.stats import paired_difference
 from trainer.config import TrainerConfig
@@ -107,6 +107,16 @@ def reply_shrink(candidate: dict[str, float], served: dict[str, float]) -> float
     if not sampled_alike(candidate, served, "mean_words") or served["mean_words"] <= 0:
         return None
     return 1.0 - candidate["mean_words"] / served["mean_words"]
+
+
+def words_within_limits(replies: Sequence[str], limits: Sequence[int | None]) -> float:
+    """Mean words of ``replies`` with each one counted at most at its word limit (None: no limit): how long a
+    policy that answers as these replies do would be if it kept the limits, the length guard's bar for a
+    word-limit criterion (a reply over the limit is shortened to it, one under it is left alone)."""
+    if len(replies) != len(limits) or not replies:
+        raise ValueError(f"{len(replies)} replies for {len(limits)} limits; give one limit (or None) per reply")
+    return statistics.fmean(min(count_words(r), n) if n is not None else count_words(r)
+                            for r, n in zip(replies, limits))
 
 
 def violation_giveback(candidate: dict[str, float], served: dict[str, float]) -> float | None:
@@ -429,7 +439,9 @@ class DPOObjective(Objective):
         per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
         than the reference's replies' and its paired standard error (:func:`reward_drop`); with a criteria
         guard, the share of the replies, and of the reference's, that break their record's rule criteria,
-        over the prompts whose records name any (:func:`violation_rise`).
+        over the prompts whose records name any (:func:`violation_rise`), and, when one of those criteria
+        limits words, the reference's mean words counted at most at each prompt's limit
+        (:func:`words_within_limits`, the length guard's bar then).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
@@ -471,6 +483,9 @@ class DPOObjective(Objective):
         if self.criteria is not None:
             out.update(violation_rise([(self.criteria.breaks(r, a), self.criteria.breaks(r, b))
                                        for r, a, b in zip(held, replies, reference)]))
+            limits = [self.criteria.word_limit(r) for r in held]
+            if any(n is not None for n in limits):
+                out["reference_words_within_limit"] = words_within_limits(reference, limits)
         return out
 
     guards = True
@@ -498,11 +513,16 @@ class DPOObjective(Objective):
             return (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
                     f"prompts exceeds max_repetition_rate {d.max_repetition_rate}")
         # Against the served version's replies, or the reference's when they are shorter (a served version that
-        # ran long may be cut back to where the policy started) or the served ones were sampled otherwise.
+        # ran long may be cut back to where the policy started) or the served ones were sampled otherwise.  With a
+        # word-limit criterion, the reference's replies count at most at the limit: shortening a reply that ran
+        # over it is what the criterion asks for, not a collapse.
         against, whose = (served.metrics if served is not None else {}), "the served version's"
-        if "reference_mean_words" in m and (reply_shrink(m, against) is None
-                                            or m["reference_mean_words"] < against["mean_words"]):
-            against, whose = {**m, "mean_words": m["reference_mean_words"]}, "the reference policy's"
+        limited = "reference_words_within_limit" in m
+        reference = m.get("reference_words_within_limit", m.get("reference_mean_words"))
+        if reference is not None and (reply_shrink(m, against) is None or reference < against["mean_words"]):
+            against = {**m, "mean_words": reference}
+            whose = "the reference policy's (each counted at most at its word limit)" if limited else \
+                "the reference policy's"
         shrink = reply_shrink(m, against)
         if shrink is not None and shrink > d.max_shrink + 1e-12:
             return (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
