@@ -159,6 +159,10 @@ class LoopConfig:
         "by which a version may break the rules more often than the served version's replies to the same prompts, "
         "so a later phase cannot give back what an earlier version learnt; one reply per prompt, so two versions "
         "alike differ by about 0.15 on 20 prompts; 1 = off")})
+    doubt_z: float = field(default=DPOSettings.doubt_z, metadata={"help": (
+        "the reward and criteria guards' doubt band, in standard errors (the trainer's doubt_z): a version over a "
+        "tolerance by less than this many standard errors is neither served nor rolled back, and the next "
+        "checkpoint is judged on more prompts; 0 = refuse on the mean alone")})
     rollback_lr_factor: float = field(default=GateSettings.rollback_lr_factor, metadata={"help": (
         "what a version a guard refuses does to the policy trainer's learning rate from then on (the trainer's "
         "rollback_lr_factor; 1 = unchanged). Each refusal also sends training back to the served weights, or to the "
@@ -219,7 +223,7 @@ class LoopConfig:
                     guard_temperature=self.eval_temperature,
                     max_reward_drop=self.max_reward_drop, criteria_guard=self.criteria_guard,
                     max_violation_rise=self.max_violation_rise, max_violation_giveback=self.max_violation_giveback,
-                    min_guard_prompts=self.min_guard_prompts,
+                    min_guard_prompts=self.min_guard_prompts, doubt_z=self.doubt_z,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()
         GateSettings(rollback_lr_factor=self.rollback_lr_factor).validate()
         require(self.checkpoint_every_records >= 1, "checkpoint_every_records", "must be >= 1")

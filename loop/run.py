@@ -293,6 +293,7 @@ class LoopProcesses:
             "guard_temperature": cfg.eval_temperature, "criteria_guard": cfg.criteria_guard,
             "max_violation_rise": cfg.max_violation_rise, "max_violation_giveback": cfg.max_violation_giveback,
             "min_guard_prompts": cfg.min_guard_prompts, "rollback_lr_factor": cfg.rollback_lr_factor,
+            "doubt_z": cfg.doubt_z,
             "reward_guard": cfg.reward_model if cfg.reward_guard else "",
             "ray_storage_path": self.run_dir / "ray_train",
             "metrics_port": self.trainer_metrics_port,

@@ -171,7 +171,8 @@ class DPOSettings:
         "gate reward guard: the largest drop of the mean reward below the reference policy's replies that is "
         "tolerated, in the reward model's own units (with reward_guard). The rule reads the mean, not a confidence "
         "bound: its noise (the paired standard error, in the registry as reward_drop_se) is what this margin is for; "
-        "a bound would let a drop as large as the one it is meant to stop through on a few prompts"))
+        "a bound would let a drop as large as the one it is meant to stop through on a few prompts (doubt_z decides only "
+        "whether a version over it waits or is rolled back)"))
     criteria_guard: bool = field(default=False, metadata=_help(
         "gate criteria guard: the rule criteria a held-out record names (criteria feedback records carry "
         "criterion:name@version) judge the guard's reply to its prompt and the reference policy's, and a version "
@@ -188,6 +189,14 @@ class DPOSettings:
         "later version does not give back what an earlier one learnt (on the criteria loop a second phase took the "
         "word limit's violations from 31% back to 50%, docs/loop.md). The rule reads one reply per prompt, so two "
         "versions alike differ by about 0.15 on 20 prompts; 1 disables"))
+    doubt_z: float = field(default=0.0, metadata=_help(
+        "gate reward and criteria guards: a version whose mean drop (or rise) exceeds the tolerance by no more than "
+        "doubt_z standard errors of it is in doubt: not published and not rolled back, like one judged on too few "
+        "prompts; training goes on and the next checkpoint is judged on more. Only one beyond that is refused and "
+        "rolled back. Nothing the tolerance bars is served either way: what changes is that a difference one sampled "
+        "reply per prompt can make no longer sends training back to the served weights (on the criteria loop, "
+        "refusals within the noise before a first version was served sent every checkpoint back to the base policy, "
+        "docs/loop.md). 0 = refuse on the mean alone"))
     min_guard_prompts: int = field(default=0, metadata=_help(
         "a version whose guards read fewer distinct held-out prompts than this is not published yet, and not rolled "
         "back: training goes on and the next checkpoint is judged on more. The first checkpoints of a fresh stream "
@@ -227,6 +236,8 @@ class DPOSettings:
         require(math.isfinite(self.max_violation_giveback) and 0 <= self.max_violation_giveback <= 1,
                 "max_violation_giveback", f"is a share of the guard prompts, got {self.max_violation_giveback}; use "
                 "0 <= max_violation_giveback <= 1 (1 disables)")
+        require(math.isfinite(self.doubt_z) and 0 <= self.doubt_z <= 10, "doubt_z",
+                f"is a number of standard errors, got {self.doubt_z}; use 0 <= doubt_z <= 10 (0 = off)")
         require(0 <= self.min_guard_prompts <= self.guard_prompts, "min_guard_prompts",
                 f"must be within [0, guard_prompts={self.guard_prompts}], got {self.min_guard_prompts} (the guards "
                 "never read more prompts than guard_prompts)")

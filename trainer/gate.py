@@ -203,7 +203,7 @@ class Gate:
             tolerance=self.cfg.gate.gate_tolerance, confidence=self.cfg.gate.gate_confidence,
             publish_without_eval=self.cfg.gate.publish_without_eval,
         )
-        wait = self.objective.unjudged(result) if decision.publish else ""
+        wait = self.objective.unjudged(result, served) if decision.publish else ""
         guard = self.objective.guard(result, served) if not wait else ""
         if wait:
             decision = Decision(False, wait, decision.served_version, decision.served_accuracy)

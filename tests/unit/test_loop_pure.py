@@ -167,13 +167,15 @@ def test_the_policy_trainer_gets_the_loops_gate_settings_through_its_environment
         procs.stack_dir, procs.checkpoints, procs.trainer_metrics_port = tmp_path, tmp_path / "ckpt", 9
         return load_trainer_config(env=env_vars("trainer", procs.trainer_leaves()))
 
-    cfg = trainer(criteria_guard=True, max_violation_giveback=0.1, min_guard_prompts=6, rollback_lr_factor=1.0)
+    cfg = trainer(criteria_guard=True, max_violation_giveback=0.1, min_guard_prompts=6, rollback_lr_factor=1.0,
+                  doubt_z=1.0)
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.dpo.min_guard_prompts) == (True, 0.1, 6)
-    assert cfg.gate.rollback_lr_factor == 1.0
+    assert cfg.gate.rollback_lr_factor == 1.0 and cfg.dpo.doubt_z == 1.0
     cfg = trainer()  # off by default, and the trainer's own rollback factor
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.gate.rollback_lr_factor) == (False, 1.0, 0.5)
+    assert cfg.dpo.doubt_z == 0.0
     for bad, field in [({"max_violation_giveback": 1.5}, "max_violation_giveback"),
-                       ({"rollback_lr_factor": 0}, "rollback_lr_factor")]:
+                       ({"rollback_lr_factor": 0}, "rollback_lr_factor"), ({"doubt_z": -1}, "doubt_z")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)

@@ -31,7 +31,7 @@ from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
 from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    violation_giveback, violation_rise, words_within_limits)
+                                    rate_difference_se, violation_giveback, violation_rise, words_within_limits)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -576,8 +576,10 @@ def test_log_probs_are_read_at_the_sampling_temperature_and_the_cache_remembers_
 
 def test_violation_rise_counts_the_prompts_whose_records_name_rule_criteria() -> None:
     m = violation_rise([(True, False), (False, False), (None, None), (True, True), (False, None)])
+    # per prompt differences 1, 0, 0: mean 1/3, stdev 1/sqrt(3), standard error 1/3
     assert m == pytest.approx({"violation_rate": 2 / 3, "reference_violation_rate": 1 / 3, "violation_rise": 1 / 3,
-                               "criteria_prompts": 3.0})
+                               "violation_rise_se": 1 / 3, "criteria_prompts": 3.0})
+    assert violation_rise([(True, False)])["violation_rise_se"] == 0.0  # one prompt: no spread to read
     assert violation_rise([(None, None)]) == {}  # no rule criterion on any guard prompt: nothing to guard
 
 
@@ -594,7 +596,7 @@ def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_
     assert objective.guard(criteria_judged(7 / 12, 0.5)) == ""  # within the tolerated rise
     assert objective.guard(criteria_judged(0.75, 0.5)) == (
         "criteria guard: 75% of the replies to 12 held-out prompts break their records' rule criteria, against 50% "
-        "of the reference policy's (max_violation_rise 0.1)")
+        "of the reference policy's (SE of the paired difference 0.13; max_violation_rise 0.1)")
     assert objective.guard(guarded(30)) == ""  # no criteria numbers (no criteria records held out): nothing to refuse on
 
 
@@ -617,12 +619,53 @@ def test_criteria_guard_refuses_a_version_that_gives_back_what_the_served_versio
     assert objective.guard(criteria_judged(2 / 12, 8 / 12), served) == ""  # learnt more
     assert objective.guard(criteria_judged(8 / 12, 8 / 12), served) == (
         "criteria guard: 67% of the replies to 12 held-out prompts break their records' rule criteria, against 33% "
-        "of the served version's (max_violation_giveback 0.1)")
+        "of the served version's (SE of the difference 0.19; max_violation_giveback 0.1)")
     assert objective.guard(criteria_judged(8 / 12, 8 / 12), None) == ""  # nothing served: the reference is the bar
     off = DPOObjective(config(tmp_path, tiny_base, criteria_guard=True))  # the default, 1, is off
     assert off.guard(criteria_judged(8 / 12, 8 / 12), served) == ""
     with pytest.raises(ValueError, match="max_violation_giveback"):
         config(tmp_path, tiny_base, max_violation_giveback=1.5)
+
+
+def test_rate_difference_se_is_the_unpaired_binomial_error() -> None:
+    assert rate_difference_se(0.5, 0.5, 4) == pytest.approx(math.sqrt(0.5 / 4))
+    assert rate_difference_se(0.0, 1.0, 10) == 0.0 and rate_difference_se(0.3, 0.2, 0) == 0.0
+
+
+def reward_judged(drop: float, se: float, prompts: int = 6) -> EvalResult:
+    result = guarded(30, prompts=prompts)
+    result.metrics.update(mean_reward=0.4, reward_drop=drop, reward_drop_se=se)
+    return result
+
+
+def test_a_guard_over_its_tolerance_within_doubt_z_standard_errors_waits_instead_of_refusing(tmp_path,
+                                                                                          tiny_base) -> None:
+    # the criteria loop's stalls: the reward guard refused a drop of 0.023 on 6 prompts (SE 0.040) and each such
+    # refusal sent training back to the base policy
+    doubting = DPOObjective(config(tmp_path, tiny_base, max_reward_drop=0.02, doubt_z=1.0, criteria_guard=True,
+                                   max_violation_rise=0.0))
+    noisy = reward_judged(0.0233, 0.0402)
+    assert doubting.guard(noisy) == ""  # not refused, so not rolled back ...
+    assert doubting.unjudged(noisy).startswith(  # ... and not published either: it waits
+        "in doubt, not judged yet: reward guard: ")
+    assert "within doubt_z 1.0 standard errors" in doubting.unjudged(noisy)
+    clear = reward_judged(0.0641, 0.0321)  # 1.4 standard errors over the tolerance: refused
+    assert doubting.guard(clear).startswith("reward guard: ") and doubting.unjudged(clear) == ""
+    assert DPOObjective(config(tmp_path, tiny_base, max_reward_drop=0.02)).guard(noisy).startswith("reward guard")
+    # a guard with no noise estimate is never in doubt, and a sure refusal is not hidden by a doubtful one
+    collapsed = reward_judged(0.0233, 0.0402)
+    collapsed.metrics["kl_to_ref"] = 9.0
+    assert doubting.guard(collapsed).startswith("drift guard") and doubting.unjudged(collapsed) == ""
+    # the criteria guard reads its paired standard error: on 8 prompts, 3 more replies over the rule (a rise of
+    # 0.375, SE 0.18) is refused; 3 against 2, broken on different prompts (0.125, SE 0.23), is in doubt
+    assert doubting.guard(criteria_judged(5 / 8, 2 / 8, prompts=8)).startswith("criteria guard")
+    swapped = guarded(30, prompts=16)
+    swapped.metrics.update(violation_rise([(a, b) for a, b in zip([1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0])]))
+    assert doubting.guard(swapped) == ""
+    assert doubting.unjudged(swapped).startswith("in doubt, not judged yet: criteria guard")
+    assert doubting.unjudged(criteria_judged(2 / 8, 2 / 8, prompts=8)) == ""  # nothing over a tolerance: judged
+    with pytest.raises(ValueError, match="doubt_z"):
+        config(tmp_path, tiny_base, doubt_z=-0.5)
 
 
 def test_a_version_judged_on_too_few_guard_prompts_waits_and_is_not_rolled_back(tmp_path, tiny_base) -> None:
@@ -660,6 +703,16 @@ def test_a_version_judged_on_too_few_guard_prompts_waits_and_is_not_rolled_back(
     decision = gate.judge(CheckpointRef("policy", "v000002", "file:///x", tmp_path), guarded(30, prompts=6), records_seen=16,
                           base_model="b")
     assert decision.publish and registry.published == ["v000002"]
+    # a version over a tolerance within doubt_z standard errors waits the same way: not served, not rolled back
+    doubting = config(tmp_path, tiny_base, guard_prompts=8, min_guard_prompts=6, publish=True, max_reward_drop=0.02,
+                      doubt_z=1.0)
+    gate = Gate(doubting, registry, EvalSet(8), objective_for(doubting))
+    decision = gate.judge(CheckpointRef("policy", "v000003", "file:///x", tmp_path), reward_judged(0.0233, 0.0402),
+                          records_seen=24, base_model="b")
+    assert not decision.publish and not decision.guarded and decision.reason.startswith("in doubt, not judged yet")
+    decision = gate.judge(CheckpointRef("policy", "v000004", "file:///x", tmp_path), reward_judged(0.0641, 0.0321),
+                          records_seen=32, base_model="b")
+    assert not decision.publish and decision.guarded and decision.reason.startswith("reward guard")
     with pytest.raises(ConfigError, match="min_guard_prompts"):
         config(tmp_path, tiny_base, guard_prompts=4, min_guard_prompts=5)
 

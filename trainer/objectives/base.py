@@ -136,9 +136,9 @@ class Objective(ABC):
     #: Whether :meth:`guard` can refuse a version (the learner then keeps weights to roll back to).
     guards: bool = False
 
-    def unjudged(self, result: EvalResult | None) -> str:
-        """A reason the guards cannot judge this version yet (too little held-out data): it is not published
-        and not rolled back; "" = it can be judged."""
+    def unjudged(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
+        """A reason the guards cannot judge this version yet (too little held-out data, or a difference within
+        its noise): it is not published and not rolled back; "" = it can be judged."""
         return ""
 
     def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:

@@ -37,7 +37,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -129,6 +129,15 @@ def violation_giveback(candidate: dict[str, float], served: dict[str, float]) ->
     return candidate["violation_rate"] - served["violation_rate"]
 
 
+def rate_difference_se(rate: float, other: float, n: float) -> float:
+    """Standard error of the difference of two shares ``rate`` and ``other``, each of ``n`` replies, taken as
+    independent (the served version's breaks are kept as a share, not per prompt, so the pairing is lost;
+    replies to the same prompts are alike, so this errs large)."""
+    if n < 1:
+        return 0.0
+    return math.sqrt((rate * (1 - rate) + other * (1 - other)) / n)
+
+
 def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
     """How much lower the reward of a version's replies is than the reference policy's replies to the
     same prompts, on average (negative: higher), and the standard error of that mean difference, paired
@@ -143,14 +152,17 @@ def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[st
     """The criteria guard's numbers from (candidate breaks, reference breaks) per guard prompt, None where the
     prompt's record names no rule criterion: the share of the candidate's replies that break them
     (``violation_rate``), the reference's (``reference_violation_rate``), their difference
-    (``violation_rise``) and the prompts counted (``criteria_prompts``); {} when no prompt has a rule criterion."""
-    judged = [(bool(a), bool(b)) for a, b in breaks if a is not None and b is not None]
+    (``violation_rise``), its paired standard error (``violation_rise_se``, 0 with one prompt) and the prompts
+    counted (``criteria_prompts``); {} when no prompt has a rule criterion."""
+    judged = [(float(bool(a)), float(bool(b))) for a, b in breaks if a is not None and b is not None]
     if not judged:
         return {}
+    _, se = paired_difference([a for a, _ in judged], [b for _, b in judged])
     violation = sum(a for a, _ in judged) / len(judged)
     reference = sum(b for _, b in judged) / len(judged)
     return {"violation_rate": violation, "reference_violation_rate": reference,
-            "violation_rise": violation - reference, "criteria_prompts": float(len(judged))}
+            "violation_rise": violation - reference, "violation_rise_se": se or 0.0,
+            "criteria_prompts": float(len(judged))}
 
 
 def duplicate_reason(record: PreferenceRecord) -> str:
@@ -490,28 +502,42 @@ class DPOObjective(Objective):
 
     guards = True
 
-    def unjudged(self, result: EvalResult | None) -> str:
+    def unjudged(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
         if result is None or not result.pairs:  # no held-out records at all: publish_without_eval decides
             return ""
         n, d = int(result.metrics.get("guard_prompts", 0)), self.settings
         if n < d.min_guard_prompts:
             return (f"not judged yet: the guards read {n} held-out prompts, fewer than min_guard_prompts "
                     f"{d.min_guard_prompts}; training goes on and the next checkpoint is judged on more")
+        failed = list(self._failures(result, served))
+        if failed and all(doubtful for _, doubtful in failed):
+            return (f"in doubt, not judged yet: {failed[0][0]}; that is within doubt_z {d.doubt_z} standard errors of "
+                    "the tolerance, so training goes on, not rolled back, and the next checkpoint is judged on more")
         return ""
 
     def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
+        return next((reason for reason, doubtful in self._failures(result, served) if not doubtful), "")
+
+    def _doubtful(self, excess: float, se: float) -> bool:
+        """Whether a comparative guard's estimate, ``excess`` over its tolerance, is within ``doubt_z`` standard
+        errors ``se`` of it: a difference one sampled reply per prompt can make (:meth:`unjudged` waits)."""
+        return excess <= self.settings.doubt_z * se
+
+    def _failures(self, result: EvalResult | None, served: EvalResult | None) -> Iterator[tuple[str, bool]]:
+        """Each guard the version fails, in order, as (reason, whether it is in doubt); the drift, degeneration
+        and length guards are never in doubt, the reward and criteria guards within ``doubt_z`` standard errors."""
         if result is None or not result.metrics:
-            return ""
+            return
         m, d = result.metrics, self.settings
         if m.get("kl_to_ref", 0.0) > d.max_kl or not math.isfinite(m.get("kl_to_ref", 0.0)):
-            return (f"drift guard: mean per-token KL to the reference {m['kl_to_ref']:.4f} on "
-                    f"{int(m.get('guard_prompts', 0))} held-out prompts exceeds max_kl {d.max_kl}")
+            yield (f"drift guard: mean per-token KL to the reference {m['kl_to_ref']:.4f} on "
+                   f"{int(m.get('guard_prompts', 0))} held-out prompts exceeds max_kl {d.max_kl}"), False
         if m.get("empty_rate", 0.0) > d.max_empty_rate:
-            return (f"degeneration guard: {m['empty_rate']:.0%} of the replies to held-out prompts are empty "
-                    f"(max_empty_rate {d.max_empty_rate})")
+            yield (f"degeneration guard: {m['empty_rate']:.0%} of the replies to held-out prompts are empty "
+                   f"(max_empty_rate {d.max_empty_rate})"), False
         if m.get("repetition_rate", 0.0) > d.max_repetition_rate:
-            return (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
-                    f"prompts exceeds max_repetition_rate {d.max_repetition_rate}")
+            yield (f"degeneration guard: repetition rate {m['repetition_rate']:.2f} of the replies to held-out "
+                   f"prompts exceeds max_repetition_rate {d.max_repetition_rate}"), False
         # Against the served version's replies, or the reference's when they are shorter (a served version that
         # ran long may be cut back to where the policy started) or the served ones were sampled otherwise.  With a
         # word-limit criterion, the reference's replies count at most at the limit: shortening a reply that ran
@@ -525,21 +551,25 @@ class DPOObjective(Objective):
                 "the reference policy's"
         shrink = reply_shrink(m, against)
         if shrink is not None and shrink > d.max_shrink + 1e-12:
-            return (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
-                    f"{m['mean_words']:.1f} words, {shrink:.0%} fewer than {whose} "
-                    f"{against['mean_words']:.1f} (max_shrink {d.max_shrink})")
+            yield (f"length guard: the replies to {int(m.get('guard_prompts', 0))} held-out prompts average "
+                   f"{m['mean_words']:.1f} words, {shrink:.0%} fewer than {whose} "
+                   f"{against['mean_words']:.1f} (max_shrink {d.max_shrink})"), False
         if "reward_drop" in m and m["reward_drop"] > d.max_reward_drop + 1e-12:
-            return (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
-                    f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
-                    f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}")
+            yield (f"reward guard: {d.reward_guard} scores the replies to {int(m['guard_prompts'])} held-out "
+                   f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
+                   f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}"), \
+                self._doubtful(m["reward_drop"] - d.max_reward_drop, m["reward_drop_se"])
         if "violation_rise" in m and m["violation_rise"] > d.max_violation_rise + 1e-12:
-            return (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
-                    f"prompts break their records' rule criteria, against {m['reference_violation_rate']:.0%} of the "
-                    f"reference policy's (max_violation_rise {d.max_violation_rise})")
+            yield (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
+                   f"prompts break their records' rule criteria, against {m['reference_violation_rate']:.0%} of the "
+                   f"reference policy's (SE of the paired difference {m.get('violation_rise_se', 0.0):.2f}; "
+                   f"max_violation_rise {d.max_violation_rise})"), \
+                self._doubtful(m["violation_rise"] - d.max_violation_rise, m.get("violation_rise_se", 0.0))
         # ... and against the served version: what an earlier version learnt is not given back
         given = violation_giveback(m, served.metrics) if served is not None else None
         if given is not None and given > d.max_violation_giveback + 1e-12:
-            return (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
-                    f"prompts break their records' rule criteria, against {served.metrics['violation_rate']:.0%} of the "
-                    f"served version's (max_violation_giveback {d.max_violation_giveback})")
-        return ""
+            se = rate_difference_se(m["violation_rate"], served.metrics["violation_rate"], m["criteria_prompts"])
+            yield (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
+                   f"prompts break their records' rule criteria, against {served.metrics['violation_rate']:.0%} of the "
+                   f"served version's (SE of the difference {se:.2f}; max_violation_giveback "
+                   f"{d.max_violation_giveback})"), self._doubtful(given - d.max_violation_giveback, se)
