@@ -156,8 +156,9 @@ class LoopConfig:
         "more often than the base policy")})
     max_violation_giveback: float = field(default=1.0, metadata={"help": (
         "the criteria guard's bar against the served version (with criteria_guard): the share of the gate's prompts "
-        "by which a version may break the rules more often than the served version's replies to the same prompts, "
-        "so a later phase cannot give back what an earlier version learnt; one reply per prompt, so two versions "
+        "by which a version may break one criterion more often than the served version's replies to the same prompts, "
+        "criterion by criterion, so a later phase cannot give back what an earlier version learnt of an earlier "
+        "criterion while it learns its own; one reply per prompt, so two versions "
         "alike differ by about 0.15 on 20 prompts; 1 = off")})
     doubt_z: float = field(default=DPOSettings.doubt_z, metadata={"help": (
         "the reward and criteria guards' doubt band, in standard errors (the trainer's doubt_z): a version over a "

@@ -184,8 +184,9 @@ class DPOSettings:
         "gate criteria guard: the largest rise, as a share of the guard prompts, of the replies that break their "
         "record's rule criteria over the reference policy's replies (with criteria_guard)"))
     max_violation_giveback: float = field(default=1.0, metadata=_help(
-        "gate criteria guard: the largest rise, as a share of the guard prompts, of the replies that break their "
-        "record's rule criteria over the served version's replies to the same prompts (with criteria_guard), so a "
+        "gate criteria guard: the largest rise, as a share of the guard prompts that name it, of the replies that break "
+        "one rule criterion over the served version's replies to the same prompts, criterion by criterion (with "
+        "criteria_guard; a share breaking any of them would let a version trade an earlier criterion for a new one), so a "
         "later version does not give back what an earlier one learnt (on the criteria loop a second phase took the "
         "word limit's violations from 31% back to 50%, docs/loop.md). The rule reads one reply per prompt, so two "
         "versions alike differ by about 0.15 on 20 prompts; 1 disables"))

@@ -66,13 +66,19 @@ class RecordCriteria:
                   for r in c.rules if r.kind == "max_words"]
         return min(limits) if limits else None
 
-    def breaks(self, record: PreferenceRecord, reply: str) -> bool | None:
-        """True when ``reply`` fails one of the record's rule criteria (a score below 1), False when it keeps
-        them all, None when the record names no rule criterion (or none can be read now)."""
+    def broken(self, record: PreferenceRecord, reply: str) -> dict[str, bool] | None:
+        """Per rule criterion the record names (``name@version``), whether ``reply`` fails it (a score below 1);
+        None when the record names no rule criterion (or none can be read now)."""
         rules = self._record_rules(record)
         if not rules:
             return None
-        return any(evaluate(c, record.prompt, [reply])[0].score < 1.0 for c in rules)
+        return {f"{c.name}@{c.version}": evaluate(c, record.prompt, [reply])[0].score < 1.0 for c in rules}
+
+    def breaks(self, record: PreferenceRecord, reply: str) -> bool | None:
+        """True when ``reply`` fails one of the record's rule criteria, False when it keeps them all, None when
+        the record names no rule criterion (or none can be read now)."""
+        broken = self.broken(record, reply)
+        return None if broken is None else any(broken.values())
 
 
 __all__ = ["RecordCriteria"]

@@ -31,7 +31,8 @@ from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
 from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    rate_difference_se, violation_giveback, violation_rise, words_within_limits)
+                                    criterion_rates, rate_difference_se, violation_givebacks, violation_rise,
+                                    words_within_limits)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -583,10 +584,19 @@ def test_violation_rise_counts_the_prompts_whose_records_name_rule_criteria() ->
     assert violation_rise([(None, None)]) == {}  # no rule criterion on any guard prompt: nothing to guard
 
 
-def criteria_judged(rate: float, reference: float, prompts: int = 12) -> EvalResult:
+def criteria_judged(rate: float, reference: float, prompts: int = 12, ref: str = "brief@v1") -> EvalResult:
     result = guarded(30, prompts=16)
     result.metrics.update(violation_rise([(i < rate * prompts, i < reference * prompts) for i in range(prompts)]))
+    result.metrics.update(criterion_rates([{ref: i < rate * prompts} for i in range(prompts)]))
     return result
+
+
+def test_criterion_rates_count_each_criterion_over_the_prompts_that_name_it() -> None:
+    broken = [{"brief@v1": True, "polite@v2": False}, {"brief@v1": False}, None, {"brief@v1": True, "polite@v2": True}]
+    assert criterion_rates(broken) == pytest.approx({
+        "violation_rate[brief@v1]": 2 / 3, "criteria_prompts[brief@v1]": 3.0,
+        "violation_rate[polite@v2]": 0.5, "criteria_prompts[polite@v2]": 2.0})
+    assert criterion_rates([None, None]) == {}
 
 
 def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_the_reference(tmp_path,
@@ -600,14 +610,21 @@ def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_
     assert objective.guard(guarded(30)) == ""  # no criteria numbers (no criteria records held out): nothing to refuse on
 
 
-def test_violation_giveback_compares_rule_breaks_on_the_same_prompts_sampled_alike() -> None:
-    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5).metrics) == 0.25
-    assert violation_giveback(criteria_judged(0.25, 0.5).metrics, criteria_judged(0.5, 0.5).metrics) == -0.25
-    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, guarded(30, prompts=16).metrics) is None
-    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5, prompts=8).metrics) is None
+def test_violation_givebacks_compare_each_criterion_on_the_same_prompts_sampled_alike() -> None:
+    assert violation_givebacks(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5).metrics) == {"brief@v1": 0.25}
+    assert violation_givebacks(criteria_judged(0.25, 0.5).metrics, criteria_judged(0.5, 0.5).metrics) == {"brief@v1": -0.25}
+    assert violation_givebacks(criteria_judged(0.5, 0.5).metrics, guarded(30, prompts=16).metrics) == {}
+    assert violation_givebacks(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5, prompts=8).metrics) == {}
+    assert violation_givebacks(criteria_judged(0.5, 0.5).metrics, criteria_judged(0.25, 0.5, ref="other@v1").metrics) == {}
     other = criteria_judged(0.25, 0.5)
     other.metrics["guard_temperature"] = 0.7  # the served replies were sampled, the candidate's greedy
-    assert violation_giveback(criteria_judged(0.5, 0.5).metrics, other.metrics) is None
+    assert violation_givebacks(criteria_judged(0.5, 0.5).metrics, other.metrics) == {}
+    # two criteria, worst first
+    both = criteria_judged(0.5, 0.5)
+    both.metrics.update(criteria_judged(0.25, 0.5, ref="polite@v1").metrics)
+    was = criteria_judged(0.25, 0.5)
+    was.metrics.update(criteria_judged(0.5, 0.5, ref="polite@v1").metrics)
+    assert list(violation_givebacks(both.metrics, was.metrics).items()) == [("brief@v1", 0.25), ("polite@v1", -0.25)]
 
 
 def test_criteria_guard_refuses_a_version_that_gives_back_what_the_served_version_learnt(tmp_path,
@@ -618,8 +635,15 @@ def test_criteria_guard_refuses_a_version_that_gives_back_what_the_served_versio
     assert objective.guard(criteria_judged(5 / 12, 8 / 12), served) == ""  # within the tolerated giveback
     assert objective.guard(criteria_judged(2 / 12, 8 / 12), served) == ""  # learnt more
     assert objective.guard(criteria_judged(8 / 12, 8 / 12), served) == (
-        "criteria guard: 67% of the replies to 12 held-out prompts break their records' rule criteria, against 33% "
-        "of the served version's (SE of the difference 0.19; max_violation_giveback 0.1)")
+        "criteria guard: 67% of the replies to 12 held-out prompts break brief@v1, against 33% of the served "
+        "version's (SE of the difference 0.19; max_violation_giveback 0.1)")
+    # learning a second criterion does not pay for giving back the first: the any-rule share hides the trade
+    learnt_second = criteria_judged(8 / 12, 8 / 12)
+    learnt_second.metrics.update(criteria_judged(0.0, 8 / 12, ref="polite@v1").metrics)
+    served_both = criteria_judged(4 / 12, 8 / 12)
+    served_both.metrics.update(criteria_judged(8 / 12, 8 / 12, ref="polite@v1").metrics)
+    assert objective.guard(learnt_second, served_both).startswith(
+        "criteria guard: 67% of the replies to 12 held-out prompts break brief@v1, against 33%")
     assert objective.guard(criteria_judged(8 / 12, 8 / 12), None) == ""  # nothing served: the reference is the bar
     off = DPOObjective(config(tmp_path, tiny_base, criteria_guard=True))  # the default, 1, is off
     assert off.guard(criteria_judged(8 / 12, 8 / 12), served) == ""
@@ -750,6 +774,7 @@ def test_record_criteria_judge_a_reply_by_the_rule_criteria_its_record_names() -
     record = records(1)[0]
     brief = dataclasses.replace(record, source_event_ids=("e1", "criterion:brief@v1"))
     assert judge.breaks(brief, "one two three four") is False
+    assert judge.broken(brief, "one two three four five") == {"brief@v1": True}
     assert judge.breaks(brief, "one two three four five") is True
     assert store.calls == 1  # a stored version never changes: read once
     assert judge.breaks(record, "anything at all, however long it runs") is None  # human feedback: no criteria

@@ -119,14 +119,34 @@ def words_within_limits(replies: Sequence[str], limits: Sequence[int | None]) ->
                             for r, n in zip(replies, limits))
 
 
-def violation_giveback(candidate: dict[str, float], served: dict[str, float]) -> float | None:
-    """How much larger the share of the candidate's guard replies that break their records' rule criteria is
-    than the served version's on the same prompts (negative: smaller); None when either has no criteria
-    numbers, they counted other prompts, or the replies were not sampled alike (:func:`sampled_alike`)."""
-    if not sampled_alike(candidate, served, "violation_rate", "criteria_prompts") or \
-            candidate["criteria_prompts"] != served["criteria_prompts"]:
-        return None
-    return candidate["violation_rate"] - served["violation_rate"]
+def criterion_rates(broken: Sequence[dict[str, bool] | None]) -> dict[str, float]:
+    """Per rule criterion, from each guard reply's :meth:`~trainer.criteria_judge.RecordCriteria.broken` (None:
+    its record names none), the share of the replies to prompts whose records name it that break it
+    (``violation_rate[name@version]``) and how many those are (``criteria_prompts[name@version]``)."""
+    counts: dict[str, list[int]] = {}
+    for per_reply in broken:
+        for ref, fails in (per_reply or {}).items():
+            c = counts.setdefault(ref, [0, 0])
+            c[0], c[1] = c[0] + int(fails), c[1] + 1
+    out: dict[str, float] = {}
+    for ref, (fails, n) in sorted(counts.items()):
+        out[f"violation_rate[{ref}]"], out[f"criteria_prompts[{ref}]"] = fails / n, float(n)
+    return out
+
+
+def violation_givebacks(candidate: dict[str, float], served: dict[str, float]) -> dict[str, float]:
+    """Per rule criterion (``name@version``), how much larger the share of the candidate's guard replies that
+    break it is than the served version's on the same prompts (negative: smaller), worst first: a version
+    that learns a new criterion must not give back an earlier one, which a share of replies breaking any of
+    them would hide.  Only criteria both counted on the same prompts, sampled alike (:func:`sampled_alike`)."""
+    if not sampled_alike(candidate, served):
+        return {}
+    out = {}
+    for key, n in candidate.items():
+        if key.startswith("criteria_prompts[") and served.get(key) == n:
+            ref = key[len("criteria_prompts["):-1]
+            out[ref] = candidate[f"violation_rate[{ref}]"] - served[f"violation_rate[{ref}]"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def rate_difference_se(rate: float, other: float, n: float) -> float:
@@ -493,8 +513,10 @@ class DPOObjective(Objective):
             drop, se = reward_drop(rewards[:len(replies)], rewards[len(replies):])
             out.update(mean_reward=statistics.fmean(rewards[:len(replies)]), reward_drop=drop, reward_drop_se=se)
         if self.criteria is not None:
-            out.update(violation_rise([(self.criteria.breaks(r, a), self.criteria.breaks(r, b))
-                                       for r, a, b in zip(held, replies, reference)]))
+            broken = [self.criteria.broken(r, a) for r, a in zip(held, replies)]
+            out.update(criterion_rates(broken))
+            out.update(violation_rise([(None if x is None else any(x.values()), self.criteria.breaks(r, b))
+                                       for x, r, b in zip(broken, held, reference)]))
             limits = [self.criteria.word_limit(r) for r in held]
             if any(n is not None for n in limits):
                 out["reference_words_within_limit"] = words_within_limits(reference, limits)
@@ -565,11 +587,13 @@ class DPOObjective(Objective):
                    f"reference policy's (SE of the paired difference {m.get('violation_rise_se', 0.0):.2f}; "
                    f"max_violation_rise {d.max_violation_rise})"), \
                 self._doubtful(m["violation_rise"] - d.max_violation_rise, m.get("violation_rise_se", 0.0))
-        # ... and against the served version: what an earlier version learnt is not given back
-        given = violation_giveback(m, served.metrics) if served is not None else None
-        if given is not None and given > d.max_violation_giveback + 1e-12:
-            se = rate_difference_se(m["violation_rate"], served.metrics["violation_rate"], m["criteria_prompts"])
-            yield (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
-                   f"prompts break their records' rule criteria, against {served.metrics['violation_rate']:.0%} of the "
-                   f"served version's (SE of the difference {se:.2f}; max_violation_giveback "
-                   f"{d.max_violation_giveback})"), self._doubtful(given - d.max_violation_giveback, se)
+        # ... and against the served version, criterion by criterion: what an earlier version learnt is not given back
+        given = violation_givebacks(m, served.metrics) if served is not None else {}
+        for ref, rise in given.items():
+            if rise <= d.max_violation_giveback + 1e-12:
+                continue
+            rate, was, n = m[f"violation_rate[{ref}]"], served.metrics[f"violation_rate[{ref}]"], m[f"criteria_prompts[{ref}]"]
+            se = rate_difference_se(rate, was, n)
+            yield (f"criteria guard: {rate:.0%} of the replies to {int(n)} held-out prompts break {ref}, against "
+                   f"{was:.0%} of the served version's (SE of the difference {se:.2f}; max_violation_giveback "
+                   f"{d.max_violation_giveback})"), self._doubtful(rise - d.max_violation_giveback, se)
