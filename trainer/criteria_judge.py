@@ -23,6 +23,11 @@ from services.schemas import PreferenceRecord
 log = logging.getLogger(__name__)
 
 
+def any_broken(broken: dict[str, bool] | None) -> bool | None:
+    """Whether any criterion of :meth:`RecordCriteria.broken`'s answer is broken (None stays None)."""
+    return None if broken is None else any(broken.values())
+
+
 class RecordCriteria:
     """``breaks(record, reply)``: does the reply break a rule criterion the record was built from?"""
 
@@ -77,8 +82,7 @@ class RecordCriteria:
     def breaks(self, record: PreferenceRecord, reply: str) -> bool | None:
         """True when ``reply`` fails one of the record's rule criteria, False when it keeps them all, None when
         the record names no rule criterion (or none can be read now)."""
-        broken = self.broken(record, reply)
-        return None if broken is None else any(broken.values())
+        return any_broken(self.broken(record, reply))
 
 
-__all__ = ["RecordCriteria"]
+__all__ = ["RecordCriteria", "any_broken"]

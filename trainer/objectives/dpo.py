@@ -53,6 +53,8 @@ from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
 
+from trainer.criteria_judge import any_broken
+
 if TYPE_CHECKING:
     from trainer.criteria_judge import RecordCriteria
     from trainer.reward_judge import ServedReward
@@ -177,11 +179,10 @@ def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[st
     judged = [(float(bool(a)), float(bool(b))) for a, b in breaks if a is not None and b is not None]
     if not judged:
         return {}
-    _, se = paired_difference([a for a, _ in judged], [b for _, b in judged])
-    violation = sum(a for a, _ in judged) / len(judged)
-    reference = sum(b for _, b in judged) / len(judged)
-    return {"violation_rate": violation, "reference_violation_rate": reference,
-            "violation_rise": violation - reference, "violation_rise_se": se or 0.0,
+    violation, reference = ([x[i] for x in judged] for i in (0, 1))
+    rise, se = paired_difference(violation, reference)
+    return {"violation_rate": statistics.fmean(violation), "reference_violation_rate": statistics.fmean(reference),
+            "violation_rise": rise, "violation_rise_se": se or 0.0,
             "criteria_prompts": float(len(judged))}
 
 
@@ -515,7 +516,7 @@ class DPOObjective(Objective):
         if self.criteria is not None:
             broken = [self.criteria.broken(r, a) for r, a in zip(held, replies)]
             out.update(criterion_rates(broken))
-            out.update(violation_rise([(None if x is None else any(x.values()), self.criteria.breaks(r, b))
+            out.update(violation_rise([(any_broken(x), self.criteria.breaks(r, b))
                                        for x, r, b in zip(broken, held, reference)]))
             limits = [self.criteria.word_limit(r) for r in held]
             if any(n is not None for n in limits):
