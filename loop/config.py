@@ -53,6 +53,11 @@ class LoopConfig:
         "run-to-run variance (docs/loop.md)")})
     max_tokens: int = field(default=128, metadata={"help": "new tokens per reply, training and evaluation"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
+    eval_alone: bool = field(default=True, metadata={"help": (
+        "measure the served policy with the app's best-of-N held and one held-out prompt at a time, so the "
+        "scorer decodes every reply alone and the same version with the same seeds gives the same replies; "
+        "false overlaps the evaluation with the traffic and batches its prompts: faster, but a version "
+        "measured twice can differ, as seeded sampling is exact only in the same batch company (docs/scorer.md)")})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
     concurrency: int = field(
         default=4, metadata={"help": "best-of-N requests in flight (the scorer decodes their candidates as one batch)"})
@@ -71,6 +76,10 @@ class LoopConfig:
     reward_data: str = field(default="", metadata={"help": "pairs the 'auto' reward model is trained on; default the shipped HH train set"})
     # The policy trainer (passed as PREFSTREAM_TRAINER_* to `python -m trainer --model-kind policy`).
     lr: float = field(default=5e-4, metadata={"help": "policy learning rate (LoRA)"})
+    warmup_steps: int = field(default=0, metadata={"help": (
+        "optimiser steps over which the policy's learning rate rises linearly to lr (0 = none): Adam's first "
+        "updates move every weight by about lr whatever its gradient's size, so a warm-up keeps the trainer's "
+        "first few batches from setting the policy's direction alone")})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     dpo_loss: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo or plackett_luce"})
     pairing: str = field(default="matched", metadata={"help": (
@@ -209,6 +218,7 @@ class LoopConfig:
         require(0 < self.replay_weight <= 1, "replay_weight", "must be within (0, 1]")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 records (0 = no pacing)")
         require(self.lr > 0, "lr", "must be > 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 optimiser steps (0 = none)")
         require(0 <= self.train_temperature <= 10, "train_temperature", "must be within 0..10 (0 = the sampling temperature)")
         from services.criteria_eval import FEEDBACK_MODES
 

@@ -17,9 +17,11 @@ assumed per request (ties make none, ``pairs`` mode makes two).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 log = logging.getLogger(__name__)
 
@@ -123,4 +125,60 @@ class Pacer:
         return b is not None and b >= self.max_backlog
 
 
-__all__ = ["CONSUMED_METRIC", "Pacer", "TrainerBacklog", "backlog", "consumed_from_metrics"]
+class Quiet:
+    """Lets the loop measure the served policy alone: every best-of-N of the app runs inside
+    :meth:`request`, and :meth:`alone` holds new ones, waits for those in flight to end, and keeps
+    the scorer to itself until it exits.  Why: the scorer decodes concurrent requests as one batch,
+    and sharing a step changes floating-point rounding, so a seeded reply is exact only in the same
+    company (docs/scorer.md); an evaluation decoded alone gives the same replies each time it
+    measures the same version.  One ``alone`` at a time; the others wait their turn, and the app's
+    requests wait for all of them.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._in_flight = 0
+        self._turn = asyncio.Lock()
+        self._wanting = 0
+        self.held_s = 0.0  # time the app's requests were held, the wait for those in flight included
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        while not self._open.is_set():  # woken by one alone() ending while the next began: wait again
+            await self._open.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        self._wanting += 1  # requests stay held until no evaluation is left waiting for its turn
+        self._open.clear()
+        started = None
+        try:
+            async with self._turn:
+                started = self.clock()
+                await self._idle.wait()
+                yield
+        finally:
+            self._wanting -= 1
+            if started is not None:
+                self.held_s += self.clock() - started
+            if self._wanting == 0:
+                self._open.set()
+
+
+__all__ = ["CONSUMED_METRIC", "Pacer", "Quiet", "TrainerBacklog", "backlog", "consumed_from_metrics"]

@@ -6,7 +6,8 @@ criteria feedback--> Kafka --> processor --criteria preference pairs--> policy t
 
 Beside it the loop measures what a user came for: the *served* policy's own violation rate (n = 1, a
 fixed seed per prompt, on held-out prompts never trained on) right after every version it publishes,
-with the reward model's score of the same replies, their length and the gate's KL to the reference.
+each reply decoded alone while the app's requests wait (``eval_alone``), so measuring one version twice
+gives one number, with the reward model's score of the same replies, their length and the gate's KL to the reference.
 Criteria are taught one after another (phases, each optionally keeping the earlier phases' criteria in
 its ranking) or together; after the last phase it reports how
 much of each earlier criterion's gain survived, and how often a reward model prefers the final
@@ -16,6 +17,8 @@ policy's reply to the base policy's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +31,7 @@ from typing import Any, Sequence
 import aiohttp
 
 from loop.config import LoopConfig
-from loop.pacing import Pacer, TrainerBacklog
+from loop.pacing import Pacer, Quiet, TrainerBacklog
 from loop.prompts import (PromptPlan, conversation, load_prompts, mean_words, plan_prompts, retention, violated,
                           win_rate, word_spread)
 from services.checkpoints import CheckpointStore
@@ -46,8 +49,9 @@ log = logging.getLogger(__name__)
 
 #: Header of the OpenAI-compatible route that names the criteria of a best-of-N (JSON list of refs).
 CRITERIA_HEADER = "op-criteria"
-#: Evaluation requests in flight: the scorer decodes concurrent generations as one batch (a step over
-#: 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in together.
+#: Evaluation requests in flight without eval_alone: the scorer decodes concurrent generations as one
+#: batch (a step over 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in
+#: together.  With it, one at a time: a reply decoded alone is the same each time (docs/scorer.md).
 EVAL_CONCURRENCY = 16
 #: Per-call deadline of the loop's scorer calls (a generation waits behind the app's best-of-N
 #: requests) and of the app's calls to the gateway, longer than the gateway's own wait for the scorer
@@ -78,6 +82,10 @@ class Evaluation:
     words: dict[str, float] = field(default_factory=dict)  # p10, p50, p90 of the replies' word counts
     #: share of the replies that max_tokens cut off (they ran on instead of ending; None: not known)
     cut_off: float | None = None
+    eval_s: float | None = None  # seconds the measurement took (held traffic and all, when alone)
+    #: a digest of the replies in prompt order: two measurements of one version that agree on it wrote
+    #: the same text (what eval_alone promises), and where they differ it shows that they did not
+    replies_digest: str = ""
     replies: list[str] = field(repr=False, default_factory=list)
     rewards: list[float] = field(repr=False, default_factory=list)
 
@@ -287,7 +295,7 @@ class LoopProcesses:
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,
             "replay_ratio": cfg.replay_ratio, "replay_weight": cfg.replay_weight, "max_kl": cfg.max_kl,
             "max_length": cfg.max_length, "max_response_tokens": cfg.max_tokens + 8, "autocast": "auto",
-            "ema_decay": 0.0, "warmup_steps": 0, "seed": cfg.seed, "keep_checkpoints": 1000,
+            "ema_decay": 0.0, "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "keep_checkpoints": 1000,
             "max_shrink": cfg.max_shrink, "guard_max_new_tokens": cfg.guard_max_new_tokens,
             "guard_prompts": cfg.guard_prompts, "max_reward_drop": cfg.max_reward_drop,
             "guard_temperature": cfg.eval_temperature, "criteria_guard": cfg.criteria_guard,
@@ -332,6 +340,7 @@ class CriteriaLoop:
         self.registry = ModelRegistry(procs.redis)
         self._evaluated: set[str] = set()
         self.pacer: Pacer | None = None
+        self.quiet = Quiet()  # evaluations decoded alone (eval_alone): the app's best-of-N waits meanwhile
         self._backlog: TrainerBacklog | None = None
         if cfg.max_backlog > 0:
             self._backlog = procs.trainer_backlog()
@@ -345,7 +354,7 @@ class CriteriaLoop:
         from scorer.decoding import LENGTH
         from scorer.domain import SamplingParams
 
-        sem = asyncio.Semaphore(EVAL_CONCURRENCY)
+        sem = asyncio.Semaphore(self._eval_concurrency)
         versions: dict[str, int] = {}
         cut = 0
 
@@ -366,7 +375,7 @@ class CriteriaLoop:
     async def _rewards(self, scorer: Any, replies: Sequence[str]) -> list[float]:
         if not self.cfg.reward_model:
             return []
-        sem = asyncio.Semaphore(EVAL_CONCURRENCY)
+        sem = asyncio.Semaphore(self._eval_concurrency)
 
         async def one(prompt: str, reply: str) -> float:
             async with sem:
@@ -392,10 +401,16 @@ class CriteriaLoop:
             out[c.ref] = results
         return out
 
+    @property
+    def _eval_concurrency(self) -> int:
+        return 1 if self.cfg.eval_alone else EVAL_CONCURRENCY
+
     async def evaluate_served(self, scorer: Any, label: str) -> Evaluation:
-        replies, versions, cut_off = await self._generate_eval(scorer)
-        results = await self.judge(scorer, replies)
-        rewards = await self._rewards(scorer, replies)
+        started = time.time()
+        async with self.quiet.alone() if self.cfg.eval_alone else contextlib.nullcontext():
+            replies, versions, cut_off = await self._generate_eval(scorer)
+            results = await self.judge(scorer, replies)
+            rewards = await self._rewards(scorer, replies)
         version = max(versions, key=versions.get)
         kl = None
         if version != "base":
@@ -407,14 +422,16 @@ class CriteriaLoop:
                         violation={ref: sum(violated(r) for r in rs) / len(rs) for ref, rs in results.items()},
                         mean_words=mean_words(replies), words=word_spread(replies), cut_off=cut_off,
                         mean_reward=(sum(rewards) / len(rewards)) if rewards else None, kl_to_ref=kl,
-                        replies=replies, rewards=rewards)
+                        replies=replies, rewards=rewards, eval_s=round(time.time() - started, 1),
+                        replies_digest=replies_digest(replies))
         self.evaluations.append(ev)
         self._evaluated.add(version)
         rates = ", ".join(f"{ref} {v:.2f}" for ref, v in ev.violation.items())
         _out(f"[{ev.t:6.0f}s] eval {label}: policy {version} violation {rates}; {ev.mean_words:.0f} words"
              + _spread(ev.words) + f", {ev.cut_off:.2f} cut off by max_tokens"
              + (f"; reward {ev.mean_reward:.3f}" if ev.mean_reward is not None else "")
-             + (f"; KL {kl:.3f}" if kl is not None else ""))
+             + (f"; KL {kl:.3f}" if kl is not None else "") + f"; {ev.eval_s:.0f}s"
+             + (" alone" if self.cfg.eval_alone else ""))
         return ev
 
     # -- the app: best-of-N with the criteria, stored ---------------------------------------------
@@ -429,7 +446,7 @@ class CriteriaLoop:
         headers = {"Authorization": f"Bearer {self.procs.api_key}", CRITERIA_HEADER: json.dumps(refs)}
         self.counters.sent += 1
         try:
-            async with http.post(f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
+            async with self.quiet.request(), http.post(f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
                                  timeout=aiohttp.ClientTimeout(total=SCORER_TIMEOUT_S)) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status != 200:
@@ -634,6 +651,7 @@ class CriteriaLoop:
             "candidates_per_version": {v: c.row() for v, c in self.counters.per_version.items()},
             "max_backlog": self.cfg.max_backlog,
             "held_for_trainer_s": None if self.pacer is None else round(self.pacer.held_s, 1),
+            "held_for_evaluation_s": round(self.quiet.held_s, 1),
             "peak_trainer_backlog": None if self.pacer is None else self.pacer.peak,
             "versions_published": len(published),
             "versions_rejected": len(rejected),
@@ -658,6 +676,16 @@ class CriteriaLoop:
                          for p, b, f in list(zip(self.plan.eval_prompts, base.replies, final.replies))[:6]],
         }
         return out
+
+
+def replies_digest(replies: Sequence[str]) -> str:
+    """The first 16 hex digits of the SHA-256 of the replies in order (each one's length first, so no
+    two lists of replies share a digest by where one reply ends and the next begins)."""
+    h = hashlib.sha256()
+    for r in replies:
+        data = r.encode()
+        h.update(len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()[:16]
 
 
 def _spread(words: dict[str, float] | None) -> str:
@@ -736,4 +764,4 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 __all__ = ["CriteriaLoop", "Evaluation", "FeedbackModes", "LoopProcesses", "feedback_mode_for", "make_plan",
-           "phase_criteria", "print_summary", "resolve_criteria", "run_criteria_loop"]
+           "phase_criteria", "print_summary", "replies_digest", "resolve_criteria", "run_criteria_loop"]

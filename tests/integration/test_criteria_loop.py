@@ -55,6 +55,8 @@ def test_a_short_loop_publishes_a_policy_trained_on_criteria_feedback_and_serves
     assert summary["evaluations"][0]["version"] == "base"
     for e in summary["evaluations"]:  # every reading has the length spread and the share max_tokens cut off
         assert set(e["words"]) == {"p10", "p50", "p90"} and 0.0 <= e["cut_off"] <= 1.0
+        assert len(e["replies_digest"]) == 16 and e["eval_s"] > 0  # measured alone (eval_alone), timed
+    assert summary["settings"]["eval_alone"] is True and summary["held_for_evaluation_s"] > 0
     assert 0.0 <= summary["violation_rate_base"] <= 1.0 and 0.0 <= summary["violation_rate_final"] <= 1.0
     assert Path(summary["report"]).is_file()
     # paced on the trainer's real backlog (Kafka end offsets minus its consumed counter), counted per version

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from loop.pacing import Pacer, TrainerBacklog, backlog, consumed_from_metrics
+from loop.pacing import Pacer, Quiet, TrainerBacklog, backlog, consumed_from_metrics
 from loop.run import Counters
 
 EXPOSITION = """\
@@ -101,3 +103,65 @@ def test_counters_per_served_version_tell_rule_pairs_from_the_rest() -> None:
     base, v1 = c.per_version["base"].row(), c.per_version["v000001"].row()
     assert base["requests"] == 1 and base["mixed_share"] == 1.0 and base["passing_share"] == pytest.approx(1 / 3)
     assert v1["requests"] == 2 and v1["mixed"] == 1 and v1["passing_share"] == pytest.approx(5 / 6)
+
+
+def test_alone_waits_for_the_requests_in_flight_and_holds_new_ones_until_it_ends() -> None:
+    async def scenario() -> list[str]:
+        clock = [0.0]
+        quiet, events = Quiet(clock=lambda: clock[0]), []
+        release_first = asyncio.Event()
+
+        async def app(name: str, until: asyncio.Event | None = None) -> None:
+            async with quiet.request():
+                events.append(f"{name} in (alone? {quiet.in_flight})")
+                if until is not None:
+                    await until.wait()
+            events.append(f"{name} out")
+
+        async def evaluation(name: str) -> None:
+            async with quiet.alone():
+                events.append(f"{name} starts with {quiet.in_flight} in flight")
+                clock[0] += 5.0
+                await asyncio.sleep(0)  # a request arriving now must wait
+                await asyncio.sleep(0)
+                events.append(f"{name} ends")
+
+        first = asyncio.create_task(app("a", release_first))
+        await asyncio.sleep(0)
+        ev1 = asyncio.create_task(evaluation("eval1"))
+        ev2 = asyncio.create_task(evaluation("eval2"))
+        await asyncio.sleep(0)
+        late = asyncio.create_task(app("b"))
+        await asyncio.sleep(0)
+        assert events == ["a in (alone? 1)"]  # both evaluations and the late request wait for a
+        release_first.set()
+        await asyncio.gather(first, ev1, ev2, late)
+        assert quiet.held_s == 10.0 and quiet.in_flight == 0
+        return events
+
+    events = asyncio.run(scenario())
+    assert events[:2] == ["a in (alone? 1)", "a out"]
+    # The evaluations take turns, each with nothing else in flight; the late request goes after them.
+    assert events[2:6] == ["eval1 starts with 0 in flight", "eval1 ends", "eval2 starts with 0 in flight", "eval2 ends"]
+    assert events[6:] == ["b in (alone? 1)", "b out"]
+
+
+def test_requests_run_together_when_nothing_is_measured() -> None:
+    async def scenario() -> int:
+        quiet, peak = Quiet(), 0
+        gate = asyncio.Event()
+
+        async def app() -> None:
+            nonlocal peak
+            async with quiet.request():
+                peak = max(peak, quiet.in_flight)
+                await gate.wait()
+
+        tasks = [asyncio.create_task(app()) for _ in range(4)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert quiet.held_s == 0.0
+        return peak
+
+    assert asyncio.run(scenario()) == 4

@@ -168,14 +168,15 @@ def test_the_policy_trainer_gets_the_loops_gate_settings_through_its_environment
         return load_trainer_config(env=env_vars("trainer", procs.trainer_leaves()))
 
     cfg = trainer(criteria_guard=True, max_violation_giveback=0.1, min_guard_prompts=6, rollback_lr_factor=1.0,
-                  doubt_z=1.0)
+                  doubt_z=1.0, warmup_steps=10)
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.dpo.min_guard_prompts) == (True, 0.1, 6)
-    assert cfg.gate.rollback_lr_factor == 1.0 and cfg.dpo.doubt_z == 1.0
+    assert cfg.gate.rollback_lr_factor == 1.0 and cfg.dpo.doubt_z == 1.0 and cfg.optim.warmup_steps == 10
     cfg = trainer()  # off by default, and the trainer's own rollback factor
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.gate.rollback_lr_factor) == (False, 1.0, 0.5)
-    assert cfg.dpo.doubt_z == 0.0
+    assert cfg.dpo.doubt_z == 0.0 and cfg.optim.warmup_steps == 0
     for bad, field in [({"max_violation_giveback": 1.5}, "max_violation_giveback"),
-                       ({"rollback_lr_factor": 0}, "rollback_lr_factor"), ({"doubt_z": -1}, "doubt_z")]:
+                       ({"rollback_lr_factor": 0}, "rollback_lr_factor"), ({"doubt_z": -1}, "doubt_z"),
+                       ({"warmup_steps": -1}, "warmup_steps")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
@@ -211,3 +212,13 @@ def test_report_has_every_figure_and_escapes_replies(tmp_path: Path) -> None:
     for name in FIGURES:
         assert (tmp_path / name).stat().st_size > 1000 and name in text
     assert json.loads((tmp_path / "summary.json").read_text())["violation_rate_base"] == 0.56
+
+
+def test_the_replies_digest_tells_two_measurements_apart_only_by_their_text() -> None:
+    from loop.run import replies_digest
+
+    d = replies_digest(["Short answer.", "Another one."])
+    assert d == replies_digest(["Short answer.", "Another one."]) and len(d) == 16 and int(d, 16) >= 0
+    assert d != replies_digest(["Short answer.", "Another one!"])  # one character
+    assert d != replies_digest(["Another one.", "Short answer."])  # prompt order counts
+    assert replies_digest(["ab", "c"]) != replies_digest(["a", "bc"])  # where one reply ends counts
