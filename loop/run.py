@@ -6,8 +6,9 @@ criteria feedback--> Kafka --> processor --criteria preference pairs--> policy t
 
 Beside it the loop measures what a user came for: the *served* policy's own violation rate (n = 1, a
 fixed seed per prompt, on held-out prompts never trained on) right after every version it publishes,
-each reply decoded alone while the app's requests wait (``eval_alone``), so measuring one version twice
-gives one number, with the reward model's score of the same replies, their length and the gate's KL to the reference.
+each reply decoded alone while the app's requests wait (``eval_alone``), so measuring one version
+twice gives one number, with the reward model's score of the same replies, their length and the
+gate's KL to the reference.
 Criteria are taught one after another (phases, each optionally keeping the earlier phases' criteria in
 its ranking) or together; after the last phase it reports how
 much of each earlier criterion's gain survived, and how often a reward model prefers the final
@@ -446,8 +447,9 @@ class CriteriaLoop:
         headers = {"Authorization": f"Bearer {self.procs.api_key}", CRITERIA_HEADER: json.dumps(refs)}
         self.counters.sent += 1
         try:
-            async with self.quiet.request(), http.post(f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
-                                 timeout=aiohttp.ClientTimeout(total=SCORER_TIMEOUT_S)) as resp:
+            async with self.quiet.request(), http.post(
+                    f"{self.procs.http_base}/v1/chat/completions", json=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=SCORER_TIMEOUT_S)) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}: {data}")
