@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "candidates_per_version": summary["candidates_per_version"],
         "max_backlog": summary["max_backlog"],
         "held_for_trainer_s": summary["held_for_trainer_s"],
+        "held_for_evaluation_s": summary["held_for_evaluation_s"],
         "peak_trainer_backlog": summary["peak_trainer_backlog"],
         "best_of_n_sent": summary["best_of_n_sent"],
         "gate_prompts": summary["gate_prompts"],

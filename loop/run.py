@@ -340,6 +340,7 @@ class CriteriaLoop:
         self.phase_marks: list[tuple[float, str]] = []  # (t, label) where each phase began
         self.registry = ModelRegistry(procs.redis)
         self._evaluated: set[str] = set()
+        self._measuring = asyncio.Lock()  # the evaluator's and the phase end's measurements, one at a time
         self.pacer: Pacer | None = None
         self.quiet = Quiet()  # evaluations decoded alone (eval_alone): the app's best-of-N waits meanwhile
         self._backlog: TrainerBacklog | None = None
@@ -539,11 +540,14 @@ class CriteriaLoop:
             published, _ = self.versions()
             newest = published[-1] if published else None
             if newest is not None and newest not in self._evaluated:  # older unmeasured ones are superseded
-                if await self._wait_served(scorer, newest):
-                    await self.evaluate_served(scorer, f"after {newest}")
-                else:
-                    self._evaluated.add(newest)
-                    _out(f"version {newest} was published but not served within 120 s; not measured")
+                async with self._measuring:
+                    if newest in self._evaluated:  # the end of the phase measured it meanwhile
+                        continue
+                    if await self._wait_served(scorer, newest):
+                        await self.evaluate_served(scorer, f"after {newest}")
+                    else:
+                        self._evaluated.add(newest)
+                        _out(f"version {newest} was published but not served within 120 s; not measured")
                 continue
             try:
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
@@ -617,13 +621,17 @@ class CriteriaLoop:
             await asyncio.sleep(2.0)
 
     async def _final_of_phase(self, scorer: Any) -> Evaluation:
-        published, _ = self.versions()
-        newest = published[-1] if published else "base"
-        if self.evaluations and self.evaluations[-1].version == newest and self.evaluations[-1].phase == self.phase:
-            return self.evaluations[-1]
-        if newest != "base":
-            await self._wait_served(scorer, newest)
-        return await self.evaluate_served(scorer, f"at the end of phase {self.phase + 1}")
+        # Behind a measurement the evaluator has begun, which may be of this very version: measured
+        # alone, a second reading of it would only repeat the first (a 2-3 minute wait for nothing).
+        async with self._measuring:
+            published, _ = self.versions()
+            newest = published[-1] if published else "base"
+            last = self.evaluations[-1] if self.evaluations else None
+            if last is not None and last.version == newest and last.phase == self.phase:
+                return last
+            if newest != "base":
+                await self._wait_served(scorer, newest)
+            return await self.evaluate_served(scorer, f"at the end of phase {self.phase + 1}")
 
     def summary(self, base: Evaluation, ends: list[Evaluation], quality: float | None) -> dict[str, Any]:
         published, rejected = self.versions()
