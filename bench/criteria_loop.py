@@ -28,7 +28,8 @@ from typing import Any
 #: and an adapter on the MLP as well as the attention (docs/loop.md, "Pairs where both replies stop");
 #: the gate's criteria guard against the reference and the served version, and no verdict on fewer than 6
 #: held-out prompts (docs/loop.md, "A criteria guard against the served version"); a 10-step warm-up of the
-#: learning rate (docs/loop.md, "A warm-up against the first checkpoints going long").
+#: learning rate (docs/loop.md, "An evaluation decoded alone, and a warm-up against the first checkpoints
+#: going long").
 RECIPE = {"pairing": "trim_bracket", "reward_guard": True, "keep_earlier": True, "sft_weight": 0.0,
           "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
           "criteria_guard": True, "min_guard_prompts": 6, "max_violation_giveback": 0.1, "doubt_z": 1.0,
