@@ -48,15 +48,13 @@ from services.criteria_eval import count_words, mean_words
 from services.schemas import PreferenceRecord
 from services.stats import paired_difference
 from trainer.config import TrainerConfig
+from trainer.criteria_judge import RecordCriteria, any_broken
 from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
 
-from trainer.criteria_judge import any_broken
-
 if TYPE_CHECKING:
-    from trainer.criteria_judge import RecordCriteria
     from trainer.reward_judge import ServedReward
 
 log = logging.getLogger(__name__)
