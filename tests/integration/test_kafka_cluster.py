@@ -20,9 +20,20 @@ from services.topics import FEEDBACK, TopicSpec, ensure_topics
 pytestmark = pytest.mark.integration
 
 
-def _leader(bootstrap: str, topic: str, partition: int) -> tuple[int, list[int], list[int]]:
-    p = describe_partitions(bootstrap, topic)[partition]
-    return p.leader, list(p.replicas), list(p.isr)
+def _leader(bootstrap: str, topic: str, partition: int, *, isr: list[int] | None = None,
+            timeout_s: float = 30.0) -> tuple[int, list[int], list[int]]:
+    """Leader, replicas and ISR of one partition, as soon as some broker's metadata has it with a leader
+    (and, given ``isr``, that in-sync set). A topic's creation is acknowledged by the controller; the broker
+    this admin client asks may learn of it a moment later, so one early answer can lack the partition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        p = describe_partitions(bootstrap, topic).get(partition)
+        got = (p.leader, list(p.replicas), list(p.isr)) if p is not None else None
+        if got is not None and got[0] != -1 and (isr is None or got[2] == isr):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{topic}[{partition}] not settled in {timeout_s:.0f} s: last seen {got}")
+        time.sleep(0.5)
 
 
 def test_a_leader_killed_9_mid_produce_loses_no_acked_record(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -35,7 +46,7 @@ def test_a_leader_killed_9_mid_produce_loses_no_acked_record(tmp_path_factory: p
         st.up()
         topic = f"cluster-{uuid.uuid4().hex[:8]}"
         ensure_topics(cfg.kafka_bootstrap, [TopicSpec(topic, 1, dict(FEEDBACK.configs))])
-        leader, replicas, isr = _leader(cfg.kafka_bootstrap, topic, 0)
+        leader, replicas, isr = _leader(cfg.kafka_bootstrap, topic, 0, isr=[1, 2, 3])
         assert replicas == [1, 2, 3] and isr == [1, 2, 3]
 
         producer = KafkaProducer(bootstrap_servers=cfg.kafka_bootstrap, acks="all", retries=2**31 - 1,
@@ -91,10 +102,7 @@ def test_a_leader_killed_9_mid_produce_loses_no_acked_record(tmp_path_factory: p
         lost = [v for v in acked if v not in seen]
         assert not lost, f"{len(lost)} of {len(acked)} acked records lost, e.g. {lost[:3]}"
         # the killed node is back in sync
-        deadline = time.monotonic() + 60
-        while _leader(cfg.kafka_bootstrap, topic, 0)[2] != [1, 2, 3] and time.monotonic() < deadline:
-            time.sleep(1.0)
-        assert _leader(cfg.kafka_bootstrap, topic, 0)[2] == [1, 2, 3]
+        assert _leader(cfg.kafka_bootstrap, topic, 0, isr=[1, 2, 3], timeout_s=60)[2] == [1, 2, 3]
     finally:
         stopped = st.down()
     assert sorted(stopped) == ["kafka", "kafka-2", "kafka-3"]
