@@ -155,6 +155,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, start_step)
         self.step = start_step
+        # Adam's moments are empty at the start, and stay so on a resume unless its optimizer state is loaded
+        self._schedule(warm_from=start_step, lr_factor=1.0)
         self._accumulated = False
         #: the weight average that is evaluated, saved and served (None: the live weights are)
         self.average = WeightAverage(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
@@ -305,7 +307,8 @@ class Learner:
 
     def roll_back(self, lr_factor: float = 1.0) -> None:
         """Go on from what :meth:`keep_weights` remembered, the learning rate from now on scaled by
-        ``lr_factor``; the step count and the schedule go on."""
+        ``lr_factor``; the step count and the schedule go on, and the warm-up runs again when the kept
+        optimizer state has no moments (weights kept before the first step)."""
         if self._kept is None:
             raise RuntimeError("no kept weights to roll back to; call keep_weights() first")
         params, shadow, optimizer = self._kept
@@ -315,18 +318,50 @@ class Learner:
             if shadow is not None and self.average is not None:
                 for s, kept in zip(self.average.shadow, shadow):
                     s.copy_(kept)
-        self.scheduler.base_lrs = [lr * lr_factor for lr in self.scheduler.base_lrs]
         # load_state_dict keeps same-device tensors as they are: hand it a copy, so stepping cannot alter the kept one
-        self.load_optimizer_state(copy.deepcopy(optimizer))
+        self.load_optimizer_state(copy.deepcopy(optimizer), lr_factor=self.lr_factor * lr_factor)
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = False
 
-    # Optimizer state travels with checkpoints only when configured (it doubles their size).
+    # Optimizer state travels with checkpoints only when configured (it doubles their size). Its param groups
+    # carry where the warm-up last began and the rollbacks' factor on the configured rate, so a resume with
+    # it goes on at the rate it left (a configured rate that changed meanwhile still applies, times the factor).
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+    def load_optimizer_state(self, state: dict[str, Any], *, lr_factor: float | None = None) -> None:
+        """Go on with ``state``'s moments, its warm-up (one that began at step 0 when it names none) and its
+        rate factor (or ``lr_factor``); without moments, the warm-up runs again from this step."""
         self.optimizer.load_state_dict(state)
+        group = self.optimizer.param_groups[0]
+        factor = float(group.get("lr_factor", 1.0)) if lr_factor is None else lr_factor
+        if self.optimizer.state:
+            self._schedule(int(group.get("warm_from", 0)), factor)
+            return
+        self._schedule(self.step, factor)
+        if self.step and self.cfg.optim.warmup_steps and self.rank == 0:
+            log.info("the optimizer state has no moments: the %d-step warm-up runs again from step %d",
+                     self.cfg.optim.warmup_steps, self.step)
+
+    @property
+    def lr_factor(self) -> float:
+        """The product of the rollbacks' ``lr_factor``: the rate is the configured one times this, scheduled."""
+        return float(self.optimizer.param_groups[0]["lr_factor"])
+
+    def restart_warmup(self, at: int | None = None) -> None:
+        """The schedule's warm-up begins at step ``at`` (None: this step) and the rate is set from it.
+
+        Adam's update is its first moment over the root of its second, bias-corrected: on empty moments the
+        first update moves every weight by about the learning rate, whatever the size of its gradient. The
+        warm-up against that is needed wherever the moments start empty, not only at step 0.
+        """
+        self._schedule(self.step if at is None else at, self.lr_factor)
+
+    def _schedule(self, warm_from: int, lr_factor: float) -> None:
+        multiplier = self.scheduler.lr_lambdas[0]
+        multiplier.warm_from = warm_from
+        self.scheduler.base_lrs = [self.cfg.optim.lr * lr_factor for _ in self.optimizer.param_groups]
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # the schedule decides
+            group["warm_from"], group["lr_factor"] = warm_from, lr_factor
+            group["lr"] = base * multiplier(self.scheduler.last_epoch)  # the schedule decides

@@ -88,6 +88,9 @@ def build_learner(cfg: TrainerConfig, point: ResumePoint, objective: Objective |
     learner = Learner(objective, model, cfg, start_step=point.step, **learner_kw)
     if point.optimizer_path and cfg.checkpoint.save_optimizer_state:
         learner.load_optimizer_state(torch.load(point.optimizer_path, map_location=learner.device))
+    elif point.step and cfg.optim.warmup_steps:
+        log.info("resuming at step %d without optimizer state: the %d-step warm-up runs again (Adam's moments "
+                 "start empty)", point.step, cfg.optim.warmup_steps)
     live = load_live_weights(point) if cfg.checkpoint.save_optimizer_state else None
     if live is not None:
         learner.load_live_state(live)

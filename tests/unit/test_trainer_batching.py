@@ -175,6 +175,13 @@ def test_lr_schedules() -> None:
     assert lr_multiplier(15, "inverse_sqrt", 4) == pytest.approx(math.sqrt(4 / 16))  # 0.5
     assert lr_multiplier(399, "inverse_sqrt", 4) == pytest.approx(0.1)
     assert lr_multiplier(10, "constant", 0) == 1.0
+    # a warm-up that began again at step 10 (Adam's moments empty there)
+    assert [lr_multiplier(s, "constant", 4, warm_from=10) for s in range(10, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_multiplier(12, "inverse_sqrt", 4, warm_from=12) == pytest.approx(0.25 * math.sqrt(4 / 13))
+    assert lr_multiplier(15, "inverse_sqrt", 4, warm_from=12) == pytest.approx(0.5)  # up to the decayed rate
+    assert lr_multiplier(2, "constant", 4, warm_from=0) == lr_multiplier(2, "constant", 4)
+    with pytest.raises(ValueError, match="warm_from"):
+        lr_multiplier(3, "constant", 4, warm_from=-1)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_multiplier(0, "cosine", 4)
 

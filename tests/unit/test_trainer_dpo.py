@@ -6,11 +6,11 @@ test_policy_lm.py), so these run in seconds on the CPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import shutil
-
-import json
 from pathlib import Path
 
 import pytest
@@ -505,6 +505,39 @@ def test_roll_back_restores_weights_and_optimizer_moments_and_goes_on(tmp_path, 
     assert learner.lr == pytest.approx(cfg.optim.lr * 0.5)  # the smaller rate stays
     with pytest.raises(RuntimeError, match="keep_weights"):
         Learner(objective, objective.load(str(tiny_base)), cfg).roll_back()
+
+
+def test_warm_up_runs_again_wherever_adams_moments_start_empty(tmp_path, tiny_base) -> None:
+    cfg = config(tmp_path, tiny_base, warmup_steps=4)
+    objective = objective_for(cfg)
+    train = records(8)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    objective.admit(learner.model, train)
+    learner.keep_weights()  # before the first step: no moments
+    rates = [learner.train(train[i % 2 * 4:][:4]).lr for i in range(6)]
+    assert rates == pytest.approx([cfg.optim.lr * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)])
+    learner.roll_back(lr_factor=0.5)  # the start's empty Adam: its first update would be ~lr per weight again
+    assert learner.step == 6 and learner.lr == pytest.approx(cfg.optim.lr * 0.5 * 0.25)
+    rates = [learner.train(train[:4]).lr for _ in range(5)]
+    assert rates == pytest.approx([cfg.optim.lr * 0.5 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])
+
+    learner.keep_weights()  # with moments: a rollback to them goes on at the full (halved) rate
+    learner.train(train[4:])
+    learner.roll_back()
+    assert learner.lr == pytest.approx(cfg.optim.lr * 0.5)
+
+    # a checkpoint's optimizer state carries where the warm-up began and the rollbacks' factor
+    saved = learner.optimizer_state()
+    assert saved["param_groups"][0]["warm_from"] == 6 and saved["param_groups"][0]["lr_factor"] == 0.5
+    resumed = Learner(objective, objective.load(str(tiny_base)), cfg, start_step=12)
+    assert resumed.lr == pytest.approx(cfg.optim.lr * 0.25)  # resumed without moments: warms up again
+    resumed.load_optimizer_state(copy.deepcopy(saved))
+    assert resumed.lr == pytest.approx(cfg.optim.lr * 0.5)  # with them: the schedule and the halved rate go on
+    resumed = Learner(objective, objective.load(str(tiny_base)), cfg, start_step=7)
+    resumed.load_optimizer_state(copy.deepcopy(saved))
+    assert resumed.lr == pytest.approx(cfg.optim.lr * 0.5 * 0.5)  # step 7 is the 2nd of the warm-up begun at 6
+    assert resumed.train(train[:4]).lr == pytest.approx(cfg.optim.lr * 0.5 * 0.5)
+    assert resumed.lr == pytest.approx(cfg.optim.lr * 0.5 * 0.75)
 
 
 def test_repetition_rate() -> None:
