@@ -641,6 +641,8 @@ def test_criteria_guard_refuses_a_version_that_breaks_the_rules_more_often_than_
         "criteria guard: 75% of the replies to 12 held-out prompts break their records' rule criteria, against 50% "
         "of the reference policy's (SE of the paired difference 0.13; max_violation_rise 0.1)")
     assert objective.guard(guarded(30)) == ""  # no criteria numbers (no criteria records held out): nothing to refuse on
+    off = DPOObjective(config(tmp_path, tiny_base, max_violation_rise=0.1))  # criteria_guard off: only recorded
+    assert off.guard(criteria_judged(0.75, 0.5)) == "" and off.unjudged(criteria_judged(0.75, 0.5)) == ""
 
 
 def test_violation_givebacks_compare_each_criterion_on_the_same_prompts_sampled_alike() -> None:
@@ -841,6 +843,10 @@ def test_guard_metrics_count_the_rule_breaks_of_the_replies_and_the_reference_s(
 
     Gate(cfg, registry=Registry(), eval_set=EvalSet(8), objective=objective)
     assert isinstance(objective.criteria, RecordCriteria) and objective.criteria.store.namespace == "ns"
+    # read without the criteria guard too: the length guard's bar counts the reference at most at a word limit
+    unguarded = objective_for(config(tmp_path, tiny_base, guard_prompts=3))
+    Gate(cfg, registry=Registry(), eval_set=EvalSet(8), objective=unguarded)
+    assert isinstance(unguarded.criteria, RecordCriteria)
     objective.criteria = RecordCriteria(Store())
     learner = Learner(objective, objective.load(str(tiny_base)), cfg)
     held_out = [dataclasses.replace(r, prompt=(ChatMessage("user", f"question {i}"),),

@@ -443,7 +443,10 @@ class DPOObjective(Objective):
             from trainer.reward_judge import ServedReward
 
             self.judge = ServedReward(registry, self.settings.reward_guard)
-        if self.settings.criteria_guard and self.settings.guard_prompts:
+        # The records' rule criteria are read whenever the guards run: the criteria guard judges by them, and
+        # the length guard's bar counts the reference's replies at most at a word limit they set. Without that
+        # bar, a version that learnt the limit was refused as "shorter than the reference" (make loop's defaults).
+        if self.settings.guard_prompts:
             from trainer.criteria_judge import RecordCriteria
 
             self.criteria = RecordCriteria.of(registry)
@@ -468,9 +471,9 @@ class DPOObjective(Objective):
         reference, empty and repetition rates, mean words, and the reference policy's mean words on the
         same prompts (what the length guard compares with while no version is served; generated once
         per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
-        than the reference's replies' and its paired standard error (:func:`reward_drop`); with a criteria
-        guard, the share of the replies, and of the reference's, that break their record's rule criteria,
-        over the prompts whose records name any (:func:`violation_rise`), and, when one of those criteria
+        than the reference's replies' and its paired standard error (:func:`reward_drop`); with the registry's
+        criteria store (the criteria guard judges by these; without it they are only recorded), the share
+        of the replies, and of the reference's, that break their record's rule criteria, over the prompts whose records name any (:func:`violation_rise`), and, when one of those criteria
         limits words, the reference's mean words counted at most at each prompt's limit
         (:func:`words_within_limits`, the length guard's bar then).
 
@@ -580,6 +583,8 @@ class DPOObjective(Objective):
                    f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
                    f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}"), \
                 self._doubtful(m["reward_drop"] - d.max_reward_drop, m["reward_drop_se"])
+        if not d.criteria_guard:  # the rates are recorded as gate metrics; only the criteria guard judges by them
+            return
         if "violation_rise" in m and m["violation_rise"] > d.max_violation_rise + 1e-12:
             yield (f"criteria guard: {m['violation_rate']:.0%} of the replies to {int(m['criteria_prompts'])} held-out "
                    f"prompts break their records' rule criteria, against {m['reference_violation_rate']:.0%} of the "
