@@ -54,6 +54,8 @@ CRITERIA_HEADER = "op-criteria"
 #: batch (a step over 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in
 #: together.  With it, one at a time: a reply decoded alone is the same each time (docs/scorer.md).
 EVAL_CONCURRENCY = 16
+#: how many times an evaluation that a hot swap split between two versions is taken again (then it is kept, mixed)
+MIXED_RETRIES = 3
 #: Per-call deadline of the loop's scorer calls (a generation waits behind the app's best-of-N
 #: requests) and of the app's calls to the gateway, longer than the gateway's own wait for the scorer
 #: (``scorer_timeout_s``), so a slow best-of-N is reported with the gateway's 504 and its reason.
@@ -411,6 +413,11 @@ class CriteriaLoop:
         started = time.time()
         async with self.quiet.alone() if self.cfg.eval_alone else contextlib.nullcontext():
             replies, versions, cut_off = await self._generate_eval(scorer)
+            for _ in range(MIXED_RETRIES):  # a hot swap mid-way: a reading of two versions is one of neither
+                if len(versions) == 1:
+                    break
+                _out(f"a version was swapped in during the evaluation ({versions}); measuring the served one again")
+                replies, versions, cut_off = await self._generate_eval(scorer)
             results = await self.judge(scorer, replies)
             rewards = await self._rewards(scorer, replies)
         version = max(versions, key=versions.get)
@@ -627,7 +634,7 @@ class CriteriaLoop:
             published, _ = self.versions()
             newest = published[-1] if published else "base"
             last = self.evaluations[-1] if self.evaluations else None
-            if last is not None and last.version == newest and last.phase == self.phase:
+            if last is not None and last.versions == {newest: len(last.replies)} and last.phase == self.phase:
                 return last
             if newest != "base":
                 await self._wait_served(scorer, newest)

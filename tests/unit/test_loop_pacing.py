@@ -165,3 +165,35 @@ def test_requests_run_together_when_nothing_is_measured() -> None:
         return peak
 
     assert asyncio.run(scenario()) == 4
+
+
+def test_an_evaluation_a_hot_swap_split_between_two_versions_is_taken_again() -> None:
+    # the short loop's integration test once measured v000002 on 1 prompt and v000003 on 3
+    from types import SimpleNamespace
+
+    from loop.run import MIXED_RETRIES, CriteriaLoop
+
+    readings = [(["a b", "c"], {"v000002": 1, "v000003": 1}, 0.0), (["a", "c d"], {"v000003": 2}, 0.5)]
+
+    loop = object.__new__(CriteriaLoop)
+    loop.cfg = SimpleNamespace(eval_alone=True, policy_model="policy")
+    loop.quiet, loop.t0, loop.phase, loop.evaluations, loop._evaluated = Quiet(), 0.0, 0, [], set()
+    loop.registry = SimpleNamespace(get=lambda name, version: SimpleNamespace(metrics={"kl_to_ref": 0.1}))
+
+    async def generate(scorer):
+        return readings.pop(0)
+
+    async def judge(scorer, replies):
+        return {"brief@v1": [SimpleNamespace(status="success", passed=True) for _ in replies]}
+
+    async def rewards(scorer, replies):
+        return [0.5 for _ in replies]
+
+    loop._generate_eval, loop.judge, loop._rewards = generate, judge, rewards
+    ev = asyncio.run(loop.evaluate_served(None, "after v000003"))
+    assert ev.versions == {"v000003": 2} and ev.replies == ["a", "c d"] and ev.cut_off == 0.5 and not readings
+    assert ev.violation == {"brief@v1": 0.0} and loop.evaluations == [ev]
+    # a swap at every try: the last reading is kept, its versions recorded
+    readings.extend([(["a"], {"v1": 1, "v2": 1}, 0.0)] * (MIXED_RETRIES + 1))
+    ev = asyncio.run(loop.evaluate_served(None, "after v2"))
+    assert ev.versions == {"v1": 1, "v2": 1} and not readings
