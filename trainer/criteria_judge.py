@@ -12,7 +12,7 @@ does not load for this.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from services.criteria import Criterion
 from services.criteria_eval import evaluate, record_criteria
@@ -31,26 +31,15 @@ def any_broken(broken: dict[str, bool] | None) -> bool | None:
 class RecordCriteria:
     """``breaks(record, reply)``: does the reply break a rule criterion the record was built from?"""
 
-    def __init__(self, store: CriteriaStore | None = None, *, open_store: Callable[[], CriteriaStore] | None = None) -> None:
-        """``store``, or ``open_store()`` called the first time a record names a criterion."""
-        if (store is None) == (open_store is None):
-            raise ValueError("give a criteria store or a function that opens one, not both")
-        self._store, self._open_store = store, open_store
+    def __init__(self, store: CriteriaStore) -> None:
+        self.store = store
         self._known: dict[tuple[str, str], Criterion | None] = {}  # (project, name@version) -> rules or None
         self._warned: set[str] = set()
 
     @classmethod
     def of(cls, registry: Any) -> RecordCriteria:
-        """The criteria stored beside the registry the gate publishes to (same Redis, same namespace), opened when
-        a held-out record first names one."""
-        return cls(open_store=lambda: CriteriaStore(registry.redis, namespace=registry.namespace))
-
-    @property
-    def store(self) -> CriteriaStore:
-        if self._store is None:
-            assert self._open_store is not None
-            self._store = self._open_store()
-        return self._store
+        """The criteria stored beside the registry the gate publishes to (same Redis, same namespace)."""
+        return cls(CriteriaStore(registry.redis, namespace=registry.namespace))
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

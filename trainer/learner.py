@@ -349,16 +349,15 @@ class Learner:
         """The product of the rollbacks' ``lr_factor``: the rate is the configured one times this, scheduled."""
         return float(self.optimizer.param_groups[0]["lr_factor"])
 
-    def restart_warmup(self, at: int | None = None) -> None:
-        """The schedule's warm-up begins at step ``at`` (None: this step) and the rate is set from it.
+    def _schedule(self, warm_from: int, lr_factor: float) -> None:
+        """The schedule's warm-up begins at step ``warm_from``, its rate is the configured one times
+        ``lr_factor``, and the rate of this step is set from both (kept in the param groups, which a
+        checkpoint's optimizer state carries).
 
         Adam's update is its first moment over the root of its second, bias-corrected: on empty moments the
         first update moves every weight by about the learning rate, whatever the size of its gradient. The
         warm-up against that is needed wherever the moments start empty, not only at step 0.
         """
-        self._schedule(self.step if at is None else at, self.lr_factor)
-
-    def _schedule(self, warm_from: int, lr_factor: float) -> None:
         multiplier = self.scheduler.lr_lambdas[0]
         multiplier.warm_from = warm_from
         self.scheduler.base_lrs = [self.cfg.optim.lr * lr_factor for _ in self.optimizer.param_groups]

@@ -44,7 +44,7 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, warm_from: int = 
 
 class Multiplier:
     """:func:`lr_multiplier` as LambdaLR's function of its own step count (0 at ``start_step``), with
-    ``warm_from`` settable while training (see :meth:`trainer.learner.Learner.restart_warmup`)."""
+    ``warm_from`` settable while training (the Learner moves it where Adam's moments start empty)."""
 
     def __init__(self, schedule: str, warmup_steps: int, start_step: int = 0) -> None:
         lr_multiplier(0, schedule, warmup_steps)  # validate eagerly

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -374,8 +375,9 @@ def test_guard_metrics_score_the_replies_and_the_reference_s_with_the_served_rew
     from trainer.gate import Gate
     from trainer.reward_judge import ServedReward
 
-    Gate(cfg, registry="the registry", eval_set=EvalSet(8), objective=objective)
-    assert isinstance(objective.judge, ServedReward) and objective.judge.registry == "the registry"
+    registry = SimpleNamespace(redis="the redis", namespace="ns")  # beside it, the gate reads the records' criteria
+    Gate(cfg, registry=registry, eval_set=EvalSet(8), objective=objective)
+    assert isinstance(objective.judge, ServedReward) and objective.judge.registry is registry
     assert objective.judge.name == "judge"
     learner = Learner(objective, objective.load(str(tiny_base)), cfg)
     objective.judge = judge = LengthJudge()
@@ -740,6 +742,8 @@ def test_a_version_judged_on_too_few_guard_prompts_waits_and_is_not_rolled_back(
     assert objective.unjudged(None) == ""  # no held-out records at all: publish_without_eval decides, not a wait
 
     class Registry:
+        redis, namespace = "the redis", "ns"  # where the gate's guards read the records' criteria
+
         def __init__(self) -> None:
             self.published, self.rejected = [], []
 

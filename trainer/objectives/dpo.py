@@ -447,8 +447,6 @@ class DPOObjective(Objective):
         # the length guard's bar counts the reference's replies at most at a word limit they set. Without that
         # bar, a version that learnt the limit was refused as "shorter than the reference" (make loop's defaults).
         if self.settings.guard_prompts:
-            from trainer.criteria_judge import RecordCriteria
-
             self.criteria = RecordCriteria.of(registry)
 
     def _guard_records(self, records: Sequence[PreferenceRecord], n: int) -> list[PreferenceRecord]:
@@ -473,8 +471,8 @@ class DPOObjective(Objective):
         per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
         than the reference's replies' and its paired standard error (:func:`reward_drop`); with the registry's
         criteria store (the criteria guard judges by these; without it they are only recorded), the share
-        of the replies, and of the reference's, that break their record's rule criteria, over the prompts whose records name any (:func:`violation_rise`), and, when one of those criteria
-        limits words, the reference's mean words counted at most at each prompt's limit
+        of the replies, and of the reference's, that break their record's rule criteria, over the prompts
+        whose records name any (:func:`violation_rise`), and, when one of those criteria limits words, the reference's mean words counted at most at each prompt's limit
         (:func:`words_within_limits`, the length guard's bar then).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
