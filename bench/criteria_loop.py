@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_trainer_backlog": summary["peak_trainer_backlog"],
         "best_of_n_sent": summary["best_of_n_sent"],
         "gate_prompts": summary["gate_prompts"],
+        "guard_set_prompts": summary["guard_set_prompts"],
         "rejections": summary["rejections"],
         "gate_metrics": summary["gate_metrics"],
         "evaluations": summary["evaluations"],

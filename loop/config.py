@@ -180,11 +180,17 @@ class LoopConfig:
         "compounded to an eighth of the rate and a first version that was the base policy again (docs/loop.md)")})
     min_guard_prompts: int = field(default=0, metadata={"help": (
         "a policy version judged by the guards on fewer held-out prompts than this is not published yet (nor rolled "
-        "back): the held-out set fills one best-of-N in gate_every, and the first version of a fresh loop was judged "
-        "on 2-3 prompts; 0 = judge on whatever there is")})
+        "back): without guard_set the held-out set fills one best-of-N in gate_every, and the first version of a fresh "
+        "loop was judged on 2-3 prompts; 0 = judge on whatever there is")})
     guard_prompts: int = field(default=24, metadata={"help": (
         "held-out prompts the policy gate's guards reply to (KL, length, reward, degeneration): more cost a few "
         "seconds each per checkpoint and make the guards' means less noisy")})
+    guard_set: bool = field(default=True, metadata={"help": (
+        "give the gate its own guard_prompts prompts (with gate_every > 0: the gate judges only while it has held-out "
+        "records), set aside from the training file before training starts "
+        "(never trained on, never evaluation prompts) and named with the criteria taught so far, so the first "
+        "versions are judged on as many prompts as the last; false = the prompts of the held-out records as they "
+        "arrive (one best-of-N in gate_every), on which the first versions were judged on 6-8 (docs/loop.md)")})
     guard_max_new_tokens: int = field(default=96, metadata={"help": (
         "tokens of the greedy replies the gate's guards read (KL, length, degeneration); long enough that a reply "
         "over the word limit is seen whole")})

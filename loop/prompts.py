@@ -82,6 +82,8 @@ class PromptPlan:
     eval_prompts: tuple[str, ...]
     phases: tuple[tuple[str, ...], ...]
     dropped_overlap: int  # training prompts dropped because they are evaluation prompts
+    #: the gate's own guard prompts: from the training file, set aside before the phases take theirs
+    guard_prompts: tuple[str, ...] = ()
 
     @property
     def train_prompts(self) -> int:
@@ -89,12 +91,15 @@ class PromptPlan:
 
 
 def plan_prompts(train: Sequence[str], evaluation: Sequence[str], *, eval_count: int, per_phase: int,
-                 phases: int, seed: int) -> PromptPlan:
-    """Held-out evaluation prompts and disjoint, shuffled training prompts for each phase.
+                 phases: int, seed: int, guard_count: int = 0) -> PromptPlan:
+    """Held-out evaluation prompts, ``guard_count`` guard prompts for the gate, and disjoint, shuffled
+    training prompts for each phase.
 
-    No evaluation prompt is ever trained on: training prompts equal to one are dropped first.  Phases
-    get different prompts while there are enough, so a later phase is not measured on what an earlier
-    one trained on.
+    No evaluation prompt is ever trained on: training prompts equal to one are dropped first.  The guard
+    prompts come from the training file, are never trained on and are not evaluation prompts: the gate
+    selects versions on them, and the evaluation measures what was selected on prompts selection never
+    saw.  Phases get different prompts while there are enough, so a later phase is not measured on what
+    an earlier one trained on.
     """
     if eval_count > len(evaluation):
         raise InvalidArgument("eval_count", f"asks for {eval_count} evaluation prompts but the file has "
@@ -107,12 +112,17 @@ def plan_prompts(train: Sequence[str], evaluation: Sequence[str], *, eval_count:
         raise InvalidArgument("prompts", "every training prompt is also an evaluation prompt; give disjoint files")
     rng = random.Random(seed)
     rng.shuffle(pool)
+    if guard_count and guard_count >= len(pool):
+        raise InvalidArgument("guard_prompts", f"sets {guard_count} training prompts aside for the gate but the "
+                                               f"training file has {len(pool)} besides the evaluation prompts; lower "
+                                               "guard_prompts, turn guard_set off or give more prompts")
+    guard, pool = tuple(pool[:guard_count]), pool[guard_count:]
     chunks = []
     for k in range(phases):
         start = (k * per_phase) % len(pool)
         chunk = [pool[(start + j) % len(pool)] for j in range(min(per_phase, len(pool)))]
         chunks.append(tuple(chunk))
-    return PromptPlan(eval_prompts=held, phases=tuple(chunks), dropped_overlap=dropped)
+    return PromptPlan(eval_prompts=held, phases=tuple(chunks), dropped_overlap=dropped, guard_prompts=guard)
 
 
 def conversation(prompt: str, system_prompt: str) -> tuple[ChatMessage, ...]:

@@ -45,6 +45,7 @@ from services.endpoints import load_stack_endpoints
 from services.redis_client import connect
 from services.registry import ModelRegistry
 from services.stack import ServiceProcess, Stack, check_running, free_port, open_run_stack, stop_run
+from trainer.guard_set import GuardPrompt, write_guard_set
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +220,14 @@ def reward_checkpoint(cfg: LoopConfig) -> Path | None:
 class LoopProcesses:
     """The stack, the three deployables and the clients of one loop run."""
 
-    def __init__(self, cfg: LoopConfig) -> None:
+    def __init__(self, cfg: LoopConfig, guard_prompts: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.stack: Stack | None = None
         self.services: list[ServiceProcess] = []
+        self.guard_prompts = tuple(guard_prompts)
+        #: the gate's own guard set (trainer/guard_set.py), when the plan set prompts aside for it
+        self.guard_set: Path | None = None
 
     def start(self) -> None:
         cfg = self.cfg
@@ -231,6 +235,9 @@ class LoopProcesses:
                                                     say=_out)
         self.endpoints = load_stack_endpoints(self.stack_dir)
         self.redis = connect(self.endpoints.redis_url)
+        if self.guard_prompts:  # the trainer reads it from its start; each phase names its criteria there
+            self.guard_set = self.run_dir / "guard_set.jsonl"
+            self.name_guard_criteria(())
         self.checkpoints = self.run_dir / "checkpoints"
         if cfg.topic_prefix:
             from services.topics import TOPICS, ensure_topics, prefixed
@@ -286,6 +293,15 @@ class LoopProcesses:
         gw_cfg = load_gateway_config(overrides={"stack_run_dir": str(self.stack_dir)})
         self.api_key, _ = create_key(self.redis, cfg.project, pepper=gw_cfg.auth_pepper, label="loop")
 
+    def name_guard_criteria(self, refs: Sequence[str]) -> None:
+        """(Re)write the gate's guard set: its prompts, each naming the criteria ``refs`` the criteria guard
+        judges the replies by (the trainer reads the file again at every evaluation)."""
+        if self.guard_set is None:
+            return
+        cfg = self.cfg
+        write_guard_set(self.guard_set, [GuardPrompt.make(conversation(p, cfg.system_prompt), cfg.project, tuple(refs))
+                                         for p in self.guard_prompts])
+
     def trainer_leaves(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
@@ -306,6 +322,7 @@ class LoopProcesses:
             "min_guard_prompts": cfg.min_guard_prompts, "rollback_lr_factor": cfg.rollback_lr_factor,
             "doubt_z": cfg.doubt_z,
             "reward_guard": cfg.reward_model if cfg.reward_guard else "",
+            **({"guard_set": str(self.guard_set)} if self.guard_set else {}),
             "ray_storage_path": self.run_dir / "ray_train",
             "metrics_port": self.trainer_metrics_port,
             **({"base_model": cfg.policy_base} if cfg.policy_base else {}),
@@ -597,6 +614,8 @@ class CriteriaLoop:
                 for k, taught in enumerate(phases):
                     self.phase = k
                     refs = [c.ref for c in taught]
+                    # the gate judges every criterion taught so far, so a later phase does not give back an earlier one
+                    self.procs.name_guard_criteria(list(dict.fromkeys(c.ref for p in phases[:k + 1] for c in p)))
                     self.phase_marks.append((time.time() - self.t0, " + ".join(refs)))
                     _out(f"phase {k + 1}/{len(phases)}: teaching {' + '.join(refs)} with "
                          f"{len(self.plan.phases[k])} prompts (best-of-{cfg.candidates})")
@@ -663,6 +682,7 @@ class CriteriaLoop:
             "best_of_n_sent": self.counters.sent,
             "best_of_n_stored": self.counters.stored,
             "gate_prompts": self.counters.gate_prompts,
+            "guard_set_prompts": len(self.plan.guard_prompts),
             "candidates_passing_share": (self.counters.candidates_passing / self.counters.candidates
                                          if self.counters.candidates else None),
             "candidates_per_version": {v: c.row() for v, c in self.counters.per_version.items()},
@@ -721,14 +741,14 @@ def make_plan(cfg: LoopConfig, phases: int) -> PromptPlan:
     train = load_prompts(cfg.prompts or shared_data_dir() / TRAIN_FILE, field_name="prompts")
     held = load_prompts(cfg.eval_prompts or shared_data_dir() / TEST_FILE, field_name="eval_prompts")
     return plan_prompts(train, held, eval_count=cfg.eval_count, per_phase=cfg.train_prompts, phases=phases,
-                        seed=cfg.seed)
+                        seed=cfg.seed, guard_count=cfg.guard_prompts if cfg.guard_set and cfg.gate_every else 0)
 
 
 def run_criteria_loop(cfg: LoopConfig, *, write_html: bool = True) -> dict[str, Any]:
     """Run the loop once; returns the summary (also written, with the HTML report, to the report folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plan = make_plan(cfg, 1 if cfg.together else len(cfg.criteria))
-    procs = LoopProcesses(cfg)
+    procs = LoopProcesses(cfg, plan.guard_prompts)
     started = time.time()
     try:
         procs.start()

@@ -44,7 +44,7 @@ PUBLISH_FIELDS: tuple[str, ...] = (
 EVAL_FIELDS: dict[ModelKind, tuple[str, ...]] = {
     ModelKind.REWARD: ("max_length", "eval_batch_size", "device"),
     ModelKind.POLICY: ("base_model", "max_length", "eval_batch_size", "device", "beta", "guard_prompts",
-                       "guard_max_new_tokens", "seed"),
+                       "guard_set", "guard_max_new_tokens", "seed"),
 }
 #: The objective each ``train``/``eval`` subcommand trains.
 COMMANDS: dict[str, ModelKind] = {"reward": ModelKind.REWARD, "dpo": ModelKind.POLICY}

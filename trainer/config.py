@@ -143,6 +143,11 @@ class DPOSettings:
         "exceeds this (nats)"))
     guard_prompts: int = field(default=8, metadata=_help(
         "held-out prompts the gate samples replies for (KL, empty replies, repetition); 0 disables the guards"))
+    guard_set: str = field(default="", metadata=_help(
+        "a JSONL file of the prompts the guards reply to, fixed before training starts, each with the rule criteria "
+        "its replies are judged by (trainer/guard_set.py; read at every evaluation, so it may be replaced); the guards "
+        "reply to its first guard_prompts. Empty = the prompts of the held-out records as they arrive, so the first "
+        "versions of a fresh stream are judged on the few that came before them"))
     guard_max_new_tokens: int = field(default=48, metadata=_help("reply length the gate samples, in tokens"))
     guard_temperature: float = field(default=0.0, metadata=_help(
         "temperature of the guard's replies (one per prompt, fixed seeds; the reference's are drawn alike); 0 = greedy. "

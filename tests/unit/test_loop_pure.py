@@ -77,6 +77,43 @@ def test_the_plan_never_trains_on_an_eval_prompt_and_is_seeded() -> None:
     assert e.value.field == "prompts"
 
 
+def test_the_gate_s_guard_prompts_are_set_aside_from_training_before_the_phases_take_theirs() -> None:
+    from services.data import TEST_FILE, TRAIN_FILE, shared_data_dir
+
+    train, held = load_prompts(shared_data_dir() / TRAIN_FILE), load_prompts(shared_data_dir() / TEST_FILE)
+    plan = plan_prompts(train, held, eval_count=48, per_phase=240, phases=2, seed=0, guard_count=24)
+    trained = set(plan.phases[0]) | set(plan.phases[1])
+    assert len(plan.guard_prompts) == 24 and set(plan.guard_prompts) <= set(train)
+    assert not set(plan.guard_prompts) & (trained | set(plan.eval_prompts))  # never trained on, never evaluated on
+    assert [len(p) for p in plan.phases] == [240, 240]
+    assert plan_prompts(train, held, eval_count=48, per_phase=240, phases=2, seed=0).guard_prompts == ()
+    with pytest.raises(InvalidArgument) as e:
+        plan_prompts([f"p{i}" for i in range(10)], ["x"], eval_count=1, per_phase=4, phases=1, seed=0, guard_count=10)
+    assert e.value.field == "guard_prompts"
+
+
+def test_the_loop_writes_the_gate_s_guard_set_and_names_each_phase_s_criteria_there(tmp_path: Path) -> None:
+    from loop.run import LoopProcesses
+    from services.config import env_vars
+    from trainer.config import load_trainer_config
+    from trainer.guard_set import load_guard_set
+
+    cfg = load_loop_config(env={}, overrides={"system_prompt": "Be brief.", "project": "acme"})
+    procs = LoopProcesses(cfg, ["first?", "second?"])
+    procs.stack_dir, procs.checkpoints, procs.trainer_metrics_port = tmp_path, tmp_path / "ckpt", 9
+    assert "guard_set" not in procs.trainer_leaves()  # until the run dir is there to write it in
+    procs.guard_set = tmp_path / "guard_set.jsonl"
+    procs.name_guard_criteria(())
+    assert load_trainer_config(env=env_vars("trainer", procs.trainer_leaves())).dpo.guard_set == str(procs.guard_set)
+    first = load_guard_set(procs.guard_set)
+    assert [g.prompt[-1].content for g in first] == ["first?", "second?"] and first[0].prompt[0].content == "Be brief."
+    assert all(g.criteria == () and g.project == "acme" for g in first)
+    procs.name_guard_criteria(["concise@v1", "impersonal@v2"])  # the second phase judges both
+    again = load_guard_set(procs.guard_set)
+    assert [g.key for g in again] == [g.key for g in first]  # the same prompts, so the reference's replies are kept
+    assert all(g.criteria == ("concise@v1", "impersonal@v2") for g in again)
+
+
 def test_conversation_puts_the_system_prompt_first_when_given() -> None:
     assert [m.role for m in conversation("q", "be brief")] == ["system", "user"]
     assert [m.content for m in conversation("q", "")] == ["q"]

@@ -807,31 +807,37 @@ class Store:
 def test_record_criteria_judge_a_reply_by_the_rule_criteria_its_record_names() -> None:
     from services.criteria import Rule
     from trainer.criteria_judge import RecordCriteria
+    from trainer.guard_set import GuardPrompt
 
     store = Store()
     judge = RecordCriteria(store)
     record = records(1)[0]
-    brief = dataclasses.replace(record, source_event_ids=("e1", "criterion:brief@v1"))
+
+    def named(*sources: str) -> GuardPrompt:  # a held-out record's prompt, with the criteria the record names
+        return GuardPrompt.of_record(dataclasses.replace(record, source_event_ids=sources))
+
+    brief = named("e1", "criterion:brief@v1")
     assert judge.breaks(brief, "one two three four") is False
     assert judge.broken(brief, "one two three four five") == {"brief@v1": True}
     assert judge.breaks(brief, "one two three four five") is True
     assert store.calls == 1  # a stored version never changes: read once
-    assert judge.breaks(record, "anything at all, however long it runs") is None  # human feedback: no criteria
-    judged_only = dataclasses.replace(record, source_event_ids=("criterion:judged@v1",))
+    human = GuardPrompt.of_record(record)
+    assert judge.breaks(human, "anything at all, however long it runs") is None  # human feedback: no criteria
+    judged_only = named("criterion:judged@v1")
     assert judge.breaks(judged_only, "a reply") is None  # a judge criterion needs a served model: not read here
-    gone = dataclasses.replace(record, source_event_ids=("criterion:deleted@v3", "criterion:brief@v1"))
+    gone = named("criterion:deleted@v3", "criterion:brief@v1")
     assert judge.breaks(gone, "one two three four five") is True  # the criteria that can be read still judge
     store.down = True
-    other = dataclasses.replace(record, source_event_ids=("criterion:other@v1",))
+    other = named("criterion:other@v1")
     assert judge.breaks(other, "x") is None  # the store unreachable: not judged, and asked again next time
     store.down = False
     store.criteria[("default", "other@v1")] = store.criteria[("default", "brief@v1")]
     assert judge.breaks(other, "one two three four five") is True
-    assert judge.word_limit(brief) == 4 and judge.word_limit(record) is None  # no criteria: no limit
+    assert judge.word_limit(brief) == 4 and judge.word_limit(human) is None  # no criteria: no limit
     assert judge.word_limit(judged_only) is None  # a judge criterion limits no words
     store.criteria[("default", "briefer@v1")] = dataclasses.replace(store.criteria[("default", "brief@v1")],
                                                                     name="briefer", rules=(Rule("max_words", 2),))
-    both = dataclasses.replace(record, source_event_ids=("criterion:brief@v1", "criterion:briefer@v1"))
+    both = named("criterion:brief@v1", "criterion:briefer@v1")
     assert judge.word_limit(both) == 2  # the tightest limit binds
 
 
@@ -862,3 +868,57 @@ def test_guard_metrics_count_the_rule_breaks_of_the_replies_and_the_reference_s(
     assert m["violation_rate"] == m["reference_violation_rate"] and m["violation_rise"] == 0.0
     assert m["reference_words_within_limit"] <= m["reference_mean_words"]  # brief's max_words 4 on two prompts
     assert objective.guard(objective.evaluate(learner.model, held_out)) == ""
+
+
+def test_a_guard_set_fixes_the_guard_prompts_before_training_and_names_their_criteria(tmp_path, tiny_base, caplog) -> None:
+    from trainer.criteria_judge import RecordCriteria
+    from trainer.guard_set import GuardPrompt, write_guard_set
+
+    path = tmp_path / "guard_set.jsonl"
+    asked = [(ChatMessage("system", "Be brief."), ChatMessage("user", f"guard question {i}")) for i in range(5)]
+    write_guard_set(path, [GuardPrompt.make(p) for p in asked])  # no criteria named yet
+    cfg = config(tmp_path, tiny_base, max_repetition_rate=1.0, max_empty_rate=1.0, criteria_guard=True,
+                 guard_prompts=4, guard_set=str(path))
+    objective = objective_for(cfg)
+    objective.criteria = RecordCriteria(Store())
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    held_out = records(2, split="test", start=300)  # the first checkpoint of a fresh stream: two held-out records
+
+    m = objective.evaluate(learner.model, held_out).metrics
+    assert m["guard_prompts"] == 4.0  # the guard set's first 4, however few records came in
+    assert objective._guard_ids == [GuardPrompt.make(p).key for p in asked[:4]]
+    assert "violation_rate" not in m  # no prompt names a criterion yet
+    # a phase starts: the same prompts now name a rule criterion, read at the next evaluation
+    write_guard_set(path, [GuardPrompt.make(p, criteria=("brief@v1",)) for p in asked])
+    reference = objective._reference_replies
+    m = objective.evaluate(learner.model, held_out + records(3, split="test", start=400)).metrics
+    assert m["criteria_prompts"] == 4.0 and m["violation_rate"] == m["reference_violation_rate"]
+    assert objective._reference_replies is reference  # the same prompts: the reference's replies are kept
+    assert math.isfinite(m["kl_to_ref"]) and m["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)  # still the reference
+    # a file that cannot be read now keeps the prompts read before, and says so
+    path.write_text("not json\n")
+    with caplog.at_level("ERROR"):
+        m = objective.evaluate(learner.model, held_out).metrics
+    assert m["guard_prompts"] == 4.0 and m["criteria_prompts"] == 4.0 and "cannot be read now" in caplog.text
+
+
+def test_a_guard_set_that_cannot_be_read_at_start_names_the_field_the_file_and_the_line(tmp_path, tiny_base) -> None:
+    from trainer.guard_set import load_guard_set
+
+    with pytest.raises(InvalidArgument, match="guard_set.*not a file"):
+        objective_for(config(tmp_path, tiny_base, guard_set=str(tmp_path / "missing.jsonl")))
+    bad = {r"\.prompt: is not a guard-set field": {"prompt": "hi"},
+           r"\.messages: must be a non-empty": {"messages": []},
+           r"\.messages\[0\]\.role": {"messages": [{"role": "robot", "content": "hi"}]},
+           r"\.criteria\[0\].*names no version": {"messages": [{"role": "user", "content": "hi"}], "criteria": ["brief"]},
+           r"\.criteria\[1\].*v1, v2": {"messages": [{"role": "user", "content": "hi"}], "criteria": ["a@v1", "b@latest"]},
+           r"\.project": {"messages": [{"role": "user", "content": "hi"}], "project": ""}}
+    for i, (match, obj) in enumerate(bad.items()):
+        f = tmp_path / f"bad{i}.jsonl"
+        f.write_text(json.dumps({"messages": [{"role": "user", "content": "fine"}]}) + "\n" + json.dumps(obj) + "\n")
+        with pytest.raises(InvalidArgument, match=rf"guard_set \(bad{i}\.jsonl line 2\){match}"):
+            load_guard_set(f)
+    f = tmp_path / "twice.jsonl"
+    line = json.dumps({"messages": [{"role": "user", "content": "same"}], "criteria": ["a@v1"]})
+    f.write_text(line + "\n\n" + line + "\n")
+    assert len(load_guard_set(f)) == 1  # one prompt once

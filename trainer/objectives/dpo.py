@@ -18,7 +18,8 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
   unpaired completions.  ``sft_weight`` > 0 adds RPO's NLL of the best response to any of them.
 * **The gate** measures the implicit-reward pairwise accuracy, β·(log π − log π_ref) per response,
   through the same :func:`trainer.evaluation.pairwise_result` as reward models, so the paired,
-  noise-aware rule applies unchanged.  Beside it, on held-out prompts, it samples replies (greedy
+  noise-aware rule applies unchanged.  Beside it, on held-out prompts (the held-out records', or the
+  gate's own guard set fixed before training, trainer/guard_set.py), it samples replies (greedy
   or at ``guard_temperature``, fixed seeds) and records the mean per-token KL to the reference, the
   share of empty replies and the repetition rate, and how much shorter the replies are than the
   served version's (or the reference's); with ``reward_guard``, a served reward model also scores
@@ -45,12 +46,14 @@ from torch import nn
 from services.kinds import ModelKind
 from services.policy_model import default_policy_path
 from services.criteria_eval import count_words, mean_words
+from services.errors import InvalidArgument
 from services.schemas import PreferenceRecord
 from services.stats import paired_difference
 from trainer.config import TrainerConfig
 from trainer.criteria_judge import RecordCriteria, any_broken
 from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
+from trainer.guard_set import GuardPrompt, load_guard_set
 from trainer.objectives.base import Batch, Objective
 from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
 
@@ -206,11 +209,13 @@ class DPOObjective(Objective):
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
-        #: the reference policy's replies to the current guard prompt set: ((record ids, budget, temperature), replies);
+        #: the reference policy's replies to the current guard prompt set: ((prompt keys, budget, temperature), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
         self._reference_replies: tuple[tuple[tuple[str, ...], int, float], list[str]] | None = None
-        #: the records whose prompts the guards reply to (:meth:`_guard_records`)
+        #: the keys of the prompts the guards reply to (:meth:`_guard_prompts`)
         self._guard_ids: list[str] = []
+        #: the gate's own guard set (``guard_set``), as last read; its errors at start-up name the field
+        self._guard_set = load_guard_set(self.settings.guard_set) if self.settings.guard_set else []
         #: the reward guard's judge (set by :meth:`use_registry`)
         self.judge: ServedReward | None = None
         self.criteria: RecordCriteria | None = None
@@ -449,52 +454,74 @@ class DPOObjective(Objective):
         if self.settings.guard_prompts:
             self.criteria = RecordCriteria.of(registry)
 
-    def _guard_records(self, records: Sequence[PreferenceRecord], n: int) -> list[PreferenceRecord]:
-        """The ``n`` held-out records, of distinct prompts, the guards reply to: the ones chosen before while
-        the evaluation set still holds them, topped up in canonical order, so the prompts (and the
-        reference's replies to them) stay put as the set grows instead of shifting with every record that
-        sorts before them.  One prompt once: a best-of-N's criteria feedback is often two records."""
+    def _guard_prompts(self, records: Sequence[PreferenceRecord], n: int) -> list[GuardPrompt]:
+        """The ``n`` prompts the guards reply to: the guard set's first ``n`` (read again each time, so a
+        replaced file names new criteria; an unreadable one keeps the last read), or, without one, the
+        held-out records' (:meth:`_held_out_prompts`)."""
+        if self.settings.guard_set:
+            try:
+                self._guard_set = load_guard_set(self.settings.guard_set)
+            except (OSError, InvalidArgument) as e:
+                log.error("the guard set cannot be read now (%s); the guards reply to the %d prompts read before",
+                          e, len(self._guard_set))
+            kept = self._guard_set[:n]
+        else:
+            kept = self._held_out_prompts(records, n)
+        self._guard_ids = [g.key for g in kept]
+        return kept
+
+    def _held_out_prompts(self, records: Sequence[PreferenceRecord], n: int) -> list[GuardPrompt]:
+        """The prompts of ``n`` held-out records, distinct: the ones chosen before while the evaluation set
+        still holds them, topped up in canonical order, so the prompts (and the reference's replies to them)
+        stay put as the set grows instead of shifting with every record that sorts before them.  One prompt
+        once: a best-of-N's criteria feedback is often two records."""
         by_id = {r.record_id: r for r in records}
-        kept: list[PreferenceRecord] = []
+        kept: list[GuardPrompt] = []
         prompts: set[tuple[Any, ...]] = set()
         for r in [by_id[i] for i in self._guard_ids if i in by_id] + canonical_order(records):
             if len(kept) < n and r.prompt not in prompts:
-                kept.append(r)
+                kept.append(GuardPrompt.of_record(r))
                 prompts.add(r.prompt)
-        self._guard_ids = [r.record_id for r in kept]
         return kept
 
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
-        """Replies to held-out prompts (greedy or at ``guard_temperature``, fixed seeds): KL to the
-        reference, empty and repetition rates, mean words, and the reference policy's mean words on the
-        same prompts (what the length guard compares with while no version is served; generated once
-        per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it is
-        than the reference's replies' and its paired standard error (:func:`reward_drop`); with the registry's
-        criteria store (the criteria guard judges by these; without it they are only recorded), the share
-        of the replies, and of the reference's, that break their record's rule criteria, over the prompts
-        whose records name any (:func:`violation_rise`), and, when one of those criteria limits words, the reference's mean words counted at most at each prompt's limit
-        (:func:`words_within_limits`, the length guard's bar then).
+        """Replies to the guard prompts (:meth:`_guard_prompts`; greedy or at ``guard_temperature``, fixed
+        seeds): KL to the reference, empty and repetition rates, mean words, and the reference policy's mean
+        words on the same prompts (what the length guard compares with while no version is served; generated
+        once per prompt set); with a reward guard, the judge's mean score of the replies, how much lower it
+        is than the reference's replies' and its paired standard error (:func:`reward_drop`); with the
+        registry's criteria store (the criteria guard judges by these; without it they are only recorded),
+        the share of the replies, and of the reference's, that break their prompt's rule criteria, over the
+        prompts that name any (:func:`violation_rise`), and, when one of those criteria limits words, the
+        reference's mean words counted at most at each prompt's limit (:func:`words_within_limits`, the
+        length guard's bar then).
 
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
-        policy's own non-empty replies and of the held-out chosen responses to the same prompts, so it
-        is defined even when every reply is empty (which the empty-reply guard reports)."""
+        policy's own non-empty replies and of the held-out chosen responses to the same prompts (for a
+        guard-set prompt, which has none, the reference policy's reply; when those are empty too, the held-out
+        records'), so it is defined even when every reply is empty (which the empty-reply guard reports)."""
         n = self.settings.guard_prompts
         if n == 0 or not records:
             return {}
-        held = self._guard_records(records, n)
-        prompts = [r.prompt for r in held]
+        held = self._guard_prompts(records, n)
+        if not held:
+            return {}
+        prompts = [g.prompt for g in held]
         d = self.settings
         sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed,
                     "temperature": d.guard_temperature}
         replies = model.generate(prompts, **sampling)
-        spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
-        kl_rows = spoken + [(r.prompt, r.chosen) for r in held]
-        kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
-        key = (tuple(r.record_id for r in held), d.guard_max_new_tokens, d.guard_temperature)
+        key = (tuple(g.key for g in held), d.guard_max_new_tokens, d.guard_temperature)
         if self._reference_replies is None or self._reference_replies[0] != key:
             base = model.generate(prompts, **sampling, reference=True)
             self._reference_replies = (key, base)
         reference = self._reference_replies[1]
+        spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
+        # beside the policy's own replies, a held-out record's best response, or a guard-set prompt's reference reply
+        kl_rows = spoken + [(g.prompt, g.chosen or b) for g, b in zip(held, reference) if (g.chosen or b).strip()]
+        if not kl_rows:  # every reply to a guard set empty, the reference's too: the held-out records' best responses
+            kl_rows = [(r.prompt, r.chosen) for r in canonical_order(records)[:n]]
+        kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
         out = {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),
@@ -513,11 +540,11 @@ class DPOObjective(Objective):
             drop, se = reward_drop(rewards[:len(replies)], rewards[len(replies):])
             out.update(mean_reward=statistics.fmean(rewards[:len(replies)]), reward_drop=drop, reward_drop_se=se)
         if self.criteria is not None:
-            broken = [self.criteria.broken(r, a) for r, a in zip(held, replies)]
+            broken = [self.criteria.broken(g, a) for g, a in zip(held, replies)]
             out.update(criterion_rates(broken))
-            out.update(violation_rise([(any_broken(x), self.criteria.breaks(r, b))
-                                       for x, r, b in zip(broken, held, reference)]))
-            limits = [self.criteria.word_limit(r) for r in held]
+            out.update(violation_rise([(any_broken(x), self.criteria.breaks(g, b))
+                                       for x, g, b in zip(broken, held, reference)]))
+            limits = [self.criteria.word_limit(g) for g in held]
             if any(n is not None for n in limits):
                 out["reference_words_within_limit"] = words_within_limits(reference, limits)
         return out
