@@ -5,8 +5,9 @@ GEMM runs ~3x faster than fp32 (measured on the 2-core Zen 4 dev box: ~270 vs ~8
 models are routinely served in bf16 on GPUs anyway.  ``dtype: auto`` therefore means:
 
 * CUDA: bf16 where the GPU supports it, else fp16 (as before);
-* CPU with native bf16 (see :func:`cpu_bf16_support`): bf16;
-* any other CPU: fp32 (bf16 there is emulated by oneDNN and slower than fp32).
+* CPU with native bf16 that a probe GEMM also measures faster than fp32 (see :func:`cpu_bf16_support`): bf16;
+* any other CPU: fp32 (bf16 there is emulated by oneDNN, or native and still slower than fp32, as on a
+  2-core Xeon with AVX512-BF16 and no AMX, services/precision.py).
 
 A half-precision model is served with its **reward head kept in fp32**: every ``nn.Linear`` whose
 output width is the head's (``config.num_labels``) stays fp32 and casts its input up.  A bf16 logit

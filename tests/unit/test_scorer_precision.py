@@ -22,6 +22,22 @@ def test_bf16_decision_needs_the_instruction_not_just_onednn():
     assert bf16_decision(True, "ppc64le", set(), False)[0] is False
 
 
+
+def test_bf16_decision_also_needs_bf16_to_be_measured_faster_than_fp32():
+    from services.precision import MIN_BF16_SPEEDUP, gemm_bf16_speedup
+
+    flags = {"avx512f", "avx512_bf16"}
+    native, why = bf16_decision(True, "x86_64", flags, False, speedup=3.4)  # Zen 4: bf16 wins
+    assert native and why == "x86 CPU with avx512_bf16; a bf16 GEMM ran 3.40x as fast as fp32 here"
+    native, why = bf16_decision(True, "x86_64", flags, False, speedup=0.51)  # a Xeon without AMX: it loses
+    assert not native and "0.51x" in why and why.endswith(": fp32")
+    assert bf16_decision(True, "x86_64", flags, False, speedup=MIN_BF16_SPEEDUP)[0] is True
+    assert bf16_decision(True, "aarch64", set(), False, speedup=1.0)[0] is False
+    assert bf16_decision(True, "x86_64", {"avx512f"}, False, speedup=9.0)[0] is False  # never where it is emulated
+    speedup = gemm_bf16_speedup(n=64, flops=1e6, rounds=1)  # the probe itself: a positive, finite ratio
+    assert 0 < speedup < float("inf")
+
+
 def test_auto_dtype_follows_cpu_support_and_explicit_dtypes_pass_through(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (True, "test"))

@@ -560,8 +560,9 @@ class DPOObjective(Objective):
                     f"{d.min_guard_prompts}; training goes on and the next checkpoint is judged on more")
         failed = list(self._failures(result, served))
         if failed and all(doubtful for _, doubtful in failed):
+            more = "judged afresh" if d.guard_set else "judged on more"  # a guard set's prompts stay the same
             return (f"in doubt, not judged yet: {failed[0][0]}; that is within doubt_z {d.doubt_z} standard errors of "
-                    "the tolerance, so training goes on, not rolled back, and the next checkpoint is judged on more")
+                    f"the tolerance, so training goes on, not rolled back, and the next checkpoint is {more}")
         return ""
 
     def guard(self, result: EvalResult | None, served: EvalResult | None = None) -> str:
