@@ -13,10 +13,10 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from services.criteria_eval import CriterionResult, count_words, mean_words
+from services.data import load_distinct_lines
 from services.errors import InvalidArgument
 from services.schemas import ChatMessage
 
@@ -57,22 +57,8 @@ def parse_prompt_line(line: str, where: str) -> str:
 
 def load_prompts(path: str | os.PathLike, *, field_name: str = "prompts") -> list[str]:
     """Distinct prompts of a prompt file, in file order (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidArgument(field_name, f"{p} is not a file; give a JSONL or text file with one prompt per line")
-    out: list[str] = []
-    seen: set[str] = set()
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            prompt = parse_prompt_line(line, f"{field_name} ({p.name} line {n})")
-            if prompt not in seen:
-                seen.add(prompt)
-                out.append(prompt)
-    if not out:
-        raise InvalidArgument(field_name, f"{p} holds no prompts")
-    return out
+    return load_distinct_lines(path, field_name, parse_prompt_line, lambda p: p, items="prompts",
+                               file_hint="JSONL or text file with one prompt per line")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Hashable, Iterator, TypeVar
 
 from services.errors import InvalidArgument
 from services.kinds import FeedbackKind, Split
 from services.schemas import ChatMessage, PreferenceRecord, make_record_id, messages_from_dicts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 TRAIN_FILE = "hh_helpful_train_2k.jsonl"
 TEST_FILE = "hh_helpful_test_500.jsonl"
 
@@ -43,6 +44,29 @@ class LineError:
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.field}: {self.reason}"
+
+
+def load_distinct_lines(path: str | os.PathLike, field_name: str, parse: Callable[[str, str], T],
+                        key: Callable[[T], Hashable], *, items: str, file_hint: str) -> list[T]:
+    """``parse(line, where)`` of every non-blank line of a file, in file order, the first of each ``key``
+    kept (``where`` names the field, the file and the line, for errors); ``items`` and ``file_hint`` name
+    what the file holds and what to give instead, for the errors of a missing or empty file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(field_name, f"{p} is not a file; give a {file_hint}")
+    out: list[T] = []
+    seen: set[Hashable] = set()
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = parse(line, f"{field_name} ({p.name} line {n})")
+            if key(item) not in seen:
+                seen.add(key(item))
+                out.append(item)
+    if not out:
+        raise InvalidArgument(field_name, f"{p} holds no {items}")
+    return out
 
 
 def parse_openpipe(obj: object, *, line: int = 0) -> PreferenceRecord:

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from services.criteria import split_ref
 from services.criteria_eval import record_criteria
+from services.data import load_distinct_lines
 from services.errors import InvalidArgument
 from services.schemas import ChatMessage, PreferenceRecord, messages_from_dicts, prompt_hash
 
@@ -86,27 +87,16 @@ def parse_guard_prompt(obj: Any, where: str) -> GuardPrompt:
 
 def load_guard_set(path: str | os.PathLike, field_name: str = "guard_set") -> list[GuardPrompt]:
     """The distinct prompts of a guard-set file, in file order (a repeated prompt keeps its first line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidArgument(field_name, f"{p} is not a file; give a JSONL file of guard prompts (trainer/guard_set.py)")
-    out: list[GuardPrompt] = []
-    seen: set[str] = set()
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{field_name} ({p.name} line {n})"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(where, f"is not JSON ({e.msg}); write one JSON object per line") from None
-            g = parse_guard_prompt(obj, where)
-            if g.key not in seen:
-                seen.add(g.key)
-                out.append(g)
-    if not out:
-        raise InvalidArgument(field_name, f"{p} holds no guard prompts")
-    return out
+    return load_distinct_lines(path, field_name, _parse_line, lambda g: g.key, items="guard prompts",
+                               file_hint="JSONL file of guard prompts (trainer/guard_set.py)")
+
+
+def _parse_line(line: str, where: str) -> GuardPrompt:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(where, f"is not JSON ({e.msg}); write one JSON object per line") from None
+    return parse_guard_prompt(obj, where)
 
 
 def write_guard_set(path: str | os.PathLike, prompts: Iterable[GuardPrompt]) -> None:
