@@ -205,7 +205,8 @@ class LoopConfig:
     keep_stack: bool = field(default=False, metadata={"help": "leave the stack running at the end (services are always stopped)"})
     startup_timeout_s: float = field(default=300.0, metadata={"help": "how long services get to become ready"})
     drain_timeout_s: float = field(default=180.0, metadata={"help": (
-        "after a phase's prompts are sent, how long to wait for the trainer to publish what they taught")})
+        "after a phase's prompts are sent, how long to wait for the trainer to publish what they taught; as long "
+        "again while a checkpoint it wrote still waits for the gate's verdict")})
     progress_every_s: float = field(default=5.0, metadata={"help": "seconds between progress lines"})
 
     def validate(self) -> None:

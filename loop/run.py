@@ -55,6 +55,8 @@ CRITERIA_HEADER = "op-criteria"
 #: batch (a step over 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in
 #: together.  With it, one at a time: a reply decoded alone is the same each time (docs/scorer.md).
 EVAL_CONCURRENCY = 16
+#: how often the end of a phase reads the registry while it waits for the trainer (seconds)
+DRAIN_POLL_S = 2.0
 #: how many times an evaluation that a hot swap split between two versions is taken again (then it is kept, mixed)
 MIXED_RETRIES = 3
 #: Per-call deadline of the loop's scorer calls (a generation waits behind the app's best-of-N
@@ -635,16 +637,29 @@ class CriteriaLoop:
 
     async def _drain(self, published_before: int) -> None:
         """Wait for the trainer to publish what the phase taught (at least min_versions new versions, or
-        nothing new for a while once the topic is drained)."""
+        nothing new for a while once the topic is drained), for up to drain_timeout_s; then, while a
+        checkpoint the trainer wrote still waits for the gate's verdict, up to drain_timeout_s more, so
+        the phase's last version is the one its end measures (on a 2-core Xeon the gate took 150 s over a
+        checkpoint, and a phase ended, and was measured, on the version before it)."""
         deadline = time.time() + self.cfg.drain_timeout_s
+        cap = deadline + self.cfg.drain_timeout_s
         last_change, last = time.time(), self.versions()
-        while time.time() < deadline:
+        while time.time() < cap:
             now = self.versions()
             if now != last:
                 last, last_change = now, time.time()
             if len(now[0]) - published_before >= max(1, self.cfg.min_versions) and time.time() - last_change > 20:
                 return
-            await asyncio.sleep(2.0)
+            if time.time() >= deadline and not await asyncio.to_thread(self.awaiting_verdict):
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    def awaiting_verdict(self) -> list[str]:
+        """Policy checkpoints the trainer has written (manifest last) on which the gate has no verdict yet."""
+        published, rejected = self.versions()
+        judged = set(published) | {v for v, _ in rejected}
+        written = CheckpointStore(str(self.procs.checkpoints)).list(self.cfg.policy_model)
+        return [r.version for r in written if r.version not in judged]
 
     async def _final_of_phase(self, scorer: Any) -> Evaluation:
         # Behind a measurement the evaluator has begun, which may be of this very version: measured

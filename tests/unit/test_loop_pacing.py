@@ -197,3 +197,41 @@ def test_an_evaluation_a_hot_swap_split_between_two_versions_is_taken_again() ->
     readings.extend([(["a"], {"v1": 1, "v2": 1}, 0.0)] * (MIXED_RETRIES + 1))
     ev = asyncio.run(loop.evaluate_served(None, "after v2"))
     assert ev.versions == {"v1": 1, "v2": 1} and not readings
+
+
+def test_a_phase_ends_after_the_gate_s_verdict_on_a_checkpoint_it_is_still_judging(tmp_path, monkeypatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    import loop.run
+    from loop.run import CriteriaLoop
+    from services.checkpoints import CheckpointStore
+
+    monkeypatch.setattr(loop.run, "DRAIN_POLL_S", 0.02)
+    store = CheckpointStore(str(tmp_path))
+    for v in ("v000001", "v000002"):
+        store.write("policy", v, lambda d: (d / "w.bin").write_bytes(b"w"), {})
+    registry = {"published": ["v000001"], "rejected": []}
+    crit = object.__new__(CriteriaLoop)
+    crit.cfg = SimpleNamespace(policy_model="policy", drain_timeout_s=1.0, min_versions=2)
+    crit.procs = SimpleNamespace(checkpoints=tmp_path)
+    crit.versions = lambda: (list(registry["published"]), list(registry["rejected"]))
+    assert crit.awaiting_verdict() == ["v000002"]  # written, not judged yet
+
+    async def drain(verdict_after: float | None = None) -> float:
+        async def verdict() -> None:
+            await asyncio.sleep(verdict_after)
+            registry["rejected"].append(("v000002", "length guard: ..."))
+
+        started = asyncio.get_running_loop().time()
+        pending = [asyncio.create_task(verdict())] if verdict_after is not None else []
+        await crit._drain(published_before=0)
+        await asyncio.gather(*pending)
+        return asyncio.get_running_loop().time() - started
+
+    took = asyncio.run(drain())  # the verdict never comes: drain_timeout_s, then as long again, no longer
+    assert 2.0 <= took < 3.0
+    took = asyncio.run(drain(verdict_after=1.3))  # it comes past drain_timeout_s: the phase waits for it
+    assert 1.3 <= took < 1.9 and crit.awaiting_verdict() == []
+    took = asyncio.run(drain())  # nothing awaiting a verdict: drain_timeout_s alone
+    assert 1.0 <= took < 1.9
