@@ -650,13 +650,14 @@ class CriteriaLoop:
                 last, last_change = now, time.time()
             if len(now[0]) - published_before >= max(1, self.cfg.min_versions) and time.time() - last_change > 20:
                 return
-            if time.time() >= deadline and not await asyncio.to_thread(self.awaiting_verdict):
+            if time.time() >= deadline and not await asyncio.to_thread(self.awaiting_verdict, now):
                 return
             await asyncio.sleep(DRAIN_POLL_S)
 
-    def awaiting_verdict(self) -> list[str]:
-        """Policy checkpoints the trainer has written (manifest last) on which the gate has no verdict yet."""
-        published, rejected = self.versions()
+    def awaiting_verdict(self, versions: tuple[list[str], list[tuple[str, str]]]) -> list[str]:
+        """Policy checkpoints the trainer has written (manifest last) on which the gate has no verdict in
+        ``versions`` (:meth:`versions`' published and rejected)."""
+        published, rejected = versions
         judged = set(published) | {v for v, _ in rejected}
         written = CheckpointStore(str(self.procs.checkpoints)).list(self.cfg.policy_model)
         return [r.version for r in written if r.version not in judged]

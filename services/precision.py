@@ -108,10 +108,9 @@ def cpu_bf16_support() -> tuple[bool, str]:
         avx512_bf16 = bool(probe()) if probe is not None else False
     except RuntimeError:
         avx512_bf16 = False
-    native, why = bf16_decision(onednn, platform.machine(), _cpuinfo_flags(), avx512_bf16)
-    if not native:
-        return native, why
-    return bf16_decision(onednn, platform.machine(), _cpuinfo_flags(), avx512_bf16, speedup=gemm_bf16_speedup())
+    facts = (onednn, platform.machine(), _cpuinfo_flags(), avx512_bf16)
+    native, why = bf16_decision(*facts)
+    return bf16_decision(*facts, speedup=gemm_bf16_speedup()) if native else (native, why)
 
 
 

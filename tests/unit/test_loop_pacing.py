@@ -216,7 +216,7 @@ def test_a_phase_ends_after_the_gate_s_verdict_on_a_checkpoint_it_is_still_judgi
     crit.cfg = SimpleNamespace(policy_model="policy", drain_timeout_s=1.0, min_versions=2)
     crit.procs = SimpleNamespace(checkpoints=tmp_path)
     crit.versions = lambda: (list(registry["published"]), list(registry["rejected"]))
-    assert crit.awaiting_verdict() == ["v000002"]  # written, not judged yet
+    assert crit.awaiting_verdict(crit.versions()) == ["v000002"]  # written, not judged yet
 
     async def drain(verdict_after: float | None = None) -> float:
         async def verdict() -> None:
@@ -232,6 +232,6 @@ def test_a_phase_ends_after_the_gate_s_verdict_on_a_checkpoint_it_is_still_judgi
     took = asyncio.run(drain())  # the verdict never comes: drain_timeout_s, then as long again, no longer
     assert 2.0 <= took < 3.0
     took = asyncio.run(drain(verdict_after=1.3))  # it comes past drain_timeout_s: the phase waits for it
-    assert 1.3 <= took < 1.9 and crit.awaiting_verdict() == []
+    assert 1.3 <= took < 1.9 and crit.awaiting_verdict(crit.versions()) == []
     took = asyncio.run(drain())  # nothing awaiting a verdict: drain_timeout_s alone
     assert 1.0 <= took < 1.9
