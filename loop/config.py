@@ -54,10 +54,11 @@ class LoopConfig:
     max_tokens: int = field(default=128, metadata={"help": "new tokens per reply, training and evaluation"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature when measuring the served policy (n = 1)"})
     eval_alone: bool = field(default=True, metadata={"help": (
-        "measure the served policy with the app's best-of-N held and one held-out prompt at a time, so the "
-        "scorer decodes every reply alone and the same version with the same seeds gives the same replies; "
-        "false overlaps the evaluation with the traffic and batches its prompts: faster, but a version "
-        "measured twice can differ, as seeded sampling is exact only in the same batch company (docs/scorer.md)")})
+        "measure the served policy with the app's best-of-N held and the held-out prompts sent as one "
+        "GenerateBatch, which the scorer decodes as a batch of its own, so the same version with the same "
+        "seeds gives the same replies; false overlaps the evaluation with the traffic: no wait for the app, "
+        "but a version measured twice can differ, as seeded sampling is exact only in the same batch company "
+        "(docs/scorer.md)")})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and of every evaluation reply (prompt i gets seed + i)"})
     concurrency: int = field(
         default=4, metadata={"help": "best-of-N requests in flight (the scorer decodes their candidates as one batch)"})

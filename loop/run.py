@@ -53,8 +53,13 @@ log = logging.getLogger(__name__)
 CRITERIA_HEADER = "op-criteria"
 #: Evaluation requests in flight without eval_alone: the scorer decodes concurrent generations as one
 #: batch (a step over 16 rows costs about twice one over 1 row on a CPU), so the held-out prompts go in
-#: together.  With it, one at a time: a reply decoded alone is the same each time (docs/scorer.md).
+#: together.  With it, they go as GenerateBatch calls, decoded as a batch of their own: the same version
+#: gives the same replies each time (docs/scorer.md).
 EVAL_CONCURRENCY = 16
+#: Held-out prompts per GenerateBatch when the evaluation runs alone (the scorer's max_generate_batch), and
+#: how long one such batch may take.
+EVAL_BATCH = 64
+EVAL_BATCH_TIMEOUT_S = 900.0
 #: how often the end of a phase reads the registry while it waits for the trainer (seconds)
 DRAIN_POLL_S = 2.0
 #: how many times an evaluation that a hot swap split between two versions is taken again (then it is kept, mixed)
@@ -376,10 +381,23 @@ class CriteriaLoop:
         of replies ``max_tokens`` cut off."""
         from scorer.decoding import LENGTH
         from scorer.domain import SamplingParams
+        from scorer.generation import GenerateQuery
 
-        sem = asyncio.Semaphore(self._eval_concurrency)
         versions: dict[str, int] = {}
         cut = 0
+        queries = [GenerateQuery(messages=conversation(prompt, self.cfg.system_prompt), model=self.cfg.policy_model,
+                                 sampling=SamplingParams(temperature=self.cfg.eval_temperature,
+                                                         max_tokens=self.cfg.max_tokens, seed=self.cfg.seed + i))
+                   for i, prompt in enumerate(self.plan.eval_prompts)]
+        if self.cfg.eval_alone:  # one batch of their own (GenerateBatch): the same version, the same replies
+            texts: list[str] = []
+            for start in range(0, len(queries), EVAL_BATCH):
+                for res in await scorer.generate_batch(queries[start:start + EVAL_BATCH], timeout_s=EVAL_BATCH_TIMEOUT_S):
+                    versions[res.model.version] = versions.get(res.model.version, 0) + 1
+                    cut += res.choices[0].finish_reason == LENGTH
+                    texts.append(res.choices[0].text)
+            return texts, versions, cut / len(texts)
+        sem = asyncio.Semaphore(self._eval_concurrency)
 
         async def one(i: int, prompt: str) -> str:
             nonlocal cut

@@ -32,7 +32,8 @@ from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
 from prefstream.scorer.v1 import scorer_pb2_grpc
 from scorer.bestofn import Criterion
 from scorer.domain import BestOfNQuery, BestOfNResult, SamplingParams, ScoreQuery, ScoreResult
-from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult
+from scorer.generation import (GenerateBatchQuery, GenerateChunk, GenerateQuery, GenerateResult,
+                               batch_response_from_proto)
 from services.errors import DeadlineExceeded, PrefstreamError, Unavailable, from_grpc_error
 from services.grpc_server import channel as make_channel
 from services.registry import ModelStatus, ModelVersion
@@ -158,6 +159,14 @@ class ScorerClient:
         query = GenerateQuery(messages=to_messages(messages, "messages"), model=model,
                               sampling=sampling or SamplingParams(), stop=tuple(stop), n=n, request_id=request_id)
         return GenerateResult.from_proto(await self._call(self._scorer.Generate, query.to_proto(), timeout_s))
+
+    async def generate_batch(self, queries: Sequence[GenerateQuery], *,
+                             timeout_s: float | None = None) -> list[GenerateResult]:
+        """Every query decoded as one batch of its own, in order, by one policy version (``GenerateBatch``):
+        the same seeded batch returns the same texts each time, as a request decoded alone does."""
+        batch = GenerateBatchQuery(tuple(queries))
+        msg = await self._call(self._scorer.GenerateBatch, batch.to_proto(), timeout_s)
+        return batch_response_from_proto(msg)
 
     async def generate_stream(self, messages: PromptLike, *, model: str = "", n: int = 1,
                               sampling: SamplingParams | None = None, stop: Sequence[str] = (),

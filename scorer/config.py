@@ -123,6 +123,9 @@ class ScorerConfig(TlsSettings):
     max_responses: int = field(default=64, metadata={"help": "responses per Score request / candidates per BestOfN"})
     max_text_chars: int = field(default=32768, metadata={"help": "characters per message or response"})
     max_n: int = field(default=16, metadata={"help": "largest n for best-of-N sampling"})
+    max_generate_batch: int = field(default=64, metadata={"help": (
+        "most requests in one GenerateBatch (decoded as a batch of their own; a long batch holds other "
+        "generation back until it ends)")})
     max_new_tokens: int = field(default=256, metadata={"help": "largest max_tokens a best-of-N request may ask for"})
     default_new_tokens: int = field(default=64, metadata={"help": "max_tokens when a best-of-N request gives none"})
     decode_batch_rows: int = field(
@@ -179,6 +182,7 @@ class ScorerConfig(TlsSettings):
         require(self.max_responses >= 1, "max_responses", "must be >= 1")
         require(self.max_text_chars >= 1, "max_text_chars", "must be >= 1")
         require(self.max_n >= 1, "max_n", "must be >= 1")
+        require(self.max_generate_batch >= 1, "max_generate_batch", "must be >= 1")
         require(self.decode_batch_rows >= 1, "decode_batch_rows", "must be >= 1 (1 = one request at a time)")
         require(1 <= self.default_new_tokens <= self.max_new_tokens, "default_new_tokens",
                 f"must be within 1..max_new_tokens ({self.max_new_tokens})")

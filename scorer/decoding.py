@@ -170,6 +170,17 @@ class _Job:
         return 1 if self.params.greedy else self.params.n
 
 
+@dataclass
+class _Group:
+    """Requests that decode as one batch of their own (:meth:`BatchDecoder.submit_group`)."""
+
+    jobs: list[_Job]
+
+
+def _jobs_of(pending: Sequence[_Job | _Group]) -> list[_Job]:
+    return [j for item in pending for j in (item.jobs if isinstance(item, _Group) else (item,))]
+
+
 class BatchDecoder:
     """Decodes many requests' rows as one batch, admitting new requests between steps.
 
@@ -207,7 +218,7 @@ class BatchDecoder:
         self.device = next(hf_model.parameters()).device
         self.eos = _eos_ids(hf_model, tokenizer)
         self._cv = threading.Condition()
-        self._pending: collections.deque[_Job] = collections.deque()
+        self._pending: collections.deque[_Job | _Group] = collections.deque()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._solo = max_rows == 1  # or once the model's cache turns out not to be mergeable
@@ -218,6 +229,7 @@ class BatchDecoder:
         self._mask: torch.Tensor | None = None  # (B, T) 1 = a real token
         self._pos: torch.Tensor | None = None  # (B,)
         self._last: torch.Tensor | None = None  # (B,)
+        self._exclusive = False  # the running batch is a group's (submit_group): nothing else joins it
         #: The most rows decoded in one step so far (for tests and logs).
         self.peak_rows = 0
 
@@ -235,6 +247,28 @@ class BatchDecoder:
             self._pending.append(job)
             self._cv.notify()
         return job.future
+
+    def submit_group(self, requests: Sequence[tuple[Sequence[int], DecodeParams]]) -> list[concurrent.futures.Future]:
+        """Queue requests that decode as one batch of their own, in order, with no other request in it.
+
+        The group waits until the running batch has ended, then its requests are prefilled one by one
+        and join the batch at the same step; nothing else is admitted until its last row ends.  So a
+        group of seeded requests decodes under the same company every time it is sent, and returns the
+        same tokens (a request alone is a group of one).  A group wider than ``max_rows`` decodes in
+        consecutive chunks of whole requests, in order; a request wider than that runs alone.
+        """
+        jobs = []
+        for prompt_ids, params in requests:
+            if not prompt_ids:
+                raise ValueError("decode needs at least one prompt token")
+            jobs.append(_Job(list(prompt_ids), params, None, None, concurrent.futures.Future()))
+        if jobs:
+            with self._cv:
+                if self._closed:
+                    raise RuntimeError(f"{self.name}: the decoder is closed")
+                self._pending.append(_Group(jobs))
+                self._cv.notify()
+        return [j.future for j in jobs]
 
     def start(self) -> "BatchDecoder":
         """Decode on a background thread (named after the decoder) from now until :meth:`close`."""
@@ -270,7 +304,7 @@ class BatchDecoder:
         err = Unavailable(f"{self.name}: the policy version this request was decoding on was freed before it finished "
                           "(replaced by a newer version, and still busy after the scorer's drain_timeout_s, or the "
                           "scorer is stopping); retry the request, or raise drain_timeout_s above the longest request")
-        self._fail(self._running_jobs() + list(self._pending), err)
+        self._fail(self._running_jobs() + _jobs_of(self._pending), err)
         self._reset()
         self._pending.clear()
 
@@ -278,8 +312,13 @@ class BatchDecoder:
         """Admit what fits, then one decode step. False when there was nothing to do."""
         admitted = self._take_pending()
         with torch.inference_mode():
-            for job in admitted:
+            for k, job in enumerate(admitted):
                 self._admit(job)
+                if self._exclusive and self._solo and k + 1 < len(admitted):
+                    # The first prefill found a cache that cannot be merged: the group goes on one at a time.
+                    with self._cv:
+                        self._pending.appendleft(_Group(admitted[k + 1:]))
+                    break
             if self._rows:
                 self._step()
         return bool(admitted or self._rows or self._pending)
@@ -287,9 +326,27 @@ class BatchDecoder:
     def _take_pending(self) -> list[_Job]:
         out: list[_Job] = []
         with self._cv:
+            if self._exclusive and self._rows:
+                return out  # a group decodes with no company
+            self._exclusive = False
             room = self.max_rows - len(self._rows)
+            if self._pending and isinstance(self._pending[0], _Group):
+                if self._rows:
+                    return out  # the group waits for the running batch to end
+                group = self._pending.popleft()
+                take = 1  # whole requests up to max_rows, at least one
+                while take < len(group.jobs) and sum(j.width for j in group.jobs[:take + 1]) <= self.max_rows:
+                    take += 1
+                if self._solo:
+                    take = 1
+                if take < len(group.jobs):
+                    self._pending.appendleft(_Group(group.jobs[take:]))
+                self._exclusive = True
+                return group.jobs[:take]
             while self._pending:
                 job = self._pending[0]
+                if isinstance(job, _Group):
+                    break
                 alone = not self._rows and not out
                 if not alone and (self._solo or not self._cache_checked or job.width > room):
                     break

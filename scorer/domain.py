@@ -40,6 +40,7 @@ class RequestLimits:
     max_prompt_messages: int = 256
     max_n: int = 16
     max_new_tokens: int = 256
+    max_generate_batch: int = 64
 
 
 def _check_name(value: str, where: str) -> str:

@@ -44,7 +44,7 @@ from scorer.domain import (
     ScoreResult,
     Usage,
 )
-from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult, GenerationChoice
+from scorer.generation import GenerateBatchQuery, GenerateChunk, GenerateQuery, GenerateResult, GenerationChoice
 from scorer.metrics import ScorerMetrics
 from services.criteria_eval import judge_messages
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -86,6 +86,9 @@ class PolicyRunner(Protocol):
         """Queue one request on the policy's decoder (scorer/decoding.py) and return at once; the future
         gives its Decoded (completions with token counts).  ``on_delta`` is called on the decoder thread;
         ``cancelled`` is polled there between steps."""
+
+    def submit_group(self, requests: Sequence[tuple[Sequence[int], DecodeParams]]) -> list[concurrent.futures.Future]:
+        """Queue requests that decode as one batch of their own, in order (BatchDecoder.submit_group)."""
 
     def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
         """A judge's P(yes) after each conversation (blocking; called on the judge thread)."""
@@ -346,6 +349,36 @@ class ServingEngine:
                         for c in decoded.completions)
         return GenerateResult(choices=choices, model=slot.ref, usage=Usage(decoded.prompt_tokens,
                               decoded.completion_tokens), request_id=query.request_id)
+
+    async def generate_batch(self, batch: GenerateBatchQuery) -> list[GenerateResult]:
+        """Every request of the batch decoded together with no other company, by one policy version.
+
+        The same seeded batch returns the same texts each time it is sent (scorer/decoding.py,
+        ``submit_group``); a caller that goes away does not stop it (it holds other generation back
+        for as long as it decodes, which ``max_generate_batch`` bounds)."""
+        slot = await self._acquire_policy(batch.model, "requests[0].model")
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        futures: list[concurrent.futures.Future] = []
+        try:
+            ids = [await loop.run_in_executor(self._tokenize, slot.runner.prompt_ids, list(q.messages))
+                   for q in batch.queries]
+            params = [self._decode_params(q.sampling, q.n, q.stop) for q in batch.queries]
+            futures = slot.runner.submit_group(list(zip(ids, params)))
+            decoded = [await asyncio.wrap_future(f) for f in futures]
+        finally:
+            self.metrics.generation_seconds.labels(slot.name).observe(time.perf_counter() - t0)
+            left = [f for f in futures if not f.done()]
+            if not left:
+                self._release(slot)
+            else:  # the caller went away: the decoder holds the version until the group's last request ends
+                group = asyncio.gather(*(asyncio.wrap_future(f) for f in left), return_exceptions=True)
+                group.add_done_callback(lambda _: self._release(slot))
+        return [GenerateResult(choices=tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length",
+                                                              c.completion_tokens) for c in d.completions),
+                               model=slot.ref, usage=Usage(d.prompt_tokens, d.completion_tokens),
+                               request_id=q.request_id)
+                for q, d in zip(batch.queries, decoded)]
 
     async def generate_stream(self, query: GenerateQuery) -> AsyncIterator[GenerateChunk]:
         """Text deltas as they are decoded, then each choice's finish reason, then usage.

@@ -9,8 +9,11 @@ naming it in the error; the engine and the client work with these types only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from prefstream.scorer.v1.scorer_pb2 import FinishReason as FinishReasonProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateBatchRequest as GenerateBatchRequestProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateBatchResponse as GenerateBatchResponseProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateChunk as GenerateChunkProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateRequest as GenerateRequestProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateResponse as GenerateResponseProto
@@ -86,6 +89,41 @@ class GenerateQuery:
 
 
 @dataclass(frozen=True)
+class GenerateBatchQuery:
+    """Requests decoded as one batch of their own, in order, by one version of one policy (GenerateBatch)."""
+
+    queries: tuple[GenerateQuery, ...]
+
+    @property
+    def model(self) -> str:
+        return self.queries[0].model
+
+    def to_proto(self) -> GenerateBatchRequestProto:
+        return GenerateBatchRequestProto(requests=[q.to_proto() for q in self.queries])
+
+    @classmethod
+    def from_proto(cls, msg: GenerateBatchRequestProto,
+                   limits: RequestLimits = RequestLimits()) -> "GenerateBatchQuery":
+        if not msg.requests:
+            raise InvalidArgument("requests", "is empty; give at least one generation request")
+        if len(msg.requests) > limits.max_generate_batch:
+            raise InvalidArgument("requests", f"has {len(msg.requests)} entries; the limit is "
+                                              f"{limits.max_generate_batch} (send the rest as another batch)")
+        queries = []
+        for i, r in enumerate(msg.requests):
+            try:
+                queries.append(GenerateQuery.from_proto(r, limits))
+            except InvalidArgument as e:
+                raise InvalidArgument(f"requests[{i}].{e.field}", e.message) from None
+        first = queries[0].model
+        for i, q in enumerate(queries):
+            if q.model != first:
+                raise InvalidArgument(f"requests[{i}].model", f"is {q.model!r} but requests[0] names {first!r}; "
+                                                              "one batch decodes on one policy")
+        return cls(tuple(queries))
+
+
+@dataclass(frozen=True)
 class GenerationChoice:
     """One completion: its text (cut before any stop sequence), why it ended, the tokens it used."""
 
@@ -153,5 +191,13 @@ class GenerateChunk:
                    request_id=msg.request_id)
 
 
-__all__ = ["GenerateChunk", "GenerateQuery", "GenerateResult", "GenerationChoice", "MAX_STOP", "MAX_STOP_CHARS",
+def batch_response_to_proto(results: "Sequence[GenerateResult]") -> GenerateBatchResponseProto:
+    return GenerateBatchResponseProto(responses=[r.to_proto() for r in results])
+
+
+def batch_response_from_proto(msg: GenerateBatchResponseProto) -> "list[GenerateResult]":
+    return [GenerateResult.from_proto(r) for r in msg.responses]
+
+
+__all__ = ["GenerateBatchQuery", "GenerateChunk", "GenerateQuery", "batch_response_from_proto", "batch_response_to_proto", "GenerateResult", "GenerationChoice", "MAX_STOP", "MAX_STOP_CHARS",
            "finish_from_proto", "finish_to_proto", "validate_stop"]

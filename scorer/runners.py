@@ -335,6 +335,10 @@ class PolicyRunner:
         """Queue one request on the batch decoder (``params`` a DecodeParams); the future gives its Decoded."""
         return self.decoder.submit(prompt_ids, params, on_delta=on_delta, cancelled=cancelled)
 
+    def submit_group(self, requests: Sequence[tuple[Sequence[int], Any]]) -> list[concurrent.futures.Future]:
+        """Queue requests that decode as one batch of their own, in order (GenerateBatch)."""
+        return self.decoder.submit_group(requests)
+
     def yes_probability(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[float]:
         """A judge's P(yes) after each conversation (the engine's judge thread)."""
         return self.model.yes_probability(conversations)

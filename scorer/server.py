@@ -24,6 +24,8 @@ from prefstream.admin.v1 import admin_pb2, admin_pb2_grpc
 from prefstream.scorer.v1 import scorer_pb2, scorer_pb2_grpc
 from prefstream.scorer.v1.scorer_pb2 import BestOfNRequest as BestOfNRequestProto
 from prefstream.scorer.v1.scorer_pb2 import BestOfNResponse as BestOfNResponseProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateBatchRequest as GenerateBatchRequestProto
+from prefstream.scorer.v1.scorer_pb2 import GenerateBatchResponse as GenerateBatchResponseProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateChunk as GenerateChunkProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateRequest as GenerateRequestProto
 from prefstream.scorer.v1.scorer_pb2 import GenerateResponse as GenerateResponseProto
@@ -33,7 +35,7 @@ from scorer.admin import MUTATING_METHODS, ModelAdminServicer
 from scorer.config import ScorerConfig
 from scorer.domain import BestOfNQuery, RequestLimits, ScoreQuery
 from scorer.engine import ModelSlot, ServingEngine
-from scorer.generation import GenerateQuery
+from scorer.generation import GenerateBatchQuery, GenerateQuery, batch_response_to_proto
 from scorer.metrics import ScorerMetrics
 from scorer.precision import cpu_bf16_support, resolve_dtype
 from scorer.runners import configure_torch_threads, plan_workers, resolve_device
@@ -51,7 +53,7 @@ INFER_THREADS = "infer"
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
-    """Score, BestOfN, ScoreStream, Generate and GenerateStream over the engine."""
+    """Score, BestOfN, ScoreStream, Generate, GenerateStream and GenerateBatch over the engine."""
 
     def __init__(self, engine: ServingEngine, metrics: ScorerMetrics, limits: RequestLimits, stream_window: int) -> None:
         self.engine = engine
@@ -94,6 +96,12 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         with self._observe("Generate"):
             query = GenerateQuery.from_proto(request, self.limits)
             return (await self.engine.generate_text(query)).to_proto()
+
+    async def GenerateBatch(self, request: GenerateBatchRequestProto,
+                            context: grpc.aio.ServicerContext) -> GenerateBatchResponseProto:
+        with self._observe("GenerateBatch"):
+            batch = GenerateBatchQuery.from_proto(request, self.limits)
+            return batch_response_to_proto(await self.engine.generate_batch(batch))
 
     async def GenerateStream(
         self, request: GenerateRequestProto, context: grpc.aio.ServicerContext
@@ -230,7 +238,7 @@ class Scorer:
         )
         limits = RequestLimits(
             max_responses=cfg.max_responses, max_text_chars=cfg.max_text_chars,
-            max_n=cfg.max_n, max_new_tokens=cfg.max_new_tokens,
+            max_n=cfg.max_n, max_new_tokens=cfg.max_new_tokens, max_generate_batch=cfg.max_generate_batch,
         )
         servicer = ScorerServicer(self.engine, self.metrics, limits, cfg.stream_window)
         admin = ModelAdminServicer(self.engine, self.manager, registry, swap_wait_s=cfg.swap_wait_s)

@@ -9,6 +9,7 @@ the scorer loads them exactly as it will load a DPO checkpoint from the trainer,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ pytestmark = pytest.mark.integration
 
 torch = pytest.importorskip("torch")
 
-from scorer.client import ScorerClient  # noqa: E402
+from scorer.client import ScorerClient, to_messages  # noqa: E402
 from scorer.config import load_scorer_config  # noqa: E402
 from scorer.domain import SamplingParams  # noqa: E402
+from scorer.generation import GenerateQuery  # noqa: E402
 from scorer.server import Scorer  # noqa: E402
 from services.checkpoints import CheckpointStore  # noqa: E402
 from services.errors import InvalidArgument  # noqa: E402
@@ -124,6 +126,20 @@ def test_policy_ready_at_start_then_hot_swapped_under_load_and_rolled_back(publi
             a = await client.generate(PROMPT, model=name, sampling=seeded, n=2)
             b = await client.generate(PROMPT, model=name, sampling=seeded, n=2)
             assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+            # A GenerateBatch decodes as a batch of its own: the same seeded batch gives the same texts,
+            # whatever else is being generated when it is sent.
+            batch = [GenerateQuery(to_messages([{"role": "user", "content": f"Name {k} houseplants."}], "messages"),
+                     model=name, sampling=SamplingParams(temperature=1.0, max_tokens=8, seed=k)) for k in range(5)]
+            first_batch = await client.generate_batch(batch)
+            others = [asyncio.create_task(client.generate(PROMPT, model=name, sampling=seeded, n=3)) for _ in range(3)]
+            second_batch = await client.generate_batch(batch)
+            await asyncio.gather(*others)
+            assert [r.choices[0].text for r in first_batch] == [r.choices[0].text for r in second_batch]
+            assert {r.model.version for r in first_batch + second_batch} == {"v000001"}
+            with pytest.raises(InvalidArgument) as e:
+                await client.generate_batch([batch[0], dataclasses.replace(batch[1], model="reward")])
+            assert e.value.field == "requests[1].model"
 
             # Concurrent unary and streamed generation while v000002 is published.
             stop, out, failures = asyncio.Event(), [], []

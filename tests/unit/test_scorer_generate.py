@@ -20,7 +20,7 @@ from scorer.decoding import BatchDecoder, Completion, DecodeParams, Decoded, dec
 from scorer.domain import RequestLimits, SamplingParams
 from scorer.engine import ServingEngine
 from services.kinds import ModelKind
-from scorer.generation import GenerateChunk, GenerateQuery, GenerateResult
+from scorer.generation import GenerateBatchQuery, GenerateChunk, GenerateQuery, GenerateResult
 from scorer.metrics import ScorerMetrics
 from services.errors import InvalidArgument, NotFound
 from services.schemas import ChatMessage
@@ -243,6 +243,51 @@ def test_a_request_still_decoding_when_its_policy_is_freed_fails_unavailable_and
         running.result(timeout=60)
 
 
+def test_a_group_decodes_as_a_batch_of_its_own_and_the_same_group_returns_the_same_tokens(tiny) -> None:
+    model, tokenizer, ids = tiny
+    group = [(_ids(tokenizer, "hello w1 w2 w3"), DecodeParams(n=2, temperature=1.0, max_tokens=6, seed=1)),
+             (_ids(tokenizer, "hello w5 w6 w7 w8 w9"), DecodeParams(n=1, temperature=0.8, max_tokens=6, seed=2)),
+             (_ids(tokenizer, "w4"), DecodeParams(n=1, temperature=0.9, max_tokens=6, seed=3, stop=("w7",)))]
+    decoder = BatchDecoder(model, tokenizer, max_rows=16)
+    long = decoder.submit(ids, DecodeParams(n=3, temperature=1.0, max_tokens=10, seed=4))
+    for _ in range(3):  # a request is decoding when the group arrives
+        decoder._tick()
+    first = decoder.submit_group(group)
+    late = decoder.submit(ids, DecodeParams(n=3, temperature=1.0, max_tokens=6, seed=5))
+    decoder.run()
+    # The group waited for the running request and nothing joined it: 3 rows, then 4, then 3, never 7.
+    assert decoder.peak_rows == 4
+    assert long.result().completions[0].completion_tokens == 10 and late.done()
+    again = BatchDecoder(model, tokenizer, max_rows=16)
+    second = again.submit_group(group)
+    again.run()
+    a, b = [f.result() for f in first], [f.result() for f in second]
+    assert [[c.token_ids for c in d.completions] for d in a] == [[c.token_ids for c in d.completions] for d in b]
+    assert [len(d.completions) for d in a] == [2, 1, 1] and all("w7" not in t for t in a[2].texts)
+
+
+def test_a_group_wider_than_max_rows_decodes_in_chunks_of_whole_requests_in_order(tiny) -> None:
+    model, tokenizer, ids = tiny
+    p = [DecodeParams(n=2, temperature=1.0, max_tokens=5, seed=s) for s in range(3)]
+    decoder = BatchDecoder(model, tokenizer, max_rows=4)
+    futures = decoder.submit_group([(ids, q) for q in p])
+    decoder.run()
+    assert decoder.peak_rows == 4  # [2 + 2] then [2]
+    assert [f.result().texts for f in futures] == [decode(model, tokenizer, ids, q).texts for q in p]
+    assert decoder.submit_group([]) == []
+
+
+def test_close_fails_a_group_still_queued(tiny) -> None:
+    model, tokenizer, ids = tiny
+    decoder = BatchDecoder(model, tokenizer, max_rows=16, name="decode_test").start()
+    running = decoder.submit(ids, DecodeParams(n=1, temperature=1.0, max_tokens=400, seed=1))
+    queued = decoder.submit_group([(ids, DecodeParams(n=1, temperature=1.0, max_tokens=5, seed=2))])
+    decoder.close()
+    for f in (running, *queued):
+        with pytest.raises(Exception, match="freed before it finished"):
+            f.result(timeout=60)
+
+
 # ------------------------------------------------------------------------------------ validation
 
 
@@ -265,6 +310,22 @@ def test_bad_generate_fields_are_named(kw, field) -> None:
     with pytest.raises(InvalidArgument) as e:
         GenerateQuery.from_proto(_request(**kw), RequestLimits(max_n=16, max_new_tokens=256))
     assert e.value.field == field
+
+
+def test_bad_generate_batch_fields_are_named() -> None:
+    ok = _request()
+    cases = [
+        (scorer_pb2.GenerateBatchRequest(), "requests"),
+        (scorer_pb2.GenerateBatchRequest(requests=[ok] * 3), "requests"),  # over max_generate_batch=2
+        (scorer_pb2.GenerateBatchRequest(requests=[ok, _request(n=17)]), "requests[1].n"),
+        (scorer_pb2.GenerateBatchRequest(requests=[ok, _request(model="other")]), "requests[1].model"),
+    ]
+    for msg, field in cases:
+        with pytest.raises(InvalidArgument) as e:
+            GenerateBatchQuery.from_proto(msg, RequestLimits(max_generate_batch=2))
+        assert e.value.field == field, (field, e.value)
+    q = GenerateBatchQuery.from_proto(scorer_pb2.GenerateBatchRequest(requests=[ok, _request(n=2)]))
+    assert [x.n for x in q.queries] == [1, 2] and q.model == ""
 
 
 def test_empty_messages_are_refused_and_n_defaults_to_one() -> None:
@@ -296,6 +357,9 @@ class FakePolicy:
 
     def submit(self, prompt_ids, params, on_delta=None, cancelled=None):
         return self._decoder.submit(self.sample, prompt_ids, params, on_delta, cancelled)
+
+    def submit_group(self, requests):
+        return [self.submit(ids, params) for ids, params in requests]
 
     def sample(self, prompt, params, on_delta=None, cancelled=None):
         rows = []
@@ -354,6 +418,23 @@ def test_engine_generates_and_streams_from_one_version() -> None:
         assert [c.finish_reason for c in chunks if c.index == i and c.finish_reason] == ["length"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     assert refs == 0  # released
+
+
+def test_engine_decodes_a_batch_on_one_version_and_answers_in_request_order() -> None:
+    async def main() -> tuple[list[GenerateResult], int]:
+        engine = _engine()
+        slot = engine.new_slot("policy", ModelKind.POLICY, "v2", "", FakePolicy())
+        engine.install(slot)
+        res = await engine.generate_batch(GenerateBatchQuery((GenerateQuery(PROMPT, n=1, request_id="a"),
+                                                              GenerateQuery(PROMPT, n=3, request_id="b"))))
+        refs = slot.refs
+        await engine.close()
+        return res, refs
+
+    res, refs = asyncio.run(main())
+    assert [r.request_id for r in res] == ["a", "b"] and [len(r.choices) for r in res] == [1, 3]
+    assert {r.model.version for r in res} == {"v2"} and res[1].usage.completion_tokens == 9
+    assert refs == 0
 
 
 def test_engine_stream_closed_early_stops_and_releases() -> None:
