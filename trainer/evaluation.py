@@ -75,9 +75,16 @@ class EvalResult:
     # Further numbers an objective measures on the same held-out data (a policy's KL to its reference,
     # empty-reply and repetition rates); its gate guard reads them, the registry records them.
     metrics: dict[str, float] = field(default_factory=dict)
+    # A policy's replies to its guard prompts, and a digest of what they answer (the prompts and the
+    # sampling): a later evaluation of the same version under the same digest reuses them instead of
+    # generating them again (the gate re-evaluates the served version whenever the held-out set grew).
+    # Empty for objectives that generate nothing.
+    replies: tuple[str, ...] = ()
+    replies_key: str = ""
 
-    def to_dict(self, *, outcomes: bool = True) -> dict[str, float | int | str]:
-        """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them); reports drop them."""
+    def to_dict(self, *, outcomes: bool = True) -> dict[str, Any]:
+        """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them) and the guard
+        ``replies`` (reused as above); reports drop both."""
         d: dict[str, float | int | str] = {
             "accuracy": self.accuracy,
             "pairs": self.pairs,
@@ -87,6 +94,8 @@ class EvalResult:
         }
         if outcomes:
             d["outcomes"] = self.outcomes
+            if self.replies_key:
+                d["replies"], d["replies_key"] = list(self.replies), self.replies_key
         if self.metrics:
             d["metrics"] = dict(self.metrics)
         return d
@@ -114,7 +123,16 @@ class EvalResult:
             fingerprint=fp if isinstance(fp, str) else "",
             outcomes=outcomes,
             metrics=extra,
+            **_replies_of(d),
         )
+
+
+def _replies_of(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The guard replies of checkpoint metadata, or none when they are missing or malformed."""
+    replies, key = d.get("replies"), d.get("replies_key")
+    if isinstance(key, str) and key and isinstance(replies, list) and all(isinstance(r, str) for r in replies):
+        return {"replies": tuple(replies), "replies_key": key}
+    return {}
 
 
 def fingerprint(records: Sequence[PreferenceRecord]) -> str:

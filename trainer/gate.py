@@ -155,21 +155,23 @@ class Gate:
         key = (target.version, fp)
         if key in self._served_cache:
             return target, self._served_cache[key]
-        result = self._served_from_metadata(target.uri, fp)
+        own = self._metadata_eval(target.uri)
+        result = own if own is not None and own.fingerprint == fp else None
         if result is None or not result.outcomes:
-            result = self._evaluate_served(target) or result
+            result = self._evaluate_served(target, own) or result
         if result is not None:
             self._served_cache[key] = result
             metrics.EVAL_ACCURACY.labels("served").set(result.accuracy)
         return target, result
 
-    def _served_from_metadata(self, uri: str, fp: str) -> EvalResult | None:
+    def _metadata_eval(self, uri: str) -> EvalResult | None:
+        """The evaluation a checkpoint was published with (on the held-out set of its day), if readable."""
         try:
             meta = read_checkpoint_metadata(uri)
         except (OSError, ValueError, PrefstreamError):
             return None
         ev = meta.get("eval") if isinstance(meta, dict) else None
-        if not isinstance(ev, dict) or ev.get("eval_fingerprint") != fp:
+        if not isinstance(ev, dict):
             return None
         try:
             return EvalResult.from_dict(ev)
@@ -177,7 +179,9 @@ class Gate:
             log.warning("ignoring the eval metadata of %s: %s", uri, e)
             return None
 
-    def _evaluate_served(self, target: ModelVersion) -> EvalResult | None:
+    def _evaluate_served(self, target: ModelVersion, own: EvalResult | None = None) -> EvalResult | None:
+        """The served version evaluated on the current held-out set; ``own`` (its checkpoint's evaluation)
+        lends what still holds, such as its replies to an unchanged guard set."""
         started = time.perf_counter()
         try:
             path = open_checkpoint(target.uri)
@@ -186,7 +190,7 @@ class Gate:
             log.error("cannot load the served version %s (%s) to gate against it: %s", target.version, target.uri, e)
             return None
         with self.precision():
-            result = self.objective.evaluate(model, self.eval_set.records)
+            result = self.objective.evaluate(model, self.eval_set.records, own)
         metrics.EVAL_SECONDS.observe(time.perf_counter() - started)
         log.info("served version %s: pairwise accuracy %.4f on %d pairs (%.1fs)", target.version, result.accuracy,
                  result.pairs, time.perf_counter() - started)

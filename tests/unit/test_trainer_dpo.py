@@ -902,6 +902,38 @@ def test_a_guard_set_fixes_the_guard_prompts_before_training_and_names_their_cri
     assert m["guard_prompts"] == 4.0 and m["criteria_prompts"] == 4.0 and "cannot be read now" in caplog.text
 
 
+def test_a_version_evaluated_again_reuses_its_guard_replies_while_they_answer_the_same_prompts(tmp_path,
+                                                                                            tiny_base) -> None:
+    """The gate evaluates the served version again whenever the held-out set grew: its checkpoint's replies
+    to an unchanged guard set are reused (a guard set's prompts and sampling are fixed), the rest re-measured."""
+    from trainer.evaluation import EvalResult
+    from trainer.guard_set import GuardPrompt, write_guard_set
+
+    path = tmp_path / "guard_set.jsonl"
+    write_guard_set(path, [GuardPrompt.make((ChatMessage("user", f"guard question {i}"),)) for i in range(4)])
+    cfg = config(tmp_path, tiny_base, max_repetition_rate=1.0, max_empty_rate=1.0, guard_prompts=3,
+                 guard_set=str(path))
+    objective = objective_for(cfg)
+    learner = Learner(objective, objective.load(str(tiny_base)), cfg)
+    first = objective.evaluate(learner.model, records(2, split="test", start=300))
+    assert len(first.replies) == 3 and first.replies_key
+    own = EvalResult.from_dict(first.to_dict())  # as the checkpoint's metadata gives it back
+    assert (own.replies, own.replies_key) == (first.replies, first.replies_key)
+    assert "replies" not in first.to_dict(outcomes=False)  # reports leave them out
+
+    calls = []
+    generate = learner.model.generate
+    learner.model.generate = lambda *a, **kw: calls.append(kw) or generate(*a, **kw)
+    grown = records(2, split="test", start=300) + records(2, split="test", start=400)
+    again = objective.evaluate(learner.model, grown, own)
+    assert calls == [] and again.replies == first.replies  # nothing generated: the reference's are kept too
+    assert again.pairs > first.pairs and again.metrics["mean_words"] == first.metrics["mean_words"]
+    assert again.metrics["kl_to_ref"] == pytest.approx(first.metrics["kl_to_ref"])
+    stale = dataclasses.replace(own, replies_key="0" * 16)  # other prompts or other sampling: generated again
+    objective.evaluate(learner.model, grown, stale)
+    assert len(calls) == 1 and not calls[0].get("reference")
+
+
 def test_a_guard_set_that_cannot_be_read_at_start_names_the_field_the_file_and_the_line(tmp_path, tiny_base) -> None:
     from trainer.guard_set import load_guard_set
 

@@ -8,6 +8,7 @@ No Kafka or Redis: the Gate's registry is a stub that only answers ``target()``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from statistics import NormalDist
@@ -195,6 +196,9 @@ def test_eval_result_round_trips_through_metadata() -> None:
     assert EvalResult.from_dict({**d, "outcomes": "10"}).outcomes == ""  # does not fit pairs: dropped
     with pytest.raises(ValueError):
         EvalResult.from_dict({**d, "accuracy": "high"})
+    spoken = dataclasses.replace(r, replies=("a", ""), replies_key="k1")  # a policy's guard replies travel too
+    assert EvalResult.from_dict(json.loads(json.dumps(spoken.to_dict()))) == spoken
+    assert EvalResult.from_dict({**spoken.to_dict(), "replies": [1, 2]}).replies == ()  # malformed: dropped
 
 
 # --- Gate.served(): the served model's outcomes, from metadata or by loading it ------------------------
@@ -228,6 +232,19 @@ def test_served_outcomes_come_from_the_served_metadata(tmp_path, model: RewardMo
     version, served = gate.served()
     assert version == target and served.outcomes == flipped
     assert gate.served()[1] is served  # cached with its outcomes
+
+
+def test_a_grown_eval_set_evaluates_the_served_version_again_lending_it_its_own_evaluation(tmp_path,
+                                                                                         model: RewardModel) -> None:
+    recorded = evaluate(model, eval_records(4), batch_size=8)  # published when the held-out set was smaller
+    cfg, target = served_checkpoint(tmp_path, model, recorded.to_dict())
+    objective = objective_for(cfg)
+    lent, real = [], objective.evaluate
+    objective.evaluate = lambda m, recs, known=None: lent.append(known) or real(m, recs, known)
+    grown = EvalSet(16, eval_records(6))
+    _, served = Gate(cfg, TargetOnly(target), grown, objective).served()
+    assert served.fingerprint == grown.fingerprint and served.pairs > recorded.pairs
+    assert lent == [EvalResult.from_dict(recorded.to_dict())]  # what still holds of it may be reused
 
 
 def test_metadata_without_outcomes_loads_the_served_checkpoint(tmp_path, model: RewardModel) -> None:

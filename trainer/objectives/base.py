@@ -125,9 +125,11 @@ class Objective(ABC):
     # -- the gate ----------------------------------------------------------------------------------
 
     @abstractmethod
-    def evaluate(self, model: Any, records: Sequence[PreferenceRecord]) -> EvalResult:
+    def evaluate(self, model: Any, records: Sequence[PreferenceRecord], known: EvalResult | None = None) -> EvalResult:
         """Pairwise accuracy with per-pair outcomes in canonical order (the gate pairs on them), plus the
-        numbers :meth:`guard` reads in ``EvalResult.metrics``."""
+        numbers :meth:`guard` reads in ``EvalResult.metrics``.  ``known``: an earlier evaluation of the
+        same version (its checkpoint's), whose generated replies may be reused where they still answer
+        the same prompts the same way (``EvalResult.replies_key``)."""
 
     def use_registry(self, registry: Any) -> None:
         """The registry the gate publishes to, for guards that judge with another served model (the policy's

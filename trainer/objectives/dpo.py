@@ -32,10 +32,13 @@ knows that the model is a :class:`~trainer.policy_lm.TrainablePolicy` and the lo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -187,6 +190,11 @@ def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[st
             "criteria_prompts": float(len(judged))}
 
 
+def replies_key(key: tuple[Any, ...], seed: int) -> str:
+    """A digest of what a policy's guard replies answer: the prompts' keys, the sampling and its seed."""
+    return hashlib.sha256(json.dumps([list(key[0]), *key[1:], seed]).encode()).hexdigest()[:16]
+
+
 def duplicate_reason(record: PreferenceRecord) -> str:
     """Why a ranking cannot train a policy ("" if it can): a response given twice is a tie."""
     seen: set[str] = set()
@@ -212,6 +220,7 @@ class DPOObjective(Objective):
         #: the reference policy's replies to the current guard prompt set: ((prompt keys, budget, temperature), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
         self._reference_replies: tuple[tuple[tuple[str, ...], int, float], list[str]] | None = None
+        self._replies: tuple[str, tuple[str, ...]] | None = None  # the last guard replies, with their replies_key
         #: the keys of the prompts the guards reply to (:meth:`_guard_prompts`)
         self._guard_ids: list[str] = []
         #: the gate's own guard set (``guard_set``), as last read; its errors at start-up name the field
@@ -434,14 +443,22 @@ class DPOObjective(Objective):
             model.module.train(was)
         return [self.settings.beta * (p - r) for p, r in zip(out, ref)]
 
-    def evaluate(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> EvalResult:
+    def evaluate(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
+                 known: EvalResult | None = None) -> EvalResult:
         usable = [r for r in records if not duplicate_reason(r)
                   and not model.rejections([r.prompt] * r.k, list(r.ranked_responses))]
         self._reference_of(model, usable, self._eval_reference)
         ref = [x for r in canonical_order(usable) for x in self._eval_reference[r.record_id]]
-        metrics = self.guard_metrics(model, usable)
-        return pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
-                               metrics)
+        started = time.perf_counter()
+        metrics = self.guard_metrics(model, usable, known)
+        guards_s = time.perf_counter() - started
+        result = pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
+                                 metrics)
+        log.info("evaluation: guards %.1fs, pairwise accuracy on %d pairs %.1fs", guards_s, result.pairs,
+                 time.perf_counter() - started - guards_s)
+        if self._replies is None:
+            return result
+        return dataclasses.replace(result, replies_key=self._replies[0], replies=self._replies[1])
 
     def use_registry(self, registry: Any) -> None:
         if self.settings.reward_guard and self.settings.guard_prompts:
@@ -484,7 +501,8 @@ class DPOObjective(Objective):
                 prompts.add(r.prompt)
         return kept
 
-    def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord]) -> dict[str, float]:
+    def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
+                      known: EvalResult | None = None) -> dict[str, float]:
         """Replies to the guard prompts (:meth:`_guard_prompts`; greedy or at ``guard_temperature``, fixed
         seeds): KL to the reference, empty and repetition rates, mean words, and the reference policy's mean
         words on the same prompts (what the length guard compares with while no version is served; generated
@@ -499,7 +517,13 @@ class DPOObjective(Objective):
         The KL is the exact full-vocabulary KL(π‖π_ref) per token, averaged over the tokens of the
         policy's own non-empty replies and of the held-out chosen responses to the same prompts (for a
         guard-set prompt, which has none, the reference policy's reply; when those are empty too, the held-out
-        records'), so it is defined even when every reply is empty (which the empty-reply guard reports)."""
+        records'), so it is defined even when every reply is empty (which the empty-reply guard reports).
+
+        ``known`` (an earlier evaluation of the same version) lends its replies, and their KL, when they
+        answer the same prompts with the same sampling (:func:`replies_key`); the judge's scores and the
+        criteria's verdicts are taken again, as the judge's version and the prompts' criteria may have
+        changed since."""
+        self._replies = None
         n = self.settings.guard_prompts
         if n == 0 or not records:
             return {}
@@ -510,18 +534,31 @@ class DPOObjective(Objective):
         d = self.settings
         sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed,
                     "temperature": d.guard_temperature}
-        replies = model.generate(prompts, **sampling)
         key = (tuple(g.key for g in held), d.guard_max_new_tokens, d.guard_temperature)
+        digest = replies_key(key, self.cfg.optim.seed)
+        started = time.perf_counter()
+        reused = known is not None and known.replies_key == digest and len(known.replies) == len(prompts)
+        if reused:
+            replies, source = list(known.replies), "reused from its checkpoint"
+        else:
+            replies, source = model.generate(prompts, **sampling), "generated"
+        self._replies = (digest, tuple(replies))
+        replied_s = time.perf_counter() - started
         if self._reference_replies is None or self._reference_replies[0] != key:
             base = model.generate(prompts, **sampling, reference=True)
             self._reference_replies = (key, base)
         reference = self._reference_replies[1]
+        log.info("guards: %d replies %s in %.1fs (the reference's: %.1fs)", len(replies), source, replied_s,
+                 time.perf_counter() - started - replied_s)
         spoken = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         # beside the policy's own replies, a held-out record's best response, or a guard-set prompt's reference reply
         kl_rows = spoken + [(g.prompt, g.chosen or b) for g, b in zip(held, reference) if (g.chosen or b).strip()]
-        if not kl_rows:  # every reply to a guard set empty, the reference's too: the held-out records' best responses
-            kl_rows = [(r.prompt, r.chosen) for r in canonical_order(records)[:n]]
-        kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
+        if reused and kl_rows and "kl_to_ref" in known.metrics:  # the same version on the same tokens
+            kl = known.metrics["kl_to_ref"]
+        else:
+            if not kl_rows:  # every reply to a guard set empty, the reference's too: the held-out records' best responses
+                kl_rows = [(r.prompt, r.chosen) for r in canonical_order(records)[:n]]
+            kl = model.token_kl([p for p, _ in kl_rows], [r for _, r in kl_rows])
         out = {
             "kl_to_ref": float(kl),
             "empty_rate": 1.0 - len(spoken) / len(replies),

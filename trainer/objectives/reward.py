@@ -152,5 +152,6 @@ class RewardObjective(Objective):
         logits = module(data.bucket_inputs(), data.buckets, data.num_sequences)  # (N, 1 + A)
         return ranking_loss(logits.float(), data, self.settings)
 
-    def evaluate(self, model: RewardModel, records: Sequence[PreferenceRecord]) -> EvalResult:
+    def evaluate(self, model: RewardModel, records: Sequence[PreferenceRecord],
+                 known: EvalResult | None = None) -> EvalResult:
         return evaluate(model, records, self.cfg.gate.eval_batch_size)
