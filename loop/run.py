@@ -18,6 +18,7 @@ policy's reply to the base policy's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -383,35 +384,25 @@ class CriteriaLoop:
         from scorer.domain import SamplingParams
         from scorer.generation import GenerateQuery
 
-        versions: dict[str, int] = {}
-        cut = 0
         queries = [GenerateQuery(messages=conversation(prompt, self.cfg.system_prompt), model=self.cfg.policy_model,
                                  sampling=SamplingParams(temperature=self.cfg.eval_temperature,
                                                          max_tokens=self.cfg.max_tokens, seed=self.cfg.seed + i))
                    for i, prompt in enumerate(self.plan.eval_prompts)]
         if self.cfg.eval_alone:  # one batch of their own (GenerateBatch): the same version, the same replies
-            texts: list[str] = []
-            for start in range(0, len(queries), EVAL_BATCH):
-                for res in await scorer.generate_batch(queries[start:start + EVAL_BATCH], timeout_s=EVAL_BATCH_TIMEOUT_S):
-                    versions[res.model.version] = versions.get(res.model.version, 0) + 1
-                    cut += res.choices[0].finish_reason == LENGTH
-                    texts.append(res.choices[0].text)
-            return texts, versions, cut / len(texts)
-        sem = asyncio.Semaphore(self._eval_concurrency)
+            results = [res for start in range(0, len(queries), EVAL_BATCH)
+                       for res in await scorer.generate_batch(queries[start:start + EVAL_BATCH],
+                                                              timeout_s=EVAL_BATCH_TIMEOUT_S)]
+        else:
+            sem = asyncio.Semaphore(EVAL_CONCURRENCY)
 
-        async def one(i: int, prompt: str) -> str:
-            nonlocal cut
-            async with sem:
-                res = await scorer.generate(
-                    [m.to_dict() for m in conversation(prompt, self.cfg.system_prompt)], model=self.cfg.policy_model,
-                    sampling=SamplingParams(temperature=self.cfg.eval_temperature, max_tokens=self.cfg.max_tokens,
-                                            seed=self.cfg.seed + i))
-                versions[res.model.version] = versions.get(res.model.version, 0) + 1
-                cut += res.choices[0].finish_reason == LENGTH
-                return res.choices[0].text
+            async def one(q: GenerateQuery) -> Any:
+                async with sem:
+                    return await scorer.generate(q.messages, model=q.model, sampling=q.sampling)
 
-        texts = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.plan.eval_prompts)))
-        return list(texts), versions, cut / len(texts)
+            results = await asyncio.gather(*(one(q) for q in queries))
+        versions = dict(collections.Counter(r.model.version for r in results))
+        cut = sum(r.choices[0].finish_reason == LENGTH for r in results)
+        return [r.choices[0].text for r in results], versions, cut / len(results)
 
     async def _rewards(self, scorer: Any, replies: Sequence[str]) -> list[float]:
         if not self.cfg.reward_model:

@@ -334,11 +334,10 @@ class BatchDecoder:
                 if self._rows:
                     return out  # the group waits for the running batch to end
                 group = self._pending.popleft()
-                take = 1  # whole requests up to max_rows, at least one
-                while take < len(group.jobs) and sum(j.width for j in group.jobs[:take + 1]) <= self.max_rows:
+                take, rows = 1, group.jobs[0].width  # whole requests up to max_rows, at least one
+                while not self._solo and take < len(group.jobs) and rows + group.jobs[take].width <= self.max_rows:
+                    rows += group.jobs[take].width
                     take += 1
-                if self._solo:
-                    take = 1
                 if take < len(group.jobs):
                     self._pending.appendleft(_Group(group.jobs[take:]))
                 self._exclusive = True

@@ -345,10 +345,7 @@ class ServingEngine:
             decoded = await self._sample(slot, query.messages, self._decode_params(query.sampling, query.n, query.stop))
         finally:
             self._release(slot)
-        choices = tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length", c.completion_tokens)
-                        for c in decoded.completions)
-        return GenerateResult(choices=choices, model=slot.ref, usage=Usage(decoded.prompt_tokens,
-                              decoded.completion_tokens), request_id=query.request_id)
+        return _generate_result(query, decoded, slot.ref)
 
     async def generate_batch(self, batch: GenerateBatchQuery) -> list[GenerateResult]:
         """Every request of the batch decoded together with no other company, by one policy version.
@@ -358,27 +355,20 @@ class ServingEngine:
         for as long as it decodes, which ``max_generate_batch`` bounds)."""
         slot = await self._acquire_policy(batch.model, "requests[0].model")
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        futures: list[concurrent.futures.Future] = []
+        group: asyncio.Future | None = None
         try:
-            ids = [await loop.run_in_executor(self._tokenize, slot.runner.prompt_ids, list(q.messages))
-                   for q in batch.queries]
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, lambda: [slot.runner.prompt_ids(list(q.messages)) for q in batch.queries])
             params = [self._decode_params(q.sampling, q.n, q.stop) for q in batch.queries]
-            futures = slot.runner.submit_group(list(zip(ids, params)))
-            decoded = [await asyncio.wrap_future(f) for f in futures]
+            group = asyncio.gather(*(asyncio.wrap_future(f) for f in slot.runner.submit_group(list(zip(ids, params)))))
+            decoded = await asyncio.shield(group)  # a caller that goes away leaves the group decoding
         finally:
             self.metrics.generation_seconds.labels(slot.name).observe(time.perf_counter() - t0)
-            left = [f for f in futures if not f.done()]
-            if not left:
+            if group is None or group.done():
                 self._release(slot)
-            else:  # the caller went away: the decoder holds the version until the group's last request ends
-                group = asyncio.gather(*(asyncio.wrap_future(f) for f in left), return_exceptions=True)
-                group.add_done_callback(lambda _: self._release(slot))
-        return [GenerateResult(choices=tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length",
-                                                              c.completion_tokens) for c in d.completions),
-                               model=slot.ref, usage=Usage(d.prompt_tokens, d.completion_tokens),
-                               request_id=q.request_id)
-                for q, d in zip(batch.queries, decoded)]
+            else:  # the decoder holds the version until the group's last request ends
+                group.add_done_callback(lambda g: self._release_after(slot, g))
+        return [_generate_result(q, d, slot.ref) for q, d in zip(batch.queries, decoded)]
 
     async def generate_stream(self, query: GenerateQuery) -> AsyncIterator[GenerateChunk]:
         """Text deltas as they are decoded, then each choice's finish reason, then usage.
@@ -414,7 +404,7 @@ class ServingEngine:
             else:
                 task.add_done_callback(lambda t: self._release_after(slot, t))
 
-    def _release_after(self, slot: ModelSlot, task: asyncio.Task) -> None:
+    def _release_after(self, slot: ModelSlot, task: asyncio.Future) -> None:
         """Release a slot held by a generation nobody waits for any more (its error was answered as cancelled)."""
         self._release(slot)
         if not task.cancelled() and task.exception() is not None:
@@ -506,5 +496,13 @@ class ServingEngine:
         return BestOfNResult(ranked=ranked, reward_models=tuple(used[m] for m in sorted(used)), policy=policy_ref,
                              request_id=query.request_id, usage=usage, criteria=outcome.refs)
 
+
+
+def _generate_result(query: GenerateQuery, decoded: Decoded, ref: ModelRef) -> GenerateResult:
+    """A request's completions as the Generate answer, every choice from version ``ref``."""
+    choices = tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length", c.completion_tokens)
+                    for c in decoded.completions)
+    return GenerateResult(choices=choices, model=ref, usage=Usage(decoded.prompt_tokens, decoded.completion_tokens),
+                          request_id=query.request_id)
 
 __all__ = ["ModelSlot", "PolicyRunner", "RewardRunner", "ServingEngine"]

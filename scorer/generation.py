@@ -191,13 +191,14 @@ class GenerateChunk:
                    request_id=msg.request_id)
 
 
-def batch_response_to_proto(results: "Sequence[GenerateResult]") -> GenerateBatchResponseProto:
+def batch_response_to_proto(results: Sequence[GenerateResult]) -> GenerateBatchResponseProto:
     return GenerateBatchResponseProto(responses=[r.to_proto() for r in results])
 
 
-def batch_response_from_proto(msg: GenerateBatchResponseProto) -> "list[GenerateResult]":
+def batch_response_from_proto(msg: GenerateBatchResponseProto) -> list[GenerateResult]:
     return [GenerateResult.from_proto(r) for r in msg.responses]
 
 
-__all__ = ["GenerateBatchQuery", "GenerateChunk", "GenerateQuery", "batch_response_from_proto", "batch_response_to_proto", "GenerateResult", "GenerationChoice", "MAX_STOP", "MAX_STOP_CHARS",
-           "finish_from_proto", "finish_to_proto", "validate_stop"]
+__all__ = ["GenerateBatchQuery", "GenerateChunk", "GenerateQuery", "GenerateResult", "GenerationChoice", "MAX_STOP",
+           "MAX_STOP_CHARS", "batch_response_from_proto", "batch_response_to_proto", "finish_from_proto",
+           "finish_to_proto", "validate_stop"]

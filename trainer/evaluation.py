@@ -85,7 +85,7 @@ class EvalResult:
     def to_dict(self, *, outcomes: bool = True) -> dict[str, Any]:
         """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them) and the guard
         ``replies`` (reused as above); reports drop both."""
-        d: dict[str, float | int | str] = {
+        d: dict[str, Any] = {
             "accuracy": self.accuracy,
             "pairs": self.pairs,
             "records": self.records,

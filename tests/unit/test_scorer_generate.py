@@ -437,6 +437,37 @@ def test_engine_decodes_a_batch_on_one_version_and_answers_in_request_order() ->
     assert refs == 0
 
 
+def test_engine_batch_whose_caller_goes_away_holds_the_version_until_the_group_ends() -> None:
+    class HeldPolicy(FakePolicy):
+        def submit_group(self, requests):
+            self.futures = [concurrent.futures.Future() for _ in requests]
+            return self.futures
+
+    async def main() -> tuple[int, int]:
+        engine = _engine()
+        policy = HeldPolicy()
+        slot = engine.new_slot("policy", ModelKind.POLICY, "v1", "", policy)
+        engine.install(slot)
+        task = asyncio.ensure_future(engine.generate_batch(GenerateBatchQuery((GenerateQuery(PROMPT),))))
+        while not getattr(policy, "futures", None):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        held = slot.refs  # the group still decodes on this version
+        policy.futures[0].set_result(Decoded((Completion(0, [7], "a", finish_reason="stop"),), prompt_tokens=4))
+        for _ in range(300):
+            if slot.refs == 0:
+                break
+            await asyncio.sleep(0.01)
+        refs = slot.refs
+        await engine.close()
+        return held, refs
+
+    held, refs = asyncio.run(main())
+    assert held == 1 and refs == 0
+
+
 def test_engine_stream_closed_early_stops_and_releases() -> None:
     async def main() -> tuple[int, bool]:
         engine = _engine()

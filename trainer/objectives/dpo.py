@@ -190,9 +190,9 @@ def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[st
             "criteria_prompts": float(len(judged))}
 
 
-def replies_key(key: tuple[Any, ...], seed: int) -> str:
-    """A digest of what a policy's guard replies answer: the prompts' keys, the sampling and its seed."""
-    return hashlib.sha256(json.dumps([list(key[0]), *key[1:], seed]).encode()).hexdigest()[:16]
+def replies_key(prompt_keys: Sequence[str], sampling: dict[str, Any]) -> str:
+    """A digest of what a policy's guard replies answer: the prompts' keys and the sampling (seed included)."""
+    return hashlib.sha256(json.dumps([list(prompt_keys), sampling], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def duplicate_reason(record: PreferenceRecord) -> str:
@@ -220,7 +220,6 @@ class DPOObjective(Objective):
         #: the reference policy's replies to the current guard prompt set: ((prompt keys, budget, temperature), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
         self._reference_replies: tuple[tuple[tuple[str, ...], int, float], list[str]] | None = None
-        self._replies: tuple[str, tuple[str, ...]] | None = None  # the last guard replies, with their replies_key
         #: the keys of the prompts the guards reply to (:meth:`_guard_prompts`)
         self._guard_ids: list[str] = []
         #: the gate's own guard set (``guard_set``), as last read; its errors at start-up name the field
@@ -450,15 +449,13 @@ class DPOObjective(Objective):
         self._reference_of(model, usable, self._eval_reference)
         ref = [x for r in canonical_order(usable) for x in self._eval_reference[r.record_id]]
         started = time.perf_counter()
-        metrics = self.guard_metrics(model, usable, known)
+        metrics, spoken = self.guard_metrics(model, usable, known)
         guards_s = time.perf_counter() - started
         result = pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
                                  metrics)
         log.info("evaluation: guards %.1fs, pairwise accuracy on %d pairs %.1fs", guards_s, result.pairs,
                  time.perf_counter() - started - guards_s)
-        if self._replies is None:
-            return result
-        return dataclasses.replace(result, replies_key=self._replies[0], replies=self._replies[1])
+        return dataclasses.replace(result, **spoken)
 
     def use_registry(self, registry: Any) -> None:
         if self.settings.reward_guard and self.settings.guard_prompts:
@@ -502,7 +499,7 @@ class DPOObjective(Objective):
         return kept
 
     def guard_metrics(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
-                      known: EvalResult | None = None) -> dict[str, float]:
+                      known: EvalResult | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         """Replies to the guard prompts (:meth:`_guard_prompts`; greedy or at ``guard_temperature``, fixed
         seeds): KL to the reference, empty and repetition rates, mean words, and the reference policy's mean
         words on the same prompts (what the length guard compares with while no version is served; generated
@@ -522,27 +519,25 @@ class DPOObjective(Objective):
         ``known`` (an earlier evaluation of the same version) lends its replies, and their KL, when they
         answer the same prompts with the same sampling (:func:`replies_key`); the judge's scores and the
         criteria's verdicts are taken again, as the judge's version and the prompts' criteria may have
-        changed since."""
-        self._replies = None
+        changed since.  Returns the metrics and the ``EvalResult`` fields that keep the replies."""
         n = self.settings.guard_prompts
         if n == 0 or not records:
-            return {}
+            return {}, {}
         held = self._guard_prompts(records, n)
         if not held:
-            return {}
+            return {}, {}
         prompts = [g.prompt for g in held]
         d = self.settings
         sampling = {"max_new_tokens": d.guard_max_new_tokens, "seed": self.cfg.optim.seed,
                     "temperature": d.guard_temperature}
         key = (tuple(g.key for g in held), d.guard_max_new_tokens, d.guard_temperature)
-        digest = replies_key(key, self.cfg.optim.seed)
+        digest = replies_key(key[0], sampling)
         started = time.perf_counter()
         reused = known is not None and known.replies_key == digest and len(known.replies) == len(prompts)
         if reused:
             replies, source = list(known.replies), "reused from its checkpoint"
         else:
             replies, source = model.generate(prompts, **sampling), "generated"
-        self._replies = (digest, tuple(replies))
         replied_s = time.perf_counter() - started
         if self._reference_replies is None or self._reference_replies[0] != key:
             base = model.generate(prompts, **sampling, reference=True)
@@ -584,7 +579,7 @@ class DPOObjective(Objective):
             limits = [self.criteria.word_limit(g) for g in held]
             if any(n is not None for n in limits):
                 out["reference_words_within_limit"] = words_within_limits(reference, limits)
-        return out
+        return out, {"replies": tuple(replies), "replies_key": digest}
 
     guards = True
 
