@@ -33,6 +33,7 @@ from typing import Any
 RECIPE = {"pairing": "trim_bracket", "reward_guard": True, "keep_earlier": True, "sft_weight": 0.0,
           "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
           "criteria_guard": True, "min_guard_prompts": 6, "max_violation_giveback": 0.1, "doubt_z": 1.0,
+          "max_reward_giveback": 0.01,
           "max_shrink": 0.45, "warmup_steps": 10}
 FULL = {"train_prompts": 240, "eval_count": 48, "phase_s": 600.0, "max_tokens": 128, "checkpoint_every_records": 24,
         "candidates": 6, "reward_checkpoint": "auto"}

@@ -154,6 +154,10 @@ class LoopConfig:
         "the reward guard's tolerance, in the reward model's units: on the word-limit bench the HH reward model's "
         "mean over 48 held-out replies fell 0.06-0.13 in versions that lost the quality target, and a version's mean "
         "over the guard's prompts has a standard error of about 0.03")})
+    max_reward_giveback: float = field(default=DPOSettings.max_reward_giveback, metadata={"help": (
+        "the reward guard's bar against the served version (with reward_guard): how much lower than the served "
+        "version's replies to the same gate prompts a version's may score on average, paired prompt by prompt, "
+        "so a run does not spend the reward its served version kept a step at a time; negative = off")})
     criteria_guard: bool = field(default=False, metadata={"help": (
         "the policy gate's criteria guard: refuse a version whose replies to the gate's held-out prompts break the "
         "rule criteria of the loop more often than the base policy's replies to the same prompts, by more than "
@@ -240,7 +244,8 @@ class LoopConfig:
                     lora_target_modules=self.lora_target_modules, max_kl=self.max_kl, max_shrink=self.max_shrink,
                     guard_max_new_tokens=self.guard_max_new_tokens, guard_prompts=self.guard_prompts,
                     guard_temperature=self.eval_temperature,
-                    max_reward_drop=self.max_reward_drop, criteria_guard=self.criteria_guard,
+                    max_reward_drop=self.max_reward_drop, max_reward_giveback=self.max_reward_giveback,
+                    criteria_guard=self.criteria_guard,
                     max_violation_rise=self.max_violation_rise, max_violation_giveback=self.max_violation_giveback,
                     min_guard_prompts=self.min_guard_prompts, doubt_z=self.doubt_z,
                     reward_guard=self.reward_model if self.reward_guard else "").validate()

@@ -325,6 +325,7 @@ class LoopProcesses:
             "ema_decay": 0.0, "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "keep_checkpoints": 1000,
             "max_shrink": cfg.max_shrink, "guard_max_new_tokens": cfg.guard_max_new_tokens,
             "guard_prompts": cfg.guard_prompts, "max_reward_drop": cfg.max_reward_drop,
+            "max_reward_giveback": cfg.max_reward_giveback,
             "guard_temperature": cfg.eval_temperature, "criteria_guard": cfg.criteria_guard,
             "max_violation_rise": cfg.max_violation_rise, "max_violation_giveback": cfg.max_violation_giveback,
             "min_guard_prompts": cfg.min_guard_prompts, "rollback_lr_factor": cfg.rollback_lr_factor,

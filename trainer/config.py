@@ -178,6 +178,14 @@ class DPOSettings:
         "bound: its noise (the paired standard error, in the registry as reward_drop_se) is what this margin is for; "
         "a bound would let a drop as large as the one it is meant to stop through on a few prompts (doubt_z decides only "
         "whether a version over it waits or is rolled back)"))
+    max_reward_giveback: float = field(default=-1.0, metadata=_help(
+        "gate reward guard: the largest drop of the mean reward below the served version's replies to the same guard "
+        "prompts that is tolerated (with reward_guard; paired prompt by prompt, the SE in the refusal). The bar "
+        "against the reference (max_reward_drop) bounds where a run may end up; this one bounds each step, so a "
+        "version does not spend what the served one kept (on the criteria loop a version 0.021 below the served one "
+        "and 0.019 below the reference was served, and lost the quality target, docs/loop.md). Two versions a few "
+        "steps apart sample alike replies under the same seeds, so their difference is read more tightly than "
+        "either's against the reference. Negative disables (the default)"))
     criteria_guard: bool = field(default=False, metadata=_help(
         "gate criteria guard: the rule criteria a held-out record names (criteria feedback records carry "
         "criterion:name@version) judge the guard's reply to its prompt and the reference policy's, and a version "
@@ -249,6 +257,8 @@ class DPOSettings:
                 "never read more prompts than guard_prompts)")
         require(math.isfinite(self.max_reward_drop) and self.max_reward_drop >= 0, "max_reward_drop",
                 f"must be a finite number >= 0 in the reward model's units, got {self.max_reward_drop}")
+        require(math.isfinite(self.max_reward_giveback), "max_reward_giveback",
+                f"must be a finite number in the reward model's units (negative disables), got {self.max_reward_giveback}")
         require(not self.reward_guard or is_valid_name(self.reward_guard), "reward_guard",
                 f"{self.reward_guard!r} is not a model name; give the registry name of a served reward model "
                 "(letters, digits, '.', '_' or '-') or leave it empty to turn the reward guard off")

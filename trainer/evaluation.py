@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class EvalResult:
     # Empty for objectives that generate nothing.
     replies: tuple[str, ...] = ()
     replies_key: str = ""
+    # The reward guard's judge score of each of those replies, in their order (empty without the guard): the
+    # gate pairs a candidate's with the served version's, prompt by prompt, when both answer the same digest.
+    rewards: tuple[float, ...] = ()
 
     def to_dict(self, *, outcomes: bool = True) -> dict[str, Any]:
         """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them) and the guard
@@ -96,6 +100,8 @@ class EvalResult:
             d["outcomes"] = self.outcomes
             if self.replies_key:
                 d["replies"], d["replies_key"] = list(self.replies), self.replies_key
+                if self.rewards:
+                    d["rewards"] = list(self.rewards)
         if self.metrics:
             d["metrics"] = dict(self.metrics)
         return d
@@ -128,11 +134,16 @@ class EvalResult:
 
 
 def _replies_of(d: Mapping[str, Any]) -> dict[str, Any]:
-    """The guard replies of checkpoint metadata, or none when they are missing or malformed."""
-    replies, key = d.get("replies"), d.get("replies_key")
-    if isinstance(key, str) and key and isinstance(replies, list) and all(isinstance(r, str) for r in replies):
-        return {"replies": tuple(replies), "replies_key": key}
-    return {}
+    """The guard replies of checkpoint metadata (with their rewards when there is one number per reply), or
+    none when they are missing or malformed."""
+    replies, key, rewards = d.get("replies"), d.get("replies_key"), d.get("rewards")
+    if not (isinstance(key, str) and key and isinstance(replies, list) and all(isinstance(r, str) for r in replies)):
+        return {}
+    out: dict[str, Any] = {"replies": tuple(replies), "replies_key": key}
+    if (isinstance(rewards, list) and len(rewards) == len(replies)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in rewards)):
+        out["rewards"] = tuple(float(x) for x in rewards)
+    return out
 
 
 def fingerprint(records: Sequence[PreferenceRecord]) -> str:

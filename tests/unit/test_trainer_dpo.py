@@ -32,7 +32,7 @@ from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
 from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    criterion_rates, rate_difference_se, violation_givebacks, violation_rise,
+                                    criterion_rates, reward_giveback, rate_difference_se, violation_givebacks, violation_rise,
                                     words_within_limits)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
@@ -356,6 +356,47 @@ def test_reward_guard_refuses_a_version_the_reward_model_calls_worse_than_the_re
     assert lenient.guard(judged(0.08, 0.02)) == ""
 
 
+def with_rewards(rewards: list[float], key: str = "k") -> EvalResult:
+    """A version's evaluation whose guard replies (answering digest ``key``) the judge scored ``rewards``."""
+    result = judged(0.0, 0.02, mean=sum(rewards) / len(rewards))
+    return dataclasses.replace(result, replies=tuple(f"reply {i}" for i in range(len(rewards))), replies_key=key,
+                               rewards=tuple(rewards))
+
+
+def test_reward_giveback_pairs_the_served_version_s_scores_prompt_by_prompt() -> None:
+    served = with_rewards([0.5, 0.4, 0.3, 0.6])
+    drop, se = reward_giveback(with_rewards([0.4, 0.3, 0.3, 0.4]), served)  # differences 0.1, 0.1, 0.0, 0.2
+    assert drop == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.02 / 3 / 4))
+    assert reward_giveback(with_rewards([0.6, 0.5, 0.4, 0.7]), served) == pytest.approx((-0.1, 0.0))
+    # nothing to pair: nothing served, no scores, other prompts or sampling, a judge that scored fewer replies
+    assert reward_giveback(with_rewards([0.4] * 4), None) is None
+    assert reward_giveback(judged(0.0, 0.02), served) is None
+    assert reward_giveback(with_rewards([0.4] * 4, key="other"), served) is None
+    assert reward_giveback(with_rewards([0.4] * 3), served) is None
+
+
+def test_reward_guard_refuses_a_version_that_spends_the_reward_the_served_version_kept(tmp_path, tiny_base) -> None:
+    # the bench's v5: 0.019 below the reference (within max_reward_drop 0.02), 0.021 below the served v4
+    objective = DPOObjective(config(tmp_path, tiny_base, reward_guard="judge", max_reward_drop=0.02,
+                                    max_reward_giveback=0.01))
+    served = with_rewards([0.5, 0.4, 0.3, 0.6])
+    assert objective.guard(with_rewards([0.49, 0.39, 0.3, 0.6]), served) == ""  # within the step's tolerance
+    assert objective.guard(with_rewards([0.4, 0.3, 0.3, 0.4]), served) == (
+        "reward guard: judge scores the replies to 4 held-out prompts 0.1000 lower than the served version's "
+        "(SE of the paired difference 0.0408); max_reward_giveback is 0.01")
+    assert objective.guard(with_rewards([0.4, 0.3, 0.3, 0.4]), None) == ""  # nothing served: the reference's bar
+    doubting = DPOObjective(config(tmp_path, tiny_base, reward_guard="judge", max_reward_drop=0.02,
+                                   max_reward_giveback=0.01, doubt_z=1.0))
+    close = with_rewards([0.45, 0.4, 0.3, 0.6])  # 0.0125 below, SE 0.0125: over the tolerance within its noise
+    assert doubting.guard(close, served) == ""
+    assert doubting.unjudged(close, served).startswith("in doubt, not judged yet: reward guard: judge scores the "
+                                                       "replies to 4 held-out prompts 0.0125 lower than the served")
+    off = DPOObjective(config(tmp_path, tiny_base, reward_guard="judge", max_reward_drop=0.02))  # negative: off
+    assert off.guard(with_rewards([0.4, 0.3, 0.3, 0.4]), served) == ""
+    with pytest.raises(ValueError, match="max_reward_giveback"):
+        config(tmp_path, tiny_base, max_reward_giveback=math.nan)
+
+
 class LengthJudge:
     """A stand-in for the served reward model: longer replies score higher; its version can change."""
 
@@ -394,7 +435,8 @@ def test_guard_metrics_score_the_replies_and_the_reference_s_with_the_served_rew
     assert m["reward_drop"] == pytest.approx(0.0) and m["reward_drop_se"] == pytest.approx(0.0)
     assert m["mean_reward"] == pytest.approx(m["mean_words"] / 10)
     assert len(judge.calls) == 1 and len(judge.calls[0]) == 6  # the candidate's replies and the reference's, at once
-    objective.evaluate(learner.model, held_out)
+    result = objective.evaluate(learner.model, held_out)
+    assert result.rewards == pytest.approx([len(r.split()) / 10 for r in result.replies])  # kept for the served bar
     assert len(judge.calls) == 2 and judge.calls[1] == judge.calls[0]  # the reference's replies are kept, not redrawn
     chosen = list(objective._guard_ids)
     more = distinct(6)

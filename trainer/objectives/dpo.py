@@ -174,6 +174,17 @@ def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[f
     return drop, se or 0.0
 
 
+def reward_giveback(result: EvalResult, served: EvalResult | None) -> tuple[float, float] | None:
+    """How much lower the reward guard's judge scores a version's guard replies than the served version's
+    replies to the same prompts (negative: higher), paired prompt by prompt, and the standard error of that
+    mean difference; None unless both carry one score per reply and their replies answer the same prompts
+    with the same sampling (the same ``replies_key``)."""
+    if (served is None or not result.rewards or not result.replies_key or result.replies_key != served.replies_key
+            or len(result.rewards) != len(served.rewards)):
+        return None
+    return reward_drop(result.rewards, served.rewards)
+
+
 def violation_rise(breaks: Sequence[tuple[bool | None, bool | None]]) -> dict[str, float]:
     """The criteria guard's numbers from (candidate breaks, reference breaks) per guard prompt, None where the
     prompt's record names no rule criterion: the share of the candidate's replies that break them
@@ -566,11 +577,14 @@ class DPOObjective(Objective):
         }
         # Both sets of replies in one call, so one version of the judge scores them (a few ms for a small
         # reward model; the reference's replies are kept, their scores are not).
+        kept: dict[str, Any] = {"replies": tuple(replies), "replies_key": digest}
         judged = self.judge.score(prompts * 2, replies + reference) if self.judge is not None else None
         if judged is not None:
             rewards = judged[1]
-            drop, se = reward_drop(rewards[:len(replies)], rewards[len(replies):])
-            out.update(mean_reward=statistics.fmean(rewards[:len(replies)]), reward_drop=drop, reward_drop_se=se)
+            own = tuple(rewards[:len(replies)])
+            drop, se = reward_drop(own, rewards[len(replies):])
+            out.update(mean_reward=statistics.fmean(own), reward_drop=drop, reward_drop_se=se)
+            kept["rewards"] = own
         if self.criteria is not None:
             broken = [self.criteria.broken(g, a) for g, a in zip(held, replies)]
             out.update(criterion_rates(broken))
@@ -579,7 +593,7 @@ class DPOObjective(Objective):
             limits = [self.criteria.word_limit(g) for g in held]
             if any(n is not None for n in limits):
                 out["reference_words_within_limit"] = words_within_limits(reference, limits)
-        return out, {"replies": tuple(replies), "replies_key": digest}
+        return out, kept
 
     guards = True
 
@@ -641,6 +655,14 @@ class DPOObjective(Objective):
                    f"prompts {m['reward_drop']:.4f} lower than the reference policy's (mean {m['mean_reward']:.4f}, "
                    f"SE of the paired difference {m['reward_drop_se']:.4f}); max_reward_drop is {d.max_reward_drop}"), \
                 self._doubtful(m["reward_drop"] - d.max_reward_drop, m["reward_drop_se"])
+        # ... and against the served version's replies to the same prompts: a version may not spend the reward
+        # the served one kept, a step at a time, while the bar above (the reference) still lets it through
+        given = reward_giveback(result, served) if d.max_reward_giveback >= 0 else None
+        if given is not None and given[0] > d.max_reward_giveback + 1e-12:
+            yield (f"reward guard: {d.reward_guard} scores the replies to {len(result.rewards)} held-out prompts "
+                   f"{given[0]:.4f} lower than the served version's (SE of the paired difference {given[1]:.4f}); "
+                   f"max_reward_giveback is {d.max_reward_giveback}"), \
+                self._doubtful(given[0] - d.max_reward_giveback, given[1])
         if not d.criteria_guard:  # the rates are recorded as gate metrics; only the criteria guard judges by them
             return
         if "violation_rise" in m and m["violation_rise"] > d.max_violation_rise + 1e-12:
