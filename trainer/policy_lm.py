@@ -215,17 +215,13 @@ class SequenceLogps(nn.Module):
     def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
         """Summed response-token log-probs of one length group. ids, att, resp: (b, t) -> (b,)"""
         if self._packed:
-            keep = torch.zeros_like(resp)  # (b, t): position t predicts token t + 1
-            keep[:, :-1] = resp[:, 1:]
-            try:
-                logits = self.model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
-            except TypeError:  # this architecture has no logits_to_keep
-                self._packed = False
-            else:
+            keep = predicting(resp)
+            logits = packed_logits(self.model, ids, att, keep)
+            if logits is not None:
                 labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
                 rows = keep.nonzero()[:, 0]  # (M,)
-                return packed_sequence_logps(logits.reshape(labels.shape[0], -1), labels, rows, ids.shape[0],
-                                             self.temperature)
+                return packed_sequence_logps(logits, labels, rows, ids.shape[0], self.temperature)
+            self._packed = False
         logits = self.model(input_ids=ids, attention_mask=att).logits  # (b, t, V)
         return sequence_logps(logits, ids, resp, self.temperature)[0]
 
@@ -243,6 +239,23 @@ class SequenceLogps(nn.Module):
         inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
         counts = response_mask[:, 1:].sum(-1).to(sums[0].dtype)  # (B,) the first token has no prediction
         return torch.cat(sums)[inverse], counts  # (B,), (B,) in the batch's order
+
+
+def predicting(resp: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits predict a response token (position t predicts token t + 1). (b, t) -> (b, t)"""
+    keep = torch.zeros_like(resp, dtype=torch.bool)
+    keep[:, :-1] = resp[:, 1:]
+    return keep
+
+
+def packed_logits(model: nn.Module, ids: torch.Tensor, att: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """The model's logits at the ``keep`` positions only, packed in row-major order ``# (M, V)``, or None for
+    an architecture without ``logits_to_keep`` (the caller then takes the full logits)."""
+    try:
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+    except TypeError:
+        return None
+    return logits.reshape(int(keep.sum()), -1)
 
 
 @contextmanager
@@ -508,10 +521,22 @@ class TrainablePolicy:
             for rows in sub_batches(lengths, self.spec.max_tokens_per_forward):
                 width = int(lengths[rows[0]])
                 ids, att = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]  # (b, t)
-                mask = batch.response_mask[rows, 1:width]  # (b, t-1): logit position t scores token t+1
-                pol = self.model(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
+                keep = predicting(batch.response_mask[rows, :width].bool())  # (b, t)
+                if not keep.any():
+                    continue
+                # Only the positions that predict a reply token reach the LM head and the softmaxes, packed
+                # as one row (the prompt's positions were most of the KL's time on a 49k vocabulary).
+                pol = packed_logits(self.model, ids, att, keep)
                 with self._reference_model() as ref:
-                    refl = ref(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
+                    refl = packed_logits(ref, ids, att, keep) if pol is not None else None
+                if pol is not None and refl is not None:
+                    pol, refl = pol[None], refl[None]  # (1, M, V)
+                    mask = torch.ones(1, pol.shape[1], dtype=torch.bool, device=pol.device)
+                else:  # no logits_to_keep: the full logits, masked
+                    pol = self.model(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
+                    with self._reference_model() as ref:
+                        refl = ref(input_ids=ids, attention_mask=att).logits[:, :-1]  # (b, t-1, V)
+                    mask = keep[:, :-1]  # (b, t-1): logit position t scores token t+1
                 if mask.any():
                     n = int(mask.sum())
                     total += float(mean_token_kl(pol, refl, mask)) * n

@@ -108,6 +108,29 @@ def test_a_dpo_step_moves_only_the_adapter_and_the_loss_falls(tiny_base: Path) -
     assert policy.token_kl(PROMPTS, CHOSEN) > 0
 
 
+def test_the_kl_reads_the_reply_positions_alone_and_equals_the_full_logits_kl(tiny_base: Path, monkeypatch) -> None:
+    """token_kl projects to the vocabulary only where a reply token is predicted (logits_to_keep); an
+    architecture without it gets the full logits, masked, and the same number."""
+    from trainer import policy_lm
+    from trainer.dpo_losses import mean_token_kl
+
+    policy = TrainablePolicy.from_base(tiny_base, max_length=128)
+    torch.manual_seed(0)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    batch = policy.encode(PROMPTS, CHOSEN)
+    policy.model.eval()  # token_kl reads in eval mode: no adapter dropout
+    with torch.no_grad():
+        full = policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        with policy.model.disable_adapter():
+            ref = policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    expected = float(mean_token_kl(full, ref, batch.response_mask[:, 1:]))
+    assert expected > 0 and policy.token_kl(PROMPTS, CHOSEN) == pytest.approx(expected, rel=1e-5)
+    monkeypatch.setattr(policy_lm, "packed_logits", lambda *a: None)  # no logits_to_keep
+    assert policy.token_kl(PROMPTS, CHOSEN) == pytest.approx(expected, rel=1e-5)
+
+
 def test_the_response_mask_covers_exactly_the_assistant_turn(tiny_base: Path) -> None:
     policy = TrainablePolicy.from_base(tiny_base, max_length=128)
     tok = policy.tokenizer
