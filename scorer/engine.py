@@ -497,12 +497,12 @@ class ServingEngine:
                              request_id=query.request_id, usage=usage, criteria=outcome.refs)
 
 
-
 def _generate_result(query: GenerateQuery, decoded: Decoded, ref: ModelRef) -> GenerateResult:
     """A request's completions as the Generate answer, every choice from version ``ref``."""
     choices = tuple(GenerationChoice(c.index, c.text, c.finish_reason or "length", c.completion_tokens)
                     for c in decoded.completions)
     return GenerateResult(choices=choices, model=ref, usage=Usage(decoded.prompt_tokens, decoded.completion_tokens),
                           request_id=query.request_id)
+
 
 __all__ = ["ModelSlot", "PolicyRunner", "RewardRunner", "ServingEngine"]

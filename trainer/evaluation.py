@@ -82,9 +82,11 @@ class EvalResult:
     # Empty for objectives that generate nothing.
     replies: tuple[str, ...] = ()
     replies_key: str = ""
-    # The reward guard's judge score of each of those replies, in their order (empty without the guard): the
-    # gate pairs a candidate's with the served version's, prompt by prompt, when both answer the same digest.
+    # The reward guard's judge score of each of those replies, in their order (empty without the guard), and
+    # the judge that gave them (name@version): the gate pairs a candidate's with the served version's, prompt
+    # by prompt, when both answer the same digest and were scored by the same judge.
     rewards: tuple[float, ...] = ()
+    rewards_judge: str = ""
 
     def to_dict(self, *, outcomes: bool = True) -> dict[str, Any]:
         """Checkpoint metadata keeps the per-pair ``outcomes`` (the gate pairs on them) and the guard
@@ -101,7 +103,7 @@ class EvalResult:
             if self.replies_key:
                 d["replies"], d["replies_key"] = list(self.replies), self.replies_key
                 if self.rewards:
-                    d["rewards"] = list(self.rewards)
+                    d["rewards"], d["rewards_judge"] = list(self.rewards), self.rewards_judge
         if self.metrics:
             d["metrics"] = dict(self.metrics)
         return d
@@ -134,15 +136,16 @@ class EvalResult:
 
 
 def _replies_of(d: Mapping[str, Any]) -> dict[str, Any]:
-    """The guard replies of checkpoint metadata (with their rewards when there is one number per reply), or
-    none when they are missing or malformed."""
-    replies, key, rewards = d.get("replies"), d.get("replies_key"), d.get("rewards")
+    """The guard replies of checkpoint metadata (with their rewards and judge when there is one number per
+    reply), or none when they are missing or malformed."""
+    replies, key, rewards, judge = d.get("replies"), d.get("replies_key"), d.get("rewards"), d.get("rewards_judge")
     if not (isinstance(key, str) and key and isinstance(replies, list) and all(isinstance(r, str) for r in replies)):
         return {}
     out: dict[str, Any] = {"replies": tuple(replies), "replies_key": key}
     if (isinstance(rewards, list) and len(rewards) == len(replies)
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in rewards)):
         out["rewards"] = tuple(float(x) for x in rewards)
+        out["rewards_judge"] = judge if isinstance(judge, str) else ""
     return out
 
 

@@ -31,9 +31,9 @@ from trainer.gate import Decision
 from trainer.learner import Learner
 from trainer.loop import ContinualTrainer
 from trainer.objectives import objective_for
-from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, repetition_rate, reply_shrink, reward_drop,
-                                    criterion_rates, reward_giveback, rate_difference_se, violation_givebacks, violation_rise,
-                                    words_within_limits)
+from trainer.objectives.dpo import (ADAPTER_DIR, REF_FILE, DPOObjective, criterion_rates, rate_difference_se,
+                                    repetition_rate, reply_shrink, reward_drop, reward_giveback, violation_givebacks,
+                                    violation_rise, words_within_limits)
 from trainer.replay import ReservoirBuffer
 from trainer.runtime import build_learner
 from trainer.stream import ListSource
@@ -356,11 +356,11 @@ def test_reward_guard_refuses_a_version_the_reward_model_calls_worse_than_the_re
     assert lenient.guard(judged(0.08, 0.02)) == ""
 
 
-def with_rewards(rewards: list[float], key: str = "k") -> EvalResult:
-    """A version's evaluation whose guard replies (answering digest ``key``) the judge scored ``rewards``."""
+def with_rewards(rewards: list[float], key: str = "k", judge: str = "judge@v1") -> EvalResult:
+    """A version's evaluation whose guard replies (answering digest ``key``) ``judge`` scored ``rewards``."""
     result = judged(0.0, 0.02, mean=sum(rewards) / len(rewards))
     return dataclasses.replace(result, replies=tuple(f"reply {i}" for i in range(len(rewards))), replies_key=key,
-                               rewards=tuple(rewards))
+                               rewards=tuple(rewards), rewards_judge=judge)
 
 
 def test_reward_giveback_pairs_the_served_version_s_scores_prompt_by_prompt() -> None:
@@ -373,6 +373,7 @@ def test_reward_giveback_pairs_the_served_version_s_scores_prompt_by_prompt() ->
     assert reward_giveback(judged(0.0, 0.02), served) is None
     assert reward_giveback(with_rewards([0.4] * 4, key="other"), served) is None
     assert reward_giveback(with_rewards([0.4] * 3), served) is None
+    assert reward_giveback(with_rewards([0.4] * 4, judge="judge@v2"), served) is None  # the judge moved on
 
 
 def test_reward_guard_refuses_a_version_that_spends_the_reward_the_served_version_kept(tmp_path, tiny_base) -> None:
@@ -437,6 +438,7 @@ def test_guard_metrics_score_the_replies_and_the_reference_s_with_the_served_rew
     assert len(judge.calls) == 1 and len(judge.calls[0]) == 6  # the candidate's replies and the reference's, at once
     result = objective.evaluate(learner.model, held_out)
     assert result.rewards == pytest.approx([len(r.split()) / 10 for r in result.replies])  # kept for the served bar
+    assert result.rewards_judge == "judge@v1"  # with the judge that gave them
     assert len(judge.calls) == 2 and judge.calls[1] == judge.calls[0]  # the reference's replies are kept, not redrawn
     chosen = list(objective._guard_ids)
     more = distinct(6)

@@ -199,7 +199,7 @@ def test_eval_result_round_trips_through_metadata() -> None:
     spoken = dataclasses.replace(r, replies=("a", ""), replies_key="k1")  # a policy's guard replies travel too
     assert EvalResult.from_dict(json.loads(json.dumps(spoken.to_dict()))) == spoken
     assert EvalResult.from_dict({**spoken.to_dict(), "replies": [1, 2]}).replies == ()  # malformed: dropped
-    scored = dataclasses.replace(spoken, rewards=(0.25, -1.5))  # and the judge's score of each
+    scored = dataclasses.replace(spoken, rewards=(0.25, -1.5), rewards_judge="reward@v3")  # and the judge's scores
     assert EvalResult.from_dict(json.loads(json.dumps(scored.to_dict()))) == scored
     assert EvalResult.from_dict({**scored.to_dict(), "rewards": [0.25]}).rewards == ()  # one per reply, or none
     assert "rewards" not in scored.to_dict(outcomes=False)

@@ -177,10 +177,11 @@ def reward_drop(rewards: Sequence[float], reference: Sequence[float]) -> tuple[f
 def reward_giveback(result: EvalResult, served: EvalResult | None) -> tuple[float, float] | None:
     """How much lower the reward guard's judge scores a version's guard replies than the served version's
     replies to the same prompts (negative: higher), paired prompt by prompt, and the standard error of that
-    mean difference; None unless both carry one score per reply and their replies answer the same prompts
-    with the same sampling (the same ``replies_key``)."""
+    mean difference; None unless both carry one score per reply, their replies answer the same prompts with
+    the same sampling (the same ``replies_key``) and the same judge version scored them (a served evaluation
+    kept from before the reward model moved on is not paired with a newer judge's scores)."""
     if (served is None or not result.rewards or not result.replies_key or result.replies_key != served.replies_key
-            or len(result.rewards) != len(served.rewards)):
+            or len(result.rewards) != len(served.rewards) or result.rewards_judge != served.rewards_judge):
         return None
     return reward_drop(result.rewards, served.rewards)
 
@@ -584,7 +585,7 @@ class DPOObjective(Objective):
             own = tuple(rewards[:len(replies)])
             drop, se = reward_drop(own, rewards[len(replies):])
             out.update(mean_reward=statistics.fmean(own), reward_drop=drop, reward_drop_se=se)
-            kept["rewards"] = own
+            kept.update(rewards=own, rewards_judge=judged[0])
         if self.criteria is not None:
             broken = [self.criteria.broken(g, a) for g, a in zip(held, replies)]
             out.update(criterion_rates(broken))
