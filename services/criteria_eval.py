@@ -63,11 +63,13 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
                   "its shortest, else one length-matched pair"),
     "trim_bracket": ("trim_next's pairs, and the passing reply the tie breaker ranks highest over the one it ranks "
                      "lowest"),
+    "trim_step": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later and over "
+                  "its prefix one sentence shorter, else one length-matched pair"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
-TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket")
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -560,6 +562,13 @@ def preferences_from_scores(
     the criteria leave to the tie breaker, and with the HH reward model it mostly prefers the fuller
     reply, so replies far under a word limit are pulled back up while a cut stops them running over.
 
+    ``mode="trim_step"``: ``trim_next`` with the second pair's rejected reply the chosen one's prefix one
+    sentence shorter (the reply's longest passing prefix but one) instead of its shortest, so the two pairs
+    bracket one end, the last sentence that fits, a sentence either side.  Why: in ``trim_next`` the end
+    after the longest passing prefix is lifted in both pairs and the only sooner end it lowers is the
+    first sentence's, and its policies stopped after two or three sentences at every length, losing the
+    reward model's quality (docs/loop.md); here a sentence too soon is refused as a sentence too late is.
+
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
     a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
@@ -599,13 +608,15 @@ def preferences_from_scores(
         groups.append(chosen)
     elif mode in TRIM_MODES and (cut := _trimmed(ranked, key, replies, trim)) is not None:
         reply, prefixes = cut
-        for prefix in {prefixes[-1]: None, prefixes[0]: None}:  # the longest, then the shortest
+        # the longest, then the shortest (trim_step: the one a sentence shorter than the longest)
+        earlier = prefixes[-2] if mode == "trim_step" and len(prefixes) > 1 else prefixes[0]
+        for prefix in {prefixes[-1]: None, earlier: None}:
             texts.append(prefix)  # a passing prefix scores 1 on every criterion, so 1 combined
             combined.append(1.0)
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         later = reply
-        if mode in ("trim_next", "trim_bracket") and (cut_later := next(
+        if mode in ("trim_next", "trim_bracket", "trim_step") and (cut_later := next(
                 (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
             later = len(texts)
             texts.append(cut_later)

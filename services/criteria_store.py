@@ -371,6 +371,7 @@ class CriteriaStore:
         pair's chosen reply over its class's tie-breaker-weakest one; ``trim``, a failing reply's longest passing sentence prefix
         over it and over its shortest one; ``trim_next``, the same with the first pair's rejected reply cut one
         sentence later; ``trim_bracket``, those and the tie breaker's best passing reply over its worst;
+        ``trim_step``, ``trim_next`` with the second pair's rejected reply the prefix one sentence shorter;
         ``ranking``, every distinct reply, for the Plackett-Luce loss; see
         :func:`services.criteria_eval.preferences_from_scores`).  A criterion's own setting wins over the project's."""
         validate_name(project, "project")

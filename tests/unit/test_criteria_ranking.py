@@ -391,6 +391,28 @@ def test_trim_bracket_adds_the_tie_breaker_s_best_passing_reply_over_its_worst()
     assert two == [(full, "Boil it.")]  # the matched pair needs similar lengths; the bracket pair does not
 
 
+def test_trim_step_refuses_the_end_a_sentence_too_soon_as_trim_next_refuses_one_too_late() -> None:
+    from services.criteria_eval import prefix_trimmer, preferences_from_scores
+
+    trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
+    runaway = "Boil water. Add pasta. Salt it well. Stir it now and then. Drain it after ten minutes."
+    replies, scores, tb = ["Boil it.", runaway], [1.0, 0.0], [0.1, 0.9]
+    out = [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_step", trim=trim)]
+    longest = "Boil water. Add pasta. Salt it well. Stir it now and then."  # 11 words; the whole reply has 16
+    # the longest passing prefix over the reply cut a sentence later, and over itself a sentence shorter
+    assert out == [(longest, runaway), (longest, "Boil water. Add pasta. Salt it well.")]
+    # trim_next's second pair goes down to the first sentence instead
+    nxt = [r.ranked_responses for r in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_next", trim=trim)]
+    assert nxt == [(longest, runaway), (longest, "Boil water.")]
+    # one passing prefix: the one pair; nothing to cut: the matched pair, as trim_next
+    one = "Boil salted water now. Then add the pasta and stir it for ten minutes."
+    assert [r.ranked_responses for r in preferences_from_scores(PROMPT, ["Boil it.", one], scores, tb,
+                                                                mode="trim_step", trim=trim)] == \
+        [("Boil salted water now.", one)]
+    assert [x.ranked_responses for x in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_step")] == \
+        _pairs(replies, scores, tb, "matched")
+
+
 def _trim_or_matched(replies, scores, tb, trim) -> list[tuple[str, ...]]:
     from services.criteria_eval import preferences_from_scores
 
