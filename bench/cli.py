@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "loop-quality": "bench.loop_quality",
     "criteria-loop": "bench.criteria_loop",
     "criteria-ceiling": "bench.criteria_ceiling",
+    "criteria-frontier": "bench.criteria_frontier",
     "stop-hazard": "bench.stop_hazard",
     "chaos": "bench.chaos",
     "scale": "bench.scale",

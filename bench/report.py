@@ -87,6 +87,29 @@ def _policy_swaps(r: dict[str, Any]) -> str:
     return out
 
 
+def _frontier(r: dict[str, Any]) -> str:
+    """"cut >= 0.77: 9 checkpoints, median reward drop 0.047, 4 within 0.02 (0 read on >= 24 prompts)"..."""
+    if not isinstance(r.get("bins"), list):
+        return "-"
+    top = next((b for b in r["bins"] if b.get("cut_from") == r.get("target_cut")), None)
+    head = f"{_fmt(r.get('checkpoints'))} first-criterion checkpoints of {_fmt(r.get('runs'))} runs"
+    if top is None:
+        return f"{head}; none reached a cut of {_fmt(r.get('target_cut'))}" + _length_fit(r.get("length_fit"))
+    return (f"{head}; a guard-set cut >= {_fmt(r.get('target_cut'))}: {top['checkpoints']}, median reward drop "
+            f"{_fmt(top['median_reward_drop'])} ({_fmt(top['median_words'], 2)} words), "
+            f"{len(r.get('target_cut_within_reward_bar') or [])} within {_fmt(r.get('reward_bar'))} "
+            f"({_fmt(r.get('target_cut_within_reward_bar_on_min_guard_prompts'))} read on >= "
+            f"{_fmt(r.get('min_guard_prompts'))} prompts)" + _length_fit(r.get("length_fit")))
+
+
+def _length_fit(fit: dict[str, Any] | None) -> str:
+    if not fit:
+        return ""
+    return (f"; the judge's drop follows the length (r {_fmt(fit['correlation'], 2)}, "
+            f"{_fmt(-fit['slope_per_word'], 2)} a word shorter; the bar is reached "
+            f"{_fmt(fit['words_shorter_at_reward_bar'], 2)} words under the reference)")
+
+
 def _gpu(r: dict[str, Any]) -> bool:
     return bool((r.get("machine") or {}).get("gpu"))
 
@@ -164,6 +187,9 @@ TARGETS: tuple[Target, ...] = (
                                                 ("a random reply", r["policies"]["random_candidate"])))
                      + f"; judge prefers the longer reply {_fmt(r.get('longer_preferred_share'))}"
            if isinstance(r.get("policies"), dict) else "-"),
+    Target("criteria-frontier", "bins", "what the gate read when a checkpoint cut the word limit (no target; "
+           "why criteria-loop's cut and quality targets pull apart)", "the reference policy on the same guard prompts",
+           lambda r: None, _frontier),
     Target("stop-hazard", "hazard_by_words", "where a policy ends its turn, by its reply's words so far (no target; "
            "why criteria-loop's policies got shorter everywhere)", "the base policy, at the same places of its own replies",
            lambda r: None, _hazards),
