@@ -40,14 +40,13 @@ def first_phase_checkpoints(result: Mapping[str, Any], source: str = "") -> list
     each with its guard-set ``cut`` (1 - violation rate / the reference's), ``reward_drop``, words,
     KL, guard prompts and the gate's verdict.  Checkpoints without a reward reading or whose reference
     kept every rule (no cut to measure) are left out."""
-    criteria = list(result.get("criteria") or [])
-    later = criteria[1:]
+    later = list(result.get("criteria") or [])[1:]
     out = []
     for version, m in sorted((result.get("gate_metrics") or {}).items()):
         if "reward_drop" not in m or any(f"criteria_prompts[{c}]" in m for c in later):
             continue
-        ref = m.get("reference_violation_rate")
-        rate = m.get(f"violation_rate[{criteria[0]}]", m.get("violation_rate")) if criteria else m.get("violation_rate")
+        # judged on one criterion, the version's and the reference's rates are that criterion's
+        rate, ref = m.get("violation_rate"), m.get("reference_violation_rate")
         if ref is None or rate is None or ref <= 0:
             continue
         words, ref_words = m.get("mean_words"), m.get("reference_mean_words")
@@ -56,6 +55,11 @@ def first_phase_checkpoints(result: Mapping[str, Any], source: str = "") -> list
                     "words_change": None if words is None or ref_words is None else words - ref_words,
                     "guard_prompts": int(m.get("guard_prompts", 0)), "state": m.get("state")})
     return out
+
+
+def _median(points: Iterable[Mapping[str, Any]], key: str) -> float | None:
+    values = [p[key] for p in points if p.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def frontier(points: Sequence[Mapping[str, Any]], target_cut: float, reward_bar: float,
@@ -69,15 +73,10 @@ def frontier(points: Sequence[Mapping[str, Any]], target_cut: float, reward_bar:
         inside = [p for p in points if lo <= p["cut"] < hi]
         if not inside:
             continue
-
-        def median(key: str, ps: Iterable[Mapping[str, Any]] = inside) -> float | None:
-            vals = [p[key] for p in ps if p.get(key) is not None]
-            return statistics.median(vals) if vals else None
-
         bins.append({"cut_from": None if lo == float("-inf") else lo, "cut_to": None if hi == float("inf") else hi,
-                     "checkpoints": len(inside), "median_reward_drop": median("reward_drop"),
+                     "checkpoints": len(inside), "median_reward_drop": _median(inside, "reward_drop"),
                      "within_reward_bar": sum(p["reward_drop"] <= reward_bar + 1e-12 for p in inside) / len(inside),
-                     "median_words": median("mean_words"), "median_kl_to_ref": median("kl_to_ref"),
+                     "median_words": _median(inside, "mean_words"), "median_kl_to_ref": _median(inside, "kl_to_ref"),
                      "checkpoints_on_min_guard_prompts": sum(p["guard_prompts"] >= min_guard_prompts for p in inside)})
     both = [dict(p) for p in points if p["cut"] >= target_cut and p["reward_drop"] <= reward_bar + 1e-12]
     return {"bins": bins, "target_cut_within_reward_bar": both,

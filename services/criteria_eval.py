@@ -70,6 +70,8 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
 TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step")
+#: The trim modes whose first pair rejects the reply cut one sentence later, not the whole reply.
+CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -616,7 +618,7 @@ def preferences_from_scores(
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         later = reply
-        if mode in ("trim_next", "trim_bracket", "trim_step") and (cut_later := next(
+        if mode in CUT_LATER_MODES and (cut_later := next(
                 (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
             later = len(texts)
             texts.append(cut_later)
@@ -678,7 +680,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CUT_LATER_MODES", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source", "record_criteria",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "mean_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",
