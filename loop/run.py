@@ -316,7 +316,7 @@ class LoopProcesses:
             "stack_run_dir": self.stack_dir, "model_kind": "policy", "model_name": cfg.policy_model,
             "checkpoint_url": self.checkpoints, "checkpoint_every_records": cfg.checkpoint_every_records,
             "checkpoint_every_s": 0, "lr": cfg.lr, "beta": cfg.beta, "dpo_loss": cfg.dpo_loss,
-            "sft_weight": cfg.sft_weight, "label_smoothing": cfg.label_smoothing, "temperature": cfg.trainer_temperature,
+            "sft_weight": cfg.sft_weight, "stop_anchor": cfg.stop_anchor, "label_smoothing": cfg.label_smoothing, "temperature": cfg.trainer_temperature,
             "finetune": cfg.finetune, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
             "lora_target_modules": cfg.lora_target_modules,
             "batch_size": cfg.batch_size, "max_tokens_per_backward": cfg.max_tokens_per_backward,

@@ -121,6 +121,11 @@ class DPOSettings:
         "tokens, so a short response's tokens weigh no more than a long one's) is added to the DPO-family loss, so "
         "the policy moves toward the replies it is shown rather than only away from the rejected ones; 0 = the loss "
         "alone"))
+    stop_anchor: float = field(default=0.0, metadata=_help(
+        "weight of a penalty on the policy ending its turn where a preferred reply goes on: at every position of "
+        "the chosen reply that is not its end, the rise of the end-of-turn probability over the reference's "
+        "(trainer.dpo_losses.stop_anchor_loss), summed over the reply and averaged over the records. A pair that "
+        "prefers a reply cut short teaches the stop where it was cut, not at every earlier sentence end; 0 = off"))
     temperature: float = field(default=1.0, metadata=_help(
         "the temperature the trained replies were sampled at: every log-prob (policy and reference, so the DPO "
         "margin and the NLL term) is read from softmax(logits / temperature), as TRL's online trainers read them at "
@@ -226,6 +231,8 @@ class DPOSettings:
                 f"applies to dpo_loss=sigmoid (conservative DPO), not to {self.dpo_loss}; set it to 0 or use sigmoid")
         require(self.sft_weight >= 0 and math.isfinite(self.sft_weight), "sft_weight",
                 f"must be a finite number >= 0, got {self.sft_weight} (0 turns the NLL term off)")
+        require(self.stop_anchor >= 0 and math.isfinite(self.stop_anchor), "stop_anchor",
+                f"must be a finite number >= 0, got {self.stop_anchor} (0 turns the anchor off)")
         require(0 < self.temperature <= 10 and math.isfinite(self.temperature), "temperature",
                 f"must be within (0, 10], got {self.temperature} (the sampling temperature of the trained replies; "
                 "greedy replies have none: use 1)")

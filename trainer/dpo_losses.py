@@ -112,10 +112,24 @@ def packed_sequence_logps(
     if logits.dim() != 2 or labels.shape != logits.shape[:1] or rows.shape != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be (M, V) with labels {tuple(labels.shape)} and rows "
                          f"{tuple(rows.shape)} both (M,)")
+    token_logps, _ = packed_token_logps(logits, labels, temperature)
+    return torch.zeros(num_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+
+
+def packed_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, also: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position log-probabilities of packed logits ``# (M, V)``: of each ``labels`` token ``# (M,)``
+    and, when ``also`` is a token id, of that one token at every position ``# (M,)`` (else None), read from
+    one ``log_softmax`` at ``temperature``.  ``also`` is how :func:`stop_anchor_loss` reads the
+    end-of-turn probability at every place a reply goes on."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (M, V) and labels {tuple(labels.shape)} (M,)")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    token_logps = torch.log_softmax(_tempered(logits, temperature), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (M,)
-    return torch.zeros(num_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    logps = torch.log_softmax(_tempered(logits, temperature), dim=-1)  # (M, V)
+    tokens = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (M,)
+    return tokens, (logps[:, also] if also is not None else None)
 
 
 def dpo_loss(
@@ -340,6 +354,40 @@ def kto_reference_point(policy_logps_mismatched: torch.Tensor, ref_logps_mismatc
     if policy_logps_mismatched.numel() == 0:
         raise ValueError("policy_logps_mismatched is empty: the reference point needs at least one pair")
     return (policy_logps_mismatched - ref_logps_mismatched).mean().clamp(min=0.0).detach()
+
+
+def stop_anchor_loss(
+    policy_stop_logps: torch.Tensor,
+    ref_stop_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How much more likely than the reference the policy is to end its turn where a preferred reply goes on.
+
+    ``anchor_b = Σ_t m_bt · max(0, π(stop | x, y_<t) − π_ref(stop | x, y_<t))``, then the (weighted) mean
+    over rows.  ``m`` marks the positions of the chosen replies that predict a token other than the stop
+    token: places the preferred reply did not end.  For small hazards the sum is the probability the
+    policy has gained of ending the reply before the chosen reply does, so a weight of 1 prices one unit
+    of that probability like one unit of the DPO loss.
+
+    Why: a pair whose chosen reply is the rejected one cut at a sentence end (the criteria loop's trim
+    pairings) raises the stop at that end and lowers every token after it; the policy generalises that to
+    "stop at any sentence end", sooner everywhere, and its replies shrink far under a word limit
+    (docs/loop.md, "Teaching where to stop").  The preference says nothing for stopping *earlier* than
+    the chosen reply, and this term says so: it leaves the stop free where the chosen reply ends and
+    above the reference nowhere it goes on.  One-sided: lowering the stop there costs nothing.
+    In probabilities, not log-probabilities: a mid-sentence stop of 1e-6 raised tenfold changes no reply.
+
+    policy_stop_logps, ref_stop_logps: ``# (B, T)`` log-probability of the stop token at each position;
+    mask: ``# (B, T)``; weights: ``# (B,)``.  Gradients flow to ``policy_stop_logps`` only.
+    """
+    _check_same_shape(policy_stop_logps=policy_stop_logps, ref_stop_logps=ref_stop_logps, mask=mask)
+    if policy_stop_logps.dim() != 2:
+        raise ValueError(f"policy_stop_logps {tuple(policy_stop_logps.shape)} must be (B, T)")
+    gain = (policy_stop_logps.float().exp() - ref_stop_logps.detach().float().exp()).clamp(min=0.0)  # (B, T)
+    per_row = torch.where(mask.bool(), gain, 0.0).sum(dim=-1)  # (B,)
+    return _weighted_mean(per_row, weights)
 
 
 def mean_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

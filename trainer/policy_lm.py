@@ -45,7 +45,7 @@ from torch import nn
 from services.errors import InvalidArgument
 from services.policy_model import SPEC_FILE, PolicyModel, PolicySpec, SamplingParams, ensure_plain_checkpoint
 from services.reward_model import DTYPES, resolve_model_path, role_content
-from trainer.dpo_losses import mean_token_kl, packed_sequence_logps, sequence_logps
+from trainer.dpo_losses import mean_token_kl, packed_token_logps
 
 log = logging.getLogger(__name__)
 
@@ -195,50 +195,69 @@ def sub_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 class SequenceLogps(nn.Module):
-    """``forward(batch tensors) -> (sum_logps (B,), n_tokens (B,))``: the unit DDP wraps.
+    """``forward(batch tensors) -> (sum_logps (B,), n_tokens (B,), stop_logps (B, T) | None)``: the unit DDP wraps.
 
     All sub-batches run inside one ``forward``, because DDP arms its gradient hooks once per call.
     The model projects to the vocabulary only at the positions that predict a response token
     (``logits_to_keep``): the prompt's positions never reach the LM head nor the ``log_softmax``, which
     on a 49k vocabulary are most of a small model's activation memory.  A model without
     ``logits_to_keep`` falls back to full logits.  ``temperature``: the log-probs are those of
-    ``softmax(logits / temperature)`` (:func:`trainer.dpo_losses.sequence_logps`).
+    ``softmax(logits / temperature)`` (:func:`trainer.dpo_losses.sequence_logps`).  ``stop_token``: when
+    set, the third output holds the log-probability of that token at every position that predicts a
+    response token (position t predicts token t + 1; 0 elsewhere), for
+    :func:`trainer.dpo_losses.stop_anchor_loss`; None otherwise.
     """
 
-    def __init__(self, model: nn.Module, max_tokens_per_forward: int, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, max_tokens_per_forward: int, temperature: float = 1.0,
+                 stop_token: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.max_tokens_per_forward = max_tokens_per_forward
         self.temperature = temperature
+        self.stop_token = stop_token
         self._packed = True
 
-    def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
-        """Summed response-token log-probs of one length group. ids, att, resp: (b, t) -> (b,)"""
+    def _rows(self, ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed response-token log-probs of one length group ``(b,)``, and the stop token's log-prob at
+        its ``predicting`` positions, packed in row-major order ``(M,)`` (None without a stop token).
+        ids, att, resp: (b, t)"""
+        keep = predicting(resp)
         if self._packed:
-            keep = predicting(resp)
             logits = packed_logits(self.model, ids, att, keep)
-            if logits is not None:
-                labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
-                rows = keep.nonzero()[:, 0]  # (M,)
-                return packed_sequence_logps(logits, labels, rows, ids.shape[0], self.temperature)
-            self._packed = False
-        logits = self.model(input_ids=ids, attention_mask=att).logits  # (b, t, V)
-        return sequence_logps(logits, ids, resp, self.temperature)[0]
+            if logits is None:
+                self._packed = False
+        if not self._packed:
+            logits = self.model(input_ids=ids, attention_mask=att).logits[keep]  # (M, V)
+        labels = ids[:, 1:][resp[:, 1:]]  # (M,) in the row-major order of keep
+        tokens, stop = packed_token_logps(logits, labels, self.temperature, self.stop_token)
+        rows = keep.nonzero()[:, 0]  # (M,)
+        return torch.zeros(ids.shape[0], dtype=tokens.dtype, device=tokens.device).index_add(0, rows, tokens), stop
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         lengths = attention_mask.sum(-1).tolist()  # (B,)
         response_mask = response_mask.bool()
-        sums, order = [], []
+        keep = predicting(response_mask)  # (B, T)
+        sums, order, stops = [], [], []
         for rows in sub_batches(lengths, self.max_tokens_per_forward):
             idx = torch.tensor(rows, device=input_ids.device)
             width = int(lengths[rows[0]])  # right-padded: the longest row's length covers the group
-            sums.append(self._rows(input_ids[idx, :width], attention_mask[idx, :width], response_mask[idx, :width]))
+            total, stop = self._rows(input_ids[idx, :width], attention_mask[idx, :width], response_mask[idx, :width])
+            sums.append(total)
             order.extend(rows)
+            if stop is not None:
+                at = keep[idx, :width].nonzero()  # (M, 2): row in the group, position
+                stops.append((idx[at[:, 0]], at[:, 1], stop))
         inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
         counts = response_mask[:, 1:].sum(-1).to(sums[0].dtype)  # (B,) the first token has no prediction
-        return torch.cat(sums)[inverse], counts  # (B,), (B,) in the batch's order
+        stop_logps = None
+        if self.stop_token is not None:
+            stop_logps = torch.zeros(input_ids.shape, dtype=sums[0].dtype, device=input_ids.device)  # (B, T)
+            for r, t, v in stops:
+                stop_logps = stop_logps.index_put((r, t), v)
+        return torch.cat(sums)[inverse], counts, stop_logps  # (B,), (B,), (B, T) | None in the batch's order
 
 
 def predicting(resp: torch.Tensor) -> torch.Tensor:
@@ -523,6 +542,26 @@ class TrainablePolicy:
         with torch.no_grad(), self._reference_model() as ref:
             return SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature)(
                 batch.input_ids, batch.attention_mask, batch.response_mask)[0]
+
+    @property
+    def stop_token(self) -> int | None:
+        """The token that ends a reply (the tokenizer's EOS, which the chat template closes the turn with)."""
+        return self.tokenizer.eos_token_id
+
+    def read_stops(self, on: bool) -> None:
+        """Make the training forward (:meth:`wrap`'s module) return the stop token's log-prob at every reply
+        position as its third output (:class:`SequenceLogps`), or stop doing so."""
+        if on and self.stop_token is None:
+            raise InvalidArgument("stop_anchor", "the policy's tokenizer has no EOS token to anchor; set stop_anchor to 0")
+        self._logps.stop_token = self.stop_token if on else None
+
+    def reference_stop_logps(self, batch: PolicyBatch) -> torch.Tensor:
+        """The reference's log-prob of :attr:`stop_token` at every position that predicts a reply token, 0
+        elsewhere, without gradient. # (B, T)"""
+        batch = batch.to(self.device)
+        with torch.no_grad(), self._reference_model() as ref:
+            return SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature, self.stop_token)(
+                batch.input_ids, batch.attention_mask, batch.response_mask)[2]
 
     def token_kl(self, prompts: Sequence[Sequence[Any]], replies: Sequence[str]) -> float:
         """Mean per-token ``KL(π‖π_ref)`` over the reply tokens (full vocabulary, exact), in nats."""

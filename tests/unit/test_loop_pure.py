@@ -159,7 +159,7 @@ def test_loop_config_defaults_layers_and_errors(tmp_path: Path) -> None:
                        ({"label_smoothing": 0.1, "dpo_loss": "ipo"}, "label_smoothing"), ({"dpo_loss": "nope"}, "dpo_loss"),
                        ({"pairing": "ranking"}, "pairing"), ({"pairing": "best"}, "pairing"),
                        ({"together": True, "keep_earlier": True}, "keep_earlier"),
-                       ({"train_temperature": -1}, "train_temperature")]:
+                       ({"train_temperature": -1}, "train_temperature"), ({"stop_anchor": -1}, "stop_anchor")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
         assert field in str(e.value)
@@ -210,7 +210,8 @@ def test_the_policy_trainer_gets_the_loops_gate_settings_through_its_environment
     assert cfg.gate.rollback_lr_factor == 1.0 and cfg.dpo.doubt_z == 1.0 and cfg.optim.warmup_steps == 10
     cfg = trainer()  # off by default, and the trainer's own rollback factor
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.gate.rollback_lr_factor) == (False, 1.0, 0.5)
-    assert cfg.dpo.doubt_z == 0.0 and cfg.optim.warmup_steps == 0
+    assert cfg.dpo.doubt_z == 0.0 and cfg.optim.warmup_steps == 0 and cfg.dpo.stop_anchor == 0.0
+    assert trainer(stop_anchor=5.0).dpo.stop_anchor == 5.0
     for bad, field in [({"max_violation_giveback": 1.5}, "max_violation_giveback"),
                        ({"rollback_lr_factor": 0}, "rollback_lr_factor"), ({"doubt_z": -1}, "doubt_z"),
                        ({"warmup_steps": -1}, "warmup_steps")]:

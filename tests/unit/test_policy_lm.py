@@ -22,6 +22,7 @@ from trainer.policy_lm import (
     PolicyTrainingSpec,
     RejectedResponses,
     TrainablePolicy,
+    predicting,
     sub_batches,
 )
 
@@ -211,6 +212,28 @@ def test_sub_batches_give_the_same_logps_as_one_forward(tiny_base: Path) -> None
     torch.testing.assert_close(whole.logps(batch), split.logps(batch), atol=1e-5, rtol=1e-5)
     with pytest.raises(InvalidArgument, match="max_tokens_per_forward"):
         PolicyTrainingSpec(base_model=str(tiny_base), max_length=128, max_tokens_per_forward=64)
+
+
+def test_the_forward_reads_the_stop_token_at_every_reply_position_when_asked(tiny_base: Path) -> None:
+    """With a stop token the training forward also returns log P(EOS) where each reply token is predicted
+    (the full logits' column there, 0 elsewhere), across sub-batches, and its sums are unchanged."""
+    policy = TrainablePolicy.from_base(tiny_base, max_length=64, max_tokens_per_forward=64)
+    batch = policy.encode(PROMPTS, REJECTED)
+    plain = policy.module(batch.input_ids, batch.attention_mask, batch.response_mask)
+    assert plain[2] is None
+    policy.read_stops(True)
+    sums, _, stops = policy.module(batch.input_ids, batch.attention_mask, batch.response_mask)
+    torch.testing.assert_close(sums, plain[0])
+    keep = predicting(batch.response_mask)
+    with torch.no_grad():
+        full = torch.log_softmax(policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                                 .logits.float(), dim=-1)[..., policy.stop_token]  # (B, T)
+    torch.testing.assert_close(stops[keep], full[keep], atol=1e-5, rtol=1e-5)
+    assert torch.all(stops[~keep] == 0) and stops.requires_grad
+    # A fresh adapter reads the reference's stops.
+    torch.testing.assert_close(policy.reference_stop_logps(batch), stops.detach(), atol=1e-6, rtol=1e-6)
+    policy.read_stops(False)
+    assert policy.module(batch.input_ids, batch.attention_mask, batch.response_mask)[2] is None
 
 
 def test_save_merged_is_a_plain_causal_lm_with_the_live_logits(tiny_base: Path, tmp_path: Path) -> None:

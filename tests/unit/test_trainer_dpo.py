@@ -159,6 +159,69 @@ def test_sft_weight_adds_the_chosen_nll_and_keeps_the_chosen_replies_likely(tmp_
     assert gains[1.0] > gains[0.0]
 
 
+def trim_records(n: int) -> list[PreferenceRecord]:
+    """Pairs whose chosen reply is the rejected one cut after its first sentence (the trim pairings)."""
+    long = ["Paris is the capital. It is a big city with many old streets and parks.",
+            "Blue is a colour. It is the colour of the sky on a clear summer day."]
+    return [PreferenceRecord(record_id=f"t{i}", prompt=(ChatMessage("user", f"question {i % 2}"),),
+                             ranked_responses=(long[i % 2].split(". ")[0] + ".", long[i % 2]), split="train",
+                             source_acked_at=1000.0 + i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def stopping_base(tiny_base, tmp_path_factory) -> Path:
+    """tiny_base with its EOS row turned toward the mean final hidden state, so that ending the turn has a
+    probability of a few percent at every position (the random model's is 1/vocabulary, 2e-5): a hazard
+    a trainer can move, as a real policy's is."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    ids = tok([trim_records(1)[0].ranked_responses[1]], return_tensors="pt").input_ids
+    with torch.no_grad():
+        mean = model(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        model.lm_head.weight[tok.eos_token_id] = 7.0 * mean / mean.norm() ** 2
+        hazard = torch.softmax(model(ids).logits[0], -1)[:, tok.eos_token_id]
+    assert 0.01 < float(hazard.mean()) < 0.3, hazard
+    d = tmp_path_factory.mktemp("stopping-llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, stopping_base) -> None:
+    """stop_anchor adds its weight times the rise of P(EOS) over the reference where the chosen reply does not
+    end: nothing at the start (the policy is its reference), and trained on trim pairs it keeps that rise
+    smaller than DPO alone does, while still learning the pairs."""
+    tiny_base = stopping_base
+    batch = trim_records(4)
+    anchored_cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", stop_anchor=5.0)
+    judge = objective_for(anchored_cfg)  # reads the anchor's metric on any policy
+    rises, accuracies = {}, {}
+    for weight in (0.0, 5.0):
+        cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", stop_anchor=weight)
+        objective = objective_for(cfg)
+        torch.manual_seed(0)
+        model = objective.load(str(tiny_base))
+        objective.admit(model, batch)
+        loss, metrics = objective.loss(objective.module(model), objective.batch(model, batch, None))
+        if weight:
+            assert metrics["stop_anchor"] == pytest.approx(0.0, abs=1e-6) and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-4)
+        else:
+            assert "stop_anchor" not in metrics
+        learner = Learner(objective, model, cfg)
+        for _ in range(10):
+            learner.train(batch)
+        model.read_stops(True)
+        judge.admit(model, batch)
+        with torch.no_grad():
+            _, after = judge.loss(objective.module(model), judge.batch(model, batch, None))
+        rises[weight], accuracies[weight] = after["stop_anchor"], after["pair_accuracy"]
+    assert rises[0.0] > 0.05, rises  # DPO alone raises the stop before the chosen reply's end
+    assert rises[5.0] < rises[0.0] / 2, rises
+    assert accuracies[5.0] == 1.0
+
+
 def test_a_micro_batch_over_the_backward_budget_trains_in_pieces_to_the_same_gradient(tmp_path, tiny_base) -> None:
     """max_tokens_per_backward bounds the activations one backward keeps; the weighted pieces add up to
     the whole micro-batch's gradient (Plackett-Luce over rankings of 3, replay-style weights)."""

@@ -54,7 +54,7 @@ from services.schemas import PreferenceRecord
 from services.stats import paired_difference
 from trainer.config import TrainerConfig
 from trainer.criteria_judge import RecordCriteria, any_broken
-from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss
+from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss, stop_anchor_loss
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.guard_set import GuardPrompt, load_guard_set
 from trainer.objectives.base import Batch, Objective
@@ -81,11 +81,18 @@ class RankingRows:
     ref: torch.Tensor  # (B, Kmax) reference log-probs, 0 where masked
     mask: torch.Tensor  # (B, Kmax) bool
     weights: torch.Tensor | None  # (B,)
+    #: with ``stop_anchor``: the reference's stop-token log-probs on every row, and the positions of the
+    #: chosen rows that predict a token other than the stop (where the preferred reply goes on)
+    ref_stops: torch.Tensor | None = None  # (N, T)
+    goes_on: torch.Tensor | None = None  # (N, T) bool, False on rows that are not a ranking's best
 
     def to(self, device: torch.device) -> "RankingRows":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device) if t is not None else None
+
         return RankingRows(self.rows.to(device), self.owner.to(device), self.position.to(device),
-                           self.ref.to(device), self.mask.to(device),
-                           self.weights.to(device) if self.weights is not None else None)
+                           self.ref.to(device), self.mask.to(device), move(self.weights),
+                           move(self.ref_stops), move(self.goes_on))
 
 
 def repetition_rate(text: str, n: int = 3) -> float:
@@ -267,6 +274,7 @@ class DPOObjective(Objective):
                                               max_tokens_per_forward=self.cfg.optim.max_tokens_per_forward,
                                               max_response_tokens=self.settings.max_response_tokens)
         model.logit_temperature = self.settings.temperature
+        model.read_stops(self.settings.stop_anchor > 0)
         return model
 
     def _base_if_moved(self, folder: Path) -> str | None:
@@ -298,7 +306,7 @@ class DPOObjective(Objective):
         c, d = self.cfg, self.settings
         return {
             "objective": "dpo", "dpo_loss": d.dpo_loss, "beta": d.beta, "label_smoothing": d.label_smoothing,
-            "sft_weight": d.sft_weight, "temperature": d.temperature,
+            "sft_weight": d.sft_weight, "stop_anchor": d.stop_anchor, "temperature": d.temperature,
             "finetune": d.finetune, "lora_rank": d.lora_rank, "lora_alpha": d.lora_alpha,
             "lora_dropout": d.lora_dropout, "lora_target_modules": list(d.lora_target_modules),
             "lr": c.optim.lr, "schedule": c.optim.schedule, "warmup_steps": c.optim.warmup_steps,
@@ -375,12 +383,29 @@ class DPOObjective(Objective):
         rows = model.encode(prompts, responses)
         data = RankingRows(rows, torch.tensor(owner), torch.tensor(position), ref, mask,
                            torch.tensor(list(weights), dtype=torch.float32) if weights is not None else None)
+        if self.settings.stop_anchor > 0:
+            data.ref_stops, data.goes_on = self._stop_anchor_rows(model, rows, data.position)
         padded = int(rows.input_ids.shape[0] * rows.input_ids.shape[1])
         return Batch(data, records=len(records), sequences=len(responses), padded_tokens=padded)
 
+    @staticmethod
+    def _stop_anchor_rows(model: TrainablePolicy, rows: PolicyBatch, position: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's stop log-probs ``(N, T)`` (read on the chosen rows only; 0 on the others) and the
+        positions where a chosen reply goes on ``(N, T)``: they predict a reply token that is not the stop."""
+        chosen = (position == 0).nonzero()[:, 0]  # (B,)
+        ids = rows.input_ids
+        goes_on = torch.zeros(ids.shape, dtype=torch.bool)
+        goes_on[:, :-1] = rows.response_mask[:, 1:] & (ids[:, 1:] != model.stop_token)
+        goes_on[position != 0] = False
+        sub = PolicyBatch(ids[chosen], rows.attention_mask[chosen], rows.response_mask[chosen])
+        ref_stops = torch.zeros(ids.shape, dtype=torch.float32)
+        ref_stops[chosen] = model.reference_stop_logps(sub).float().cpu()
+        return ref_stops, goes_on
+
     def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         data: RankingRows = batch.data
-        sums, counts = module(data.rows.input_ids, data.rows.attention_mask, data.rows.response_mask)  # (N,), (N,)
+        sums, counts, stops = module(data.rows.input_ids, data.rows.attention_mask, data.rows.response_mask)
         policy = torch.zeros(data.mask.shape, dtype=sums.dtype, device=sums.device)  # (B, Kmax)
         policy = policy.index_put((data.owner, data.position), sums)
         tokens = torch.ones(data.mask.shape, dtype=counts.dtype, device=counts.device)
@@ -402,6 +427,15 @@ class DPOObjective(Objective):
             nll = chosen_nll(policy[:, 0], tokens[:, 0].clamp(min=1), weights=data.weights)
             loss = loss + d.sft_weight * nll
             metrics["chosen_nll"] = float(nll.detach())
+        if d.stop_anchor:
+            if stops is None or data.ref_stops is None or data.goes_on is None:
+                raise RuntimeError("stop_anchor is on but the batch or the forward carries no stop log-probs "
+                                   "(load the policy through this objective)")
+            at = data.owner[data.position == 0], (data.position == 0).nonzero()[:, 0]  # ranking, row of each best
+            w = data.weights[at[0]] if data.weights is not None else None
+            anchor = stop_anchor_loss(stops[at[1]], data.ref_stops[at[1]], data.goes_on[at[1]], weights=w)
+            loss = loss + d.stop_anchor * anchor
+            metrics["stop_anchor"] = float(anchor.detach())
         with torch.no_grad():
             rewards = beta * (policy.detach() - data.ref)  # (B, Kmax)
             kmax = data.mask.shape[1]
