@@ -120,6 +120,7 @@ class ContinualTrainer:
         self._last_checkpoint_at = clock()
         self._loss_sum = 0.0
         self._acc_sum = 0.0
+        self._parts_sum: dict[str, float] = {}  # the objective's other loss terms (chosen_nll, stop_anchor, ...)
         self._micro_batches_since = 0
         self._accumulated = 0  # new records whose gradient waits for the step
         self._step_started_at = 0.0  # when the first of them was trained
@@ -254,6 +255,8 @@ class ContinualTrainer:
         self.summary.replayed += len(replayed)
         self._loss_sum += stats.loss
         self._acc_sum += stats.pair_accuracy
+        for name, value in stats.parts.items():
+            self._parts_sum[name] = self._parts_sum.get(name, 0.0) + value
         self._micro_batches_since += 1
         metrics.STEP_SECONDS.observe(stats.seconds)
         metrics.LOSS.set(stats.loss)
@@ -313,10 +316,12 @@ class ContinualTrainer:
         started = time.perf_counter()
         positions = self.source.positions()
         trained = list(self._pending)
+        n = self._micro_batches_since
         summary = {
-            "loss_avg": self._loss_sum / self._micro_batches_since if self._micro_batches_since else 0.0,
-            "pair_accuracy_avg": self._acc_sum / self._micro_batches_since if self._micro_batches_since else 0.0,
-            "micro_batches": float(self._micro_batches_since),
+            "loss_avg": self._loss_sum / n if n else 0.0,
+            "pair_accuracy_avg": self._acc_sum / n if n else 0.0,
+            **{f"{name}_avg": total / n for name, total in sorted(self._parts_sum.items()) if n},
+            "micro_batches": float(n),
             "lr": self.learner.lr,
         }
         exact = self.cfg.checkpoint.save_optimizer_state
@@ -338,6 +343,7 @@ class ContinualTrainer:
         self._checkpointed_positions = dict(positions)
         self._pending.clear()
         self._loss_sum = self._acc_sum = 0.0
+        self._parts_sum = {}
         self._micro_batches_since = 0
         self._last_checkpoint_at = self.clock()
         self.lineage.previous_version = ref.version

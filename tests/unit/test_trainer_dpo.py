@@ -575,6 +575,8 @@ def test_a_guard_refusal_rolls_training_back_to_the_published_weights(tmp_path, 
                             should_stop=lambda: source.exhausted())
     summary = loop.run()
     assert summary.published == ["v000001"] and summary.rejected == ["v000002", "v000003"]
+    train = json.loads((tmp_path / "ckpt" / "policy" / "v000001" / "metadata.json").read_text())["train"]
+    assert {"loss_avg", "pair_accuracy_avg", "reward_margin_avg"} <= set(train)  # the objective's own terms too
     published, refused, last = gate.seen
     assert not all(torch.equal(a, b) for a, b in zip(start, published))  # it trained
     now = [p.detach() for p in learner.params]
