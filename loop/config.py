@@ -112,10 +112,12 @@ class LoopConfig:
         "RPO's α: α times the NLL per token of the pairs' chosen replies (every token alike) is added to the DPO "
         "loss, so the policy moves toward the best-of-N winners instead of only away from the losers; 0 = DPO alone")})
     stop_anchor: float = field(default=0.0, metadata={"help": (
-        "weight of the trainer's stop anchor: the rise of the end-of-turn probability over the reference's, "
+        "weight of the trainer's stop anchor: how far the end-of-turn probability has moved from the reference's, "
         "summed where a pair's chosen reply goes on, is added to the loss, so a pair that cuts a reply at a "
         "sentence end teaches the stop there and not at every earlier sentence end (trainer dpo stop_anchor); "
         "0 = off")})
+    stop_anchor_sides: str = field(default="both", metadata={"help": (
+        "both: the anchor prices the stop moving either way; rise: only its rise (trainer dpo stop_anchor_sides)")})
     max_backlog: int = field(default=16, metadata={"help": (
         "on-policy pacing: hold new best-of-N requests while the policy trainer has this many preference "
         "records or more it has not consumed, so the CPU goes to training when the queue is long and the pairs "
@@ -246,7 +248,8 @@ class LoopConfig:
                 "(the whole ranking is what dpo_loss plackett_luce trains on)")
         # The DPO leaves go to the trainer: checked here, before any service starts, by the trainer's own rules.
         DPOSettings(dpo_loss=self.dpo_loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                    sft_weight=self.sft_weight, stop_anchor=self.stop_anchor, temperature=self.trainer_temperature,
+                    sft_weight=self.sft_weight, stop_anchor=self.stop_anchor, stop_anchor_sides=self.stop_anchor_sides,
+                    temperature=self.trainer_temperature,
                     finetune=self.finetune,
                     lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                     lora_target_modules=self.lora_target_modules, max_kl=self.max_kl, max_shrink=self.max_shrink,

@@ -31,6 +31,7 @@ SECTION = "trainer"
 LOSSES: tuple[str, ...] = ("kwise", "pairwise")
 DPO_LOSSES: tuple[str, ...] = ("plackett_luce", "sigmoid", "ipo")
 FINETUNE_MODES: tuple[str, ...] = ("lora", "full")
+STOP_ANCHOR_SIDES: tuple[str, ...] = ("both", "rise")
 SCHEDULES: tuple[str, ...] = ("constant", "inverse_sqrt")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: The learning rate an objective trains with when ``lr`` is left at 0.
@@ -122,10 +123,13 @@ class DPOSettings:
         "the policy moves toward the replies it is shown rather than only away from the rejected ones; 0 = the loss "
         "alone"))
     stop_anchor: float = field(default=0.0, metadata=_help(
-        "weight of a penalty on the policy ending its turn where a preferred reply goes on: at every position of "
-        "the chosen reply that is not its end, the rise of the end-of-turn probability over the reference's "
+        "weight of a penalty on the policy's end-of-turn probability moving where a preferred reply goes on: at "
+        "every position of the chosen reply that is not its end, its distance from the reference's "
         "(trainer.dpo_losses.stop_anchor_loss), summed over the reply and averaged over the records. A pair that "
-        "prefers a reply cut short teaches the stop where it was cut, not at every earlier sentence end; 0 = off"))
+        "prefers a reply cut short then teaches the stop where it was cut, not at every earlier sentence end; 0 = off"))
+    stop_anchor_sides: str = field(default="both", metadata=_help(
+        "both: the anchor prices the stop moving either way; rise: only its rise over the reference's (lowering it "
+        "costs nothing; on the criteria loop the policy then went long, docs/loop.md)"))
     temperature: float = field(default=1.0, metadata=_help(
         "the temperature the trained replies were sampled at: every log-prob (policy and reference, so the DPO "
         "margin and the NLL term) is read from softmax(logits / temperature), as TRL's online trainers read them at "
@@ -233,6 +237,8 @@ class DPOSettings:
                 f"must be a finite number >= 0, got {self.sft_weight} (0 turns the NLL term off)")
         require(self.stop_anchor >= 0 and math.isfinite(self.stop_anchor), "stop_anchor",
                 f"must be a finite number >= 0, got {self.stop_anchor} (0 turns the anchor off)")
+        require(self.stop_anchor_sides in STOP_ANCHOR_SIDES, "stop_anchor_sides",
+                f"use one of {', '.join(STOP_ANCHOR_SIDES)}, got {self.stop_anchor_sides!r}")
         require(0 < self.temperature <= 10 and math.isfinite(self.temperature), "temperature",
                 f"must be within (0, 10], got {self.temperature} (the sampling temperature of the trained replies; "
                 "greedy replies have none: use 1)")

@@ -362,22 +362,23 @@ def stop_anchor_loss(
     mask: torch.Tensor,
     *,
     weights: torch.Tensor | None = None,
+    both_ways: bool = True,
 ) -> torch.Tensor:
-    """How much more likely than the reference the policy is to end its turn where a preferred reply goes on.
+    """How far the policy's chance of ending its turn has moved from the reference's where a preferred reply goes on.
 
-    ``anchor_b = Σ_t m_bt · max(0, π(stop | x, y_<t) − π_ref(stop | x, y_<t))``, then the (weighted) mean
-    over rows.  ``m`` marks the positions of the chosen replies that predict a token other than the stop
-    token: places the preferred reply did not end.  For small hazards the sum is the probability the
-    policy has gained of ending the reply before the chosen reply does, so a weight of 1 prices one unit
-    of that probability like one unit of the DPO loss.
+    ``anchor_b = Σ_t m_bt · |π(stop | x, y_<t) − π_ref(stop | x, y_<t)|``, then the (weighted) mean over
+    rows; with ``both_ways`` False only a rise counts, ``max(0, ·)``.  ``m`` marks the positions of the
+    chosen replies that predict a token other than the stop token: places the preferred reply did not end.
+    For small hazards the one-sided sum is the probability the policy has gained of ending the reply before
+    the chosen reply does, so a weight of 1 prices one unit of that probability like one unit of the DPO loss.
 
     Why: a pair whose chosen reply is the rejected one cut at a sentence end (the criteria loop's trim
-    pairings) raises the stop at that end and lowers every token after it; the policy generalises that to
-    "stop at any sentence end", sooner everywhere, and its replies shrink far under a word limit
-    (docs/loop.md, "Teaching where to stop").  The preference says nothing for stopping *earlier* than
-    the chosen reply, and this term says so: it leaves the stop free where the chosen reply ends and
-    above the reference nowhere it goes on.  One-sided: lowering the stop there costs nothing.
-    In probabilities, not log-probabilities: a mid-sentence stop of 1e-6 raised tenfold changes no reply.
+    pairings) raises the stop at that end and lowers it at the rejected reply's own end, later.  The policy
+    generalises both to every sentence end: "stop sooner" everywhere when the first wins (docs/loop.md,
+    "Teaching where to stop"), "go on" everywhere when the first is held back.  The preference says nothing
+    about the stop anywhere the chosen reply goes on, and this term holds it at the reference's there, so
+    what the pairs can still move is the stop where the chosen reply ends.  In probabilities, not
+    log-probabilities: a mid-sentence stop of 1e-6 moved tenfold changes no reply.
 
     policy_stop_logps, ref_stop_logps: ``# (B, T)`` log-probability of the stop token at each position;
     mask: ``# (B, T)``; weights: ``# (B,)``.  Gradients flow to ``policy_stop_logps`` only.
@@ -385,8 +386,9 @@ def stop_anchor_loss(
     _check_same_shape(policy_stop_logps=policy_stop_logps, ref_stop_logps=ref_stop_logps, mask=mask)
     if policy_stop_logps.dim() != 2:
         raise ValueError(f"policy_stop_logps {tuple(policy_stop_logps.shape)} must be (B, T)")
-    gain = (policy_stop_logps.float().exp() - ref_stop_logps.detach().float().exp()).clamp(min=0.0)  # (B, T)
-    per_row = torch.where(mask.bool(), gain, 0.0).sum(dim=-1)  # (B,)
+    moved = policy_stop_logps.float().exp() - ref_stop_logps.detach().float().exp()  # (B, T)
+    moved = moved.abs() if both_ways else moved.clamp(min=0.0)
+    per_row = torch.where(mask.bool(), moved, 0.0).sum(dim=-1)  # (B,)
     return _weighted_mean(per_row, weights)
 
 

@@ -407,23 +407,29 @@ def test_packed_token_logps_reads_one_extra_token_from_the_same_softmax() -> Non
     assert packed_token_logps(logits, labels)[1] is None
 
 
-def test_stop_anchor_prices_only_a_rise_of_the_stop_where_the_chosen_reply_goes_on() -> None:
+def test_stop_anchor_prices_the_stop_moving_where_the_chosen_reply_goes_on() -> None:
     from trainer.dpo_losses import stop_anchor_loss
 
     ln = math.log
-    # Row 0: the stop rose 0.1 -> 0.3 at position 0 (+0.2) and fell 0.2 -> 0.1 at position 1 (costs nothing);
+    # Row 0: the stop rose 0.1 -> 0.3 at position 0 (+0.2) and fell 0.2 -> 0.1 at position 1 (-0.1);
     # position 2 rose but is the reply's end (masked).  Row 1: rose 0.05 -> 0.15 at position 1 (+0.1).
     policy = torch.tensor([[ln(0.3), ln(0.1), ln(0.9)], [ln(0.5), ln(0.15), ln(0.5)]], requires_grad=True)
     ref = torch.tensor([[ln(0.1), ln(0.2), ln(0.1)], [ln(0.5), ln(0.05), ln(0.5)]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
     loss = stop_anchor_loss(policy, ref, mask)
-    assert float(loss.detach()) == pytest.approx((0.2 + 0.1) / 2, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx((0.2 + 0.1 + 0.1) / 2, abs=1e-6)
     loss.backward()
-    # d/dlogp of exp(logp) = p, over the mean of 2 rows: only the positions that rose and are not the end
-    expected = torch.tensor([[0.3 / 2, 0.0, 0.0], [0.0, 0.15 / 2, 0.0]])
+    # d|p - q|/dlogp = sign(p - q)·p, over the mean of 2 rows; nothing at the reply's end
+    expected = torch.tensor([[0.3 / 2, -0.1 / 2, 0.0], [0.0, 0.15 / 2, 0.0]])
     assert torch.allclose(policy.grad, expected, atol=1e-6)
+    # rise only: the fall at row 0 position 1 costs nothing and has no gradient
+    policy.grad = None
+    rise = stop_anchor_loss(policy, ref, mask, both_ways=False)
+    assert float(rise.detach()) == pytest.approx((0.2 + 0.1) / 2, abs=1e-6)
+    rise.backward()
+    assert torch.allclose(policy.grad, torch.tensor([[0.3 / 2, 0.0, 0.0], [0.0, 0.15 / 2, 0.0]]), atol=1e-6)
     # weights: row 1 alone
-    assert float(stop_anchor_loss(policy, ref, mask, weights=t(0.0, 1.0))) == pytest.approx(0.1, abs=1e-6)
+    assert float(stop_anchor_loss(policy, ref, mask, weights=t(0.0, 1.0)).detach()) == pytest.approx(0.1, abs=1e-6)
     # the same distributions cost nothing
     assert float(stop_anchor_loss(ref, ref, mask)) == 0.0
     with pytest.raises(ValueError, match="same shape"):

@@ -188,6 +188,7 @@ def test_the_policy_trainer_gets_the_loops_adapter_settings_through_its_environm
     dpo = trainer_dpo()  # the loop's defaults are the trainer's own
     assert (dpo.lora_rank, dpo.lora_target_modules) == (16, ("q_proj", "k_proj", "v_proj", "o_proj"))
     for bad, field in [({"lora_rank": 0}, "lora_rank"), ({"lora_target_modules": ""}, "lora_target_modules"),
+                       ({"stop_anchor_sides": "fall"}, "stop_anchor_sides"),
                        ({"finetune": "qlora"}, "finetune"), ({"lora_alpha": 0}, "lora_alpha")]:
         with pytest.raises((ConfigError, InvalidArgument)) as e:
             load_loop_config(env={}, overrides=bad)
@@ -211,7 +212,7 @@ def test_the_policy_trainer_gets_the_loops_gate_settings_through_its_environment
     cfg = trainer()  # off by default, and the trainer's own rollback factor
     assert (cfg.dpo.criteria_guard, cfg.dpo.max_violation_giveback, cfg.gate.rollback_lr_factor) == (False, 1.0, 0.5)
     assert cfg.dpo.doubt_z == 0.0 and cfg.optim.warmup_steps == 0 and cfg.dpo.stop_anchor == 0.0
-    assert trainer(stop_anchor=5.0).dpo.stop_anchor == 5.0
+    assert (trainer(stop_anchor=5.0, stop_anchor_sides="rise").dpo.stop_anchor, trainer(stop_anchor_sides="rise").dpo.stop_anchor_sides) == (5.0, "rise")
     for bad, field in [({"max_violation_giveback": 1.5}, "max_violation_giveback"),
                        ({"rollback_lr_factor": 0}, "rollback_lr_factor"), ({"doubt_z": -1}, "doubt_z"),
                        ({"warmup_steps": -1}, "warmup_steps")]:

@@ -190,16 +190,17 @@ def stopping_base(tiny_base, tmp_path_factory) -> Path:
 
 
 def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, stopping_base) -> None:
-    """stop_anchor adds its weight times the rise of P(EOS) over the reference where the chosen reply does not
-    end: nothing at the start (the policy is its reference), and trained on trim pairs it keeps that rise
-    smaller than DPO alone does, while still learning the pairs."""
+    """stop_anchor adds its weight times how far P(EOS) has moved from the reference's where the chosen reply
+    does not end: nothing at the start (the policy is its reference), and trained on trim pairs it keeps that
+    move smaller than DPO alone does, one way or both, while still learning the pairs."""
     tiny_base = stopping_base
     batch = trim_records(4)
     anchored_cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", stop_anchor=5.0)
     judge = objective_for(anchored_cfg)  # reads the anchor's metric on any policy
     rises, accuracies = {}, {}
-    for weight in (0.0, 5.0):
-        cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", stop_anchor=weight)
+    for weight, sides in ((0.0, "both"), (5.0, "both"), (5.0, "rise")):
+        cfg = config(tmp_path, tiny_base, dpo_loss="sigmoid", autocast="none", stop_anchor=weight,
+                     stop_anchor_sides=sides)
         objective = objective_for(cfg)
         torch.manual_seed(0)
         model = objective.load(str(tiny_base))
@@ -216,10 +217,11 @@ def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, sto
         judge.admit(model, batch)
         with torch.no_grad():
             _, after = judge.loss(objective.module(model), judge.batch(model, batch, None))
-        rises[weight], accuracies[weight] = after["stop_anchor"], after["pair_accuracy"]
-    assert rises[0.0] > 0.05, rises  # DPO alone raises the stop before the chosen reply's end
-    assert rises[5.0] < rises[0.0] / 2, rises
-    assert accuracies[5.0] == 1.0
+        rises[weight, sides], accuracies[weight, sides] = after["stop_anchor"], after["pair_accuracy"]
+    assert rises[0.0, "both"] > 0.05, rises  # DPO alone moves the stop before the chosen reply's end
+    assert rises[5.0, "both"] < rises[0.0, "both"] / 2, rises
+    assert accuracies[5.0, "both"] == 1.0 and accuracies[5.0, "rise"] == 1.0
+    assert judge.loss_config()["stop_anchor"] == 5.0 and judge.loss_config()["stop_anchor_sides"] == "both"
 
 
 def test_a_micro_batch_over_the_backward_budget_trains_in_pieces_to_the_same_gradient(tmp_path, tiny_base) -> None:

@@ -306,7 +306,8 @@ class DPOObjective(Objective):
         c, d = self.cfg, self.settings
         return {
             "objective": "dpo", "dpo_loss": d.dpo_loss, "beta": d.beta, "label_smoothing": d.label_smoothing,
-            "sft_weight": d.sft_weight, "stop_anchor": d.stop_anchor, "temperature": d.temperature,
+            "sft_weight": d.sft_weight, "stop_anchor": d.stop_anchor,
+            "stop_anchor_sides": d.stop_anchor_sides, "temperature": d.temperature,
             "finetune": d.finetune, "lora_rank": d.lora_rank, "lora_alpha": d.lora_alpha,
             "lora_dropout": d.lora_dropout, "lora_target_modules": list(d.lora_target_modules),
             "lr": c.optim.lr, "schedule": c.optim.schedule, "warmup_steps": c.optim.warmup_steps,
@@ -433,7 +434,8 @@ class DPOObjective(Objective):
                                    "(load the policy through this objective)")
             at = data.owner[data.position == 0], (data.position == 0).nonzero()[:, 0]  # ranking, row of each best
             w = data.weights[at[0]] if data.weights is not None else None
-            anchor = stop_anchor_loss(stops[at[1]], data.ref_stops[at[1]], data.goes_on[at[1]], weights=w)
+            anchor = stop_anchor_loss(stops[at[1]], data.ref_stops[at[1]], data.goes_on[at[1]], weights=w,
+                                      both_ways=d.stop_anchor_sides == "both")
             loss = loss + d.stop_anchor * anchor
             metrics["stop_anchor"] = float(anchor.detach())
         with torch.no_grad():
