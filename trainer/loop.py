@@ -118,9 +118,8 @@ class ContinualTrainer:
         self._pending: list[StreamItem] = []  # trained since the last checkpoint
         self._checkpointed_positions = dict(source.positions())
         self._last_checkpoint_at = clock()
-        self._loss_sum = 0.0
-        self._acc_sum = 0.0
-        self._parts_sum: dict[str, float] = {}  # the objective's other loss terms (chosen_nll, stop_anchor, ...)
+        #: since the last checkpoint: loss, pair_accuracy and the objective's own terms (chosen_nll, stop_anchor, ...)
+        self._sums: dict[str, float] = {}
         self._micro_batches_since = 0
         self._accumulated = 0  # new records whose gradient waits for the step
         self._step_started_at = 0.0  # when the first of them was trained
@@ -253,10 +252,8 @@ class ContinualTrainer:
         self.lineage.replayed_records += len(replayed)
         self.summary.records += len(new)
         self.summary.replayed += len(replayed)
-        self._loss_sum += stats.loss
-        self._acc_sum += stats.pair_accuracy
-        for name, value in stats.parts.items():
-            self._parts_sum[name] = self._parts_sum.get(name, 0.0) + value
+        for name, value in {"loss": stats.loss, "pair_accuracy": stats.pair_accuracy, **stats.parts}.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
         self._micro_batches_since += 1
         metrics.STEP_SECONDS.observe(stats.seconds)
         metrics.LOSS.set(stats.loss)
@@ -317,10 +314,9 @@ class ContinualTrainer:
         positions = self.source.positions()
         trained = list(self._pending)
         n = self._micro_batches_since
+        sums = {"loss": 0.0, "pair_accuracy": 0.0, **self._sums}
         summary = {
-            "loss_avg": self._loss_sum / n if n else 0.0,
-            "pair_accuracy_avg": self._acc_sum / n if n else 0.0,
-            **{f"{name}_avg": total / n for name, total in sorted(self._parts_sum.items()) if n},
+            **{f"{name}_avg": total / n if n else 0.0 for name, total in sorted(sums.items())},
             "micro_batches": float(n),
             "lr": self.learner.lr,
         }
@@ -342,8 +338,7 @@ class ContinualTrainer:
         self.source.commit(positions)
         self._checkpointed_positions = dict(positions)
         self._pending.clear()
-        self._loss_sum = self._acc_sum = 0.0
-        self._parts_sum = {}
+        self._sums = {}
         self._micro_batches_since = 0
         self._last_checkpoint_at = self.clock()
         self.lineage.previous_version = ref.version

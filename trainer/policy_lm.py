@@ -538,10 +538,17 @@ class TrainablePolicy:
 
     def reference_logps(self, batch: PolicyBatch) -> torch.Tensor:
         """Summed response-token log-probs under the reference, without gradient. # (B,)"""
+        return self.reference_read(batch)[0]
+
+    def reference_read(self, batch: PolicyBatch, stops: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`reference_logps` and, with ``stops``, from the same forward, the reference's log-prob of
+        :attr:`stop_token` at every position that predicts a reply token (0 elsewhere). # (B,), (B, T) | None"""
         batch = batch.to(self.device)
         with torch.no_grad(), self._reference_model() as ref:
-            return SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature)(
-                batch.input_ids, batch.attention_mask, batch.response_mask)[0]
+            sums, _, stop_logps = SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature,
+                                                self.stop_token if stops else None)(
+                batch.input_ids, batch.attention_mask, batch.response_mask)
+        return sums, stop_logps
 
     @property
     def stop_token(self) -> int | None:
@@ -554,14 +561,6 @@ class TrainablePolicy:
         if on and self.stop_token is None:
             raise InvalidArgument("stop_anchor", "the policy's tokenizer has no EOS token to anchor; set stop_anchor to 0")
         self._logps.stop_token = self.stop_token if on else None
-
-    def reference_stop_logps(self, batch: PolicyBatch) -> torch.Tensor:
-        """The reference's log-prob of :attr:`stop_token` at every position that predicts a reply token, 0
-        elsewhere, without gradient. # (B, T)"""
-        batch = batch.to(self.device)
-        with torch.no_grad(), self._reference_model() as ref:
-            return SequenceLogps(ref, self.spec.max_tokens_per_forward, self.logit_temperature, self.stop_token)(
-                batch.input_ids, batch.attention_mask, batch.response_mask)[2]
 
     def token_kl(self, prompts: Sequence[Sequence[Any]], replies: Sequence[str]) -> float:
         """Mean per-token ``KL(π‖π_ref)`` over the reply tokens (full vocabulary, exact), in nats."""

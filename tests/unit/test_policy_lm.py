@@ -231,7 +231,9 @@ def test_the_forward_reads_the_stop_token_at_every_reply_position_when_asked(tin
     torch.testing.assert_close(stops[keep], full[keep], atol=1e-5, rtol=1e-5)
     assert torch.all(stops[~keep] == 0) and stops.requires_grad
     # A fresh adapter reads the reference's stops.
-    torch.testing.assert_close(policy.reference_stop_logps(batch), stops.detach(), atol=1e-6, rtol=1e-6)
+    ref_sums, ref_stops = policy.reference_read(batch, stops=True)
+    torch.testing.assert_close(ref_stops, stops.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ref_sums, policy.reference_logps(batch))
     policy.read_stops(False)
     assert policy.module(batch.input_ids, batch.attention_mask, batch.response_mask)[2] is None
 

@@ -208,8 +208,15 @@ def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, sto
         loss, metrics = objective.loss(objective.module(model), objective.batch(model, batch, None))
         if weight:
             assert metrics["stop_anchor"] == pytest.approx(0.0, abs=1e-6) and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-4)
+            # read once, at admission, by the reference forward that reads the log-probs; kept with the state
+            assert set(objective.reference_stops) == {r.record_id for r in batch}
+            objective.save_state(tmp_path, batch[:2])
+            restored = objective_for(cfg)
+            restored.load_state(tmp_path)
+            restored.accept_side_data(objective.side_data(batch[2:]))
+            assert restored.reference_stops == objective.reference_stops
         else:
-            assert "stop_anchor" not in metrics
+            assert "stop_anchor" not in metrics and not objective.reference_stops
         learner = Learner(objective, model, cfg)
         for _ in range(10):
             learner.train(batch)
@@ -252,8 +259,9 @@ def test_reference_logps_are_computed_once_per_record(tmp_path, tiny_base, monke
     objective = objective_for(cfg)
     model = objective.load(str(tiny_base))
     calls: list[int] = []
-    real = type(model).reference_logps
-    monkeypatch.setattr(type(model), "reference_logps", lambda self, b: calls.append(b.rows) or real(self, b))
+    real = type(model).reference_read
+    monkeypatch.setattr(type(model), "reference_read",
+                        lambda self, b, stops=False: calls.append(b.rows) or real(self, b, stops))
     batch = records(4)
     objective.admit(model, batch)
     assert sum(calls) == 8  # 4 records x 2 responses, once

@@ -39,6 +39,7 @@ import logging
 import math
 import statistics
 import time
+from itertools import accumulate
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -58,7 +59,7 @@ from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.guard_set import GuardPrompt, load_guard_set
 from trainer.objectives.base import Batch, Objective
-from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy
+from trainer.policy_lm import TRAIN_SPEC_FILE, LoraSettings, PolicyBatch, TrainablePolicy, predicting
 
 if TYPE_CHECKING:
     from trainer.reward_judge import ServedReward
@@ -81,10 +82,11 @@ class RankingRows:
     ref: torch.Tensor  # (B, Kmax) reference log-probs, 0 where masked
     mask: torch.Tensor  # (B, Kmax) bool
     weights: torch.Tensor | None  # (B,)
-    #: with ``stop_anchor``: the reference's stop-token log-probs on every row, and the positions of the
-    #: chosen rows that predict a token other than the stop (where the preferred reply goes on)
-    ref_stops: torch.Tensor | None = None  # (N, T)
-    goes_on: torch.Tensor | None = None  # (N, T) bool, False on rows that are not a ranking's best
+    #: with ``stop_anchor``: each ranking's best row, the reference's stop log-probs along it, and its
+    #: positions that predict a token other than the stop (where the preferred reply goes on)
+    best: torch.Tensor | None = None  # (B,) row of each ranking's best response
+    ref_stops: torch.Tensor | None = None  # (B, T)
+    goes_on: torch.Tensor | None = None  # (B, T) bool
 
     def to(self, device: torch.device) -> "RankingRows":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -92,7 +94,7 @@ class RankingRows:
 
         return RankingRows(self.rows.to(device), self.owner.to(device), self.position.to(device),
                            self.ref.to(device), self.mask.to(device), move(self.weights),
-                           move(self.ref_stops), move(self.goes_on))
+                           move(self.best), move(self.ref_stops), move(self.goes_on))
 
 
 def repetition_rate(text: str, n: int = 3) -> float:
@@ -235,6 +237,8 @@ class DPOObjective(Objective):
         self.settings = cfg.dpo
         #: record_id -> reference log-prob of each response, best first
         self.reference: dict[str, tuple[float, ...]] = {}
+        #: record_id -> the reference's stop log-probs along its best response (kept with ``stop_anchor`` only)
+        self.reference_stops: dict[str, tuple[float, ...]] = {}
         self._eval_reference: dict[str, tuple[float, ...]] = {}
         #: the reference policy's replies to the current guard prompt set: ((prompt keys, budget, temperature), replies);
         #: the candidate and the served version are evaluated on the same set, so one entry serves both
@@ -319,22 +323,33 @@ class DPOObjective(Objective):
     # -- records ---------------------------------------------------------------------------------
 
     def _reference_of(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
-                      cache: dict[str, tuple[float, ...]]) -> None:
-        """Fill ``cache`` for the records it lacks: one reference forward per response, ever."""
-        todo = [r for r in records if r.record_id not in cache]
+                      cache: dict[str, tuple[float, ...]],
+                      stops: dict[str, tuple[float, ...]] | None = None) -> None:
+        """Fill ``cache`` for the records it lacks: one reference forward per response, ever.  With ``stops``,
+        the same forward also fills it with the reference's stop log-probs along each record's best response
+        (one per position that predicts one of its tokens, in order), for the stop anchor."""
+        todo = [r for r in records if r.record_id not in cache or (stops is not None and r.record_id not in stops)]
         if not todo:
             return
         prompts = [r.prompt for r in todo for _ in r.ranked_responses]
         responses = [resp for r in todo for resp in r.ranked_responses]
+        starts = list(accumulate((r.k for r in todo), initial=0))  # each record's first (best) row
+        firsts = set(starts[:-1])
         chunk = self._rows_per_forward()
         values: list[float] = []
+        along: dict[int, tuple[float, ...]] = {}  # best response's row -> its stop log-probs
         for i in range(0, len(responses), chunk):
             batch = model.encode(prompts[i:i + chunk], responses[i:i + chunk])
-            values += model.reference_logps(batch).float().cpu().tolist()
-        at = 0
-        for r in todo:
-            cache[r.record_id] = tuple(values[at:at + r.k])
-            at += r.k
+            sums, stop_logps = model.reference_read(batch, stops=stops is not None)
+            values += sums.float().cpu().tolist()
+            if stop_logps is not None:
+                keep = predicting(batch.response_mask).to(stop_logps.device)
+                along.update({i + j: tuple(stop_logps[j][keep[j]].float().cpu().tolist())
+                              for j in range(batch.rows) if i + j in firsts})
+        for b, r in enumerate(todo):
+            cache[r.record_id] = tuple(values[starts[b]:starts[b] + r.k])
+            if stops is not None:
+                stops[r.record_id] = along[starts[b]]
 
     def _rows_per_forward(self) -> int:
         """Rows per reference or evaluation forward: no more than a training step holds (two responses per
@@ -356,19 +371,22 @@ class DPOObjective(Objective):
                 refused[rec.record_id] = reason
             else:
                 ok.append(rec)
-        self._reference_of(model, ok, self.reference)
+        self._reference_of(model, ok, self.reference, self._stops_cache())
         return refused
 
-    def side_data(self, records: Sequence[PreferenceRecord]) -> dict[str, tuple[float, ...]]:
-        return {r.record_id: self.reference[r.record_id] for r in records if r.record_id in self.reference}
+    def side_data(self, records: Sequence[PreferenceRecord]) -> dict[str, dict[str, tuple[float, ...]]]:
+        """The cached reference readings of ``records`` (log-probs, and stop log-probs with the anchor on)."""
+        return {name: {r.record_id: cache[r.record_id] for r in records if r.record_id in cache}
+                for name, cache in (("logps", self.reference), ("stops", self.reference_stops))}
 
     def accept_side_data(self, data: Any) -> None:
         if data:
-            self.reference.update(data)
+            self.reference.update(data["logps"])
+            self.reference_stops.update(data["stops"])
 
     def batch(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
               weights: Sequence[float] | None) -> Batch:
-        self._reference_of(model, records, self.reference)  # a no-op for admitted and replayed records
+        self._reference_of(model, records, self.reference, self._stops_cache())  # a no-op for admitted and replayed records
         kmax = max(r.k for r in records)
         prompts, responses, owner, position = [], [], [], []
         ref = torch.zeros(len(records), kmax)  # (B, Kmax)
@@ -385,24 +403,25 @@ class DPOObjective(Objective):
         data = RankingRows(rows, torch.tensor(owner), torch.tensor(position), ref, mask,
                            torch.tensor(list(weights), dtype=torch.float32) if weights is not None else None)
         if self.settings.stop_anchor > 0:
-            data.ref_stops, data.goes_on = self._stop_anchor_rows(model, rows, data.position)
+            data.best, data.ref_stops, data.goes_on = self._stop_anchor_rows(model, records, rows, data.position)
         padded = int(rows.input_ids.shape[0] * rows.input_ids.shape[1])
         return Batch(data, records=len(records), sequences=len(responses), padded_tokens=padded)
 
-    @staticmethod
-    def _stop_anchor_rows(model: TrainablePolicy, rows: PolicyBatch, position: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's stop log-probs ``(N, T)`` (read on the chosen rows only; 0 on the others) and the
-        positions where a chosen reply goes on ``(N, T)``: they predict a reply token that is not the stop."""
-        chosen = (position == 0).nonzero()[:, 0]  # (B,)
-        ids = rows.input_ids
-        goes_on = torch.zeros(ids.shape, dtype=torch.bool)
-        goes_on[:, :-1] = rows.response_mask[:, 1:] & (ids[:, 1:] != model.stop_token)
-        goes_on[position != 0] = False
-        sub = PolicyBatch(ids[chosen], rows.attention_mask[chosen], rows.response_mask[chosen])
+    def _stops_cache(self) -> dict[str, tuple[float, ...]] | None:
+        return self.reference_stops if self.settings.stop_anchor > 0 else None
+
+    def _stop_anchor_rows(self, model: TrainablePolicy, records: Sequence[PreferenceRecord], rows: PolicyBatch,
+                          position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each ranking's best row ``(B,)``, the reference's cached stop log-probs laid along it ``(B, T)``, and
+        the positions where it goes on ``(B, T)``: they predict a reply token that is not the stop."""
+        best = (position == 0).nonzero()[:, 0]  # (B,) rows are laid out ranking by ranking, best first
+        ids, keep = rows.input_ids[best], predicting(rows.response_mask[best])  # (B, T)
         ref_stops = torch.zeros(ids.shape, dtype=torch.float32)
-        ref_stops[chosen] = model.reference_stop_logps(sub).float().cpu()
-        return ref_stops, goes_on
+        for b, rec in enumerate(records):
+            ref_stops[b, keep[b]] = torch.tensor(self.reference_stops[rec.record_id], dtype=torch.float32)
+        goes_on = keep.clone()
+        goes_on[:, :-1] &= ids[:, 1:] != model.stop_token
+        return best, ref_stops, goes_on
 
     def loss(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         data: RankingRows = batch.data
@@ -429,12 +448,10 @@ class DPOObjective(Objective):
             loss = loss + d.sft_weight * nll
             metrics["chosen_nll"] = float(nll.detach())
         if d.stop_anchor:
-            if stops is None or data.ref_stops is None or data.goes_on is None:
+            if stops is None or data.best is None or data.ref_stops is None or data.goes_on is None:
                 raise RuntimeError("stop_anchor is on but the batch or the forward carries no stop log-probs "
                                    "(load the policy through this objective)")
-            at = data.owner[data.position == 0], (data.position == 0).nonzero()[:, 0]  # ranking, row of each best
-            w = data.weights[at[0]] if data.weights is not None else None
-            anchor = stop_anchor_loss(stops[at[1]], data.ref_stops[at[1]], data.goes_on[at[1]], weights=w,
+            anchor = stop_anchor_loss(stops[data.best], data.ref_stops, data.goes_on, weights=data.weights,
                                       both_ways=d.stop_anchor_sides == "both")
             loss = loss + d.stop_anchor * anchor
             metrics["stop_anchor"] = float(anchor.detach())
@@ -451,11 +468,14 @@ class DPOObjective(Objective):
     # -- checkpoint state ------------------------------------------------------------------------------
 
     def save_state(self, directory: Path, keep: Sequence[PreferenceRecord]) -> None:
-        """The reference log-probs of the records the reservoir keeps (the cache is trimmed to them)."""
+        """The reference log-probs (and stop log-probs) of the records the reservoir keeps (the caches are
+        trimmed to them)."""
         ids = {r.record_id for r in keep}
         self.reference = {k: v for k, v in self.reference.items() if k in ids}
+        self.reference_stops = {k: v for k, v in self.reference_stops.items() if k in ids}
         (Path(directory) / REF_FILE).write_text(json.dumps({
-            "temperature": self.settings.temperature, "logps": {k: list(v) for k, v in self.reference.items()}}))
+            "temperature": self.settings.temperature, "logps": {k: list(v) for k, v in self.reference.items()},
+            "stops": {k: list(v) for k, v in self.reference_stops.items()}}))
 
     def load_state(self, directory: Path) -> None:
         """The cached reference log-probs, unless they were read at another temperature than the one
@@ -471,6 +491,7 @@ class DPOObjective(Objective):
                      path, saved["temperature"], self.settings.temperature)
             return
         self.reference.update({k: tuple(float(x) for x in v) for k, v in saved["logps"].items()})
+        self.reference_stops.update({k: tuple(float(x) for x in v) for k, v in saved.get("stops", {}).items()})
 
     # -- the gate ------------------------------------------------------------------------------------
 
