@@ -189,7 +189,7 @@ def stopping_base(tiny_base, tmp_path_factory) -> Path:
     return d
 
 
-def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, stopping_base) -> None:
+def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, stopping_base, monkeypatch) -> None:
     """stop_anchor adds its weight times how far P(EOS) has moved from the reference's where the chosen reply
     does not end: nothing at the start (the policy is its reference), and trained on trim pairs it keeps that
     move smaller than DPO alone does, one way or both, while still learning the pairs."""
@@ -210,16 +210,21 @@ def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, sto
             assert metrics["stop_anchor"] == pytest.approx(0.0, abs=1e-6) and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-4)
             # read once, at admission, by the reference forward that reads the log-probs; kept with the state
             assert set(objective.reference_stops) == {r.record_id for r in batch}
-            objective.save_state(tmp_path, batch[:2])
-            restored = objective_for(cfg)
+            objective.save_state(tmp_path, batch)  # (it trims the caches to the records it keeps: all of them)
+            restored, worker = objective_for(cfg), objective_for(cfg)
             restored.load_state(tmp_path)
-            restored.accept_side_data(objective.side_data(batch[2:]))
-            assert restored.reference_stops == objective.reference_stops
+            worker.accept_side_data(objective.side_data(batch))  # a Ray worker's copy
+            assert restored.reference_stops == worker.reference_stops == objective.reference_stops
         else:
             assert "stop_anchor" not in metrics and not objective.reference_stops
         learner = Learner(objective, model, cfg)
-        for _ in range(10):
-            learner.train(batch)
+        calls: list[int] = []
+        real = type(model).reference_read
+        with monkeypatch.context() as m:
+            m.setattr(type(model), "reference_read", lambda self, b, stops=False: calls.append(b.rows) or real(self, b, stops))
+            for _ in range(10):
+                learner.train(batch)
+        assert calls == []  # the anchor's reference readings were cached at admission: no reference forward per step
         model.read_stops(True)
         judge.admit(model, batch)
         with torch.no_grad():
