@@ -101,7 +101,9 @@ class LoopConfig:
         "trim_next's pairs and, from a request with two or more passing replies, the one the tie breaker ranks highest "
         "over the one it ranks lowest, so replies far under a limit are pulled back up; 'trim_step', trim_next with "
         "the second pair's rejected reply the chosen prefix cut one sentence shorter, so a sentence too soon is "
-        "refused as a sentence too late is. plackett_luce always "
+        "refused as a sentence too late is; 'trim_open', trim_next with the first pair's rejected reply going on past "
+        "its cut instead of ending the turn there, so the pair is 'stop here' against 'go on' and lowers no later end. "
+        "plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
         "conservative DPO's ε (sigmoid only): each pair is taken as flipped with probability ε, so the loss has "

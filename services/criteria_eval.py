@@ -65,13 +65,15 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
                      "lowest"),
     "trim_step": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later and over "
                   "its prefix one sentence shorter, else one length-matched pair"),
+    "trim_open": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later going on "
+                  "(not ending the turn) and over its shortest, else one length-matched pair"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
-TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step")
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step", "trim_open")
 #: The trim modes whose first pair rejects the reply cut one sentence later, not the whole reply.
-CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step")
+CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step", "trim_open")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -571,6 +573,13 @@ def preferences_from_scores(
     first sentence's, and its policies stopped after two or three sentences at every length, losing the
     reward model's quality (docs/loop.md); here a sentence too soon is refused as a sentence too late is.
 
+    ``mode="trim_open"``: ``trim_next`` with the first pair's rejected reply marked unfinished
+    (:attr:`PreferenceRecord.unfinished`): it goes on past its last sentence instead of ending the turn there, so
+    the pair is "stop here" against "go on" at one place, and nothing in it says where else to stop.  Why: in
+    ``trim_next`` the rejected reply ends its turn one sentence later, so the pair also lowers an end there, and
+    held to the chosen reply's earlier stops (the trainer's ``stop_anchor``) that lowering won and the replies
+    ran longer (docs/loop.md).  With no later sentence prefix, the reply itself, unfinished as well.
+
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
     a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
@@ -601,6 +610,7 @@ def preferences_from_scores(
     ranked = [distinct[j] for j in order]
     key = {i: (_q(scores[i]), _q(tb[i])) for i in ranked}
     groups: list[list[int]] = []
+    going_on: set[int] = set()  # the texts that do not end the turn (trim_open's later cut)
     if mode == "ranking":
         chosen, seen = [], set()
         for i in ranked:
@@ -625,6 +635,8 @@ def preferences_from_scores(
             combined.append(combined[reply])
             if attrs is not None:
                 attrs.append({})
+        if mode == "trim_open":
+            going_on.add(later)
         groups.append([n, later])
         if len(prefixes) > 1:
             groups.append([n, n + 1])
@@ -662,8 +674,9 @@ def preferences_from_scores(
         if len(chosen) < 2:
             continue
         ranked_texts = tuple(texts[i] for i in chosen)
+        unfinished = tuple(k for k, i in enumerate(chosen) if i in going_on)
         out.append(PreferenceRecord(
-            record_id=make_record_id(sources, ranked_texts),
+            record_id=make_record_id(sources, ranked_texts, unfinished),
             prompt=tuple(prompt),
             ranked_responses=ranked_texts,
             source_kind=FeedbackKind.CRITERIA,
@@ -675,6 +688,7 @@ def preferences_from_scores(
             margin=float(combined[chosen[0]] - combined[chosen[-1]]),
             created_at=time.time() if now is None else now,
             source_acked_at=acked_at,
+            unfinished=unfinished,
         ))
     return out
 

@@ -86,14 +86,19 @@ def prompt_hash(project: str, prompt: Sequence[ChatMessage]) -> str:
     return h.hexdigest()[:32]
 
 
-def make_record_id(source_event_ids: Sequence[str], ranked_responses: Sequence[str]) -> str:
-    """Deterministic record id: reprocessing the same events yields the same ids (dedup downstream)."""
+def make_record_id(source_event_ids: Sequence[str], ranked_responses: Sequence[str],
+                   unfinished: Sequence[int] = ()) -> str:
+    """Deterministic record id: reprocessing the same events yields the same ids (dedup downstream).
+    ``unfinished`` (:attr:`PreferenceRecord.unfinished`) enters it when not empty: a reply that goes on is
+    another response than the same text ending the turn."""
     h = hashlib.sha256()
     for e in source_event_ids:
         h.update(e.encode() + b"\x00")
     h.update(b"\x02")
     for r in ranked_responses:
         h.update(hashlib.sha256(r.encode()).digest())
+    if unfinished:
+        h.update(b"\x03" + ",".join(str(i) for i in sorted(unfinished)).encode())
     return "pr_" + h.hexdigest()[:32]
 
 
@@ -113,10 +118,27 @@ class PreferenceRecord:
     margin: float = 0.0
     created_at: float = 0.0
     source_acked_at: float = 0.0
+    #: Indexes of the responses that do not end the assistant's turn (a reply cut where it goes on);
+    #: every other response ends it.  A policy scores such a reply without the closing end-of-turn token.
+    unfinished: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Callers and stored JSON spell the kind as a string; hold the enum member.
         object.__setattr__(self, "source_kind", FeedbackKind.parse(self.source_kind, "source_kind"))
+        k = len(self.ranked_responses)
+        if any(not 0 <= i < k for i in self.unfinished) or len(set(self.unfinished)) != len(self.unfinished):
+            raise InvalidArgument("unfinished", f"{list(self.unfinished)} must name distinct responses, each an "
+                                  f"index from 0 to {k - 1} of ranked_responses; list each unfinished reply once")
+        object.__setattr__(self, "unfinished", tuple(sorted(int(i) for i in self.unfinished)))
+
+    def ends_turn(self, k: int) -> bool:
+        """Whether ``ranked_responses[k]`` ends the assistant's turn (False for an :attr:`unfinished` one)."""
+        return k not in self.unfinished
+
+    @property
+    def ends(self) -> tuple[bool, ...]:
+        """:meth:`ends_turn` of every response, best first."""
+        return tuple(self.ends_turn(k) for k in range(self.k))
 
     @property
     def k(self) -> int:
@@ -149,6 +171,7 @@ class PreferenceRecord:
             margin=self.margin,
             created_at=float_to_ts(self.created_at),
             source_acked_at=float_to_ts(self.source_acked_at),
+            unfinished=list(self.unfinished),
         )
 
     @classmethod
@@ -168,6 +191,7 @@ class PreferenceRecord:
             margin=msg.margin,
             created_at=ts_to_float(msg.created_at),
             source_acked_at=ts_to_float(msg.source_acked_at),
+            unfinished=tuple(msg.unfinished),
         )
 
     def to_kafka(self) -> bytes:

@@ -193,13 +193,15 @@ def expand_rankings_to_pairs(records: Sequence[PreferenceRecord]) -> list[Prefer
     against: every response is then encoded once per pair it appears in)."""
     out = []
     for rec in records:
-        for n, (better, worse) in enumerate(rec.pairs()):
+        pairs = [(i, j) for i in range(rec.k) for j in range(i + 1, rec.k)]  # the order of rec.pairs()
+        for n, pair in enumerate(pairs):
             out.append(
                 dataclasses.replace(
                     rec,
                     record_id=f"{rec.record_id}#{n}",
-                    ranked_responses=(better, worse),
+                    ranked_responses=tuple(rec.ranked_responses[i] for i in pair),
                     response_attributes=(),
+                    unfinished=tuple(x for x, i in enumerate(pair) if not rec.ends_turn(i)),
                 )
             )
     return out

@@ -47,16 +47,17 @@ def progress_bar(description: str):
         _progress.reset(token)
 
 
-def _score_all(score: "ScoreFn", prompts: list, responses: list[str]) -> list[float]:
+def _score_all(score: "ScoreFn", prompts: list, responses: list[str], ends: list[bool]) -> list[float]:
     description = _progress.get()
     if description is None or len(responses) <= PROGRESS_CHUNK:
-        return list(score(prompts, responses))
+        return list(score(prompts, responses, ends))
     from tqdm import tqdm
 
     scores: list[float] = []
     with tqdm(total=len(responses), desc=description, unit="response") as bar:
         for i in range(0, len(responses), PROGRESS_CHUNK):
-            scores.extend(score(prompts[i:i + PROGRESS_CHUNK], responses[i:i + PROGRESS_CHUNK]))
+            scores.extend(score(prompts[i:i + PROGRESS_CHUNK], responses[i:i + PROGRESS_CHUNK],
+                                ends[i:i + PROGRESS_CHUNK]))
             bar.update(len(responses[i:i + PROGRESS_CHUNK]))
     return scores
 
@@ -163,7 +164,9 @@ def canonical_order(records: Sequence[PreferenceRecord]) -> list[PreferenceRecor
 
 
 #: score(prompts, responses) -> one number per response, higher = better (a reward, an implicit reward).
-ScoreFn = Callable[[Sequence[Sequence[Any]], Sequence[str]], Sequence[float]]
+#: ``score(prompts, responses, ends)``: one score per row; ``ends[i]`` is False for a reply that does not end
+#: its turn (:attr:`PreferenceRecord.unfinished`), which only a policy's log-prob tells apart.
+ScoreFn = Callable[[Sequence[Sequence[Any]], Sequence[str], Sequence[bool]], Sequence[float]]
 
 
 def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
@@ -177,13 +180,14 @@ def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
     if not records:
         return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records),
                           metrics=dict(metrics or {}))
-    prompts, responses, spans = [], [], []
+    prompts, responses, ends, spans = [], [], [], []
     for rec in canonical_order(records):
         spans.append((len(responses), rec.k))
         for resp in rec.ranked_responses:
             prompts.append(rec.prompt)
             responses.append(resp)
-    scores = _score_all(score, prompts, responses)
+        ends += rec.ends
+    scores = _score_all(score, prompts, responses, ends)
     outcomes: list[str] = []
     margin_sum = 0.0
     for start, k in spans:
@@ -208,7 +212,8 @@ def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
 def evaluate(model: RewardModel, records: Sequence[PreferenceRecord], batch_size: int = 64) -> EvalResult:
     """Pairwise accuracy of a reward model: its reward is the score."""
     return pairwise_result(
-        records, lambda prompts, responses: [s.reward for s in model.score(prompts, responses, batch_size=batch_size)])
+        records, lambda prompts, responses, _ends: [s.reward for s in model.score(prompts, responses,
+                                                                                   batch_size=batch_size)])
 
 
 class EvalSet:

@@ -439,34 +439,40 @@ class TrainablePolicy:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def _response_text(self, prompt_text: str, messages: Sequence[Any], response: str) -> str:
-        """The response as the chat template writes the assistant turn, up to and including its EOS."""
+    def _response_text(self, prompt_text: str, messages: Sequence[Any], response: str, ends: bool = True) -> str:
+        """The response as the chat template writes the assistant turn, up to and including its EOS (without
+        it when ``ends`` is False: the reply goes on)."""
         eos = self.tokenizer.eos_token
         conv = [{"role": r, "content": c} for r, c in (role_content(m) for m in messages)]
         full = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
         text = full[len(prompt_text):] if full.startswith(prompt_text) else response + (eos or "")
         if eos and eos in text:  # what follows the closing EOS (a newline) is never generated
-            text = text[: text.rindex(eos) + len(eos)]
+            text = text[: text.rindex(eos) + (len(eos) if ends else 0)]
         return text
 
-    def _plan(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]
+    def _plan(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str], ends: Sequence[bool] | None = None
               ) -> tuple[list[tuple[list[int], list[int]] | None], dict[int, str]]:
         """Token ids (prompt, response) of every row, None for a row refused, and the refusals."""
         if len(prompts) != len(responses):
             raise InvalidArgument("responses", f"got {len(responses)} responses for {len(prompts)} prompts; "
                                   "give exactly one response per prompt")
+        ends = [True] * len(responses) if ends is None else list(ends)
+        if len(ends) != len(responses):
+            raise InvalidArgument("ends", f"got {len(ends)} end-of-turn flags for {len(responses)} responses; "
+                                  "give one per response")
         reasons = {i: "the response is empty" for i, r in enumerate(responses) if not r or not r.strip()}
         keep = [i for i in range(len(prompts)) if i not in reasons]
         p_texts = [self._serving.render(prompts[i]) for i in keep]
         if self._chat:
-            r_texts = [self._response_text(p, prompts[i], responses[i]) for p, i in zip(p_texts, keep)]
+            r_texts = [self._response_text(p, prompts[i], responses[i], ends[i]) for p, i in zip(p_texts, keep)]
             eos_ids: list[int] = []
         else:
             r_texts = [" " + responses[i] for i in keep]
             eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         # Serving tokenizes the rendered prompt the same way (chat templates write their own BOS).
         p_ids = self.tokenizer(p_texts, add_special_tokens=not self._chat)["input_ids"] if keep else []
-        r_ids = [r + eos_ids for r in self.tokenizer(r_texts, add_special_tokens=False)["input_ids"]] if keep else []
+        r_ids = [r + (eos_ids if ends[i] else []) for i, r in
+                 zip(keep, self.tokenizer(r_texts, add_special_tokens=False)["input_ids"])] if keep else []
         rows: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
         room = self.response_room
         for i, p, r in zip(keep, p_ids, r_ids):
@@ -482,23 +488,27 @@ class TrainablePolicy:
         """Response tokens a row keeps: ``max_length`` less a quarter (at least 8 tokens) left for the prompt."""
         return self.spec.max_length - max(min(8, self.spec.max_length - 1), self.spec.max_length // 4)
 
-    def rejections(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]) -> dict[int, str]:
+    def rejections(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str],
+                   ends: Sequence[bool] | None = None) -> dict[int, str]:
         """Row index -> why it cannot be trained on, for every such row (empty when all are fine)."""
-        return self._plan(prompts, responses)[1]
+        return self._plan(prompts, responses, ends)[1]
 
-    def encode(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str]) -> PolicyBatch:
+    def encode(self, prompts: Sequence[Sequence[Any]], responses: Sequence[str],
+               ends: Sequence[bool] | None = None) -> PolicyBatch:
         """``prompt + response`` rows, right-padded, with the response tokens marked.
 
         The prompt is rendered and tokenized as serving does and keeps its newest
         ``min(max_prompt_tokens, max_length - response tokens)`` tokens; the response is the
         assistant turn of the chat template up to its EOS, cut after :attr:`response_room` tokens when
         longer (both responses of a pair are compared on their beginnings, as TRL's ``keep_start``).
+        ``ends`` (one per row, all True when None): a row whose reply does not end its turn
+        (:attr:`PreferenceRecord.unfinished`) stops before the EOS, so its log-prob is that of going on.
         Raises :class:`RejectedResponses` naming every empty response and every response over
         ``max_response_tokens``.
         """
         if not prompts:
             raise InvalidArgument("prompts", "is empty; give at least one (prompt, response) row")
-        rows, reasons = self._plan(prompts, responses)
+        rows, reasons = self._plan(prompts, responses, ends)
         if reasons:
             raise RejectedResponses(reasons)
         kept, cut = [], 0

@@ -367,6 +367,28 @@ def test_trim_next_rejects_the_same_reply_cut_one_sentence_later_so_both_ends_st
         _pairs(replies, scores, tb, "matched")
 
 
+def test_trim_open_rejects_the_reply_going_on_past_the_chosen_end_not_ending_a_sentence_later() -> None:
+    from services.criteria_eval import prefix_trimmer, preferences_from_scores
+
+    trim = prefix_trimmer([parse_criterion({"name": "concise", "rules": [{"max_words": 12}]})])
+    runaway = "Boil water first. Then add the pasta and salt. Stir it now and then. Drain it after ten minutes."
+    replies, scores, tb = ["Boil it.", runaway], [1.0, 0.0], [0.1, 0.9]
+    go_on, early = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_open", trim=trim)
+    nxt = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_next", trim=trim)
+    longest = "Boil water first. Then add the pasta and salt."
+    # trim_next's texts; its first pair's rejected reply goes on (does not end the turn), the second pair ends both
+    assert [r.ranked_responses for r in (go_on, early)] == [r.ranked_responses for r in nxt]
+    assert go_on.unfinished == (1,) and go_on.ends == (True, False) and early.unfinished == ()
+    assert go_on.record_id != nxt[0].record_id and early.record_id == nxt[1].record_id
+    # the sentence that crosses the limit is the reply's last: the whole reply, going on as well
+    crossing = "Boil water first. Then add the pasta, salt it and stir it now and then"
+    [r] = preferences_from_scores(PROMPT, [replies[0], crossing], scores, tb, mode="trim_open", trim=trim)
+    assert r.ranked_responses == ("Boil water first.", crossing) and r.unfinished == (1,)
+    # nothing to trim: the matched pair, every reply ending its turn
+    plain = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_open")
+    assert [x.ranked_responses for x in plain] == _pairs(replies, scores, tb, "matched") and plain[0].unfinished == ()
+
+
 def test_trim_bracket_adds_the_tie_breaker_s_best_passing_reply_over_its_worst() -> None:
     from services.criteria_eval import prefix_trimmer, preferences_from_scores
 

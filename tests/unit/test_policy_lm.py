@@ -151,6 +151,26 @@ def test_the_response_mask_covers_exactly_the_assistant_turn(tiny_base: Path) ->
     assert batch.response_tokens.tolist() == [len(tok(r + tok.eos_token)["input_ids"]) for r in CHOSEN]
 
 
+def test_a_reply_that_goes_on_is_read_without_its_end_of_turn(tiny_base: Path) -> None:
+    policy = TrainablePolicy.from_base(tiny_base, max_length=128)
+    tok = policy.tokenizer
+    ended, going = policy.encode(PROMPTS, CHOSEN), policy.encode(PROMPTS, CHOSEN, [False] * len(CHOSEN))
+    for i, response in enumerate(CHOSEN):
+        assert tok.decode(going.input_ids[i][going.response_mask[i]]) == response  # no EOS
+        n = int(going.attention_mask[i].sum())
+        assert going.input_ids[i, :n].tolist() == ended.input_ids[i, :n].tolist()  # the same tokens up to it
+    assert (ended.response_tokens - going.response_tokens).tolist() == [1] * len(CHOSEN)
+    # log p(reply, end) = log p(reply going on) + log p(end | reply): the pair differs by the stop alone
+    ended_sums, stops = policy.reference_read(ended, stops=True)
+    last = ended.attention_mask.sum(1) - 2  # the position that predicts the EOS, the row's last token
+    stop_at_end = stops[torch.arange(len(CHOSEN)), last]
+    torch.testing.assert_close(ended_sums, policy.reference_logps(going) + stop_at_end, atol=1e-4, rtol=1e-5)
+    mixed = policy.encode(PROMPTS, CHOSEN, [True, False, True])
+    assert (ended.response_tokens - mixed.response_tokens).tolist() == [0, 1, 0]
+    with pytest.raises(InvalidArgument, match="ends"):
+        policy.encode(PROMPTS, CHOSEN, [True])
+
+
 def test_without_a_chat_template_the_reply_follows_the_assistant_cue(tiny_base: Path) -> None:
     policy = TrainablePolicy.from_base(tiny_base, max_length=128)
     policy.tokenizer.chat_template = None
@@ -303,6 +323,7 @@ def test_generate_answers_every_prompt_greedily_and_reproducibly(tiny_base: Path
 
 @pytest.mark.parametrize("lora", [LoraSettings(rank=4, alpha=8.0), None], ids=["lora", "full"])
 def test_generate_from_the_reference_answers_as_the_base_does_after_training(tiny_base: Path, lora) -> None:
+    torch.manual_seed(0)  # the adapter's start: a few steps move six sampled tokens from some starts only
     policy, _ = _trained(tiny_base, steps=3, lora=lora)
     sampled = dict(max_new_tokens=6, seed=3, temperature=1.0)  # the tiny random model's greedy replies are empty
     base = TrainablePolicy.from_base(tiny_base, max_length=128).generate(PROMPTS, **sampled)

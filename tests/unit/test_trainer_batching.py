@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -94,6 +95,10 @@ def test_expand_rankings_to_pairs() -> None:
     assert [p.ranked_responses for p in pairs] == [
         ("1", "2"), ("1", "3"), ("1", "4"), ("2", "3"), ("2", "4"), ("3", "4"), ("x", "y")]
     assert len({p.record_id for p in pairs}) == 7
+    # an unfinished response stays unfinished in every pair it is in, at its index there
+    opened = expand_rankings_to_pairs([dataclasses.replace(rec("c", "1", "2", "3"), unfinished=(1,))])
+    assert [(p.ranked_responses, p.unfinished) for p in opened] == [
+        (("1", "2"), (1,)), (("1", "3"), ()), (("2", "3"), (0,))]
 
 
 def test_reservoir_is_bounded_and_uniform() -> None:

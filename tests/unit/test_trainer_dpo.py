@@ -236,6 +236,37 @@ def test_stop_anchor_holds_the_stop_where_the_chosen_reply_goes_on(tmp_path, sto
     assert judge.loss_config()["stop_anchor"] == 5.0 and judge.loss_config()["stop_anchor_sides"] == "both"
 
 
+def test_a_rejected_reply_that_goes_on_is_read_without_its_end_of_turn_everywhere(tmp_path, stopping_base) -> None:
+    """A pair whose rejected reply goes on past the chosen end (``unfinished``, criteria feedback's trim_open) is
+    read without that reply's EOS by the reference at admission, by training and by evaluation, and DPO learns it."""
+    ended = trim_records(4)
+    going = [dataclasses.replace(r, record_id=f"open-{r.record_id}", unfinished=(1,)) for r in ended]
+    cfg = config(tmp_path, stopping_base, dpo_loss="sigmoid", autocast="none")
+    objective = objective_for(cfg)
+    torch.manual_seed(0)
+    model = objective.load(str(stopping_base))
+    assert objective.admit(model, ended + going) == {}
+    prompts, longer = [r.prompt for r in ended], [r.rejected for r in ended]
+    with torch.no_grad():
+        stop_there = model.reference_logps(model.encode(prompts, longer)) - \
+            model.reference_logps(model.encode(prompts, longer, [False] * len(ended)))
+    for e, g, stop in zip(ended, going, stop_there.tolist()):
+        assert objective.reference[g.record_id][0] == pytest.approx(objective.reference[e.record_id][0])
+        # the reply going on lacks exactly the end of turn's log-prob there
+        assert objective.reference[e.record_id][1] == pytest.approx(objective.reference[g.record_id][1] + stop, abs=1e-4)
+        assert -20 < stop < 0
+    step = objective.batch(model, going, None)
+    assert step.data.rows.response_tokens.tolist()[1::2] == \
+        (objective.batch(model, ended, None).data.rows.response_tokens[1::2] - 1).tolist()
+    loss, _ = objective.loss(objective.module(model), step)
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-4)  # the policy is its reference
+    assert objective.evaluate(model, going).accuracy == 0.0  # implicit rewards tie at the start
+    learner = Learner(objective, model, cfg)
+    for _ in range(10):
+        learner.train(going)
+    assert objective.evaluate(model, going).accuracy == 1.0
+
+
 def test_a_micro_batch_over_the_backward_budget_trains_in_pieces_to_the_same_gradient(tmp_path, tiny_base) -> None:
     """max_tokens_per_backward bounds the activations one backward keeps; the weighted pieces add up to
     the whole micro-batch's gradient (Plackett-Luce over rankings of 3, replay-style weights)."""

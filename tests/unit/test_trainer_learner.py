@@ -504,7 +504,7 @@ def test_evaluation_under_a_progress_bar_scores_in_chunks_with_the_same_result(c
     records = make_records(100, k=2)
     calls: list[int] = []
 
-    def score(prompts, responses):
+    def score(prompts, responses, ends):
         calls.append(len(responses))
         return [float(len(r)) for r in responses]  # the longer GOOD answers win
 

@@ -41,6 +41,21 @@ def test_preference_record_round_trip():
     assert r.pairs() == [("good", "ok"), ("good", "bad"), ("ok", "bad")]
 
 
+def test_an_unfinished_reply_travels_with_its_record_and_enters_its_id():
+    r = _record(unfinished=(2,))
+    back = PreferenceRecord.from_kafka(r.to_kafka())
+    assert back == r and back.unfinished == (2,) and back.ends == (True, True, False)
+    assert b'"unfinished":[2]' in r.to_kafka()
+    assert _record().unfinished == () and PreferenceRecord.from_kafka(_record().to_kafka()).ends == (True,) * 3
+    # the same text going on is another response than it ending the turn; no unfinished keeps the old ids
+    assert make_record_id(["e1"], ["a", "b"], (1,)) != make_record_id(["e1"], ["a", "b"])
+    assert make_record_id(["e1"], ["a", "b"], ()) == make_record_id(["e1"], ["a", "b"])
+    for bad in ((3,), (1, 1), (-1,)):
+        with pytest.raises(InvalidArgument) as e:
+            _record(unfinished=bad)
+        assert e.value.field == "unfinished"
+
+
 def test_wire_is_snake_case_json():
     data = _record().to_kafka()
     assert b'"ranked_responses"' in data and b'"source_acked_at"' in data

@@ -218,9 +218,9 @@ def replies_key(prompt_keys: Sequence[str], sampling: dict[str, Any]) -> str:
 
 def duplicate_reason(record: PreferenceRecord) -> str:
     """Why a ranking cannot train a policy ("" if it can): a response given twice is a tie."""
-    seen: set[str] = set()
-    for r in record.ranked_responses:
-        key = r.strip()
+    seen: set[tuple[str, bool]] = set()
+    for r, ends in zip(record.ranked_responses, record.ends):
+        key = (r.strip(), ends)
         if key in seen:
             return "ranked_responses: the same response appears twice (a tie); rank distinct responses only"
         seen.add(key)
@@ -333,13 +333,14 @@ class DPOObjective(Objective):
             return
         prompts = [r.prompt for r in todo for _ in r.ranked_responses]
         responses = [resp for r in todo for resp in r.ranked_responses]
+        ends = [e for r in todo for e in r.ends]
         starts = list(accumulate((r.k for r in todo), initial=0))  # each record's first (best) row
         firsts = set(starts[:-1])
         chunk = self._rows_per_forward()
         values: list[float] = []
         along: dict[int, tuple[float, ...]] = {}  # best response's row -> its stop log-probs
         for i in range(0, len(responses), chunk):
-            batch = model.encode(prompts[i:i + chunk], responses[i:i + chunk])
+            batch = model.encode(prompts[i:i + chunk], responses[i:i + chunk], ends[i:i + chunk])
             sums, stop_logps = model.reference_read(batch, stops=stops is not None)
             values += sums.float().cpu().tolist()
             if stop_logps is not None:
@@ -363,7 +364,7 @@ class DPOObjective(Objective):
         for rec in records:
             reason = duplicate_reason(rec)
             if not reason:
-                bad = model.rejections([rec.prompt] * rec.k, list(rec.ranked_responses))
+                bad = model.rejections([rec.prompt] * rec.k, list(rec.ranked_responses), rec.ends)
                 if bad:
                     i, why = sorted(bad.items())[0]
                     reason = f"ranked_responses: response {i}: {why}"
@@ -399,7 +400,7 @@ class DPOObjective(Objective):
                 position.append(k)
             ref[b, :rec.k] = torch.tensor(self.reference[rec.record_id])
             mask[b, :rec.k] = True
-        rows = model.encode(prompts, responses)
+        rows = model.encode(prompts, responses, [e for rec in records for e in rec.ends])
         data = RankingRows(rows, torch.tensor(owner), torch.tensor(position), ref, mask,
                            torch.tensor(list(weights), dtype=torch.float32) if weights is not None else None)
         if self.settings.stop_anchor > 0:
@@ -496,8 +497,10 @@ class DPOObjective(Objective):
     # -- the gate ------------------------------------------------------------------------------------
 
     def implicit_rewards(self, model: TrainablePolicy, prompts: Sequence[Sequence[Any]],
-                         responses: Sequence[str], ref: Sequence[float]) -> list[float]:
-        """β·(log π − log π_ref) per response, in evaluation mode, without gradient."""
+                         responses: Sequence[str], ref: Sequence[float],
+                         ends: Sequence[bool] | None = None) -> list[float]:
+        """β·(log π − log π_ref) per response, in evaluation mode, without gradient (``ends`` as
+        :meth:`TrainablePolicy.encode`)."""
         out: list[float] = []
         chunk = self._rows_per_forward()
         was = model.module.training
@@ -505,7 +508,8 @@ class DPOObjective(Objective):
         try:
             with torch.no_grad():
                 for i in range(0, len(responses), chunk):
-                    logps = model.logps(model.encode(prompts[i:i + chunk], responses[i:i + chunk]))
+                    logps = model.logps(model.encode(prompts[i:i + chunk], responses[i:i + chunk],
+                                                     None if ends is None else ends[i:i + chunk]))
                     out += logps.float().cpu().tolist()
         finally:
             model.module.train(was)
@@ -514,13 +518,15 @@ class DPOObjective(Objective):
     def evaluate(self, model: TrainablePolicy, records: Sequence[PreferenceRecord],
                  known: EvalResult | None = None) -> EvalResult:
         usable = [r for r in records if not duplicate_reason(r)
-                  and not model.rejections([r.prompt] * r.k, list(r.ranked_responses))]
+                  and not model.rejections([r.prompt] * r.k, list(r.ranked_responses), r.ends)]
         self._reference_of(model, usable, self._eval_reference)
-        ref = [x for r in canonical_order(usable) for x in self._eval_reference[r.record_id]]
+        # pairwise_result scores the rows in this order, in slices under a progress bar: each slice takes its refs
+        ref = iter([x for r in canonical_order(usable) for x in self._eval_reference[r.record_id]])
         started = time.perf_counter()
         metrics, spoken = self.guard_metrics(model, usable, known)
         guards_s = time.perf_counter() - started
-        result = pairwise_result(usable, lambda prompts, responses: self.implicit_rewards(model, prompts, responses, ref),
+        result = pairwise_result(usable, lambda prompts, responses, ends: self.implicit_rewards(
+                                     model, prompts, responses, [next(ref) for _ in responses], ends),
                                  metrics)
         log.info("evaluation: guards %.1fs, pairwise accuracy on %d pairs %.1fs", guards_s, result.pairs,
                  time.perf_counter() - started - guards_s)

@@ -256,7 +256,7 @@ class AttributeScores(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PreferenceRecord(_message.Message):
-    __slots__ = ("record_id", "project", "prompt", "ranked_responses", "source_kind", "source_event_ids", "completion_id", "split", "response_attributes", "margin", "created_at", "source_acked_at")
+    __slots__ = ("record_id", "project", "prompt", "ranked_responses", "source_kind", "source_event_ids", "completion_id", "split", "response_attributes", "margin", "created_at", "source_acked_at", "unfinished")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,7 @@ class PreferenceRecord(_message.Message):
     MARGIN_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    UNFINISHED_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     project: str
     prompt: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -281,7 +282,8 @@ class PreferenceRecord(_message.Message):
     margin: float
     created_at: _timestamp_pb2.Timestamp
     source_acked_at: _timestamp_pb2.Timestamp
-    def __init__(self, record_id: _Optional[str] = ..., project: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., ranked_responses: _Optional[_Iterable[str]] = ..., source_kind: _Optional[_Union[FeedbackKind, str]] = ..., source_event_ids: _Optional[_Iterable[str]] = ..., completion_id: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., response_attributes: _Optional[_Iterable[_Union[AttributeScores, _Mapping]]] = ..., margin: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    unfinished: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, record_id: _Optional[str] = ..., project: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., ranked_responses: _Optional[_Iterable[str]] = ..., source_kind: _Optional[_Union[FeedbackKind, str]] = ..., source_event_ids: _Optional[_Iterable[str]] = ..., completion_id: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., response_attributes: _Optional[_Iterable[_Union[AttributeScores, _Mapping]]] = ..., margin: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unfinished: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("source_topic", "partition", "offset", "payload", "reason", "field", "event_id", "at")
