@@ -102,7 +102,8 @@ class LoopConfig:
         "over the one it ranks lowest, so replies far under a limit are pulled back up; 'trim_step', trim_next with "
         "the second pair's rejected reply the chosen prefix cut one sentence shorter, so a sentence too soon is "
         "refused as a sentence too late is; 'trim_open', trim_next with the first pair's rejected reply going on past "
-        "its cut instead of ending the turn there, so the pair is 'stop here' against 'go on' and lowers no later end. "
+        "its cut instead of ending the turn there, so the pair is 'stop here' against 'go on' and lowers no later end; "
+        "'trim_stop', trim_open's first pair alone (with stop_anchor, which holds the earlier ends). "
         "plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (

@@ -67,13 +67,17 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
                   "its prefix one sentence shorter, else one length-matched pair"),
     "trim_open": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later going on "
                   "(not ending the turn) and over its shortest, else one length-matched pair"),
+    "trim_stop": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later going on, "
+                  "that pair alone, else one length-matched pair"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
-TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step", "trim_open")
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop")
 #: The trim modes whose first pair rejects the reply cut one sentence later, not the whole reply.
-CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step", "trim_open")
+CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop")
+#: The trim modes whose first pair's rejected reply goes on (:attr:`PreferenceRecord.unfinished`).
+GOING_ON_MODES: tuple[str, ...] = ("trim_open", "trim_stop")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -580,6 +584,13 @@ def preferences_from_scores(
     held to the chosen reply's earlier stops (the trainer's ``stop_anchor``) that lowering won and the replies
     ran longer (docs/loop.md).  With no later sentence prefix, the reply itself, unfinished as well.
 
+    ``mode="trim_stop"``: ``trim_open``'s first pair alone, "stop here" against "go on" where a failing reply
+    crosses the criteria.  Why: ``trim_open``'s second pair (the longest prefix over the shortest) lowers the
+    end after the first sentence, and a policy learns that as a lower end after every sentence; with the
+    trainer's ``stop_anchor`` holding the chosen reply's earlier ends, this pair says only where the tail
+    should end (docs/loop.md).  Meant for use with ``stop_anchor``: alone it is ``trim``'s first pair, which
+    taught "stop after the first sentence".
+
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
     a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
@@ -635,10 +646,10 @@ def preferences_from_scores(
             combined.append(combined[reply])
             if attrs is not None:
                 attrs.append({})
-        if mode == "trim_open":
+        if mode in GOING_ON_MODES:
             going_on.add(later)
         groups.append([n, later])
-        if len(prefixes) > 1:
+        if len(prefixes) > 1 and mode != "trim_stop":
             groups.append([n, n + 1])
     elif mode in ("matched", "matched_pairs", "bracket", *TRIM_MODES):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
@@ -694,7 +705,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CUT_LATER_MODES", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CUT_LATER_MODES", "GOING_ON_MODES", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source", "record_criteria",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "mean_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",

@@ -387,6 +387,11 @@ def test_trim_open_rejects_the_reply_going_on_past_the_chosen_end_not_ending_a_s
     # nothing to trim: the matched pair, every reply ending its turn
     plain = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_open")
     assert [x.ranked_responses for x in plain] == _pairs(replies, scores, tb, "matched") and plain[0].unfinished == ()
+    # trim_stop: the first pair alone
+    [alone] = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_stop", trim=trim)
+    assert (alone.record_id, alone.ranked_responses, alone.unfinished) == (go_on.record_id, go_on.ranked_responses, (1,))
+    assert [x.ranked_responses for x in preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_stop")] == \
+        _pairs(replies, scores, tb, "matched")
 
 
 def test_trim_bracket_adds_the_tie_breaker_s_best_passing_reply_over_its_worst() -> None:
