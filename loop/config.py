@@ -103,7 +103,9 @@ class LoopConfig:
         "the second pair's rejected reply the chosen prefix cut one sentence shorter, so a sentence too soon is "
         "refused as a sentence too late is; 'trim_open', trim_next with the first pair's rejected reply going on past "
         "its cut instead of ending the turn there, so the pair is 'stop here' against 'go on' and lowers no later end; "
-        "'trim_stop', trim_open's first pair alone (with stop_anchor, which holds the earlier ends). "
+        "'trim_stop', trim_open's first pair alone (with stop_anchor, which holds the earlier ends); 'trim_word', "
+        "trim_stop with the rejected reply going on by the next word only, so the pair is the end of turn against "
+        "that word at one position. "
         "plackett_luce always "
         "trains on the whole ranking")})
     label_smoothing: float = field(default=0.0, metadata={"help": (

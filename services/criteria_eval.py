@@ -69,15 +69,19 @@ FEEDBACK_MODE_SUMMARIES: dict[str, str] = {
                   "(not ending the turn) and over its shortest, else one length-matched pair"),
     "trim_stop": ("a failing reply's longest passing sentence prefix over the reply cut one sentence later going on, "
                   "that pair alone, else one length-matched pair"),
+    "trim_word": ("a failing reply's longest passing sentence prefix over the same prefix going on with the reply's "
+                  "next word, that pair alone, else one length-matched pair"),
     "ranking": "the whole ranking",
 }
 FEEDBACK_MODES: tuple[str, ...] = tuple(FEEDBACK_MODE_SUMMARIES)
 #: The modes that cut pairs from a failing reply (they need ``trim``, :func:`prefix_trimmer`).
-TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop")
+TRIM_MODES: tuple[str, ...] = ("trim", "trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop", "trim_word")
 #: The trim modes whose first pair rejects the reply cut one sentence later, not the whole reply.
-CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop")
+CUT_LATER_MODES: tuple[str, ...] = ("trim_next", "trim_bracket", "trim_step", "trim_open", "trim_stop", "trim_word")
 #: The trim modes whose first pair's rejected reply goes on (:attr:`PreferenceRecord.unfinished`).
-GOING_ON_MODES: tuple[str, ...] = ("trim_open", "trim_stop")
+GOING_ON_MODES: tuple[str, ...] = ("trim_open", "trim_stop", "trim_word")
+#: The trim modes that build their first pair alone.
+ONE_PAIR_TRIM_MODES: tuple[str, ...] = ("trim_stop", "trim_word")
 #: ``matched`` and ``matched_pairs``: two replies of one criteria class form a (tie breaker's) pair
 #: only when their word counts differ by at most this share of the longer one.
 MATCHED_LENGTH_TOLERANCE = 0.2
@@ -591,6 +595,12 @@ def preferences_from_scores(
     should end (docs/loop.md).  Meant for use with ``stop_anchor``: alone it is ``trim``'s first pair, which
     taught "stop after the first sentence".
 
+    ``mode="trim_word"``: ``trim_stop`` with the rejected reply going on by one word, the reply's next after the
+    prefix (and the whitespace before it), not by a sentence.  Its margin is then the end of turn against the
+    next word at one position, and no other token's probability is in it.  Why: ``trim_stop``'s rejected reply
+    carries a whole next sentence, and DPO lowers every token of it; on the criteria loop that moved the policy
+    far (KL 0.15 in 9 steps) without moving its length (docs/loop.md).
+
     Identical reply texts collapse to their first occurrence.  Two replies whose score AND tie-break
     score are equal (within TIE_EPS) never form a pair: in a pair the best and worst must differ; in
     a ranking only the first reply of each tied group is kept, so the ranking asserts no order the
@@ -639,7 +649,13 @@ def preferences_from_scores(
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
         later = reply
-        if mode in CUT_LATER_MODES and (cut_later := next(
+        if mode == "trim_word" and (word := re.match(r"\s+\S+", replies[reply][len(prefixes[-1]):])) is not None:
+            later = len(texts)
+            texts.append(prefixes[-1] + word.group())
+            combined.append(combined[reply])
+            if attrs is not None:
+                attrs.append({})
+        elif mode in CUT_LATER_MODES and (cut_later := next(
                 (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
             later = len(texts)
             texts.append(cut_later)
@@ -649,7 +665,7 @@ def preferences_from_scores(
         if mode in GOING_ON_MODES:
             going_on.add(later)
         groups.append([n, later])
-        if len(prefixes) > 1 and mode != "trim_stop":
+        if len(prefixes) > 1 and mode not in ONE_PAIR_TRIM_MODES:
             groups.append([n, n + 1])
     elif mode in ("matched", "matched_pairs", "bracket", *TRIM_MODES):
         keys, words = [key[i] for i in ranked], [count_words(replies[i]) for i in ranked]
@@ -705,7 +721,7 @@ def preferences_from_scores(
 
 
 __all__ = [
-    "CRITERION_SOURCE_PREFIX", "CUT_LATER_MODES", "GOING_ON_MODES", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
+    "CRITERION_SOURCE_PREFIX", "CUT_LATER_MODES", "GOING_ON_MODES", "ONE_PAIR_TRIM_MODES", "CriterionResult", "ERROR", "FEEDBACK_MODES", "FEEDBACK_MODE_SUMMARIES", "LENGTH_LIMITS", "MATCHED_LENGTH_TOLERANCE", "TRIM_MODES", "JudgeFn", "RewardFn", "RuleResult", "SUCCESS",
     "check_rule", "combine", "contains_any", "contains_none", "count_words", "criteria_results", "criterion_source", "record_criteria",
     "evaluate", "judge_messages", "json_valid", "matched_pair", "max_chars", "max_words", "mean_words", "min_words", "preferences_from_scores",
     "prefix_trimmer", "rank", "regex_must_match", "regex_must_not_match", "sentence_prefixes", "passing_prefixes", "usable",

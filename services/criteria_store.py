@@ -373,7 +373,7 @@ class CriteriaStore:
         sentence later; ``trim_bracket``, those and the tie breaker's best passing reply over its worst;
         ``trim_step``, ``trim_next`` with the second pair's rejected reply the prefix one sentence shorter;
         ``trim_open``, ``trim_next`` with the first pair's rejected reply going on (not ending the turn);
-        ``trim_stop``, ``trim_open``'s first pair alone;
+        ``trim_stop``, ``trim_open``'s first pair alone; ``trim_word``, that pair going on by one word;
         ``ranking``, every distinct reply, for the Plackett-Luce loss; see
         :func:`services.criteria_eval.preferences_from_scores`).  A criterion's own setting wins over the project's."""
         validate_name(project, "project")

@@ -387,6 +387,12 @@ def test_trim_open_rejects_the_reply_going_on_past_the_chosen_end_not_ending_a_s
     # nothing to trim: the matched pair, every reply ending its turn
     plain = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_open")
     assert [x.ranked_responses for x in plain] == _pairs(replies, scores, tb, "matched") and plain[0].unfinished == ()
+    # trim_word: the prefix going on by the reply's next word, alone
+    [word] = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_word", trim=trim)
+    assert word.ranked_responses == (longest, longest + " Stir") and word.unfinished == (1,) and word.margin == 1.0
+    listed = "Boil water first. Then add the pasta and salt.\n\n- Stir it now and then.\n- Drain it after ten minutes."
+    [word] = preferences_from_scores(PROMPT, [replies[0], listed], scores, tb, mode="trim_word", trim=trim)
+    assert word.ranked_responses == (longest, longest + "\n\n-")
     # trim_stop: the first pair alone
     [alone] = preferences_from_scores(PROMPT, replies, scores, tb, mode="trim_stop", trim=trim)
     assert (alone.record_id, alone.ranked_responses, alone.unfinished) == (go_on.record_id, go_on.ranked_responses, (1,))
