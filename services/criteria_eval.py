@@ -648,15 +648,12 @@ def preferences_from_scores(
             combined.append(1.0)
             if attrs is not None:
                 attrs.append({k: 1.0 for k in attrs[reply]})
-        later = reply
+        later, cut_later = reply, None
         if mode == "trim_word" and (word := re.match(r"\s+\S+", replies[reply][len(prefixes[-1]):])) is not None:
-            later = len(texts)
-            texts.append(prefixes[-1] + word.group())
-            combined.append(combined[reply])
-            if attrs is not None:
-                attrs.append({})
-        elif mode in CUT_LATER_MODES and (cut_later := next(
-                (p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)) is not None:
+            cut_later = prefixes[-1] + word.group()
+        elif mode in CUT_LATER_MODES:
+            cut_later = next((p for p in sentence_prefixes(replies[reply]) if len(p) > len(prefixes[-1])), None)
+        if cut_later is not None:  # not scored: its attributes are empty, its combined score the reply's
             later = len(texts)
             texts.append(cut_later)
             combined.append(combined[reply])
