@@ -101,6 +101,14 @@ def plan_buckets(lengths: Sequence[int], max_tokens: int, max_rows: int = 0) -> 
     return buckets
 
 
+def response_rows(records: Sequence[PreferenceRecord]) -> tuple[list[tuple[ChatMessage, ...]], list[str], list[bool]]:
+    """Every response of ``records`` as a row, in the order of :func:`flatten`: its prompt, its text, and whether
+    it ends its turn (:attr:`PreferenceRecord.unfinished`)."""
+    prompts = [rec.prompt for rec in records for _ in rec.ranked_responses]
+    responses = [resp for rec in records for resp in rec.ranked_responses]
+    return prompts, responses, [e for rec in records for e in rec.ends]
+
+
 def flatten(records: Sequence[PreferenceRecord]) -> tuple[list[int], list[int]]:
     """(owner, position) of every response when ``records`` are laid out flat, in record order."""
     owner, position = [], []
@@ -146,8 +154,7 @@ def collate(
     if weights is not None and len(weights) != len(records):
         raise ValueError(f"{len(weights)} weights for {len(records)} records")
     owner, position = flatten(records)
-    prompts = [records[b].prompt for b in owner]
-    responses = [records[b].ranked_responses[k] for b, k in zip(owner, position)]
+    prompts, responses, _ = response_rows(records)  # a reward model reads only the text
     enc = encode(prompts, responses)  # right-padded (N, T) tensors
     inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     lengths = inputs["attention_mask"].sum(dim=1).tolist()

@@ -21,11 +21,13 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from services.reward_model import RewardModel
 from services.schemas import PreferenceRecord
+from trainer.batching import response_rows
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +182,9 @@ def pairwise_result(records: Sequence[PreferenceRecord], score: ScoreFn,
     if not records:
         return EvalResult(accuracy=0.0, pairs=0, records=0, mean_margin=0.0, fingerprint=fingerprint(records),
                           metrics=dict(metrics or {}))
-    prompts, responses, ends, spans = [], [], [], []
-    for rec in canonical_order(records):
-        spans.append((len(responses), rec.k))
-        for resp in rec.ranked_responses:
-            prompts.append(rec.prompt)
-            responses.append(resp)
-        ends += rec.ends
+    ordered = canonical_order(records)
+    prompts, responses, ends = response_rows(ordered)
+    spans = list(zip(accumulate((r.k for r in ordered), initial=0), (r.k for r in ordered)))
     scores = _score_all(score, prompts, responses, ends)
     outcomes: list[str] = []
     margin_sum = 0.0

@@ -56,6 +56,7 @@ from services.stats import paired_difference
 from trainer.config import TrainerConfig
 from trainer.criteria_judge import RecordCriteria, any_broken
 from trainer.dpo_losses import chosen_nll, dpo_loss, ipo_loss, plackett_luce_dpo_loss, stop_anchor_loss
+from trainer.batching import flatten, response_rows
 from trainer.evaluation import EvalResult, canonical_order, pairwise_result
 from trainer.guard_set import GuardPrompt, load_guard_set
 from trainer.objectives.base import Batch, Objective
@@ -331,9 +332,7 @@ class DPOObjective(Objective):
         todo = [r for r in records if r.record_id not in cache or (stops is not None and r.record_id not in stops)]
         if not todo:
             return
-        prompts = [r.prompt for r in todo for _ in r.ranked_responses]
-        responses = [resp for r in todo for resp in r.ranked_responses]
-        ends = [e for r in todo for e in r.ends]
+        prompts, responses, ends = response_rows(todo)
         starts = list(accumulate((r.k for r in todo), initial=0))  # each record's first (best) row
         firsts = set(starts[:-1])
         chunk = self._rows_per_forward()
@@ -389,18 +388,14 @@ class DPOObjective(Objective):
               weights: Sequence[float] | None) -> Batch:
         self._reference_of(model, records, self.reference, self._stops_cache())  # a no-op for admitted and replayed records
         kmax = max(r.k for r in records)
-        prompts, responses, owner, position = [], [], [], []
+        prompts, responses, ends = response_rows(records)
+        owner, position = flatten(records)
         ref = torch.zeros(len(records), kmax)  # (B, Kmax)
         mask = torch.zeros(len(records), kmax, dtype=torch.bool)  # (B, Kmax)
         for b, rec in enumerate(records):
-            for k, resp in enumerate(rec.ranked_responses):
-                prompts.append(rec.prompt)
-                responses.append(resp)
-                owner.append(b)
-                position.append(k)
             ref[b, :rec.k] = torch.tensor(self.reference[rec.record_id])
             mask[b, :rec.k] = True
-        rows = model.encode(prompts, responses, [e for rec in records for e in rec.ends])
+        rows = model.encode(prompts, responses, ends)
         data = RankingRows(rows, torch.tensor(owner), torch.tensor(position), ref, mask,
                            torch.tensor(list(weights), dtype=torch.float32) if weights is not None else None)
         if self.settings.stop_anchor > 0:
